@@ -1,0 +1,197 @@
+//! What runs inside L2 (chrooted into the overlay of the host's root): the lab's setup
+//! and its smoke checks. Every check fails with a message naming what it expected.
+
+use anyhow::{bail, ensure, Context, Result};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::console::{die_with_parent, kill_and_reap, Lines, Next};
+use crate::host::run;
+use crate::images::L3_MARKER;
+use crate::pci::{bound_to, PciDevice};
+
+/// Modules L2 needs beyond its early boot: KVM on the emulated SVM, the SR-IOV PF and
+/// VF drivers (igbvf before the VFs exist, so they bind at creation), VFIO, the peer NIC.
+const SETUP_MODULES: &[&str] = &["kvm_amd", "igb", "igbvf", "vfio_pci", "vfio_iommu_type1", "e1000e"];
+
+fn modprobe(module: &str) -> Result<()> {
+    run(Command::new("modprobe").arg(module)).map(|_| ()).with_context(|| format!("loading kernel module {module}"))
+}
+
+/// The igb physical function: the only PCI device the `igb` driver binds in the lab.
+pub fn igb_pf() -> Result<PciDevice> {
+    let mut pfs = bound_to("igb");
+    match pfs.len() {
+        1 => Ok(pfs.remove(0)),
+        0 => bail!("no PCI device is bound to igb: the lab's SR-IOV NIC is missing"),
+        n => bail!("expected one igb PF, found {n}: {:?}", pfs.iter().map(|p| &p.addr).collect::<Vec<_>>()),
+    }
+}
+
+fn single_netdev(dev: &PciDevice) -> Result<String> {
+    let mut names = dev.netdevs();
+    ensure!(names.len() == 1, "{} should have exactly one netdev, has {names:?}", dev.addr);
+    Ok(names.remove(0))
+}
+
+/// `vfvm-lab inside setup`: loads the modules, brings the PF up and creates the VFs.
+pub fn setup(vfs: u32) -> Result<()> {
+    for m in SETUP_MODULES {
+        modprobe(m)?;
+    }
+    ensure!(Path::new("/dev/kvm").exists(), "kvm_amd loaded but /dev/kvm is missing");
+    let pf = igb_pf()?;
+    let pf_if = single_netdev(&pf)?;
+    // Up before the VFs exist: igb tells VFs "reset done" (CTRL_EXT.PFRSTD) on open.
+    run(Command::new("ip").args(["link", "set", "dev", &pf_if, "up"]))?;
+    let total: u32 = pf.attr("sriov_totalvfs")?.parse().context("sriov_totalvfs is not a number")?;
+    ensure!(vfs <= total, "asked for {vfs} VFs, but {} offers {total}", pf.addr);
+    crate::pci::write_sysfs(&pf.path().join("sriov_numvfs"), &vfs.to_string())?;
+    println!("lab: PF {} ({}) netdev {pf_if}, sriov_totalvfs={total}, sriov_numvfs={vfs}", pf.addr, pf.vendor_device()?);
+    for n in 0..vfs {
+        let vf = pf.virtfn(n)?;
+        println!(
+            "lab: VF{n} {} ({}) driver={} netdev={} iommu_group={}",
+            vf.addr,
+            vf.vendor_device()?,
+            vf.driver().unwrap_or_else(|| "none".into()),
+            vf.netdevs().join(",").chars().take(32).collect::<String>(),
+            vf.iommu_group()?,
+        );
+    }
+    Ok(())
+}
+
+fn lab_env(name: &str) -> Result<String> {
+    std::env::var(name).with_context(|| format!("${name} is not set: this check runs inside the lab (`cargo xtask lab run -- ...`)"))
+}
+
+/// `/dev/kvm` answers `KVM_GET_API_VERSION` with the stable API version, 12.
+fn check_kvm() -> Result<()> {
+    const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
+    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").context("opening /dev/kvm")?;
+    // SAFETY: KVM_GET_API_VERSION takes no argument and only returns a value.
+    let version = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_GET_API_VERSION, 0) };
+    ensure!(version == 12, "KVM_GET_API_VERSION returned {version}, expected 12");
+    println!("check: /dev/kvm present, KVM API version {version}");
+    Ok(())
+}
+
+/// Opens `/dev/vfio/<group>` and asks VFIO whether the group is viable (every device in
+/// it bound to vfio-pci or to no driver).
+fn check_vfio_group(group: &str) -> Result<()> {
+    #[repr(C)]
+    struct VfioGroupStatus {
+        argsz: u32,
+        flags: u32,
+    }
+    const VFIO_GROUP_GET_STATUS: libc::c_ulong = 0x3B67; // _IO(';', 100 + 3)
+    const VFIO_GROUP_FLAGS_VIABLE: u32 = 1;
+    let path = PathBuf::from("/dev/vfio").join(group);
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let mut status = VfioGroupStatus { argsz: std::mem::size_of::<VfioGroupStatus>() as u32, flags: 0 };
+    // SAFETY: the kernel writes at most `argsz` bytes into `status`, which we own.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), VFIO_GROUP_GET_STATUS, &mut status as *mut VfioGroupStatus) };
+    ensure!(rc == 0, "VFIO_GROUP_GET_STATUS on {}: {}", path.display(), std::io::Error::last_os_error());
+    ensure!(status.flags & VFIO_GROUP_FLAGS_VIABLE != 0, "{} is not viable (flags {:#x})", path.display(), status.flags);
+    println!("check: {} opened, VFIO reports the group viable", path.display());
+    Ok(())
+}
+
+/// A VF bound to igbvf goes to vfio-pci through `driver_override`, shows up as a VFIO
+/// group, and comes back to igbvf with a netdev again.
+fn check_vf_round_trip(vf: &PciDevice) -> Result<()> {
+    ensure!(vf.driver().as_deref() == Some("igbvf"), "VF {} should start bound to igbvf, is bound to {:?}", vf.addr, vf.driver());
+    let netdev = single_netdev(vf)?;
+    println!("check: VF {} bound to igbvf with netdev {netdev}", vf.addr);
+
+    vf.unbind()?;
+    ensure!(vf.driver().is_none(), "VF {} still bound to {:?} after unbind", vf.addr, vf.driver());
+    ensure!(vf.netdevs().is_empty(), "VF {} kept netdevs {:?} after unbind", vf.addr, vf.netdevs());
+    vf.bind_by_override(Some("vfio-pci"))?;
+    ensure!(vf.driver().as_deref() == Some("vfio-pci"), "VF {} should be bound to vfio-pci, is bound to {:?}", vf.addr, vf.driver());
+    let group = vf.iommu_group()?;
+    ensure!(Path::new("/dev/vfio").join(&group).exists(), "/dev/vfio/{group} missing after binding {} to vfio-pci", vf.addr);
+    println!("check: VF {} unbound, bound to vfio-pci via driver_override, IOMMU group {group}", vf.addr);
+    check_vfio_group(&group)?;
+
+    vf.bind_by_override(None)?;
+    ensure!(vf.driver().as_deref() == Some("igbvf"), "VF {} should be back on igbvf, is bound to {:?}", vf.addr, vf.driver());
+    ensure!(vf.attr("driver_override")? == "(null)", "driver_override of {} not cleared", vf.addr);
+    // Probing is synchronous: the netdev exists once drivers_probe returns.
+    let netdev = single_netdev(vf)?;
+    println!("check: VF {} back on igbvf, netdev {netdev} reappeared", vf.addr);
+    Ok(())
+}
+
+/// Boots the lab kernel with the L3 test initramfs under L2's KVM, QEMU as the VMM,
+/// and returns the time from QEMU's start to the guest's init running.
+pub fn boot_l3(kernel: &Path, initrd: &Path, timeout: Duration) -> Result<Duration> {
+    let mut qemu = Command::new(crate::host::QEMU);
+    qemu.args(["-enable-kvm", "-M", "q35", "-cpu", "host", "-smp", "1", "-m", "256"])
+        .args(["-display", "none", "-nodefaults", "-no-reboot", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    die_with_parent(&mut qemu);
+    let started = Instant::now();
+    let mut child = qemu.spawn().context("starting the L3 QEMU")?;
+    let lines = Lines::spawn(child.stdout.take().context("L3 QEMU stdout")?);
+    let deadline = started + timeout;
+    let mut seen = Vec::new();
+    let reached = loop {
+        match lines.next_before(deadline) {
+            Next::Line(l) if l.contains(L3_MARKER) => break started.elapsed(),
+            Next::Line(l) => seen.push(l),
+            Next::Closed => {
+                let status = child.wait()?;
+                bail!("the L3 guest stopped ({status}) before reaching userspace; console:\n{}", seen.join("\n"));
+            }
+            Next::TimedOut => {
+                kill_and_reap(&mut child);
+                bail!("the L3 guest did not reach userspace within {}s; console:\n{}", timeout.as_secs(), seen.join("\n"));
+            }
+        }
+    };
+    // The guest powers off right after the marker; give it the same bound.
+    loop {
+        match lines.next_before(deadline) {
+            Next::Line(_) => continue,
+            Next::Closed => break,
+            Next::TimedOut => {
+                kill_and_reap(&mut child);
+                bail!("the L3 guest reached userspace but did not power off within {}s", timeout.as_secs());
+            }
+        }
+    }
+    let status = child.wait()?;
+    ensure!(status.success(), "L3 QEMU exited with {status} after the guest powered off");
+    Ok(reached)
+}
+
+/// `vfvm-lab inside smoke`: the lab's acceptance checks, from inside L2.
+pub fn smoke() -> Result<()> {
+    check_kvm()?;
+    let pf = igb_pf()?;
+    let total: u32 = pf.attr("sriov_totalvfs")?.parse().context("sriov_totalvfs")?;
+    let num: u32 = pf.attr("sriov_numvfs")?.parse().context("sriov_numvfs")?;
+    ensure!(total >= 4, "igb PF {} reports sriov_totalvfs={total}, expected at least 4", pf.addr);
+    let wanted: u32 = lab_env("VFVM_LAB_VFS")?.parse().context("VFVM_LAB_VFS")?;
+    ensure!(num == wanted, "igb PF {} has {num} VFs, the lab asked for {wanted}", pf.addr);
+    println!("check: igb PF {} sriov_totalvfs={total} sriov_numvfs={num}", pf.addr);
+    check_vf_round_trip(&pf.virtfn(0)?)?;
+
+    let kernel = PathBuf::from(lab_env("VFVM_LAB_KERNEL")?);
+    let initrd = PathBuf::from(lab_env("VFVM_LAB_L3_INITRD")?);
+    let took = boot_l3(&kernel, &initrd, Duration::from_secs(300))?;
+    println!("check: L3 guest under L2's KVM reached userspace {:.2}s after QEMU start", took.as_secs_f64());
+    println!("smoke: PASSED");
+    Ok(())
+}

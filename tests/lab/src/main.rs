@@ -1,0 +1,191 @@
+//! `vfvm-lab`: the project's nested SR-IOV lab, and the developer commands built on it.
+//!
+//! On this machine it installs what the lab needs, boots L2 (an emulated machine with
+//! an IOMMU, an SR-IOV NIC and KVM) and runs a command there; inside L2 the same binary
+//! does the lab's setup and checks (`inside ...`). Run it as `cargo xtask ...`.
+
+mod console;
+mod cpio;
+mod host;
+mod images;
+mod inside;
+mod kernel;
+mod l2;
+mod modules;
+mod pci;
+mod progress;
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+  demo                     the main job for now: boot the lab and show /dev/kvm, the
+                           SR-IOV VFs and a VF on vfio-pci inside L2, and an L3 boot
+  test                     install what the tests need, then run every test of the
+                           workspace, the lab's included
+  install                  install the lab's packages, fetch its kernel, build images
+  lab run [options] -- CMD run CMD inside L2 (chrooted into an overlay of this
+                           machine's root, in the current directory); exits with
+                           CMD's status, or 125 if the lab itself failed
+  lab smoke                run the lab's smoke checks inside L2
+
+lab run options:
+  --vfs N             VFs to create on the igb PF (1-7, default 4)
+  --mem MiB           L2 memory (default 3072)
+  --cpus N            L2 vCPUs (default 2)
+  --timeout SECS      limit for the whole run (default 1200)
+  --boot-timeout SECS limit for L2 to become ready (default 300)
+  --out DIR           host directory mounted at /lab/out inside L2
+
+environment:
+  VFVM_LAB_DIR        cache and run directory (default /var/tmp/vfvm-lab)
+  VFVM_LAB_KERNEL_PKG kernel package (default: what linux-image-amd64 depends on)
+";
+
+/// Exit status for a failure of the lab itself, as opposed to the command run in it.
+const LAB_FAILED: u8 = 125;
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("VFVM_LAB_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp/vfvm-lab"))
+}
+
+/// An exclusive lock on the cache while it is filled, so concurrent runs neither
+/// download twice nor see a half-built image. Released when dropped.
+struct CacheLock {
+    _file: std::fs::File,
+}
+
+impl CacheLock {
+    fn take(cache: &Path) -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        std::fs::create_dir_all(cache).with_context(|| format!("creating the lab cache {}", cache.display()))?;
+        let file = std::fs::File::create(cache.join(".lock"))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("locking the lab cache");
+        }
+        Ok(Self { _file: file })
+    }
+}
+
+/// Everything a lab boot needs, installed or fetched if missing.
+fn prepare() -> Result<(PathBuf, kernel::Kernel, images::Images)> {
+    let cache = cache_dir();
+    let _lock = CacheLock::take(&cache)?;
+    host::ensure_packages()?;
+    let busybox = host::find_busybox().context("no static busybox after installing busybox-static")?;
+    let kernel = kernel::ensure(&cache)?;
+    let images = images::ensure(&cache, &kernel, &busybox)?;
+    Ok((cache, kernel, images))
+}
+
+fn parse_secs(flag: &str, value: Option<String>) -> Result<Duration> {
+    let v = value.with_context(|| format!("{flag} needs a number of seconds"))?;
+    let secs: u64 = v.parse().with_context(|| format!("{flag} {v:?}: expected a whole number of seconds"))?;
+    if secs == 0 {
+        bail!("{flag} must be at least 1 second");
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+fn parse_run_options(args: &mut impl Iterator<Item = String>) -> Result<l2::RunOptions> {
+    let mut opts = l2::RunOptions::default();
+    while let Some(arg) = args.next() {
+        let mut number = |flag: &str| -> Result<u32> {
+            let v = args.next().with_context(|| format!("{flag} needs a value"))?;
+            v.parse().with_context(|| format!("{flag} {v:?}: expected a whole number"))
+        };
+        match arg.as_str() {
+            "--" => {
+                opts.command = args.collect();
+                break;
+            }
+            "--vfs" => opts.vfs = number("--vfs")?,
+            "--mem" => opts.mem_mib = number("--mem")?,
+            "--cpus" => opts.cpus = number("--cpus")?,
+            "--timeout" => opts.timeout = parse_secs("--timeout", args.next())?,
+            "--boot-timeout" => opts.boot_timeout = parse_secs("--boot-timeout", args.next())?,
+            "--out" => opts.out_dir = Some(PathBuf::from(args.next().context("--out needs a directory")?)),
+            other => bail!("unknown lab run option {other:?}\n\n{USAGE}"),
+        }
+    }
+    if opts.mem_mib < 1024 {
+        bail!("--mem {}: L2 needs at least 1024 MiB", opts.mem_mib);
+    }
+    if opts.cpus == 0 {
+        bail!("--cpus must be at least 1");
+    }
+    Ok(opts)
+}
+
+fn lab_run(opts: &l2::RunOptions) -> Result<i32> {
+    let (cache, kernel, images) = prepare()?;
+    l2::run(&cache, &kernel, &images, opts)
+}
+
+fn lab_smoke() -> Result<i32> {
+    let me = std::env::current_exe()?.to_string_lossy().into_owned();
+    let opts = l2::RunOptions { command: vec![me, "inside".into(), "smoke".into()], ..Default::default() };
+    lab_run(&opts)
+}
+
+/// `cargo xtask test`: the README's test command. Installs first, so the lab tests
+/// spend their time limits on testing, not downloading.
+fn test() -> Result<i32> {
+    let (_, kernel, _) = prepare()?;
+    progress!("lab ready (kernel {}); running the workspace's tests, the lab's included", kernel.release);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["test", "--workspace", "--no-fail-fast", "--", "--include-ignored"])
+        .status()
+        .context("running cargo test")?;
+    Ok(status.code().unwrap_or(1))
+}
+
+fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
+    let first = args.next().unwrap_or_default();
+    let second = args.next();
+    match (first.as_str(), second.as_deref()) {
+        ("demo", None) | ("lab", Some("smoke")) => lab_smoke(),
+        ("test", None) => test(),
+        ("install", None) => {
+            let (cache, kernel, images) = prepare()?;
+            println!("lab cache:  {}", cache.display());
+            println!("kernel:     {}", kernel.vmlinuz().display());
+            println!("L2 initrd:  {}", images.l2_initrd.display());
+            println!("L3 initrd:  {}", images.l3_initrd.display());
+            Ok(0)
+        }
+        ("lab", Some("run")) => lab_run(&parse_run_options(&mut args)?),
+        ("inside", Some("setup")) => {
+            let vfs = match (args.next().as_deref(), args.next()) {
+                (Some("--vfs"), Some(n)) => n.parse().with_context(|| format!("--vfs {n:?}: expected a number"))?,
+                _ => bail!("usage: vfvm-lab inside setup --vfs N"),
+            };
+            inside::setup(vfs).map(|_| 0)
+        }
+        ("inside", Some("smoke")) => inside::smoke().map(|_| 0),
+        ("help" | "--help" | "-h", _) => {
+            print!("{USAGE}");
+            Ok(0)
+        }
+        _ => bail!("unknown command {:?}\n\n{USAGE}", [first, second.unwrap_or_default()].join(" ").trim()),
+    }
+}
+
+fn main() -> ExitCode {
+    progress::start_clock();
+    let inside = std::env::args().nth(1).as_deref() == Some("inside");
+    match dispatch(std::env::args().skip(1)) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("vfvm-lab: error: {e:#}");
+            // Inside L2 a failed check is the command's failure; outside, the lab's.
+            ExitCode::from(if inside { 1 } else { LAB_FAILED })
+        }
+    }
+}
