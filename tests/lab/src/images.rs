@@ -16,8 +16,8 @@ use crate::modules::{module_name, ModuleIndex};
 
 /// Console marker prefix for the harness's own lines from inside L2.
 pub const L2_MARKER: &str = "@@vfvm-lab@@";
-/// Console marker an L3 guest prints once its init runs.
-pub const L3_MARKER: &str = "@@vfvm-l3@@ userspace";
+/// Console marker prefix of an L3 guest's init.
+pub const L3_MARKER: &str = "@@vfvm-l3@@";
 
 /// Modules L2's init loads itself, before the shared root is reachable.
 const L2_EARLY_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay"];
@@ -32,7 +32,7 @@ pub fn ensure(cache: &Path, kernel: &Kernel, busybox: &Path) -> Result<Images> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let busybox_bytes = std::fs::read(busybox).with_context(|| format!("reading {}", busybox.display()))?;
     let l2 = l2_initrd(kernel, &busybox_bytes)?;
-    let l3 = l3_initrd(&busybox_bytes);
+    let l3 = l3_initrd(kernel, &busybox_bytes)?;
     Ok(Images {
         l2_initrd: store(&dir, &format!("l2-{}", kernel.release), &l2)?,
         l3_initrd: store(&dir, "l3-test", &l3)?,
@@ -55,6 +55,19 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
+/// Adds `wanted` and their dependencies under /mods; returns the names in load order.
+fn add_modules(a: &mut Archive, kernel: &Kernel, wanted: &[&str]) -> Result<Vec<String>> {
+    let index = ModuleIndex::parse(&kernel.read_modules_file("modules.dep")?, &kernel.read_modules_file("modules.builtin")?)?;
+    let mut names = Vec::new();
+    for rel in index.load_order(wanted)? {
+        let name = module_name(&rel);
+        let bytes = read_module(&kernel.modules_dir().join(&rel))?;
+        a.file(&format!("/mods/{name}.ko"), 0o644, &bytes);
+        names.push(name);
+    }
+    Ok(names)
+}
+
 fn base_tree(a: &mut Archive, busybox: &[u8]) {
     for d in ["/bin", "/dev", "/proc", "/sys", "/mods"] {
         a.dir(d, 0o755);
@@ -65,17 +78,9 @@ fn base_tree(a: &mut Archive, busybox: &[u8]) {
 }
 
 fn l2_initrd(kernel: &Kernel, busybox: &[u8]) -> Result<Vec<u8>> {
-    let index = ModuleIndex::parse(&kernel.read_modules_file("modules.dep")?, &kernel.read_modules_file("modules.builtin")?)?;
-    let order = index.load_order(L2_EARLY_MODULES)?;
     let mut a = Archive::new();
     base_tree(&mut a, busybox);
-    let mut names = Vec::new();
-    for rel in &order {
-        let name = module_name(rel);
-        let bytes = read_module(&kernel.modules_dir().join(rel))?;
-        a.file(&format!("/mods/{name}.ko"), 0o644, &bytes);
-        names.push(name);
-    }
+    let names = add_modules(&mut a, kernel, L2_EARLY_MODULES)?;
     a.file("/init", 0o755, l2_init_script(&names).as_bytes());
     Ok(a.finish())
 }
@@ -147,12 +152,35 @@ poweroff -f
     )
 }
 
-fn l3_initrd(busybox: &[u8]) -> Vec<u8> {
+/// The L3 test guest. It reports reaching userspace; given `vfvm.ping=ADDR/LEN,PEER`
+/// on its command line it also loads igbvf, puts ADDR on the passed-through VF and
+/// pings PEER, reporting `ping ok <if> <mac>` or `ping failed`.
+fn l3_initrd(kernel: &Kernel, busybox: &[u8]) -> Result<Vec<u8>> {
     let mut a = Archive::new();
     base_tree(&mut a, busybox);
+    let mods = add_modules(&mut a, kernel, &["igbvf"])?;
     let init = format!(
-        "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\necho \"{L3_MARKER} $(/bin/busybox cut -d' ' -f1 /proc/uptime)\"\n/bin/busybox poweroff -f\n"
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sys /sys
+echo "{m} userspace $(cut -d' ' -f1 /proc/uptime)"
+for w in $(cat /proc/cmdline); do case $w in vfvm.ping=*) P=${{w#vfvm.ping=}};; esac; done
+if [ -n "$P" ]; then
+  for m in {mods}; do insmod /mods/$m.ko || echo "{m} insmod $m failed"; done
+  IF=$(ls /sys/class/net | grep -vx lo | head -n 1)
+  # ping -w waits for the VF's link to come up: up to 30 s for 3 replies.
+  if [ -n "$IF" ] && ip addr add ${{P%,*}} dev $IF && ip link set $IF up && ping -c 3 -w 30 ${{P#*,}}; then
+    echo "{m} ping ok $IF $(cat /sys/class/net/$IF/address)"
+  else
+    echo "{m} ping failed (netdevs: $(ls /sys/class/net | tr '\n' ' '))"
+  fi
+fi
+poweroff -f
+"#,
+        m = L3_MARKER,
+        mods = mods.join(" "),
     );
     a.file("/init", 0o755, init.as_bytes());
-    a.finish()
+    Ok(a.finish())
 }

@@ -16,6 +16,14 @@ use crate::pci::{bound_to, PciDevice};
 /// VF drivers (igbvf before the VFs exist, so they bind at creation), VFIO, the peer NIC.
 const SETUP_MODULES: &[&str] = &["kvm_amd", "igb", "igbvf", "vfio_pci", "vfio_iommu_type1", "e1000e"];
 
+/// The lab's standing peer host: the e1000e on the PF's QEMU hub, in its own netns.
+pub const PEER_NETNS: &str = "labpeer";
+pub const PEER_ADDR: &str = "198.18.0.2";
+/// Addresses the smoke checks give a VF in L2 and in L3.
+const L2_VF_ADDR: &str = "198.18.0.1/24";
+const L3_VF_ADDR: &str = "198.18.0.3/24";
+const L3_VF_MAC: &str = "02:00:00:00:00:03";
+
 fn modprobe(module: &str) -> Result<()> {
     run(Command::new("modprobe").arg(module)).map(|_| ()).with_context(|| format!("loading kernel module {module}"))
 }
@@ -36,12 +44,35 @@ fn single_netdev(dev: &PciDevice) -> Result<String> {
     Ok(names.remove(0))
 }
 
-/// `vfvm-lab inside setup`: loads the modules, brings the PF up and creates the VFs.
+/// Where the kernel put BAR `n`: the start address from the `resource` table.
+fn bar_start(dev: &PciDevice, n: usize) -> Result<u64> {
+    let table = dev.attr("resource")?;
+    let line = table.lines().nth(n).with_context(|| format!("{} has no BAR {n} in its resource table", dev.addr))?;
+    let start = line.split_whitespace().next().unwrap_or_default();
+    u64::from_str_radix(start.trim_start_matches("0x"), 16).with_context(|| format!("{}: BAR {n} start {start:?} is not hex", dev.addr))
+}
+
+/// The e1000e becomes the peer host: own netns, 198.18.0.2/24, up.
+fn setup_peer() -> Result<()> {
+    let mut peers = bound_to("e1000e");
+    ensure!(peers.len() == 1, "expected one e1000e peer NIC, found {}", peers.len());
+    let peer_if = single_netdev(&peers.remove(0))?;
+    run(Command::new("ip").args(["netns", "add", PEER_NETNS]))?;
+    run(Command::new("ip").args(["link", "set", "dev", &peer_if, "netns", PEER_NETNS]))?;
+    run(Command::new("ip").args(["-n", PEER_NETNS, "addr", "add", &format!("{PEER_ADDR}/24"), "dev", &peer_if]))?;
+    run(Command::new("ip").args(["-n", PEER_NETNS, "link", "set", "dev", &peer_if, "up"]))?;
+    println!("lab: peer host {peer_if} (e1000e) in netns {PEER_NETNS} at {PEER_ADDR}/24");
+    Ok(())
+}
+
+/// `vfvm-lab inside setup`: loads the modules, sets up the peer host, brings the PF
+/// up and creates the VFs.
 pub fn setup(vfs: u32) -> Result<()> {
     for m in SETUP_MODULES {
         modprobe(m)?;
     }
     ensure!(Path::new("/dev/kvm").exists(), "kvm_amd loaded but /dev/kvm is missing");
+    setup_peer()?;
     let pf = igb_pf()?;
     let pf_if = single_netdev(&pf)?;
     // Up before the VFs exist: igb tells VFs "reset done" (CTRL_EXT.PFRSTD) on open.
@@ -52,8 +83,15 @@ pub fn setup(vfs: u32) -> Result<()> {
     println!("lab: PF {} ({}) netdev {pf_if}, sriov_totalvfs={total}, sriov_numvfs={vfs}", pf.addr, pf.vendor_device()?);
     for n in 0..vfs {
         let vf = pf.virtfn(n)?;
+        let bar0 = bar_start(&vf, 0)?;
+        // See l2::MAX_MEM_MIB: a VF BAR above 4 GiB is a dead VF on QEMU 10.0.
+        ensure!(
+            bar0 != 0 && bar0 < 1 << 32,
+            "VF {} BAR0 at {bar0:#x}: QEMU 10.0 does not map VF BARs above 4 GiB (does L2 have RAM above 4 GiB?)",
+            vf.addr
+        );
         println!(
-            "lab: VF{n} {} ({}) driver={} netdev={} iommu_group={}",
+            "lab: VF{n} {} ({}) BAR0={bar0:#x} driver={} netdev={} iommu_group={}",
             vf.addr,
             vf.vendor_device()?,
             vf.driver().unwrap_or_else(|| "none".into()),
@@ -126,9 +164,17 @@ fn check_vf_round_trip(vf: &PciDevice) -> Result<()> {
     Ok(())
 }
 
+/// What an L3 guest reported on its console.
+pub struct L3Report {
+    /// From QEMU's start to the guest's init running.
+    pub userspace_after: Duration,
+    /// The guest init's marker lines after "userspace", marker prefix removed.
+    pub reports: Vec<String>,
+}
+
 /// Boots the lab kernel with the L3 test initramfs under L2's KVM, QEMU as the VMM,
-/// and returns the time from QEMU's start to the guest's init running.
-pub fn boot_l3(kernel: &Path, initrd: &Path, timeout: Duration) -> Result<Duration> {
+/// with `extra_args` for QEMU and `extra_cmdline` for the guest, until it powers off.
+pub fn boot_l3(kernel: &Path, initrd: &Path, extra_args: &[String], extra_cmdline: &str, timeout: Duration) -> Result<L3Report> {
     let mut qemu = Command::new(crate::host::QEMU);
     qemu.args(["-enable-kvm", "-M", "q35", "-cpu", "host", "-smp", "1", "-m", "256"])
         .args(["-display", "none", "-nodefaults", "-no-reboot", "-serial", "stdio"])
@@ -136,7 +182,9 @@ pub fn boot_l3(kernel: &Path, initrd: &Path, timeout: Duration) -> Result<Durati
         .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .arg("-append")
+        .arg(format!("console=ttyS0 panic=-1 quiet {extra_cmdline}"))
+        .args(extra_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -145,35 +193,73 @@ pub fn boot_l3(kernel: &Path, initrd: &Path, timeout: Duration) -> Result<Durati
     let mut child = qemu.spawn().context("starting the L3 QEMU")?;
     let lines = Lines::spawn(child.stdout.take().context("L3 QEMU stdout")?);
     let deadline = started + timeout;
-    let mut seen = Vec::new();
-    let reached = loop {
-        match lines.next_before(deadline) {
-            Next::Line(l) if l.contains(L3_MARKER) => break started.elapsed(),
-            Next::Line(l) => seen.push(l),
-            Next::Closed => {
-                let status = child.wait()?;
-                bail!("the L3 guest stopped ({status}) before reaching userspace; console:\n{}", seen.join("\n"));
-            }
-            Next::TimedOut => {
-                kill_and_reap(&mut child);
-                bail!("the L3 guest did not reach userspace within {}s; console:\n{}", timeout.as_secs(), seen.join("\n"));
-            }
-        }
-    };
-    // The guest powers off right after the marker; give it the same bound.
+    let mut console = Vec::new();
+    let mut userspace_after = None;
+    let mut reports = Vec::new();
     loop {
         match lines.next_before(deadline) {
-            Next::Line(_) => continue,
+            Next::Line(l) => {
+                match l.split_once(L3_MARKER).map(|(_, rest)| rest.trim()) {
+                    Some(rest) if rest.starts_with("userspace") => userspace_after = Some(started.elapsed()),
+                    Some(rest) => reports.push(rest.to_string()),
+                    None => {}
+                }
+                console.push(l);
+            }
             Next::Closed => break,
             Next::TimedOut => {
                 kill_and_reap(&mut child);
-                bail!("the L3 guest reached userspace but did not power off within {}s", timeout.as_secs());
+                bail!("the L3 guest did not power off within {}s; console:\n{}", timeout.as_secs(), console.join("\n"));
             }
         }
     }
     let status = child.wait()?;
-    ensure!(status.success(), "L3 QEMU exited with {status} after the guest powered off");
-    Ok(reached)
+    let Some(userspace_after) = userspace_after else {
+        bail!("the L3 guest stopped ({status}) before reaching userspace; console:\n{}", console.join("\n"));
+    };
+    ensure!(status.success(), "L3 QEMU exited with {status}; console:\n{}", console.join("\n"));
+    Ok(L3Report { userspace_after, reports })
+}
+
+/// Packets over a VF driven by igbvf in L2, to the peer host and back.
+fn check_vf_ping_from_l2(vf: &PciDevice) -> Result<()> {
+    let netdev = single_netdev(vf)?;
+    run(Command::new("ip").args(["addr", "add", L2_VF_ADDR, "dev", &netdev]))?;
+    run(Command::new("ip").args(["link", "set", "dev", &netdev, "up"]))?;
+    // -w bounds the whole exchange, including the wait for the VF's link.
+    let out = Command::new("busybox").args(["ping", "-c", "3", "-w", "30", PEER_ADDR]).output().context("running busybox ping")?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    run(Command::new("ip").args(["addr", "flush", "dev", &netdev]))?;
+    run(Command::new("ip").args(["link", "set", "dev", &netdev, "down"]))?;
+    ensure!(out.status.success(), "no replies from {PEER_ADDR} over VF {} ({netdev}): {}", vf.addr, String::from_utf8_lossy(&out.stderr));
+    println!("check: ping over VF {} ({netdev}, igbvf in L2) to the peer host {PEER_ADDR} answered", vf.addr);
+    Ok(())
+}
+
+/// A VF passed through to an L3 guest with VFIO, its admin MAC set through the PF:
+/// the guest's igbvf sees that MAC and pings the peer host.
+fn check_vf_ping_from_l3(pf: &PciDevice, vf_index: u32, kernel: &Path, initrd: &Path) -> Result<()> {
+    let vf = pf.virtfn(vf_index)?;
+    let pf_if = single_netdev(pf)?;
+    run(Command::new("ip").args(["link", "set", "dev", &pf_if, "vf", &vf_index.to_string(), "mac", L3_VF_MAC]))?;
+    vf.bind_by_override(Some("vfio-pci"))?;
+    ensure!(vf.driver().as_deref() == Some("vfio-pci"), "VF {} did not bind to vfio-pci", vf.addr);
+    let booted = boot_l3(
+        kernel,
+        initrd,
+        &["-device".to_string(), format!("vfio-pci,host={}", vf.addr)],
+        &format!("vfvm.ping={L3_VF_ADDR},{PEER_ADDR}"),
+        Duration::from_secs(300),
+    );
+    vf.bind_by_override(None)?;
+    let report = booted?;
+    let ping = report.reports.iter().find(|r| r.starts_with("ping")).context("the L3 guest reported no ping result")?;
+    ensure!(ping.starts_with("ping ok") && ping.ends_with(L3_VF_MAC), "L3 guest with VF {} passed through: {ping}", vf.addr);
+    println!(
+        "check: VF {} passed through to L3 (vfio-pci): guest igbvf got admin MAC {L3_VF_MAC} and pinged {PEER_ADDR} ({ping})",
+        vf.addr
+    );
+    Ok(())
 }
 
 /// `vfvm-lab inside smoke`: the lab's acceptance checks, from inside L2.
@@ -186,12 +272,15 @@ pub fn smoke() -> Result<()> {
     let wanted: u32 = lab_env("VFVM_LAB_VFS")?.parse().context("VFVM_LAB_VFS")?;
     ensure!(num == wanted, "igb PF {} has {num} VFs, the lab asked for {wanted}", pf.addr);
     println!("check: igb PF {} sriov_totalvfs={total} sriov_numvfs={num}", pf.addr);
-    check_vf_round_trip(&pf.virtfn(0)?)?;
+    let vf0 = pf.virtfn(0)?;
+    check_vf_round_trip(&vf0)?;
+    check_vf_ping_from_l2(&vf0)?;
 
     let kernel = PathBuf::from(lab_env("VFVM_LAB_KERNEL")?);
     let initrd = PathBuf::from(lab_env("VFVM_LAB_L3_INITRD")?);
-    let took = boot_l3(&kernel, &initrd, Duration::from_secs(300))?;
-    println!("check: L3 guest under L2's KVM reached userspace {:.2}s after QEMU start", took.as_secs_f64());
+    let plain = boot_l3(&kernel, &initrd, &[], "", Duration::from_secs(300))?;
+    println!("check: L3 guest under L2's KVM reached userspace {:.2}s after QEMU start", plain.userspace_after.as_secs_f64());
+    check_vf_ping_from_l3(&pf, 1, &kernel, &initrd)?;
     println!("smoke: PASSED");
     Ok(())
 }

@@ -35,7 +35,7 @@ usage: cargo xtask <command>
 
 lab run options:
   --vfs N             VFs to create on the igb PF (1-7, default 4)
-  --mem MiB           L2 memory (default 3072)
+  --mem MiB           L2 memory (1024-2815, default 2560: VFs need all RAM below 4 GiB)
   --cpus N            L2 vCPUs (default 2)
   --timeout SECS      limit for the whole run (default 1200)
   --boot-timeout SECS limit for L2 to become ready (default 300)
@@ -113,11 +113,22 @@ fn parse_run_options(args: &mut impl Iterator<Item = String>) -> Result<l2::RunO
             other => bail!("unknown lab run option {other:?}\n\n{USAGE}"),
         }
     }
-    if opts.mem_mib < 1024 {
-        bail!("--mem {}: L2 needs at least 1024 MiB", opts.mem_mib);
+    if opts.mem_mib < 1024 || opts.mem_mib > l2::MAX_MEM_MIB {
+        bail!(
+            "--mem {}: L2 takes 1024 to {} MiB (more puts RAM above 4 GiB, which moves the VF BARs \
+             above 4 GiB, where this QEMU's SR-IOV emulation does not map them)",
+            opts.mem_mib,
+            l2::MAX_MEM_MIB
+        );
     }
     if opts.cpus == 0 {
         bail!("--cpus must be at least 1");
+    }
+    if opts.vfs == 0 || opts.vfs > 7 {
+        bail!("--vfs {}: the lab's igb PF offers 1 to 7 VFs", opts.vfs);
+    }
+    if opts.command.is_empty() {
+        bail!("no command given: use `cargo xtask lab run [options] -- <command> [args...]`");
     }
     Ok(opts)
 }
@@ -134,16 +145,66 @@ fn lab_smoke() -> Result<i32> {
 }
 
 /// `cargo xtask test`: the README's test command. Installs first, so the lab tests
-/// spend their time limits on testing, not downloading.
+/// spend their time limits on testing, not downloading. Ends with one summary line
+/// over every test binary, so the last word is not some crate's empty doc-test run.
 fn test() -> Result<i32> {
     let (_, kernel, _) = prepare()?;
     progress!("lab ready (kernel {}); running the workspace's tests, the lab's included", kernel.release);
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
+    let mut child = Command::new(cargo)
         .args(["test", "--workspace", "--no-fail-fast", "--", "--include-ignored"])
-        .status()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .context("running cargo test")?;
-    Ok(status.code().unwrap_or(1))
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let mut totals = TestTotals::default();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+        println!("{line}");
+        totals.add(&line);
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("\nall test binaries: {} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.ignored);
+    Ok(if status.success() && totals.failed == 0 { 0 } else { 1 })
+}
+
+#[derive(Default, Debug, PartialEq)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl TestTotals {
+    /// Adds one libtest summary (`test result: ok. 3 passed; 0 failed; 1 ignored; ...`).
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else { return };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else { continue };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TestTotals;
+
+    #[test]
+    fn libtest_summaries_add_up() {
+        let mut t = TestTotals::default();
+        t.add("test result: ok. 10 passed; 0 failed; 3 ignored; 0 measured; 0 filtered out; finished in 0.01s");
+        t.add("test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 9.00s");
+        t.add("test something ... ok");
+        t.add("running 4 tests");
+        assert_eq!(t, TestTotals { passed: 11, failed: 2, ignored: 3 });
+    }
 }
 
 fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {

@@ -1,0 +1,182 @@
+//! The lab harness tested the way developers and CI use it: the real `vfvm-lab`
+//! binary booting a real emulated L2 machine. The boots are `#[ignore]`d because each
+//! takes about a minute; `cargo xtask test` runs them (`--include-ignored`).
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::{FromRawFd, OwnedFd, AsRawFd};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One L2 at a time: each is a multi-threaded TCG emulator and the machine has 2 cores.
+static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn lab() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vfvm-lab"));
+    // Progress goes straight to the test's stderr, so long boots show life in CI logs.
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    cmd
+}
+
+fn run_lab(args: &[&str]) -> Output {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let out = lab().args(args).output().expect("starting vfvm-lab");
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    out
+}
+
+#[test]
+#[ignore = "boots the nested lab (about a minute); run by `cargo xtask test`"]
+fn smoke_checks_pass_inside_l2() {
+    let out = run_lab(&["lab", "smoke"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "lab smoke failed:\n{stdout}");
+    // Each acceptance point must have been checked, not merely not failed.
+    for expected in [
+        "check: /dev/kvm present, KVM API version 12",
+        "sriov_numvfs=4",
+        "bound to igbvf with netdev",
+        "bound to vfio-pci via driver_override, IOMMU group",
+        "VFIO reports the group viable",
+        "back on igbvf, netdev",
+        "3 packets transmitted, 3 packets received",
+        "to the peer host 198.18.0.2 answered",
+        "L3 guest under L2's KVM reached userspace",
+        "passed through to L3 (vfio-pci): guest igbvf got admin MAC 02:00:00:00:00:03 and pinged 198.18.0.2",
+        "smoke: PASSED",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+    }
+}
+
+#[test]
+#[ignore = "boots the nested lab (about half a minute); run by `cargo xtask test`"]
+fn a_failing_command_fails_the_harness_with_its_output_shown() {
+    let out = run_lab(&["lab", "run", "--vfs", "1", "--", "sh", "-c", "echo visible-7f3a; echo on-stderr-7f3a >&2; pwd; exit 7"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(7), "the harness should exit with the command's status:\n{stdout}");
+    assert!(stdout.contains("visible-7f3a"), "command stdout not shown:\n{stdout}");
+    assert!(stdout.contains("on-stderr-7f3a"), "command stderr not shown:\n{stdout}");
+    // The command runs in the caller's working directory (cargo runs tests in the package dir).
+    assert!(stdout.contains(env!("CARGO_MANIFEST_DIR")), "command did not run in the caller's directory:\n{stdout}");
+}
+
+#[test]
+fn bad_options_fail_before_anything_starts() {
+    for (args, says) in [
+        (&["lab", "run", "--vfs", "9", "--", "true"][..], "--vfs 9"),
+        (&["lab", "run", "--mem", "lots", "--", "true"][..], "--mem \"lots\""),
+        (&["lab", "run", "--vfs", "2"][..], "no command given"),
+        (&["lab", "run", "--frobnicate", "--", "true"][..], "unknown lab run option"),
+        (&["no-such-command"][..], "unknown command"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vfvm-lab")).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?} should say {says:?}: {stderr}");
+        assert!(!stderr.contains("booting L2"), "{args:?} started a boot: {stderr}");
+    }
+}
+
+/// A descriptor that becomes readable when process `pid` exits, even though it is not
+/// our child (QEMU is the harness's child).
+fn pidfd_open(pid: i32) -> OwnedFd {
+    // SAFETY: plain syscall; a non-negative result is a new descriptor we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(fd >= 0, "pidfd_open({pid}): {}", std::io::Error::last_os_error());
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+fn exits_within(pidfd: &OwnedFd, limit: Duration) -> bool {
+    let mut pfd = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one pollfd that lives across the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, limit.as_millis() as i32) };
+    n == 1 && pfd.revents & libc::POLLIN != 0
+}
+
+#[test]
+#[ignore = "boots the nested lab (about half a minute); run by `cargo xtask test`"]
+fn killing_the_harness_leaves_no_qemu_behind() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut harness = lab()
+        .args(["lab", "run", "--vfs", "1", "--", "sh", "-c", "echo command-running-5c1d; exec sleep 600"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel::<(bool, String)>();
+    for (is_stderr, stream) in [(false, Box::new(harness.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>), (true, Box::new(harness.stderr.take().unwrap()))] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if tx.send((is_stderr, line)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let (mut qemu_pid, mut run_dir) = (None, None);
+    loop {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let (is_stderr, line) = rx.recv_timeout(wait).expect("the command never started inside L2");
+        eprintln!("{line}");
+        if is_stderr {
+            if let Some(rest) = line.split("QEMU pid ").nth(1) {
+                qemu_pid = rest.split_whitespace().next().and_then(|p| p.parse::<i32>().ok());
+            }
+            if let Some(rest) = line.split("run dir ").nth(1) {
+                run_dir = Some(rest.trim().to_string());
+            }
+        } else if line.contains("command-running-5c1d") {
+            break;
+        }
+    }
+    let qemu_pid = qemu_pid.expect("the harness did not report QEMU's pid");
+    let run_dir = run_dir.expect("the harness did not report its run dir");
+    let qemu = pidfd_open(qemu_pid);
+
+    harness.kill().unwrap(); // SIGKILL: no chance to clean up in-process
+    harness.wait().unwrap();
+    assert!(exits_within(&qemu, Duration::from_secs(30)), "QEMU {qemu_pid} outlived the killed harness");
+    // Nothing else of this run may remain either.
+    let survivors: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok().map(|c| (e.file_name(), c)))
+        .filter(|(_, c)| String::from_utf8_lossy(c).contains(&run_dir))
+        .map(|(pid, c)| format!("{}: {}", pid.to_string_lossy(), String::from_utf8_lossy(&c).replace('\0', " ")))
+        .collect();
+    assert!(survivors.is_empty(), "processes of the killed run remain: {survivors:?}");
+}
+
+#[test]
+#[ignore = "starts the lab's QEMU; run by `cargo xtask test`"]
+fn a_boot_that_overruns_its_limit_is_reported_not_waited_on() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let started = Instant::now();
+    let out = lab().args(["lab", "run", "--boot-timeout", "3", "--", "true"]).stderr(Stdio::piped()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains("L2 was not ready within 3s"), "{stderr}");
+    assert!(stderr.contains("last console lines"), "{stderr}");
+    // Killed at the limit, not left to finish booting (which takes well over 3 s).
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+}
+
+#[test]
+#[ignore = "installs packages and fetches the kernel on a fresh machine; run by `cargo xtask test`"]
+fn a_second_install_downloads_nothing() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let first = lab().arg("install").stderr(Stdio::piped()).output().unwrap();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let second = lab().arg("install").stderr(Stdio::piped()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{stderr}");
+    for busy in ["installing", "fetching", "apt", "built image"] {
+        assert!(!stderr.contains(busy), "second install still did work ({busy:?}):\n{stderr}");
+    }
+    // Same images, by content address.
+    assert_eq!(first.stdout, second.stdout);
+}
