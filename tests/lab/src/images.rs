@@ -134,7 +134,9 @@ R=/ovl/root
 mount -t overlay overlay -o lowerdir=/host,upperdir=/ovl/upper,workdir=/ovl/work $R || die "overlay over the host's root"
 for d in proc sys dev; do mount --bind /$d $R/$d || die "bind /$d"; done
 mkdir -p $R/dev/pts && mount -t devpts devpts $R/dev/pts || die "devpts"
-mount -t tmpfs tmpfs $R/run && mount -t tmpfs tmpfs $R/tmp || die "tmpfs on /run and /tmp"
+# A fresh /run (the host's netns and lock files mean nothing here). /tmp stays the
+# host's, writable through the overlay: the caller's checkout may live there.
+mount -t tmpfs tmpfs $R/run || die "tmpfs on /run"
 mkdir -p $R/lab && mount --bind /share $R/lab && mkdir -p $R/lab/out && mount --bind /out $R/lab/out || die "bind the run directory at /lab"
 K=$(uname -r)
 mkdir -p $R/lib/modules/$K && mount --bind $R$VFVM_LAB_MODULES $R/lib/modules/$K || die "bind the lab kernel's modules at /lib/modules/$K"

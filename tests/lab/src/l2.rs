@@ -48,6 +48,10 @@ impl Default for RunOptions {
 /// of each VF BAR: the VFs' registers vanish and igbvf never reaches the PF.
 pub const MAX_MEM_MIB: u32 = 2815;
 
+/// Host paths L2 mounts its own filesystems over, so the host's files there are
+/// invisible to the command.
+const HIDDEN_IN_L2: &[&str] = &["/run", "/proc", "/sys", "/dev"];
+
 /// Console lines kept for the error message when something fails.
 const TAIL_LINES: usize = 40;
 /// Run directories kept for post-mortems; older ones are removed.
@@ -101,6 +105,11 @@ pub fn run(cache: &Path, kernel: &Kernel, images: &Images, opts: &RunOptions) ->
 
     let me = std::env::current_exe().context("locating the vfvm-lab binary")?.canonicalize()?;
     let cwd = std::env::current_dir()?;
+    for (what, path) in [("the vfvm-lab binary", &me), ("the working directory", &cwd), ("the lab cache", &cache.to_path_buf())] {
+        if let Some(hidden) = HIDDEN_IN_L2.iter().find(|h| path.starts_with(h)) {
+            bail!("{what} ({}) is under {hidden}, which L2 replaces with its own: move it elsewhere", path.display());
+        }
+    }
     let lab_env = [
         ("VFVM_LAB_SELF", me.to_string_lossy().into_owned()),
         ("VFVM_LAB_VFS", opts.vfs.to_string()),
