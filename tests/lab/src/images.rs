@@ -171,8 +171,10 @@ for w in $(cat /proc/cmdline); do case $w in vfvm.ping=*) P=${{w#vfvm.ping=}};; 
 if [ -n "$P" ]; then
   for m in {mods}; do insmod /mods/$m.ko || echo "{m} insmod $m failed"; done
   IF=$(ls /sys/class/net | grep -vx lo | head -n 1)
-  # ping -w waits for the VF's link to come up: up to 30 s for 3 replies.
-  if [ -n "$IF" ] && ip addr add ${{P%,*}} dev $IF && ip link set $IF up && ping -c 3 -w 30 ${{P#*,}}; then
+  # Single pings until the first reply (link and ARP settle; at most 15 tries of
+  # up to 2 s each), then three that must all be answered.
+  warm() {{ for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do ping -c 1 -W 2 $1 >/dev/null && return 0; done; return 1; }}
+  if [ -n "$IF" ] && ip addr add ${{P%,*}} dev $IF && ip link set $IF up && warm ${{P#*,}} && ping -c 3 -W 5 ${{P#*,}}; then
     echo "{m} ping ok $IF $(cat /sys/class/net/$IF/address)"
   else
     echo "{m} ping failed (netdevs: $(ls /sys/class/net | tr '\n' ' '))"

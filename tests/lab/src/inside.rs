@@ -221,17 +221,33 @@ pub fn boot_l3(kernel: &Path, initrd: &Path, extra_args: &[String], extra_cmdlin
     Ok(L3Report { userspace_after, reports })
 }
 
+/// Pings `peer` once the path works: single pings until the first reply (the link and
+/// ARP settle; bounded by `warmup`), then three that must all be answered.
+fn ping_after_link_up(peer: &str, warmup: Duration) -> Result<()> {
+    let ping = |count: &str, wait: &str| Command::new("busybox").args(["ping", "-c", count, "-W", wait, peer]).output();
+    let deadline = Instant::now() + warmup;
+    loop {
+        if ping("1", "2").context("running busybox ping")?.status.success() {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "no reply from {peer} within {}s", warmup.as_secs());
+    }
+    let out = ping("3", "5").context("running busybox ping")?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    ensure!(out.status.success(), "{peer} answered once, then lost packets: {}", String::from_utf8_lossy(&out.stdout));
+    ensure!(String::from_utf8_lossy(&out.stdout).contains("3 packets received"), "not all of 3 pings to {peer} were answered");
+    Ok(())
+}
+
 /// Packets over a VF driven by igbvf in L2, to the peer host and back.
 fn check_vf_ping_from_l2(vf: &PciDevice) -> Result<()> {
     let netdev = single_netdev(vf)?;
     run(Command::new("ip").args(["addr", "add", L2_VF_ADDR, "dev", &netdev]))?;
     run(Command::new("ip").args(["link", "set", "dev", &netdev, "up"]))?;
-    // -w bounds the whole exchange, including the wait for the VF's link.
-    let out = Command::new("busybox").args(["ping", "-c", "3", "-w", "30", PEER_ADDR]).output().context("running busybox ping")?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    let result = ping_after_link_up(PEER_ADDR, Duration::from_secs(30));
     run(Command::new("ip").args(["addr", "flush", "dev", &netdev]))?;
     run(Command::new("ip").args(["link", "set", "dev", &netdev, "down"]))?;
-    ensure!(out.status.success(), "no replies from {PEER_ADDR} over VF {} ({netdev}): {}", vf.addr, String::from_utf8_lossy(&out.stderr));
+    result.with_context(|| format!("ping over VF {} ({netdev}) to the peer host", vf.addr))?;
     println!("check: ping over VF {} ({netdev}, igbvf in L2) to the peer host {PEER_ADDR} answered", vf.addr);
     Ok(())
 }
