@@ -1,0 +1,1 @@
+//! Synchronous rtnetlink for vfvm (being written).
