@@ -300,3 +300,26 @@ pub fn smoke() -> Result<()> {
     println!("smoke: PASSED");
     Ok(())
 }
+
+/// `vfvm-lab inside run-tests EXE...`: each test executable's in-lab tests, one at a
+/// time (they share the lab's VFs); the exit status says whether all passed.
+pub fn run_tests(executables: &[String], mark: &str) -> Result<i32> {
+    ensure!(!executables.is_empty(), "usage: vfvm-lab inside run-tests EXECUTABLE...");
+    let mut failed = Vec::new();
+    for exe in executables {
+        println!("lab: running the {mark}* tests of {exe}");
+        let status = Command::new(exe)
+            .args(["--ignored", mark, "--test-threads=1"])
+            .stdin(Stdio::null())
+            .status()
+            .with_context(|| format!("running {exe}"))?;
+        if !status.success() {
+            failed.push(format!("{exe} ({status})"));
+        }
+    }
+    if !failed.is_empty() {
+        println!("lab: in-lab tests failed in: {}", failed.join(", "));
+        return Ok(1);
+    }
+    Ok(0)
+}

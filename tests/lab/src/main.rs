@@ -144,27 +144,71 @@ fn lab_smoke() -> Result<i32> {
     lab_run(&opts)
 }
 
+/// Tests with this in their name (and `#[ignore]`d, since they cannot pass on the host)
+/// need the lab's hardware: `cargo xtask test` runs them inside L2, all in one boot.
+const IN_LAB_TEST_MARK: &str = "lab_";
+
 /// `cargo xtask test`: the README's test command. Installs first, so the lab tests
 /// spend their time limits on testing, not downloading. Ends with one summary line
 /// over every test binary, so the last word is not some crate's empty doc-test run.
 fn test() -> Result<i32> {
     let (_, kernel, _) = prepare()?;
-    progress!("lab ready (kernel {}); running the workspace's tests, the lab's included", kernel.release);
+    progress!("lab ready (kernel {}); running the workspace's tests on this machine", kernel.release);
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut child = Command::new(cargo)
-        .args(["test", "--workspace", "--no-fail-fast", "--", "--include-ignored"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("running cargo test")?;
-    let stdout = child.stdout.take().context("cargo test stdout")?;
     let mut totals = TestTotals::default();
+    let mut ok = run_counting(
+        Command::new(&cargo).args(["test", "--workspace", "--no-fail-fast", "--", "--include-ignored", "--skip", IN_LAB_TEST_MARK]),
+        &mut totals,
+    )?;
+
+    let executables = test_executables(&cargo)?;
+    let mut in_lab = Vec::new();
+    for exe in &executables {
+        let n = in_lab_tests(exe)?;
+        if n > 0 {
+            progress!("{n} in-lab test(s) in {}", exe.display());
+            in_lab.push(exe.to_string_lossy().into_owned());
+        }
+    }
+    if in_lab.is_empty() {
+        progress!("no in-lab ({IN_LAB_TEST_MARK}*) tests in the workspace");
+    } else {
+        progress!("running the in-lab tests of {} test binaries inside L2", in_lab.len());
+        let me = std::env::current_exe()?;
+        ok &= run_counting(
+            Command::new(&me).args(["lab", "run", "--timeout", "2400", "--"]).arg(&me).args(["inside", "run-tests"]).args(&in_lab),
+            &mut totals,
+        )?;
+    }
+    println!("\nall test binaries: {} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.ignored);
+    Ok(if ok && totals.failed == 0 { 0 } else { 1 })
+}
+
+/// Runs a command whose stdout carries libtest output: shows it, adds up its summaries.
+fn run_counting(cmd: &mut Command, totals: &mut TestTotals) -> Result<bool> {
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().with_context(|| format!("running {cmd:?}"))?;
+    let stdout = child.stdout.take().context("child stdout")?;
     for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
         println!("{line}");
         totals.add(&line);
     }
-    let status = child.wait().context("waiting for cargo test")?;
-    println!("\nall test binaries: {} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.ignored);
-    Ok(if status.success() && totals.failed == 0 { 0 } else { 1 })
+    Ok(child.wait().with_context(|| format!("waiting for {cmd:?}"))?.success())
+}
+
+/// The workspace's test executables, as cargo reports them (builds them if needed).
+fn test_executables(cargo: &str) -> Result<Vec<PathBuf>> {
+    let out = host::run(Command::new(cargo).args(["test", "--workspace", "--no-run", "--quiet", "--message-format=json"]))?;
+    Ok(out
+        .lines()
+        .filter(|l| l.contains("\"reason\":\"compiler-artifact\"") && l.contains("\"test\":true"))
+        .filter_map(|l| l.split("\"executable\":\"").nth(1)?.split('"').next().map(PathBuf::from))
+        .collect())
+}
+
+/// How many ignored in-lab tests a test executable holds.
+fn in_lab_tests(exe: &Path) -> Result<usize> {
+    let listing = host::run(Command::new(exe).args(["--list", "--ignored", IN_LAB_TEST_MARK]))?;
+    Ok(listing.lines().filter(|l| l.ends_with(": test")).count())
 }
 
 #[derive(Default, Debug, PartialEq)]
@@ -230,6 +274,7 @@ fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
             inside::setup(vfs).map(|_| 0)
         }
         ("inside", Some("smoke")) => inside::smoke().map(|_| 0),
+        ("inside", Some("run-tests")) => inside::run_tests(&args.collect::<Vec<_>>(), IN_LAB_TEST_MARK),
         ("help" | "--help" | "-h", _) => {
             print!("{USAGE}");
             Ok(0)

@@ -1,0 +1,208 @@
+//! Prepare (journal, then hand to vfio-pci) and restore (give back exactly).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::journal::{Journal, VfRecord};
+use super::lock::VfLock;
+use super::pci::{check_group_viable, DriverControl, KernelDrivers, PciAddr, Sysfs};
+use super::VfError;
+
+const VFIO_PCI: &str = "vfio-pci";
+
+/// The steps of [`VfManager::prepare`], in order; tests stop it dead after each one
+/// to check that [`VfManager::restore`] recovers from a crash there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    Locked,
+    Journaled,
+    Unbound,
+    OverrideSet,
+    Probed,
+    Bound,
+}
+
+impl Step {
+    pub const ALL: [Step; 6] = [Step::Locked, Step::Journaled, Step::Unbound, Step::OverrideSet, Step::Probed, Step::Bound];
+}
+
+/// A VF on vfio-pci, owned by this sandbox until restored.
+#[derive(Debug)]
+pub struct PreparedVf {
+    pub addr: PciAddr,
+    pub iommu_group: String,
+    /// `/dev/vfio/<group>`: what the VMM opens.
+    pub vfio_group_path: PathBuf,
+    pub lock: VfLock,
+}
+
+/// The VF manager of one sandbox.
+pub struct VfManager<D: DriverControl = KernelDrivers> {
+    pub sysfs: Sysfs,
+    pub drivers: D,
+    /// `/dev` normally; where `vfio/<group>` must appear.
+    pub dev_root: PathBuf,
+    /// Per-VF lock files, shared by all sandboxes on the host.
+    pub lock_dir: PathBuf,
+    pub journal: Journal,
+    pub sandbox_id: String,
+    /// How long to wait for a driver to bind after a probe.
+    pub bind_timeout: Duration,
+}
+
+impl VfManager<KernelDrivers> {
+    pub fn new(sandbox_id: &str, state_dir: &Path, lock_dir: &Path) -> Self {
+        Self {
+            sysfs: Sysfs::default(),
+            drivers: KernelDrivers,
+            dev_root: PathBuf::from("/dev"),
+            lock_dir: lock_dir.to_path_buf(),
+            journal: Journal::new(state_dir.join("vf-journal")),
+            sandbox_id: sandbox_id.to_string(),
+            bind_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl<D: DriverControl> VfManager<D> {
+    /// Hands the VF described by `record` (as discovery found it) to vfio-pci.
+    /// The record is journaled before the first change; on any failure the VF is put
+    /// back before the error is returned.
+    pub fn prepare(&self, record: &VfRecord) -> Result<PreparedVf, VfError> {
+        self.prepare_with_checkpoints(record, &mut |_| true)
+    }
+
+    /// [`prepare`](Self::prepare), calling `checkpoint` after each step; when it returns
+    /// false, stops at once as if the process had died there (no rollback).
+    pub fn prepare_with_checkpoints(&self, record: &VfRecord, checkpoint: &mut dyn FnMut(Step) -> bool) -> Result<PreparedVf, VfError> {
+        let addr = record.addr;
+        let crash = |step| VfError::SimulatedCrash { addr, step };
+        let dev = self.sysfs.device(addr)?;
+        if dev.physfn().is_none() {
+            return Err(VfError::NotAVf { addr, reason: "it has no physfn link (a PF or a non-SR-IOV device)".into() });
+        }
+        let group = dev.iommu_group().ok_or(VfError::NoIommuGroup { addr })?;
+        let lock = VfLock::acquire(&self.lock_dir, addr, &self.sandbox_id)?;
+        if !checkpoint(Step::Locked) {
+            return Err(crash(Step::Locked));
+        }
+        // An entry from an earlier, interrupted attempt holds the original state; the
+        // current state may already be ours, so it must not overwrite it.
+        if self.journal.read(addr)?.is_none() {
+            self.journal.write(record)?;
+        }
+        if !checkpoint(Step::Journaled) {
+            return Err(crash(Step::Journaled));
+        }
+        let result = self.bind_to_vfio(addr, &group, checkpoint);
+        match result {
+            Ok(vfio_group_path) => Ok(PreparedVf { addr, iommu_group: group, vfio_group_path, lock }),
+            Err(e @ VfError::SimulatedCrash { .. }) => Err(e),
+            Err(e) => match self.restore_record(record).and_then(|()| self.journal.remove(addr)) {
+                Ok(()) => Err(e),
+                Err(rollback) => Err(VfError::RollbackFailed { addr, what: Box::new(e), rollback: Box::new(rollback) }),
+            },
+        }
+    }
+
+    fn bind_to_vfio(&self, addr: PciAddr, group: &str, checkpoint: &mut dyn FnMut(Step) -> bool) -> Result<PathBuf, VfError> {
+        let dev = self.sysfs.device(addr)?;
+        if dev.driver().as_deref() != Some(VFIO_PCI) {
+            if let Some(driver) = dev.driver() {
+                self.drivers.unbind(&self.sysfs, addr, &driver)?;
+            }
+            if !checkpoint(Step::Unbound) {
+                return Err(VfError::SimulatedCrash { addr, step: Step::Unbound });
+            }
+            self.drivers.set_driver_override(&self.sysfs, addr, Some(VFIO_PCI))?;
+            if !checkpoint(Step::OverrideSet) {
+                return Err(VfError::SimulatedCrash { addr, step: Step::OverrideSet });
+            }
+            self.drivers.probe(&self.sysfs, addr)?;
+            if !checkpoint(Step::Probed) {
+                return Err(VfError::SimulatedCrash { addr, step: Step::Probed });
+            }
+            self.wait_for_driver(addr, Some(VFIO_PCI))?;
+        }
+        if !checkpoint(Step::Bound) {
+            return Err(VfError::SimulatedCrash { addr, step: Step::Bound });
+        }
+        check_group_viable(&self.sysfs, group, addr)?;
+        let path = self.dev_root.join("vfio").join(group);
+        if !path.exists() {
+            return Err(VfError::NoVfioDevice { addr, path });
+        }
+        Ok(path)
+    }
+
+    /// Probing is synchronous for most drivers, but not all: poll, with a bound.
+    fn wait_for_driver(&self, addr: PciAddr, expected: Option<&str>) -> Result<(), VfError> {
+        let started = Instant::now();
+        loop {
+            let found = self.sysfs.device(addr)?.driver();
+            if found.as_deref() == expected {
+                return Ok(());
+            }
+            if started.elapsed() >= self.bind_timeout {
+                return Err(VfError::BindFailed {
+                    addr,
+                    expected: expected.unwrap_or("no driver").to_string(),
+                    found: found.unwrap_or_else(|| "no driver".into()),
+                    waited_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Gives the VF back as its journal entry says, then deletes the entry. Safe to run
+    /// twice, or after a partial restore or prepare; a VF without an entry is left alone.
+    pub fn restore(&self, addr: PciAddr) -> Result<(), VfError> {
+        match self.journal.read(addr)? {
+            Some(record) => {
+                self.restore_record(&record)?;
+                self.journal.remove(addr)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Restores every VF in this sandbox's journal (teardown, and `delete` after a
+    /// crash). Tries them all; returns the first error.
+    pub fn restore_all(&self) -> Result<usize, VfError> {
+        let records = self.journal.read_all()?;
+        let mut first_error = None;
+        for record in &records {
+            let result = self.restore_record(record).and_then(|()| self.journal.remove(record.addr));
+            if let Err(e) = result {
+                tracing::error!(sandbox = %self.sandbox_id, vf = %record.addr, "restore failed: {e}");
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(records.len()),
+        }
+    }
+
+    fn restore_record(&self, record: &VfRecord) -> Result<(), VfError> {
+        let addr = record.addr;
+        let dev = self.sysfs.device(addr)?;
+        let current = dev.driver();
+        if current != record.driver {
+            if let Some(driver) = &current {
+                self.drivers.unbind(&self.sysfs, addr, driver)?;
+            }
+            self.drivers.set_driver_override(&self.sysfs, addr, record.driver_override.as_deref())?;
+            match &record.driver {
+                Some(driver) => self.drivers.bind(&self.sysfs, addr, driver)?,
+                None => {}
+            }
+            self.wait_for_driver(addr, record.driver.as_deref())?;
+        } else if dev.driver_override()? != record.driver_override {
+            self.drivers.set_driver_override(&self.sysfs, addr, record.driver_override.as_deref())?;
+        }
+        tracing::info!(sandbox = %self.sandbox_id, vf = %addr, driver = ?record.driver, "VF driver restored");
+        Ok(())
+    }
+}

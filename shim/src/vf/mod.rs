@@ -1,0 +1,58 @@
+//! The VF manager: the host half of vfvm's SR-IOV passthrough.
+//!
+//! `discover` finds a pod's VFs (netdevs in its network namespace that are VFs, and
+//! VFs the device plugin allocated by env var); `prepare` journals each VF's whole
+//! state, then hands it to vfio-pci; `restore` gives it back exactly as it came, on
+//! teardown, on every error path of `prepare`, and after a crash (driven by the
+//! journal alone). All sysfs access goes through [`pci::Sysfs`]'s root.
+
+pub mod journal;
+pub mod lock;
+pub mod manager;
+pub mod pci;
+pub mod spec;
+
+use std::path::PathBuf;
+
+pub use manager::{PreparedVf, Step, VfManager};
+pub use pci::{PciAddr, Sysfs};
+
+/// Everything that can go wrong; each names the input or object and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum VfError {
+    #[error("invalid PCI address {input:?}: {reason}")]
+    InvalidPciAddress { input: String, reason: String },
+    #[error("annotation {key}={value:?}: expected {expected}")]
+    InvalidAnnotation { key: String, value: String, expected: &'static str },
+    #[error("env var {var}={value:?}: {reason}")]
+    InvalidEnv { var: String, value: String, reason: String },
+    #[error("PCI device {addr} does not exist")]
+    NoSuchDevice { addr: PciAddr },
+    #[error("PCI device {addr} is not an SR-IOV VF: {reason}")]
+    NotAVf { addr: PciAddr, reason: String },
+    #[error("{path}: {op} failed: {source}")]
+    Sysfs { op: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("VF {addr}: IOMMU group {group} is not viable: {offender} is bound to {driver} (every device in the group must be on vfio-pci or have no driver)")]
+    GroupNotViable { group: String, addr: PciAddr, offender: PciAddr, driver: String },
+    #[error("VF {addr} has no IOMMU group (is the IOMMU enabled, e.g. intel_iommu=on?)")]
+    NoIommuGroup { addr: PciAddr },
+    #[error("VF {addr}: expected driver {expected}, found {found} after {waited_ms} ms")]
+    BindFailed { addr: PciAddr, expected: String, found: String, waited_ms: u64 },
+    #[error("VF {addr}: {path} did not appear")]
+    NoVfioDevice { addr: PciAddr, path: PathBuf },
+    #[error("VF {addr} is in use by {owner}")]
+    Busy { addr: PciAddr, owner: String },
+    #[error("VF lock {path}: {op} failed: {source}")]
+    Lock { op: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("journal {path}: {op} failed: {source}")]
+    Journal { op: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("journal entry {path} is unusable: {reason}")]
+    JournalFormat { path: PathBuf, reason: String },
+    #[error("VF {addr}: prepare stopped at {step:?} (simulated crash)")]
+    SimulatedCrash { addr: PciAddr, step: Step },
+    #[error("VF {addr}: {what} failed, and rolling back failed too: {rollback}")]
+    RollbackFailed { addr: PciAddr, what: Box<VfError>, rollback: Box<VfError> },
+}
+
+#[cfg(test)]
+mod fake_tree_tests;
