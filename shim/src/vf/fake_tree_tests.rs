@@ -405,3 +405,34 @@ fn journal_round_trip_and_corruption() {
     std::fs::write(&path, vec![b' '; 2 << 20]).unwrap();
     assert!(j.read(b.addr).unwrap_err().to_string().contains("more than a record can be"));
 }
+
+#[test]
+fn discovery_tells_vfs_from_pfs_and_virtual_netdevs() {
+    use super::discover::{classify, identify_vf, LinkKind};
+    let host = FakeHost::new(3);
+    let sysfs = host.sysfs();
+    std::fs::create_dir_all(sysfs.device_dir(addr("0000:01:00.0")).join("net/enp1s0")).unwrap();
+    host.add_device(addr("0000:02:00.0"), "8086", "10d3", Some("e1000e"), "e1000e", "20");
+
+    match classify(&sysfs, Some("pci"), Some("0000:01:10.4")).unwrap() {
+        LinkKind::Vf(vf) => {
+            assert_eq!(vf.pf, addr("0000:01:00.0"));
+            assert_eq!(vf.vf_index, 2);
+            assert_eq!(vf.vendor_device, "8086:10ca");
+            assert_eq!(vf.driver.as_deref(), Some("igbvf"));
+            assert_eq!(vf.driver_override, None);
+            assert_eq!(vf.pf_netdev.as_deref(), Some("enp1s0"));
+        }
+        other => panic!("expected a VF, got {other:?}"),
+    }
+    assert_eq!(classify(&sysfs, Some("pci"), Some("0000:01:00.0")).unwrap(), LinkKind::Pf(addr("0000:01:00.0")));
+    assert_eq!(classify(&sysfs, Some("pci"), Some("0000:02:00.0")).unwrap(), LinkKind::OtherPci(addr("0000:02:00.0")));
+    assert_eq!(classify(&sysfs, None, None).unwrap(), LinkKind::Virtual);
+    assert_eq!(classify(&sysfs, Some("virtio"), Some("virtio3")).unwrap(), LinkKind::Virtual);
+    assert!(matches!(classify(&sysfs, Some("pci"), Some("0000:07:00.0")), Err(VfError::NoSuchDevice { .. })));
+
+    let err = identify_vf(&sysfs, addr("0000:01:00.0")).unwrap_err().to_string();
+    assert!(err.contains("0000:01:00.0") && err.contains("is an SR-IOV PF, not a VF"), "{err}");
+    let err = identify_vf(&sysfs, addr("0000:02:00.0")).unwrap_err().to_string();
+    assert!(err.contains("0000:02:00.0") && err.contains("not an SR-IOV VF"), "{err}");
+}

@@ -6,6 +6,8 @@
 //! teardown, on every error path of `prepare`, and after a crash (driven by the
 //! journal alone). All sysfs access goes through [`pci::Sysfs`]'s root.
 
+pub mod cni_cache;
+pub mod discover;
 pub mod journal;
 pub mod lock;
 pub mod manager;
