@@ -10,6 +10,19 @@ use crate::progress;
 
 pub const QEMU: &str = "qemu-system-x86_64";
 
+/// This program's path. `cargo test --workspace` may rebuild it while it runs (feature
+/// unification differs from `cargo run -p`), leaving `/proc/self/exe` as
+/// "PATH (deleted)": the fresh build at PATH is the same code, so use that.
+pub fn self_exe() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the vfvm-lab binary")?;
+    let text = exe.to_string_lossy();
+    let path = match text.strip_suffix(" (deleted)") {
+        Some(original) => PathBuf::from(original),
+        None => exe.clone(),
+    };
+    path.canonicalize().with_context(|| format!("the vfvm-lab binary {} is gone", path.display()))
+}
+
 /// A statically linked busybox, if one is installed (busybox-static's `/bin/busybox`).
 pub fn find_busybox() -> Option<PathBuf> {
     ["/bin/busybox", "/usr/bin/busybox"]

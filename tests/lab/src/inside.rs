@@ -309,7 +309,7 @@ pub fn run_tests(executables: &[String], mark: &str) -> Result<i32> {
     for exe in executables {
         println!("lab: running the {mark}* tests of {exe}");
         let status = Command::new(exe)
-            .args(["--ignored", mark, "--test-threads=1"])
+            .args(["--ignored", mark, "--test-threads=1", "--color", "never"])
             .stdin(Stdio::null())
             .status()
             .with_context(|| format!("running {exe}"))?;

@@ -103,7 +103,7 @@ pub fn run(cache: &Path, kernel: &Kernel, images: &Images, opts: &RunOptions) ->
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let out_dir = out_dir.canonicalize()?;
 
-    let me = std::env::current_exe().context("locating the vfvm-lab binary")?.canonicalize()?;
+    let me = host::self_exe()?;
     let cwd = std::env::current_dir()?;
     for (what, path) in [("the vfvm-lab binary", &me), ("the working directory", &cwd), ("the lab cache", &cache.to_path_buf())] {
         if let Some(hidden) = HIDDEN_IN_L2.iter().find(|h| path.starts_with(h)) {

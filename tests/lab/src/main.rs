@@ -139,7 +139,7 @@ fn lab_run(opts: &l2::RunOptions) -> Result<i32> {
 }
 
 fn lab_smoke() -> Result<i32> {
-    let me = std::env::current_exe()?.to_string_lossy().into_owned();
+    let me = host::self_exe()?.to_string_lossy().into_owned();
     let opts = l2::RunOptions { command: vec![me, "inside".into(), "smoke".into()], ..Default::default() };
     lab_run(&opts)
 }
@@ -174,7 +174,7 @@ fn test() -> Result<i32> {
         progress!("no in-lab ({IN_LAB_TEST_MARK}*) tests in the workspace");
     } else {
         progress!("running the in-lab tests of {} test binaries inside L2", in_lab.len());
-        let me = std::env::current_exe()?;
+        let me = host::self_exe()?;
         ok &= run_counting(
             Command::new(&me).args(["lab", "run", "--timeout", "2400", "--"]).arg(&me).args(["inside", "run-tests"]).args(&in_lab),
             &mut totals,
@@ -195,14 +195,19 @@ fn run_counting(cmd: &mut Command, totals: &mut TestTotals) -> Result<bool> {
     Ok(child.wait().with_context(|| format!("waiting for {cmd:?}"))?.success())
 }
 
-/// The workspace's test executables, as cargo reports them (builds them if needed).
+/// The workspace's test executables, as cargo reports them (builds them if needed):
+/// artifacts built with the test profile, i.e. libtest harnesses.
 fn test_executables(cargo: &str) -> Result<Vec<PathBuf>> {
     let out = host::run(Command::new(cargo).args(["test", "--workspace", "--no-run", "--quiet", "--message-format=json"]))?;
-    Ok(out
-        .lines()
-        .filter(|l| l.contains("\"reason\":\"compiler-artifact\"") && l.contains("\"test\":true"))
-        .filter_map(|l| l.split("\"executable\":\"").nth(1)?.split('"').next().map(PathBuf::from))
-        .collect())
+    let mut exes = Vec::new();
+    for line in out.lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let is_test_build = msg["reason"] == "compiler-artifact" && msg["profile"]["test"] == true;
+        if let (true, Some(exe)) = (is_test_build, msg["executable"].as_str()) {
+            exes.push(PathBuf::from(exe));
+        }
+    }
+    Ok(exes)
 }
 
 /// How many ignored in-lab tests a test executable holds.
