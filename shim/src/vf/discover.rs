@@ -2,7 +2,15 @@
 //! This half is sysfs only (the host's view of PCI); the netdev half reads the pod's
 //! network namespace over netlink.
 
+use std::path::Path;
+
+use vfvm_netlink::{Handle, Netns};
+
+use super::cni_cache;
+use super::journal::{VfRecord, JOURNAL_VERSION};
+use super::net::{capture_netdev, pf_settings};
 use super::pci::{PciAddr, Sysfs};
+use super::spec::allocations;
 use super::VfError;
 
 /// What a VF is on the host side.
@@ -58,4 +66,66 @@ pub fn classify(sysfs: &Sysfs, parent_bus: Option<&str>, parent_name: Option<&st
         return identify_vf(sysfs, addr).map(LinkKind::Vf);
     }
     Ok(if dev.is_sriov_pf() { LinkKind::Pf(addr) } else { LinkKind::OtherPci(addr) })
+}
+
+/// A pod's VFs, each with everything `restore` needs: the VF netdevs in `netns`
+/// (what CNI attached), then the VFs the device plugin allocated by env var that are
+/// not among them (DPDK-style VFs on vfio-pci, or VFs whose netdev is in the host's
+/// netns). Reads only; changes nothing.
+pub fn discover(sysfs: &Sysfs, netns: &Path, env: &[String], cni_cache_dir: &Path, sandbox_id: &str) -> Result<Vec<VfRecord>, VfError> {
+    let allocated = allocations(env)?;
+    let pod_ns = Netns::open(netns)?;
+    let pod = Handle::in_netns(&pod_ns)?;
+    let host = Handle::new()?;
+    let mut records: Vec<VfRecord> = Vec::new();
+    for link in pod.links()? {
+        let LinkKind::Vf(id) = classify(sysfs, link.parent_bus.as_deref(), link.parent_dev.as_deref())? else { continue };
+        let netdev = capture_netdev(&pod, &link)?;
+        match cni_cache::attachment_for(cni_cache_dir, id.addr) {
+            Some(a) if a.container_ifname == netdev.name && a.vf_index == id.vf_index => {
+                tracing::debug!(sandbox = sandbox_id, vf = %id.addr, "sriov-cni's cache confirms {} as VF {}", netdev.name, id.vf_index)
+            }
+            Some(a) => tracing::warn!(
+                sandbox = sandbox_id, vf = %id.addr,
+                "sriov-cni's cache says VF {} named {}, found VF {} named {}", a.vf_index, a.container_ifname, id.vf_index, netdev.name
+            ),
+            None => tracing::debug!(sandbox = sandbox_id, vf = %id.addr, "no sriov-cni cache entry"),
+        }
+        records.push(record(&host, id, Some(netns), Some(netdev), sandbox_id));
+    }
+    for addr in allocated.iter().flat_map(|a| a.addrs.iter().copied()) {
+        if records.iter().any(|r| r.addr == addr) {
+            continue;
+        }
+        let id = identify_vf(sysfs, addr)?;
+        let host_link = host.links()?.into_iter().find(|l| l.parent_dev.as_deref() == Some(addr.to_string().as_str()));
+        let netdev = host_link.map(|l| capture_netdev(&host, &l)).transpose()?;
+        records.push(record(&host, id, None, netdev, sandbox_id));
+    }
+    Ok(records)
+}
+
+fn record(host: &Handle, id: VfIdentity, netns: Option<&Path>, netdev: Option<super::journal::NetdevRecord>, sandbox_id: &str) -> VfRecord {
+    // Not every PF driver reports VF settings; without them there is nothing to restore.
+    let pf_settings = id.pf_netdev.as_deref().and_then(|pf| match pf_settings(host, pf, id.vf_index) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(sandbox = sandbox_id, vf = %id.addr, "PF {pf} reports no settings for VF {}: {e}", id.vf_index);
+            None
+        }
+    });
+    VfRecord {
+        version: JOURNAL_VERSION,
+        sandbox_id: sandbox_id.to_string(),
+        addr: id.addr,
+        pf: id.pf,
+        vf_index: id.vf_index,
+        vendor_device: id.vendor_device,
+        driver: id.driver,
+        driver_override: id.driver_override,
+        netns: netns.map(Path::to_path_buf),
+        netdev,
+        pf_netdev: id.pf_netdev,
+        pf_settings,
+    }
 }

@@ -381,8 +381,18 @@ fn journal_round_trip_and_corruption() {
         mac: "02:00:00:00:00:01".into(),
         mtu: 9000,
         up: true,
-        addrs: vec![super::journal::AddrRecord { addr: "2001:db8::1".into(), prefix: 64 }],
-        routes: vec![super::journal::RouteRecord { dst: None, prefix: 0, gateway: Some("198.18.0.254".into()), metric: Some(100), table: 254, scope: 0, protocol: 3 }],
+        addrs: vec![super::journal::AddrRecord { addr: "2001:db8::1".into(), prefix: 64, flags: 0x200, route_metric: None }],
+        routes: vec![super::journal::RouteRecord {
+            dst: "0.0.0.0".into(),
+            prefix: 0,
+            gateway: Some("198.18.0.254".into()),
+            metric: Some(100),
+            prefsrc: None,
+            table: 254,
+            scope: 0,
+            protocol: 3,
+            onlink: false,
+        }],
         neighbours: vec![],
     });
     j.write(&b).unwrap();

@@ -24,23 +24,32 @@ pub struct PfVfSettings {
     pub trust: Option<bool>,
 }
 
-/// An address on a netdev, `addr/prefix`.
+/// An address on a netdev, `addr/prefix`, with the flags that can be set on it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddrRecord {
     pub addr: String,
     pub prefix: u8,
+    #[serde(default)]
+    pub flags: u32,
+    #[serde(default)]
+    pub route_metric: Option<u32>,
 }
 
+/// A route through the netdev (kernel-made routes excluded: they come back with the
+/// addresses).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteRecord {
-    /// `None` for a default route.
-    pub dst: Option<String>,
+    /// The destination network; the unspecified address with prefix 0 for a default.
+    pub dst: String,
     pub prefix: u8,
     pub gateway: Option<String>,
     pub metric: Option<u32>,
+    pub prefsrc: Option<String>,
     pub table: u32,
     pub scope: u8,
     pub protocol: u8,
+    #[serde(default)]
+    pub onlink: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use super::journal::{Journal, VfRecord};
 use super::lock::VfLock;
+use super::net::{self, Placement};
 use super::pci::{check_group_viable, DriverControl, KernelDrivers, PciAddr, Sysfs};
 use super::VfError;
 
@@ -16,6 +17,7 @@ const VFIO_PCI: &str = "vfio-pci";
 pub enum Step {
     Locked,
     Journaled,
+    AdminMacSet,
     Unbound,
     OverrideSet,
     Probed,
@@ -23,7 +25,7 @@ pub enum Step {
 }
 
 impl Step {
-    pub const ALL: [Step; 6] = [Step::Locked, Step::Journaled, Step::Unbound, Step::OverrideSet, Step::Probed, Step::Bound];
+    pub const ALL: [Step; 7] = [Step::Locked, Step::Journaled, Step::AdminMacSet, Step::Unbound, Step::OverrideSet, Step::Probed, Step::Bound];
 }
 
 /// A VF on vfio-pci, owned by this sandbox until restored.
@@ -94,7 +96,7 @@ impl<D: DriverControl> VfManager<D> {
         if !checkpoint(Step::Journaled) {
             return Err(crash(Step::Journaled));
         }
-        let result = self.bind_to_vfio(addr, &group, checkpoint);
+        let result = self.bind_to_vfio(record, &group, checkpoint);
         match result {
             Ok(vfio_group_path) => Ok(PreparedVf { addr, iommu_group: group, vfio_group_path, lock }),
             Err(e @ VfError::SimulatedCrash { .. }) => Err(e),
@@ -105,7 +107,15 @@ impl<D: DriverControl> VfManager<D> {
         }
     }
 
-    fn bind_to_vfio(&self, addr: PciAddr, group: &str, checkpoint: &mut dyn FnMut(Step) -> bool) -> Result<PathBuf, VfError> {
+    fn bind_to_vfio(&self, record: &VfRecord, group: &str, checkpoint: &mut dyn FnMut(Step) -> bool) -> Result<PathBuf, VfError> {
+        let addr = record.addr;
+        // The guest should see the pod's MAC: pin it as the VF's admin MAC on the PF.
+        if let (Some(pf_netdev), Some(netdev)) = (&record.pf_netdev, &record.netdev) {
+            net::set_admin_mac(&vfvm_netlink::Handle::new()?, pf_netdev, record.vf_index, &netdev.mac)?;
+        }
+        if !checkpoint(Step::AdminMacSet) {
+            return Err(VfError::SimulatedCrash { addr, step: Step::AdminMacSet });
+        }
         let dev = self.sysfs.device(addr)?;
         if dev.driver().as_deref() != Some(VFIO_PCI) {
             if let Some(driver) = dev.driver() {
@@ -187,6 +197,26 @@ impl<D: DriverControl> VfManager<D> {
 
     fn restore_record(&self, record: &VfRecord) -> Result<(), VfError> {
         let addr = record.addr;
+        // PF settings first: the VF driver reads its MAC from the PF when it binds.
+        if let (Some(pf_netdev), Some(settings)) = (&record.pf_netdev, &record.pf_settings) {
+            net::restore_pf_settings(&vfvm_netlink::Handle::new()?, pf_netdev, record.vf_index, settings)?;
+        }
+        self.restore_driver(record)?;
+        if let Some(netdev) = &record.netdev {
+            match net::restore_netdev(&self.sysfs, addr, record.netns.as_deref(), netdev, self.bind_timeout)? {
+                Placement::Original => {}
+                Placement::HostBecauseNetnsGone { netns, reason } => tracing::warn!(
+                    sandbox = %self.sandbox_id, vf = %addr, netns = %netns.display(),
+                    "pod netns is gone ({reason}); left {} in the host's netns without the pod's addresses", netdev.name
+                ),
+            }
+        }
+        tracing::info!(sandbox = %self.sandbox_id, vf = %addr, driver = ?record.driver, "VF restored");
+        Ok(())
+    }
+
+    fn restore_driver(&self, record: &VfRecord) -> Result<(), VfError> {
+        let addr = record.addr;
         let dev = self.sysfs.device(addr)?;
         let current = dev.driver();
         if current != record.driver {
@@ -194,15 +224,13 @@ impl<D: DriverControl> VfManager<D> {
                 self.drivers.unbind(&self.sysfs, addr, driver)?;
             }
             self.drivers.set_driver_override(&self.sysfs, addr, record.driver_override.as_deref())?;
-            match &record.driver {
-                Some(driver) => self.drivers.bind(&self.sysfs, addr, driver)?,
-                None => {}
+            if let Some(driver) = &record.driver {
+                self.drivers.bind(&self.sysfs, addr, driver)?;
             }
             self.wait_for_driver(addr, record.driver.as_deref())?;
         } else if dev.driver_override()? != record.driver_override {
             self.drivers.set_driver_override(&self.sysfs, addr, record.driver_override.as_deref())?;
         }
-        tracing::info!(sandbox = %self.sandbox_id, vf = %addr, driver = ?record.driver, "VF driver restored");
         Ok(())
     }
 }

@@ -11,6 +11,7 @@ pub mod discover;
 pub mod journal;
 pub mod lock;
 pub mod manager;
+pub mod net;
 pub mod pci;
 pub mod spec;
 
@@ -52,6 +53,12 @@ pub enum VfError {
     JournalFormat { path: PathBuf, reason: String },
     #[error("VF {addr}: prepare stopped at {step:?} (simulated crash)")]
     SimulatedCrash { addr: PciAddr, step: Step },
+    #[error("VF {addr}: no netdev appeared after binding {driver} ({waited_ms} ms)")]
+    NoNetdev { addr: PciAddr, driver: String, waited_ms: u64 },
+    #[error("journal holds an unusable {what}: {value:?}")]
+    JournalValue { what: String, value: String },
+    #[error(transparent)]
+    Netlink(#[from] vfvm_netlink::Error),
     #[error("VF {addr}: {what} failed, and rolling back failed too: {rollback}")]
     RollbackFailed { addr: PciAddr, what: Box<VfError>, rollback: Box<VfError> },
 }

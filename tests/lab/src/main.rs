@@ -241,21 +241,6 @@ impl TestTotals {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::TestTotals;
-
-    #[test]
-    fn libtest_summaries_add_up() {
-        let mut t = TestTotals::default();
-        t.add("test result: ok. 10 passed; 0 failed; 3 ignored; 0 measured; 0 filtered out; finished in 0.01s");
-        t.add("test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 9.00s");
-        t.add("test something ... ok");
-        t.add("running 4 tests");
-        assert_eq!(t, TestTotals { passed: 11, failed: 2, ignored: 3 });
-    }
-}
-
 fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
     let first = args.next().unwrap_or_default();
     let second = args.next();
@@ -298,5 +283,20 @@ fn main() -> ExitCode {
             // Inside L2 a failed check is the command's failure; outside, the lab's.
             ExitCode::from(if inside { 1 } else { LAB_FAILED })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TestTotals;
+
+    #[test]
+    fn libtest_summaries_add_up() {
+        let mut t = TestTotals::default();
+        t.add("test result: ok. 10 passed; 0 failed; 3 ignored; 0 measured; 0 filtered out; finished in 0.01s");
+        t.add("test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 9.00s");
+        t.add("test something ... ok");
+        t.add("running 4 tests");
+        assert_eq!(t, TestTotals { passed: 11, failed: 2, ignored: 3 });
     }
 }
