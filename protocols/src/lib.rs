@@ -1,4 +1,30 @@
 //! Wire types shared by `containerd-shim-vfvm-v2`, `vfvm-vmm` and `vfvm-agent`.
 //!
-//! Empty for now: the VMM control API arrives with issue #3 and the agent's ttrpc
-//! services with issue #4. Nothing here pretends to speak a protocol yet.
+//! - [`agent`]: the agent API (`vfvm.agent.v1`), generated from `proto/agent.proto`:
+//!   messages, the ttrpc server trait `Agent` and the client `AgentClient`.
+//! - [`client`]: connecting to an agent over AF_VSOCK, hybrid vsock (a Unix socket
+//!   with a `CONNECT <port>` handshake) or a plain Unix socket, with timeouts and
+//!   retries while the guest boots.
+
+pub mod client;
+
+/// What ttrpc-codegen generates, as the sibling modules its code expects.
+#[allow(clippy::all, dead_code, missing_docs, non_camel_case_types, non_snake_case, non_upper_case_globals, unused_imports, unused_results, trivial_casts, unused_mut)]
+mod generated {
+    pub mod agent {
+        include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+    }
+    pub mod agent_ttrpc {
+        include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+    }
+}
+
+/// The agent API, version 1: messages, the server trait [`agent::Agent`] (register
+/// with [`agent::create_agent`]) and [`agent::AgentClient`].
+pub mod agent {
+    pub use super::generated::agent::*;
+    pub use super::generated::agent_ttrpc::*;
+
+    /// The API version string the agent reports in `Health`.
+    pub const API_VERSION: &str = "vfvm.agent.v1";
+}
