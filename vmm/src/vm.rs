@@ -1,0 +1,107 @@
+//! A KVM virtual machine: guest memory registered with KVM, the in-kernel irqchip
+//! and PIT, the TSS and identity-map pages, and the PIO/MMIO buses its vCPUs use.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::bus::Bus;
+use crate::layout;
+use crate::vcpu::Vcpu;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("opening /dev/kvm: {0}")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM API version {0}, expected 12")]
+    KvmApiVersion(i32),
+    #[error("KVM: {what}: {source}")]
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    #[error("guest memory: {0}")]
+    Memory(String),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Which platform pieces KVM provides in-kernel.
+#[derive(Clone, Copy, Debug)]
+pub struct VmOptions {
+    /// In-kernel PIC, IOAPIC and LAPIC, plus the PIT: what a Linux guest needs.
+    pub irqchip: bool,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        Self { irqchip: true }
+    }
+}
+
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    memory: GuestMemoryMmap,
+    pub pio: Bus,
+    pub mmio: Bus,
+}
+
+/// Guest memory for `ram_bytes`, split around the 32-bit MMIO hole.
+pub fn guest_memory(ram_bytes: u64) -> Result<GuestMemoryMmap, VmError> {
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(ram_bytes)
+        .into_iter()
+        .map(|(start, len)| usize::try_from(len).map(|l| (GuestAddress(start), l)))
+        .collect::<Result<_, _>>()
+        .map_err(|_| VmError::Memory(format!("{ram_bytes} bytes do not fit this host's address space")))?;
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(e.to_string()))
+}
+
+impl Vm {
+    pub fn new(memory: GuestMemoryMmap, options: VmOptions) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let version = kvm.get_api_version();
+        if version != 12 {
+            return Err(VmError::KvmApiVersion(version));
+        }
+        let fd = kvm.create_vm().map_err(kvm_err("create the VM"))?;
+        fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize).map_err(kvm_err("set the TSS address"))?;
+        fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS).map_err(kvm_err("set the identity map address"))?;
+        if options.irqchip {
+            fd.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
+            let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+            fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+        }
+        for (slot, region) in memory.iter().enumerate() {
+            let host = memory.get_host_address(region.start_addr()).map_err(|e| VmError::Memory(e.to_string()))?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the mapping lives as long as `memory`, which the Vm owns; struct
+            // fields drop in declaration order, so the VM fd goes before the memory.
+            unsafe { fd.set_user_memory_region(r) }.map_err(kvm_err("register guest memory"))?;
+        }
+        Ok(Self { kvm, fd, memory, pio: Bus::new(), mmio: Bus::new() })
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// A vCPU with this VM's buses (as they are now: add devices first).
+    pub fn create_vcpu(&self, id: u64) -> Result<Vcpu, VmError> {
+        let fd = self.fd.create_vcpu(id).map_err(kvm_err("create a vCPU"))?;
+        Ok(Vcpu::new(fd, self.pio.clone(), self.mmio.clone()))
+    }
+}

@@ -1,0 +1,135 @@
+//! The VMM's KVM plumbing with tiny hand-assembled real-mode guests on this
+//! machine's KVM: exits reach the right device, guest memory is shared both ways,
+//! and the guest's power-off and reset requests stop the vCPU with the right reason.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::kvm_regs;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use vfvm_vmm::bus::{BusAction, BusDevice};
+use vfvm_vmm::power::{AcpiPm1aControl, I8042, I8042_COMMAND_PORT, PM1A_CNT_PORT};
+use vfvm_vmm::vcpu::{Vcpu, VcpuStop};
+use vfvm_vmm::vm::{Vm, VmOptions};
+
+const CODE: u64 = 0x1000;
+/// `mov dx, 0x604; mov ax, 0x2000; out dx, ax`: ACPI S5 with SLP_EN.
+const POWER_OFF: &[u8] = &[0xba, 0x04, 0x06, 0xb8, 0x00, 0x20, 0xef];
+
+/// Records every byte written to it; reads return `reply`.
+struct Recorder {
+    written: Vec<(u64, Vec<u8>)>,
+    reply: u8,
+}
+
+impl BusDevice for Recorder {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(self.reply.wrapping_add(offset as u8));
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> BusAction {
+        self.written.push((offset, data.to_vec()));
+        BusAction::None
+    }
+}
+
+fn recorder(reply: u8) -> Arc<Mutex<Recorder>> {
+    Arc::new(Mutex::new(Recorder { written: Vec::new(), reply }))
+}
+
+struct Guest {
+    vm: Vm,
+    serial: Arc<Mutex<Recorder>>,
+    mmio: Arc<Mutex<Recorder>>,
+}
+
+/// 512 KiB of RAM, a recorder at PIO 0x3f8 (8 ports), a responder at PIO 0x500, an
+/// MMIO recorder at 0xA0000 (outside RAM), and the power devices.
+fn guest(code: &[u8], irqchip: bool) -> (Guest, Vcpu) {
+    let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x80000)]).unwrap();
+    memory.write_slice(code, GuestAddress(CODE)).unwrap();
+    let mut vm = Vm::new(memory, VmOptions { irqchip }).expect("KVM is needed for these tests (/dev/kvm)");
+    let serial = recorder(0);
+    vm.pio.insert(0x3f8, 8, serial.clone()).unwrap();
+    vm.pio.insert(0x500, 1, recorder(0x41)).unwrap();
+    let mmio = recorder(0x30);
+    vm.mmio.insert(0xA0000, 0x1000, mmio.clone()).unwrap();
+    vm.pio.insert(PM1A_CNT_PORT, 2, Arc::new(Mutex::new(AcpiPm1aControl))).unwrap();
+    vm.pio.insert(I8042_COMMAND_PORT, 1, Arc::new(Mutex::new(I8042))).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let mut sregs = vcpu.fd().get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    sregs.ds.base = 0;
+    sregs.ds.selector = 0;
+    vcpu.fd().set_sregs(&sregs).unwrap();
+    vcpu.fd().set_regs(&kvm_regs { rip: CODE, rflags: 2, ..Default::default() }).unwrap();
+    (Guest { vm, serial, mmio }, vcpu)
+}
+
+fn bytes_written(r: &Arc<Mutex<Recorder>>) -> Vec<u8> {
+    r.lock().unwrap().written.iter().flat_map(|(_, d)| d.clone()).collect()
+}
+
+#[test]
+fn port_io_reaches_the_right_devices_and_the_guest_powers_off() {
+    let mut code = vec![
+        0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'H', 0xee, // mov al, 'H'; out dx, al
+        0xb0, b'i', 0xee, // mov al, 'i'; out dx, al
+        0xba, 0x00, 0x05, // mov dx, 0x500
+        0xec, // in al, dx        (the responder answers 0x41)
+        0xfe, 0xc0, // inc al
+        0xba, 0xf8, 0x03, 0xee, // out 0x3f8, al  ('B')
+        0xe4, 0x80, // in al, 0x80      (no device: all ones)
+        0xee, // out dx, al
+    ];
+    code.extend_from_slice(POWER_OFF);
+    let (g, mut vcpu) = guest(&code, true);
+    assert_eq!(vcpu.run().unwrap(), VcpuStop::PowerOff);
+    assert_eq!(bytes_written(&g.serial), [b'H', b'i', b'B', 0xff]);
+}
+
+#[test]
+fn mmio_reads_and_writes_reach_the_device_with_offsets() {
+    let mut code = vec![
+        0xb8, 0x00, 0xa0, // mov ax, 0xa000
+        0x8e, 0xd8, // mov ds, ax       (ds base 0xA0000)
+        0xc6, 0x06, 0x10, 0x00, 0x5a, // mov byte [0x10], 0x5a
+        0xa0, 0x20, 0x00, // mov al, [0x20]  (device answers 0x30 + offset)
+        0xba, 0xf8, 0x03, 0xee, // out 0x3f8, al
+    ];
+    code.extend_from_slice(POWER_OFF);
+    let (g, mut vcpu) = guest(&code, true);
+    assert_eq!(vcpu.run().unwrap(), VcpuStop::PowerOff);
+    assert_eq!(g.mmio.lock().unwrap().written, [(0x10, vec![0x5a])]);
+    assert_eq!(bytes_written(&g.serial), [0x50]);
+}
+
+#[test]
+fn guest_memory_is_shared_both_ways() {
+    let mut code = vec![
+        0xa1, 0x00, 0x60, // mov ax, [0x6000]
+        0x40, // inc ax
+        0xa3, 0x02, 0x60, // mov [0x6002], ax
+    ];
+    code.extend_from_slice(POWER_OFF);
+    let (g, mut vcpu) = guest(&code, true);
+    g.vm.memory().write_obj(0x1234u16, GuestAddress(0x6000)).unwrap();
+    assert_eq!(vcpu.run().unwrap(), VcpuStop::PowerOff);
+    assert_eq!(g.vm.memory().read_obj::<u16>(GuestAddress(0x6002)).unwrap(), 0x1235);
+}
+
+#[test]
+fn an_i8042_reset_stops_the_vcpu_as_a_reset() {
+    let code = [0xb0, 0xfe, 0xe6, 0x64]; // mov al, 0xfe; out 0x64, al
+    let (_g, mut vcpu) = guest(&code, true);
+    assert_eq!(vcpu.run().unwrap(), VcpuStop::Reset);
+}
+
+#[test]
+fn hlt_without_an_irqchip_is_reported() {
+    let code = [0xba, 0xf8, 0x03, 0xb0, b'z', 0xee, 0xf4]; // out 0x3f8, 'z'; hlt
+    let (g, mut vcpu) = guest(&code, false);
+    assert_eq!(vcpu.run().unwrap(), VcpuStop::Halted);
+    assert_eq!(bytes_written(&g.serial), [b'z']);
+}
