@@ -21,6 +21,11 @@ pub const FOUR_GIB: u64 = 0x1_0000_0000;
 /// The 64-bit PCI window starts this far above the top of RAM, aligned to 1 GiB.
 pub const PCI_MMIO64_ALIGN: u64 = 0x4000_0000;
 
+// The windows inside the hole do not overlap each other: checked at compile time.
+const _: () = assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
+const _: () = assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+const _: () = assert!(KVM_IDENTITY_MAP_ADDRESS + 0x1000 <= KVM_TSS_ADDRESS);
+
 /// The RAM ranges for `ram_bytes` of guest memory: (start, length).
 pub fn ram_ranges(ram_bytes: u64) -> Vec<(u64, u64)> {
     if ram_bytes <= MMIO_HOLE_START {
@@ -47,9 +52,5 @@ mod tests {
         assert_eq!(ram_ranges(4 << 30), [(0, MMIO_HOLE_START), (FOUR_GIB, (4 << 30) - MMIO_HOLE_START)]);
         assert_eq!(pci_mmio64_start(512 << 20), FOUR_GIB);
         assert_eq!(pci_mmio64_start(4 << 30), 5 << 30);
-        // The windows inside the hole do not overlap each other or RAM.
-        assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
-        assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
-        assert!(KVM_IDENTITY_MAP_ADDRESS + 0x1000 <= KVM_TSS_ADDRESS);
     }
 }
