@@ -136,16 +136,16 @@ fn lab_vf_discover_prepare_restore_in_pod_netns() {
     let before = snapshot(&[pod.vf], &[&pod]);
 
     let rec = discover_one(&pod, "sb-1");
-    assert_eq!(rec.addr, pod.vf);
-    assert_eq!(rec.vf_index, 1);
-    assert_eq!(rec.driver.as_deref(), Some("igbvf"));
+    assert_eq!(rec.vf.addr, pod.vf);
+    assert_eq!(rec.vf.vf_index, 1);
+    assert_eq!(rec.vf.driver.as_deref(), Some("igbvf"));
     assert_eq!(rec.netns.as_deref(), Some(pod.path().as_path()));
     let nd = rec.netdev.as_ref().unwrap();
     assert_eq!((nd.name.as_str(), nd.mac.as_str(), nd.mtu, nd.up), ("net1", "02:00:00:00:10:0b", 1400, true));
     assert!(nd.addrs.iter().any(|a| a.addr == "198.18.11.1" && a.prefix == 24), "{nd:?}");
     assert!(nd.routes.iter().any(|r| r.dst == "198.19.11.0" && r.gateway.as_deref() == Some("198.18.11.254")), "{nd:?}");
     assert_eq!(nd.neighbours.len(), 1);
-    assert!(rec.pf_netdev.is_some() && rec.pf_settings.is_some());
+    assert!(rec.vf.pf_netdev.is_some() && rec.pf_settings.is_some());
 
     let m = manager("sb-1", &tmp);
     let prepared = m.prepare(&rec).unwrap();
@@ -295,10 +295,10 @@ fn lab_vf_bad_input_changes_nothing() {
 
     let m = manager("sb", &tmp);
     let mut rec = discover_one(&pod, "sb");
-    rec.addr = pf_addr;
+    rec.vf.addr = pf_addr;
     let err = m.prepare(&rec).unwrap_err().to_string();
     assert!(err.contains("not an SR-IOV VF"), "{err}");
-    rec.addr = "0000:7f:00.0".parse().unwrap();
+    rec.vf.addr = "0000:7f:00.0".parse().unwrap();
     assert!(matches!(m.prepare(&rec), Err(VfError::NoSuchDevice { .. })));
     assert!(m.journal.read_all().unwrap().is_empty());
     assert_eq!(snapshot(&[pod.vf], &[&pod]), before);

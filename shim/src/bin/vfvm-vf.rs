@@ -112,7 +112,7 @@ fn run(cmd: &str, a: Args) -> Result<()> {
                         drop(prepared);
                         let restored = m.restore_all();
                         tracing::info!("gave back the VFs prepared before the failure: {restored:?}");
-                        return Err(e).with_context(|| format!("preparing VF {}", record.addr));
+                        return Err(e).with_context(|| format!("preparing VF {}", record.vf.addr));
                     }
                 }
             }

@@ -14,7 +14,7 @@ use super::spec::allocations;
 use super::VfError;
 
 /// What a VF is on the host side.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VfIdentity {
     pub addr: PciAddr,
     pub pf: PciAddr,
@@ -94,7 +94,7 @@ pub fn discover(sysfs: &Sysfs, netns: &Path, env: &[String], cni_cache_dir: &Pat
         records.push(record(&host, id, Some(netns), Some(netdev), sandbox_id));
     }
     for addr in allocated.iter().flat_map(|a| a.addrs.iter().copied()) {
-        if records.iter().any(|r| r.addr == addr) {
+        if records.iter().any(|r| r.vf.addr == addr) {
             continue;
         }
         let id = identify_vf(sysfs, addr)?;
@@ -114,18 +114,5 @@ fn record(host: &Handle, id: VfIdentity, netns: Option<&Path>, netdev: Option<su
             None
         }
     });
-    VfRecord {
-        version: JOURNAL_VERSION,
-        sandbox_id: sandbox_id.to_string(),
-        addr: id.addr,
-        pf: id.pf,
-        vf_index: id.vf_index,
-        vendor_device: id.vendor_device,
-        driver: id.driver,
-        driver_override: id.driver_override,
-        netns: netns.map(Path::to_path_buf),
-        netdev,
-        pf_netdev: id.pf_netdev,
-        pf_settings,
-    }
+    VfRecord { version: JOURNAL_VERSION, sandbox_id: sandbox_id.to_string(), vf: id, netns: netns.map(Path::to_path_buf), netdev, pf_settings }
 }

@@ -127,20 +127,12 @@ impl FakeHost {
 
     /// What discovery would record for a VF with no netdev.
     fn record(&self, vf: &str, sandbox: &str) -> VfRecord {
-        let dev = self.sysfs().device(addr(vf)).unwrap();
-        let pf = dev.physfn().unwrap();
         VfRecord {
             version: JOURNAL_VERSION,
             sandbox_id: sandbox.into(),
-            addr: dev.addr,
-            pf,
-            vf_index: self.sysfs().device(pf).unwrap().vf_index_of(dev.addr).unwrap(),
-            vendor_device: dev.vendor_device().unwrap(),
-            driver: dev.driver(),
-            driver_override: dev.driver_override().unwrap(),
+            vf: super::discover::identify_vf(&self.sysfs(), addr(vf)).unwrap(),
             netns: None,
             netdev: None,
-            pf_netdev: None,
             pf_settings: None,
         }
     }
@@ -277,7 +269,7 @@ fn an_interrupted_prepare_retried_keeps_the_original_journal() {
     let _ = m.prepare_with_checkpoints(&record, &mut |step| step != Step::Probed).unwrap_err();
     // A retry sees the VF already moved; what it would record now is not the original.
     let now = host.record("0000:01:10.0", "sb1");
-    assert_ne!(now.driver, record.driver);
+    assert_ne!(now.vf.driver, record.vf.driver);
     let vf = m.prepare(&now).unwrap();
     drop(vf);
     m.restore(addr("0000:01:10.0")).unwrap();
@@ -338,9 +330,9 @@ fn bad_devices_are_refused_without_changes() {
     let before = host.snapshot();
     let m = host.manager("sb1");
     let mut record = host.record("0000:01:10.0", "sb1");
-    record.addr = addr("0000:09:00.0");
+    record.vf.addr = addr("0000:09:00.0");
     assert!(matches!(m.prepare(&record).unwrap_err(), VfError::NoSuchDevice { .. }));
-    record.addr = addr("0000:01:00.0"); // the PF
+    record.vf.addr = addr("0000:01:00.0"); // the PF
     let err = m.prepare(&record).unwrap_err();
     assert!(matches!(&err, VfError::NotAVf { .. }), "{err}");
     assert!(err.to_string().contains("0000:01:00.0"), "{err}");
@@ -398,22 +390,22 @@ fn journal_round_trip_and_corruption() {
     j.write(&b).unwrap();
     j.write(&a).unwrap();
     assert_eq!(j.read_all().unwrap(), vec![a.clone(), b.clone()]);
-    assert_eq!(j.read(b.addr).unwrap(), Some(b.clone()));
+    assert_eq!(j.read(b.vf.addr).unwrap(), Some(b.clone()));
     // No temp files left behind.
     assert_eq!(std::fs::read_dir(j.dir()).unwrap().count(), 2);
-    j.remove(a.addr).unwrap();
-    j.remove(a.addr).unwrap();
+    j.remove(a.vf.addr).unwrap();
+    j.remove(a.vf.addr).unwrap();
     assert_eq!(j.read_all().unwrap(), vec![b.clone()]);
 
-    let path = j.dir().join(format!("vf-{}.json", b.addr));
+    let path = j.dir().join(format!("vf-{}.json", b.vf.addr));
     std::fs::write(&path, "{ truncated").unwrap();
     let err = j.read_all().unwrap_err().to_string();
     assert!(err.contains(&path.display().to_string()) && err.contains("unusable"), "{err}");
     let newer = serde_json::to_string(&VfRecord { version: JOURNAL_VERSION + 1, ..b.clone() }).unwrap();
     std::fs::write(&path, newer).unwrap();
-    assert!(j.read(b.addr).unwrap_err().to_string().contains("newer"));
+    assert!(j.read(b.vf.addr).unwrap_err().to_string().contains("newer"));
     std::fs::write(&path, vec![b' '; 2 << 20]).unwrap();
-    assert!(j.read(b.addr).unwrap_err().to_string().contains("more than a record can be"));
+    assert!(j.read(b.vf.addr).unwrap_err().to_string().contains("more than a record can be"));
 }
 
 #[test]

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use super::discover::VfIdentity;
 use super::pci::PciAddr;
 use super::VfError;
 
@@ -76,19 +77,14 @@ pub struct NetdevRecord {
 pub struct VfRecord {
     pub version: u32,
     pub sandbox_id: String,
-    pub addr: PciAddr,
-    pub pf: PciAddr,
-    pub vf_index: u32,
-    pub vendor_device: String,
-    /// The host driver it was bound to; `None` if it had none.
-    pub driver: Option<String>,
-    pub driver_override: Option<String>,
+    /// What the VF is on the host (address, PF, driver, ...), as discovery found it.
+    #[serde(flatten)]
+    pub vf: VfIdentity,
     /// The pod network namespace the netdev was in, if it had one there.
     pub netns: Option<PathBuf>,
     /// `None` for a VF without a netdev (already on vfio-pci, DPDK style).
     pub netdev: Option<NetdevRecord>,
-    /// The PF's netdev and its settings for this VF, when the PF has a netdev.
-    pub pf_netdev: Option<String>,
+    /// The PF's settings for this VF, when the PF has a netdev to ask.
     pub pf_settings: Option<PfVfSettings>,
 }
 
@@ -119,7 +115,7 @@ impl Journal {
     /// Writes the record durably: temp file, fsync, rename over the entry, fsync dir.
     pub fn write(&self, record: &VfRecord) -> Result<(), VfError> {
         std::fs::create_dir_all(&self.dir).map_err(journal_err(&self.dir, "create"))?;
-        let path = self.entry_path(record.addr);
+        let path = self.entry_path(record.vf.addr);
         let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(record).map_err(|e| VfError::JournalFormat { path: path.clone(), reason: e.to_string() })?;
         let mut file = std::fs::File::create(&tmp).map_err(journal_err(&tmp, "create"))?;
@@ -152,7 +148,7 @@ impl Journal {
                 records.push(read_entry(&entry.path())?);
             }
         }
-        records.sort_by_key(|r| r.addr);
+        records.sort_by_key(|r| r.vf.addr);
         Ok(records)
     }
 

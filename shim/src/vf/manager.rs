@@ -77,7 +77,7 @@ impl<D: DriverControl> VfManager<D> {
     /// [`prepare`](Self::prepare), calling `checkpoint` after each step; when it returns
     /// false, stops at once as if the process had died there (no rollback).
     pub fn prepare_with_checkpoints(&self, record: &VfRecord, checkpoint: &mut dyn FnMut(Step) -> bool) -> Result<PreparedVf, VfError> {
-        let addr = record.addr;
+        let addr = record.vf.addr;
         let crash = |step| VfError::SimulatedCrash { addr, step };
         let dev = self.sysfs.device(addr)?;
         if dev.physfn().is_none() {
@@ -108,10 +108,10 @@ impl<D: DriverControl> VfManager<D> {
     }
 
     fn bind_to_vfio(&self, record: &VfRecord, group: &str, checkpoint: &mut dyn FnMut(Step) -> bool) -> Result<PathBuf, VfError> {
-        let addr = record.addr;
+        let addr = record.vf.addr;
         // The guest should see the pod's MAC: pin it as the VF's admin MAC on the PF.
-        if let (Some(pf_netdev), Some(netdev)) = (&record.pf_netdev, &record.netdev) {
-            net::set_admin_mac(&vfvm_netlink::Handle::new()?, pf_netdev, record.vf_index, &netdev.mac)?;
+        if let (Some(pf_netdev), Some(netdev)) = (&record.vf.pf_netdev, &record.netdev) {
+            net::set_admin_mac(&vfvm_netlink::Handle::new()?, pf_netdev, record.vf.vf_index, &netdev.mac)?;
         }
         if !checkpoint(Step::AdminMacSet) {
             return Err(VfError::SimulatedCrash { addr, step: Step::AdminMacSet });
@@ -183,9 +183,9 @@ impl<D: DriverControl> VfManager<D> {
         let records = self.journal.read_all()?;
         let mut first_error = None;
         for record in &records {
-            let result = self.restore_record(record).and_then(|()| self.journal.remove(record.addr));
+            let result = self.restore_record(record).and_then(|()| self.journal.remove(record.vf.addr));
             if let Err(e) = result {
-                tracing::error!(sandbox = %self.sandbox_id, vf = %record.addr, "restore failed: {e}");
+                tracing::error!(sandbox = %self.sandbox_id, vf = %record.vf.addr, "restore failed: {e}");
                 first_error.get_or_insert(e);
             }
         }
@@ -196,10 +196,10 @@ impl<D: DriverControl> VfManager<D> {
     }
 
     fn restore_record(&self, record: &VfRecord) -> Result<(), VfError> {
-        let addr = record.addr;
+        let addr = record.vf.addr;
         // PF settings first: the VF driver reads its MAC from the PF when it binds.
-        if let (Some(pf_netdev), Some(settings)) = (&record.pf_netdev, &record.pf_settings) {
-            net::restore_pf_settings(&vfvm_netlink::Handle::new()?, pf_netdev, record.vf_index, settings)?;
+        if let (Some(pf_netdev), Some(settings)) = (&record.vf.pf_netdev, &record.pf_settings) {
+            net::restore_pf_settings(&vfvm_netlink::Handle::new()?, pf_netdev, record.vf.vf_index, settings)?;
         }
         self.restore_driver(record)?;
         if let Some(netdev) = &record.netdev {
@@ -211,25 +211,25 @@ impl<D: DriverControl> VfManager<D> {
                 ),
             }
         }
-        tracing::info!(sandbox = %self.sandbox_id, vf = %addr, driver = ?record.driver, "VF restored");
+        tracing::info!(sandbox = %self.sandbox_id, vf = %addr, driver = ?record.vf.driver, "VF restored");
         Ok(())
     }
 
     fn restore_driver(&self, record: &VfRecord) -> Result<(), VfError> {
-        let addr = record.addr;
+        let addr = record.vf.addr;
         let dev = self.sysfs.device(addr)?;
         let current = dev.driver();
-        if current != record.driver {
+        if current != record.vf.driver {
             if let Some(driver) = &current {
                 self.drivers.unbind(&self.sysfs, addr, driver)?;
             }
-            self.drivers.set_driver_override(&self.sysfs, addr, record.driver_override.as_deref())?;
-            if let Some(driver) = &record.driver {
+            self.drivers.set_driver_override(&self.sysfs, addr, record.vf.driver_override.as_deref())?;
+            if let Some(driver) = &record.vf.driver {
                 self.drivers.bind(&self.sysfs, addr, driver)?;
             }
-            self.wait_for_driver(addr, record.driver.as_deref())?;
-        } else if dev.driver_override()? != record.driver_override {
-            self.drivers.set_driver_override(&self.sysfs, addr, record.driver_override.as_deref())?;
+            self.wait_for_driver(addr, record.vf.driver.as_deref())?;
+        } else if dev.driver_override()? != record.vf.driver_override {
+            self.drivers.set_driver_override(&self.sysfs, addr, record.vf.driver_override.as_deref())?;
         }
         Ok(())
     }
