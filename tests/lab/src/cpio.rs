@@ -7,6 +7,7 @@
 const MODE_DIR: u32 = 0o040000;
 const MODE_FILE: u32 = 0o100000;
 const MODE_CHAR: u32 = 0o020000;
+const MODE_SYMLINK: u32 = 0o120000;
 
 /// An in-memory newc archive, built entry by entry.
 #[derive(Default)]
@@ -31,6 +32,11 @@ impl Archive {
 
     pub fn char_device(&mut self, path: &str, perm: u32, major: u32, minor: u32) {
         self.entry(path, MODE_CHAR | perm, &[], (major, minor));
+    }
+
+    /// A symbolic link at `path` pointing to `target` (stored as the entry's data).
+    pub fn symlink(&mut self, path: &str, target: &str) {
+        self.entry(path, MODE_SYMLINK | 0o777, target.as_bytes(), (0, 0));
     }
 
     /// Closes the archive with the trailer entry and returns its bytes.
@@ -90,6 +96,7 @@ mod tests {
         a.file("/bin/hello", 0o755, b"#!/bin/sh\necho hi\n");
         a.dir("/dev", 0o755);
         a.char_device("/dev/console", 0o600, 5, 1);
+        a.symlink("/bin/sh", "hello");
         a.finish()
     }
 
@@ -126,10 +133,11 @@ mod tests {
         assert!(out.status.success(), "busybox cpio failed: {}", String::from_utf8_lossy(&out.stderr));
         let listing = String::from_utf8_lossy(&out.stdout);
         let lines: Vec<&str> = listing.lines().collect();
-        assert_eq!(lines.len(), 4, "{listing}");
+        assert_eq!(lines.len(), 5, "{listing}");
         assert!(lines[0].starts_with('d') && lines[0].ends_with(" bin"), "{listing}");
         assert!(lines[1].starts_with("-rwxr-xr-x") && lines[1].ends_with(" bin/hello"), "{listing}");
         assert!(lines[2].starts_with('d') && lines[2].ends_with(" dev"), "{listing}");
         assert!(lines[3].starts_with("crw-------") && lines[3].ends_with(" dev/console"), "{listing}");
+        assert!(lines[4].starts_with('l') && lines[4].ends_with(" bin/sh -> hello"), "{listing}");
     }
 }

@@ -40,7 +40,7 @@ pub fn ensure(cache: &Path, kernel: &Kernel, busybox: &Path) -> Result<Images> {
 }
 
 /// Writes `bytes` under a name derived from their hash, unless already there.
-fn store(dir: &Path, stem: &str, bytes: &[u8]) -> Result<PathBuf> {
+pub fn store(dir: &Path, stem: &str, bytes: &[u8]) -> Result<PathBuf> {
     let path = dir.join(format!("{stem}-{:016x}.cpio", fnv1a64(bytes)));
     if !path.is_file() {
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
@@ -86,7 +86,7 @@ fn l2_initrd(kernel: &Kernel, busybox: &[u8]) -> Result<Vec<u8>> {
 }
 
 /// A module's bytes, decompressed: busybox `insmod` takes plain `.ko` files only.
-fn read_module(path: &Path) -> Result<Vec<u8>> {
+pub fn read_module(path: &Path) -> Result<Vec<u8>> {
     let name = path.to_string_lossy();
     let tool = if name.ends_with(".xz") {
         Some("xz")

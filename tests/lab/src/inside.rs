@@ -221,6 +221,31 @@ pub fn boot_l3(kernel: &Path, initrd: &Path, extra_args: &[String], extra_cmdlin
     Ok(L3Report { userspace_after, reports })
 }
 
+/// `vfvm-lab inside boot-l3 --kernel K --initrd I [--timeout SECS]`: boots an arbitrary
+/// kernel and initramfs as an L3 guest under L2's KVM (1 vCPU, 256 MiB, no devices) and
+/// prints `l3: userspace after <secs>s`, then `l3: <line>` for each line its init
+/// printed after the L3 marker.
+pub fn boot_image(mut args: impl Iterator<Item = String>) -> Result<i32> {
+    const USAGE: &str = "usage: vfvm-lab inside boot-l3 --kernel PATH --initrd PATH [--timeout SECS]";
+    let (mut kernel, mut initrd, mut timeout) = (None, None, Duration::from_secs(300));
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{arg} needs a value; {USAGE}"));
+        match arg.as_str() {
+            "--kernel" => kernel = Some(PathBuf::from(value()?)),
+            "--initrd" => initrd = Some(PathBuf::from(value()?)),
+            "--timeout" => timeout = Duration::from_secs(value()?.parse().context("--timeout: expected seconds")?),
+            other => bail!("unknown option {other:?}; {USAGE}"),
+        }
+    }
+    let (Some(kernel), Some(initrd)) = (kernel, initrd) else { bail!("{USAGE}") };
+    let report = boot_l3(&kernel, &initrd, &[], "", timeout)?;
+    println!("l3: userspace after {:.2}s", report.userspace_after.as_secs_f64());
+    for line in &report.reports {
+        println!("l3: {line}");
+    }
+    Ok(0)
+}
+
 /// Pings `peer` once the path works: single pings until the first reply (the link and
 /// ARP settle; bounded by `warmup`), then three that must all be answered.
 fn ping_after_link_up(peer: &str, warmup: Duration) -> Result<()> {

@@ -140,7 +140,9 @@ pub fn run(cache: &Path, kernel: &Kernel, images: &Images, opts: &RunOptions) ->
         .arg(kernel.vmlinuz())
         .arg("-initrd")
         .arg(&images.l2_initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet intel_iommu=on"])
+        // no_timer_check: under host load the emulated IO-APIC timer check can fail
+        // ("timer doesn't work through Interrupt-remapped IO-APIC") and panic L2.
+        .args(["-append", "console=ttyS0 panic=-1 quiet intel_iommu=on no_timer_check"])
         // This machine's root, read-only: L2 puts a tmpfs overlay on top.
         .args(["-virtfs", "local,path=/,mount_tag=hostfs,security_model=none,readonly=on,multidevs=remap,id=hostfs"])
         .arg("-virtfs")

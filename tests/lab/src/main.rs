@@ -6,6 +6,8 @@
 
 mod console;
 mod cpio;
+mod elf;
+mod guest_image;
 mod host;
 mod images;
 mod inside;
@@ -28,6 +30,11 @@ usage: cargo xtask <command>
   test                     install what the tests need, then run every test of the
                            workspace, the lab's included
   install                  install the lab's packages, fetch its kernel, build images
+  image [--agent PATH] [--out DIR] [--init-script]
+                           build the vfvm guest image: the lab's Debian kernel and an
+                           initramfs with the agent as /init, its libraries and the
+                           guest's kernel modules; prints its manifest and paths
+                           (`cargo xtask image --help` for the options)
   lab run [options] -- CMD run CMD inside L2 (chrooted into an overlay of this
                            machine's root, in the current directory); exits with
                            CMD's status, or 125 if the lab itself failed
@@ -136,6 +143,27 @@ fn parse_run_options(args: &mut impl Iterator<Item = String>) -> Result<l2::RunO
 fn lab_run(opts: &l2::RunOptions) -> Result<i32> {
     let (cache, kernel, images) = prepare()?;
     l2::run(&cache, &kernel, &images, opts)
+}
+
+/// `cargo xtask image`: builds (or finds in the cache) the guest image and prints its
+/// manifest, then the kernel's and the initramfs's paths.
+fn image(args: impl Iterator<Item = String>) -> Result<i32> {
+    let args: Vec<String> = args.collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        print!("{}", guest_image::USAGE);
+        return Ok(0);
+    }
+    let opts = guest_image::parse_options(args)?;
+    let cache = cache_dir();
+    let _lock = CacheLock::take(&cache)?;
+    host::ensure_packages()?;
+    let busybox = host::find_busybox().context("no static busybox after installing busybox-static")?;
+    let kernel = kernel::ensure(&cache)?;
+    let built = guest_image::ensure(&cache, &kernel, &busybox, &opts)?;
+    print!("{}", built.manifest.render());
+    println!("kernel: {}", built.kernel.display());
+    println!("initrd: {}", built.initrd.display());
+    Ok(0)
 }
 
 fn lab_smoke() -> Result<i32> {
@@ -256,6 +284,8 @@ fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
             Ok(0)
         }
         ("lab", Some("run")) => lab_run(&parse_run_options(&mut args)?),
+        ("image", _) => image(second.into_iter().chain(args)),
+        ("inside", Some("boot-l3")) => inside::boot_image(args),
         ("inside", Some("setup")) => {
             let vfs = match (args.next().as_deref(), args.next()) {
                 (Some("--vfs"), Some(n)) => n.parse().with_context(|| format!("--vfs {n:?}: expected a number"))?,

@@ -11,6 +11,13 @@ pub fn module_name(path: &str) -> String {
     stem.replace('-', "_")
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Availability {
+    Module,
+    BuiltIn,
+    Absent,
+}
+
 /// What a kernel's `modules.dep` and `modules.builtin` say about its modules.
 pub struct ModuleIndex {
     /// module name -> (path relative to the modules dir, direct dependencies' paths)
@@ -34,6 +41,18 @@ impl ModuleIndex {
         }
         let builtin = modules_builtin.lines().filter(|l| !l.trim().is_empty()).map(module_name).collect();
         Ok(Self { deps, builtin })
+    }
+
+    /// Whether `name` is a loadable module, built into the kernel, or neither.
+    pub fn availability(&self, name: &str) -> Availability {
+        let name = name.replace('-', "_");
+        if self.deps.contains_key(&name) {
+            Availability::Module
+        } else if self.builtin.contains(&name) {
+            Availability::BuiltIn
+        } else {
+            Availability::Absent
+        }
     }
 
     /// Paths of `wanted` and everything they depend on, dependencies first.
@@ -111,6 +130,9 @@ kernel/drivers/dca/dca-x.ko:
     fn builtin_is_skipped_and_unknown_is_an_error() {
         let idx = ModuleIndex::parse(DEP, BUILTIN).unwrap();
         assert!(idx.load_order(&["virtio_pci"]).unwrap().is_empty());
+        assert_eq!(idx.availability("virtio_pci"), Availability::BuiltIn);
+        assert_eq!(idx.availability("dca-x"), Availability::Module);
+        assert_eq!(idx.availability("no_such_driver"), Availability::Absent);
         let err = idx.load_order(&["no_such_driver"]).unwrap_err().to_string();
         assert!(err.contains("no_such_driver"), "{err}");
     }

@@ -180,3 +180,81 @@ fn a_second_install_downloads_nothing() {
     // Same images, by content address.
     assert_eq!(first.stdout, second.stdout);
 }
+
+/// The guest image builder, end to end: `vfvm-lab image --init-script` builds the
+/// image (the default agent included, at /sbin/vfvm-agent, with its libraries), and L2
+/// boots it as an L3 guest under its KVM. The test /init loads every module of
+/// modules.load and reports /proc/modules and the agent's `--version`.
+#[test]
+#[ignore = "boots the nested lab and an L3 guest in it (about two minutes); run by `cargo xtask test`"]
+fn guest_image_boots_as_l3_and_loads_its_modules() {
+    let out_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-image-l3");
+    let built = lab().args(["image", "--init-script", "--out"]).arg(&out_dir).output().unwrap();
+    let manifest = String::from_utf8_lossy(&built.stdout);
+    print!("{manifest}");
+    assert!(built.status.success(), "vfvm-lab image failed:\n{manifest}");
+    let path_of = |what: &str| -> String {
+        manifest.lines().find_map(|l| l.strip_prefix(what)).unwrap_or_else(|| panic!("no {what:?} line in:\n{manifest}")).trim().to_string()
+    };
+    let (kernel, initrd) = (path_of("kernel: "), path_of("initrd: "));
+
+    let out = run_lab(&[
+        "lab", "run", "--vfs", "1", "--",
+        env!("CARGO_BIN_EXE_vfvm-lab"), "inside", "boot-l3", "--kernel", &kernel, "--initrd", &initrd,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "booting the guest image failed:\n{stdout}");
+    assert!(stdout.contains("l3: userspace after"), "{stdout}");
+    assert!(stdout.contains("l3: insmod ok=") && stdout.contains(" failed=0"), "not every module loaded:\n{stdout}");
+    assert!(!stdout.contains("insmod-failed"), "{stdout}");
+    let loaded: Vec<&str> = stdout.lines().filter_map(|l| l.strip_prefix("l3: module ")).collect();
+    for m in [
+        "vsock",
+        "vmw_vsock_virtio_transport_common",
+        "vmw_vsock_virtio_transport",
+        "virtio_pci",
+        "virtio_net",
+        "virtio_blk",
+        "virtiofs",
+        "fuse",
+        "overlay",
+        "igbvf",
+    ] {
+        assert!(loaded.contains(&m), "{m} is not in the guest's /proc/modules: {loaded:?}\n{stdout}");
+    }
+    // The agent's dynamic loader and libraries made it into the image.
+    assert!(stdout.contains("l3: agent rc=0 vfvm-agent "), "the agent did not run in the guest:\n{stdout}");
+}
+
+/// `vfvm-lab image` through its command line: a second run with the same inputs finds
+/// everything in place and writes nothing, and prints the same manifest. (Needs the
+/// lab's kernel in the cache, as `cargo xtask test` and `install` fetch it.)
+#[test]
+fn a_second_image_build_writes_nothing() {
+    let out_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-image-cli");
+    // Any glibc-linked program will do as the agent; /bin/ls does not change with every
+    // build (as this harness would), so the cache keeps one image for this test.
+    let build = || {
+        lab()
+            .args(["image", "--agent", "/bin/ls", "--out"])
+            .arg(&out_dir)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
+    let first = build();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let second = build();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{stderr}");
+    for busy in ["wrote ", "built image", "fetching", "installing"] {
+        assert!(!stderr.contains(busy), "the second build still wrote something ({busy:?}):\n{stderr}");
+    }
+    assert_eq!(first.stdout, second.stdout);
+    let manifest = String::from_utf8_lossy(&second.stdout);
+    for expected in ["/init ", "/dev/console ", "libc.so.6", " vsock ", " vmw_vsock_virtio_transport ", " virtio_net ", " igbvf "] {
+        assert!(manifest.contains(expected), "{expected:?} missing from the manifest:\n{manifest}");
+    }
+    assert!(manifest.contains(&format!("initrd: {}", out_dir.join("initrd.img").display())), "{manifest}");
+    assert_eq!(std::fs::read(out_dir.join("manifest.txt")).unwrap(), manifest.lines().take_while(|l| !l.starts_with("kernel: ")).map(|l| format!("{l}\n")).collect::<String>().into_bytes());
+}
