@@ -5,4 +5,6 @@
 //!   waited for across PCI hot-plug) from the interface/route/DNS config the shim
 //!   sends.
 
+pub mod init;
 pub mod network;
+pub mod service;

@@ -1,15 +1,144 @@
-//! `vfvm-agent`: PID 1 of the guest, serving the shim over ttrpc on vsock.
-//!
-//! Not implemented yet (issue #4). Until then the binary says so and exits non-zero,
-//! so nothing mistakes it for a working agent.
+//! `vfvm-agent`: PID 1 of a vfvm guest. Mounts the basic filesystems, loads the
+//! image's kernel modules, reaps orphans, and serves the agent API (ttrpc) on vsock
+//! for the shim. Outside a VM (`--no-init`) it serves on any address, which is how
+//! the host tests run it.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use vfvm_agent::network::{Network, Options};
+use vfvm_agent::{init, service::AgentService};
+use vfvm_netlink::Netns;
+
+const USAGE: &str = "\
+usage: vfvm-agent [--listen ADDR] [--no-init] [--netns PATH] [--resolv-conf PATH]
+                  [--modules-dir DIR] [--modules-manifest PATH]
+
+  As PID 1 it loads the modules listed in DIR/modules.load (DIR defaults to
+  /lib/modules/<running kernel>), one path relative to DIR per line, in order.
+
+  --listen ADDR   where to serve the agent API (default vsock://-1:1024; unix://PATH)
+  --no-init       not PID 1: skip mounts, module loading and reaping
+  --netns PATH    configure interfaces in this network namespace (tests)";
+
+/// The vsock port the shim connects to.
+const DEFAULT_LISTEN: &str = "vsock://-1:1024";
+/// The image builder's module list, relative to `/lib/modules/<release>/`.
+const MANIFEST_NAME: &str = "modules.load";
+
+struct Args {
+    listen: String,
+    init: bool,
+    netns: Option<PathBuf>,
+    resolv_conf: Option<PathBuf>,
+    manifest: Option<PathBuf>,
+    modules_dir: Option<PathBuf>,
+}
+
+fn parse() -> Result<Args> {
+    let mut a = Args {
+        listen: DEFAULT_LISTEN.into(),
+        init: std::process::id() == 1,
+        netns: None,
+        resolv_conf: None,
+        manifest: None,
+        modules_dir: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value\n\n{USAGE}"));
+        match flag.as_str() {
+            "--listen" => a.listen = value()?,
+            "--no-init" => a.init = false,
+            "--netns" => a.netns = Some(value()?.into()),
+            "--resolv-conf" => a.resolv_conf = Some(value()?.into()),
+            "--modules-manifest" => a.manifest = Some(value()?.into()),
+            "--modules-dir" => a.modules_dir = Some(value()?.into()),
+            "--version" => {
+                println!("vfvm-agent {}", env!("CARGO_PKG_VERSION"));
+                std::process::exit(0);
+            }
+            // As PID 1 the kernel passes unknown command-line words as arguments.
+            other if a.init => tracing::debug!("ignoring argument {other:?}"),
+            other => bail!("unknown option {other:?}\n\n{USAGE}"),
+        }
+    }
+    Ok(a)
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+fn run(a: Args) -> Result<()> {
+    if a.init {
+        init::spawn_reaper().context("starting the reaper")?;
+        init::mount_filesystems().context("mounting filesystems")?;
+        let dir = a.modules_dir.clone().unwrap_or_else(|| PathBuf::from("/lib/modules").join(kernel_release()));
+        let manifest = a.manifest.clone().unwrap_or_else(|| dir.join(MANIFEST_NAME));
+        match init::load_modules(&manifest, &dir) {
+            Ok(n) => tracing::info!("loaded {n} kernel modules from {}", manifest.display()),
+            Err(e) if !manifest.exists() => tracing::info!("no module manifest ({e})"),
+            Err(e) => return Err(e).context("loading kernel modules"),
+        }
+    }
+    let mut opts = Options::default();
+    if let Some(r) = a.resolv_conf {
+        opts.resolv_conf = r;
+    }
+    let network = match &a.netns {
+        Some(path) => Network::in_netns(&Netns::open(path)?, opts)?,
+        None => Network::new(opts)?,
+    };
+    let service = Arc::new(AgentService::new(network));
+    let mut server = ttrpc::Server::new()
+        .bind(&a.listen)
+        .with_context(|| format!("listening on {}", a.listen))?
+        .register_service(vfvm_protocols::agent::create_agent(service));
+    server.start().context("starting the ttrpc server")?;
+    tracing::info!(listen = %a.listen, "agent serving {}", vfvm_protocols::agent::API_VERSION);
+    // The server runs on its own threads; this one waits for the end.
+    wait_for_termination();
+    tracing::info!("terminating");
+    server.shutdown();
+    Ok(())
+}
+
+/// Blocks until SIGTERM or SIGINT.
+fn wait_for_termination() {
+    // SAFETY: signal mask calls on a zeroed local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let mut sig = 0;
+        while libc::sigwait(&set, &mut sig) != 0 {}
+    }
+}
 
 fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() == Some("--version") {
-        println!("vfvm-agent {}", env!("CARGO_PKG_VERSION"));
-        return ExitCode::SUCCESS;
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
+    let args = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("vfvm-agent: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let pid1 = args.init;
+    if let Err(e) = run(args) {
+        tracing::error!("{e:#}");
+        if pid1 {
+            // PID 1 must not exit (the kernel would panic): power the VM off so the
+            // shim sees the failure at once.
+            // SAFETY: plain reboot syscall.
+            unsafe { libc::reboot(libc::RB_POWER_OFF) };
+        }
+        return ExitCode::FAILURE;
     }
-    eprintln!("vfvm-agent {}: not implemented yet (issue #4); refusing to run", env!("CARGO_PKG_VERSION"));
-    ExitCode::FAILURE
+    ExitCode::SUCCESS
 }
