@@ -4,6 +4,7 @@
 //! an IOMMU, an SR-IOV NIC and KVM) and runs a command there; inside L2 the same binary
 //! does the lab's setup and checks (`inside ...`). Run it as `cargo xtask ...`.
 
+mod agent_check;
 mod console;
 mod cpio;
 mod elf;
@@ -286,6 +287,7 @@ fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
         ("lab", Some("run")) => lab_run(&parse_run_options(&mut args)?),
         ("image", _) => image(second.into_iter().chain(args)),
         ("inside", Some("boot-l3")) => inside::boot_image(args),
+        ("inside", Some("agent-check")) => agent_check::agent_check(args),
         ("inside", Some("setup")) => {
             let vfs = match (args.next().as_deref(), args.next()) {
                 (Some("--vfs"), Some(n)) => n.parse().with_context(|| format!("--vfs {n:?}: expected a number"))?,

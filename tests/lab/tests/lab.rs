@@ -258,3 +258,33 @@ fn a_second_image_build_writes_nothing() {
     assert!(manifest.contains(&format!("initrd: {}", out_dir.join("initrd.img").display())), "{manifest}");
     assert_eq!(std::fs::read(out_dir.join("manifest.txt")).unwrap(), manifest.lines().take_while(|l| !l.starts_with("kernel: ")).map(|l| format!("{l}\n")).collect::<String>().into_bytes());
 }
+
+/// The guest image with the real agent as PID 1, booted as an L3 guest with vhost-vsock
+/// and a VF passed through: the agent answers over AF_VSOCK, configures the VF it
+/// finds by guest PCI address, and the lab's peer host pings the address it set.
+#[test]
+#[ignore = "boots the nested lab and an L3 guest (about a minute); run by `cargo xtask test`"]
+fn agent_image_serves_over_vsock_and_configures_a_vf_by_pci_address() {
+    let out_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-image-agent");
+    let built = lab().args(["image", "--out"]).arg(&out_dir).output().unwrap();
+    let manifest = String::from_utf8_lossy(&built.stdout);
+    assert!(built.status.success(), "vfvm-lab image failed:\n{manifest}");
+    let (kernel, initrd) = (out_dir.join("vmlinuz"), out_dir.join("initrd.img"));
+    let out = run_lab(&[
+        "lab", "run", "--vfs", "2", "--",
+        env!("CARGO_BIN_EXE_vfvm-lab"), "inside", "agent-check",
+        "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "agent check failed:\n{stdout}");
+    for expected in [
+        "(vfvm.agent.v1) answered over vsock://3:1024",
+        "modules loaded",
+        "agent configured the VF at guest 0000:00:05.0 as net0 198.18.0.33/24",
+        "interface updated interface=net0 changes=0",
+        "3 packets transmitted, 3 packets received",
+        "agent-check: PASSED",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+    }
+}

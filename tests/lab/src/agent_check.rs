@@ -1,0 +1,131 @@
+//! `vfvm-lab inside agent-check`: the guest image's agent, booted as an L3 guest
+//! under L2's KVM (QEMU with vhost-vsock as the VMM until vfvm-vmm exists), with one
+//! of the lab's VFs passed through. The check talks to the agent over real AF_VSOCK
+//! and has it configure the VF, found by its guest PCI address; a ping from the lab's
+//! peer host to the address proves the agent configured the right device.
+
+use anyhow::{bail, ensure, Context, Result};
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vfvm_protocols::agent;
+use vfvm_protocols::client::{connect, AgentAddress, ConnectOptions};
+
+use crate::console::{die_with_parent, kill_and_reap};
+use crate::host::run;
+use crate::inside::{igb_pf, PEER_ADDR, PEER_NETNS};
+
+/// The guest's vsock CID, and where the VF sits on the guest's root bus.
+const GUEST_CID: u32 = 3;
+const AGENT_PORT: u32 = 1024;
+const VF_GUEST_SLOT: u32 = 5;
+const VF_GUEST_ADDR: &str = "0000:00:05.0";
+const VF_INDEX: u32 = 1;
+const VF_ADMIN_MAC: &str = "02:00:00:00:00:33";
+const GUEST_VF_CIDR: &str = "198.18.0.33/24";
+const GUEST_VF_IP: &str = "198.18.0.33";
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(Duration::from_secs(60).as_nanos() as i64)
+}
+
+/// Pings `ip` from the peer host: single pings until the first reply (bounded), then
+/// three that must all be answered.
+fn ping_from_peer(ip: &str, warmup: Duration) -> Result<String> {
+    let ping = |count: &str| Command::new("ip").args(["netns", "exec", PEER_NETNS, "busybox", "ping", "-c", count, "-W", "2", ip]).output();
+    let deadline = Instant::now() + warmup;
+    while !ping("1").context("running ping in the peer netns")?.status.success() {
+        ensure!(Instant::now() < deadline, "the peer host got no reply from {ip} within {}s", warmup.as_secs());
+    }
+    let out = ping("3")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(out.status.success() && text.contains("3 packets received"), "{ip} stopped answering: {text}");
+    Ok(text)
+}
+
+pub fn agent_check(mut args: impl Iterator<Item = String>) -> Result<i32> {
+    const USAGE: &str = "usage: vfvm-lab inside agent-check --kernel PATH --initrd PATH";
+    let (mut kernel, mut initrd) = (None, None);
+    while let Some(flag) = args.next() {
+        let value = args.next().with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+        match flag.as_str() {
+            "--kernel" => kernel = Some(PathBuf::from(value)),
+            "--initrd" => initrd = Some(PathBuf::from(value)),
+            other => bail!("unknown option {other:?}\n{USAGE}"),
+        }
+    }
+    let (Some(kernel), Some(initrd)) = (kernel, initrd) else { bail!("{USAGE}") };
+
+    run(Command::new("modprobe").arg("vhost_vsock")).context("loading vhost_vsock")?;
+    let pf = igb_pf()?;
+    let pf_if = pf.netdevs().into_iter().next().context("the igb PF has no netdev")?;
+    let vf = pf.virtfn(VF_INDEX)?;
+    run(Command::new("ip").args(["link", "set", "dev", &pf_if, "vf", &VF_INDEX.to_string(), "mac", VF_ADMIN_MAC]))?;
+    vf.bind_by_override(Some("vfio-pci"))?;
+
+    let mut qemu = Command::new(crate::host::QEMU);
+    qemu.args(["-enable-kvm", "-M", "q35", "-cpu", "host", "-smp", "1", "-m", "512"])
+        .args(["-display", "none", "-nodefaults", "-no-reboot", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .args(["-device", &format!("vhost-vsock-pci,guest-cid={GUEST_CID}")])
+        .args(["-device", &format!("vfio-pci,host={},bus=pcie.0,addr={VF_GUEST_SLOT:#x}", vf.addr)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    die_with_parent(&mut qemu);
+    let started = Instant::now();
+    let mut child = qemu.spawn().context("starting the L3 QEMU")?;
+    // The guest's console (the agent logs there) goes to our output, marked.
+    let console = child.stdout.take().context("L3 stdout")?;
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(console).lines().map_while(Result::ok) {
+            println!("l3| {}", line.trim_end_matches('\r'));
+        }
+    });
+    let result = talk_to_agent(started);
+    kill_and_reap(&mut child);
+    vf.bind_by_override(None)?;
+    result.map(|()| 0)
+}
+
+fn talk_to_agent(started: Instant) -> Result<()> {
+    let addr = AgentAddress::Vsock { cid: GUEST_CID, port: AGENT_PORT };
+    let client = connect(&addr, ConnectOptions { deadline: Duration::from_secs(240), ..Default::default() }).context("connecting to the guest agent")?;
+    let health = client.health(ctx(), &agent::HealthRequest::new()).context("Health")?;
+    println!(
+        "check: agent {} ({}) answered over vsock://{GUEST_CID}:{AGENT_PORT} {:.1}s after QEMU start",
+        health.agent_version,
+        health.api_version,
+        started.elapsed().as_secs_f64()
+    );
+    ensure!(health.api_version == agent::API_VERSION, "agent speaks {}", health.api_version);
+    let details = client.guest_details(ctx(), &agent::GuestDetailsRequest::new()).context("GuestDetails")?;
+    for m in ["igbvf", "vmw_vsock_virtio_transport"] {
+        ensure!(details.loaded_modules.iter().any(|l| l == m), "the guest has not loaded {m}: {:?}", details.loaded_modules);
+    }
+    println!("check: guest kernel {}, {} MiB, {} modules loaded", details.kernel_release, details.memory_bytes >> 20, details.loaded_modules.len());
+
+    let mut iface = agent::Interface::new();
+    iface.name = "net0".into();
+    iface.pci_address = VF_GUEST_ADDR.into();
+    iface.addresses = vec![agent::IpAddress { cidr: GUEST_VF_CIDR.into(), ..Default::default() }];
+    iface.wait_timeout_ms = 30_000;
+    let mut req = agent::UpdateInterfaceRequest::new();
+    req.interface = Some(iface).into();
+    client.update_interface(ctx(), &req).context("UpdateInterface")?;
+    // Twice: the second must be a no-op that succeeds.
+    client.update_interface(ctx(), &req).context("UpdateInterface, again")?;
+    println!("check: agent configured the VF at guest {VF_GUEST_ADDR} as net0 {GUEST_VF_CIDR}");
+
+    let ping = ping_from_peer(GUEST_VF_IP, Duration::from_secs(60))?;
+    print!("{ping}");
+    println!("check: the peer host {PEER_ADDR} reached the guest's VF at {GUEST_VF_IP}");
+    println!("agent-check: PASSED");
+    Ok(())
+}
