@@ -12,6 +12,8 @@ pub enum BusAction {
     PowerOff,
     /// The guest asked to reset (reboot).
     Reset,
+    /// The guest kernel panicked and will not go on.
+    Panic,
 }
 
 /// A device on a bus. `offset` is relative to the start of the device's range.

@@ -1,15 +1,114 @@
 //! `vfvm-vmm`: the KVM microVM monitor, one process per pod sandbox.
 //!
-//! Not implemented yet (issue #3). Until then the binary says so and exits non-zero,
-//! so nothing mistakes it for a working VMM.
+//! For now it runs standalone from the command line: it boots a Linux kernel with an
+//! initramfs and exits when the guest stops. Exit status: 0 the guest powered off,
+//! 2 it rebooted (reset), 3 its kernel panicked, 1 the VMM failed or the input was bad.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() == Some("--version") {
-        println!("vfvm-vmm {}", env!("CARGO_PKG_VERSION"));
-        return ExitCode::SUCCESS;
+use vfvm_vmm::machine::{self, MachineConfig};
+
+const USAGE: &str = "\
+usage: vfvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] [--memory MIB]
+                [--serial-log PATH] [--serial-stdout]
+
+  --kernel PATH       bzImage or ELF vmlinux (64-bit entry)
+  --initrd PATH       initramfs, loaded at the top of low memory
+  --cmdline STR       kernel command line (default: \"console=ttyS0 reboot=k panic=-1\")
+  --vcpus N           vCPUs, 1 to 32 (default 1)
+  --memory MIB        guest memory in MiB (default 256, at least 32)
+  --serial-log PATH   write the guest's console (COM1) to this file
+  --serial-stdout     also copy the guest's console to stdout
+
+Exit status: 0 guest power-off, 2 guest reboot/reset, 3 guest kernel panic,
+1 error (bad input or a VMM failure). Logs go to stderr (VFVM_LOG=error|warn|info|debug|trace).";
+
+const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+const EXIT_ERROR: u8 = 1;
+
+enum Parsed {
+    Run(MachineConfig),
+    Help,
+    Version,
+}
+
+fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
+    let mut kernel = None;
+    let mut config = MachineConfig {
+        kernel: PathBuf::new(),
+        initrd: None,
+        cmdline: DEFAULT_CMDLINE.to_string(),
+        vcpus: 1,
+        memory_mib: 256,
+        serial_log: None,
+        serial_stdout: false,
+    };
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |what: &str| -> Result<String, String> {
+            inline.clone().or_else(|| args.next()).ok_or_else(|| format!("{name} needs {what}"))
+        };
+        match name.as_str() {
+            "-h" | "--help" => return Ok(Parsed::Help),
+            "--version" => return Ok(Parsed::Version),
+            "--kernel" => kernel = Some(PathBuf::from(value("a path")?)),
+            "--initrd" => config.initrd = Some(PathBuf::from(value("a path")?)),
+            "--cmdline" => config.cmdline = value("a command line")?,
+            "--vcpus" => {
+                let v = value("a number")?;
+                config.vcpus = v.parse().map_err(|_| format!("--vcpus {v}: not a number between 1 and 32"))?;
+            }
+            "--memory" => {
+                let v = value("a size in MiB")?;
+                config.memory_mib = v.parse().map_err(|_| format!("--memory {v}: not a size in MiB"))?;
+            }
+            "--serial-log" => config.serial_log = Some(PathBuf::from(value("a path")?)),
+            "--serial-stdout" if inline.is_none() => config.serial_stdout = true,
+            _ => return Err(format!("unknown argument {arg:?}")),
+        }
     }
-    eprintln!("vfvm-vmm {}: not implemented yet (issue #3); refusing to run", env!("CARGO_PKG_VERSION"));
-    ExitCode::FAILURE
+    config.kernel = kernel.ok_or("--kernel is required")?;
+    Ok(Parsed::Run(config))
+}
+
+fn init_logging() {
+    let level = match std::env::var("VFVM_LOG").unwrap_or_default().to_ascii_lowercase().as_str() {
+        "error" => tracing::Level::ERROR,
+        "warn" => tracing::Level::WARN,
+        "debug" => tracing::Level::DEBUG,
+        "trace" => tracing::Level::TRACE,
+        _ => tracing::Level::INFO,
+    };
+    tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn main() -> ExitCode {
+    let config = match parse(std::env::args().skip(1)) {
+        Ok(Parsed::Run(config)) => config,
+        Ok(Parsed::Help) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Parsed::Version) => {
+            println!("vfvm-vmm {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("vfvm-vmm: {e}\n\n{USAGE}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    init_logging();
+    match machine::run(&config) {
+        Ok(exit) => ExitCode::from(exit.exit_status()),
+        Err(e) => {
+            eprintln!("vfvm-vmm: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
 }

@@ -36,14 +36,23 @@ impl BusDevice for AcpiPm1aControl {
     }
 }
 
-/// Just enough of the i8042 to see a reset request and to tell Linux the controller
-/// is idle (status reads 0, so probing moves on quickly).
+/// Just enough of the i8042 to see a reset request. Its status register reads
+/// "output buffer full, input buffer empty" forever (and the data port, 0x60, is not
+/// there): Linux's probe drains at most 16 bytes, then decides there is no
+/// controller at once instead of timing out on every command, while `reboot=k`'s
+/// wait for an empty input buffer passes straight to the 0xFE reset pulse.
 #[derive(Default)]
 pub struct I8042;
+
+/// Status register bits: output buffer full (bit 0); input buffer full (bit 1) clear.
+pub const I8042_STATUS: u8 = 0x01;
 
 impl BusDevice for I8042 {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
+        if let Some(first) = data.first_mut() {
+            *first = I8042_STATUS;
+        }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> BusAction {

@@ -1,6 +1,16 @@
 //! A vCPU's run loop: each exit goes to the bus device at the address, until the
-//! guest powers off, resets, or the vCPU fails.
+//! guest powers off, resets, panics, the vCPU fails, or the VMM asks it to stop.
+//!
+//! Stopping a vCPU from another thread: set its stop flag, then send its thread
+//! [`kick_signal`]. The signal's handler sets `immediate_exit` in the vCPU's
+//! `kvm_run`, so the vCPU leaves (or does not enter) KVM_RUN with EINTR whenever the
+//! signal lands, and the loop then sees the flag: no window where a kick is lost.
 
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::bus::{Bus, BusAction};
@@ -12,9 +22,13 @@ pub enum VcpuStop {
     PowerOff,
     /// The guest asked to reset (i8042, or a triple fault).
     Reset,
+    /// The guest kernel panicked (seen on its console).
+    Panic,
     /// HLT with interrupts that nothing will deliver (no in-kernel irqchip): only
     /// tiny test guests do this.
     Halted,
+    /// Its stop flag was set: another vCPU or the VMM stopped the VM.
+    Stopped,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -27,31 +41,90 @@ pub enum VcpuError {
     Internal,
     #[error("unexpected exit: {0}")]
     Unexpected(String),
+    #[error("installing the vCPU kick signal handler: {0}")]
+    Signal(String),
+}
+
+thread_local! {
+    /// The `kvm_run` of the vCPU running on this thread, for the kick handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only async-signal-safe work: one volatile store through this thread's pointer.
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is set by `Vcpu::run` on this thread to its mapped
+        // kvm_run, and cleared before that mapping can go away.
+        unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 1) };
+    }
+}
+
+/// Installs the kick handler (once per process); before any kick is sent.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler).map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(VcpuError::Signal)
+}
+
+/// Clears this thread's kvm_run pointer when the run loop ends.
+struct RunPointerGuard;
+
+impl Drop for RunPointerGuard {
+    fn drop(&mut self) {
+        KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+    }
 }
 
 pub struct Vcpu {
     fd: VcpuFd,
     pio: Bus,
     mmio: Bus,
+    stop: Arc<AtomicBool>,
 }
 
 impl Vcpu {
     pub fn new(fd: VcpuFd, pio: Bus, mmio: Bus) -> Self {
-        Self { fd, pio, mmio }
+        Self { fd, pio, mmio, stop: Arc::new(AtomicBool::new(false)) }
     }
 
     pub fn fd(&self) -> &VcpuFd {
         &self.fd
     }
 
+    /// Shares a stop flag (one for the whole VM, typically).
+    pub fn set_stop_flag(&mut self, stop: Arc<AtomicBool>) {
+        self.stop = stop;
+    }
+
     /// Runs the guest until it stops. Accesses to addresses with no device read as
     /// all ones and are dropped on write, as on real hardware.
     pub fn run(&mut self) -> Result<VcpuStop, VcpuError> {
+        install_kick_handler()?;
+        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN.with(|p| p.set(run_ptr));
+        let _guard = RunPointerGuard;
         loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return Ok(VcpuStop::Stopped);
+            }
             let exit = match self.fd.run() {
                 Ok(exit) => exit,
-                // A signal kicked the vCPU out (pause, shutdown): the caller decides.
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                // A kick (or any signal): clear immediate_exit first, then look at the
+                // flag, so a kick that lands in between still stops the next KVM_RUN.
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    continue;
+                }
                 Err(e) => return Err(VcpuError::Run(e)),
             };
             let action = match exit {
@@ -86,6 +159,7 @@ impl Vcpu {
                 BusAction::None => {}
                 BusAction::PowerOff => return Ok(VcpuStop::PowerOff),
                 BusAction::Reset => return Ok(VcpuStop::Reset),
+                BusAction::Panic => return Ok(VcpuStop::Panic),
             }
         }
     }

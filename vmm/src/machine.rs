@@ -1,0 +1,265 @@
+//! A whole microVM booting Linux directly: checks the inputs, builds guest memory and
+//! the VM, loads the kernel, initramfs and boot tables, adds the legacy devices, runs
+//! one thread per vCPU and stops them all when the guest powers off, resets or
+//! panics (or a vCPU fails).
+
+use std::fs::File;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, MIN_MEMORY_BYTES};
+use crate::cmos::{Cmos, CMOS_PORT};
+use crate::cpu;
+use crate::mptable::{self, MAX_CPUS};
+use crate::power::{AcpiPm1aControl, I8042, I8042_COMMAND_PORT, PM1A_CNT_PORT};
+use crate::serial::{Console, SerialDevice, COM1_IRQ, COM1_PORT};
+use crate::vcpu::{self, VcpuError, VcpuStop};
+use crate::vm::{self, Vm, VmError, VmOptions};
+
+/// The largest guest accepted (a sanity bound, not a KVM limit).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+
+#[derive(Clone, Debug)]
+pub struct MachineConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub serial_log: Option<PathBuf>,
+    pub serial_stdout: bool,
+}
+
+/// How the guest ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestExit {
+    PowerOff,
+    Reset,
+    Panic,
+}
+
+impl GuestExit {
+    /// The VMM process's exit status for it (1 is kept for VMM errors).
+    pub fn exit_status(self) -> u8 {
+        match self {
+            GuestExit::PowerOff => 0,
+            GuestExit::Reset => 2,
+            GuestExit::Panic => 3,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("--vcpus {0}: must be between 1 and {MAX_CPUS}")]
+    Vcpus(u8),
+    #[error("--memory {0}: too small, at least {min} MiB", min = MIN_MEMORY_BYTES >> 20)]
+    MemoryTooSmall(u64),
+    #[error("--memory {0}: too large, at most {MAX_MEMORY_MIB} MiB")]
+    MemoryTooLarge(u64),
+    #[error("kernel {}: {err}", path.display())]
+    Kernel { path: PathBuf, err: String },
+    #[error("initrd {}: {err}", path.display())]
+    Initrd { path: PathBuf, err: String },
+    #[error("serial log {}: {err}", path.display())]
+    SerialLog { path: PathBuf, err: String },
+    #[error("command line: {0}")]
+    Cmdline(String),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("setting up the guest: {0}")]
+    Setup(String),
+    #[error("vCPU {id}: {err}")]
+    Vcpu { id: u8, err: VcpuError },
+    #[error("vCPU {0} halted with nothing to wake it")]
+    Halted(u8),
+}
+
+fn setup<E: std::fmt::Display>(e: E) -> MachineError {
+    MachineError::Setup(e.to_string())
+}
+
+/// Checks what can be checked before touching KVM; returns the RAM size in bytes.
+pub fn validate(config: &MachineConfig) -> Result<u64, MachineError> {
+    if config.vcpus == 0 || config.vcpus > MAX_CPUS {
+        return Err(MachineError::Vcpus(config.vcpus));
+    }
+    if config.memory_mib > MAX_MEMORY_MIB {
+        return Err(MachineError::MemoryTooLarge(config.memory_mib));
+    }
+    let ram = config.memory_mib << 20;
+    if ram < MIN_MEMORY_BYTES {
+        return Err(MachineError::MemoryTooSmall(config.memory_mib));
+    }
+    Ok(ram)
+}
+
+/// Boots the guest and runs it to the end.
+pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
+    let ram = validate(config)?;
+    let started = Instant::now();
+    let kernel_err = |err: String| MachineError::Kernel { path: config.kernel.clone(), err };
+    let mut kernel_file = File::open(&config.kernel).map_err(|e| kernel_err(e.to_string()))?;
+    let initrd = match &config.initrd {
+        Some(path) => {
+            let initrd_err = |err: String| MachineError::Initrd { path: path.clone(), err };
+            let file = File::open(path).map_err(|e| initrd_err(e.to_string()))?;
+            let size = file.metadata().map_err(|e| initrd_err(e.to_string()))?.len();
+            if size >= ram {
+                return Err(initrd_err(format!(
+                    "{size} bytes: larger than the guest's memory ({} MiB)",
+                    config.memory_mib
+                )));
+            }
+            Some((path, file, size))
+        }
+        None => None,
+    };
+    let console_log = match &config.serial_log {
+        Some(path) => {
+            Some(File::create(path).map_err(|e| MachineError::SerialLog { path: path.clone(), err: e.to_string() })?)
+        }
+        None => None,
+    };
+
+    let mut vm = Vm::new(vm::guest_memory(ram)?, VmOptions { irqchip: true })?;
+    let memory = vm.memory();
+    let kernel = boot::load_kernel(memory, &mut kernel_file).map_err(|e| kernel_err(e.to_string()))?;
+    let initrd_range = match initrd {
+        Some((path, mut file, size)) => {
+            let addr = boot::load_initrd(memory, &mut file, size, &kernel)
+                .map_err(|e| MachineError::Initrd { path: path.clone(), err: e.to_string() })?;
+            Some((addr, size))
+        }
+        None => None,
+    };
+    let cmdline_len =
+        boot::load_cmdline(memory, &config.cmdline, &kernel).map_err(|e| MachineError::Cmdline(e.to_string()))?;
+    boot::write_boot_params(memory, &boot::boot_params(&kernel, cmdline_len, initrd_range, ram)).map_err(setup)?;
+    mptable::write_mptable(memory, config.vcpus).map_err(setup)?;
+    cpu::write_boot_tables(memory).map_err(setup)?;
+    tracing::info!(
+        entry = format_args!("{:#x}", kernel.entry),
+        initrd = ?initrd_range.map(|(a, s)| format!("{a:#x}+{s:#x}")),
+        "loaded {}",
+        config.kernel.display()
+    );
+
+    // Legacy devices.
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(setup)?;
+    vm.fd().register_irqfd(&serial_irq, COM1_IRQ).map_err(setup)?;
+    let console = Console::new(console_log, config.serial_stdout);
+    let panicked = console.panicked();
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)));
+    vm.pio.insert(COM1_PORT, 8, serial.clone()).map_err(setup)?;
+    vm.pio.insert(CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::default()))).map_err(setup)?;
+    vm.pio.insert(I8042_COMMAND_PORT, 1, Arc::new(Mutex::new(I8042))).map_err(setup)?;
+    vm.pio.insert(PM1A_CNT_PORT, 2, Arc::new(Mutex::new(AcpiPm1aControl))).map_err(setup)?;
+
+    // vCPUs.
+    let supported = vm.kvm().get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(setup)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut vcpus = Vec::new();
+    for id in 0..config.vcpus {
+        let mut vcpu = vm.create_vcpu(u64::from(id))?;
+        cpu::configure_vcpu(vcpu.fd(), &supported, u32::from(id), u32::from(config.vcpus), kernel.entry)
+            .map_err(|e| MachineError::Setup(format!("vCPU {id}: {e}")))?;
+        vcpu.set_stop_flag(stop.clone());
+        vcpus.push(vcpu);
+    }
+    vcpu::install_kick_handler().map_err(setup)?;
+
+    let (tx, rx) = mpsc::channel();
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    let mut spawn_error = None;
+    for (id, mut vcpu) in vcpus.into_iter().enumerate() {
+        let id = id as u8;
+        let tx = tx.clone();
+        let spawned = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
+            let result = vcpu.run();
+            let _ = tx.send((id, result));
+        });
+        match spawned {
+            Ok(handle) => threads.push(handle),
+            Err(e) => {
+                spawn_error = Some(MachineError::Setup(format!("starting vCPU {id}'s thread: {e}")));
+                break;
+            }
+        }
+    }
+    drop(tx);
+    tracing::debug!(setup_ms = started.elapsed().as_millis() as u64, "vCPUs running");
+
+    // The first vCPU to stop decides; then stop the others and wait for them all.
+    let first = if spawn_error.is_none() { rx.recv().ok() } else { None };
+    stop.store(true, Ordering::SeqCst);
+    for handle in &threads {
+        // SAFETY: the thread is not joined yet, so its pthread_t is valid; the kick
+        // handler is installed.
+        unsafe { libc::pthread_kill(handle.as_pthread_t(), vcpu::kick_signal()) };
+    }
+    for handle in threads {
+        let _ = handle.join();
+    }
+    for (id, rest) in rx.try_iter() {
+        tracing::debug!(vcpu = id, result = ?rest, "vCPU stopped");
+    }
+    serial.lock().unwrap_or_else(|e| e.into_inner()).console_mut().finish();
+    if let Some(e) = spawn_error {
+        return Err(e);
+    }
+
+    let (id, result) = first.ok_or_else(|| MachineError::Setup("every vCPU thread ended without a word".into()))?;
+    let exit = match result.map_err(|err| MachineError::Vcpu { id, err })? {
+        VcpuStop::PowerOff => GuestExit::PowerOff,
+        VcpuStop::Panic => GuestExit::Panic,
+        VcpuStop::Reset if panicked.load(Ordering::SeqCst) => GuestExit::Panic,
+        VcpuStop::Reset => GuestExit::Reset,
+        VcpuStop::Halted | VcpuStop::Stopped => return Err(MachineError::Halted(id)),
+    };
+    tracing::info!(?exit, vcpu = id, secs = started.elapsed().as_secs_f64(), "guest stopped");
+    Ok(exit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> MachineConfig {
+        MachineConfig {
+            kernel: "/nonexistent/vmlinuz".into(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            serial_log: None,
+            serial_stdout: false,
+        }
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_with_the_option_named() {
+        let e = validate(&MachineConfig { vcpus: 0, ..config() }).unwrap_err();
+        assert_eq!(e.to_string(), "--vcpus 0: must be between 1 and 32");
+        let e = validate(&MachineConfig { memory_mib: 8, ..config() }).unwrap_err();
+        assert_eq!(e.to_string(), "--memory 8: too small, at least 32 MiB");
+        assert!(matches!(
+            validate(&MachineConfig { memory_mib: u64::MAX, ..config() }),
+            Err(MachineError::MemoryTooLarge(_))
+        ));
+        assert_eq!(validate(&config()).unwrap(), 128 << 20);
+    }
+
+    #[test]
+    fn a_missing_kernel_is_named() {
+        let e = run(&config()).unwrap_err();
+        assert!(e.to_string().starts_with("kernel /nonexistent/vmlinuz: "), "{e}");
+    }
+}
