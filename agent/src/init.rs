@@ -69,10 +69,79 @@ pub fn load_modules(manifest: &Path, modules_dir: &Path) -> Result<usize, InitEr
     Ok(loaded)
 }
 
-/// As PID 1, every orphan in the guest becomes our child: reap them all so none
-/// stays a zombie. SIGCHLD must be blocked in every thread (call before spawning
-/// any), so this thread alone takes it.
-pub fn spawn_reaper() -> std::io::Result<()> {
+/// What the reaper calls with a registered child's raw wait status, on its thread:
+/// keep it short and never take the reaper's lock.
+pub type ExitCallback = Box<dyn FnOnce(libc::c_int) + Send>;
+
+/// The one place that waits for children. As PID 1 every orphan in the guest
+/// becomes our child; outside a VM the agent makes itself a child subreaper so
+/// the same holds for its own descendants. Every child is reaped here: a child
+/// registered with [`Reaper::spawn`] has its exit status handed to its callback,
+/// any other is discarded. Registration happens under the same lock as the spawn
+/// and the reap, so an exit is never lost, stolen, or matched to a recycled pid.
+pub struct Reaper {
+    waiters: std::sync::Mutex<std::collections::HashMap<libc::pid_t, ExitCallback>>,
+}
+
+impl Reaper {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<libc::pid_t, ExitCallback>> {
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `spawn` (which creates one child and returns its pid plus whatever
+    /// the caller needs, e.g. a pidfd) with reaping held off, and registers
+    /// `on_exit` for that pid before the reaper can see it exit.
+    pub fn spawn<T>(&self, spawn: impl FnOnce() -> std::io::Result<(libc::pid_t, T)>, on_exit: ExitCallback) -> std::io::Result<(libc::pid_t, T)> {
+        let mut waiters = self.lock();
+        let (pid, extra) = spawn()?;
+        waiters.insert(pid, on_exit);
+        Ok((pid, extra))
+    }
+
+    /// Reaps every child that has exited, dispatching registered ones.
+    fn sweep(&self) {
+        loop {
+            let mut status = 0;
+            let (pid, cb) = {
+                let mut waiters = self.lock();
+                // SAFETY: plain waitpid for any child, non-blocking.
+                let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+                if pid <= 0 {
+                    return;
+                }
+                (pid, waiters.remove(&pid))
+            };
+            match cb {
+                Some(cb) => cb(status),
+                None => tracing::debug!(pid, status, "reaped"),
+            }
+        }
+    }
+}
+
+/// The exit status as a shell reports it: the code, or 128 + the signal.
+pub fn shell_status(raw: libc::c_int) -> i32 {
+    if libc::WIFEXITED(raw) {
+        libc::WEXITSTATUS(raw)
+    } else if libc::WIFSIGNALED(raw) {
+        128 + libc::WTERMSIG(raw)
+    } else {
+        raw
+    }
+}
+
+static REAPER: std::sync::Mutex<Option<&'static Reaper>> = std::sync::Mutex::new(None);
+
+/// Starts the reaper (once; later calls return the same one). SIGCHLD is blocked
+/// in the calling thread, so call it before spawning the threads that must not
+/// take it; the reaper also sweeps every second, so a SIGCHLD that some other
+/// thread took costs at most that delay. When not PID 1, it makes the agent a
+/// child subreaper so double-forked descendants are reaped here too.
+pub fn spawn_reaper() -> std::io::Result<&'static Reaper> {
+    let mut started = REAPER.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(r) = *started {
+        return Ok(r);
+    }
     // SAFETY: signal mask calls on a zeroed local set.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -83,21 +152,19 @@ pub fn spawn_reaper() -> std::io::Result<()> {
         }
         set
     };
+    if std::process::id() != 1 {
+        // SAFETY: plain prctl.
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+            tracing::warn!("cannot become a child subreaper: {}", std::io::Error::last_os_error());
+        }
+    }
+    let reaper: &'static Reaper = Box::leak(Box::new(Reaper { waiters: Default::default() }));
     std::thread::Builder::new().name("reaper".into()).spawn(move || loop {
-        let mut sig = 0;
-        // SAFETY: waiting on a signal set we own.
-        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-            continue;
-        }
-        loop {
-            let mut status = 0;
-            // SAFETY: plain waitpid for any child, non-blocking.
-            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-            if pid <= 0 {
-                break;
-            }
-            tracing::debug!(pid, status, "reaped");
-        }
+        let timeout = libc::timespec { tv_sec: 1, tv_nsec: 0 };
+        // SAFETY: waiting on a signal set we own; the siginfo is not needed.
+        unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
+        reaper.sweep();
     })?;
-    Ok(())
+    *started = Some(reaper);
+    Ok(reaper)
 }

@@ -4,7 +4,12 @@
 //! - [`network`]: configure guest network devices (found by PCI address or MAC,
 //!   waited for across PCI hot-plug) from the interface/route/DNS config the shim
 //!   sends.
+//! - [`container`]: containers from OCI runtime specs on a rootfs directory (new
+//!   mount/pid/uts/ipc namespaces, cgroup v2), exec, stdio, signals, exit events.
+//! - [`init`]: PID 1's mounts and modules, and the reaper every child exit goes
+//!   through.
 
+pub mod container;
 pub mod init;
 pub mod network;
 pub mod service;

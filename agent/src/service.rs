@@ -1,5 +1,6 @@
 //! The agent's ttrpc service: what the shim can ask of it. Network calls go to the
-//! network module; container and process calls are not served yet and say so.
+//! network module, sandbox, container, process, stdio and event calls to the
+//! container runner.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -7,6 +8,7 @@ use std::time::Duration;
 use ttrpc::{Code, TtrpcContext};
 use vfvm_protocols::agent::{self as api, Agent};
 
+use crate::container::{self, Runner, Stream};
 use crate::network::{self, NetError, Network};
 
 /// The longest the shim may ask the agent to wait for a device to appear.
@@ -14,13 +16,20 @@ pub const MAX_DEVICE_WAIT: Duration = Duration::from_secs(300);
 /// `/proc/modules` entries reported in GuestDetails, at most.
 const MAX_REPORTED_MODULES: usize = 512;
 
+/// The longest a WaitProcess waits when the caller set no deadline.
+pub const MAX_PROCESS_WAIT: Duration = Duration::from_secs(3600);
+
 pub struct AgentService {
     network: Mutex<Network>,
+    runner: Runner,
 }
 
 impl AgentService {
+    /// Starts the reaper if it is not running (outside a VM: the agent becomes a
+    /// child subreaper), so call it before the server's threads exist.
     pub fn new(network: Network) -> Self {
-        Self { network: Mutex::new(network) }
+        let reaper = crate::init::spawn_reaper().expect("starting the reaper thread");
+        Self { network: Mutex::new(network), runner: Runner::new(reaper) }
     }
 
     fn network(&self) -> std::sync::MutexGuard<'_, Network> {
@@ -40,6 +49,29 @@ fn net_status(e: NetError) -> ttrpc::Error {
         _ => Code::INTERNAL,
     };
     status(code, e.to_string())
+}
+
+/// Runner errors as ttrpc statuses, naming the call.
+fn run_status(call: &str, e: container::Error) -> ttrpc::Error {
+    use container::Error as E;
+    let code = match &e {
+        E::Invalid(_) => Code::INVALID_ARGUMENT,
+        E::NotFound(_) => Code::NOT_FOUND,
+        E::Exists(_) => Code::ALREADY_EXISTS,
+        E::Precondition(_) => Code::FAILED_PRECONDITION,
+        E::Timeout(_) => Code::DEADLINE_EXCEEDED,
+        E::Internal(_) => Code::INTERNAL,
+    };
+    tracing::debug!("{call}: {e}");
+    status(code, format!("{call}: {e}"))
+}
+
+/// How long a call may block: the caller's deadline, within `max`.
+fn call_wait(ctx: &TtrpcContext, max: Duration) -> Duration {
+    match ctx.timeout_nano {
+        n if n > 0 => Duration::from_nanos(n as u64).min(max),
+        _ => max,
+    }
 }
 
 /// proto3 has no "unset": empty strings and zeros mean "not given".
@@ -133,5 +165,122 @@ impl Agent for AgentService {
         let dns = network::Dns { servers: req.servers, searches: req.searches, options: req.options };
         self.network().set_dns(&dns).map_err(net_status)?;
         Ok(api::Empty::new())
+    }
+
+    fn create_sandbox(&self, _ctx: &TtrpcContext, req: api::CreateSandboxRequest) -> ttrpc::Result<api::Empty> {
+        let map = req.pci_address_map.into_iter().collect();
+        self.runner.create_sandbox(&req.sandbox_id, &req.hostname, map).map_err(|e| run_status("CreateSandbox", e))?;
+        Ok(api::Empty::new())
+    }
+
+    fn destroy_sandbox(&self, _ctx: &TtrpcContext, req: api::DestroySandboxRequest) -> ttrpc::Result<api::Empty> {
+        self.runner.destroy_sandbox(&req.sandbox_id).map_err(|e| run_status("DestroySandbox", e))?;
+        Ok(api::Empty::new())
+    }
+
+    fn create_container(&self, _ctx: &TtrpcContext, req: api::CreateContainerRequest) -> ttrpc::Result<api::Empty> {
+        self.runner.create(&req.container_id, &req.oci_spec_json, &req.rootfs_path, req.terminal).map_err(|e| run_status("CreateContainer", e))?;
+        Ok(api::Empty::new())
+    }
+
+    fn start_container(&self, _ctx: &TtrpcContext, req: api::StartContainerRequest) -> ttrpc::Result<api::Empty> {
+        self.runner.start(&req.container_id).map_err(|e| run_status("StartContainer", e))?;
+        Ok(api::Empty::new())
+    }
+
+    fn remove_container(&self, _ctx: &TtrpcContext, req: api::RemoveContainerRequest) -> ttrpc::Result<api::Empty> {
+        self.runner.remove(&req.container_id).map_err(|e| run_status("RemoveContainer", e))?;
+        Ok(api::Empty::new())
+    }
+
+    fn exec_process(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> ttrpc::Result<api::Empty> {
+        self.runner.exec(&req.container_id, &req.exec_id, &req.oci_process_json, req.terminal).map_err(|e| run_status("ExecProcess", e))?;
+        Ok(api::Empty::new())
+    }
+
+    fn signal_process(&self, _ctx: &TtrpcContext, req: api::SignalProcessRequest) -> ttrpc::Result<api::Empty> {
+        self.runner.signal(&req.container_id, &req.exec_id, req.signal, req.all).map_err(|e| run_status("SignalProcess", e))?;
+        Ok(api::Empty::new())
+    }
+
+    fn wait_process(&self, ctx: &TtrpcContext, req: api::WaitProcessRequest) -> ttrpc::Result<api::WaitProcessResponse> {
+        let (code, at) = self.runner.wait(&req.container_id, &req.exec_id, call_wait(ctx, MAX_PROCESS_WAIT)).map_err(|e| run_status("WaitProcess", e))?;
+        let mut r = api::WaitProcessResponse::new();
+        r.exit_status = code;
+        r.exited_at_unix_nanos = at;
+        Ok(r)
+    }
+
+    fn list_processes(&self, _ctx: &TtrpcContext, req: api::ListProcessesRequest) -> ttrpc::Result<api::ListProcessesResponse> {
+        let mut r = api::ListProcessesResponse::new();
+        r.pids = self.runner.list(&req.container_id).map_err(|e| run_status("ListProcesses", e))?;
+        Ok(r)
+    }
+
+    fn update_container(&self, _ctx: &TtrpcContext, req: api::UpdateContainerRequest) -> ttrpc::Result<api::Empty> {
+        self.runner.update(&req.container_id, &req.resources_json).map_err(|e| run_status("UpdateContainer", e))?;
+        Ok(api::Empty::new())
+    }
+
+    fn stats_container(&self, _ctx: &TtrpcContext, req: api::StatsContainerRequest) -> ttrpc::Result<api::StatsContainerResponse> {
+        let s = self.runner.stats(&req.container_id).map_err(|e| run_status("StatsContainer", e))?;
+        let mut r = api::StatsContainerResponse::new();
+        r.cpu_usage_nanos = s.cpu_usage_nanos;
+        r.memory_usage_bytes = s.memory_usage_bytes;
+        r.memory_limit_bytes = s.memory_limit_bytes;
+        r.pids_current = s.pids_current;
+        Ok(r)
+    }
+
+    fn write_stdin(&self, _ctx: &TtrpcContext, req: api::WriteStreamRequest) -> ttrpc::Result<api::WriteStreamResponse> {
+        let n = self.runner.write_stdin(&req.container_id, &req.exec_id, &req.data).map_err(|e| run_status("WriteStdin", e))?;
+        let mut r = api::WriteStreamResponse::new();
+        r.written = n as u32;
+        Ok(r)
+    }
+
+    fn read_stdout(&self, ctx: &TtrpcContext, req: api::ReadStreamRequest) -> ttrpc::Result<api::ReadStreamResponse> {
+        self.read_stream(ctx, req, Stream::Stdout, "ReadStdout")
+    }
+
+    fn read_stderr(&self, ctx: &TtrpcContext, req: api::ReadStreamRequest) -> ttrpc::Result<api::ReadStreamResponse> {
+        self.read_stream(ctx, req, Stream::Stderr, "ReadStderr")
+    }
+
+    fn close_stdin(&self, _ctx: &TtrpcContext, req: api::CloseStdinRequest) -> ttrpc::Result<api::Empty> {
+        self.runner.close_stdin(&req.container_id, &req.exec_id).map_err(|e| run_status("CloseStdin", e))?;
+        Ok(api::Empty::new())
+    }
+
+    fn tty_win_resize(&self, _ctx: &TtrpcContext, req: api::TtyWinResizeRequest) -> ttrpc::Result<api::Empty> {
+        self.runner.resize(&req.container_id, &req.exec_id, req.rows, req.columns).map_err(|e| run_status("TtyWinResize", e))?;
+        Ok(api::Empty::new())
+    }
+
+    fn get_event(&self, ctx: &TtrpcContext, req: api::GetEventRequest) -> ttrpc::Result<api::GetEventResponse> {
+        if req.timeout_ms > 60_000 {
+            return Err(status(Code::INVALID_ARGUMENT, format!("GetEvent: timeout_ms {}: at most 60000", req.timeout_ms)));
+        }
+        let wait = call_wait(ctx, Duration::from_millis(req.timeout_ms.into()));
+        let mut r = api::GetEventResponse::new();
+        match self.runner.next_event(wait) {
+            Some(container::Event::Exited { container_id, exec_id, exit_status, exited_at_unix_nanos }) => {
+                r.set_exited(api::ProcessExited { container_id, exec_id, exit_status, exited_at_unix_nanos, ..Default::default() });
+            }
+            Some(container::Event::Oom { container_id }) => r.set_oom(api::OomKilled { container_id, ..Default::default() }),
+            None => {}
+        }
+        Ok(r)
+    }
+}
+
+impl AgentService {
+    fn read_stream(&self, ctx: &TtrpcContext, req: api::ReadStreamRequest, stream: Stream, call: &str) -> ttrpc::Result<api::ReadStreamResponse> {
+        let wait_ms = call_wait(ctx, Duration::from_millis(req.wait_ms.into())).as_millis() as u32;
+        let (data, eof) = self.runner.read(&req.container_id, &req.exec_id, stream, req.max_len, wait_ms).map_err(|e| run_status(call, e))?;
+        let mut r = api::ReadStreamResponse::new();
+        r.data = data;
+        r.eof = eof;
+        Ok(r)
     }
 }

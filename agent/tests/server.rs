@@ -141,8 +141,9 @@ fn bad_requests_get_clear_errors_and_the_agent_keeps_serving() {
     assert!(matches!(code(&err), ttrpc::Code::INVALID_ARGUMENT | ttrpc::Code::FAILED_PRECONDITION), "{err:?}");
     assert!(format!("{err:?}").contains("203.0.113.1"), "{err:?}");
 
-    // Not served yet: said plainly, not faked.
+    // An empty container request: refused, naming the call.
     let err = f.client.create_container(ctx(), &agent::CreateContainerRequest::new()).unwrap_err();
+    assert_eq!(code(&err), ttrpc::Code::INVALID_ARGUMENT, "{err:?}");
     assert!(format!("{err:?}").contains("CreateContainer"), "{err:?}");
 
     assert_eq!(f.client.health(ctx(), &agent::HealthRequest::new()).unwrap().api_version, "vfvm.agent.v1");
