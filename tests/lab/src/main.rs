@@ -5,6 +5,7 @@
 //! does the lab's setup and checks (`inside ...`). Run it as `cargo xtask ...`.
 
 mod agent_check;
+mod bench;
 mod console;
 mod cpio;
 mod elf;
@@ -28,6 +29,8 @@ usage: cargo xtask <command>
 
   demo                     the main job for now: boot the lab and show /dev/kvm, the
                            SR-IOV VFs and a VF on vfio-pci inside L2, and an L3 boot
+  bench                    vfvm-vmm against QEMU in the lab: time to userspace and
+                           peak RSS, several runs, medians and ratios
   test                     install what the tests need, then run every test of the
                            workspace, the lab's included
   install                  install the lab's packages, fetch its kernel, build images
@@ -270,6 +273,34 @@ impl TestTotals {
     }
 }
 
+/// `cargo xtask bench`: a release vfvm-vmm against QEMU, booting the lab's L3 test
+/// guest inside L2 (see bench.rs).
+fn bench() -> Result<i32> {
+    let (cache, kernel, images) = prepare()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    progress!("building vfvm-vmm (release)");
+    host::run_shown(Command::new(&cargo).args(["build", "--release", "--quiet", "-p", "vfvm-vmm"]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target"));
+    let vmm = target.join("release/vfvm-vmm").canonicalize().context("locating the release vfvm-vmm")?;
+    let me = host::self_exe()?.to_string_lossy().into_owned();
+    let opts = l2::RunOptions {
+        command: vec![
+            me,
+            "inside".into(),
+            "bench-boot".into(),
+            "--vmm".into(),
+            vmm.to_string_lossy().into_owned(),
+            "--kernel".into(),
+            kernel.vmlinuz().to_string_lossy().into_owned(),
+            "--initrd".into(),
+            images.l3_initrd.to_string_lossy().into_owned(),
+        ],
+        vfs: 1,
+        ..Default::default()
+    };
+    l2::run(&cache, &kernel, &images, &opts)
+}
+
 fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
     let first = args.next().unwrap_or_default();
     let second = args.next();
@@ -288,6 +319,8 @@ fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
         ("image", _) => image(second.into_iter().chain(args)),
         ("inside", Some("boot-l3")) => inside::boot_image(args),
         ("inside", Some("agent-check")) => agent_check::agent_check(args),
+        ("inside", Some("bench-boot")) => bench::bench_boot(args),
+        ("bench", None) => bench(),
         ("inside", Some("setup")) => {
             let vfs = match (args.next().as_deref(), args.next()) {
                 (Some("--vfs"), Some(n)) => n.parse().with_context(|| format!("--vfs {n:?}: expected a number"))?,
