@@ -11,5 +11,6 @@
 
 pub mod container;
 pub mod init;
+pub mod logging;
 pub mod network;
 pub mod service;

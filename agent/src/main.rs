@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use vfvm_agent::network::{Network, Options};
-use vfvm_agent::{init, service::AgentService};
+use vfvm_agent::{init, logging, service::AgentService};
 use vfvm_netlink::Netns;
 
 const USAGE: &str = "\
@@ -21,7 +21,9 @@ usage: vfvm-agent [--listen ADDR] [--no-init] [--netns PATH] [--resolv-conf PATH
 
   --listen ADDR   where to serve the agent API (default vsock://-1:1024; unix://PATH)
   --no-init       not PID 1: skip mounts, module loading and reaping
-  --netns PATH    configure interfaces in this network namespace (tests)";
+  --netns PATH    configure interfaces in this network namespace (tests)
+  --log-vsock-port N  also send logs to the host (CID 2) on this vsock port; as PID 1
+                  the kernel command line's vfvm.log_port=N asks the same";
 
 /// The vsock port the shim connects to.
 const DEFAULT_LISTEN: &str = "vsock://-1:1024";
@@ -35,6 +37,7 @@ struct Args {
     resolv_conf: Option<PathBuf>,
     manifest: Option<PathBuf>,
     modules_dir: Option<PathBuf>,
+    log_port: Option<u32>,
 }
 
 fn parse() -> Result<Args> {
@@ -45,6 +48,7 @@ fn parse() -> Result<Args> {
         resolv_conf: None,
         manifest: None,
         modules_dir: None,
+        log_port: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -56,6 +60,7 @@ fn parse() -> Result<Args> {
             "--resolv-conf" => a.resolv_conf = Some(value()?.into()),
             "--modules-manifest" => a.manifest = Some(value()?.into()),
             "--modules-dir" => a.modules_dir = Some(value()?.into()),
+            "--log-vsock-port" => a.log_port = Some(value()?.parse().context("--log-vsock-port: expected a port number")?),
             "--version" => {
                 println!("vfvm-agent {}", env!("CARGO_PKG_VERSION"));
                 std::process::exit(0);
@@ -82,6 +87,14 @@ fn run(a: Args) -> Result<()> {
             Ok(n) => tracing::info!("loaded {n} kernel modules from {}", manifest.display()),
             Err(e) if !manifest.exists() => tracing::info!("no module manifest ({e})"),
             Err(e) => return Err(e).context("loading kernel modules"),
+        }
+    }
+    // The vsock transport is loaded now: mirror the logs to the host if it asked.
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if let Some(port) = a.log_port.or_else(|| if a.init { logging::log_port_from_cmdline(&cmdline) } else { None }) {
+        match logging::connect_vsock(port, std::time::Duration::from_secs(2)) {
+            Ok(()) => tracing::info!("logging to the host over vsock port {port}"),
+            Err(e) => tracing::warn!("no log stream to the host on vsock port {port}: {e}"),
         }
     }
     let mut opts = Options::default();
@@ -121,7 +134,7 @@ fn wait_for_termination() {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt().with_writer(|| logging::LogWriter).with_target(false).with_ansi(false).init();
     let args = match parse() {
         Ok(a) => a,
         Err(e) => {

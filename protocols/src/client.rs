@@ -176,7 +176,7 @@ fn connect_once(addr: &AgentAddress, timeout: Duration) -> Result<OwnedFd, Clien
 }
 
 /// AF_VSOCK connect with a timeout: non-blocking connect, then poll for writability.
-fn vsock_connect(cid: u32, port: u32, timeout: Duration) -> std::io::Result<OwnedFd> {
+pub fn vsock_connect(cid: u32, port: u32, timeout: Duration) -> std::io::Result<OwnedFd> {
     // SAFETY: plain socket calls on a descriptor this function owns.
     unsafe {
         let fd = libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0);

@@ -26,6 +26,53 @@ const VF_INDEX: u32 = 1;
 const VF_ADMIN_MAC: &str = "02:00:00:00:00:33";
 const GUEST_VF_CIDR: &str = "198.18.0.33/24";
 const GUEST_VF_IP: &str = "198.18.0.33";
+/// The vsock port the agent mirrors its logs to (`vfvm.log_port`).
+const LOG_PORT: u32 = 1025;
+/// What the check keeps of the agent's log stream, at most.
+const MAX_LOG_BYTES: usize = 1 << 20;
+
+/// Listens on vsock port `port` of this (host) side and collects what the first
+/// connection sends, up to MAX_LOG_BYTES, in the background.
+fn collect_vsock_logs(port: u32) -> Result<std::sync::Arc<std::sync::Mutex<Vec<u8>>>> {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    // SAFETY: socket calls on descriptors this function owns.
+    let listener = unsafe {
+        let fd = libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        ensure!(fd >= 0, "vsock socket: {}", std::io::Error::last_os_error());
+        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut sa: libc::sockaddr_vm = std::mem::zeroed();
+        sa.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        sa.svm_cid = libc::VMADDR_CID_ANY;
+        sa.svm_port = port;
+        use std::os::fd::AsRawFd;
+        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        ensure!(libc::bind(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) == 0, "vsock bind port {port}: {}", std::io::Error::last_os_error());
+        ensure!(libc::listen(fd.as_raw_fd(), 1) == 0, "vsock listen: {}", std::io::Error::last_os_error());
+        fd
+    };
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: accept on our listener; the new descriptor becomes a File we own.
+        let conn = unsafe { libc::accept(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut()) };
+        if conn < 0 {
+            return;
+        }
+        let mut stream = unsafe { std::fs::File::from_raw_fd(conn) };
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let mut logs = sink.lock().unwrap_or_else(|e| e.into_inner());
+            let room = MAX_LOG_BYTES.saturating_sub(logs.len());
+            logs.extend_from_slice(&buf[..n.min(room)]);
+        }
+    });
+    Ok(logs)
+}
 
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(Duration::from_secs(60).as_nanos() as i64)
@@ -64,6 +111,7 @@ pub fn agent_check(mut args: impl Iterator<Item = String>) -> Result<i32> {
     let vf = pf.virtfn(VF_INDEX)?;
     run(Command::new("ip").args(["link", "set", "dev", &pf_if, "vf", &VF_INDEX.to_string(), "mac", VF_ADMIN_MAC]))?;
     vf.bind_by_override(Some("vfio-pci"))?;
+    let logs = collect_vsock_logs(LOG_PORT)?;
 
     let mut qemu = Command::new(crate::host::QEMU);
     qemu.args(["-enable-kvm", "-M", "q35", "-cpu", "host", "-smp", "1", "-m", "512"])
@@ -72,7 +120,8 @@ pub fn agent_check(mut args: impl Iterator<Item = String>) -> Result<i32> {
         .arg(&kernel)
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .arg("-append")
+        .arg(format!("console=ttyS0 panic=-1 quiet vfvm.log_port={LOG_PORT}"))
         .args(["-device", &format!("vhost-vsock-pci,guest-cid={GUEST_CID}")])
         .args(["-device", &format!("vfio-pci,host={},bus=pcie.0,addr={VF_GUEST_SLOT:#x}", vf.addr)])
         .stdin(Stdio::null())
@@ -88,7 +137,13 @@ pub fn agent_check(mut args: impl Iterator<Item = String>) -> Result<i32> {
             println!("l3| {}", line.trim_end_matches('\r'));
         }
     });
-    let result = talk_to_agent(started);
+    let result = talk_to_agent(started).and_then(|()| {
+        let logs = String::from_utf8_lossy(&logs.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+        ensure!(logs.contains("agent serving vfvm.agent.v1"), "the agent's log stream on vsock port {LOG_PORT} lacks its serving line:\n{logs}");
+        println!("check: the agent's logs arrived over vsock port {LOG_PORT} ({} bytes)", logs.len());
+        println!("agent-check: PASSED");
+        Ok(())
+    });
     kill_and_reap(&mut child);
     vf.bind_by_override(None)?;
     result.map(|()| 0)
@@ -126,6 +181,5 @@ fn talk_to_agent(started: Instant) -> Result<()> {
     let ping = ping_from_peer(GUEST_VF_IP, Duration::from_secs(60))?;
     print!("{ping}");
     println!("check: the peer host {PEER_ADDR} reached the guest's VF at {GUEST_VF_IP}");
-    println!("agent-check: PASSED");
     Ok(())
 }

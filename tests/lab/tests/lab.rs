@@ -283,6 +283,7 @@ fn agent_image_serves_over_vsock_and_configures_a_vf_by_pci_address() {
         "agent configured the VF at guest 0000:00:05.0 as net0 198.18.0.33/24",
         "interface updated interface=net0 changes=0",
         "3 packets transmitted, 3 packets received",
+        "the agent's logs arrived over vsock port 1025",
         "agent-check: PASSED",
     ] {
         assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
