@@ -5,8 +5,11 @@
 //! - [`client`]: connecting to an agent over AF_VSOCK, hybrid vsock (a Unix socket
 //!   with a `CONNECT <port>` handshake) or a plain Unix socket, with timeouts and
 //!   retries while the guest boots.
+//! - [`vmm_api`]: the VMM control API (typed, versioned, length-framed JSON on the
+//!   VMM's Unix socket) with its client and per-connection server loop.
 
 pub mod client;
+pub mod vmm_api;
 
 /// What ttrpc-codegen generates, as the sibling modules its code expects.
 #[allow(clippy::all, dead_code, missing_docs, non_camel_case_types, non_snake_case, non_upper_case_globals, unused_imports, unused_results, trivial_casts, unused_mut)]

@@ -1,0 +1,179 @@
+//! The VMM control API: how the shim drives `vfvm-vmm` over its Unix socket.
+//!
+//! Each message is a 4-byte big-endian length followed by that many bytes of JSON
+//! (at most [`MAX_MESSAGE_BYTES`]): an [`Envelope`] holding the API version, a request
+//! id the answer repeats, and the body. Versioned: a VMM answers a request of another
+//! version with [`ErrorCode::UnsupportedVersion`] and keeps serving.
+
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// The API version this crate speaks.
+pub const VMM_API_VERSION: u32 = 1;
+/// No control message needs more; a larger length is refused unread.
+pub const MAX_MESSAGE_BYTES: u32 = 64 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope<T> {
+    pub version: u32,
+    pub id: u64,
+    pub body: T,
+}
+
+/// What the shim can ask.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Pause,
+    Resume,
+    /// `force`: stop now; otherwise ask the guest to power off (ACPI) and wait.
+    Shutdown { force: bool },
+    /// Plug a VFIO device (a VF the VF manager bound to vfio-pci).
+    AddVfioDevice { id: String, host_pci_address: String, iommu_group_path: String, guest_slot: Option<u8> },
+    RemoveDevice { id: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Running,
+    Paused,
+    ShuttingDown,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not decodable, unknown op, or bad field values.
+    BadRequest,
+    UnsupportedVersion,
+    /// Valid, but not possible in the VM's state (e.g. resume a running VM).
+    InvalidState,
+    /// This VMM does not do that (yet).
+    Unsupported,
+    Internal,
+}
+
+/// The answer to a request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    Status { state: VmState, vcpus: u32, memory_mib: u64, vmm_version: String },
+    Done,
+    /// A device was plugged at this guest PCI address.
+    DeviceAdded { id: String, guest_pci_address: String },
+    Error { code: ErrorCode, message: String },
+}
+
+impl Response {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Response::Error { code, message: message.into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("control socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("control message of {0} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")]
+    TooLarge(u64),
+    #[error("control message is not valid: {0}")]
+    Decode(String),
+    #[error("answer to request {got}, expected {want}")]
+    WrongId { want: u64, got: u64 },
+    #[error("the VMM speaks API version {0}, this client {VMM_API_VERSION}")]
+    Version(u32),
+}
+
+/// Writes one framed message.
+pub fn write_message<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), ApiError> {
+    let bytes = serde_json::to_vec(msg).map_err(|e| ApiError::Decode(e.to_string()))?;
+    if bytes.len() as u64 > u64::from(MAX_MESSAGE_BYTES) {
+        return Err(ApiError::TooLarge(bytes.len() as u64));
+    }
+    w.write_all(&(bytes.len() as u32).to_be_bytes())?;
+    w.write_all(&bytes)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads one frame's bytes; `Ok(None)` at a clean end of stream. The length is
+/// checked before anything is allocated.
+pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, ApiError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len);
+    if len > MAX_MESSAGE_BYTES {
+        return Err(ApiError::TooLarge(u64::from(len)));
+    }
+    let mut buf = vec![0u8; len as usize];
+    r.read_exact(&mut buf)?;
+    Ok(Some(buf))
+}
+
+/// Serves one connection: each request frame gets exactly one answer. A frame that
+/// does not decode is answered with `BadRequest` (the stream stays usable); a length
+/// past the limit closes the connection, since the stream is out of step.
+pub fn serve_connection(stream: &mut UnixStream, handler: &mut dyn FnMut(Request) -> Response) -> Result<(), ApiError> {
+    while let Some(frame) = read_frame(stream)? {
+        let value: serde_json::Value = match serde_json::from_slice(&frame) {
+            Ok(v) => v,
+            Err(e) => {
+                write_message(stream, &Envelope { version: VMM_API_VERSION, id: 0, body: Response::error(ErrorCode::BadRequest, e.to_string()) })?;
+                continue;
+            }
+        };
+        let id = value.get("id").and_then(|v| v.as_u64()).unwrap_or(0);
+        let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+        let answer = if version != u64::from(VMM_API_VERSION) {
+            Response::error(ErrorCode::UnsupportedVersion, format!("version {version}; this VMM speaks {VMM_API_VERSION}"))
+        } else {
+            match serde_json::from_value::<Envelope<Request>>(value) {
+                Ok(env) => handler(env.body),
+                Err(e) => Response::error(ErrorCode::BadRequest, e.to_string()),
+            }
+        };
+        write_message(stream, &Envelope { version: VMM_API_VERSION, id, body: answer })?;
+    }
+    Ok(())
+}
+
+/// A blocking client for one VMM's control socket.
+pub struct VmmClient {
+    stream: UnixStream,
+    next_id: u64,
+}
+
+impl VmmClient {
+    /// Connects; every call then waits at most `timeout` for its answer.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Self, ApiError> {
+        let stream = UnixStream::connect(path)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(Self { stream, next_id: 1 })
+    }
+
+    pub fn call(&mut self, request: Request) -> Result<Response, ApiError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        write_message(&mut self.stream, &Envelope { version: VMM_API_VERSION, id, body: request })?;
+        let frame = read_frame(&mut self.stream)?.ok_or_else(|| ApiError::Io(std::io::ErrorKind::UnexpectedEof.into()))?;
+        let env: Envelope<Response> = serde_json::from_slice(&frame).map_err(|e| ApiError::Decode(e.to_string()))?;
+        if env.version != VMM_API_VERSION {
+            return Err(ApiError::Version(env.version));
+        }
+        if env.id != id {
+            return Err(ApiError::WrongId { want: id, got: env.id });
+        }
+        Ok(env.body)
+    }
+}
