@@ -43,7 +43,9 @@ fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
 
 fn net_status(e: NetError) -> ttrpc::Error {
     let code = match &e {
-        NetError::Invalid { .. } | NetError::VlanUnsupported { .. } => Code::INVALID_ARGUMENT,
+        NetError::Invalid { .. } => Code::INVALID_ARGUMENT,
+        // The request is fine; this guest's kernel cannot do it.
+        NetError::VlanUnsupported { .. } => Code::FAILED_PRECONDITION,
         NetError::DeviceTimeout { .. } => Code::DEADLINE_EXCEEDED,
         NetError::Route { .. } | NetError::Device { .. } => Code::FAILED_PRECONDITION,
         _ => Code::INTERNAL,

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use std::process::Command;
 use vfvm_agent::network::{
     Change, DeviceMatch, DeviceSel, Dns, FoundVia, Interface, NetError, Network, NetworkConfig,
     Options, Route, Wanted,
@@ -1013,25 +1014,199 @@ fn other_bad_fields_are_refused() {
     }
 }
 
-/// This host's kernel has no 802.1Q: a VLAN is an explicit error, before any change.
+/// A VLAN interface "vlan42" (id 42) on vt0, found by vt0's MAC, with
+/// addresses, an MTU, a MAC of its own and routes through it.
+fn vlan_config(env: &Env) -> NetworkConfig {
+    let mut i = iface(
+        "vlan42",
+        by_mac(env.link("vt0").mac.unwrap()),
+        &["198.18.42.2/24", "fd00:42::2/64"],
+    );
+    i.vlan = Some(42);
+    i.mtu = Some(1400);
+    i.mac = Some("02:42:00:00:00:02".into());
+    NetworkConfig {
+        interfaces: vec![i],
+        routes: vec![
+            route("10.42.0.0/16", Some("198.18.42.1"), Some("vlan42"), None),
+            route("default", Some("198.18.42.1"), None, None),
+            route("fd00:4242::/64", None, Some("vlan42"), Some(100)),
+        ],
+        dns: None,
+    }
+}
+
+fn kernel_has_8021q(env: &Env) -> bool {
+    env.h.vlan_supported().unwrap()
+}
+
+/// VLAN ids outside 1..=4094 are refused by validation, before anything.
 #[test]
-fn vlan_is_refused_as_unsupported_here() {
+fn vlan_ids_are_validated() {
     let env = Env::new();
     let net = env.net();
-    let mut cfg = good(&env);
-    cfg.interfaces[0].vlan = Some(100);
+    for bad in [0u16, 4095, 4096, u16::MAX] {
+        let mut cfg = vlan_config(&env);
+        cfg.interfaces[0].vlan = Some(bad);
+        let e = refused(
+            &env,
+            &net,
+            &cfg,
+            &["interfaces[0].vlan", &format!("{bad:?}"), "1 to 4094"],
+        );
+        assert!(matches!(e, NetError::Invalid { .. }), "{e:?}");
+    }
+    for ok in [1u16, 4094] {
+        let mut cfg = vlan_config(&env);
+        cfg.interfaces[0].vlan = Some(ok);
+        assert!(cfg.validate().is_ok());
+    }
+}
+
+/// Checks against the system come before the kernel's 802.1Q support is
+/// asked for, so they are testable here: a VLAN MTU above the parent's (its MTU
+/// after this config), two VLAN interfaces with one id on one parent, a name
+/// held by the parent or by another link. Nothing changes.
+#[test]
+fn vlan_checks_against_the_system_come_first() {
+    let env = Env::new();
+    let net = env.net();
+    let vt0 = env.link("vt0");
+    assert_eq!(vt0.mtu, 1500);
+
+    // VLAN MTU above the parent's current MTU.
+    let mut cfg = vlan_config(&env);
+    cfg.interfaces[0].mtu = Some(1600);
     let e = refused(
         &env,
         &net,
         &cfg,
-        &["interface \"eth0\"", "VLAN 100 is unsupported here"],
+        &[
+            "interface \"vlan42\"",
+            "MTU 1600 of VLAN 42 is above the MTU 1500 of its parent \"vt0\"",
+        ],
     );
-    assert!(matches!(e, NetError::VlanUnsupported { .. }), "{e:?}");
-    if !Path::new("/proc/net/vlan/config").exists() {
-        assert!(e.to_string().contains("no 802.1Q VLAN support"), "{e}");
+    assert!(matches!(e, NetError::Device { .. }), "{e:?}");
+
+    // The parent configured by the same config (no vlan, same selector): its
+    // new MTU counts.
+    let mut cfg = vlan_config(&env);
+    let mut parent = iface("eth0", cfg.interfaces[0].device.clone(), &[]);
+    parent.mtu = Some(1300);
+    cfg.interfaces.insert(0, parent);
+    let e = refused(
+        &env,
+        &net,
+        &cfg,
+        &["MTU 1400 of VLAN 42 is above the MTU 1300 of its parent \"vt0\""],
+    );
+    assert!(matches!(e, NetError::Device { .. }), "{e:?}");
+
+    // Two VLAN interfaces with one id on one parent: the same selector is
+    // caught by validation, two selectors of one device when it is found.
+    let mut cfg = vlan_config(&env);
+    let mut twin = cfg.interfaces[0].clone();
+    twin.name = "vlan42b".into();
+    twin.addresses.clear();
+    cfg.interfaces.push(twin);
+    refused(
+        &env,
+        &net,
+        &cfg,
+        &[
+            "interfaces[1].device.mac",
+            "another interface has a VLAN of this id on this MAC",
+        ],
+    );
+    env.fake_pci("0000:00:07.0", "vt0", Some(vt0.index));
+    cfg.interfaces[1].device = by_pci("0000:00:07.0");
+    refused(
+        &env,
+        &net,
+        &cfg,
+        &[
+            "interface \"vlan42",
+            "VLAN 42 on \"vt0\"",
+            "a parent has one VLAN link per id",
+        ],
+    );
+    // Distinct ids on one parent pass validation.
+    cfg.interfaces[1].vlan = Some(43);
+    assert!(cfg.validate().is_ok());
+
+    // The VLAN named like its (unmanaged) parent.
+    let mut cfg = vlan_config(&env);
+    cfg.interfaces[0].name = "vt0".into();
+    cfg.routes.clear();
+    refused(
+        &env,
+        &net,
+        &cfg,
+        &[
+            "interface \"vt0\"",
+            "the name is that of the VLAN's parent device",
+        ],
+    );
+
+    // The name held by a link that is not that VLAN.
+    let mut cfg = vlan_config(&env);
+    cfg.interfaces[0].name = "vp0".into();
+    cfg.routes.clear();
+    refused(
+        &env,
+        &net,
+        &cfg,
+        &[
+            "interface \"vp0\"",
+            "link \"vp0\"",
+            "veth",
+            "exists but is not VLAN 42 on \"vt0\"",
+        ],
+    );
+}
+
+/// This host's kernel has no 802.1Q: a VLAN that must be created is an
+/// explicit error that says so, before any change.
+#[test]
+fn vlan_without_kernel_8021q_is_refused_clearly() {
+    let env = Env::new();
+    if kernel_has_8021q(&env) {
+        eprintln!("this kernel has 802.1Q: the lab_ VLAN tests cover it");
+        return;
     }
-    cfg.interfaces[0].vlan = Some(4095);
-    refused(&env, &net, &cfg, &["interfaces[0].vlan", "1 to 4094"]);
+    let net = env.net();
+    // Also with the parent configured by the same config, up to MTU 9000.
+    for with_parent in [false, true] {
+        let mut cfg = vlan_config(&env);
+        if with_parent {
+            let mut parent = iface("eth0", cfg.interfaces[0].device.clone(), &["10.9.0.2/24"]);
+            parent.mtu = Some(9000);
+            cfg.interfaces[0].mtu = Some(9000);
+            cfg.interfaces.insert(0, parent);
+        }
+        let e = refused(
+            &env,
+            &net,
+            &cfg,
+            &[
+                "interface \"vlan42\"",
+                "VLAN 42 is unsupported here",
+                "the kernel has no 802.1Q VLAN support",
+                "/proc/net/vlan/config is missing",
+                "8021q",
+            ],
+        );
+        assert!(
+            matches!(e, NetError::VlanUnsupported { vlan: 42, .. }),
+            "{e:?}"
+        );
+        eprintln!("{e}");
+    }
+    // The per-call entry point too.
+    let cfg = vlan_config(&env);
+    let e = net.update_interface(&cfg.interfaces[0], None).unwrap_err();
+    assert!(matches!(e, NetError::VlanUnsupported { .. }), "{e:?}");
+    assert!(net.configured().is_empty());
 }
 
 #[test]
@@ -1178,4 +1353,256 @@ fn per_call_entry_points_converge_and_are_idempotent() {
     assert!(net.configured().is_empty());
     let e = net.remove_interface("eth0").unwrap_err();
     assert!(e.to_string().contains("has not configured"), "{e}");
+}
+
+// ---------------------------------------------------------------- lab tests
+
+/// Loads a module in the lab (L2 runs Debian's kernel with its modules).
+fn lab_modprobe(m: &str) {
+    assert!(
+        std::env::var_os("VFVM_LAB_INSIDE").is_some(),
+        "this test needs the lab: run it with cargo xtask test / cargo xtask lab run"
+    );
+    let st = Command::new("modprobe").arg(m).status().unwrap();
+    assert!(st.success(), "modprobe {m}: {st}");
+}
+
+fn ip_json(env: &Env, args: &[&str]) -> String {
+    let out = env
+        .ns
+        .run_in(|| Command::new("ip").arg("-j").args(args).output())
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip -j {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn lab_vlan_interface_applies_and_is_idempotent() {
+    lab_modprobe("8021q");
+    lab_modprobe("veth");
+    let env = Env::new();
+    assert!(kernel_has_8021q(&env));
+    let net = env.net();
+    let vt0 = env.link("vt0");
+    let cfg = vlan_config(&env);
+
+    // First apply: parent up, VLAN link created and configured, routes.
+    let r = net.apply(&cfg).unwrap();
+    for c in &r.changes {
+        eprintln!("change: {c}");
+    }
+    let v = env.link("vlan42");
+    assert_eq!(r.interfaces, vec![("vlan42".to_string(), v.index)]);
+    let c = &r.changes;
+    let pos = |want: &Change| {
+        c.iter()
+            .position(|x| x == want)
+            .unwrap_or_else(|| panic!("{want:?} not in {c:#?}"))
+    };
+    let parent_up = pos(&Change::LinkUp { link: "vt0".into() });
+    let created = pos(&Change::VlanCreated {
+        link: "vlan42".into(),
+        parent: "vt0".into(),
+        vlan: 42,
+    });
+    let up = pos(&Change::LinkUp {
+        link: "vlan42".into(),
+    });
+    assert!(parent_up < created && created < up, "{c:#?}");
+    assert_eq!(
+        c.iter()
+            .filter(|x| matches!(x, Change::RouteAdded { .. }))
+            .count(),
+        3,
+        "{c:#?}"
+    );
+    // Read back with netlink.
+    assert_eq!(v.kind.as_deref(), Some("vlan"));
+    assert_eq!(v.vlan_id, Some(42));
+    assert_eq!(v.link, Some(vt0.index));
+    assert_eq!(v.mtu, 1400);
+    assert_eq!(v.mac, Some(mac("02:42:00:00:00:02")));
+    assert!(v.admin_up);
+    let p = env.link("vt0");
+    assert!(p.admin_up, "the parent is up");
+    assert_eq!(
+        (p.index, p.mtu, p.mac),
+        (vt0.index, vt0.mtu, vt0.mac),
+        "and otherwise untouched"
+    );
+    assert!(env.addrs(vt0.index).is_empty());
+    assert_eq!(
+        env.addrs(v.index),
+        ["198.18.42.2/24", "fd00:42::2/64"]
+            .into_iter()
+            .map(String::from)
+            .collect()
+    );
+    assert_eq!(
+        env.routes(v.index),
+        [
+            "10.42.0.0/16 via 198.18.42.1 metric 0",
+            "0.0.0.0/0 via 198.18.42.1 metric 0",
+            "fd00:4242::/64 metric 100",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect()
+    );
+    assert!(env.routes(vt0.index).is_empty());
+    // And with iproute2.
+    let j = ip_json(&env, &["-d", "link", "show", "dev", "vlan42"]);
+    eprintln!("{j}");
+    assert!(
+        j.contains("\"info_kind\":\"vlan\"")
+            && j.contains("\"protocol\":\"802.1Q\"")
+            && j.contains("\"id\":42")
+            && j.contains("\"link\":\"vt0\"")
+            && j.contains("\"mtu\":1400"),
+        "{j}"
+    );
+    assert_eq!(net.configured(), vec![("vlan42".to_string(), v.index)]);
+
+    // Second apply: nothing to do, nothing changed.
+    let before = env.snapshot();
+    let r = net.apply(&cfg).unwrap();
+    assert!(r.is_noop(), "{r:#?}");
+    assert_eq!(r.interfaces, vec![("vlan42".to_string(), v.index)]);
+    assert!(net
+        .update_interface(&cfg.interfaces[0], None)
+        .unwrap()
+        .is_noop());
+    assert_eq!(env.snapshot(), before);
+    eprintln!("second apply: no change");
+
+    // Converge: another address, MTU back to the parent's; the link is kept.
+    let mut cfg2 = cfg.clone();
+    cfg2.interfaces[0].addresses = vec!["198.18.42.3/24".into()];
+    cfg2.interfaces[0].mtu = Some(1500);
+    cfg2.routes.truncate(2);
+    let r = net.apply(&cfg2).unwrap();
+    assert!(
+        !r.changes
+            .iter()
+            .any(|c| matches!(c, Change::VlanCreated { .. })),
+        "{r:#?}"
+    );
+    assert_eq!(env.link("vlan42").index, v.index);
+    assert_eq!(env.link("vlan42").mtu, 1500);
+    assert_eq!(
+        env.addrs(v.index),
+        ["198.18.42.3/24".to_string()].into_iter().collect()
+    );
+    assert!(net.apply(&cfg2).unwrap().is_noop());
+
+    // Conflicts, refused before any change: the name held by a VLAN link with
+    // another id, or on another parent.
+    let mut other = cfg2.clone();
+    other.interfaces[0].vlan = Some(43);
+    let e = refused(
+        &env,
+        &net,
+        &other,
+        &[
+            "interface \"vlan42\"",
+            "link \"vlan42\"",
+            "vlan 42 on \"vt0\"",
+            "exists but is not VLAN 43 on \"vt0\"",
+        ],
+    );
+    eprintln!("conflicting id: {e}");
+    let vp0 = env.link("vp0");
+    env.h.create_vlan("vp0.7", vp0.index, 7).unwrap();
+    let mut other = cfg2.clone();
+    other.interfaces[0].name = "vp0.7".into();
+    other.interfaces[0].vlan = Some(7);
+    other.routes.clear();
+    let e = refused(
+        &env,
+        &net,
+        &other,
+        &[
+            "link \"vp0.7\"",
+            "vlan 7 on \"vp0\"",
+            "exists but is not VLAN 7 on \"vt0\"",
+        ],
+    );
+    eprintln!("conflicting parent: {e}");
+
+    // A VLAN link that exists with that id on that parent under another name
+    // is adopted (renamed), not duplicated; a second VLAN on the same parent.
+    env.h.create_vlan("tmp100", vt0.index, 100).unwrap();
+    let t100 = env.link("tmp100");
+    let mut two = cfg2.clone();
+    let mut i100 = iface(
+        "vlan100",
+        two.interfaces[0].device.clone(),
+        &["198.18.100.2/24"],
+    );
+    i100.vlan = Some(100);
+    two.interfaces.push(i100);
+    let r = net.apply(&two).unwrap();
+    assert!(
+        r.changes.contains(&Change::Renamed {
+            from: "tmp100".into(),
+            to: "vlan100".into()
+        }),
+        "{r:#?}"
+    );
+    assert!(
+        !r.changes
+            .iter()
+            .any(|c| matches!(c, Change::VlanCreated { .. })),
+        "{r:#?}"
+    );
+    assert_eq!(env.link("vlan100").index, t100.index);
+    assert!(net.apply(&two).unwrap().is_noop());
+
+    // RemoveInterface deletes the VLAN link; the parent stays.
+    let r = net.remove_interface("vlan100").unwrap();
+    assert_eq!(
+        r.changes,
+        vec![Change::LinkDeleted {
+            link: "vlan100".into()
+        }]
+    );
+    assert!(env.h.find_link("vlan100").unwrap().is_none());
+    assert!(env.link("vt0").admin_up);
+    assert_eq!(net.configured(), vec![("vlan42".to_string(), v.index)]);
+
+    // The parent configured by the same config (found by the same MAC),
+    // raised to MTU 9000 before its VLAN gets 9000.
+    let mut both = cfg.clone();
+    both.interfaces[0].mtu = Some(9000);
+    let mut parent = iface("eth0", both.interfaces[0].device.clone(), &["10.9.0.2/24"]);
+    parent.mtu = Some(9000);
+    both.interfaces.insert(0, parent);
+    let r = net.apply(&both).unwrap();
+    for c in &r.changes {
+        eprintln!("change: {c}");
+    }
+    let eth0 = env.link("eth0");
+    assert_eq!((eth0.index, eth0.mtu), (vt0.index, 9000));
+    let v = env.link("vlan42");
+    assert_eq!(
+        (v.mtu, v.link, v.vlan_id),
+        (9000, Some(vt0.index), Some(42))
+    );
+    assert_eq!(
+        r.interfaces,
+        vec![
+            ("eth0".to_string(), vt0.index),
+            ("vlan42".to_string(), v.index)
+        ]
+    );
+    let before = env.snapshot();
+    assert!(net.apply(&both).unwrap().is_noop());
+    assert_eq!(env.snapshot(), before);
+    eprintln!("VLAN on a configured parent: second apply no change");
 }

@@ -1,9 +1,9 @@
 //! Synchronous rtnetlink for vfvm.
 //!
 //! A small, typed layer over `netlink-packet-route` and a blocking
-//! `netlink-sys` socket (no async runtime): links, addresses, routes,
-//! neighbours, moves between network namespaces, and SR-IOV VF settings on a
-//! PF. Used by the shim's VF manager (record a VF netdev's config in the pod
+//! `netlink-sys` socket (no async runtime): links (creating veth, bridge and
+//! 802.1Q VLAN links), addresses, routes, neighbours, moves between network
+//! namespaces, and SR-IOV VF settings on a PF. Used by the shim's VF manager (record a VF netdev's config in the pod
 //! netns, restore it exactly) and by the in-guest agent (apply a config).
 //!
 //! ```no_run

@@ -260,6 +260,55 @@ fn create_and_delete_links() {
 }
 
 #[test]
+fn vlan_arguments_are_checked_before_sending() {
+    let (_ns, h, a, _b) = setup();
+    for (name, parent, id, want) in [
+        ("v1", a.index, 4095, "4095"),
+        ("v1", a.index, u16::MAX, "65535"),
+        ("v1", 0, 42, "parent ifindex"),
+        ("", a.index, 42, "interface name"),
+        ("a-name-too-long-for-linux", a.index, 42, "interface name"),
+    ] {
+        let e = h.create_vlan(name, parent, id).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument { .. }), "{e:?}");
+        assert!(e.to_string().contains(want), "{e}");
+        assert!(e.to_string().contains("create vlan"), "{e}");
+    }
+    // Nothing was created.
+    assert_eq!(h.links().unwrap().len(), 3);
+}
+
+/// Whether this kernel has 802.1Q at all (`/proc/net/vlan/config` exists once
+/// the 8021q module is in; the probe also autoloads it where it can).
+#[test]
+fn vlan_support_probe_agrees_with_the_kernel() {
+    let (_ns, h, a, _b) = setup();
+    let supported = h.vlan_supported().unwrap();
+    let proc_has = std::path::Path::new("/proc/net/vlan/config").exists();
+    eprintln!("802.1Q supported: {supported}, /proc/net/vlan/config: {proc_has}");
+    // The probe leaves nothing behind.
+    assert_eq!(h.links().unwrap().len(), 3);
+    if supported {
+        return;
+    }
+    // A kernel without 802.1Q (this project's dev hosts): creation fails with
+    // EOPNOTSUPP, and the message says why.
+    assert!(!proc_has);
+    let e = h.create_vlan("vt0.42", a.index, 42).unwrap_err();
+    eprintln!("{e}");
+    assert_eq!(e.errno(), Some(libc::EOPNOTSUPP), "{e:?}");
+    let s = e.to_string();
+    assert!(
+        s.contains("create vlan")
+            && s.contains("\"vt0.42\"")
+            && s.contains("VLAN 42")
+            && s.contains("802.1Q")
+            && s.contains("8021q"),
+        "{s}"
+    );
+}
+
+#[test]
 fn veth_peer_in_another_netns() {
     let ns1 = Netns::new_anonymous().unwrap();
     let ns2 = Netns::new_anonymous().unwrap();
@@ -352,11 +401,19 @@ fn addresses_v4_v6() {
             .contains(AddrFlags::NOPREFIXROUTE | AddrFlags::NODAD),
         "{x:?}"
     );
-    // Kernel-made link-local address is listed with scope link.
-    assert!(addrs
-        .iter()
-        .any(|x| x.scope == Scope::Link
-            && matches!(x.addr, IpAddr::V6(v) if v.segments()[0] == 0xfe80)));
+    // Kernel-made link-local address is listed with scope link. The kernel adds it
+    // from a work queue after the link comes up, so look until it is there (bounded).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let link_local = |list: &[Address]| {
+        list.iter()
+            .any(|x| x.scope == Scope::Link && matches!(x.addr, IpAddr::V6(v) if v.segments()[0] == 0xfe80))
+    };
+    let mut current = addrs.clone();
+    while !link_local(&current) {
+        assert!(std::time::Instant::now() < deadline, "no IPv6 link-local address within 5 s: {current:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        current = h.addresses(a.index).unwrap();
+    }
     // Not on the other link.
     assert!(h
         .addresses(b.index)
@@ -888,4 +945,85 @@ fn lab_vf_settings_round_trip() {
     assert!(e.errno().is_some(), "{e}");
     assert!(h.vf_config(pf.index, 99).unwrap_err().is_not_found());
     assert_eq!(h.vf_configs(pf.index).unwrap(), before);
+}
+
+/// Loads a module in the lab (L2 runs Debian's kernel with its modules).
+fn lab_modprobe(m: &str) {
+    assert!(
+        std::env::var_os("VFVM_LAB_INSIDE").is_some(),
+        "this test needs the lab: run it with cargo xtask test / cargo xtask lab run"
+    );
+    let st = Command::new("modprobe").arg(m).status().unwrap();
+    assert!(st.success(), "modprobe {m}: {st}");
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn lab_vlan_links() {
+    lab_modprobe("8021q");
+    lab_modprobe("veth");
+    let (ns, h, a, b) = setup();
+    assert!(h.vlan_supported().unwrap());
+    assert_eq!(h.links().unwrap().len(), 3, "the probe left a link behind");
+    h.set_link_mtu(a.index, 9000).unwrap();
+    h.create_vlan("vt0.42", a.index, 42).unwrap();
+    let v = h.link_by_name("vt0.42").unwrap();
+    eprintln!("VLAN link: {v:?}");
+    assert_eq!(v.kind.as_deref(), Some("vlan"));
+    assert_eq!(v.vlan_id, Some(42));
+    assert_eq!(v.link, Some(a.index), "parent");
+    assert_eq!(v.mac, a.mac, "a VLAN starts with its parent's MAC");
+    assert_eq!(v.mtu, 9000, "and its MTU");
+    assert!(!v.admin_up);
+    // Other kinds have no VLAN id.
+    assert_eq!(h.link_by_index(a.index).unwrap().vlan_id, None);
+    // A second VLAN on the same parent, and one on the other veth end.
+    h.create_vlan("vt0.4094", a.index, 4094).unwrap();
+    h.create_vlan("vt1.42", b.index, 42).unwrap();
+    let v2 = h.link_by_name("vt0.4094").unwrap();
+    assert_eq!((v2.vlan_id, v2.link), (Some(4094), Some(a.index)));
+    let v3 = h.link_by_name("vt1.42").unwrap();
+    assert_eq!((v3.vlan_id, v3.link), (Some(42), Some(b.index)));
+    // iproute2 reads the same.
+    let j = ip_json(&ns, &["-d", "link", "show", "dev", "vt0.42"]);
+    eprintln!("{j}");
+    assert!(
+        j.contains("\"info_kind\":\"vlan\"")
+            && j.contains("\"protocol\":\"802.1Q\"")
+            && j.contains("\"id\":42")
+            && j.contains("\"link\":\"vt0\""),
+        "{j}"
+    );
+    // Up, with an address, like any link.
+    h.set_link_up(a.index, true).unwrap();
+    h.set_link_up(v.index, true).unwrap();
+    h.add_address(v.index, &AddressSpec::new(ip("198.18.42.1"), 24))
+        .unwrap();
+    let v = h.link_by_index(v.index).unwrap();
+    assert!(v.admin_up);
+    assert_eq!(h.addresses(v.index).unwrap().len(), 1);
+    // Duplicates: the same id on the same parent, and a taken name.
+    let e = h.create_vlan("other42", a.index, 42).unwrap_err();
+    eprintln!("{e}");
+    assert!(e.is_exists(), "{e:?}");
+    let e = h.create_vlan("vt0.42", a.index, 43).unwrap_err();
+    eprintln!("{e}");
+    assert!(e.is_exists(), "{e:?}");
+    assert!(
+        e.to_string()
+            .contains("create vlan \"vt0.42\" (VLAN 43 on link"),
+        "{e}"
+    );
+    // A parent that does not exist.
+    let e = h.create_vlan("v9", 999_999, 9).unwrap_err();
+    eprintln!("{e}");
+    assert_eq!(e.errno(), Some(libc::ENODEV), "{e:?}");
+    // Deleting a VLAN leaves its parent; deleting the parent takes its VLANs.
+    h.delete_link(v2.index).unwrap();
+    assert!(h.find_link("vt0.4094").unwrap().is_none());
+    assert!(h.find_link("vt0").unwrap().is_some());
+    h.delete_link(a.index).unwrap();
+    assert!(h.find_link("vt0.42").unwrap().is_none());
+    assert!(h.find_link("vt1.42").unwrap().is_none());
+    assert_eq!(h.links().unwrap().len(), 1);
 }

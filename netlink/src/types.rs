@@ -170,6 +170,9 @@ pub struct Link {
     pub link: Option<u32>,
     /// `IFLA_MASTER` (e.g. the bridge this link is a port of).
     pub master: Option<u32>,
+    /// The VLAN id of a `vlan` link (`IFLA_INFO_DATA`/`IFLA_VLAN_ID`); its parent
+    /// (lower) device is [`Link::link`]. `None` for every other kind.
+    pub vlan_id: Option<u16>,
 }
 
 /// `IFA_F_*` address flags.

@@ -62,7 +62,11 @@ pub struct Interface {
     /// link-local ones the kernel makes are left alone).
     #[serde(default)]
     pub addresses: Vec<String>,
-    /// 802.1Q VLAN id (1 to 4094) of a sub-interface to create on the device.
+    /// 802.1Q VLAN id (1 to 4094): the interface is then a VLAN link of that
+    /// id on the device (its parent), created unless it exists; `mac`, `mtu`
+    /// (at most the parent's) and `addresses` are the VLAN link's. Several
+    /// VLAN interfaces (distinct ids) and one interface without `vlan` may name
+    /// the same device. See the module docs ("VLAN").
     #[serde(default)]
     pub vlan: Option<u16>,
 }
@@ -456,21 +460,32 @@ fn validate(c: &NetworkConfig) -> Result<ValidConfig> {
                 "another interface has this name",
             ));
         }
+        // One interface per device, plus VLAN interfaces on it (one per id).
+        let (dup_pci, dup_mac) = match v.vlan {
+            None => (
+                "another interface uses this PCI address",
+                "another interface uses this MAC",
+            ),
+            Some(_) => (
+                "another interface has a VLAN of this id on this PCI address",
+                "another interface has a VLAN of this id on this MAC",
+            ),
+        };
         if let Some(p) = v.device.pci {
-            if !pcis.insert(p) {
+            if !pcis.insert((p, v.vlan)) {
                 return Err(invalid(
                     format!("interfaces[{i}].device.pci_address"),
                     p.to_string(),
-                    "another interface uses this PCI address",
+                    dup_pci,
                 ));
             }
         }
         if let Some(m) = v.device.mac {
-            if !macs.insert(m.0) {
+            if !macs.insert((m.0, v.vlan)) {
                 return Err(invalid(
                     format!("interfaces[{i}].device.mac"),
                     m.to_string(),
-                    "another interface uses this MAC",
+                    dup_mac,
                 ));
             }
         }

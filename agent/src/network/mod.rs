@@ -21,14 +21,32 @@
 //!   error, not a replacement.
 //! - **Order.** Per interface: (down, if it must be renamed: Linux 6.1 refuses
 //!   to rename an up link) rename, MAC, MTU, up, addresses (IPv6 ones with
-//!   `NODAD`: usable at once). Then routes: removals first, then link routes
+//!   `NODAD`: usable at once); interfaces without `vlan` first, then VLAN ones
+//!   (parent up, create). Then routes: removals first, then link routes
 //!   (no gateway), gateway routes, default routes last.
 //! - **Idempotence.** Nothing is written that is already so. [`Network::apply`]
 //!   returns the changes it made; applying the same config again returns an
 //!   empty [`Report`] and issues no mutating netlink request.
-//! - **VLAN** sub-interfaces are not implemented: a config with `vlan` is refused
-//!   with [`NetError::VlanUnsupported`] (saying whether the kernel has 802.1Q at
-//!   all) before any change.
+//! - **VLAN.** An interface with `vlan: Some(id)` is an 802.1Q VLAN link named
+//!   `name` on a *parent*: the device its `device` selector finds (by PCI
+//!   address and/or MAC, waiting across hot-plug as for any interface). The
+//!   parent is brought up (a VLAN link cannot be up on a down parent) and is
+//!   otherwise untouched, unless another interface of the config (without
+//!   `vlan`, same selector) configures it too. The VLAN link is found and kept
+//!   when it exists (a `vlan` link with that id on that parent; under another
+//!   name it is renamed), else created; its MAC, MTU, addresses and the routes
+//!   through it converge like any interface's, and the agent owns it:
+//!   [`Network::remove_interface`] deletes it. Several VLAN interfaces may share
+//!   a parent (distinct ids), and one interface without `vlan` may configure
+//!   that parent. Refused before any change: a VLAN id outside 1..=4094
+//!   (validation), two VLAN interfaces with the same id on the same parent, a
+//!   VLAN MTU above the parent's (its MTU after this config), the name held by
+//!   another link (by a VLAN link of another id or parent: "exists but is VLAN
+//!   .."; by the parent itself), and, when a VLAN link must be created, a
+//!   kernel without 802.1Q ([`NetError::VlanUnsupported`], asked through
+//!   [`Handle::vlan_supported`], which also lets the kernel autoload `8021q`).
+//!   The VLAN links are created after the other interfaces are configured (so a
+//!   parent's new MTU is in place), in config order.
 //! - **DNS.** When the config has `dns`, resolv.conf is replaced atomically
 //!   (temporary file in the same directory, fsync, rename) unless it already
 //!   has exactly that content.
@@ -121,6 +139,17 @@ pub enum Change {
     LinkUp {
         link: String,
     },
+    /// An 802.1Q VLAN link was created on `parent` (it starts down; `LinkUp`
+    /// follows).
+    VlanCreated {
+        link: String,
+        parent: String,
+        vlan: u16,
+    },
+    /// A link the agent created (a VLAN link) was deleted.
+    LinkDeleted {
+        link: String,
+    },
     AddressAdded {
         link: String,
         address: Cidr,
@@ -151,6 +180,10 @@ impl fmt::Display for Change {
             },
             Change::MtuSet { link, from, to } => write!(f, "set MTU of {link} from {from} to {to}"),
             Change::LinkUp { link } => write!(f, "set {link} up"),
+            Change::VlanCreated { link, parent, vlan } => {
+                write!(f, "created VLAN {vlan} on {parent} as {link}")
+            }
+            Change::LinkDeleted { link } => write!(f, "deleted {link}"),
             Change::AddressAdded { link, address } => write!(f, "added {address} to {link}"),
             Change::AddressRemoved { link, address } => write!(f, "removed {address} from {link}"),
             Change::RouteAdded { route } => write!(f, "added route {route}"),
@@ -186,8 +219,69 @@ pub struct Network {
     /// the calling thread's namespace then).
     netns: Option<Netns>,
     opts: Options,
-    /// The links this configurator has configured: ifindex -> interface name.
-    configured: Mutex<BTreeMap<u32, String>>,
+    /// The links this configurator has configured, by ifindex.
+    configured: Mutex<BTreeMap<u32, Configured>>,
+}
+
+/// A link this configurator has configured.
+#[derive(Clone, Debug)]
+struct Configured {
+    name: String,
+    /// Its VLAN id, for a VLAN interface (the agent deletes the link when the
+    /// interface is removed).
+    vlan: Option<u16>,
+}
+
+/// Stand-in ifindexes for VLAN links still to be created, while routes are
+/// planned (real ifindexes are at most `i32::MAX`): `NEW_VLAN_BASE + k` for
+/// interface `k` of the config.
+const NEW_VLAN_BASE: u32 = 0x8000_0000;
+
+/// What an interface of the config is applied to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    /// An existing link: the device (interface without VLAN), or the VLAN link
+    /// already on the parent.
+    Link(u32),
+    /// A VLAN link to create on `parent`; `stand_in` is its ifindex until then.
+    NewVlan {
+        parent: u32,
+        vlan: u16,
+        stand_in: u32,
+    },
+}
+
+impl Target {
+    fn index(&self) -> u32 {
+        match *self {
+            Target::Link(i) => i,
+            Target::NewVlan { stand_in, .. } => stand_in,
+        }
+    }
+}
+
+fn is_vlan_link(l: &Link) -> bool {
+    l.kind.as_deref() == Some("vlan")
+}
+
+fn describe_link(l: &Link, all: &[Link]) -> String {
+    let mut s = format!("link {:?} (index {}", l.name, l.index);
+    if let Some(k) = &l.kind {
+        s += &format!(", {k}");
+    }
+    if is_vlan_link(l) {
+        let parent = l
+            .link
+            .and_then(|p| all.iter().find(|o| o.index == p))
+            .map(|p| format!("{:?}", p.name))
+            .or_else(|| l.link.map(|p| format!("#{p}")))
+            .unwrap_or_else(|| "?".into());
+        match l.vlan_id {
+            Some(id) => s += &format!(" {id} on {parent}"),
+            None => s += &format!(" on {parent}"),
+        }
+    }
+    s + ")"
 }
 
 /// Which routes a run converges.
@@ -390,11 +484,13 @@ impl Network {
     pub fn remove_interface(&self, name: &str) -> Result<Report> {
         config::check_ifname(name).map_err(|r| error::invalid("name", name, r))?;
         let mut report = Report::default();
-        let index = {
+        let found = {
             let c = self.configured_lock();
-            c.iter().find(|(_, n)| *n == name).map(|(i, _)| *i)
+            c.iter()
+                .find(|(_, c)| c.name == name)
+                .map(|(i, c)| (*i, c.vlan))
         };
-        let Some(index) = index else {
+        let Some((index, vlan)) = found else {
             return Err(NetError::Device {
                 interface: name.to_string(),
                 detail: "the agent has not configured an interface of that name".into(),
@@ -402,6 +498,18 @@ impl Network {
         };
         let ctx = |what: &str| format!("interface {name:?}: {what}");
         match self.handle.link_by_index(index) {
+            Ok(l) if l.name == name && vlan.is_some() && is_vlan_link(&l) => {
+                // A VLAN link is the agent's: it goes (with its addresses and
+                // routes); its parent stays as it is.
+                match self.handle.delete_link(index) {
+                    Ok(()) => {}
+                    Err(e) if e.errno() == Some(libc::ENODEV) => {}
+                    Err(e) => return Err(nl(ctx("delete the VLAN link"))(e)),
+                }
+                report.push(Change::LinkDeleted {
+                    link: name.to_string(),
+                });
+            }
             Ok(l) if l.name == name => {
                 for a in self
                     .handle
@@ -445,34 +553,36 @@ impl Network {
     pub fn configured(&self) -> Vec<(String, u32)> {
         self.configured_lock()
             .iter()
-            .map(|(i, n)| (n.clone(), *i))
+            .map(|(i, c)| (c.name.clone(), *i))
             .collect()
     }
 
-    fn configured_lock(&self) -> MutexGuard<'_, BTreeMap<u32, String>> {
+    fn configured_lock(&self) -> MutexGuard<'_, BTreeMap<u32, Configured>> {
         // A poisoned lock only means a panic elsewhere; the map is still whole.
         self.configured.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn run(&self, v: &ValidConfig, routes: RouteOwnership, timeout: Duration) -> Result<Report> {
-        // 1. What the kernel cannot do here.
-        for i in &v.interfaces {
-            if let Some(vlan) = i.vlan {
-                return Err(NetError::VlanUnsupported {
-                    interface: i.name.clone(),
-                    vlan,
-                    reason: self.vlan_reason(),
-                });
-            }
-        }
-        // 2. The devices.
+        // 1. The devices (a VLAN interface's is its parent). A VLAN interface
+        // whose parent another interface of the config configures looks for
+        // what that interface makes of it (its name, its new MAC).
         let wanted: Vec<Wanted<'_>> = v
             .interfaces
             .iter()
-            .map(|i| Wanted {
-                name: &i.name,
-                device: i.device,
-                set_mac: i.mac,
+            .map(|i| {
+                let own = match i.vlan {
+                    None => i,
+                    Some(_) => v
+                        .interfaces
+                        .iter()
+                        .find(|p| p.vlan.is_none() && p.device == i.device)
+                        .unwrap_or(i),
+                };
+                Wanted {
+                    name: &own.name,
+                    device: i.device,
+                    set_mac: if own.vlan.is_none() { own.mac } else { None },
+                }
             })
             .collect();
         let links: Vec<Link> = if wanted.is_empty() {
@@ -491,25 +601,30 @@ impl Network {
             .map(|(l, _)| l)
             .collect()
         };
-        // 3. Checks against the system, before any change.
+        // 2. Checks against the system, before any change.
         let all = self.handle.links().map_err(nl("list links"))?;
-        let managed: BTreeMap<u32, &ValidInterface> = links
+        let targets = self.targets(v, &links, &all)?;
+        let managed: BTreeMap<u32, &ValidInterface> = targets
             .iter()
             .zip(&v.interfaces)
-            .map(|(l, i)| (l.index, i))
+            .map(|(t, i)| (t.index(), i))
             .collect();
-        for (l, i) in links.iter().zip(&v.interfaces) {
-            if let Some(other) = v
+        for (k, (t, i)) in targets.iter().zip(&v.interfaces).enumerate() {
+            if let Some((_, other)) = v
                 .interfaces
                 .iter()
-                .zip(&links)
-                .find(|(oi, ol)| oi.name != i.name && ol.index == l.index)
+                .enumerate()
+                .find(|(j, _)| *j != k && targets[*j].index() == t.index())
             {
+                let l = all
+                    .iter()
+                    .find(|l| l.index == t.index())
+                    .unwrap_or(&links[k]);
                 return Err(NetError::Device {
                     interface: i.name.clone(),
                     detail: format!(
                         "resolves to link {:?} (index {}), as interface {:?} does",
-                        l.name, l.index, other.0.name
+                        l.name, l.index, other.name
                     ),
                 });
             }
@@ -517,21 +632,72 @@ impl Network {
                 (o.name == i.name || o.altnames.contains(&i.name))
                     && !managed.contains_key(&o.index)
             }) {
-                return Err(NetError::Device {
-                    interface: i.name.clone(),
-                    detail: format!(
+                let detail = match i.vlan {
+                    None => format!(
                         "the name is taken by link {:?} (index {}), which this config does not manage",
                         holder.name, holder.index
                     ),
+                    Some(id) if holder.index == links[k].index => format!(
+                        "the name is that of the VLAN's parent device ({}); a VLAN {id} link needs a name of its own",
+                        describe_link(holder, &all)
+                    ),
+                    Some(id) => format!(
+                        "{} exists but is not VLAN {id} on {:?}; remove it or change the config",
+                        describe_link(holder, &all),
+                        links[k].name
+                    ),
+                };
+                return Err(NetError::Device {
+                    interface: i.name.clone(),
+                    detail,
+                });
+            }
+            if let (Some(id), Some(mtu)) = (i.vlan, i.mtu) {
+                let parent = &links[k];
+                let parent_mtu = v
+                    .interfaces
+                    .iter()
+                    .zip(&targets)
+                    .find(|(_, pt)| **pt == Target::Link(parent.index))
+                    .and_then(|(p, _)| p.mtu)
+                    .unwrap_or(parent.mtu);
+                if mtu > parent_mtu {
+                    return Err(NetError::Device {
+                        interface: i.name.clone(),
+                        detail: format!(
+                            "MTU {mtu} of VLAN {id} is above the MTU {parent_mtu} of its parent {:?}: a VLAN link's MTU cannot exceed its parent's",
+                            parent.name
+                        ),
+                    });
+                }
+            }
+        }
+        if let Some((i, id)) = targets
+            .iter()
+            .zip(&v.interfaces)
+            .find_map(|(t, i)| match t {
+                Target::NewVlan { vlan, .. } => Some((i, *vlan)),
+                Target::Link(_) => None,
+            })
+        {
+            let supported = self
+                .handle
+                .vlan_supported()
+                .map_err(nl(format!("interface {:?}: VLAN {id}", i.name)))?;
+            if !supported {
+                return Err(NetError::VlanUnsupported {
+                    interface: i.name.clone(),
+                    vlan: id,
+                    reason: self.vlan_reason(),
                 });
             }
         }
-        let target_index: BTreeMap<&str, u32> = links
+        let target_index: BTreeMap<&str, u32> = targets
             .iter()
             .zip(&v.interfaces)
-            .map(|(l, i)| (i.name.as_str(), l.index))
+            .map(|(t, i)| (i.name.as_str(), t.index()))
             .collect();
-        let owned: BTreeSet<u32> = match routes {
+        let mut owned: BTreeSet<u32> = match routes {
             RouteOwnership::Untouched => BTreeSet::new(),
             RouteOwnership::ThisConfig => managed.keys().copied().collect(),
             RouteOwnership::AllConfigured => {
@@ -540,43 +706,72 @@ impl Network {
                 o
             }
         };
-        let planned = if routes == RouteOwnership::Untouched {
+        let mut planned = if routes == RouteOwnership::Untouched {
             Vec::new()
         } else {
             self.plan_routes(v, &target_index, &all, &managed, &owned)?
         };
 
-        // 4. Interfaces.
+        // 3. Interfaces.
         let mut report = Report::default();
         // Free target names held by other managed links (name swaps).
-        for l in &links {
-            let Some(own) = managed.get(&l.index) else {
+        for (t, i) in targets.iter().zip(&v.interfaces) {
+            let Target::Link(index) = *t else { continue };
+            let Some(l) = all.iter().find(|l| l.index == index) else {
                 continue;
             };
-            if own.name != l.name && target_index.contains_key(l.name.as_str()) {
+            if i.name != l.name && target_index.contains_key(l.name.as_str()) {
                 let tmp = self.free_temp_name(l.index, &all)?;
                 self.rename(l, &tmp, &mut report)?;
             }
         }
-        for (l, i) in links.iter().zip(&v.interfaces) {
-            self.apply_interface(l.index, i, &mut report)?;
+        let mut resolved: Vec<u32> = targets.iter().map(Target::index).collect();
+        // Interfaces without VLAN first: a VLAN's parent is configured (its MTU
+        // among others) before the VLAN link is made.
+        let order = (0..targets.len())
+            .filter(|&k| v.interfaces[k].vlan.is_none())
+            .chain((0..targets.len()).filter(|&k| v.interfaces[k].vlan.is_some()));
+        for k in order {
+            let i = &v.interfaces[k];
+            if let Some(id) = i.vlan {
+                resolved[k] = self.vlan_link(i, id, &links[k], targets[k], &mut report)?;
+            }
+            self.apply_interface(resolved[k], i, &mut report)?;
             let mut c = self.configured_lock();
-            c.retain(|_, n| *n != i.name);
-            c.insert(l.index, i.name.clone());
+            c.retain(|_, n| n.name != i.name);
+            c.insert(
+                resolved[k],
+                Configured {
+                    name: i.name.clone(),
+                    vlan: i.vlan,
+                },
+            );
         }
         report.interfaces = v
             .interfaces
             .iter()
-            .zip(&links)
-            .map(|(i, l)| (i.name.clone(), l.index))
+            .zip(&resolved)
+            .map(|(i, idx)| (i.name.clone(), *idx))
             .collect();
 
-        // 5. Routes.
+        // 4. Routes (stand-in indexes of new VLAN links replaced by the real ones).
         if routes != RouteOwnership::Untouched {
+            for (t, real) in targets.iter().zip(&resolved) {
+                if let Target::NewVlan { stand_in, .. } = *t {
+                    for p in planned.iter_mut() {
+                        if p.oif == Some(stand_in) {
+                            p.oif = Some(*real);
+                        }
+                    }
+                    if owned.remove(&stand_in) {
+                        owned.insert(*real);
+                    }
+                }
+            }
             self.converge_routes(&planned, &owned, &mut report)?;
         }
 
-        // 6. DNS.
+        // 5. DNS.
         if let Some(d) = &v.dns {
             if write_if_changed(&self.opts.resolv_conf, d.render().as_bytes())? {
                 report.push(Change::DnsWritten {
@@ -587,13 +782,97 @@ impl Network {
         Ok(report)
     }
 
+    /// What each interface is applied to: its device, or for a VLAN interface
+    /// the VLAN link on its device (existing, or to create). Refuses two VLAN
+    /// interfaces with the same id on the same parent.
+    fn targets(&self, v: &ValidConfig, links: &[Link], all: &[Link]) -> Result<Vec<Target>> {
+        let mut out = Vec::with_capacity(links.len());
+        for (k, (l, i)) in links.iter().zip(&v.interfaces).enumerate() {
+            let Some(id) = i.vlan else {
+                out.push(Target::Link(l.index));
+                continue;
+            };
+            if let Some(other) =
+                v.interfaces.iter().zip(links).find(|(oi, ol)| {
+                    oi.name != i.name && oi.vlan == Some(id) && ol.index == l.index
+                })
+            {
+                return Err(NetError::Device {
+                    interface: i.name.clone(),
+                    detail: format!(
+                        "VLAN {id} on {:?} (index {}) is also interface {:?}: a parent has one VLAN link per id",
+                        l.name, l.index, other.0.name
+                    ),
+                });
+            }
+            let existing = all
+                .iter()
+                .find(|o| is_vlan_link(o) && o.link == Some(l.index) && o.vlan_id == Some(id));
+            out.push(match existing {
+                Some(e) => Target::Link(e.index),
+                None => Target::NewVlan {
+                    parent: l.index,
+                    vlan: id,
+                    stand_in: NEW_VLAN_BASE + k as u32,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Makes sure the VLAN link of `i` exists on its parent (up): returns its
+    /// ifindex.
+    fn vlan_link(
+        &self,
+        i: &ValidInterface,
+        id: u16,
+        parent: &Link,
+        target: Target,
+        report: &mut Report,
+    ) -> Result<u32> {
+        let name = &i.name;
+        let ctx = |what: String| format!("interface {name:?}: {what}");
+        let p = self
+            .handle
+            .link_by_index(parent.index)
+            .map_err(nl(ctx(format!("get its parent link {}", parent.index))))?;
+        if !p.admin_up {
+            self.handle
+                .set_link_up(p.index, true)
+                .map_err(nl(ctx(format!("set its parent {:?} up", p.name))))?;
+            report.push(Change::LinkUp {
+                link: p.name.clone(),
+            });
+        }
+        let Target::NewVlan { parent: pi, .. } = target else {
+            return Ok(target.index());
+        };
+        self.handle
+            .create_vlan(name, pi, id)
+            .map_err(nl(ctx(format!("create VLAN {id} on {:?}", p.name))))?;
+        report.push(Change::VlanCreated {
+            link: name.clone(),
+            parent: p.name.clone(),
+            vlan: id,
+        });
+        let l = self
+            .handle
+            .link_by_name(name)
+            .map_err(nl(ctx("get the new VLAN link".into())))?;
+        Ok(l.index)
+    }
+
+    /// Why VLAN links cannot be made here (the kernel refused kind "vlan").
     fn vlan_reason(&self) -> String {
         let p = self.opts.proc_root.join("net/vlan/config");
         if p.exists() {
-            "the kernel has 802.1Q, but this agent cannot create VLAN sub-interfaces yet (vfvm-netlink has no VLAN link type)".into()
+            format!(
+                "the kernel refuses to create 802.1Q VLAN links (\"Unknown device type\") although {} exists",
+                p.display()
+            )
         } else {
             format!(
-                "the kernel has no 802.1Q VLAN support ({} is missing: module 8021q not built or not loaded)",
+                "the kernel has no 802.1Q VLAN support: it does not know link type \"vlan\" and {} is missing (module 8021q not built, not in the image or not loaded)",
                 p.display()
             )
         }

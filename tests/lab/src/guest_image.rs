@@ -72,6 +72,8 @@ const OPTIONAL_MODULES: &[(&str, &str, Option<&str>)] = &[
     ("ixgbevf", "Intel 82599/X540 VF", None),
     ("iavf", "Intel Adaptive VF (X710/E810)", None),
     ("mlx5_core", "Mellanox ConnectX-4+ (VFs included)", None),
+    // The agent's VLAN interfaces; modules.dep brings garp, mrp, stp and llc.
+    ("8021q", "802.1Q VLAN links", None),
 ];
 
 /// `cargo xtask image` options.
