@@ -13,6 +13,7 @@
 //! | 0x9000..0xf000     | identity page tables (first 4 GiB, 2 MiB pages)     |
 //! | 0x20000            | command line                                        |
 //! | 0x9fc00            | MP table                                            |
+//! | 0xe0000..0x100000  | ACPI: RSDP and tables (see [`crate::acpi`]), reserved |
 //! | 0x100000           | the kernel (bzImage's protected-mode part)          |
 //! | top of low RAM     | the initramfs, page-aligned, below `initrd_addr_max` |
 
@@ -197,13 +198,17 @@ pub fn load_cmdline(memory: &GuestMemoryMmap, cmdline: &str, kernel: &LoadedKern
     Ok(cmdline.len())
 }
 
-/// The e820 map for `ram_bytes` of RAM: base memory up to the EBDA, RAM from 1 MiB,
-/// RAM above 4 GiB if any, and the top of the 32-bit hole (ECAM, IOAPIC, LAPIC, KVM's
-/// TSS pages) reserved. The PCI MMIO32 window is left out of the map (a gap, not
+/// The e820 map for `ram_bytes` of RAM: base memory up to the EBDA, the BIOS area
+/// holding the ACPI tables (0xE0000 to 1 MiB) reserved, RAM from 1 MiB, RAM above
+/// 4 GiB if any, and the top of the 32-bit hole (ECAM, IOAPIC, LAPIC, KVM's TSS
+/// pages) reserved. The PCI MMIO32 window is left out of the map (a gap, not
 /// "reserved"), because Linux clips PCI host bridge windows by e820 reservations.
 pub fn e820_map(ram_bytes: u64) -> Vec<boot_e820_entry> {
     let entry = |addr: u64, size: u64, kind: u32| boot_e820_entry { addr, size, r#type: kind };
-    let mut map = vec![entry(0, EBDA_START, E820_RAM)];
+    let mut map = vec![
+        entry(0, EBDA_START, E820_RAM),
+        entry(crate::acpi::ACPI_AREA_START, crate::acpi::ACPI_AREA_SIZE, E820_RESERVED),
+    ];
     for (start, len) in layout::ram_ranges(ram_bytes) {
         let end = start + len;
         let start = start.max(HIMEM_START);
@@ -216,7 +221,8 @@ pub fn e820_map(ram_bytes: u64) -> Vec<boot_e820_entry> {
     map
 }
 
-/// The zero page for a loaded kernel.
+/// The zero page for a loaded kernel. (The kernel finds the ACPI RSDP by scanning
+/// the BIOS area, where [`crate::acpi`] puts it.)
 pub fn boot_params(
     kernel: &LoadedKernel,
     cmdline_len: usize,
@@ -264,12 +270,18 @@ mod tests {
     fn e820_has_base_memory_ram_from_1mib_and_the_hole_reserved() {
         assert_eq!(
             e820(256 << 20),
-            [(0, 0x9fc00, 1), (0x10_0000, (256 << 20) - 0x10_0000, 1), (0xE000_0000, 0x2000_0000, 2)]
+            [
+                (0, 0x9fc00, 1),
+                (0xE_0000, 0x2_0000, 2),
+                (0x10_0000, (256 << 20) - 0x10_0000, 1),
+                (0xE000_0000, 0x2000_0000, 2)
+            ]
         );
         assert_eq!(
             e820(4 << 30),
             [
                 (0, 0x9fc00, 1),
+                (0xE_0000, 0x2_0000, 2),
                 (0x10_0000, 0xC000_0000 - 0x10_0000, 1),
                 (0xE000_0000, 0x2000_0000, 2),
                 (1 << 32, 1 << 30, 1),
@@ -359,8 +371,8 @@ mod tests {
         assert_eq!({ hdr.ramdisk_image }, 0xF00_0000);
         assert_eq!({ hdr.ramdisk_size }, 0x1234);
         assert_eq!({ hdr.header }, 0x5372_6448);
-        assert_eq!(back.e820_entries, 3);
-        let e = back.e820_table[1];
+        assert_eq!(back.e820_entries, 4);
+        let e = back.e820_table[2];
         assert_eq!(({ e.addr }, { e.size }, { e.r#type }), (0x10_0000, (256 << 20) - 0x10_0000, 1));
         let mut cl = [0u8; 20];
         mem.read_slice(&mut cl, GuestAddress(CMDLINE_START)).unwrap();
@@ -368,10 +380,11 @@ mod tests {
         // Zero-page offsets the kernel reads (Documentation/arch/x86/zero-page.rst).
         let mut raw = [0u8; 4096];
         mem.read_slice(&mut raw, GuestAddress(ZERO_PAGE_START)).unwrap();
-        assert_eq!(raw[0x1e8], 3);
+        assert_eq!(raw[0x1e8], 4); // e820_entries
         assert_eq!(raw[0x210], 0xff);
         assert_eq!(&raw[0x228..0x22c], &0x2_0000u32.to_le_bytes());
-        assert_eq!(&raw[0x2d0 + 20..0x2d0 + 28], &0x10_0000u64.to_le_bytes());
+        assert_eq!(&raw[0x2d0 + 20..0x2d0 + 28], &0xE_0000u64.to_le_bytes());
+        assert_eq!(&raw[0x2d0 + 40..0x2d0 + 48], &0x10_0000u64.to_le_bytes());
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //!
 //! Being built (issue #3): the memory map, PIO/MMIO buses, the VM and vCPU plumbing
 //! (tested with tiny hand-made guests on this machine's KVM), and direct Linux boot
-//! (bzImage or ELF vmlinux, initramfs, MP table, 16550 console; booted in the lab).
-//! PCI, virtio-vsock, ACPI and the control API follow.
+//! (bzImage or ELF vmlinux, initramfs, ACPI tables and MP table, 16550 console;
+//! booted in the lab). PCI, virtio-vsock and the control API follow.
 
+pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod cmos;

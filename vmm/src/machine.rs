@@ -14,11 +14,12 @@ use std::time::Instant;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::acpi;
 use crate::boot::{self, MIN_MEMORY_BYTES};
 use crate::cmos::{Cmos, CMOS_PORT};
 use crate::cpu;
 use crate::mptable::{self, MAX_CPUS};
-use crate::power::{AcpiPm1aControl, I8042, I8042_COMMAND_PORT, PM1A_CNT_PORT};
+use crate::power::{AcpiPm1aControl, AcpiPm1aEvent, I8042, I8042_COMMAND_PORT, PM1A_CNT_PORT, PM1A_EVT_PORT};
 use crate::serial::{Console, SerialDevice, COM1_IRQ, COM1_PORT};
 use crate::vcpu::{self, VcpuError, VcpuStop};
 use crate::vm::{self, Vm, VmError, VmOptions};
@@ -143,6 +144,8 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
     let cmdline_len =
         boot::load_cmdline(memory, &config.cmdline, &kernel).map_err(|e| MachineError::Cmdline(e.to_string()))?;
     boot::write_boot_params(memory, &boot::boot_params(&kernel, cmdline_len, initrd_range, ram)).map_err(setup)?;
+    acpi::write_acpi_tables(memory, config.vcpus).map_err(setup)?;
+    // For guests booted with acpi=off; Linux prefers the MADT when it has one.
     mptable::write_mptable(memory, config.vcpus).map_err(setup)?;
     cpu::write_boot_tables(memory).map_err(setup)?;
     tracing::info!(
@@ -161,6 +164,7 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
     vm.pio.insert(COM1_PORT, 8, serial.clone()).map_err(setup)?;
     vm.pio.insert(CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::default()))).map_err(setup)?;
     vm.pio.insert(I8042_COMMAND_PORT, 1, Arc::new(Mutex::new(I8042))).map_err(setup)?;
+    vm.pio.insert(PM1A_EVT_PORT, 4, Arc::new(Mutex::new(AcpiPm1aEvent::default()))).map_err(setup)?;
     vm.pio.insert(PM1A_CNT_PORT, 2, Arc::new(Mutex::new(AcpiPm1aControl))).map_err(setup)?;
 
     // vCPUs.

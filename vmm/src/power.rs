@@ -1,25 +1,30 @@
 //! How a guest powers off or resets: the ACPI PM1a control register (sleep type S5
-//! with SLP_EN) and the i8042 keyboard controller's reset command, the two paths
-//! Linux uses on x86 (`poweroff` and `reboot=k`).
+//! with SLP_EN) and the i8042 keyboard controller's reset command (also the FADT's
+//! reset register), the two paths Linux uses on x86 (`poweroff` and `reboot=k` or
+//! ACPI reboot). The PM1a event block beside them is just enough for ACPICA.
 
 use crate::bus::{BusAction, BusDevice};
 
+/// PIO port of PM1a_EVT (status word, then enable word); in the FADT.
+pub const PM1A_EVT_PORT: u64 = 0x600;
 /// PIO port of PM1a_CNT; the ACPI FADT the VMM generates points here.
 pub const PM1A_CNT_PORT: u64 = 0x604;
 /// i8042 command port.
 pub const I8042_COMMAND_PORT: u64 = 0x64;
 
 const SLP_EN: u16 = 1 << 13;
+/// PM1_CNT.SCI_EN: the machine is in ACPI mode (always, here).
+const SCI_EN: u16 = 1;
 const I8042_RESET: u8 = 0xfe;
 
 /// PM1a_CNT: any write with SLP_EN set is a request to sleep, which for a microVM
-/// means power off.
+/// means power off. Reads say SCI_EN (ACPI mode), nothing else.
 #[derive(Default)]
 pub struct AcpiPm1aControl;
 
 impl BusDevice for AcpiPm1aControl {
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        read_registers(&SCI_EN.to_le_bytes(), offset, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> BusAction {
@@ -33,6 +38,44 @@ impl BusDevice for AcpiPm1aControl {
         } else {
             BusAction::None
         }
+    }
+}
+
+/// A read of `data.len()` bytes at `offset` from a block of little-endian
+/// registers (`regs`, its bytes); past the end reads 0.
+fn read_registers(regs: &[u8], offset: u64, data: &mut [u8]) {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    for (i, d) in data.iter_mut().enumerate() {
+        *d = start.checked_add(i).and_then(|at| regs.get(at)).copied().unwrap_or(0);
+    }
+}
+
+/// PM1a_EVT: PM1_STS (offset 0) has no events to report and reads 0 (writes, which
+/// clear status bits, are dropped); PM1_EN (offset 2) keeps what the guest writes,
+/// so ACPICA sees its enable bits stick (it reads them back, e.g. for the global
+/// lock) although no event ever fires.
+#[derive(Default)]
+pub struct AcpiPm1aEvent {
+    enable: u16,
+}
+
+impl BusDevice for AcpiPm1aEvent {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let [lo, hi] = self.enable.to_le_bytes();
+        read_registers(&[0, 0, lo, hi], offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> BusAction {
+        let mut en = self.enable.to_le_bytes();
+        for (i, b) in data.iter().enumerate() {
+            match offset + i as u64 {
+                2 => en[0] = *b,
+                3 => en[1] = *b,
+                _ => {}
+            }
+        }
+        self.enable = u16::from_le_bytes(en);
+        BusAction::None
     }
 }
 
@@ -61,5 +104,36 @@ impl BusDevice for I8042 {
         } else {
             BusAction::None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pm1a_control_powers_off_on_slp_en_and_reads_sci_en() {
+        let mut c = AcpiPm1aControl;
+        let mut w = [0u8; 2];
+        c.read(0, &mut w);
+        assert_eq!(w, [1, 0]);
+        // Linux writes SLP_TYP first, then SLP_TYP | SLP_EN.
+        assert_eq!(c.write(0, &((5 << 10) | SCI_EN).to_le_bytes()), BusAction::None);
+        assert_eq!(c.write(0, &((5 << 10) | SLP_EN | SCI_EN).to_le_bytes()), BusAction::PowerOff);
+        assert_eq!(c.write(1, &[0x34]), BusAction::PowerOff);
+    }
+
+    #[test]
+    fn pm1a_event_status_reads_zero_and_enable_sticks() {
+        let mut e = AcpiPm1aEvent::default();
+        assert_eq!(e.write(2, &0x0021u16.to_le_bytes()), BusAction::None);
+        assert_eq!(e.write(0, &[0xff, 0xff]), BusAction::None);
+        let mut all = [0u8; 4];
+        e.read(0, &mut all);
+        assert_eq!(all, [0, 0, 0x21, 0]);
+        let mut hi = [0u8; 1];
+        e.write(3, &[0x01]);
+        e.read(3, &mut hi);
+        assert_eq!(hi, [1]);
     }
 }

@@ -1,14 +1,9 @@
 //! The 16550 UART at 0x3f8 (COM1, IRQ 4), from vm-superio, with its output going to
 //! a log file and/or stdout a line at a time. The console also watches the guest's
-//! lines for the kernel's own last words:
-//!
-//! - `Kernel panic - not syncing` marks the guest as panicked (a reset that follows
-//!   is reported as a panic; `---[ end Kernel panic` stops the VM at once);
-//! - `reboot: System halted` and `reboot: Power down` are power-off requests.
-//!   Without ACPI (not generated yet) Linux has no way to switch the machine off:
-//!   `poweroff` becomes a halt, which prints the first line and stops every CPU
-//!   for good (the second comes with a power-off method that returned). So these
-//!   lines stop the VM as a power-off.
+//! lines for a kernel panic: `Kernel panic - not syncing` marks the guest as
+//! panicked (a reset that follows is reported as a panic), and `---[ end Kernel
+//! panic` stops the VM at once. Power-off is not read from the console: the guest
+//! asks for it through ACPI (PM1a_CNT, see [`crate::power`]).
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -25,8 +20,6 @@ pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 pub const PANIC_MARKER: &str = "Kernel panic - not syncing";
 pub const PANIC_END_MARKER: &str = "---[ end Kernel panic";
-pub const POWER_DOWN_MARKER: &str = "reboot: Power down";
-pub const HALTED_MARKER: &str = "reboot: System halted";
 const MAX_LINE: usize = 4096;
 
 /// Raises the UART's interrupt through a KVM irqfd.
@@ -42,7 +35,6 @@ impl Trigger for EventFdTrigger {
 /// What a completed console line asks of the VMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConsoleEvent {
-    PowerDown,
     PanicEnd,
 }
 
@@ -79,8 +71,6 @@ impl Console {
         }
         if text.contains(PANIC_END_MARKER) {
             self.event = Some(ConsoleEvent::PanicEnd);
-        } else if (text.contains(POWER_DOWN_MARKER) || text.contains(HALTED_MARKER)) && self.event.is_none() {
-            self.event = Some(ConsoleEvent::PowerDown);
         }
         // The guest's console is best effort: a full disk or a closed stdout must
         // not stop the guest.
@@ -159,7 +149,6 @@ impl BusDevice for SerialDevice {
             }
         }
         match self.serial.writer_mut().take_event() {
-            Some(ConsoleEvent::PowerDown) => BusAction::PowerOff,
             Some(ConsoleEvent::PanicEnd) => BusAction::Panic,
             None => BusAction::None,
         }
@@ -194,8 +183,9 @@ mod tests {
         assert!(type_line(&mut dev, "[ 1.0] Kernel panic - not syncing: test\n").is_empty());
         assert!(panicked.load(Ordering::SeqCst));
         assert_eq!(type_line(&mut dev, "---[ end Kernel panic - not syncing: test ]---\n"), [BusAction::Panic]);
-        assert_eq!(type_line(&mut dev, "[ 2.0] reboot: Power down\n"), [BusAction::PowerOff]);
-        assert_eq!(type_line(&mut dev, "[ 2.0] reboot: System halted\n"), [BusAction::PowerOff]);
+        // Power-off comes through ACPI, not from what the guest prints.
+        assert!(type_line(&mut dev, "[ 2.0] reboot: Power down\n").is_empty());
+        assert!(type_line(&mut dev, "[ 2.0] reboot: System halted\n").is_empty());
         type_line(&mut dev, "partial");
         drop(dev);
         let log = std::fs::read_to_string(&path).unwrap();

@@ -2,6 +2,11 @@
 //! stock kernel; this machine's does not): `cargo xtask test` runs every `lab_*` test
 //! there, with VFVM_LAB_KERNEL (Debian's bzImage) and VFVM_LAB_L3_INITRD (a busybox
 //! initramfs whose /init prints the marker below, then runs `poweroff -f`).
+//!
+//! The guest finds its ACPI tables (no "valid RSDP was not found"), brings up both
+//! vCPUs from them, and powers off through ACPI's PM1a_CNT: the VMM no longer reads
+//! power-off from the console, so exit status 0 means the S5 write reached it. The
+//! command line leaves out `quiet` for the kernel's `smp: Brought up` line.
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
@@ -11,6 +16,9 @@ use std::time::{Duration, Instant};
 const MARKER: &str = "@@vfvm-l3@@ userspace";
 /// L2's KVM is SVM emulated by TCG: slow, but a boot takes well under this.
 const BOUND: Duration = Duration::from_secs(300);
+/// From the userspace marker (right before `poweroff -f`) to the VMM's exit.
+const POWER_OFF_BOUND: Duration = Duration::from_secs(30);
+const VCPUS: usize = 2;
 
 fn lab_env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run this test in the lab (cargo xtask test)"))
@@ -23,8 +31,8 @@ fn lab_boots_linux_to_userspace() {
     let initrd = lab_env("VFVM_LAB_L3_INITRD");
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_vfvm-vmm"))
-        .args(["--kernel", &kernel, "--initrd", &initrd, "--vcpus", "2", "--memory", "256", "--serial-stdout"])
-        .args(["--cmdline", "console=ttyS0 reboot=k panic=-1 quiet"])
+        .args(["--kernel", &kernel, "--initrd", &initrd, "--vcpus", &VCPUS.to_string(), "--memory", "256"])
+        .args(["--serial-stdout", "--cmdline", "console=ttyS0 reboot=k panic=-1"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -70,6 +78,7 @@ fn lab_boots_linux_to_userspace() {
         }
     }
     let status = child.wait().expect("wait for vfvm-vmm");
+    let exited_at = started.elapsed();
     reader.join().unwrap();
     let log = err_reader.join().unwrap();
     println!("vfvm-vmm stderr:\n{log}");
@@ -87,8 +96,26 @@ fn lab_boots_linux_to_userspace() {
     println!(
         "vfvm-vmm: userspace marker {:.2} s after start; VMM exited after {:.2} s with {status}",
         marker_at.as_secs_f64(),
-        started.elapsed().as_secs_f64()
+        exited_at.as_secs_f64()
     );
-    // The initramfs powers off: status 0 (2 would be a reboot, 3 a kernel panic).
-    assert_eq!(status.code(), Some(0), "vfvm-vmm should exit 0 on guest power-off");
+    let tail = &console[console.len().saturating_sub(20)..];
+    for bad in ["ACPI BIOS Error", "valid RSDP was not found", "ACPI Error"] {
+        let hits: Vec<_> = console.iter().filter(|l| l.contains(bad)).collect();
+        assert!(hits.is_empty(), "the guest complains about its ACPI tables: {hits:?}");
+    }
+    let smp = format!("smp: Brought up 1 node, {VCPUS} CPUs");
+    assert!(
+        console.iter().any(|l| l.contains(&smp)),
+        "no {smp:?} on the console; smp lines: {:?}",
+        console.iter().filter(|l| l.contains("smp:") || l.contains("CPU")).collect::<Vec<_>>()
+    );
+    if let Some(line) = console.iter().find(|l| l.contains(&smp)) {
+        println!("vfvm-vmm: {}", line.trim());
+    }
+    // The initramfs powers off: status 0 (2 would be a reboot, 3 a kernel panic),
+    // and promptly: the S5 write, not a halted guest left to time out.
+    assert_eq!(status.code(), Some(0), "vfvm-vmm should exit 0 on guest power-off; last lines: {tail:?}");
+    let power_off = exited_at - marker_at;
+    println!("vfvm-vmm: power-off took {:.2} s after the marker", power_off.as_secs_f64());
+    assert!(power_off < POWER_OFF_BOUND, "power-off took {power_off:?} after the marker");
 }

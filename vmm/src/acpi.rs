@@ -1,0 +1,418 @@
+//! ACPI tables, hand-written: how a Linux guest finds its CPUs and interrupt
+//! controllers (MADT) and how it powers off (FADT's PM1a control block plus the
+//! DSDT's `\_S5` sleep type). Full (not hardware-reduced) ACPI, so that power-off is
+//! the classic SLP_TYP|SLP_EN write to PM1a_CNT that [`crate::power`] turns into a
+//! VMM exit.
+//!
+//! Everything lives in the BIOS area, which the e820 map from [`crate::boot`] marks
+//! reserved:
+//!
+//! | address  | what                                                            |
+//! |----------|-----------------------------------------------------------------|
+//! | 0xE0000  | RSDP (revision 2: XSDT only), where Linux scans for it          |
+//! | 0xE0040  | FACS (64-byte aligned; no waking vector, global lock unused)    |
+//! | then     | XSDT -> FADT, MADT; FADT -> DSDT, FACS; each 16-byte aligned    |
+//!
+//! Platform choices the tables describe:
+//! - PM1a_EVT_BLK: PIO 0x600, 4 bytes (status reads 0, enable reads back);
+//!   PM1a_CNT_BLK: PIO 0x604, 2 bytes; no PM timer, no GPE blocks, no SMI_CMD (the
+//!   machine is always in ACPI mode).
+//! - Reset register: the i8042 command port 0x64, value 0xFE (the device in
+//!   [`crate::power`]).
+//! - SCI on IRQ 9, level-triggered active-high (nothing raises it today). KVM's
+//!   in-kernel IOAPIC does no polarity inversion, so "asserted" is a high line, as
+//!   QEMU describes it under KVM.
+//! - ISA IRQs go to the IOAPIC pin of the same number (KVM's default GSI routing
+//!   delivers the PIT on GSI 0, pin 0): the MADT has no IRQ0 -> GSI 2 override, which
+//!   would point Linux at a pin nothing drives. The only override is the SCI's.
+//! - IOAPIC id = the number of vCPUs (after the LAPIC ids), as in the MP table, which
+//!   stays for guests booted with `acpi=off`.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::layout::{IOAPIC_START, LAPIC_START};
+use crate::mptable::MAX_CPUS;
+use crate::power::{I8042_COMMAND_PORT, PM1A_CNT_PORT, PM1A_EVT_PORT};
+
+/// The RSDP, and the tables after it, in the BIOS area.
+pub const RSDP_START: u64 = 0xE_0000;
+/// The BIOS area reserved for the tables (to the end of the first MiB).
+pub const ACPI_AREA_START: u64 = 0xE_0000;
+pub const ACPI_AREA_SIZE: u64 = 0x2_0000;
+/// The SCI's ISA IRQ (and GSI).
+pub const SCI_IRQ: u8 = 9;
+/// `\_S5`'s SLP_TYP (any value does: the VMM powers off on SLP_EN alone).
+pub const S5_SLP_TYP: u8 = 5;
+
+const OEM_ID: &[u8; 6] = b"VFVM  ";
+const CREATOR_ID: &[u8; 4] = b"VFVM";
+const HEADER_LEN: usize = 36;
+const FADT_LEN: usize = 276;
+const FACS_LEN: usize = 64;
+const RSDP_LEN: usize = 36;
+const PM1_EVT_LEN: u8 = 4;
+const PM1_CNT_LEN: u8 = 2;
+
+// FADT flags.
+const FADT_WBINVD: u32 = 1 << 0;
+const FADT_PROC_C1: u32 = 1 << 2;
+const FADT_PWR_BUTTON: u32 = 1 << 4; // no fixed-feature power button
+const FADT_SLP_BUTTON: u32 = 1 << 5; // no fixed-feature sleep button
+const FADT_RESET_REG_SUP: u32 = 1 << 10;
+// IA-PC boot architecture flags: ISA devices (COM1, CMOS) exist; no VGA. The i8042
+// flag stays clear: there is no keyboard controller, only its reset command.
+const IAPC_LEGACY_DEVICES: u16 = 1 << 0;
+const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
+
+// Generic address structure: address spaces and access sizes.
+const GAS_SYSTEM_IO: u8 = 1;
+const GAS_ACCESS_BYTE: u8 = 1;
+
+// MADT.
+const MADT_PCAT_COMPAT: u32 = 1;
+const MADT_LAPIC: u8 = 0;
+const MADT_IOAPIC: u8 = 1;
+const MADT_ISO: u8 = 2;
+const MADT_LAPIC_NMI: u8 = 4;
+const LAPIC_ENABLED: u32 = 1;
+/// MPS INTI flags: active-high polarity (01), level trigger (11 << 2).
+const INTI_ACTIVE_HIGH_LEVEL: u16 = 0b1101;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    #[error("ACPI tables for 1..={MAX_CPUS} CPUs, not {0}")]
+    Cpus(u8),
+    #[error("the ACPI tables ({0} bytes) do not fit the BIOS area")]
+    TooLarge(usize),
+    #[error("writing the ACPI tables: {0}")]
+    Memory(String),
+}
+
+/// Makes `bytes` sum to 0 (mod 256) by setting the byte at `at`.
+fn set_checksum(bytes: &mut [u8], at: usize) {
+    bytes[at] = 0;
+    bytes[at] = bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg();
+}
+
+/// A system description table: the 36-byte header, then `body`; length and
+/// checksum filled in.
+fn sdt(signature: &[u8; 4], revision: u8, table_id: &[u8; 8], body: &[u8]) -> Vec<u8> {
+    let len = HEADER_LEN + body.len();
+    let mut t = Vec::with_capacity(len);
+    t.extend_from_slice(signature);
+    t.extend_from_slice(&(len as u32).to_le_bytes());
+    t.push(revision);
+    t.push(0); // checksum
+    t.extend_from_slice(OEM_ID);
+    t.extend_from_slice(table_id);
+    t.extend_from_slice(&1u32.to_le_bytes()); // OEM revision
+    t.extend_from_slice(CREATOR_ID);
+    t.extend_from_slice(&1u32.to_le_bytes()); // creator revision
+    t.extend_from_slice(body);
+    set_checksum(&mut t, 9);
+    t
+}
+
+/// A generic address structure (12 bytes).
+fn gas(space: u8, bit_width: u8, access: u8, address: u64) -> [u8; 12] {
+    let mut g = [0u8; 12];
+    g[0] = space;
+    g[1] = bit_width;
+    g[2] = 0; // bit offset
+    g[3] = access;
+    g[4..].copy_from_slice(&address.to_le_bytes());
+    g
+}
+
+fn put(buf: &mut [u8], at: usize, bytes: &[u8]) {
+    buf[at..at + bytes.len()].copy_from_slice(bytes);
+}
+
+/// The FADT (revision 6, ACPI 6.0 layout): PM1a blocks, reset register, SCI, DSDT.
+/// SMI_CMD and ACPI_ENABLE/DISABLE stay 0: the machine is always in ACPI mode.
+fn fadt(dsdt: u64, facs: u32) -> Vec<u8> {
+    let mut b = vec![0u8; FADT_LEN - HEADER_LEN];
+    // Offsets below are the specification's, from the table start.
+    let mut at = |off: usize, bytes: &[u8]| put(&mut b, off - HEADER_LEN, bytes);
+    // FIRMWARE_CTRL only: the spec wants X_FIRMWARE_CTRL zero when it is set, and
+    // ACPICA would load the FACS twice from both.
+    at(36, &facs.to_le_bytes()); // FIRMWARE_CTRL
+    at(40, &(dsdt as u32).to_le_bytes()); // DSDT
+    at(46, &u16::from(SCI_IRQ).to_le_bytes()); // SCI_INT
+    at(56, &(PM1A_EVT_PORT as u32).to_le_bytes()); // PM1a_EVT_BLK
+    at(64, &(PM1A_CNT_PORT as u32).to_le_bytes()); // PM1a_CNT_BLK
+    at(88, &[PM1_EVT_LEN, PM1_CNT_LEN]); // PM1_EVT_LEN, PM1_CNT_LEN; the rest 0
+    at(96, &101u16.to_le_bytes()); // P_LVL2_LAT > 100: no C2
+    at(98, &1001u16.to_le_bytes()); // P_LVL3_LAT > 1000: no C3
+    at(109, &(IAPC_LEGACY_DEVICES | IAPC_VGA_NOT_PRESENT).to_le_bytes());
+    let flags = FADT_WBINVD | FADT_PROC_C1 | FADT_PWR_BUTTON | FADT_SLP_BUTTON | FADT_RESET_REG_SUP;
+    at(112, &flags.to_le_bytes());
+    at(116, &gas(GAS_SYSTEM_IO, 8, GAS_ACCESS_BYTE, I8042_COMMAND_PORT)); // RESET_REG
+    at(128, &[0xfe]); // RESET_VALUE
+    at(131, &[0]); // FADT minor version: 6.0
+    at(140, &dsdt.to_le_bytes()); // X_DSDT
+    at(148, &gas(GAS_SYSTEM_IO, PM1_EVT_LEN * 8, 0, PM1A_EVT_PORT)); // X_PM1a_EVT_BLK
+    at(172, &gas(GAS_SYSTEM_IO, PM1_CNT_LEN * 8, 0, PM1A_CNT_PORT)); // X_PM1a_CNT_BLK
+    at(268, b"VFVM-KVM"); // hypervisor vendor identity
+    sdt(b"FACP", 6, b"VFVMFACP", &b)
+}
+
+/// The FACS: no checksum, 64 bytes, 64-byte aligned.
+fn facs() -> Vec<u8> {
+    let mut f = vec![0u8; FACS_LEN];
+    f[..4].copy_from_slice(b"FACS");
+    f[4..8].copy_from_slice(&(FACS_LEN as u32).to_le_bytes());
+    f[32] = 2; // version
+    f
+}
+
+/// An AML PkgLength for `body_len` bytes after it (the encoding counts itself).
+fn aml_pkg_length(body_len: usize) -> Vec<u8> {
+    if body_len + 1 < 0x40 {
+        return vec![(body_len + 1) as u8];
+    }
+    for extra in 1..=3usize {
+        let total = body_len + 1 + extra;
+        if total < 1 << (4 + 8 * extra) {
+            let mut v = vec![((extra as u8) << 6) | (total & 0xf) as u8];
+            for i in 0..extra {
+                v.push((total >> (4 + 8 * i)) as u8);
+            }
+            return v;
+        }
+    }
+    unreachable!("AML packages are far below 256 MiB here")
+}
+
+/// `op PkgLength body`.
+fn aml_pkg(op: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut v = op.to_vec();
+    v.extend(aml_pkg_length(body.len()));
+    v.extend_from_slice(body);
+    v
+}
+
+/// `Name(name, value)` with an already-encoded value.
+fn aml_name(name: &[u8; 4], value: &[u8]) -> Vec<u8> {
+    let mut v = vec![0x08]; // NameOp
+    v.extend_from_slice(name);
+    v.extend_from_slice(value);
+    v
+}
+
+/// An integer constant: ZeroOp, OneOp, or the smallest prefixed form.
+fn aml_int(n: u32) -> Vec<u8> {
+    match n {
+        0 => vec![0x00],
+        1 => vec![0x01],
+        2..=0xff => vec![0x0a, n as u8],
+        0x100..=0xffff => [&[0x0b][..], &(n as u16).to_le_bytes()].concat(),
+        _ => [&[0x0c][..], &n.to_le_bytes()].concat(),
+    }
+}
+
+/// The DSDT: `\_S5` (SLP_TYPa, SLP_TYPb and two reserved zeros) and one processor
+/// device (`_HID` ACPI0007, `_UID` = the MADT's processor UID) per vCPU under `\_SB`.
+fn dsdt(cpus: u8) -> Vec<u8> {
+    let mut aml = Vec::new();
+    let s5 = [&[4u8][..], &aml_int(u32::from(S5_SLP_TYP)), &[0x00, 0x00, 0x00]].concat();
+    aml.extend(aml_name(b"_S5_", &aml_pkg(&[0x12], &s5))); // PackageOp, 4 elements
+    let mut sb = b"_SB_".to_vec();
+    for id in 0..cpus {
+        let name = format!("C{id:03X}");
+        let mut dev = name.as_bytes().to_vec();
+        dev.extend(aml_name(b"_HID", b"\x0dACPI0007\x00")); // StringPrefix
+        dev.extend(aml_name(b"_UID", &aml_int(u32::from(id))));
+        sb.extend(aml_pkg(&[0x5b, 0x82], &dev)); // DeviceOp
+    }
+    aml.extend(aml_pkg(&[0x10], &sb)); // ScopeOp
+    sdt(b"DSDT", 2, b"VFVMDSDT", &aml)
+}
+
+/// The MADT: one enabled local APIC per vCPU, the IOAPIC (GSI base 0), the SCI's
+/// interrupt source override and LINT1 as NMI on every CPU.
+fn madt(cpus: u8) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&(LAPIC_START as u32).to_le_bytes());
+    b.extend_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
+    for id in 0..cpus {
+        b.extend_from_slice(&[MADT_LAPIC, 8, id, id]);
+        b.extend_from_slice(&LAPIC_ENABLED.to_le_bytes());
+    }
+    b.extend_from_slice(&[MADT_IOAPIC, 12, cpus, 0]);
+    b.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes()); // GSI base
+    b.extend_from_slice(&[MADT_ISO, 10, 0, SCI_IRQ]);
+    b.extend_from_slice(&u32::from(SCI_IRQ).to_le_bytes());
+    b.extend_from_slice(&INTI_ACTIVE_HIGH_LEVEL.to_le_bytes());
+    b.extend_from_slice(&[MADT_LAPIC_NMI, 6, 0xff, 0, 0, 1]); // all CPUs, flags 0, LINT1
+    sdt(b"APIC", 5, b"VFVMAPIC", &b)
+}
+
+fn xsdt(tables: &[u64]) -> Vec<u8> {
+    let body: Vec<u8> = tables.iter().flat_map(|a| a.to_le_bytes()).collect();
+    sdt(b"XSDT", 1, b"VFVMXSDT", &body)
+}
+
+fn rsdp(xsdt: u64) -> Vec<u8> {
+    let mut r = Vec::with_capacity(RSDP_LEN);
+    r.extend_from_slice(b"RSD PTR ");
+    r.push(0); // checksum over the first 20 bytes
+    r.extend_from_slice(OEM_ID);
+    r.push(2); // revision: ACPI 2.0+
+    r.extend_from_slice(&0u32.to_le_bytes()); // no RSDT
+    r.extend_from_slice(&(RSDP_LEN as u32).to_le_bytes());
+    r.extend_from_slice(&xsdt.to_le_bytes());
+    r.push(0); // extended checksum over all 36
+    r.extend_from_slice(&[0; 3]);
+    set_checksum(&mut r[..20], 8);
+    set_checksum(&mut r, 32);
+    r
+}
+
+/// The whole area as it goes at [`RSDP_START`]: the RSDP first, then the tables.
+pub fn acpi_bytes(cpus: u8) -> Result<Vec<u8>, AcpiError> {
+    if cpus == 0 || cpus > MAX_CPUS {
+        return Err(AcpiError::Cpus(cpus));
+    }
+    let base = RSDP_START;
+    let mut area = vec![0u8; 0x40]; // the RSDP, written last
+    let place = |area: &mut Vec<u8>, bytes: &[u8], align: usize| -> u64 {
+        area.resize(area.len().div_ceil(align) * align, 0);
+        let addr = base + area.len() as u64;
+        area.extend_from_slice(bytes);
+        addr
+    };
+    let facs_addr = place(&mut area, &facs(), 64);
+    let dsdt_addr = place(&mut area, &dsdt(cpus), 16);
+    let fadt_addr = place(&mut area, &fadt(dsdt_addr, facs_addr as u32), 16);
+    let madt_addr = place(&mut area, &madt(cpus), 16);
+    let xsdt_addr = place(&mut area, &xsdt(&[fadt_addr, madt_addr]), 16);
+    area[..RSDP_LEN].copy_from_slice(&rsdp(xsdt_addr));
+    if area.len() as u64 > ACPI_AREA_SIZE {
+        return Err(AcpiError::TooLarge(area.len()));
+    }
+    Ok(area)
+}
+
+/// Writes the tables; returns the RSDP's address.
+pub fn write_acpi_tables(memory: &GuestMemoryMmap, cpus: u8) -> Result<u64, AcpiError> {
+    let bytes = acpi_bytes(cpus)?;
+    memory.write_slice(&bytes, GuestAddress(RSDP_START)).map_err(|e| AcpiError::Memory(e.to_string()))?;
+    Ok(RSDP_START)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+    fn u32_at(b: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+    }
+    fn u64_at(b: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    /// The table at guest address `addr` in guest memory, its signature and length
+    /// and checksum checked.
+    fn table(mem: &GuestMemoryMmap, addr: u64, sig: &[u8; 4]) -> Vec<u8> {
+        let mut head = [0u8; 8];
+        mem.read_slice(&mut head, GuestAddress(addr)).unwrap_or_else(|e| panic!("{sig:?} at {addr:#x}: {e}"));
+        assert_eq!(&head[..4], sig, "signature at {addr:#x}");
+        let len = u32_at(&head, 4) as usize;
+        let mut t = vec![0u8; len];
+        mem.read_slice(&mut t, GuestAddress(addr)).unwrap();
+        assert!(addr >= ACPI_AREA_START && addr + len as u64 <= ACPI_AREA_START + ACPI_AREA_SIZE);
+        if sig != b"FACS" {
+            assert_eq!(sum(&t), 0, "{sig:?} checksum");
+        }
+        t
+    }
+
+    #[test]
+    fn pointers_resolve_and_checksums_hold() {
+        for cpus in [1u8, 2, 7, MAX_CPUS] {
+            let mem = crate::vm::guest_memory(64 << 20).unwrap();
+            assert_eq!(write_acpi_tables(&mem, cpus).unwrap(), 0xE0000);
+
+            let mut r = [0u8; RSDP_LEN];
+            mem.read_slice(&mut r, GuestAddress(RSDP_START)).unwrap();
+            assert_eq!(&r[..8], b"RSD PTR ");
+            assert_eq!(sum(&r[..20]), 0);
+            assert_eq!(sum(&r), 0);
+            assert_eq!((r[15], u32_at(&r, 20)), (2, 36));
+            assert_eq!(RSDP_START % 16, 0);
+
+            let x = table(&mem, u64_at(&r, 24), b"XSDT");
+            assert_eq!(x.len(), 36 + 16);
+            let fadt = table(&mem, u64_at(&x, 36), b"FACP");
+            let madt = table(&mem, u64_at(&x, 44), b"APIC");
+
+            assert_eq!((fadt.len(), fadt[8]), (276, 6));
+            let dsdt_addr = u64_at(&fadt, 140);
+            assert_eq!(u64::from(u32_at(&fadt, 40)), dsdt_addr);
+            let dsdt = table(&mem, dsdt_addr, b"DSDT");
+            let facs_addr = u64::from(u32_at(&fadt, 36));
+            assert_eq!(u64_at(&fadt, 132), 0, "X_FIRMWARE_CTRL: zero, FIRMWARE_CTRL is set");
+            assert_eq!(facs_addr % 64, 0);
+            assert_eq!(table(&mem, facs_addr, b"FACS").len(), 64);
+            // PM1 blocks, SCI, reset register, flags.
+            assert_eq!(u16::from_le_bytes([fadt[46], fadt[47]]), 9);
+            assert_eq!(u32_at(&fadt, 48), 0, "no SMI_CMD");
+            assert_eq!((u32_at(&fadt, 56), u32_at(&fadt, 64)), (0x600, 0x604));
+            assert_eq!((fadt[88], fadt[89], fadt[91]), (4, 2, 0));
+            assert_eq!(&fadt[148..152], &[1, 32, 0, 0]);
+            assert_eq!(u64_at(&fadt, 152), 0x600);
+            assert_eq!(&fadt[172..176], &[1, 16, 0, 0]);
+            assert_eq!(u64_at(&fadt, 176), 0x604);
+            assert_eq!((&fadt[116..120], u64_at(&fadt, 120), fadt[128]), (&[1u8, 8, 0, 1][..], 0x64, 0xfe));
+            let flags = u32_at(&fadt, 112);
+            assert_eq!(flags & (1 << 20), 0, "not hardware-reduced");
+            assert_ne!(flags & (1 << 10), 0, "reset register supported");
+
+            // DSDT: Name(_S5_, Package(4) {5, 0, 0, 0}) and a processor device per vCPU.
+            let s5 = [0x08, b'_', b'S', b'5', b'_', 0x12, 0x07, 0x04, 0x0a, 0x05, 0x00, 0x00, 0x00];
+            assert!(dsdt.windows(s5.len()).any(|w| w == s5), "no _S5_ package");
+            assert_eq!(dsdt.windows(8).filter(|w| w == b"ACPI0007").count(), cpus as usize);
+
+            // MADT: LAPIC address, one LAPIC per vCPU, the IOAPIC, the SCI override.
+            assert_eq!((u32_at(&madt, 36), madt[8]), (0xFEE0_0000, 5));
+            let mut entries = Vec::new();
+            let mut at = 44;
+            while at < madt.len() {
+                let len = madt[at + 1] as usize;
+                assert!(len >= 2 && at + len <= madt.len());
+                entries.push(madt[at..at + len].to_vec());
+                at += len;
+            }
+            assert_eq!(at, madt.len());
+            let lapics: Vec<_> = entries.iter().filter(|e| e[0] == 0).collect();
+            assert_eq!(lapics.len(), cpus as usize);
+            for (id, e) in lapics.iter().enumerate() {
+                assert_eq!((e[1], e[2], e[3], u32_at(e, 4)), (8, id as u8, id as u8, 1));
+            }
+            let ioapics: Vec<_> = entries.iter().filter(|e| e[0] == 1).collect();
+            assert_eq!(ioapics.len(), 1);
+            assert_eq!((ioapics[0][2], u32_at(ioapics[0], 4), u32_at(ioapics[0], 8)), (cpus, 0xFEC0_0000, 0));
+            let isos: Vec<_> = entries.iter().filter(|e| e[0] == 2).collect();
+            assert_eq!(isos, [&vec![2, 10, 0, 9, 9, 0, 0, 0, 0x0d, 0]]);
+        }
+        assert!(acpi_bytes(0).is_err());
+        assert!(acpi_bytes(MAX_CPUS + 1).is_err());
+    }
+
+    #[test]
+    fn aml_package_lengths_encode_as_the_spec_says() {
+        assert_eq!(aml_pkg_length(0), [1]);
+        assert_eq!(aml_pkg_length(62), [63]);
+        // 63 body bytes + 2 length bytes = 65 = 0x41: low nibble 1, then 0x04.
+        assert_eq!(aml_pkg_length(63), [0x41, 0x04]);
+        assert_eq!(aml_pkg_length(0xffd), [0x4f, 0xff]);
+        assert_eq!(aml_pkg_length(0xffe), [0x81, 0x00, 0x01]);
+        assert_eq!(aml_int(0), [0]);
+        assert_eq!(aml_int(31), [0x0a, 31]);
+    }
+}
