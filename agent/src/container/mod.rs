@@ -153,6 +153,19 @@ struct Process {
 }
 
 impl Process {
+    /// A spawned child with our ends of its stdio and its exit slot.
+    fn new(child: &spawn::Child, stdio: ParentStdio, exit: Arc<Exit>) -> Result<Arc<Self>> {
+        Ok(Arc::new(Process {
+            pid: child.pid,
+            pidfd: child.pidfd.try_clone().map_err(|e| Error::Internal(format!("pidfd: {e}")))?,
+            stdin: stdio.stdin,
+            stdout: stdio.stdout,
+            stderr: stdio.stderr,
+            pty: stdio.pty,
+            exit,
+        }))
+    }
+
     fn signal(&self, sig: i32) -> Result<()> {
         if self.exit.get().is_some() {
             return Err(Error::NotFound(format!("process {} has exited", self.pid)));
@@ -597,15 +610,7 @@ impl Runner {
             }
         }
         let pidns = std::fs::read_link(format!("/proc/{}/ns/pid", child.pid)).map(|l| l.to_string_lossy().into_owned()).unwrap_or_default();
-        let init = Arc::new(Process {
-            pid: child.pid,
-            pidfd: child.pidfd.try_clone().map_err(|e| Error::Internal(format!("pidfd: {e}")))?,
-            stdin: parent_stdio.stdin,
-            stdout: parent_stdio.stdout,
-            stderr: parent_stdio.stderr,
-            pty: parent_stdio.pty,
-            exit,
-        });
+        let init = Process::new(&child, parent_stdio, exit)?;
         tracing::info!(container = id, pid = child.pid, rootfs = %rootfs.display(), "container created");
         Ok(Arc::new(Container { id: id.into(), init, pending: Mutex::new(Some(child)), cgroup, pidns, execs: Mutex::default() }))
     }
@@ -674,15 +679,7 @@ impl Runner {
                 tracing::warn!(container = id, exec = exec_id, "cannot move the process into {}: {e}", cg.path.display());
             }
         }
-        let p = Arc::new(Process {
-            pid: child.pid,
-            pidfd: child.pidfd.try_clone().map_err(|e| Error::Internal(format!("pidfd: {e}")))?,
-            stdin: parent_stdio.stdin,
-            stdout: parent_stdio.stdout,
-            stderr: parent_stdio.stderr,
-            pty: parent_stdio.pty,
-            exit,
-        });
+        let p = Process::new(&child, parent_stdio, exit)?;
         // Registered before it runs: a fast exit's output is still read.
         c.execs().insert(exec_id.to_string(), p);
         if let Err(e) = child.start() {
