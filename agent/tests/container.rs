@@ -4,44 +4,33 @@
 //! return read back through the same API.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use vfvm_protocols::agent::{self, AgentClient};
-use vfvm_protocols::client::{connect, AgentAddress, ConnectOptions};
+use vfvm_protocols::agent;
+
+mod common;
+use common::{code, RunningAgent};
 
 struct Fixture {
-    netns: String,
-    dir: PathBuf,
+    agent: RunningAgent,
     rootfs: PathBuf,
-    agent: Child,
-    client: AgentClient,
     containers: Mutex<Vec<String>>,
 }
 
 impl Drop for Fixture {
     fn drop(&mut self) {
         for id in self.containers.lock().unwrap().drain(..) {
-            let _ = self.client.remove_container(ctx(), &agent::RemoveContainerRequest { container_id: id, ..Default::default() });
+            let _ = self.agent.client.remove_container(ctx(), &agent::RemoveContainerRequest { container_id: id, ..Default::default() });
         }
-        let _ = self.agent.kill();
-        let _ = self.agent.wait();
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // Then `agent` drops: the agent stops, its netns and directory go.
     }
 }
 
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(Duration::from_secs(20).as_nanos() as i64)
-}
-
-fn code(e: &ttrpc::Error) -> ttrpc::Code {
-    match e {
-        ttrpc::Error::RpcStatus(s) => s.code(),
-        other => panic!("expected an RPC status, got {other:?}"),
-    }
 }
 
 /// A busybox rootfs: the static binary and its applet links.
@@ -64,29 +53,9 @@ fn busybox_rootfs(dir: &Path) -> PathBuf {
 }
 
 fn fixture(name: &str) -> Fixture {
-    let netns = format!("vfvm-ctr-{name}-{}", std::process::id());
-    let status = Command::new("ip").args(["netns", "add", &netns]).status().unwrap();
-    assert!(status.success(), "ip netns add (needs root)");
-    let dir = std::env::temp_dir().join(&netns);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let rootfs = busybox_rootfs(&dir);
-    let sock = dir.join("agent.sock");
-    let agent = Command::new(env!("CARGO_BIN_EXE_vfvm-agent"))
-        .args(["--no-init", "--listen"])
-        .arg(format!("unix://{}", sock.display()))
-        .arg("--netns")
-        .arg(format!("/run/netns/{netns}"))
-        .arg("--resolv-conf")
-        .arg(dir.join("resolv.conf"))
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let client = match connect(&AgentAddress::Unix(sock), ConnectOptions { deadline: Duration::from_secs(20), ..Default::default() }) {
-        Ok(c) => c,
-        Err(e) => panic!("connecting to the agent: {e}"),
-    };
-    Fixture { netns, dir, rootfs, agent, client, containers: Mutex::default() }
+    let agent = RunningAgent::start("vfvm-ctr", name);
+    let rootfs = busybox_rootfs(&agent.dir);
+    Fixture { agent, rootfs, containers: Mutex::default() }
 }
 
 /// An OCI spec as containerd writes one, for the busybox rootfs.
@@ -131,13 +100,13 @@ impl Fixture {
             rootfs_path: self.rootfs.display().to_string(),
             ..Default::default()
         };
-        self.client.create_container(ctx(), &req)?;
+        self.agent.client.create_container(ctx(), &req)?;
         self.containers.lock().unwrap().push(id.into());
         Ok(())
     }
 
     fn start(&self, id: &str) -> ttrpc::Result<()> {
-        self.client.start_container(ctx(), &agent::StartContainerRequest { container_id: id.into(), ..Default::default() }).map(drop)
+        self.agent.client.start_container(ctx(), &agent::StartContainerRequest { container_id: id.into(), ..Default::default() }).map(drop)
     }
 
     fn run(&self, id: &str, args: &[&str]) {
@@ -148,17 +117,17 @@ impl Fixture {
     fn exec(&self, id: &str, exec_id: &str, args: &[&str]) -> ttrpc::Result<()> {
         let process = json!({"args": args, "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}});
         let req = agent::ExecProcessRequest { container_id: id.into(), exec_id: exec_id.into(), oci_process_json: serde_json::to_vec(&process).unwrap(), ..Default::default() };
-        self.client.exec_process(ctx(), &req).map(drop)
+        self.agent.client.exec_process(ctx(), &req).map(drop)
     }
 
     fn wait(&self, id: &str, exec_id: &str) -> i32 {
         let req = agent::WaitProcessRequest { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() };
-        self.client.wait_process(ctx(), &req).unwrap().exit_status
+        self.agent.client.wait_process(ctx(), &req).unwrap().exit_status
     }
 
     fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> ttrpc::Result<()> {
         let req = agent::SignalProcessRequest { container_id: id.into(), exec_id: exec_id.into(), signal, all, ..Default::default() };
-        self.client.signal_process(ctx(), &req).map(drop)
+        self.agent.client.signal_process(ctx(), &req).map(drop)
     }
 
     /// Everything on stdout (or stderr) up to its end.
@@ -168,7 +137,7 @@ impl Fixture {
         loop {
             assert!(Instant::now() < deadline, "no EOF on {id}/{exec_id} after 20 s; got {:?}", String::from_utf8_lossy(&all));
             let req = agent::ReadStreamRequest { container_id: id.into(), exec_id: exec_id.into(), max_len: 1 << 20, wait_ms: 1000, ..Default::default() };
-            let r = if stderr { self.client.read_stderr(ctx(), &req) } else { self.client.read_stdout(ctx(), &req) }.unwrap();
+            let r = if stderr { self.agent.client.read_stderr(ctx(), &req) } else { self.agent.client.read_stdout(ctx(), &req) }.unwrap();
             assert!(r.data.len() <= 1 << 20);
             all.extend_from_slice(&r.data);
             if r.eof {
@@ -182,14 +151,14 @@ impl Fixture {
     }
 
     fn list(&self, id: &str) -> Vec<u32> {
-        self.client.list_processes(ctx(), &agent::ListProcessesRequest { container_id: id.into(), ..Default::default() }).unwrap().pids
+        self.agent.client.list_processes(ctx(), &agent::ListProcessesRequest { container_id: id.into(), ..Default::default() }).unwrap().pids
     }
 
     /// Events until one matches, within 10 s.
     fn event(&self, want: impl Fn(&agent::GetEventResponse) -> bool) -> agent::GetEventResponse {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            let e = self.client.get_event(ctx(), &agent::GetEventRequest { timeout_ms: 1000, ..Default::default() }).unwrap();
+            let e = self.agent.client.get_event(ctx(), &agent::GetEventRequest { timeout_ms: 1000, ..Default::default() }).unwrap();
             if want(&e) {
                 return e;
             }
@@ -198,7 +167,7 @@ impl Fixture {
     }
 
     fn healthy(&self) {
-        assert_eq!(self.client.health(ctx(), &agent::HealthRequest::new()).unwrap().api_version, "vfvm.agent.v1");
+        assert_eq!(self.agent.client.health(ctx(), &agent::HealthRequest::new()).unwrap().api_version, "vfvm.agent.v1");
     }
 }
 
@@ -212,7 +181,7 @@ fn a_container_runs_with_its_spec_and_reports_output_and_exit() {
     let args = ["sh", "-c", "echo hello; hostname; id -u; id -G; pwd; echo $FOO; ulimit -n; echo err >&2"];
     f.create("c1", &spec(&args, &["FOO=bar baz"])).unwrap();
     // Created, not started: nothing runs the program yet.
-    let early = f.client.read_stdout(ctx(), &agent::ReadStreamRequest { container_id: "c1".into(), max_len: 100, wait_ms: 200, ..Default::default() }).unwrap();
+    let early = f.agent.client.read_stdout(ctx(), &agent::ReadStreamRequest { container_id: "c1".into(), max_len: 100, wait_ms: 200, ..Default::default() }).unwrap();
     assert!(early.data.is_empty() && !early.eof, "{early:?}");
     f.start("c1").unwrap();
     assert_eq!(f.stdout("c1", ""), "hello\nbox1\n1000\n1000 10 20\n/home/user\nbar baz\n512\n");
@@ -223,8 +192,8 @@ fn a_container_runs_with_its_spec_and_reports_output_and_exit() {
     assert!(e.exited().exited_at_unix_nanos > 0);
     // Starting twice is refused; removing works once.
     assert_eq!(code(&f.start("c1").unwrap_err()), ttrpc::Code::FAILED_PRECONDITION);
-    f.client.remove_container(ctx(), &agent::RemoveContainerRequest { container_id: "c1".into(), ..Default::default() }).unwrap();
-    let err = f.client.remove_container(ctx(), &agent::RemoveContainerRequest { container_id: "c1".into(), ..Default::default() }).unwrap_err();
+    f.agent.client.remove_container(ctx(), &agent::RemoveContainerRequest { container_id: "c1".into(), ..Default::default() }).unwrap();
+    let err = f.agent.client.remove_container(ctx(), &agent::RemoveContainerRequest { container_id: "c1".into(), ..Default::default() }).unwrap_err();
     assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
     f.healthy();
 }
@@ -292,9 +261,9 @@ fn exec_joins_the_container_and_stdin_round_trips() {
         assert!(Instant::now() < deadline, "stdin stuck at {sent}");
         let chunk = &data[sent..(sent + 100_000).min(data.len())];
         let req = agent::WriteStreamRequest { container_id: "box".into(), exec_id: "cat".into(), data: chunk.to_vec(), ..Default::default() };
-        sent += f.client.write_stdin(ctx(), &req).unwrap().written as usize;
+        sent += f.agent.client.write_stdin(ctx(), &req).unwrap().written as usize;
     }
-    f.client.close_stdin(ctx(), &agent::CloseStdinRequest { container_id: "box".into(), exec_id: "cat".into(), ..Default::default() }).unwrap();
+    f.agent.client.close_stdin(ctx(), &agent::CloseStdinRequest { container_id: "box".into(), exec_id: "cat".into(), ..Default::default() }).unwrap();
     let echoed = f.output("box", "cat", false);
     assert_eq!(echoed.len(), data.len());
     assert!(echoed == data, "cat's output differs from its input");
@@ -305,7 +274,7 @@ fn exec_joins_the_container_and_stdin_round_trips() {
     f.exec("box", "flood", &["sh", "-c", "head -c 6000000 /dev/zero; echo done >&2"]).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let req = agent::ReadStreamRequest { container_id: "box".into(), exec_id: "flood".into(), max_len: 100, wait_ms: 0, ..Default::default() };
-    let r = f.client.read_stderr(ctx(), &req).unwrap();
+    let r = f.agent.client.read_stderr(ctx(), &req).unwrap();
     assert!(r.data.is_empty() && !r.eof, "the writer was not held back: {r:?}");
     let flood = f.output("box", "flood", false);
     assert_eq!(flood.len(), 6_000_000);
@@ -314,7 +283,7 @@ fn exec_joins_the_container_and_stdin_round_trips() {
     assert_eq!(f.wait("box", "flood"), 0);
 
     // Stats: from the cgroup where this machine has one.
-    let s = f.client.stats_container(ctx(), &agent::StatsContainerRequest { container_id: "box".into(), ..Default::default() }).unwrap();
+    let s = f.agent.client.stats_container(ctx(), &agent::StatsContainerRequest { container_id: "box".into(), ..Default::default() }).unwrap();
     assert!(s.pids_current >= 1, "{s:?}");
     if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() || Path::new("/sys/fs/cgroup/unified/cgroup.controllers").exists() {
         assert!(s.cpu_usage_nanos > 0, "{s:?}");
@@ -339,7 +308,7 @@ fn pcidevice_env_is_rewritten_to_guest_addresses() {
         pci_address_map: [("0000:3b:02.1".to_string(), "0000:00:05.0".to_string())].into(),
         ..Default::default()
     };
-    f.client.create_sandbox(ctx(), &req).unwrap();
+    f.agent.client.create_sandbox(ctx(), &req).unwrap();
     let info = r#"{"0000:3b:02.1":{"generic":{"deviceID":"0000:3b:02.1"}}}"#;
     let env = ["PCIDEVICE_INTEL_COM_SRIOV=0000:3b:02.1,0000:3b:09.9".to_string(), format!("PCIDEVICE_INTEL_COM_SRIOV_INFO={info}")];
     let env: Vec<&str> = env.iter().map(String::as_str).collect();
@@ -347,9 +316,9 @@ fn pcidevice_env_is_rewritten_to_guest_addresses() {
     f.start("p").unwrap();
     assert_eq!(f.stdout("p", ""), "0000:00:05.0,0000:3b:09.9\n{\"0000:00:05.0\":{\"generic\":{\"deviceID\":\"0000:00:05.0\"}}}\n");
     assert_eq!(f.wait("p", ""), 0);
-    f.client.destroy_sandbox(ctx(), &agent::DestroySandboxRequest { sandbox_id: "pod1".into(), ..Default::default() }).unwrap();
+    f.agent.client.destroy_sandbox(ctx(), &agent::DestroySandboxRequest { sandbox_id: "pod1".into(), ..Default::default() }).unwrap();
     // The sandbox's containers went with it.
-    assert_eq!(code(&f.client.list_processes(ctx(), &agent::ListProcessesRequest { container_id: "p".into(), ..Default::default() }).unwrap_err()), ttrpc::Code::NOT_FOUND);
+    assert_eq!(code(&f.agent.client.list_processes(ctx(), &agent::ListProcessesRequest { container_id: "p".into(), ..Default::default() }).unwrap_err()), ttrpc::Code::NOT_FOUND);
 }
 
 #[test]
@@ -357,7 +326,7 @@ fn bad_container_requests_get_clear_errors_and_the_agent_keeps_serving() {
     let f = fixture("badc");
     let create = |id: &str, json: Vec<u8>, rootfs: &str| {
         let req = agent::CreateContainerRequest { container_id: id.into(), oci_spec_json: json, rootfs_path: rootfs.into(), ..Default::default() };
-        f.client.create_container(ctx(), &req).unwrap_err()
+        f.agent.client.create_container(ctx(), &req).unwrap_err()
     };
     let root = f.rootfs.display().to_string();
     let good = serde_json::to_vec(&spec(&["true"], &[])).unwrap();
@@ -385,7 +354,7 @@ fn bad_container_requests_get_clear_errors_and_the_agent_keeps_serving() {
 
     let err = f.start("ghost").unwrap_err();
     assert_eq!(code(&err), ttrpc::Code::NOT_FOUND, "{err:?}");
-    let err = f.client.wait_process(ctx(), &agent::WaitProcessRequest { container_id: "ghost".into(), ..Default::default() }).unwrap_err();
+    let err = f.agent.client.wait_process(ctx(), &agent::WaitProcessRequest { container_id: "ghost".into(), ..Default::default() }).unwrap_err();
     assert_eq!(code(&err), ttrpc::Code::NOT_FOUND, "{err:?}");
 
     f.create("dup", &spec(&["true"], &[])).unwrap();
@@ -394,7 +363,7 @@ fn bad_container_requests_get_clear_errors_and_the_agent_keeps_serving() {
     assert_eq!(code(&f.exec("dup", "e", &["true"]).unwrap_err()), ttrpc::Code::FAILED_PRECONDITION);
     assert_eq!(code(&f.signal("dup", "nosuch", 9, false).unwrap_err()), ttrpc::Code::NOT_FOUND);
     assert_eq!(code(&f.signal("dup", "", 999, false).unwrap_err()), ttrpc::Code::INVALID_ARGUMENT);
-    let err = f.client.get_event(ctx(), &agent::GetEventRequest { timeout_ms: 600_000, ..Default::default() }).unwrap_err();
+    let err = f.agent.client.get_event(ctx(), &agent::GetEventRequest { timeout_ms: 600_000, ..Default::default() }).unwrap_err();
     assert_eq!(code(&err), ttrpc::Code::INVALID_ARGUMENT);
     f.start("dup").unwrap();
     assert_eq!(f.wait("dup", ""), 0);
@@ -410,9 +379,9 @@ fn a_terminal_process_gets_a_pty_of_the_given_size() {
     f.create("t", &s).unwrap();
     f.start("t").unwrap();
     let req = agent::TtyWinResizeRequest { container_id: "t".into(), rows: 50, columns: 120, ..Default::default() };
-    f.client.tty_win_resize(ctx(), &req).unwrap();
+    f.agent.client.tty_win_resize(ctx(), &req).unwrap();
     let req = agent::WriteStreamRequest { container_id: "t".into(), data: b"ping\n".to_vec(), ..Default::default() };
-    assert_eq!(f.client.write_stdin(ctx(), &req).unwrap().written, 5);
+    assert_eq!(f.agent.client.write_stdin(ctx(), &req).unwrap().written, 5);
     let out = f.stdout("t", "").replace('\r', "");
     assert!(out.contains("istty\n"), "{out:?}");
     assert!(out.contains("40 100\n") || out.contains("50 120\n"), "{out:?}");
@@ -421,5 +390,5 @@ fn a_terminal_process_gets_a_pty_of_the_given_size() {
     // No terminal, no resize.
     f.run("plain", &["true"]);
     let req = agent::TtyWinResizeRequest { container_id: "plain".into(), rows: 5, columns: 5, ..Default::default() };
-    assert_eq!(code(&f.client.tty_win_resize(ctx(), &req).unwrap_err()), ttrpc::Code::FAILED_PRECONDITION);
+    assert_eq!(code(&f.agent.client.tty_win_resize(ctx(), &req).unwrap_err()), ttrpc::Code::FAILED_PRECONDITION);
 }

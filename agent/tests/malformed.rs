@@ -4,49 +4,24 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use vfvm_protocols::agent::{self, HealthRequest};
-use vfvm_protocols::client::{connect, AgentAddress, ConnectOptions};
+
+mod common;
+use common::{connect_to, RunningAgent};
 
 const MESSAGE_TYPE_REQUEST: u8 = 1;
 
-struct Agent {
-    child: Child,
-    sock: std::path::PathBuf,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start() -> Agent {
-    let dir = std::env::temp_dir().join(format!("vfvm-agent-raw-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let sock = dir.join("agent.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_vfvm-agent"))
-        .args(["--no-init", "--listen"])
-        .arg(format!("unix://{}", sock.display()))
-        .arg("--resolv-conf")
-        .arg(dir.join("resolv.conf"))
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let agent = Agent { child, sock };
+fn start() -> RunningAgent {
+    let agent = RunningAgent::start("vfvm-agent-raw", "frames");
     assert_healthy(&agent);
     agent
 }
 
-fn assert_healthy(a: &Agent) {
-    let client = match connect(&AgentAddress::Unix(a.sock.clone()), ConnectOptions { deadline: Duration::from_secs(20), ..Default::default() }) {
-        Ok(c) => c,
-        Err(e) => panic!("the agent is not serving: {e}"),
-    };
+/// A fresh connection answers Health: the agent is alive and serving.
+fn assert_healthy(a: &RunningAgent) {
+    let client = connect_to(&a.sock);
     let ctx = ttrpc::context::with_timeout(Duration::from_secs(5).as_nanos() as i64);
     assert_eq!(client.health(ctx, &HealthRequest::new()).unwrap().api_version, agent::API_VERSION);
 }
@@ -62,7 +37,7 @@ fn frame(len: u32, stream: u32, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Sends raw bytes and reads whatever comes back until the agent answers or closes.
-fn exchange(a: &Agent, bytes: &[u8]) -> Vec<u8> {
+fn exchange(a: &RunningAgent, bytes: &[u8]) -> Vec<u8> {
     let mut s = UnixStream::connect(&a.sock).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = s.write_all(bytes);

@@ -2,56 +2,20 @@
 //! interfaces in a throwaway network namespace: the host-side test of the protocol
 //! server (the lab boots it as PID 1 of a guest and talks to it over vsock).
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use vfvm_netlink::{Handle, Netns};
-use vfvm_protocols::agent::{self, AgentClient};
-use vfvm_protocols::client::{connect, AgentAddress, ConnectOptions};
+use vfvm_protocols::agent;
 
-struct Fixture {
-    netns: String,
-    dir: PathBuf,
-    agent: Child,
-    client: AgentClient,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = self.agent.kill();
-        let _ = self.agent.wait();
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+mod common;
+use common::{code, RunningAgent};
 
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(Duration::from_secs(10).as_nanos() as i64)
 }
 
-fn fixture(name: &str) -> Fixture {
-    let netns = format!("vfvm-agent-{name}-{}", std::process::id());
-    let status = Command::new("ip").args(["netns", "add", &netns]).status().unwrap();
-    assert!(status.success(), "ip netns add (needs root)");
-    let dir = std::env::temp_dir().join(&netns);
-    std::fs::create_dir_all(&dir).unwrap();
-    let sock = dir.join("agent.sock");
-    let agent = Command::new(env!("CARGO_BIN_EXE_vfvm-agent"))
-        .args(["--no-init", "--listen"])
-        .arg(format!("unix://{}", sock.display()))
-        .arg("--netns")
-        .arg(format!("/run/netns/{netns}"))
-        .arg("--resolv-conf")
-        .arg(dir.join("resolv.conf"))
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let client = match connect(&AgentAddress::Unix(sock), ConnectOptions { deadline: Duration::from_secs(20), ..Default::default() }) {
-        Ok(c) => c,
-        Err(e) => panic!("connecting to the agent: {e}"),
-    };
-    Fixture { netns, dir, agent, client }
+fn fixture(name: &str) -> RunningAgent {
+    RunningAgent::start("vfvm-agent", name)
 }
 
 fn interface(name: &str, mac: &str, cidrs: &[&str]) -> agent::UpdateInterfaceRequest {
@@ -64,13 +28,6 @@ fn interface(name: &str, mac: &str, cidrs: &[&str]) -> agent::UpdateInterfaceReq
     let mut req = agent::UpdateInterfaceRequest::new();
     req.interface = Some(i).into();
     req
-}
-
-fn code(e: &ttrpc::Error) -> ttrpc::Code {
-    match e {
-        ttrpc::Error::RpcStatus(s) => s.code(),
-        other => panic!("expected an RPC status, got {other:?}"),
-    }
 }
 
 #[test]
