@@ -15,7 +15,7 @@ use vfvm_protocols::client::{connect, AgentAddress, ConnectOptions};
 
 use crate::console::{die_with_parent, kill_and_reap};
 use crate::host::run;
-use crate::inside::{igb_pf, PEER_ADDR, PEER_NETNS};
+use crate::inside::{igb_pf, ping_until_answered, PEER_ADDR, PEER_NETNS};
 
 /// The guest's vsock CID, and where the VF sits on the guest's root bus.
 const GUEST_CID: u32 = 3;
@@ -76,20 +76,6 @@ fn collect_vsock_logs(port: u32) -> Result<std::sync::Arc<std::sync::Mutex<Vec<u
 
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(Duration::from_secs(60).as_nanos() as i64)
-}
-
-/// Pings `ip` from the peer host: single pings until the first reply (bounded), then
-/// three that must all be answered.
-fn ping_from_peer(ip: &str, warmup: Duration) -> Result<String> {
-    let ping = |count: &str| Command::new("ip").args(["netns", "exec", PEER_NETNS, "busybox", "ping", "-c", count, "-W", "2", ip]).output();
-    let deadline = Instant::now() + warmup;
-    while !ping("1").context("running ping in the peer netns")?.status.success() {
-        ensure!(Instant::now() < deadline, "the peer host got no reply from {ip} within {}s", warmup.as_secs());
-    }
-    let out = ping("3")?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(out.status.success() && text.contains("3 packets received"), "{ip} stopped answering: {text}");
-    Ok(text)
 }
 
 pub fn agent_check(mut args: impl Iterator<Item = String>) -> Result<i32> {
@@ -178,7 +164,7 @@ fn talk_to_agent(started: Instant) -> Result<()> {
     client.update_interface(ctx(), &req).context("UpdateInterface, again")?;
     println!("check: agent configured the VF at guest {VF_GUEST_ADDR} as net0 {GUEST_VF_CIDR}");
 
-    let ping = ping_from_peer(GUEST_VF_IP, Duration::from_secs(60))?;
+    let ping = ping_until_answered(Some(PEER_NETNS), GUEST_VF_IP, Duration::from_secs(60), 2)?;
     print!("{ping}");
     println!("check: the peer host {PEER_ADDR} reached the guest's VF at {GUEST_VF_IP}");
     Ok(())

@@ -246,22 +246,31 @@ pub fn boot_image(mut args: impl Iterator<Item = String>) -> Result<i32> {
     Ok(0)
 }
 
-/// Pings `peer` once the path works: single pings until the first reply (the link and
-/// ARP settle; bounded by `warmup`), then three that must all be answered.
-fn ping_after_link_up(peer: &str, warmup: Duration) -> Result<()> {
-    let ping = |count: &str, wait: &str| Command::new("busybox").args(["ping", "-c", count, "-W", wait, peer]).output();
+/// Pings `target` (from network namespace `netns`, or this one) once the path works:
+/// single pings until the first reply (the link and ARP settle; bounded by `warmup`),
+/// then three that must all be answered, each within `reply_wait_secs`. Returns
+/// ping's report of the three.
+pub fn ping_until_answered(netns: Option<&str>, target: &str, warmup: Duration, reply_wait_secs: u32) -> Result<String> {
+    let ping = |count: &str, wait: &str| {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "busybox"]);
+                c
+            }
+            None => Command::new("busybox"),
+        };
+        cmd.args(["ping", "-c", count, "-W", wait, target]).output().context("running busybox ping")
+    };
+    let from = netns.map_or(String::new(), |ns| format!(" (from netns {ns})"));
     let deadline = Instant::now() + warmup;
-    loop {
-        if ping("1", "2").context("running busybox ping")?.status.success() {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "no reply from {peer} within {}s", warmup.as_secs());
+    while !ping("1", "2")?.status.success() {
+        ensure!(Instant::now() < deadline, "no reply from {target}{from} within {}s", warmup.as_secs());
     }
-    let out = ping("3", "5").context("running busybox ping")?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
-    ensure!(out.status.success(), "{peer} answered once, then lost packets: {}", String::from_utf8_lossy(&out.stdout));
-    ensure!(String::from_utf8_lossy(&out.stdout).contains("3 packets received"), "not all of 3 pings to {peer} were answered");
-    Ok(())
+    let out = ping("3", &reply_wait_secs.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(out.status.success() && text.contains("3 packets received"), "{target}{from} answered once, then lost packets: {text}");
+    Ok(text)
 }
 
 /// Packets over a VF driven by igbvf in L2, to the peer host and back.
@@ -269,7 +278,7 @@ fn check_vf_ping_from_l2(vf: &PciDevice) -> Result<()> {
     let netdev = single_netdev(vf)?;
     run(Command::new("ip").args(["addr", "add", L2_VF_ADDR, "dev", &netdev]))?;
     run(Command::new("ip").args(["link", "set", "dev", &netdev, "up"]))?;
-    let result = ping_after_link_up(PEER_ADDR, Duration::from_secs(30));
+    let result = ping_until_answered(None, PEER_ADDR, Duration::from_secs(30), 5).map(|report| print!("{report}"));
     run(Command::new("ip").args(["addr", "flush", "dev", &netdev]))?;
     run(Command::new("ip").args(["link", "set", "dev", &netdev, "down"]))?;
     result.with_context(|| format!("ping over VF {} ({netdev}) to the peer host", vf.addr))?;
