@@ -1,8 +1,12 @@
 //! Port I/O and MMIO buses: address ranges mapped to devices. A vCPU exit is
 //! dispatched to the device whose range holds the address, with the offset into it.
+//!
+//! A `Bus` is a handle: clones share one map, so every vCPU sees a range the moment
+//! it is added or moved (PCI BAR reprogramming, hot-plug). The map's lock is never
+//! held while a device runs, so a device may change the bus from inside an access.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// What a device asks of the VMM after an access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +32,8 @@ pub enum BusError {
     Overlap { base: u64, len: u64, other_base: u64, other_len: u64 },
     #[error("bus range {base:#x}+{len:#x} is empty or wraps around")]
     BadRange { base: u64, len: u64 },
+    #[error("no bus range starts at {0:#x}")]
+    NotFound(u64),
 }
 
 type Shared = Arc<Mutex<dyn BusDevice>>;
@@ -35,7 +41,7 @@ type Shared = Arc<Mutex<dyn BusDevice>>;
 /// A set of non-overlapping ranges, each with its device.
 #[derive(Default, Clone)]
 pub struct Bus {
-    devices: BTreeMap<u64, (u64, Shared)>,
+    devices: Arc<RwLock<BTreeMap<u64, (u64, Shared)>>>,
 }
 
 impl Bus {
@@ -43,26 +49,47 @@ impl Bus {
         Self::default()
     }
 
-    pub fn insert(&mut self, base: u64, len: u64, device: Shared) -> Result<(), BusError> {
+    pub fn insert(&self, base: u64, len: u64, device: Shared) -> Result<(), BusError> {
         let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::BadRange { base, len })?;
+        let mut devices = self.devices.write().unwrap_or_else(|e| e.into_inner());
         // The nearest range starting at or before `end - 1` is the only possible overlap.
-        if let Some((&other_base, &(other_len, _))) = self.devices.range(..end).next_back() {
+        if let Some((&other_base, &(other_len, _))) = devices.range(..end).next_back() {
             if other_base + other_len > base {
                 return Err(BusError::Overlap { base, len, other_base, other_len });
             }
         }
-        self.devices.insert(base, (len, device));
+        devices.insert(base, (len, device));
         Ok(())
     }
 
-    pub fn remove(&mut self, base: u64) -> bool {
-        self.devices.remove(&base).is_some()
+    /// Removes the range starting at `base`; false if there was none.
+    pub fn remove(&self, base: u64) -> bool {
+        self.devices.write().unwrap_or_else(|e| e.into_inner()).remove(&base).is_some()
     }
 
-    fn find(&self, addr: u64, len: usize) -> Option<(u64, &Shared)> {
-        let (&base, (dev_len, device)) = self.devices.range(..=addr).next_back()?;
+    /// Moves the range at `old_base` to `new_base` (same device, same length); the
+    /// range stays where it was if the new place overlaps another.
+    pub fn relocate(&self, old_base: u64, new_base: u64) -> Result<(), BusError> {
+        let mut devices = self.devices.write().unwrap_or_else(|e| e.into_inner());
+        let Some((len, device)) = devices.remove(&old_base) else {
+            return Err(BusError::NotFound(old_base));
+        };
+        let end = new_base.checked_add(len).ok_or(BusError::BadRange { base: new_base, len })?;
+        if let Some((&other_base, &(other_len, _))) = devices.range(..end).next_back() {
+            if other_base + other_len > new_base {
+                devices.insert(old_base, (len, device));
+                return Err(BusError::Overlap { base: new_base, len, other_base, other_len });
+            }
+        }
+        devices.insert(new_base, (len, device));
+        Ok(())
+    }
+
+    fn find(&self, addr: u64, len: usize) -> Option<(u64, Shared)> {
+        let devices = self.devices.read().unwrap_or_else(|e| e.into_inner());
+        let (&base, (dev_len, device)) = devices.range(..=addr).next_back()?;
         let access_end = addr.checked_add(len as u64)?;
-        (access_end <= base + dev_len).then_some((addr - base, device))
+        (access_end <= base + dev_len).then(|| (addr - base, device.clone()))
     }
 
     /// Reads from the device at `addr`; false (and `data` untouched) if none is there.
@@ -79,7 +106,8 @@ impl Bus {
     /// Writes to the device at `addr`; `None` if no device is there.
     pub fn write(&self, addr: u64, data: &[u8]) -> Option<BusAction> {
         let (offset, device) = self.find(addr, data.len())?;
-        Some(device.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data))
+        let action = device.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data);
+        Some(action)
     }
 }
 
@@ -100,7 +128,7 @@ mod tests {
 
     #[test]
     fn dispatch_by_range_with_offsets_and_no_overlaps() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         let a = Arc::new(Mutex::new(Recorder(vec![])));
         bus.insert(0x3f8, 8, a.clone()).unwrap();
         bus.insert(0x400, 4, Arc::new(Mutex::new(Recorder(vec![])))).unwrap();
@@ -121,5 +149,22 @@ mod tests {
         assert!(!bus.read(0x3ff, &mut [0u8; 2]));
         assert!(bus.remove(0x3f8));
         assert_eq!(bus.write(0x3fd, &[7]), None);
+    }
+
+    #[test]
+    fn clones_share_the_map_and_ranges_move() {
+        let bus = Bus::new();
+        let seen_by_vcpu = bus.clone();
+        let a = Arc::new(Mutex::new(Recorder(vec![])));
+        bus.insert(0x1000, 0x100, a.clone()).unwrap();
+        bus.insert(0x3000, 0x100, Arc::new(Mutex::new(Recorder(vec![])))).unwrap();
+        assert_eq!(seen_by_vcpu.write(0x1010, &[1]), Some(BusAction::None));
+        assert!(matches!(bus.relocate(0x1000, 0x2f80), Err(BusError::Overlap { other_base: 0x3000, .. })));
+        assert_eq!(seen_by_vcpu.write(0x1010, &[2]), Some(BusAction::None), "a failed move leaves the range");
+        bus.relocate(0x1000, 0x2000).unwrap();
+        assert_eq!(seen_by_vcpu.write(0x1010, &[3]), None);
+        assert_eq!(seen_by_vcpu.write(0x2010, &[4]), Some(BusAction::None));
+        assert_eq!(a.lock().unwrap().0, [(0x10, vec![1]), (0x10, vec![2]), (0x10, vec![4])]);
+        assert!(matches!(bus.relocate(0x1000, 0x5000), Err(BusError::NotFound(0x1000))));
     }
 }

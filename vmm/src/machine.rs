@@ -130,7 +130,7 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
         None => None,
     };
 
-    let mut vm = Vm::new(vm::guest_memory(ram)?, VmOptions { irqchip: true })?;
+    let vm = Vm::new(vm::guest_memory(ram)?, VmOptions { irqchip: true })?;
     let memory = vm.memory();
     let kernel = boot::load_kernel(memory, &mut kernel_file).map_err(|e| kernel_err(e.to_string()))?;
     let initrd_range = match initrd {

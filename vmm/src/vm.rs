@@ -2,6 +2,8 @@
 //! and PIT, the TSS and identity-map pages, and the PIO/MMIO buses its vCPUs use.
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use std::sync::Arc;
+
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -40,7 +42,7 @@ impl Default for VmOptions {
 
 pub struct Vm {
     kvm: Kvm,
-    fd: VmFd,
+    fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
     pub pio: Bus,
     pub mmio: Bus,
@@ -81,10 +83,11 @@ impl Vm {
                 flags: 0,
             };
             // SAFETY: the mapping lives as long as `memory`, which the Vm owns; struct
-            // fields drop in declaration order, so the VM fd goes before the memory.
+            // fields drop in declaration order, so the VM fd goes before the memory
+            // (device threads holding `shared_fd` clones are stopped before the Vm drops).
             unsafe { fd.set_user_memory_region(r) }.map_err(kvm_err("register guest memory"))?;
         }
-        Ok(Self { kvm, fd, memory, pio: Bus::new(), mmio: Bus::new() })
+        Ok(Self { kvm, fd: Arc::new(fd), memory, pio: Bus::new(), mmio: Bus::new() })
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
@@ -93,6 +96,11 @@ impl Vm {
 
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// The VM fd for device threads (MSI delivery, ioeventfds, irqfds).
+    pub fn shared_fd(&self) -> Arc<VmFd> {
+        self.fd.clone()
     }
 
     pub fn kvm(&self) -> &Kvm {

@@ -47,7 +47,7 @@ struct Guest {
 fn guest(code: &[u8], irqchip: bool) -> (Guest, Vcpu) {
     let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x80000)]).unwrap();
     memory.write_slice(code, GuestAddress(CODE)).unwrap();
-    let mut vm = Vm::new(memory, VmOptions { irqchip }).expect("KVM is needed for these tests (/dev/kvm)");
+    let vm = Vm::new(memory, VmOptions { irqchip }).expect("KVM is needed for these tests (/dev/kvm)");
     let serial = recorder(0);
     vm.pio.insert(0x3f8, 8, serial.clone()).unwrap();
     vm.pio.insert(0x500, 1, recorder(0x41)).unwrap();

@@ -1,0 +1,1 @@
+//! The PCI root complex (being written).

@@ -1,0 +1,66 @@
+//! virtio devices, apart from the transport that carries them (virtio-pci, in
+//! [`pci`]). A device sees its queues only once the driver has set them up and
+//! written DRIVER_OK: then [`VirtioDevice::activate`] hands it the guest memory,
+//! the ready queues with the eventfd the transport signals on each queue notify, and
+//! the interrupt to raise when it has used buffers.
+
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub mod pci;
+pub mod vsock;
+
+/// Feature bits every device offers (virtio 1.x, "modern" only).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Device types (virtio 1.2, 5).
+pub const DEVICE_TYPE_VSOCK: u32 = 19;
+
+/// How a device tells the driver something happened.
+pub trait VirtioInterrupt: Send + Sync {
+    /// Queue `queue` has new used buffers.
+    fn notify_queue(&self, queue: u16);
+    /// The device configuration space changed.
+    fn notify_config(&self);
+}
+
+/// A queue the driver made ready, with the eventfd its notifications arrive on.
+pub struct ActiveQueue {
+    pub index: u16,
+    pub queue: virtio_queue::Queue,
+    pub kick: EventFd,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver made {got} queues ready, the device needs {want}")]
+    QueueCount { want: usize, got: usize },
+    #[error("starting the device: {0}")]
+    Start(String),
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// The maximum size of each queue (their number is the slice's length).
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered, [`VIRTIO_F_VERSION_1`] included.
+    fn device_features(&self) -> u64;
+    /// Reads the device-specific configuration space; bytes past its end read 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space (most devices ignore it).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device on DRIVER_OK.
+    fn activate(
+        &mut self,
+        memory: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        acked_features: u64,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError>;
+    /// The driver reset the device (status 0): stop using the queues and guest memory
+    /// before returning, and drop per-activation state.
+    fn reset(&mut self);
+}

@@ -1,0 +1,1 @@
+//! virtio-vsock with hybrid vsock on the host (being written).
