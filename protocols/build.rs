@@ -7,6 +7,12 @@
 
 fn main() {
     println!("cargo:rerun-if-changed=proto/agent.proto");
+    #[cfg(feature = "agent")]
+    generate();
+}
+
+#[cfg(feature = "agent")]
+fn generate() {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR for build scripts"));
     ttrpc_codegen::Codegen::new()
         .out_dir(&out)

@@ -1,6 +1,6 @@
 //! Wire types shared by `containerd-shim-vfvm-v2`, `vfvm-vmm` and `vfvm-agent`.
 //!
-//! - [`agent`]: the agent API (`vfvm.agent.v1`), generated from `proto/agent.proto`:
+//! - [`agent`] (feature `agent`, on by default): the agent API (`vfvm.agent.v1`), generated from `proto/agent.proto`:
 //!   messages, the ttrpc server trait `Agent` and the client `AgentClient`.
 //! - [`client`]: connecting to an agent over AF_VSOCK, hybrid vsock (a Unix socket
 //!   with a `CONNECT <port>` handshake) or a plain Unix socket, with timeouts and
@@ -8,10 +8,12 @@
 //! - [`vmm_api`]: the VMM control API (typed, versioned, length-framed JSON on the
 //!   VMM's Unix socket) with its client and per-connection server loop.
 
+#[cfg(feature = "agent")]
 pub mod client;
 pub mod vmm_api;
 
 /// What ttrpc-codegen generates, as the sibling modules its code expects.
+#[cfg(feature = "agent")]
 #[allow(clippy::all, dead_code, missing_docs, non_camel_case_types, non_snake_case, non_upper_case_globals, unused_imports, unused_results, trivial_casts, unused_mut)]
 mod generated {
     pub mod agent {
@@ -24,6 +26,7 @@ mod generated {
 
 /// The agent API, version 1: messages, the server trait [`agent::Agent`] (register
 /// with [`agent::create_agent`]) and [`agent::AgentClient`].
+#[cfg(feature = "agent")]
 pub mod agent {
     pub use super::generated::agent::*;
     pub use super::generated::agent_ttrpc::*;

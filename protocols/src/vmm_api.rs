@@ -120,29 +120,35 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, ApiError> {
     Ok(Some(buf))
 }
 
+/// The answer to one request frame, whatever its bytes: a frame that does not
+/// decode is answered with `BadRequest`, another API version with
+/// `UnsupportedVersion`; only a valid request reaches `handler`.
+pub fn answer_frame(frame: &[u8], handler: &mut dyn FnMut(Request) -> Response) -> Envelope<Response> {
+    let value: serde_json::Value = match serde_json::from_slice(frame) {
+        Ok(v) => v,
+        Err(e) => {
+            return Envelope { version: VMM_API_VERSION, id: 0, body: Response::error(ErrorCode::BadRequest, e.to_string()) }
+        }
+    };
+    let id = value.get("id").and_then(|v| v.as_u64()).unwrap_or(0);
+    let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+    let body = if version != u64::from(VMM_API_VERSION) {
+        Response::error(ErrorCode::UnsupportedVersion, format!("version {version}; this VMM speaks {VMM_API_VERSION}"))
+    } else {
+        match serde_json::from_value::<Envelope<Request>>(value) {
+            Ok(env) => handler(env.body),
+            Err(e) => Response::error(ErrorCode::BadRequest, e.to_string()),
+        }
+    };
+    Envelope { version: VMM_API_VERSION, id, body }
+}
+
 /// Serves one connection: each request frame gets exactly one answer. A frame that
 /// does not decode is answered with `BadRequest` (the stream stays usable); a length
 /// past the limit closes the connection, since the stream is out of step.
 pub fn serve_connection(stream: &mut UnixStream, handler: &mut dyn FnMut(Request) -> Response) -> Result<(), ApiError> {
     while let Some(frame) = read_frame(stream)? {
-        let value: serde_json::Value = match serde_json::from_slice(&frame) {
-            Ok(v) => v,
-            Err(e) => {
-                write_message(stream, &Envelope { version: VMM_API_VERSION, id: 0, body: Response::error(ErrorCode::BadRequest, e.to_string()) })?;
-                continue;
-            }
-        };
-        let id = value.get("id").and_then(|v| v.as_u64()).unwrap_or(0);
-        let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
-        let answer = if version != u64::from(VMM_API_VERSION) {
-            Response::error(ErrorCode::UnsupportedVersion, format!("version {version}; this VMM speaks {VMM_API_VERSION}"))
-        } else {
-            match serde_json::from_value::<Envelope<Request>>(value) {
-                Ok(env) => handler(env.body),
-                Err(e) => Response::error(ErrorCode::BadRequest, e.to_string()),
-            }
-        };
-        write_message(stream, &Envelope { version: VMM_API_VERSION, id, body: answer })?;
+        write_message(stream, &answer_frame(&frame, handler))?;
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! booted in the lab). PCI, virtio-vsock and the control API follow.
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod bus;
 pub mod cmos;

@@ -1,7 +1,7 @@
 //! A whole microVM booting Linux directly: checks the inputs, builds guest memory and
 //! the VM, loads the kernel, initramfs and boot tables, adds the legacy devices, runs
-//! one thread per vCPU and stops them all when the guest powers off, resets or
-//! panics (or a vCPU fails).
+//! one thread per vCPU, serves the control API, and stops everything when the guest
+//! powers off, resets or panics, the API forces a shutdown, or a vCPU fails.
 
 use std::fs::File;
 use std::os::unix::thread::JoinHandleExt;
@@ -12,16 +12,18 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use vfvm_protocols::vmm_api::{ErrorCode, Request, Response, VmState};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi;
+use crate::api::ApiServer;
 use crate::boot::{self, MIN_MEMORY_BYTES};
 use crate::cmos::{Cmos, CMOS_PORT};
 use crate::cpu;
 use crate::mptable::{self, MAX_CPUS};
 use crate::power::{AcpiPm1aControl, AcpiPm1aEvent, I8042, I8042_COMMAND_PORT, PM1A_CNT_PORT, PM1A_EVT_PORT};
 use crate::serial::{Console, SerialDevice, COM1_IRQ, COM1_PORT};
-use crate::vcpu::{self, VcpuError, VcpuStop};
+use crate::vcpu::{self, PauseGate, VcpuError, VcpuStop};
 use crate::vm::{self, Vm, VmError, VmOptions};
 
 /// The largest guest accepted (a sanity bound, not a KVM limit).
@@ -36,6 +38,19 @@ pub struct MachineConfig {
     pub memory_mib: u64,
     pub serial_log: Option<PathBuf>,
     pub serial_stdout: bool,
+    /// Where to serve the control API (a Unix socket this process creates).
+    pub api_socket: Option<PathBuf>,
+    /// A virtio-vsock device, with hybrid vsock on the host.
+    pub vsock: Option<VsockConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub guest_cid: u64,
+    /// The Unix socket host programs connect to (`CONNECT <port>`); guest
+    /// connections to host port P go to `<socket>_P`.
+    pub socket: PathBuf,
 }
 
 /// How the guest ended.
@@ -44,6 +59,8 @@ pub enum GuestExit {
     PowerOff,
     Reset,
     Panic,
+    /// Stopped by the control API (a forced shutdown).
+    Stopped,
 }
 
 impl GuestExit {
@@ -53,6 +70,110 @@ impl GuestExit {
             GuestExit::PowerOff => 0,
             GuestExit::Reset => 2,
             GuestExit::Panic => 3,
+            GuestExit::Stopped => 4,
+        }
+    }
+}
+
+/// How long a pause waits for every vCPU to park.
+const PAUSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What the control API acts on: the vCPU threads and the power button.
+struct VmControl {
+    vcpus: u8,
+    memory_mib: u64,
+    stop: Arc<AtomicBool>,
+    gate: Arc<PauseGate>,
+    /// The vCPU threads, to kick; emptied before they are joined.
+    threads: Mutex<Vec<libc::pthread_t>>,
+    forced: AtomicBool,
+    pm1a_event: Arc<Mutex<AcpiPm1aEvent>>,
+}
+
+impl VmControl {
+    fn kick_all(&self) {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        for &thread in threads.iter() {
+            // SAFETY: the list holds only threads not yet joined (it is emptied
+            // before joining), and the kick handler is installed.
+            unsafe { libc::pthread_kill(thread, vcpu::kick_signal()) };
+        }
+    }
+
+    /// Stops every vCPU (each returns `Stopped`), parked ones included.
+    fn stop_all(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.gate.release_all();
+        self.kick_all();
+    }
+
+    fn state(&self) -> VmState {
+        if self.stop.load(Ordering::SeqCst) {
+            VmState::ShuttingDown
+        } else if self.gate.is_closed() {
+            VmState::Paused
+        } else {
+            VmState::Running
+        }
+    }
+
+    fn handle(&self, request: Request) -> Response {
+        tracing::debug!(?request, "control API request");
+        let state = self.state();
+        match request {
+            Request::Status => Response::Status {
+                state,
+                vcpus: u32::from(self.vcpus),
+                memory_mib: self.memory_mib,
+                vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+            },
+            Request::Pause => match state {
+                VmState::Running => {
+                    self.gate.close();
+                    self.kick_all();
+                    if self.gate.wait_parked(usize::from(self.vcpus), PAUSE_LIMIT) {
+                        tracing::info!("paused");
+                        Response::Done
+                    } else {
+                        self.gate.open();
+                        Response::error(ErrorCode::Internal, format!("the vCPUs did not all stop within {PAUSE_LIMIT:?}"))
+                    }
+                }
+                other => Response::error(ErrorCode::InvalidState, format!("pause: the VM is {other:?}")),
+            },
+            Request::Resume => match state {
+                VmState::Paused => {
+                    self.gate.open();
+                    tracing::info!("resumed");
+                    Response::Done
+                }
+                other => Response::error(ErrorCode::InvalidState, format!("resume: the VM is {other:?}")),
+            },
+            Request::Shutdown { force: true } => {
+                tracing::info!("forced shutdown requested");
+                self.forced.store(true, Ordering::SeqCst);
+                self.stop_all();
+                Response::Done
+            }
+            Request::Shutdown { force: false } => match state {
+                VmState::Running => {
+                    let seen = self.pm1a_event.lock().unwrap_or_else(|e| e.into_inner()).press_power_button();
+                    if seen {
+                        tracing::info!("ACPI power button pressed");
+                        Response::Done
+                    } else {
+                        Response::error(
+                            ErrorCode::InvalidState,
+                            "the guest has not enabled the ACPI power button (no button driver loaded): shut down with force",
+                        )
+                    }
+                }
+                other => Response::error(ErrorCode::InvalidState, format!("graceful shutdown: the VM is {other:?}")),
+            },
+            Request::AddVfioDevice { id, .. } => {
+                Response::error(ErrorCode::Unsupported, format!("device {id}: VFIO devices cannot be plugged yet"))
+            }
+            Request::RemoveDevice { id } => Response::error(ErrorCode::BadRequest, format!("no device {id:?} was added")),
         }
     }
 }
@@ -164,18 +285,27 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
     vm.pio.insert(COM1_PORT, 8, serial.clone()).map_err(setup)?;
     vm.pio.insert(CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::default()))).map_err(setup)?;
     vm.pio.insert(I8042_COMMAND_PORT, 1, Arc::new(Mutex::new(I8042))).map_err(setup)?;
-    vm.pio.insert(PM1A_EVT_PORT, 4, Arc::new(Mutex::new(AcpiPm1aEvent::default()))).map_err(setup)?;
+    let sci_vm = vm.shared_fd();
+    let sci = Box::new(move |level: bool| {
+        if let Err(e) = sci_vm.set_irq_line(u32::from(acpi::SCI_IRQ), level) {
+            tracing::warn!("SCI line: {e}");
+        }
+    });
+    let pm1a_event = Arc::new(Mutex::new(AcpiPm1aEvent::new(sci)));
+    vm.pio.insert(PM1A_EVT_PORT, 4, pm1a_event.clone()).map_err(setup)?;
     vm.pio.insert(PM1A_CNT_PORT, 2, Arc::new(Mutex::new(AcpiPm1aControl))).map_err(setup)?;
 
     // vCPUs.
     let supported = vm.kvm().get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(setup)?;
     let stop = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(PauseGate::default());
     let mut vcpus = Vec::new();
     for id in 0..config.vcpus {
         let mut vcpu = vm.create_vcpu(u64::from(id))?;
         cpu::configure_vcpu(vcpu.fd(), &supported, u32::from(id), u32::from(config.vcpus), kernel.entry)
             .map_err(|e| MachineError::Setup(format!("vCPU {id}: {e}")))?;
         vcpu.set_stop_flag(stop.clone());
+        vcpu.set_pause_gate(gate.clone());
         vcpus.push(vcpu);
     }
     vcpu::install_kick_handler().map_err(setup)?;
@@ -199,16 +329,38 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
         }
     }
     drop(tx);
+    let control = Arc::new(VmControl {
+        vcpus: config.vcpus,
+        memory_mib: config.memory_mib,
+        stop: stop.clone(),
+        gate,
+        threads: Mutex::new(threads.iter().map(|h| h.as_pthread_t()).collect()),
+        forced: AtomicBool::new(false),
+        pm1a_event,
+    });
+    let api = match (&config.api_socket, &spawn_error) {
+        (Some(path), None) => {
+            let handler_control = control.clone();
+            match ApiServer::start(path, Box::new(move |request| handler_control.handle(request))) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    spawn_error = Some(MachineError::Setup(e.to_string()));
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     tracing::debug!(setup_ms = started.elapsed().as_millis() as u64, "vCPUs running");
 
     // The first vCPU to stop decides; then stop the others and wait for them all.
     let first = if spawn_error.is_none() { rx.recv().ok() } else { None };
-    stop.store(true, Ordering::SeqCst);
-    for handle in &threads {
-        // SAFETY: the thread is not joined yet, so its pthread_t is valid; the kick
-        // handler is installed.
-        unsafe { libc::pthread_kill(handle.as_pthread_t(), vcpu::kick_signal()) };
+    control.stop_all();
+    // No kicks once the threads may be gone: the API thread ends first.
+    if let Some(api) = api {
+        api.stop();
     }
+    control.threads.lock().unwrap_or_else(|e| e.into_inner()).clear();
     for handle in threads {
         let _ = handle.join();
     }
@@ -226,6 +378,7 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
         VcpuStop::Panic => GuestExit::Panic,
         VcpuStop::Reset if panicked.load(Ordering::SeqCst) => GuestExit::Panic,
         VcpuStop::Reset => GuestExit::Reset,
+        VcpuStop::Stopped if control.forced.load(Ordering::SeqCst) => GuestExit::Stopped,
         VcpuStop::Halted | VcpuStop::Stopped => return Err(MachineError::Halted(id)),
     };
     tracing::info!(?exit, vcpu = id, secs = started.elapsed().as_secs_f64(), "guest stopped");
@@ -245,6 +398,8 @@ mod tests {
             memory_mib: 128,
             serial_log: None,
             serial_stdout: false,
+            api_socket: None,
+            vsock: None,
         }
     }
 

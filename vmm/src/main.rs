@@ -1,17 +1,20 @@
 //! `vfvm-vmm`: the KVM microVM monitor, one process per pod sandbox.
 //!
-//! For now it runs standalone from the command line: it boots a Linux kernel with an
-//! initramfs and exits when the guest stops. Exit status: 0 the guest powered off,
-//! 2 it rebooted (reset), 3 its kernel panicked, 1 the VMM failed or the input was bad.
+//! Runs one VM from its command line (the shim starts it so; so can a person, for
+//! debugging): boots a Linux kernel with an initramfs, serves the control API and
+//! hybrid vsock on Unix sockets when asked, and exits when the guest stops. Exit
+//! status: 0 the guest powered off, 2 it rebooted (reset), 3 its kernel panicked,
+//! 4 a forced shutdown through the control API, 1 the VMM failed or the input was bad.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use vfvm_vmm::machine::{self, MachineConfig};
+use vfvm_vmm::machine::{self, MachineConfig, VsockConfig};
 
 const USAGE: &str = "\
 usage: vfvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] [--memory MIB]
-                [--serial-log PATH] [--serial-stdout]
+                [--serial-log PATH] [--serial-stdout] [--api-socket PATH]
+                [--vsock-socket PATH [--vsock-cid CID]]
 
   --kernel PATH       bzImage or ELF vmlinux (64-bit entry)
   --initrd PATH       initramfs, loaded at the top of low memory
@@ -20,9 +23,13 @@ usage: vfvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] [--mem
   --memory MIB        guest memory in MiB (default 256, at least 32)
   --serial-log PATH   write the guest's console (COM1) to this file
   --serial-stdout     also copy the guest's console to stdout
+  --api-socket PATH   serve the control API on this Unix socket (created; must not exist)
+  --vsock-socket PATH add a virtio-vsock device; host programs connect to PATH and
+                      send \"CONNECT <port>\\n\"; guest connections to host port P go to PATH_P
+  --vsock-cid CID     the guest's vsock context id (default 3)
 
 Exit status: 0 guest power-off, 2 guest reboot/reset, 3 guest kernel panic,
-1 error (bad input or a VMM failure). Logs go to stderr (VFVM_LOG=error|warn|info|debug|trace).";
+4 forced shutdown through the control API, 1 error (bad input or a VMM failure). Logs go to stderr (VFVM_LOG=error|warn|info|debug|trace).";
 
 const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 const EXIT_ERROR: u8 = 1;
@@ -43,7 +50,11 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
         memory_mib: 256,
         serial_log: None,
         serial_stdout: false,
+        api_socket: None,
+        vsock: None,
     };
+    let mut vsock_socket = None;
+    let mut vsock_cid = None;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -69,10 +80,25 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
             }
             "--serial-log" => config.serial_log = Some(PathBuf::from(value("a path")?)),
             "--serial-stdout" if inline.is_none() => config.serial_stdout = true,
+            "--api-socket" => config.api_socket = Some(PathBuf::from(value("a path")?)),
+            "--vsock-socket" => vsock_socket = Some(PathBuf::from(value("a path")?)),
+            "--vsock-cid" => {
+                let v = value("a context id")?;
+                let cid: u64 = v.parse().map_err(|_| format!("--vsock-cid {v}: not a number"))?;
+                if !(3..u64::from(u32::MAX)).contains(&cid) {
+                    return Err(format!("--vsock-cid {v}: must be at least 3 and below 2^32-1 (0-2 are reserved)"));
+                }
+                vsock_cid = Some(cid);
+            }
             _ => return Err(format!("unknown argument {arg:?}")),
         }
     }
     config.kernel = kernel.ok_or("--kernel is required")?;
+    config.vsock = match (vsock_socket, vsock_cid) {
+        (Some(socket), cid) => Some(VsockConfig { guest_cid: cid.unwrap_or(3), socket }),
+        (None, Some(_)) => return Err("--vsock-cid needs --vsock-socket".into()),
+        (None, None) => None,
+    };
     Ok(Parsed::Run(config))
 }
 

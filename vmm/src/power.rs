@@ -50,31 +50,73 @@ fn read_registers(regs: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
-/// PM1a_EVT: PM1_STS (offset 0) has no events to report and reads 0 (writes, which
-/// clear status bits, are dropped); PM1_EN (offset 2) keeps what the guest writes,
-/// so ACPICA sees its enable bits stick (it reads them back, e.g. for the global
-/// lock) although no event ever fires.
+/// PM1_STS/PM1_EN bit 8: the fixed-feature power button.
+pub const PWRBTN: u16 = 1 << 8;
+
+/// Drives the SCI's interrupt line (level-triggered: asserted while an enabled
+/// status bit is set).
+pub type SciLine = Box<dyn FnMut(bool) + Send>;
+
+/// PM1a_EVT: PM1_STS (offset 0) and PM1_EN (offset 2). The one event is the
+/// power button ([`AcpiPm1aEvent::press_power_button`], the control API's graceful
+/// shutdown): it sets PWRBTN_STS, and while PWRBTN_EN is set too the SCI is
+/// asserted, until the guest writes 1 to the status bit to clear it. Other enable
+/// bits stick as written (ACPICA reads them back) but nothing raises them.
 #[derive(Default)]
 pub struct AcpiPm1aEvent {
+    status: u16,
     enable: u16,
+    sci: Option<SciLine>,
+    sci_level: bool,
+}
+
+impl AcpiPm1aEvent {
+    pub fn new(sci: SciLine) -> Self {
+        Self { sci: Some(sci), ..Self::default() }
+    }
+
+    /// Presses the power button; false if the guest has not enabled the event (no
+    /// ACPI button driver), so nothing will happen.
+    pub fn press_power_button(&mut self) -> bool {
+        self.status |= PWRBTN;
+        self.update_sci();
+        self.enable & PWRBTN != 0
+    }
+
+    fn update_sci(&mut self) {
+        let level = self.status & self.enable != 0;
+        if level != self.sci_level {
+            self.sci_level = level;
+            if let Some(sci) = self.sci.as_mut() {
+                sci(level);
+            }
+        }
+    }
 }
 
 impl BusDevice for AcpiPm1aEvent {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let [lo, hi] = self.enable.to_le_bytes();
-        read_registers(&[0, 0, lo, hi], offset, data);
+        let [s0, s1] = self.status.to_le_bytes();
+        let [e0, e1] = self.enable.to_le_bytes();
+        read_registers(&[s0, s1, e0, e1], offset, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> BusAction {
         let mut en = self.enable.to_le_bytes();
+        let mut clear = [0u8; 2];
         for (i, b) in data.iter().enumerate() {
-            match offset + i as u64 {
-                2 => en[0] = *b,
-                3 => en[1] = *b,
+            match offset.checked_add(i as u64) {
+                Some(0) => clear[0] = *b,
+                Some(1) => clear[1] = *b,
+                Some(2) => en[0] = *b,
+                Some(3) => en[1] = *b,
                 _ => {}
             }
         }
+        // Status bits are write-one-to-clear.
+        self.status &= !u16::from_le_bytes(clear);
         self.enable = u16::from_le_bytes(en);
+        self.update_sci();
         BusAction::None
     }
 }
@@ -121,6 +163,29 @@ mod tests {
         assert_eq!(c.write(0, &((5 << 10) | SCI_EN).to_le_bytes()), BusAction::None);
         assert_eq!(c.write(0, &((5 << 10) | SLP_EN | SCI_EN).to_le_bytes()), BusAction::PowerOff);
         assert_eq!(c.write(1, &[0x34]), BusAction::PowerOff);
+    }
+
+    #[test]
+    fn power_button_raises_the_sci_while_enabled_until_cleared() {
+        let levels = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = levels.clone();
+        let mut e = AcpiPm1aEvent::new(Box::new(move |l| seen.lock().unwrap().push(l)));
+        assert!(!e.press_power_button(), "not enabled yet: the guest will not see it");
+        assert!(levels.lock().unwrap().is_empty());
+        let mut sts = [0u8; 2];
+        e.read(0, &mut sts);
+        assert_eq!(u16::from_le_bytes(sts), PWRBTN);
+        // The guest enables the event: the pending press raises the SCI.
+        e.write(2, &PWRBTN.to_le_bytes());
+        assert_eq!(*levels.lock().unwrap(), [true]);
+        assert!(e.press_power_button());
+        // Writing 0 to status clears nothing; writing the bit clears it and the line.
+        e.write(0, &[0, 0]);
+        assert_eq!(*levels.lock().unwrap(), [true]);
+        e.write(1, &[0x01]);
+        assert_eq!(*levels.lock().unwrap(), [true, false]);
+        e.read(0, &mut sts);
+        assert_eq!(sts, [0, 0]);
     }
 
     #[test]

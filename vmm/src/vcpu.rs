@@ -8,7 +8,8 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -85,16 +86,91 @@ impl Drop for RunPointerGuard {
     }
 }
 
+/// Where vCPUs park while the VM is paused. Pausing: [`PauseGate::close`], kick
+/// every vCPU thread, then [`PauseGate::wait_parked`]; a kicked vCPU parks at the top
+/// of its loop, outside KVM_RUN, until [`PauseGate::open`] or [`PauseGate::release_all`].
+#[derive(Default)]
+pub struct PauseGate {
+    closed: AtomicBool,
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    parked: usize,
+    /// Stopping: parked vCPUs leave and no vCPU parks again.
+    released: bool,
+}
+
+impl PauseGate {
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn open(&self) {
+        let _state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.closed.store(false, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Lets every parked vCPU go for good (the VM is stopping).
+    pub fn release_all(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.released = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits until `count` vCPUs are parked; false if that did not happen in `limit`.
+    pub fn wait_parked(&self, count: usize, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while state.parked < count && !state.released {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = self.changed.wait_timeout(state, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        state.parked >= count
+    }
+
+    /// Called by a vCPU thread: parks while the gate is closed.
+    fn park(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.released {
+            return;
+        }
+        state.parked += 1;
+        self.changed.notify_all();
+        while self.closed.load(Ordering::SeqCst) && !state.released {
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.parked -= 1;
+        self.changed.notify_all();
+    }
+}
+
 pub struct Vcpu {
     fd: VcpuFd,
     pio: Bus,
     mmio: Bus,
     stop: Arc<AtomicBool>,
+    gate: Arc<PauseGate>,
 }
 
 impl Vcpu {
     pub fn new(fd: VcpuFd, pio: Bus, mmio: Bus) -> Self {
-        Self { fd, pio, mmio, stop: Arc::new(AtomicBool::new(false)) }
+        Self { fd, pio, mmio, stop: Arc::new(AtomicBool::new(false)), gate: Arc::default() }
+    }
+
+    /// Shares a pause gate (one for the whole VM).
+    pub fn set_pause_gate(&mut self, gate: Arc<PauseGate>) {
+        self.gate = gate;
     }
 
     pub fn fd(&self) -> &VcpuFd {
@@ -114,6 +190,9 @@ impl Vcpu {
         KVM_RUN.with(|p| p.set(run_ptr));
         let _guard = RunPointerGuard;
         loop {
+            if self.gate.is_closed() && !self.stop.load(Ordering::SeqCst) {
+                self.gate.park();
+            }
             if self.stop.load(Ordering::SeqCst) {
                 return Ok(VcpuStop::Stopped);
             }

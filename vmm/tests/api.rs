@@ -1,0 +1,225 @@
+//! The control API of a running `vfvm-vmm`, on this machine's KVM: the guest is a
+//! tiny hand-made 64-bit ELF "kernel" that spins (`pause; jmp`), which is all the
+//! API needs to act on (vCPU threads to pause, resume and stop). Every answer is
+//! checked, bad messages included, and the process's exit status and socket cleanup.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use vfvm_protocols::vmm_api::{self, Envelope, ErrorCode, Request, Response, VmmClient, VmState, MAX_MESSAGE_BYTES, VMM_API_VERSION};
+
+const LIMIT: Duration = Duration::from_secs(30);
+const LOAD_ADDR: u64 = 0x20_0000;
+
+/// An ELF64 executable with one PT_LOAD segment holding `pause; jmp .-2` at its entry.
+fn spinning_elf() -> Vec<u8> {
+    let code = [0xf3, 0x90, 0xeb, 0xfc];
+    let code_off = 64 + 56;
+    let mut e = Vec::new();
+    e.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0"); // 64-bit, LSB, v1
+    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    e.extend_from_slice(&1u32.to_le_bytes());
+    e.extend_from_slice(&(LOAD_ADDR + code_off as u64).to_le_bytes()); // e_entry
+    e.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    e.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    e.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        // ehsize, phentsize, phnum, shentsize, shnum, shstrndx
+        e.extend_from_slice(&v.to_le_bytes());
+    }
+    let size = (code_off + code.len()) as u64;
+    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    e.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for v in [0, LOAD_ADDR, LOAD_ADDR, size, size, 0x1000] {
+        // offset, vaddr, paddr, filesz, memsz, align
+        e.extend_from_slice(&v.to_le_bytes());
+    }
+    e.extend_from_slice(&code);
+    e
+}
+
+struct Vmm {
+    child: Child,
+    dir: PathBuf,
+    api: PathBuf,
+}
+
+impl Vmm {
+    /// Starts the VMM and waits (on its log, not the clock) for the API to listen.
+    fn start(name: &str) -> Vmm {
+        let dir = std::env::temp_dir().join(format!("vfvm-api-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = dir.join("spin.elf");
+        std::fs::write(&kernel, spinning_elf()).unwrap();
+        let api = dir.join("api.sock");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vfvm-vmm"))
+            .args(["--kernel".as_ref(), kernel.as_os_str(), "--vcpus".as_ref(), "2".as_ref(), "--memory".as_ref(), "64".as_ref()])
+            .args(["--api-socket".as_ref(), api.as_os_str()])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("vmm: {line}");
+                let _ = tx.send(line);
+            }
+        });
+        loop {
+            match rx.recv_timeout(LIMIT) {
+                Ok(line) if line.contains("control API listening") => break,
+                Ok(_) => {}
+                Err(e) => panic!("the VMM never said its API is listening ({e}); status {:?}", child.try_wait()),
+            }
+        }
+        Vmm { child, dir, api }
+    }
+
+    fn client(&self) -> VmmClient {
+        VmmClient::connect(&self.api, LIMIT).unwrap()
+    }
+
+    fn raw(&self) -> UnixStream {
+        let s = UnixStream::connect(&self.api).unwrap();
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        s
+    }
+
+    /// Waits for the process to end; its exit code.
+    fn wait(&mut self) -> i32 {
+        let (tx, rx) = mpsc::channel();
+        let pid = self.child.id();
+        let waiter = std::thread::spawn(move || {
+            let _ = rx.recv_timeout(LIMIT).map_err(|_| unsafe { libc::kill(pid as i32, libc::SIGKILL) });
+        });
+        let status = self.child.wait().unwrap();
+        let _ = tx.send(());
+        waiter.join().unwrap();
+        status.code().unwrap_or(-1)
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn error_code(r: Response) -> ErrorCode {
+    match r {
+        Response::Error { code, .. } => code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+fn state(c: &mut VmmClient) -> VmState {
+    match c.call(Request::Status).unwrap() {
+        Response::Status { state, vcpus, memory_mib, .. } => {
+            assert_eq!((vcpus, memory_mib), (2, 64));
+            state
+        }
+        other => panic!("status: {other:?}"),
+    }
+}
+
+fn send_raw(s: &mut UnixStream, bytes: &[u8]) {
+    s.write_all(&(bytes.len() as u32).to_be_bytes()).unwrap();
+    s.write_all(bytes).unwrap();
+}
+
+fn read_answer(s: &mut UnixStream) -> Envelope<Response> {
+    let frame = vmm_api::read_frame(s).unwrap().expect("an answer");
+    serde_json::from_slice(&frame).unwrap()
+}
+
+#[test]
+fn pause_resume_and_a_forced_shutdown_end_the_vmm_with_status_4() {
+    let mut vmm = Vmm::start("lifecycle");
+    let mut c = vmm.client();
+    assert_eq!(state(&mut c), VmState::Running);
+    assert_eq!(c.call(Request::Pause).unwrap(), Response::Done);
+    assert_eq!(state(&mut c), VmState::Paused);
+    assert_eq!(error_code(c.call(Request::Pause).unwrap()), ErrorCode::InvalidState);
+    assert_eq!(error_code(c.call(Request::Shutdown { force: false }).unwrap()), ErrorCode::InvalidState);
+    assert_eq!(c.call(Request::Resume).unwrap(), Response::Done);
+    assert_eq!(state(&mut c), VmState::Running);
+    assert_eq!(error_code(c.call(Request::Resume).unwrap()), ErrorCode::InvalidState);
+    // This guest has no ACPI button driver: a graceful shutdown cannot work, and says so.
+    assert_eq!(error_code(c.call(Request::Shutdown { force: false }).unwrap()), ErrorCode::InvalidState);
+    // Pause again, then force: parked vCPUs must stop too.
+    assert_eq!(c.call(Request::Pause).unwrap(), Response::Done);
+    assert_eq!(c.call(Request::Shutdown { force: true }).unwrap(), Response::Done);
+    assert_eq!(vmm.wait(), 4);
+    assert!(!vmm.api.exists(), "the API socket is removed at exit");
+}
+
+#[test]
+fn bad_messages_get_clear_errors_and_the_vmm_keeps_serving() {
+    let mut vmm = Vmm::start("bad");
+    let mut s = vmm.raw();
+    send_raw(&mut s, b"{not json");
+    let a = read_answer(&mut s);
+    assert_eq!(error_code(a.body), ErrorCode::BadRequest);
+    send_raw(&mut s, br#"{"version":1,"id":7,"body":{"op":"reboot_the_planet"}}"#);
+    let a = read_answer(&mut s);
+    assert_eq!(a.id, 7);
+    assert_eq!(error_code(a.body), ErrorCode::BadRequest);
+    send_raw(&mut s, br#"{"version":99,"id":8,"body":{"op":"status"}}"#);
+    let a = read_answer(&mut s);
+    assert_eq!((a.id, a.version), (8, VMM_API_VERSION));
+    assert_eq!(error_code(a.body), ErrorCode::UnsupportedVersion);
+    send_raw(&mut s, br#"{"version":1,"id":9,"body":{"op":"add_vfio_device","id":"vf0","host_pci_address":"0000:01:10.0","iommu_group_path":"/dev/vfio/8","guest_slot":null}}"#);
+    assert_eq!(error_code(read_answer(&mut s).body), ErrorCode::Unsupported);
+    // Still in step after all that.
+    send_raw(&mut s, br#"{"version":1,"id":10,"body":{"op":"status"}}"#);
+    assert!(matches!(read_answer(&mut s).body, Response::Status { state: VmState::Running, .. }));
+
+    // A length past the limit: one answer saying so, then the connection closes.
+    s.write_all(&(MAX_MESSAGE_BYTES + 1).to_be_bytes()).unwrap();
+    let a = read_answer(&mut s);
+    match a.body {
+        Response::Error { code: ErrorCode::BadRequest, message } => assert!(message.contains("exceeds the limit"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    let mut rest = Vec::new();
+    assert_eq!(s.read_to_end(&mut rest).unwrap(), 0, "closed after a too-large message");
+
+    // A connection beyond the limit is closed at once; the others keep working.
+    let mut held: Vec<UnixStream> = (0..8).map(|_| vmm.raw()).collect();
+    let mut extra = vmm.raw();
+    assert_eq!(extra.read(&mut [0u8; 1]).unwrap(), 0, "the ninth connection is closed");
+    send_raw(&mut held[7], br#"{"version":1,"id":11,"body":{"op":"status"}}"#);
+    assert_eq!(read_answer(&mut held[7]).id, 11);
+    drop(held);
+
+    assert_eq!(vmm.client().call(Request::Shutdown { force: true }).unwrap(), Response::Done);
+    assert_eq!(vmm.wait(), 4);
+}
+
+#[test]
+fn an_existing_api_socket_path_is_refused_and_left_alone() {
+    let dir = std::env::temp_dir().join(format!("vfvm-api-exists-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = dir.join("spin.elf");
+    std::fs::write(&kernel, spinning_elf()).unwrap();
+    let api = dir.join("api.sock");
+    std::fs::write(&api, b"someone else's").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vfvm-vmm"))
+        .args(["--kernel".as_ref(), kernel.as_os_str(), "--api-socket".as_ref(), api.as_os_str()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("control API socket {}", api.display())), "{err}");
+    assert_eq!(std::fs::read(&api).unwrap(), b"someone else's");
+    let _ = std::fs::remove_dir_all(&dir);
+}
