@@ -439,7 +439,7 @@ fn default_agent() -> Result<PathBuf> {
 const KEEP_IMAGES: usize = 4;
 
 /// Removes all but the newest `KEEP_IMAGES` `<stem>-*.cpio` images, never `current`.
-fn prune(images: &Path, stem: &str, current: &Path) {
+pub fn prune(images: &Path, stem: &str, current: &Path) {
     let prefix = format!("{stem}-");
     let Ok(dir) = std::fs::read_dir(images) else { return };
     let mut old: Vec<(std::time::SystemTime, PathBuf)> = dir

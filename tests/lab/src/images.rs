@@ -6,6 +6,9 @@
 //!   requested command, chrooted, and records its exit status in the run directory.
 //! - L3: a minimal guest that reports reaching userspace and powers off, for booting
 //!   under L2's KVM.
+//! - L3 probe: the L3 guest plus this very binary (stripped, with its shared
+//!   libraries) and the virtio-vsock modules; /init runs `vfvm-lab guest vsock-probe`
+//!   with the arguments of `vfvm.probe=A,B,...` on the kernel command line.
 
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -25,6 +28,7 @@ const L2_EARLY_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay
 pub struct Images {
     pub l2_initrd: PathBuf,
     pub l3_initrd: PathBuf,
+    pub probe_initrd: PathBuf,
 }
 
 pub fn ensure(cache: &Path, kernel: &Kernel, busybox: &Path) -> Result<Images> {
@@ -33,9 +37,13 @@ pub fn ensure(cache: &Path, kernel: &Kernel, busybox: &Path) -> Result<Images> {
     let busybox_bytes = std::fs::read(busybox).with_context(|| format!("reading {}", busybox.display()))?;
     let l2 = l2_initrd(kernel, &busybox_bytes)?;
     let l3 = l3_initrd(kernel, &busybox_bytes)?;
+    let probe = probe_initrd(kernel, &busybox_bytes)?;
+    let probe_initrd = store(&dir, "l3-probe", &probe)?;
+    crate::guest_image::prune(&dir, "l3-probe", &probe_initrd);
     Ok(Images {
         l2_initrd: store(&dir, &format!("l2-{}", kernel.release), &l2)?,
         l3_initrd: store(&dir, "l3-test", &l3)?,
+        probe_initrd,
     })
 }
 
@@ -180,6 +188,61 @@ if [ -n "$P" ]; then
     echo "{m} ping failed (netdevs: $(ls /sys/class/net | tr '\n' ' '))"
   fi
 fi
+poweroff -f
+"#,
+        m = L3_MARKER,
+        mods = mods.join(" "),
+    );
+    a.file("/init", 0o755, init.as_bytes());
+    Ok(a.finish())
+}
+
+/// This binary without its debug sections (a third of the size: the guest unpacks
+/// the initramfs under nested emulation), or as it is if objcopy is missing.
+fn stripped_self() -> Result<Vec<u8>> {
+    let me = crate::host::self_exe()?;
+    let tmp = std::env::temp_dir().join(format!("vfvm-lab-stripped-{}", std::process::id()));
+    let stripped = std::process::Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(&me)
+        .arg(&tmp)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    let bytes = std::fs::read(if stripped { &tmp } else { &me }).with_context(|| format!("reading {}", me.display()));
+    let _ = std::fs::remove_file(&tmp);
+    bytes
+}
+
+/// The vsock probe guest (see the module doc).
+fn probe_initrd(kernel: &Kernel, busybox: &[u8]) -> Result<Vec<u8>> {
+    let mut a = Archive::new();
+    base_tree(&mut a, busybox);
+    let mods = add_modules(&mut a, kernel, &["vmw_vsock_virtio_transport", "virtio_pci"])?;
+    let me = crate::host::self_exe()?;
+    let deps = crate::elf::runtime_deps(&me).context("the probe's shared libraries")?;
+    // Directories first (the kernel's unpacker does not create parents); sorted, so
+    // each comes after its own parent.
+    let dirs: std::collections::BTreeSet<&Path> =
+        deps.iter().flat_map(|d| d.ancestors().skip(1)).filter(|p| *p != Path::new("/")).collect();
+    for d in dirs {
+        a.dir(&d.to_string_lossy(), 0o755);
+    }
+    for dep in &deps {
+        let bytes = std::fs::read(dep).with_context(|| format!("reading {}", dep.display()))?;
+        a.file(&dep.to_string_lossy(), 0o755, &bytes);
+    }
+    a.file("/bin/vfvm-probe", 0o755, &stripped_self()?);
+    let init = format!(
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sys /sys
+echo "{m} userspace $(cut -d' ' -f1 /proc/uptime)"
+for m in {mods}; do insmod /mods/$m.ko || echo "{m} insmod $m failed"; done
+for w in $(cat /proc/cmdline); do case $w in vfvm.probe=*) A=${{w#vfvm.probe=}};; esac; done
+/bin/vfvm-probe guest vsock-probe $(echo "$A" | tr ',' ' ')
+echo "{m} probe exit $?"
 poweroff -f
 "#,
         m = L3_MARKER,

@@ -124,6 +124,7 @@ pub fn run(cache: &Path, kernel: &Kernel, images: &Images, opts: &RunOptions) ->
         ("VFVM_LAB_VFS".to_string(), opts.vfs.to_string()),
         ("VFVM_LAB_KERNEL".to_string(), kernel.vmlinuz().to_string_lossy().into_owned()),
         ("VFVM_LAB_L3_INITRD".to_string(), images.l3_initrd.to_string_lossy().into_owned()),
+        ("VFVM_LAB_PROBE_INITRD".to_string(), images.probe_initrd.to_string_lossy().into_owned()),
         ("VFVM_LAB_OUT".to_string(), "/lab/out".to_string()),
     ];
     env.extend(forwarded_env());

@@ -17,6 +17,7 @@ mod kernel;
 mod l2;
 mod modules;
 mod pci;
+mod probe;
 mod progress;
 
 use anyhow::{bail, Context, Result};
@@ -313,6 +314,7 @@ fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
             println!("kernel:     {}", kernel.vmlinuz().display());
             println!("L2 initrd:  {}", images.l2_initrd.display());
             println!("L3 initrd:  {}", images.l3_initrd.display());
+            println!("L3 probe:   {}", images.probe_initrd.display());
             Ok(0)
         }
         ("lab", Some("run")) => lab_run(&parse_run_options(&mut args)?),
@@ -329,6 +331,7 @@ fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
             inside::setup(vfs).map(|_| 0)
         }
         ("inside", Some("smoke")) => inside::smoke().map(|_| 0),
+        ("guest", Some("vsock-probe")) => probe::vsock_probe(args),
         ("inside", Some("run-tests")) => inside::run_tests(&args.collect::<Vec<_>>(), IN_LAB_TEST_MARK),
         ("help" | "--help" | "-h", _) => {
             print!("{USAGE}");

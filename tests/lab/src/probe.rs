@@ -1,0 +1,225 @@
+//! `vfvm-lab guest vsock-probe`: runs inside an L3 guest (the probe image's /init
+//! starts it) and moves data over virtio-vsock both ways, checking every byte.
+//!
+//! - It listens on `--listen-port`, says so on the console, and serves `--streams`
+//!   host-initiated connections: each sends an 8-byte stream id and then `--bytes`
+//!   bytes of [`pattern_byte`]; the probe checks them and echoes them back.
+//! - Meanwhile it opens `--streams` connections to the host (CID 2) port
+//!   `--host-port`: sends the id and the pattern, and checks the host's echo.
+//!
+//! Console lines: `<L3 marker> probe listening <port>`, then one
+//! `probe guest-initiated ...` and one `probe host-initiated ...` verdict (`ok` or
+//! `FAILED ...`). Exit status 0 only if both are ok.
+
+use anyhow::{bail, ensure, Context, Result};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use crate::images::L3_MARKER;
+
+/// The host's context id.
+const HOST_CID: u32 = 2;
+/// Every stream must finish within this (TCG-nested guests are slow, not stuck).
+const STREAM_LIMIT: Duration = Duration::from_secs(300);
+
+/// Byte `offset` of stream `id`'s data: changes with every byte and every stream, with
+/// no short period, so a lost, repeated or misplaced chunk shows.
+pub fn pattern_byte(id: u64, offset: u64) -> u8 {
+    (offset ^ (offset >> 9) ^ (offset >> 17) ^ id.wrapping_mul(0x9d)).wrapping_mul(0x45) as u8
+}
+
+struct Options {
+    host_port: u32,
+    listen_port: u32,
+    streams: u64,
+    bytes: u64,
+}
+
+fn parse(mut args: impl Iterator<Item = String>) -> Result<Options> {
+    let mut o = Options { host_port: 5000, listen_port: 5001, streams: 2, bytes: 1 << 20 };
+    while let Some(flag) = args.next() {
+        let v = args.next().with_context(|| format!("{flag} needs a value"))?;
+        let n: u64 = v.parse().with_context(|| format!("{flag} {v:?}: expected a number"))?;
+        match flag.as_str() {
+            "--host-port" => o.host_port = u32::try_from(n)?,
+            "--listen-port" => o.listen_port = u32::try_from(n)?,
+            "--streams" => o.streams = n,
+            "--bytes" => o.bytes = n,
+            other => bail!("unknown option {other:?}"),
+        }
+    }
+    ensure!((1..=64).contains(&o.streams), "--streams: 1 to 64");
+    Ok(o)
+}
+
+fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+    let mut sa: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    sa.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    sa.svm_cid = cid;
+    sa.svm_port = port;
+    sa
+}
+
+fn vsock_socket() -> Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    ensure!(fd >= 0, "socket(AF_VSOCK): {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn listen(port: u32) -> Result<OwnedFd> {
+    let fd = vsock_socket()?;
+    let sa = vsock_addr(libc::VMADDR_CID_ANY, port);
+    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: sa is a valid sockaddr_vm of `len` bytes.
+    let rc = unsafe { libc::bind(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) };
+    ensure!(rc == 0, "bind vsock port {port}: {}", std::io::Error::last_os_error());
+    // SAFETY: listen(2) on our socket.
+    let rc = unsafe { libc::listen(fd.as_raw_fd(), 64) };
+    ensure!(rc == 0, "listen on vsock port {port}: {}", std::io::Error::last_os_error());
+    Ok(fd)
+}
+
+fn accept(listener: &OwnedFd) -> Result<File> {
+    // SAFETY: accept(2) without an address; the new fd is owned at once.
+    let fd = unsafe { libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+    ensure!(fd >= 0, "accept: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+fn connect(port: u32) -> Result<File> {
+    let fd = vsock_socket()?;
+    let sa = vsock_addr(HOST_CID, port);
+    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: sa is a valid sockaddr_vm of `len` bytes.
+    let rc = unsafe { libc::connect(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) };
+    ensure!(rc == 0, "connect to host port {port}: {}", std::io::Error::last_os_error());
+    Ok(File::from(fd))
+}
+
+fn set_timeouts(f: &File) -> Result<()> {
+    let tv = libc::timeval { tv_sec: STREAM_LIMIT.as_secs() as libc::time_t, tv_usec: 0 };
+    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: setsockopt with a timeval of the right size.
+        let rc = unsafe {
+            libc::setsockopt(f.as_raw_fd(), libc::SOL_SOCKET, opt, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as libc::socklen_t)
+        };
+        ensure!(rc == 0, "setsockopt: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn write_pattern(w: &mut File, id: u64, bytes: u64) -> Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut off = 0;
+    while off < bytes {
+        let n = (bytes - off).min(buf.len() as u64) as usize;
+        for (i, b) in buf[..n].iter_mut().enumerate() {
+            *b = pattern_byte(id, off + i as u64);
+        }
+        w.write_all(&buf[..n]).with_context(|| format!("stream {id}: writing at byte {off}"))?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Reads exactly `bytes` of stream `id`'s pattern; `echo` gets each chunk as read.
+fn check_pattern(r: &mut File, id: u64, bytes: u64, mut echo: Option<&mut File>) -> Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut off = 0;
+    while off < bytes {
+        let want = (bytes - off).min(buf.len() as u64) as usize;
+        let n = r.read(&mut buf[..want]).with_context(|| format!("stream {id}: reading at byte {off}"))?;
+        ensure!(n > 0, "stream {id}: closed after {off} of {bytes} bytes");
+        if let Some(i) = (0..n).find(|&i| buf[i] != pattern_byte(id, off + i as u64)) {
+            bail!("stream {id}: byte {} is {:#04x}, expected {:#04x}", off + i as u64, buf[i], pattern_byte(id, off + i as u64));
+        }
+        if let Some(w) = echo.as_deref_mut() {
+            w.write_all(&buf[..n]).with_context(|| format!("stream {id}: echoing at byte {off}"))?;
+        }
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// One guest-initiated stream: send id + pattern while checking the echo.
+fn guest_stream(port: u32, id: u64, bytes: u64) -> Result<()> {
+    let mut s = connect(port)?;
+    set_timeouts(&s)?;
+    s.write_all(&id.to_le_bytes())?;
+    let mut writer = s.try_clone()?;
+    let sender = std::thread::spawn(move || write_pattern(&mut writer, id, bytes));
+    let checked = check_pattern(&mut s, id, bytes, None);
+    let sent = sender.join().map_err(|_| anyhow::anyhow!("stream {id}: the writer panicked"))?;
+    sent.and(checked)
+}
+
+/// One host-initiated stream: read the id, check and echo the pattern.
+fn host_stream(mut s: File, bytes: u64) -> Result<u64> {
+    set_timeouts(&s)?;
+    let mut id = [0u8; 8];
+    s.read_exact(&mut id).context("reading the stream id")?;
+    let id = u64::from_le_bytes(id);
+    let mut echo = s.try_clone()?;
+    check_pattern(&mut s, id, bytes, Some(&mut echo))?;
+    Ok(id)
+}
+
+fn verdict(what: &str, results: Vec<Result<()>>, streams: u64, bytes: u64, started: Instant) -> bool {
+    let failures: Vec<String> = results.into_iter().filter_map(|r| r.err().map(|e| format!("{e:#}"))).collect();
+    if failures.is_empty() {
+        println!("{L3_MARKER} probe {what} ok {streams} streams x {bytes} bytes in {:.1} s", started.elapsed().as_secs_f64());
+        true
+    } else {
+        println!("{L3_MARKER} probe {what} FAILED: {}", failures.join("; "));
+        false
+    }
+}
+
+pub fn vsock_probe(args: impl Iterator<Item = String>) -> Result<i32> {
+    let o = parse(args)?;
+    let listener = listen(o.listen_port)?;
+    println!("{L3_MARKER} probe listening {}", o.listen_port);
+    std::io::stdout().flush()?;
+
+    let started = Instant::now();
+    let (streams, bytes, host_port) = (o.streams, o.bytes, o.host_port);
+    let outgoing: Vec<_> = (0..streams).map(|id| std::thread::spawn(move || guest_stream(host_port, id, bytes))).collect();
+    let mut incoming = Vec::new();
+    let mut accept_errors = Vec::new();
+    for _ in 0..streams {
+        match accept(&listener) {
+            Ok(s) => incoming.push(std::thread::spawn(move || host_stream(s, bytes))),
+            Err(e) => {
+                accept_errors.push(Err(e));
+                break;
+            }
+        }
+    }
+    let join = |h: std::thread::JoinHandle<Result<()>>| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a stream thread panicked")));
+    let out_ok = verdict("guest-initiated", outgoing.into_iter().map(join).collect(), streams, bytes, started);
+    let mut ids = Vec::new();
+    let mut in_results: Vec<Result<()>> = accept_errors;
+    for h in incoming {
+        match h.join() {
+            Ok(Ok(id)) => {
+                ids.push(id);
+                in_results.push(Ok(()));
+            }
+            Ok(Err(e)) => in_results.push(Err(e)),
+            Err(_) => in_results.push(Err(anyhow::anyhow!("a stream thread panicked"))),
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.len() as u64 != streams && in_results.iter().all(|r| r.is_ok()) {
+        in_results.push(Err(anyhow::anyhow!("stream ids {ids:?}: expected {streams} distinct")));
+    }
+    let in_ok = verdict("host-initiated", in_results, streams, bytes, started);
+    Ok(if out_ok && in_ok { 0 } else { 1 })
+}
