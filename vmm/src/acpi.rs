@@ -27,11 +27,16 @@
 //!   would point Linux at a pin nothing drives. The only override is the SCI's.
 //! - IOAPIC id = the number of vCPUs (after the LAPIC ids), as in the MP table, which
 //!   stays for guests booted with `acpi=off`.
+//! - PCI: `\_SB.PCI0` (PNP0A08, segment 0, buses 0..=255) with the config ports
+//!   0xCF8..0xCFF and the two memory windows of [`PciWindows::for_ram`] in its
+//!   `_CRS`; the MCFG points at the ECAM for buses 0..=255, which `\_SB.MRES`
+//!   (PNP0C02) and the e820 map both reserve. No `_PRT`: PCI devices use MSI-X.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::layout::{IOAPIC_START, LAPIC_START};
+use crate::layout::{IOAPIC_START, LAPIC_START, PCI_ECAM_SIZE, PCI_ECAM_START};
 use crate::mptable::MAX_CPUS;
+use crate::pci::{PciWindows, CONFIG_ADDRESS_PORT};
 use crate::power::{I8042_COMMAND_PORT, PM1A_CNT_PORT, PM1A_EVT_PORT};
 
 /// The RSDP, and the tables after it, in the BIOS area.
@@ -211,9 +216,113 @@ fn aml_int(n: u32) -> Vec<u8> {
     }
 }
 
-/// The DSDT: `\_S5` (SLP_TYPa, SLP_TYPb and two reserved zeros) and one processor
-/// device (`_HID` ACPI0007, `_UID` = the MADT's processor UID) per vCPU under `\_SB`.
-fn dsdt(cpus: u8) -> Vec<u8> {
+/// An `EISAID("AAA####")` as the 32-bit compressed id AML stores (DWordPrefix).
+fn aml_eisaid(id: &[u8; 7]) -> Vec<u8> {
+    let c = |i: usize| u16::from(id[i].wrapping_sub(0x40) & 0x1f);
+    let hex = |i: usize| char::from(id[i]).to_digit(16).unwrap_or(0) as u8;
+    let vendor = (c(0) << 10 | c(1) << 5 | c(2)).to_be_bytes();
+    let product = [hex(3) << 4 | hex(4), hex(5) << 4 | hex(6)];
+    vec![0x0c, vendor[0], vendor[1], product[0], product[1]]
+}
+
+/// `Name(_CRS, ResourceTemplate() { descriptors })`: a buffer ending with the
+/// end tag (checksum 0).
+fn aml_crs(descriptors: &[u8]) -> Vec<u8> {
+    let mut bytes = descriptors.to_vec();
+    bytes.extend_from_slice(&[0x79, 0x00]); // End Tag
+    let mut body = aml_int(bytes.len() as u32);
+    body.extend(bytes);
+    aml_name(b"_CRS", &aml_pkg(&[0x11], &body)) // BufferOp
+}
+
+// Address space descriptor general flags: MinFixed, MaxFixed, producer, positive decode.
+const ADDR_FIXED: u8 = 0b1100;
+
+/// WordBusNumber(ResourceProducer, MinFixed, MaxFixed, PosDecode, 0, min, max, 0, len).
+fn word_bus_number(min: u16, max: u16) -> Vec<u8> {
+    let mut d = vec![0x88, 13, 0, 2, ADDR_FIXED, 0];
+    for v in [0, min, max, 0, max - min + 1] {
+        d.extend_from_slice(&v.to_le_bytes());
+    }
+    d
+}
+
+/// IO(Decode16, base, base, 1, len).
+fn io_port(base: u16, len: u8) -> Vec<u8> {
+    let mut d = vec![0x47, 1];
+    d.extend_from_slice(&base.to_le_bytes());
+    d.extend_from_slice(&base.to_le_bytes());
+    d.extend_from_slice(&[1, len]);
+    d
+}
+
+/// DWordMemory(ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite).
+fn dword_memory(start: u32, len: u32) -> Vec<u8> {
+    let mut d = vec![0x87, 23, 0, 0, ADDR_FIXED, 0x01];
+    for v in [0, start, start + (len - 1), 0, len] {
+        d.extend_from_slice(&v.to_le_bytes());
+    }
+    d
+}
+
+/// QWordMemory(ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite).
+fn qword_memory(start: u64, len: u64) -> Vec<u8> {
+    let mut d = vec![0x8a, 43, 0, 0, ADDR_FIXED, 0x01];
+    for v in [0, start, start + (len - 1), 0, len] {
+        d.extend_from_slice(&v.to_le_bytes());
+    }
+    d
+}
+
+/// Memory32Fixed(ReadWrite, base, len).
+fn memory32_fixed(base: u32, len: u32) -> Vec<u8> {
+    let mut d = vec![0x86, 9, 0, 1];
+    d.extend_from_slice(&base.to_le_bytes());
+    d.extend_from_slice(&len.to_le_bytes());
+    d
+}
+
+/// The last bus the ECAM covers.
+const ECAM_LAST_BUS: u8 = ((PCI_ECAM_SIZE >> 20) - 1) as u8;
+
+/// `\_SB.PCI0`, the root bridge, and `\_SB.MRES`, the motherboard resource
+/// reserving the ECAM.
+fn pci_devices(windows: &PciWindows) -> Vec<u8> {
+    let mut pci0 = b"PCI0".to_vec();
+    pci0.extend(aml_name(b"_HID", &aml_eisaid(b"PNP0A08")));
+    pci0.extend(aml_name(b"_CID", &aml_eisaid(b"PNP0A03")));
+    pci0.extend(aml_name(b"_SEG", &aml_int(0)));
+    pci0.extend(aml_name(b"_BBN", &aml_int(0)));
+    pci0.extend(aml_name(b"_UID", &aml_int(0)));
+    let mut crs = word_bus_number(0, u16::from(ECAM_LAST_BUS));
+    crs.extend(io_port(CONFIG_ADDRESS_PORT as u16, 8));
+    crs.extend(dword_memory(windows.mmio32.start as u32, windows.mmio32.size as u32));
+    crs.extend(qword_memory(windows.mmio64.start, windows.mmio64.size));
+    pci0.extend(aml_crs(&crs));
+    let mut out = aml_pkg(&[0x5b, 0x82], &pci0); // DeviceOp
+
+    let mut mres = b"MRES".to_vec();
+    mres.extend(aml_name(b"_HID", &aml_eisaid(b"PNP0C02")));
+    mres.extend(aml_name(b"_UID", &aml_int(0)));
+    mres.extend(aml_crs(&memory32_fixed(PCI_ECAM_START as u32, PCI_ECAM_SIZE as u32)));
+    out.extend(aml_pkg(&[0x5b, 0x82], &mres));
+    out
+}
+
+/// The MCFG: one ECAM allocation, segment 0, buses 0..=[`ECAM_LAST_BUS`].
+fn mcfg() -> Vec<u8> {
+    let mut b = vec![0u8; 8]; // reserved
+    b.extend_from_slice(&PCI_ECAM_START.to_le_bytes());
+    b.extend_from_slice(&0u16.to_le_bytes()); // segment
+    b.extend_from_slice(&[0, ECAM_LAST_BUS]);
+    b.extend_from_slice(&[0; 4]);
+    sdt(b"MCFG", 1, b"VFVMMCFG", &b)
+}
+
+/// The DSDT: `\_S5` (SLP_TYPa, SLP_TYPb and two reserved zeros), one processor
+/// device (`_HID` ACPI0007, `_UID` = the MADT's processor UID) per vCPU under `\_SB`,
+/// and the PCI root bridge.
+fn dsdt(cpus: u8, windows: &PciWindows) -> Vec<u8> {
     let mut aml = Vec::new();
     let s5 = [&[4u8][..], &aml_int(u32::from(S5_SLP_TYP)), &[0x00, 0x00, 0x00]].concat();
     aml.extend(aml_name(b"_S5_", &aml_pkg(&[0x12], &s5))); // PackageOp, 4 elements
@@ -225,6 +334,7 @@ fn dsdt(cpus: u8) -> Vec<u8> {
         dev.extend(aml_name(b"_UID", &aml_int(u32::from(id))));
         sb.extend(aml_pkg(&[0x5b, 0x82], &dev)); // DeviceOp
     }
+    sb.extend(pci_devices(windows));
     aml.extend(aml_pkg(&[0x10], &sb)); // ScopeOp
     sdt(b"DSDT", 2, b"VFVMDSDT", &aml)
 }
@@ -270,8 +380,9 @@ fn rsdp(xsdt: u64) -> Vec<u8> {
     r
 }
 
-/// The whole area as it goes at [`RSDP_START`]: the RSDP first, then the tables.
-pub fn acpi_bytes(cpus: u8) -> Result<Vec<u8>, AcpiError> {
+/// The whole area as it goes at [`RSDP_START`]: the RSDP first, then the tables,
+/// for a guest with `ram_bytes` of RAM (which places the 64-bit PCI window).
+pub fn acpi_bytes(cpus: u8, ram_bytes: u64) -> Result<Vec<u8>, AcpiError> {
     if cpus == 0 || cpus > MAX_CPUS {
         return Err(AcpiError::Cpus(cpus));
     }
@@ -284,10 +395,12 @@ pub fn acpi_bytes(cpus: u8) -> Result<Vec<u8>, AcpiError> {
         addr
     };
     let facs_addr = place(&mut area, &facs(), 64);
-    let dsdt_addr = place(&mut area, &dsdt(cpus), 16);
+    let windows = PciWindows::for_ram(ram_bytes);
+    let dsdt_addr = place(&mut area, &dsdt(cpus, &windows), 16);
     let fadt_addr = place(&mut area, &fadt(dsdt_addr, facs_addr as u32), 16);
     let madt_addr = place(&mut area, &madt(cpus), 16);
-    let xsdt_addr = place(&mut area, &xsdt(&[fadt_addr, madt_addr]), 16);
+    let mcfg_addr = place(&mut area, &mcfg(), 16);
+    let xsdt_addr = place(&mut area, &xsdt(&[fadt_addr, madt_addr, mcfg_addr]), 16);
     area[..RSDP_LEN].copy_from_slice(&rsdp(xsdt_addr));
     if area.len() as u64 > ACPI_AREA_SIZE {
         return Err(AcpiError::TooLarge(area.len()));
@@ -295,9 +408,11 @@ pub fn acpi_bytes(cpus: u8) -> Result<Vec<u8>, AcpiError> {
     Ok(area)
 }
 
-/// Writes the tables; returns the RSDP's address.
+/// Writes the tables for `cpus` vCPUs; returns the RSDP's address. The PCI windows
+/// follow from the RAM in `memory` ([`PciWindows::for_ram`] of its total size).
 pub fn write_acpi_tables(memory: &GuestMemoryMmap, cpus: u8) -> Result<u64, AcpiError> {
-    let bytes = acpi_bytes(cpus)?;
+    let ram_bytes: u64 = memory.iter().map(|r| r.len()).sum();
+    let bytes = acpi_bytes(cpus, ram_bytes)?;
     memory.write_slice(&bytes, GuestAddress(RSDP_START)).map_err(|e| AcpiError::Memory(e.to_string()))?;
     Ok(RSDP_START)
 }
@@ -347,7 +462,10 @@ mod tests {
             assert_eq!(RSDP_START % 16, 0);
 
             let x = table(&mem, u64_at(&r, 24), b"XSDT");
-            assert_eq!(x.len(), 36 + 16);
+            assert_eq!(x.len(), 36 + 24);
+            let mcfg = table(&mem, u64_at(&x, 52), b"MCFG");
+            assert_eq!((mcfg.len(), mcfg[8]), (60, 1));
+            assert_eq!((u64_at(&mcfg, 44), &mcfg[52..56]), (0xE000_0000, &[0u8, 0, 0, 0xff][..]));
             let fadt = table(&mem, u64_at(&x, 36), b"FACP");
             let madt = table(&mem, u64_at(&x, 44), b"APIC");
 
@@ -377,6 +495,16 @@ mod tests {
             let s5 = [0x08, b'_', b'S', b'5', b'_', 0x12, 0x07, 0x04, 0x0a, 0x05, 0x00, 0x00, 0x00];
             assert!(dsdt.windows(s5.len()).any(|w| w == s5), "no _S5_ package");
             assert_eq!(dsdt.windows(8).filter(|w| w == b"ACPI0007").count(), cpus as usize);
+            // PCI0: _HID EISAID("PNP0A08"), _CID EISAID("PNP0A03"), the windows.
+            let find = |needle: &[u8]| dsdt.windows(needle.len()).position(|w| w == needle);
+            assert!(find(b"PCI0").is_some());
+            assert!(find(&[0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0a, 0x08]).is_some());
+            assert!(find(&[0x08, b'_', b'C', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0a, 0x03]).is_some());
+            assert!(find(&[0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0c, 0x02]).is_some(), "PNP0C02");
+            assert!(find(&word_bus_number(0, 255)).is_some());
+            assert!(find(&dword_memory(0xC000_0000, 0x2000_0000)).is_some());
+            assert!(find(&qword_memory(1 << 32, crate::layout::PCI_MMIO64_SIZE)).is_some());
+            assert!(find(&memory32_fixed(0xE000_0000, 0x1000_0000)).is_some());
 
             // MADT: LAPIC address, one LAPIC per vCPU, the IOAPIC, the SCI override.
             assert_eq!((u32_at(&madt, 36), madt[8]), (0xFEE0_0000, 5));
@@ -400,8 +528,29 @@ mod tests {
             let isos: Vec<_> = entries.iter().filter(|e| e[0] == 2).collect();
             assert_eq!(isos, [&vec![2, 10, 0, 9, 9, 0, 0, 0, 0x0d, 0]]);
         }
-        assert!(acpi_bytes(0).is_err());
-        assert!(acpi_bytes(MAX_CPUS + 1).is_err());
+        assert!(acpi_bytes(0, 64 << 20).is_err());
+        assert!(acpi_bytes(MAX_CPUS + 1, 64 << 20).is_err());
+    }
+
+    #[test]
+    fn resource_templates_encode_as_the_spec_says() {
+        assert_eq!(aml_eisaid(b"PNP0A08"), [0x0c, 0x41, 0xd0, 0x0a, 0x08]);
+        assert_eq!(aml_eisaid(b"PNP0C02"), [0x0c, 0x41, 0xd0, 0x0c, 0x02]);
+        assert_eq!(word_bus_number(0, 255), [0x88, 13, 0, 2, 0x0c, 0, 0, 0, 0, 0, 0xff, 0, 0, 0, 0, 1]);
+        assert_eq!(io_port(0xcf8, 8), [0x47, 1, 0xf8, 0x0c, 0xf8, 0x0c, 1, 8]);
+        let d = dword_memory(0xC000_0000, 0x2000_0000);
+        assert_eq!((d.len(), &d[..6]), (26, &[0x87, 23, 0, 0, 0x0c, 1][..]));
+        assert_eq!(&d[10..14], &0xC000_0000u32.to_le_bytes());
+        assert_eq!(&d[14..18], &0xDFFF_FFFFu32.to_le_bytes());
+        assert_eq!(&d[22..26], &0x2000_0000u32.to_le_bytes());
+        let q = qword_memory(1 << 32, 1 << 36);
+        assert_eq!((q.len(), &q[..6]), (46, &[0x8a, 43, 0, 0, 0x0c, 1][..]));
+        assert_eq!(&q[22..30], &0x10_FFFF_FFFFu64.to_le_bytes());
+        // Name(_CRS, Buffer(n) {...; EndTag}).
+        let crs = aml_crs(&io_port(0xcf8, 8));
+        assert_eq!(crs[..5], [0x08, b'_', b'C', b'R', b'S']);
+        assert_eq!(crs[5..9], [0x11, 13, 0x0a, 10]);
+        assert_eq!(crs[crs.len() - 2..], [0x79, 0]);
     }
 
     #[test]

@@ -67,6 +67,11 @@ impl Bus {
         self.devices.write().unwrap_or_else(|e| e.into_inner()).remove(&base).is_some()
     }
 
+    /// Removes every range (at VM teardown: devices that hold the bus drop too).
+    pub fn clear(&self) {
+        self.devices.write().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     /// Moves the range at `old_base` to `new_base` (same device, same length); the
     /// range stays where it was if the new place overlaps another.
     pub fn relocate(&self, old_base: u64, new_base: u64) -> Result<(), BusError> {

@@ -20,6 +20,9 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xFFFB_C000;
 pub const FOUR_GIB: u64 = 0x1_0000_0000;
 /// The 64-bit PCI window starts this far above the top of RAM, aligned to 1 GiB.
 pub const PCI_MMIO64_ALIGN: u64 = 0x4000_0000;
+/// Size of the 64-bit PCI window (64 GiB: room for large VF BARs, and with RAM in
+/// the tens of GiB still below 2^39, the smallest physical address width in use).
+pub const PCI_MMIO64_SIZE: u64 = 0x10_0000_0000;
 
 // The windows inside the hole do not overlap each other: checked at compile time.
 const _: () = assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);

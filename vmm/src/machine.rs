@@ -18,12 +18,17 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::acpi;
 use crate::api::ApiServer;
 use crate::boot::{self, MIN_MEMORY_BYTES};
+use crate::bus::Bus;
 use crate::cmos::{Cmos, CMOS_PORT};
 use crate::cpu;
+use crate::interrupt::{KvmMsiSink, MsiSink};
+use crate::pci::{self, PciRoot, PciWindows};
 use crate::mptable::{self, MAX_CPUS};
 use crate::power::{AcpiPm1aControl, AcpiPm1aEvent, I8042, I8042_COMMAND_PORT, PM1A_CNT_PORT, PM1A_EVT_PORT};
 use crate::serial::{Console, SerialDevice, COM1_IRQ, COM1_PORT};
 use crate::vcpu::{self, PauseGate, VcpuError, VcpuStop};
+use crate::virtio::pci::VirtioPciDevice;
+use crate::virtio::vsock::Vsock;
 use crate::vm::{self, Vm, VmError, VmOptions};
 
 /// The largest guest accepted (a sanity bound, not a KVM limit).
@@ -190,6 +195,8 @@ pub enum MachineError {
     Kernel { path: PathBuf, err: String },
     #[error("initrd {}: {err}", path.display())]
     Initrd { path: PathBuf, err: String },
+    #[error("vsock: {0}")]
+    Vsock(String),
     #[error("serial log {}: {err}", path.display())]
     SerialLog { path: PathBuf, err: String },
     #[error("command line: {0}")]
@@ -206,6 +213,19 @@ pub enum MachineError {
 
 fn setup<E: std::fmt::Display>(e: E) -> MachineError {
     MachineError::Setup(e.to_string())
+}
+
+/// Empties buses when dropped, on every way out of [`run`]: the buses and the PCI
+/// root complex hold each other (config and BAR ranges), so only this lets the
+/// devices drop, which stops their threads and removes their sockets.
+struct ClearOnDrop(Vec<Bus>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        for bus in &self.0 {
+            bus.clear();
+        }
+    }
 }
 
 /// Checks what can be checked before touching KVM; returns the RAM size in bytes.
@@ -251,7 +271,13 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
         None => None,
     };
 
+    // The vsock socket is bound first: a bad path fails before any KVM work.
+    let vsock = match &config.vsock {
+        Some(v) => Some(Vsock::new(v.guest_cid, v.socket.clone()).map_err(|e| MachineError::Vsock(e.to_string()))?),
+        None => None,
+    };
     let vm = Vm::new(vm::guest_memory(ram)?, VmOptions { irqchip: true })?;
+    let buses = ClearOnDrop(vec![vm.pio.clone(), vm.mmio.clone()]);
     let memory = vm.memory();
     let kernel = boot::load_kernel(memory, &mut kernel_file).map_err(|e| kernel_err(e.to_string()))?;
     let initrd_range = match initrd {
@@ -294,6 +320,17 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
     let pm1a_event = Arc::new(Mutex::new(AcpiPm1aEvent::new(sci)));
     vm.pio.insert(PM1A_EVT_PORT, 4, pm1a_event.clone()).map_err(setup)?;
     vm.pio.insert(PM1A_CNT_PORT, 2, Arc::new(Mutex::new(AcpiPm1aControl))).map_err(setup)?;
+
+    // The PCI root complex and its devices, before the vCPUs exist.
+    let pci_root = Arc::new(Mutex::new(PciRoot::new(vm.mmio.clone(), PciWindows::for_ram(ram))));
+    pci::install(&pci_root, &vm.pio, &vm.mmio).map_err(setup)?;
+    let msi: Arc<dyn MsiSink> = Arc::new(KvmMsiSink::new(vm.shared_fd()));
+    if let Some(vsock) = vsock {
+        let cid = vsock.guest_cid();
+        let device = VirtioPciDevice::new(Box::new(vsock), memory.clone(), msi.clone()).map_err(setup)?;
+        let addr = pci_root.lock().unwrap_or_else(|e| e.into_inner()).add_device(Arc::new(Mutex::new(device)), None).map_err(setup)?;
+        tracing::info!(pci = %addr, cid, "virtio-vsock");
+    }
 
     // vCPUs.
     let supported = vm.kvm().get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(setup)?;
@@ -368,6 +405,8 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
         tracing::debug!(vcpu = id, result = ?rest, "vCPU stopped");
     }
     serial.lock().unwrap_or_else(|e| e.into_inner()).console_mut().finish();
+    drop(buses);
+    drop(pci_root);
     if let Some(e) = spawn_error {
         return Err(e);
     }

@@ -8,8 +8,13 @@ use kvm_bindings::kvm_regs;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use vfvm_vmm::bus::{BusAction, BusDevice};
+use vfvm_vmm::interrupt::KvmMsiSink;
+use vfvm_vmm::layout::PCI_ECAM_START;
+use vfvm_vmm::pci::{self, PciRoot, PciWindows};
 use vfvm_vmm::power::{AcpiPm1aControl, I8042, I8042_COMMAND_PORT, PM1A_CNT_PORT};
 use vfvm_vmm::vcpu::{Vcpu, VcpuStop};
+use vfvm_vmm::virtio::pci::VirtioPciDevice;
+use vfvm_vmm::virtio::{ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use vfvm_vmm::vm::{Vm, VmOptions};
 
 const CODE: u64 = 0x1000;
@@ -132,4 +137,69 @@ fn hlt_without_an_irqchip_is_reported() {
     let (g, mut vcpu) = guest(&code, false);
     assert_eq!(vcpu.run().unwrap(), VcpuStop::Halted);
     assert_eq!(bytes_written(&g.serial), [b'z']);
+}
+
+/// A virtio device that does nothing: something for the root complex to enumerate.
+struct IdleVirtio;
+
+impl VirtioDevice for IdleVirtio {
+    fn device_type(&self) -> u32 {
+        vfvm_vmm::virtio::DEVICE_TYPE_VSOCK
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16]
+    }
+    fn device_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    fn activate(
+        &mut self,
+        _memory: GuestMemoryMmap,
+        _interrupt: Arc<dyn VirtioInterrupt>,
+        _acked_features: u64,
+        _queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        Ok(())
+    }
+    fn reset(&mut self) {}
+}
+
+#[test]
+fn pci_config_space_answers_through_port_cf8_and_the_ecam() {
+    let code = [
+        0xba, 0xf8, 0x0c, // mov dx, 0xcf8
+        0x66, 0xb8, 0x00, 0x00, 0x00, 0x80, // mov eax, 0x80000000   (00.0, register 0)
+        0x66, 0xef, // out dx, eax
+        0xba, 0xfc, 0x0c, // mov dx, 0xcfc
+        0x66, 0xed, // in eax, dx
+        0x66, 0xa3, 0x00, 0x60, // mov [0x6000], eax
+        0x64, 0x66, 0xa1, 0x00, 0x00, // mov eax, fs:[0x0000]   (ECAM 00.0)
+        0x66, 0xa3, 0x04, 0x60, // mov [0x6004], eax
+        0x64, 0x66, 0xa1, 0x00, 0x80, // mov eax, fs:[0x8000]   (ECAM 01.0)
+        0x66, 0xa3, 0x08, 0x60, // mov [0x6008], eax
+        0x64, 0x66, 0xa1, 0x00, 0x10, // mov eax, fs:[0x1000]   (ECAM 00.1: absent)
+        0x66, 0xa3, 0x0c, 0x60, // mov [0x600c], eax
+        0xba, 0x04, 0x06, 0xb8, 0x00, 0x20, 0xef, // power off
+    ];
+    let (g, mut vcpu) = guest(&code, true);
+    let root = Arc::new(Mutex::new(PciRoot::new(g.vm.mmio.clone(), PciWindows::for_ram(0x80000))));
+    pci::install(&root, &g.vm.pio, &g.vm.mmio).unwrap();
+    let msi = Arc::new(KvmMsiSink::new(g.vm.shared_fd()));
+    let virtio = VirtioPciDevice::new(Box::new(IdleVirtio), g.vm.memory().clone(), msi).unwrap();
+    let addr = root.lock().unwrap().add_device(Arc::new(Mutex::new(virtio)), None).unwrap();
+    assert_eq!(addr.to_string(), "0000:00:01.0");
+    let mut sregs = vcpu.fd().get_sregs().unwrap();
+    sregs.fs.base = PCI_ECAM_START;
+    sregs.fs.selector = 0;
+    vcpu.fd().set_sregs(&sregs).unwrap();
+    assert_eq!(vcpu.run().unwrap(), VcpuStop::PowerOff);
+    let word = |at: u64| g.vm.memory().read_obj::<u32>(GuestAddress(at)).unwrap();
+    assert_eq!(word(0x6000), 0x0d57_8086, "host bridge through 0xCF8/0xCFC");
+    assert_eq!(word(0x6004), 0x0d57_8086, "host bridge through the ECAM");
+    assert_eq!(word(0x6008), 0x1053_1af4, "virtio-vsock through the ECAM");
+    assert_eq!(word(0x600c), 0xffff_ffff, "absent function");
 }

@@ -1,1 +1,495 @@
-//! The PCI root complex (being written).
+//! The PCI root complex: one PCI segment, bus 0, 32 slots (function 0 only), a host
+//! bridge at 00.0, configuration access through both port 0xCF8/0xCFC and the ECAM
+//! at [`layout::PCI_ECAM_START`], and memory BARs placed in the 32-bit and 64-bit
+//! windows and mapped on the MMIO bus. Devices interrupt with MSI-X only (interrupt
+//! pin 0, no INTx, so the DSDT needs no `_PRT`).
+//!
+//! # API (what the machine calls)
+//!
+//! ```ignore
+//! use vfvm_vmm::pci::{self, PciRoot, PciWindows};
+//! // Once, after the Vm exists:
+//! let root = Arc::new(Mutex::new(PciRoot::new(vm.mmio.clone(), PciWindows::for_ram(ram_bytes))));
+//! pci::install(&root, &vm.pio, &vm.mmio)?;            // CF8..CFF + ECAM on the buses
+//! // Each device (before or after boot): BARs allocated, programmed, mapped.
+//! let dev: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(VirtioPciDevice::new(..)?));
+//! let addr: PciAddress = root.lock().unwrap().add_device(dev, None)?;  // or Some(slot)
+//! root.lock().unwrap().remove_device(addr.device)?;   // hot-unplug: BARs unmapped, space freed
+//! ```
+//!
+//! The ACPI side ([`crate::acpi`]) describes the same windows (`PciWindows::for_ram`
+//! and the layout constants), and the e820 map ([`crate::boot`]) reserves the ECAM.
+//!
+//! # BAR mapping
+//!
+//! A BAR is on the MMIO bus when the device's command register has memory decode on
+//! and the BAR holds a size-aligned address whose whole range lies inside one of the
+//! windows; otherwise it is off the bus. The root re-evaluates this after every
+//! configuration write to the device, so a guest that disables decode, probes sizes
+//! (writes all ones) and writes a new address moves the range with it, and a guest
+//! that probes with decode on just has the BAR off the bus for the probe. Each
+//! mapping change is reported to the device ([`PciDevice::bar_mapped`]), e.g. to
+//! move ioeventfds or, for VFIO, KVM memory slots.
+//!
+//! Locking: configuration accesses lock the root, then the device; BAR accesses lock
+//! only the device. Nothing locks a device and then the root.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use crate::bus::{Bus, BusAction, BusDevice, BusError};
+use crate::layout;
+
+pub mod config;
+pub mod msix;
+
+pub use config::{BarRequest, ConfigSpace, PciIds};
+
+use config::{COMMAND_MEMORY, REG_BAR0, REG_COMMAND};
+
+/// Slots on bus 0.
+pub const NUM_SLOTS: usize = 32;
+/// The port holding the configuration address (mechanism #1); data at 0xCFC..0xCFF.
+pub const CONFIG_ADDRESS_PORT: u64 = 0xcf8;
+pub const CONFIG_DATA_PORT: u64 = 0xcfc;
+const CONFIG_ENABLE: u32 = 1 << 31;
+
+/// A function on the root complex's segment 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PciAddress {
+    pub bus: u8,
+    pub device: u8,
+    pub function: u8,
+}
+
+impl fmt::Display for PciAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "0000:{:02x}:{:02x}.{}", self.bus, self.device, self.function)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PciError {
+    #[error("no free slot on PCI bus 0")]
+    BusFull,
+    #[error("PCI slot {0} is taken")]
+    SlotTaken(u8),
+    #[error("PCI slot {0} does not exist (0..32) or holds the host bridge")]
+    BadSlot(u8),
+    #[error("PCI slot {0} is empty")]
+    SlotEmpty(u8),
+    #[error("no room for BAR {index} ({size:#x} bytes) in the PCI windows")]
+    NoBarSpace { index: u8, size: u64 },
+    #[error("mapping BAR {index}: {source}")]
+    Map { index: u8, source: BusError },
+}
+
+/// A function on the PCI bus: its configuration space and its memory BARs.
+///
+/// Configuration accesses are 1, 2 or 4 bytes within one dword, `offset < 4096`.
+/// BAR accesses are given the BAR's index and the offset into it.
+pub trait PciDevice: Send {
+    fn read_config(&mut self, offset: u16, data: &mut [u8]);
+    fn write_config(&mut self, offset: u16, data: &[u8]);
+    /// The memory BARs this device has (fixed for its lifetime).
+    fn bars(&self) -> Vec<BarRequest>;
+    fn read_bar(&mut self, index: u8, offset: u64, data: &mut [u8]);
+    fn write_bar(&mut self, index: u8, offset: u64, data: &[u8]);
+    /// BAR `index` is now on the MMIO bus at `base`, or off it (`None`).
+    fn bar_mapped(&mut self, _index: u8, _base: Option<u64>) {}
+}
+
+type SharedDevice = Arc<Mutex<dyn PciDevice>>;
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An address window for BARs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub start: u64,
+    pub size: u64,
+}
+
+impl Window {
+    fn contains(&self, base: u64, size: u64) -> bool {
+        base >= self.start && base.checked_add(size).is_some_and(|end| end <= self.start + self.size)
+    }
+}
+
+/// The root bus's memory windows, as the DSDT's `_CRS` describes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciWindows {
+    pub mmio32: Window,
+    pub mmio64: Window,
+}
+
+impl PciWindows {
+    /// The windows of the address map in [`crate::layout`] for this much RAM.
+    pub fn for_ram(ram_bytes: u64) -> Self {
+        Self {
+            mmio32: Window { start: layout::PCI_MMIO32_START, size: layout::PCI_MMIO32_SIZE },
+            mmio64: Window { start: layout::pci_mmio64_start(ram_bytes), size: layout::PCI_MMIO64_SIZE },
+        }
+    }
+
+    fn contains(&self, base: u64, size: u64) -> bool {
+        self.mmio32.contains(base, size) || self.mmio64.contains(base, size)
+    }
+}
+
+/// The host bridge at 00.0: a header and nothing else.
+pub struct HostBridge {
+    config: ConfigSpace,
+}
+
+impl HostBridge {
+    pub const VENDOR_ID: u16 = 0x8086;
+    pub const DEVICE_ID: u16 = 0x0d57;
+
+    pub fn new() -> Self {
+        let ids =
+            PciIds { vendor_id: Self::VENDOR_ID, device_id: Self::DEVICE_ID, class: 0x06_00_00, ..Default::default() };
+        Self { config: ConfigSpace::new(ids) }
+    }
+}
+
+impl Default for HostBridge {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PciDevice for HostBridge {
+    fn read_config(&mut self, offset: u16, data: &mut [u8]) {
+        self.config.read(usize::from(offset), data);
+    }
+    fn write_config(&mut self, offset: u16, data: &[u8]) {
+        self.config.write(usize::from(offset), data);
+    }
+    fn bars(&self) -> Vec<BarRequest> {
+        Vec::new()
+    }
+    fn read_bar(&mut self, _index: u8, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn write_bar(&mut self, _index: u8, _offset: u64, _data: &[u8]) {}
+}
+
+/// A BAR's range on the MMIO bus, forwarding to its device.
+struct BarRange {
+    device: SharedDevice,
+    index: u8,
+}
+
+impl BusDevice for BarRange {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        lock(&self.device).read_bar(self.index, offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> BusAction {
+        lock(&self.device).write_bar(self.index, offset, data);
+        BusAction::None
+    }
+}
+
+struct BarState {
+    request: BarRequest,
+    /// The address the BAR register holds now.
+    address: u64,
+    /// Where it is on the MMIO bus, if it is.
+    mapped: Option<u64>,
+}
+
+struct Slot {
+    device: SharedDevice,
+    bars: Vec<BarState>,
+}
+
+/// Bus 0 of segment 0.
+pub struct PciRoot {
+    mmio: Bus,
+    windows: PciWindows,
+    slots: Vec<Option<Slot>>,
+}
+
+fn config_u32(device: &mut dyn PciDevice, offset: usize) -> u32 {
+    let mut b = [0u8; 4];
+    device.read_config(offset as u16, &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// The address a BAR register pair of `device` holds.
+fn read_bar_address(device: &mut dyn PciDevice, bar: &BarRequest) -> u64 {
+    let reg = REG_BAR0 + 4 * usize::from(bar.index);
+    let lo = u64::from(config_u32(device, reg) & !0xf);
+    let hi = if bar.is_64bit { u64::from(config_u32(device, reg + 4)) } else { 0 };
+    hi << 32 | lo
+}
+
+impl PciRoot {
+    /// A root bus with the host bridge at 00.0; BARs go on `mmio`, inside `windows`.
+    pub fn new(mmio: Bus, windows: PciWindows) -> Self {
+        let mut slots: Vec<Option<Slot>> = (0..NUM_SLOTS).map(|_| None).collect();
+        let bridge: SharedDevice = Arc::new(Mutex::new(HostBridge::new()));
+        slots[0] = Some(Slot { device: bridge, bars: Vec::new() });
+        Self { mmio, windows, slots }
+    }
+
+    pub fn windows(&self) -> PciWindows {
+        self.windows
+    }
+
+    /// The device in `slot`, if any.
+    pub fn device(&self, slot: u8) -> Option<SharedDevice> {
+        self.slots.get(usize::from(slot))?.as_ref().map(|s| s.device.clone())
+    }
+
+    /// Plugs `device` into `slot` (or the first free one): its BARs get addresses in
+    /// the windows (64-bit BARs above 4 GiB when that window has room), memory
+    /// decode is turned on and the BARs are mapped. On error nothing is left behind.
+    pub fn add_device(&mut self, device: SharedDevice, slot: Option<u8>) -> Result<PciAddress, PciError> {
+        let slot = match slot {
+            Some(s) if s == 0 || usize::from(s) >= NUM_SLOTS => return Err(PciError::BadSlot(s)),
+            Some(s) if self.slots[usize::from(s)].is_some() => return Err(PciError::SlotTaken(s)),
+            Some(s) => s,
+            None => (1..NUM_SLOTS as u8).find(|&s| self.slots[usize::from(s)].is_none()).ok_or(PciError::BusFull)?,
+        };
+        let requests = lock(&device).bars();
+        let mut used = self.used_ranges();
+        let mut bars = Vec::with_capacity(requests.len());
+        for request in requests {
+            let mut windows = vec![self.windows.mmio32];
+            if request.is_64bit {
+                windows.insert(0, self.windows.mmio64);
+            }
+            let address = windows
+                .iter()
+                .find_map(|w| find_free(*w, request.size, &used))
+                .ok_or(PciError::NoBarSpace { index: request.index, size: request.size })?;
+            used.push((address, request.size));
+            bars.push(BarState { request, address, mapped: None });
+        }
+        {
+            let mut dev = lock(&device);
+            for bar in &bars {
+                let reg = (REG_BAR0 + 4 * usize::from(bar.request.index)) as u16;
+                dev.write_config(reg, &(bar.address as u32).to_le_bytes());
+                if bar.request.is_64bit {
+                    dev.write_config(reg + 4, &((bar.address >> 32) as u32).to_le_bytes());
+                }
+            }
+            let mut cmd = [0u8; 2];
+            dev.read_config(REG_COMMAND as u16, &mut cmd);
+            let cmd = u16::from_le_bytes(cmd) | COMMAND_MEMORY;
+            dev.write_config(REG_COMMAND as u16, &cmd.to_le_bytes());
+        }
+        self.slots[usize::from(slot)] = Some(Slot { device, bars });
+        if let Err(e) = self.sync_bars(slot) {
+            let _ = self.remove_device(slot);
+            return Err(e);
+        }
+        Ok(PciAddress { bus: 0, device: slot, function: 0 })
+    }
+
+    /// Unplugs the device in `slot`: its BARs leave the bus and their space is free.
+    pub fn remove_device(&mut self, slot: u8) -> Result<SharedDevice, PciError> {
+        if slot == 0 || usize::from(slot) >= NUM_SLOTS {
+            return Err(PciError::BadSlot(slot));
+        }
+        let s = self.slots[usize::from(slot)].take().ok_or(PciError::SlotEmpty(slot))?;
+        let mut dev = lock(&s.device);
+        for bar in &s.bars {
+            if let Some(base) = bar.mapped {
+                self.mmio.remove(base);
+                dev.bar_mapped(bar.request.index, None);
+            }
+        }
+        drop(dev);
+        Ok(s.device)
+    }
+
+    /// Every BAR range in use, by its current address (assigned by us or the guest).
+    fn used_ranges(&self) -> Vec<(u64, u64)> {
+        self.slots.iter().flatten().flat_map(|s| s.bars.iter().map(|b| (b.address, b.request.size))).collect()
+    }
+
+    /// Brings the bus in line with the device's command register and BARs.
+    fn sync_bars(&mut self, slot: u8) -> Result<(), PciError> {
+        let Some(s) = self.slots.get_mut(usize::from(slot)).and_then(|s| s.as_mut()) else {
+            return Ok(());
+        };
+        let mut dev = lock(&s.device);
+        let mut cmd = [0u8; 2];
+        dev.read_config(REG_COMMAND as u16, &mut cmd);
+        let decode = u16::from_le_bytes(cmd) & COMMAND_MEMORY != 0;
+        let mut result = Ok(());
+        for bar in &mut s.bars {
+            bar.address = read_bar_address(&mut *dev, &bar.request);
+            let size = bar.request.size;
+            let want =
+                (decode && bar.address != 0 && bar.address % size == 0 && self.windows.contains(bar.address, size))
+                    .then_some(bar.address);
+            if want == bar.mapped {
+                continue;
+            }
+            if let Some(old) = bar.mapped.take() {
+                self.mmio.remove(old);
+            }
+            if let Some(base) = want {
+                let range = Arc::new(Mutex::new(BarRange { device: s.device.clone(), index: bar.request.index }));
+                match self.mmio.insert(base, size, range) {
+                    Ok(()) => bar.mapped = Some(base),
+                    Err(source) => {
+                        tracing::warn!("PCI {slot:02x}.0 BAR {} at {base:#x}: {source}", bar.request.index);
+                        if result.is_ok() {
+                            result = Err(PciError::Map { index: bar.request.index, source });
+                        }
+                    }
+                }
+            }
+            dev.bar_mapped(bar.request.index, bar.mapped);
+        }
+        result
+    }
+
+    fn slot_of(&self, bus: u8, device: u8, function: u8) -> Option<&Slot> {
+        if bus != 0 || function != 0 {
+            return None;
+        }
+        self.slots.get(usize::from(device))?.as_ref()
+    }
+
+    /// A configuration read; absent functions and bad accesses read all ones.
+    pub fn config_read(&self, addr: PciAddress, reg: u16, data: &mut [u8]) {
+        let valid = matches!(data.len(), 1 | 2 | 4) && usize::from(reg & 3) + data.len() <= 4 && reg < 4096;
+        match self.slot_of(addr.bus, addr.device, addr.function) {
+            Some(s) if valid => lock(&s.device).read_config(reg, data),
+            _ => data.fill(0xff),
+        }
+    }
+
+    /// A configuration write; BAR mappings follow.
+    pub fn config_write(&mut self, addr: PciAddress, reg: u16, data: &[u8]) {
+        let valid = matches!(data.len(), 1 | 2 | 4) && usize::from(reg & 3) + data.len() <= 4 && reg < 4096;
+        let Some(s) = self.slot_of(addr.bus, addr.device, addr.function) else {
+            return;
+        };
+        if !valid {
+            return;
+        }
+        lock(&s.device).write_config(reg, data);
+        // Errors are logged in sync_bars: the guest's programming is its business.
+        let _ = self.sync_bars(addr.device);
+    }
+}
+
+/// First size-aligned free range of `size` bytes in `w`, avoiding `used`.
+fn find_free(w: Window, size: u64, used: &[(u64, u64)]) -> Option<u64> {
+    let mut used: Vec<_> = used.iter().copied().filter(|&(_, s)| s > 0).collect();
+    used.sort_unstable();
+    let end = w.start.checked_add(w.size)?;
+    let mut candidate = w.start.checked_next_multiple_of(size)?;
+    loop {
+        let cand_end = candidate.checked_add(size)?;
+        if cand_end > end {
+            return None;
+        }
+        match used.iter().find(|&&(b, s)| b < cand_end && candidate < b.saturating_add(s)) {
+            Some(&(b, s)) => candidate = b.saturating_add(s).checked_next_multiple_of(size)?,
+            None => return Some(candidate),
+        }
+    }
+}
+
+/// Configuration mechanism #1: address at 0xCF8, data at 0xCFC..0xCFF.
+struct PioConfigAccess {
+    root: Arc<Mutex<PciRoot>>,
+    address: u32,
+}
+
+impl PioConfigAccess {
+    fn target(&self, data_offset: u64) -> Option<(PciAddress, u16)> {
+        if self.address & CONFIG_ENABLE == 0 {
+            return None;
+        }
+        let a = self.address;
+        let addr =
+            PciAddress { bus: (a >> 16) as u8, device: ((a >> 11) & 0x1f) as u8, function: ((a >> 8) & 7) as u8 };
+        Some((addr, (a & 0xfc) as u16 + data_offset as u16))
+    }
+}
+
+impl BusDevice for PioConfigAccess {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match offset {
+            0 if data.len() == 4 => data.copy_from_slice(&self.address.to_le_bytes()),
+            4..=7 => match self.target(offset - 4) {
+                Some((addr, reg)) => lock(&self.root).config_read(addr, reg, data),
+                None => data.fill(0xff),
+            },
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> BusAction {
+        match offset {
+            0 if data.len() == 4 => {
+                self.address = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) & !3;
+            }
+            4..=7 => {
+                if let Some((addr, reg)) = self.target(offset - 4) {
+                    lock(&self.root).config_write(addr, reg, data);
+                }
+            }
+            _ => {}
+        }
+        BusAction::None
+    }
+}
+
+/// ECAM: bus << 20 | device << 15 | function << 12 | register.
+struct EcamAccess {
+    root: Arc<Mutex<PciRoot>>,
+}
+
+fn ecam_target(offset: u64) -> (PciAddress, u16) {
+    let addr = PciAddress {
+        bus: ((offset >> 20) & 0xff) as u8,
+        device: ((offset >> 15) & 0x1f) as u8,
+        function: ((offset >> 12) & 7) as u8,
+    };
+    (addr, (offset & 0xfff) as u16)
+}
+
+impl BusDevice for EcamAccess {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let (addr, reg) = ecam_target(offset);
+        lock(&self.root).config_read(addr, reg, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> BusAction {
+        let (addr, reg) = ecam_target(offset);
+        lock(&self.root).config_write(addr, reg, data);
+        BusAction::None
+    }
+}
+
+/// Puts the root's configuration access on the buses: ports 0xCF8..0xCFF and the
+/// ECAM ([`layout::PCI_ECAM_START`], [`layout::PCI_ECAM_SIZE`]: buses 0..=255, of
+/// which only bus 0 has devices).
+pub fn install(root: &Arc<Mutex<PciRoot>>, pio: &Bus, mmio: &Bus) -> Result<(), BusError> {
+    pio.insert(CONFIG_ADDRESS_PORT, 8, Arc::new(Mutex::new(PioConfigAccess { root: root.clone(), address: 0 })))?;
+    if let Err(e) = mmio.insert(
+        layout::PCI_ECAM_START,
+        layout::PCI_ECAM_SIZE,
+        Arc::new(Mutex::new(EcamAccess { root: root.clone() })),
+    ) {
+        pio.remove(CONFIG_ADDRESS_PORT);
+        return Err(e);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
