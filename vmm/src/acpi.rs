@@ -14,12 +14,12 @@
 //! | then     | XSDT -> FADT, MADT; FADT -> DSDT, FACS; each 16-byte aligned    |
 //!
 //! Platform choices the tables describe:
-//! - PM1a_EVT_BLK: PIO 0x600, 4 bytes (status reads 0, enable reads back);
+//! - PM1a_EVT_BLK: PIO 0x600, 4 bytes, with the fixed-feature power button;
 //!   PM1a_CNT_BLK: PIO 0x604, 2 bytes; no PM timer, no GPE blocks, no SMI_CMD (the
 //!   machine is always in ACPI mode).
 //! - Reset register: the i8042 command port 0x64, value 0xFE (the device in
 //!   [`crate::power`]).
-//! - SCI on IRQ 9, level-triggered active-high (nothing raises it today). KVM's
+//! - SCI on IRQ 9, level-triggered active-high (raised by the power button). KVM's
 //!   in-kernel IOAPIC does no polarity inversion, so "asserted" is a high line, as
 //!   QEMU describes it under KVM.
 //! - ISA IRQs go to the IOAPIC pin of the same number (KVM's default GSI routing
@@ -61,7 +61,8 @@ const PM1_CNT_LEN: u8 = 2;
 // FADT flags.
 const FADT_WBINVD: u32 = 1 << 0;
 const FADT_PROC_C1: u32 = 1 << 2;
-const FADT_PWR_BUTTON: u32 = 1 << 4; // no fixed-feature power button
+// PWR_BUTTON (bit 4) stays clear: the power button is the fixed-feature one in
+// PM1a_EVT, which the control API's graceful shutdown presses.
 const FADT_SLP_BUTTON: u32 = 1 << 5; // no fixed-feature sleep button
 const FADT_RESET_REG_SUP: u32 = 1 << 10;
 // IA-PC boot architecture flags: ISA devices (COM1, CMOS) exist; no VGA. The i8042
@@ -150,7 +151,7 @@ fn fadt(dsdt: u64, facs: u32) -> Vec<u8> {
     at(96, &101u16.to_le_bytes()); // P_LVL2_LAT > 100: no C2
     at(98, &1001u16.to_le_bytes()); // P_LVL3_LAT > 1000: no C3
     at(109, &(IAPC_LEGACY_DEVICES | IAPC_VGA_NOT_PRESENT).to_le_bytes());
-    let flags = FADT_WBINVD | FADT_PROC_C1 | FADT_PWR_BUTTON | FADT_SLP_BUTTON | FADT_RESET_REG_SUP;
+    let flags = FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_RESET_REG_SUP;
     at(112, &flags.to_le_bytes());
     at(116, &gas(GAS_SYSTEM_IO, 8, GAS_ACCESS_BYTE, I8042_COMMAND_PORT)); // RESET_REG
     at(128, &[0xfe]); // RESET_VALUE

@@ -8,6 +8,10 @@
 //! - host-initiated: once the guest says it listens on 5001, this test connects to
 //!   the vsock socket, sends `CONNECT 5001\n`, expects `OK <port>\n`, then sends a
 //!   stream the guest checks and echoes back, and checks the echo.
+//!
+//! Then the control API: status while the guest runs, and a graceful shutdown: the
+//! VMM presses the ACPI power button, the guest's button driver reports it (the probe
+//! waits for KEY_POWER on its input device) and the guest powers off: exit status 0.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -16,6 +20,8 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use vfvm_protocols::vmm_api::{Request, Response, VmState, VmmClient};
 
 const BOUND: Duration = Duration::from_secs(600);
 const IO_LIMIT: Duration = Duration::from_secs(300);
@@ -110,23 +116,25 @@ fn host_stream(socket: &Path, id: u64) -> Result<u32, String> {
 
 #[test]
 #[ignore = "needs the lab: run by cargo xtask test"]
-fn lab_vsock_streams_both_ways_with_every_byte_checked() {
+fn lab_vsock_streams_both_ways_then_graceful_shutdown_over_the_api() {
     let kernel = lab_env("VFVM_LAB_KERNEL");
     let initrd = lab_env("VFVM_LAB_PROBE_INITRD");
     let dir = std::env::temp_dir().join(format!("vfvm-vsock-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("vsock.sock");
+    let api = dir.join("api.sock");
     let listener = UnixListener::bind(format!("{}_{HOST_PORT}", socket.display())).unwrap();
     let echoes = echo_server(listener);
 
     let cmdline = format!(
-        "console=ttyS0 reboot=k panic=-1 vfvm.probe=--streams,{STREAMS},--bytes,{BYTES},--host-port,{HOST_PORT},--listen-port,{GUEST_PORT}"
+        "console=ttyS0 reboot=k panic=-1 vfvm.power_button vfvm.probe=--streams,{STREAMS},--bytes,{BYTES},--host-port,{HOST_PORT},--listen-port,{GUEST_PORT}"
     );
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_vfvm-vmm"))
         .args(["--kernel", &kernel, "--initrd", &initrd, "--vcpus", "2", "--memory", "512", "--serial-stdout"])
         .args(["--cmdline".as_ref(), cmdline.as_ref() as &std::ffi::OsStr, "--vsock-socket".as_ref(), socket.as_os_str()])
+        .args(["--api-socket".as_ref(), api.as_os_str()])
         .stdout(Stdio::piped())
         .spawn()
         .expect("start vfvm-vmm");
@@ -142,6 +150,7 @@ fn lab_vsock_streams_both_ways_with_every_byte_checked() {
 
     let mut console = Vec::new();
     let mut clients: Vec<JoinHandle<Result<u32, String>>> = Vec::new();
+    let mut answers = Vec::new();
     loop {
         let left = BOUND.saturating_sub(started.elapsed());
         match rx.recv_timeout(left) {
@@ -152,6 +161,11 @@ fn lab_vsock_streams_both_ways_with_every_byte_checked() {
                         let socket = socket.clone();
                         clients.push(std::thread::spawn(move || host_stream(&socket, 100 + id)));
                     }
+                }
+                if line.contains(&format!("{MARKER} probe waiting for the power button")) {
+                    let mut c = VmmClient::connect(&api, IO_LIMIT).expect("connect to the control API");
+                    answers.push(c.call(Request::Status).expect("status"));
+                    answers.push(c.call(Request::Shutdown { force: false }).expect("graceful shutdown"));
                 }
                 console.push(line);
             }
@@ -176,8 +190,15 @@ fn lab_vsock_streams_both_ways_with_every_byte_checked() {
     assert!(has("probe guest-initiated ok"), "the guest's verdict; console:\n{}", console.join("\n"));
     assert!(has("probe host-initiated ok"), "the guest's verdict; console:\n{}", console.join("\n"));
     assert!(has("probe exit 0"));
+    assert!(
+        matches!(answers.first(), Some(Response::Status { state: VmState::Running, vcpus: 2, memory_mib: 512, .. })),
+        "{answers:?}"
+    );
+    assert_eq!(answers.get(1), Some(&Response::Done), "the guest's button driver enabled the power button event");
+    assert!(has("probe power button pressed"), "console:\n{}", console.join("\n"));
     assert_eq!(status.code(), Some(0), "the guest powered off");
     assert!(!socket.exists(), "the VMM removes its vsock socket at exit");
+    assert!(!api.exists(), "the VMM removes its API socket at exit");
     println!(
         "vsock: {STREAMS} streams each way, {} MiB per stream each direction, checked on both ends; VMM ran {secs:.1} s",
         BYTES >> 20

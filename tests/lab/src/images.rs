@@ -7,8 +7,10 @@
 //! - L3: a minimal guest that reports reaching userspace and powers off, for booting
 //!   under L2's KVM.
 //! - L3 probe: the L3 guest plus this very binary (stripped, with its shared
-//!   libraries) and the virtio-vsock modules; /init runs `vfvm-lab guest vsock-probe`
-//!   with the arguments of `vfvm.probe=A,B,...` on the kernel command line.
+//!   libraries), the virtio-vsock modules and the ACPI button driver; /init runs
+//!   `vfvm-lab guest vsock-probe` with the arguments of `vfvm.probe=A,B,...` on the
+//!   kernel command line, then (given `vfvm.power_button`) waits for the ACPI power
+//!   button before it powers off.
 
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -218,7 +220,7 @@ fn stripped_self() -> Result<Vec<u8>> {
 fn probe_initrd(kernel: &Kernel, busybox: &[u8]) -> Result<Vec<u8>> {
     let mut a = Archive::new();
     base_tree(&mut a, busybox);
-    let mods = add_modules(&mut a, kernel, &["vmw_vsock_virtio_transport", "virtio_pci"])?;
+    let mods = add_modules(&mut a, kernel, &["vmw_vsock_virtio_transport", "virtio_pci", "button", "evdev"])?;
     let me = crate::host::self_exe()?;
     let deps = crate::elf::runtime_deps(&me).context("the probe's shared libraries")?;
     // Directories first (the kernel's unpacker does not create parents); sorted, so
@@ -237,12 +239,14 @@ fn probe_initrd(kernel: &Kernel, busybox: &[u8]) -> Result<Vec<u8>> {
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
-mount -t proc proc /proc; mount -t sysfs sys /sys
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 echo "{m} userspace $(cut -d' ' -f1 /proc/uptime)"
 for m in {mods}; do insmod /mods/$m.ko || echo "{m} insmod $m failed"; done
 for w in $(cat /proc/cmdline); do case $w in vfvm.probe=*) A=${{w#vfvm.probe=}};; esac; done
 /bin/vfvm-probe guest vsock-probe $(echo "$A" | tr ',' ' ')
 echo "{m} probe exit $?"
+# With vfvm.power_button on the command line, power off only when the button is pressed.
+grep -qw vfvm.power_button /proc/cmdline && /bin/vfvm-probe guest wait-power-button
 poweroff -f
 "#,
         m = L3_MARKER,

@@ -332,6 +332,7 @@ fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
         }
         ("inside", Some("smoke")) => inside::smoke().map(|_| 0),
         ("guest", Some("vsock-probe")) => probe::vsock_probe(args),
+        ("guest", Some("wait-power-button")) => probe::wait_power_button(),
         ("inside", Some("run-tests")) => inside::run_tests(&args.collect::<Vec<_>>(), IN_LAB_TEST_MARK),
         ("help" | "--help" | "-h", _) => {
             print!("{USAGE}");

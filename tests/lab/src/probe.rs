@@ -223,3 +223,35 @@ pub fn vsock_probe(args: impl Iterator<Item = String>) -> Result<i32> {
     let in_ok = verdict("host-initiated", in_results, streams, bytes, started);
     Ok(if out_ok && in_ok { 0 } else { 1 })
 }
+
+/// `vfvm-lab guest wait-power-button`: waits for the ACPI power button (the VMM's
+/// graceful shutdown) and reports it; the probe image's /init then powers off.
+pub fn wait_power_button() -> Result<i32> {
+    const EV_KEY: u16 = 1;
+    const KEY_POWER: u16 = 116;
+    let mut device = None;
+    for entry in std::fs::read_dir("/sys/class/input").context("/sys/class/input")? {
+        let entry = entry?;
+        let name = std::fs::read_to_string(entry.path().join("device/name")).unwrap_or_default();
+        let node = entry.file_name().to_string_lossy().into_owned();
+        if name.trim() == "Power Button" && node.starts_with("event") {
+            device = Some(format!("/dev/input/{node}"));
+        }
+    }
+    let device = device.context("no input device named \"Power Button\" (is the ACPI button driver loaded?)")?;
+    let mut f = File::open(&device).with_context(|| format!("opening {device}"))?;
+    println!("{L3_MARKER} probe waiting for the power button on {device}");
+    std::io::stdout().flush()?;
+    // struct input_event on x86_64: timeval (16 bytes), type u16, code u16, value i32.
+    let mut ev = [0u8; 24];
+    loop {
+        f.read_exact(&mut ev).with_context(|| format!("reading {device}"))?;
+        let kind = u16::from_le_bytes([ev[16], ev[17]]);
+        let code = u16::from_le_bytes([ev[18], ev[19]]);
+        let value = i32::from_le_bytes([ev[20], ev[21], ev[22], ev[23]]);
+        if kind == EV_KEY && code == KEY_POWER && value == 1 {
+            println!("{L3_MARKER} probe power button pressed");
+            return Ok(0);
+        }
+    }
+}
