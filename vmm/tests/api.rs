@@ -12,37 +12,9 @@ use std::time::Duration;
 
 use vfvm_protocols::vmm_api::{self, Envelope, ErrorCode, Request, Response, VmmClient, VmState, MAX_MESSAGE_BYTES, VMM_API_VERSION};
 
+mod common;
+
 const LIMIT: Duration = Duration::from_secs(30);
-const LOAD_ADDR: u64 = 0x20_0000;
-
-/// An ELF64 executable with one PT_LOAD segment holding `pause; jmp .-2` at its entry.
-fn spinning_elf() -> Vec<u8> {
-    let code = [0xf3, 0x90, 0xeb, 0xfc];
-    let code_off = 64 + 56;
-    let mut e = Vec::new();
-    e.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0"); // 64-bit, LSB, v1
-    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    e.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    e.extend_from_slice(&1u32.to_le_bytes());
-    e.extend_from_slice(&(LOAD_ADDR + code_off as u64).to_le_bytes()); // e_entry
-    e.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
-    e.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
-    e.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-    for v in [64u16, 56, 1, 64, 0, 0] {
-        // ehsize, phentsize, phnum, shentsize, shnum, shstrndx
-        e.extend_from_slice(&v.to_le_bytes());
-    }
-    let size = (code_off + code.len()) as u64;
-    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    e.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    for v in [0, LOAD_ADDR, LOAD_ADDR, size, size, 0x1000] {
-        // offset, vaddr, paddr, filesz, memsz, align
-        e.extend_from_slice(&v.to_le_bytes());
-    }
-    e.extend_from_slice(&code);
-    e
-}
-
 struct Vmm {
     child: Child,
     dir: PathBuf,
@@ -56,7 +28,7 @@ impl Vmm {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let kernel = dir.join("spin.elf");
-        std::fs::write(&kernel, spinning_elf()).unwrap();
+        std::fs::write(&kernel, common::tiny_elf(common::SPIN)).unwrap();
         let api = dir.join("api.sock");
         let mut child = Command::new(env!("CARGO_BIN_EXE_vfvm-vmm"))
             .args(["--kernel".as_ref(), kernel.as_os_str(), "--vcpus".as_ref(), "2".as_ref(), "--memory".as_ref(), "64".as_ref()])
@@ -210,7 +182,7 @@ fn an_existing_api_socket_path_is_refused_and_left_alone() {
     let dir = std::env::temp_dir().join(format!("vfvm-api-exists-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let kernel = dir.join("spin.elf");
-    std::fs::write(&kernel, spinning_elf()).unwrap();
+    std::fs::write(&kernel, common::tiny_elf(common::SPIN)).unwrap();
     let api = dir.join("api.sock");
     std::fs::write(&api, b"someone else's").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_vfvm-vmm"))

@@ -5,6 +5,8 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+mod common;
+
 fn vmm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vfvm-vmm")).args(args).output().expect("run vfvm-vmm")
 }
@@ -67,4 +69,35 @@ fn an_initrd_larger_than_memory_is_named() {
         &vmm(&["--kernel", kernel.to_str().unwrap(), "--initrd", "/nonexistent/initrd"]),
         "initrd /nonexistent/initrd: No such file",
     );
+}
+
+/// The whole process, guest-triggered stops: the exit status says which.
+#[test]
+fn guest_power_off_reset_and_panic_end_the_vmm_with_their_status() {
+    let panic_text = b"Kernel panic - not syncing: tiny\n---[ end Kernel panic - not syncing: tiny ]---\n";
+    for (name, code, status) in [
+        ("poweroff", common::POWER_OFF.to_vec(), 0),
+        ("reset", common::RESET.to_vec(), 2),
+        ("panic", common::print_then_spin(panic_text), 3),
+    ] {
+        let kernel = scratch(&format!("{name}.elf"), &common::tiny_elf(&code));
+        let child = Command::new(env!("CARGO_BIN_EXE_vfvm-vmm"))
+            .args(["--kernel", kernel.to_str().unwrap(), "--memory", "64", "--vcpus", "2"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A VMM that misses the stop would spin forever: kill it after a generous bound.
+        let pid = child.id() as i32;
+        let (done, waiting) = std::sync::mpsc::channel::<()>();
+        let killer = std::thread::spawn(move || {
+            if waiting.recv_timeout(std::time::Duration::from_secs(30)).is_err() {
+                // SAFETY: plain kill(2) of our own child, not yet reaped.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
+        let out = child.wait_with_output().unwrap();
+        let _ = done.send(());
+        killer.join().unwrap();
+        assert_eq!(out.status.code(), Some(status), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }

@@ -1,0 +1,56 @@
+//! Tiny hand-made "kernels" for running the whole `vfvm-vmm` process on this
+//! machine's KVM (which runs tiny guests but not Linux).
+
+#![allow(dead_code)]
+
+const LOAD_ADDR: u64 = 0x20_0000;
+
+/// `pause; jmp .-2`: runs until stopped.
+pub const SPIN: &[u8] = &[0xf3, 0x90, 0xeb, 0xfc];
+/// ACPI power-off: `mov dx, 0x604; mov ax, SLP_TYP 5 | SLP_EN; out dx, ax; hlt`.
+pub const POWER_OFF: &[u8] = &[0x66, 0xba, 0x04, 0x06, 0x66, 0xb8, 0x00, 0x34, 0x66, 0xef, 0xf4];
+/// i8042 reset: `mov al, 0xfe; out 0x64, al; hlt`.
+pub const RESET: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64, 0xf4];
+
+/// Writes `text` to COM1 (`lea rsi, [rip+8]; mov ecx, len; mov dx, 0x3f8; rep outsb`),
+/// then spins; the text follows the code.
+pub fn print_then_spin(text: &[u8]) -> Vec<u8> {
+    let mut code = vec![0x48, 0x8d, 0x35];
+    // rsi = address of the text: right after this 17-byte sequence (lea 7, mov ecx 5,
+    // mov dx 4, rep outsb 2 = 18; plus the 4-byte spin).
+    let after_lea = 18 - 7 + 4;
+    code.extend_from_slice(&(after_lea as u32).to_le_bytes());
+    code.push(0xb9);
+    code.extend_from_slice(&(text.len() as u32).to_le_bytes());
+    code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xf3, 0x6e]);
+    code.extend_from_slice(SPIN);
+    code.extend_from_slice(text);
+    code
+}
+
+/// An ELF64 executable with one PT_LOAD segment holding `code` at its entry.
+pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    let code_off = 64 + 56;
+    let mut e = Vec::new();
+    e.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0"); // 64-bit, LSB, v1
+    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    e.extend_from_slice(&1u32.to_le_bytes());
+    e.extend_from_slice(&(LOAD_ADDR + code_off as u64).to_le_bytes()); // e_entry
+    e.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    e.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    e.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        // ehsize, phentsize, phnum, shentsize, shnum, shstrndx
+        e.extend_from_slice(&v.to_le_bytes());
+    }
+    let size = (code_off + code.len()) as u64;
+    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    e.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for v in [0, LOAD_ADDR, LOAD_ADDR, size, size, 0x1000] {
+        // offset, vaddr, paddr, filesz, memsz, align
+        e.extend_from_slice(&v.to_le_bytes());
+    }
+    e.extend_from_slice(code);
+    e
+}
