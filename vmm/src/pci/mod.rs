@@ -6,7 +6,7 @@
 //!
 //! # API (what the machine calls)
 //!
-//! ```ignore
+//! ```text
 //! use vfvm_vmm::pci::{self, PciRoot, PciWindows};
 //! // Once, after the Vm exists:
 //! let root = Arc::new(Mutex::new(PciRoot::new(vm.mmio.clone(), PciWindows::for_ram(ram_bytes))));
