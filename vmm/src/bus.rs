@@ -38,6 +38,16 @@ pub enum BusError {
 
 type Shared = Arc<Mutex<dyn BusDevice>>;
 
+/// A guest read of `data.len()` bytes at `offset` from a block of little-endian
+/// registers (`regs`, its bytes), for devices whose registers are plain bytes;
+/// bytes past the end read 0.
+pub fn read_registers(regs: &[u8], offset: u64, data: &mut [u8]) {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    for (i, d) in data.iter_mut().enumerate() {
+        *d = start.checked_add(i).and_then(|at| regs.get(at)).copied().unwrap_or(0);
+    }
+}
+
 /// A set of non-overlapping ranges, each with its device.
 #[derive(Default, Clone)]
 pub struct Bus {

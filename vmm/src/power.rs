@@ -3,7 +3,7 @@
 //! reset register), the two paths Linux uses on x86 (`poweroff` and `reboot=k` or
 //! ACPI reboot). The PM1a event block beside them is just enough for ACPICA.
 
-use crate::bus::{BusAction, BusDevice};
+use crate::bus::{read_registers, BusAction, BusDevice};
 
 /// PIO port of PM1a_EVT (status word, then enable word); in the FADT.
 pub const PM1A_EVT_PORT: u64 = 0x600;
@@ -38,15 +38,6 @@ impl BusDevice for AcpiPm1aControl {
         } else {
             BusAction::None
         }
-    }
-}
-
-/// A read of `data.len()` bytes at `offset` from a block of little-endian
-/// registers (`regs`, its bytes); past the end reads 0.
-fn read_registers(regs: &[u8], offset: u64, data: &mut [u8]) {
-    let start = usize::try_from(offset).unwrap_or(usize::MAX);
-    for (i, d) in data.iter_mut().enumerate() {
-        *d = start.checked_add(i).and_then(|at| regs.get(at)).copied().unwrap_or(0);
     }
 }
 

@@ -3,7 +3,7 @@
 //! API needs to act on (vCPU threads to pause, resume and stop). Every answer is
 //! checked, bad messages included, and the process's exit status and socket cleanup.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -19,6 +19,7 @@ struct Vmm {
     child: Child,
     dir: PathBuf,
     api: PathBuf,
+    log: mpsc::Receiver<String>,
 }
 
 impl Vmm {
@@ -36,22 +37,16 @@ impl Vmm {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("vmm: {line}");
-                let _ = tx.send(line);
-            }
-        });
+        // The receiver lives as long as the Vmm, so the VMM's stderr is drained to the end.
+        let (log, _reader) = common::lines(child.stderr.take().unwrap());
         loop {
-            match rx.recv_timeout(LIMIT) {
+            match log.recv_timeout(LIMIT) {
                 Ok(line) if line.contains("control API listening") => break,
-                Ok(_) => {}
+                Ok(line) => eprintln!("vmm: {line}"),
                 Err(e) => panic!("the VMM never said its API is listening ({e}); status {:?}", child.try_wait()),
             }
         }
-        Vmm { child, dir, api }
+        Vmm { child, dir, api, log }
     }
 
     fn client(&self) -> VmmClient {
@@ -66,14 +61,9 @@ impl Vmm {
 
     /// Waits for the process to end; its exit code.
     fn wait(&mut self) -> i32 {
-        let (tx, rx) = mpsc::channel();
-        let pid = self.child.id();
-        let waiter = std::thread::spawn(move || {
-            let _ = rx.recv_timeout(LIMIT).map_err(|_| unsafe { libc::kill(pid as i32, libc::SIGKILL) });
-        });
+        let deadline = common::KillAfter::new(self.child.id(), LIMIT);
         let status = self.child.wait().unwrap();
-        let _ = tx.send(());
-        waiter.join().unwrap();
+        drop(deadline);
         status.code().unwrap_or(-1)
     }
 }
@@ -82,6 +72,9 @@ impl Drop for Vmm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for line in self.log.try_iter() {
+            eprintln!("vmm: {line}");
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -87,17 +87,9 @@ fn guest_power_off_reset_and_panic_end_the_vmm_with_their_status() {
             .spawn()
             .unwrap();
         // A VMM that misses the stop would spin forever: kill it after a generous bound.
-        let pid = child.id() as i32;
-        let (done, waiting) = std::sync::mpsc::channel::<()>();
-        let killer = std::thread::spawn(move || {
-            if waiting.recv_timeout(std::time::Duration::from_secs(30)).is_err() {
-                // SAFETY: plain kill(2) of our own child, not yet reaped.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        });
+        let deadline = common::KillAfter::new(child.id(), std::time::Duration::from_secs(30));
         let out = child.wait_with_output().unwrap();
-        let _ = done.send(());
-        killer.join().unwrap();
+        drop(deadline);
         assert_eq!(out.status.code(), Some(status), "{name}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }

@@ -8,10 +8,12 @@
 //! power-off from the console, so exit status 0 means the S5 write reached it. The
 //! command line leaves out `quiet` for the kernel's `smp: Brought up` line.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+mod common;
 
 const MARKER: &str = "@@vfvm-l3@@ userspace";
 /// L2's KVM is SVM emulated by TCG: slow, but a boot takes well under this.
@@ -39,16 +41,7 @@ fn lab_boots_linux_to_userspace() {
         .expect("start vfvm-vmm");
 
     // Console lines as they come, each with when it came; the channel closes at EOF.
-    let (tx, rx) = mpsc::channel::<String>();
-    let stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (rx, reader) = common::lines(child.stdout.take().unwrap());
     let mut stderr = child.stderr.take().unwrap();
     let err_reader = std::thread::spawn(move || {
         let mut s = String::new();

@@ -13,7 +13,7 @@
 //! VMM presses the ACPI power button, the guest's button driver reports it (the probe
 //! waits for KEY_POWER on its input device) and the guest powers off: exit status 0.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -22,6 +22,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vfvm_protocols::vmm_api::{Request, Response, VmState, VmmClient};
+
+mod common;
 
 const BOUND: Duration = Duration::from_secs(600);
 const IO_LIMIT: Duration = Duration::from_secs(300);
@@ -138,15 +140,7 @@ fn lab_vsock_streams_both_ways_then_graceful_shutdown_over_the_api() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("start vfvm-vmm");
-    let (tx, rx) = mpsc::channel::<String>();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (rx, _reader) = common::lines(child.stdout.take().unwrap());
 
     let mut console = Vec::new();
     let mut clients: Vec<JoinHandle<Result<u32, String>>> = Vec::new();

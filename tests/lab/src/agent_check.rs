@@ -35,32 +35,11 @@ const MAX_LOG_BYTES: usize = 1 << 20;
 /// connection sends, up to MAX_LOG_BYTES, in the background.
 fn collect_vsock_logs(port: u32) -> Result<std::sync::Arc<std::sync::Mutex<Vec<u8>>>> {
     use std::io::Read;
-    use std::os::fd::FromRawFd;
-    // SAFETY: socket calls on descriptors this function owns.
-    let listener = unsafe {
-        let fd = libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        ensure!(fd >= 0, "vsock socket: {}", std::io::Error::last_os_error());
-        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
-        let mut sa: libc::sockaddr_vm = std::mem::zeroed();
-        sa.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-        sa.svm_cid = libc::VMADDR_CID_ANY;
-        sa.svm_port = port;
-        use std::os::fd::AsRawFd;
-        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-        ensure!(libc::bind(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) == 0, "vsock bind port {port}: {}", std::io::Error::last_os_error());
-        ensure!(libc::listen(fd.as_raw_fd(), 1) == 0, "vsock listen: {}", std::io::Error::last_os_error());
-        fd
-    };
+    let listener = crate::vsock::listen(port, 1)?;
     let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = logs.clone();
     std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        // SAFETY: accept on our listener; the new descriptor becomes a File we own.
-        let conn = unsafe { libc::accept(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut()) };
-        if conn < 0 {
-            return;
-        }
-        let mut stream = unsafe { std::fs::File::from_raw_fd(conn) };
+        let Ok(mut stream) = crate::vsock::accept(&listener) else { return };
         let mut buf = [0u8; 4096];
         while let Ok(n) = stream.read(&mut buf) {
             if n == 0 {

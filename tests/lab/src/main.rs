@@ -19,6 +19,7 @@ mod modules;
 mod pci;
 mod probe;
 mod progress;
+mod vsock;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};

@@ -14,10 +14,11 @@
 use anyhow::{bail, ensure, Context, Result};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use crate::images::L3_MARKER;
+use crate::vsock::{accept, listen};
 
 /// The host's context id.
 const HOST_CID: u32 = 2;
@@ -54,51 +55,9 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Options> {
     Ok(o)
 }
 
-fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
-    // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
-    let mut sa: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    sa.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-    sa.svm_cid = cid;
-    sa.svm_port = port;
-    sa
-}
-
-fn vsock_socket() -> Result<OwnedFd> {
-    // SAFETY: plain socket(2); the fd is owned at once.
-    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    ensure!(fd >= 0, "socket(AF_VSOCK): {}", std::io::Error::last_os_error());
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn listen(port: u32) -> Result<OwnedFd> {
-    let fd = vsock_socket()?;
-    let sa = vsock_addr(libc::VMADDR_CID_ANY, port);
-    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-    // SAFETY: sa is a valid sockaddr_vm of `len` bytes.
-    let rc = unsafe { libc::bind(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) };
-    ensure!(rc == 0, "bind vsock port {port}: {}", std::io::Error::last_os_error());
-    // SAFETY: listen(2) on our socket.
-    let rc = unsafe { libc::listen(fd.as_raw_fd(), 64) };
-    ensure!(rc == 0, "listen on vsock port {port}: {}", std::io::Error::last_os_error());
-    Ok(fd)
-}
-
-fn accept(listener: &OwnedFd) -> Result<File> {
-    // SAFETY: accept(2) without an address; the new fd is owned at once.
-    let fd = unsafe { libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
-    ensure!(fd >= 0, "accept: {}", std::io::Error::last_os_error());
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
-}
-
 fn connect(port: u32) -> Result<File> {
-    let fd = vsock_socket()?;
-    let sa = vsock_addr(HOST_CID, port);
-    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-    // SAFETY: sa is a valid sockaddr_vm of `len` bytes.
-    let rc = unsafe { libc::connect(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) };
-    ensure!(rc == 0, "connect to host port {port}: {}", std::io::Error::last_os_error());
+    let fd = vfvm_protocols::client::vsock_connect(HOST_CID, port, STREAM_LIMIT)
+        .with_context(|| format!("connect to host port {port}"))?;
     Ok(File::from(fd))
 }
 
@@ -183,7 +142,7 @@ fn verdict(what: &str, results: Vec<Result<()>>, streams: u64, bytes: u64, start
 
 pub fn vsock_probe(args: impl Iterator<Item = String>) -> Result<i32> {
     let o = parse(args)?;
-    let listener = listen(o.listen_port)?;
+    let listener = listen(o.listen_port, 64)?;
     println!("{L3_MARKER} probe listening {}", o.listen_port);
     std::io::stdout().flush()?;
 

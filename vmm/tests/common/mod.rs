@@ -3,6 +3,55 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Read};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// The lines `source` produces, as they come, on a channel that closes at its end.
+pub fn lines<R: Read + Send + 'static>(source: R) -> (Receiver<String>, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(source).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (rx, reader)
+}
+
+/// SIGKILLs process `pid` unless dropped within `limit`: bounds a wait on a VMM that
+/// might miss its stop and run forever.
+pub struct KillAfter {
+    done: Option<Sender<()>>,
+    killer: Option<JoinHandle<()>>,
+}
+
+impl KillAfter {
+    pub fn new(pid: u32, limit: Duration) -> Self {
+        let (done, waiting) = mpsc::channel::<()>();
+        let killer = std::thread::spawn(move || {
+            // Dropping the guard disconnects the channel: only a timeout kills.
+            if matches!(waiting.recv_timeout(limit), Err(RecvTimeoutError::Timeout)) {
+                // SAFETY: plain kill(2) of the test's own child, not yet reaped (the
+                // waiter drops this guard only after reaping it).
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        });
+        Self { done: Some(done), killer: Some(killer) }
+    }
+}
+
+impl Drop for KillAfter {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(k) = self.killer.take() {
+            let _ = k.join();
+        }
+    }
+}
+
 const LOAD_ADDR: u64 = 0x20_0000;
 
 /// `pause; jmp .-2`: runs until stopped.

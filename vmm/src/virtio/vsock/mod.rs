@@ -30,6 +30,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use tracing::{debug, error};
+
+use crate::bus::read_registers;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -153,14 +155,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.guest_cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| config.get(usize::try_from(o).ok()?))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_registers(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
