@@ -47,6 +47,7 @@ fn link_of(h: &Handle, addr: PciAddr) -> Option<vfvm_netlink::Link> {
 struct Pod {
     name: String,
     vf: PciAddr,
+    host_name: String,
 }
 
 impl Pod {
@@ -55,6 +56,7 @@ impl Pod {
         let vf = vf(n);
         let host = Handle::new().unwrap();
         let link = link_of(&host, vf).expect("the VF's netdev should be in the host netns");
+        let host_name = link.name.clone();
         let ns = Netns::open(format!("/run/netns/{name}")).unwrap();
         host.set_link_up(link.index, false).unwrap();
         host.move_link_to_netns(link.index, &ns, Some("net1")).unwrap();
@@ -67,7 +69,7 @@ impl Pod {
         h.set_link_up(l.index, true).unwrap();
         h.add_route(&RouteSpec::new(format!("198.19.{octet}.0").parse().unwrap(), 24).via(format!("198.18.{octet}.254").parse().unwrap()).dev(l.index)).unwrap();
         h.add_permanent_neighbour(l.index, format!("198.18.{octet}.254").parse().unwrap(), MacAddr([0x02, 0, 0, 0, 0xfe, octet])).unwrap();
-        Pod { name: name.to_string(), vf }
+        Pod { name: name.to_string(), vf, host_name }
     }
 
     fn path(&self) -> PathBuf {
@@ -77,7 +79,17 @@ impl Pod {
 
 impl Drop for Pod {
     fn drop(&mut self) {
-        // A physical netdev goes back to the host's netns when its netns dies.
+        // A physical netdev would go back to the host's netns when its netns dies,
+        // but the kernel does that later, in a workqueue: the next test could look
+        // for it before it is back. Moving it back first makes the return synchronous.
+        if let (Ok(pod), Ok(host)) = (Netns::open(self.path()), Netns::current()) {
+            if let Ok(h) = Handle::in_netns(&pod) {
+                if let Some(l) = link_of(&h, self.vf) {
+                    let _ = h.set_link_up(l.index, false);
+                    let _ = h.move_link_to_netns(l.index, &host, Some(&self.host_name));
+                }
+            }
+        }
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
