@@ -171,7 +171,7 @@ impl Agent for AgentService {
 
     fn create_sandbox(&self, _ctx: &TtrpcContext, req: api::CreateSandboxRequest) -> ttrpc::Result<api::Empty> {
         let map = req.pci_address_map.into_iter().collect();
-        self.runner.create_sandbox(&req.sandbox_id, &req.hostname, map).map_err(|e| run_status("CreateSandbox", e))?;
+        self.runner.create_sandbox(&req.sandbox_id, &req.hostname, map, &req.shared_fs_tag).map_err(|e| run_status("CreateSandbox", e))?;
         Ok(api::Empty::new())
     }
 

@@ -33,4 +33,9 @@ pub mod agent {
 
     /// The API version string the agent reports in `Health`.
     pub const API_VERSION: &str = "vfvm.agent.v1";
+    /// Where the agent mounts the sandbox's shared filesystem (`CreateSandbox`'s
+    /// `shared_fs_tag`); the shim's `rootfs_path`s point under it.
+    pub const GUEST_SHARED_DIR: &str = "/run/vfvm/shared";
+    /// A virtio-fs tag is at most this long (the device's config field).
+    pub const MAX_FS_TAG: usize = 36;
 }

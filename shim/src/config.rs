@@ -36,7 +36,36 @@ pub struct Config {
     pub hypervisor: Hypervisor,
     pub agent: Agent,
     pub sriov: Sriov,
+    pub shared_fs: SharedFs,
     pub runtime: Runtime,
+}
+
+/// How container root filesystems reach the guest: one `virtiofsd` per sandbox.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SharedFs {
+    pub virtiofsd: PathBuf,
+    /// virtiofsd's `--sandbox`: "namespace" (its own mount/pid namespaces, the
+    /// default), "chroot", or "none".
+    pub sandbox: VirtiofsdSandbox,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VirtiofsdSandbox {
+    Namespace,
+    Chroot,
+    None,
+}
+
+impl VirtiofsdSandbox {
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            VirtiofsdSandbox::Namespace => "namespace",
+            VirtiofsdSandbox::Chroot => "chroot",
+            VirtiofsdSandbox::None => "none",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -122,7 +151,7 @@ impl Config {
         if h.default_memory_mib < MIN_MEMORY_MIB || h.default_memory_mib > h.max_memory_mib {
             return Err(bad("hypervisor.default_memory_mib", &h.default_memory_mib, format!("expected {MIN_MEMORY_MIB} to max_memory_mib ({})", h.max_memory_mib)));
         }
-        for (key, p) in [("hypervisor.path", &h.path), ("hypervisor.kernel", &h.kernel), ("hypervisor.initrd", &h.initrd)] {
+        for (key, p) in [("hypervisor.path", &h.path), ("hypervisor.kernel", &h.kernel), ("hypervisor.initrd", &h.initrd), ("shared_fs.virtiofsd", &self.shared_fs.virtiofsd)] {
             if !p.is_absolute() {
                 return Err(bad(key, &p.display(), "expected an absolute path".into()));
             }

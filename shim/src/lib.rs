@@ -1,8 +1,18 @@
 //! The host side of vfvm: the containerd shim's library parts.
 //!
 //! - [`config`]: the runtime configuration (`configs/vfvm.toml`) and per-pod overrides.
+//! - [`bundle`]: the OCI bundle containerd gives the shim, and its spec rewritten for the guest.
+//! - [`record`]: the sandbox's journal of host changes, undone by `delete` after a crash.
+//! - [`sandbox`]: a pod's VM: virtiofsd, `vfvm-vmm` in the pod's netns, the agent.
+//! - [`stdio`]: containerd's FIFOs streamed to and from the agent.
+//! - [`service`]: containerd's Task API (v2 and v3) for one pod.
 //! - [`vf`]: the VF manager. Finds a pod's SR-IOV VFs, hands them to vfio-pci with a
 //!   journal written first, and always gives them back exactly as they came.
 
+pub mod bundle;
 pub mod config;
+pub mod record;
+pub mod sandbox;
+pub mod service;
+pub mod stdio;
 pub mod vf;

@@ -75,6 +75,25 @@ pub fn check_id(what: &str, id: &str) -> Result<()> {
     }
 }
 
+/// Mounts the shim's virtio-fs share (a no-op when it is already there: the
+/// shim may retry `CreateSandbox` after a lost answer).
+fn mount_shared_fs(tag: &str, at: &Path) -> Result<()> {
+    std::fs::create_dir_all(at).map_err(|e| Error::Internal(format!("creating {}: {e}", at.display())))?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let at_str = at.to_string_lossy();
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(&*at_str)) {
+        return Ok(());
+    }
+    let src = CString::new(tag).map_err(|_| Error::Invalid("shared_fs_tag: contains NUL".into()))?;
+    let dst = CString::new(at_str.as_bytes()).map_err(|_| Error::Invalid("shared dir: contains NUL".into()))?;
+    // SAFETY: plain mount(2) with NUL-terminated strings we own.
+    let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), c"virtiofs".as_ptr(), libc::MS_NODEV, std::ptr::null()) };
+    if rc != 0 {
+        return Err(Error::Internal(format!("mounting virtio-fs tag {tag:?} at {}: {}", at.display(), std::io::Error::last_os_error())));
+    }
+    Ok(())
+}
+
 fn now_nanos() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
@@ -490,8 +509,12 @@ impl Runner {
         self.state().containers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("no container {id:?}")))
     }
 
-    pub fn create_sandbox(&self, id: &str, hostname: &str, pci_map: HashMap<String, String>) -> Result<()> {
+    pub fn create_sandbox(&self, id: &str, hostname: &str, pci_map: HashMap<String, String>, shared_fs_tag: &str) -> Result<()> {
         check_id("sandbox id", id)?;
+        let tag_ok = shared_fs_tag.len() <= vfvm_protocols::agent::MAX_FS_TAG && shared_fs_tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b));
+        if !tag_ok {
+            return Err(Error::Invalid(format!("shared_fs_tag {shared_fs_tag:?}: must be at most {} of [A-Za-z0-9_-]", vfvm_protocols::agent::MAX_FS_TAG)));
+        }
         if pci_map.len() > MAX_PCI_MAP {
             return Err(Error::Invalid(format!("pci_address_map: {} entries, at most {MAX_PCI_MAP}", pci_map.len())));
         }
@@ -502,7 +525,10 @@ impl Runner {
         if let Some(sb) = &s.sandbox {
             return Err(Error::Exists(format!("sandbox {:?} exists", sb.id)));
         }
-        tracing::info!(sandbox = id, pci_map = pci_map.len(), "sandbox created");
+        if !shared_fs_tag.is_empty() {
+            mount_shared_fs(shared_fs_tag, Path::new(vfvm_protocols::agent::GUEST_SHARED_DIR))?;
+        }
+        tracing::info!(sandbox = id, pci_map = pci_map.len(), shared_fs = shared_fs_tag, "sandbox created");
         s.sandbox = Some(Sandbox { id: id.into(), hostname: hostname.into(), pci_map });
         Ok(())
     }

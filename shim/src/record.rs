@@ -1,0 +1,282 @@
+//! The sandbox's host changes (processes started, mounts made), journaled to
+//! `<state_dir>/<sandbox>/sandbox.json` before each is made, so that containerd's
+//! `delete` after a crashed shim undoes exactly what was done.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+pub const RECORD_FILE: &str = "sandbox.json";
+/// A record larger than this is not one we wrote.
+const MAX_RECORD_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("{path}: {what}: {source}")]
+    Io { path: PathBuf, what: &'static str, source: std::io::Error },
+    #[error("{path}: not a sandbox record: {message}")]
+    Corrupt { path: PathBuf, message: String },
+}
+
+/// A process the shim started, named by pid and the kernel's start time (so a
+/// recycled pid is never mistaken for it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessEntry {
+    pub what: String,
+    pub pid: u32,
+    pub start_ticks: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub sandbox_id: String,
+    pub processes: Vec<ProcessEntry>,
+    /// Mount points, in the order they were made (undone in reverse).
+    pub mounts: Vec<PathBuf>,
+}
+
+/// The on-disk journal of one sandbox.
+pub struct Journal {
+    dir: PathBuf,
+    record: Mutex<SandboxRecord>,
+}
+
+fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> RecordError {
+    let path = path.to_path_buf();
+    move |source| RecordError::Io { path, what, source }
+}
+
+impl Journal {
+    /// Starts the journal of a new sandbox in `dir` (created, mode 0700).
+    pub fn create(dir: &Path, sandbox_id: &str) -> Result<Journal, RecordError> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir, "creating the sandbox state directory"))?;
+        let j = Journal { dir: dir.to_path_buf(), record: Mutex::new(SandboxRecord { sandbox_id: sandbox_id.to_string(), ..Default::default() }) };
+        j.save(&j.lock())?;
+        Ok(j)
+    }
+
+    /// The record in `dir`, or `None` when there is none.
+    pub fn load(dir: &Path) -> Result<Option<SandboxRecord>, RecordError> {
+        let path = dir.join(RECORD_FILE);
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(&path, "opening")(e)),
+        };
+        let mut text = String::new();
+        use std::io::Read;
+        file.take(MAX_RECORD_BYTES).read_to_string(&mut text).map_err(io(&path, "reading"))?;
+        serde_json::from_str(&text).map(Some).map_err(|e| RecordError::Corrupt { path, message: e.to_string() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SandboxRecord> {
+        self.record.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Written whole to a temporary file and renamed: a crash leaves the old or the new record.
+    fn save(&self, r: &SandboxRecord) -> Result<(), RecordError> {
+        let path = self.dir.join(RECORD_FILE);
+        let tmp = self.dir.join(format!("{RECORD_FILE}.tmp"));
+        let text = serde_json::to_vec_pretty(r).map_err(|e| RecordError::Corrupt { path: path.clone(), message: e.to_string() })?;
+        std::fs::write(&tmp, text).map_err(io(&tmp, "writing"))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path, "replacing"))
+    }
+
+    /// Journals a mount point before the mount is made.
+    pub fn will_mount(&self, at: &Path) -> Result<(), RecordError> {
+        let mut r = self.lock();
+        if !r.mounts.iter().any(|m| m == at) {
+            r.mounts.push(at.to_path_buf());
+        }
+        self.save(&r)
+    }
+
+    /// Forgets a mount point after it was undone.
+    pub fn unmounted(&self, at: &Path) -> Result<(), RecordError> {
+        let mut r = self.lock();
+        r.mounts.retain(|m| m != at);
+        self.save(&r)
+    }
+
+    /// Journals a started process. (Processes also die with the shim through
+    /// PR_SET_PDEATHSIG, which covers the moment between spawn and this call.)
+    pub fn started(&self, what: &str, pid: u32) -> Result<(), RecordError> {
+        let mut r = self.lock();
+        r.processes.push(ProcessEntry { what: what.to_string(), pid, start_ticks: start_ticks(pid).unwrap_or(0) });
+        self.save(&r)
+    }
+
+    pub fn stopped(&self, pid: u32) -> Result<(), RecordError> {
+        let mut r = self.lock();
+        r.processes.retain(|p| p.pid != pid);
+        self.save(&r)
+    }
+}
+
+/// The process's start time in clock ticks since boot (`/proc/PID/stat` field 22).
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// What undoing a record did, for the log and for tests.
+#[derive(Debug, Default)]
+pub struct Undone {
+    pub killed: Vec<String>,
+    pub unmounted: Vec<PathBuf>,
+    pub errors: Vec<String>,
+}
+
+/// Undoes everything `dir`'s record lists: kills its processes that still run
+/// (SIGKILL: the shim that owned them is gone), unmounts in reverse order, then
+/// removes `dir`. Idempotent; errors are collected, not fatal, so one stuck mount
+/// does not keep the rest in place.
+pub fn undo(dir: &Path) -> Result<Undone, RecordError> {
+    let mut done = Undone::default();
+    let Some(record) = Journal::load(dir)? else {
+        remove_dir(dir, &mut done);
+        return Ok(done);
+    };
+    for p in record.processes.iter().rev() {
+        if p.pid == 0 {
+            continue;
+        }
+        match kill_and_wait(p.pid, p.start_ticks, std::time::Duration::from_secs(5)) {
+            Ok(true) => done.killed.push(format!("{} ({})", p.what, p.pid)),
+            Ok(false) => {} // gone already, or the pid now names another process
+            Err(e) => done.errors.push(format!("stopping {} ({}): {e}", p.what, p.pid)),
+        }
+    }
+    for m in record.mounts.iter().rev() {
+        match unmount(m) {
+            Ok(true) => done.unmounted.push(m.clone()),
+            Ok(false) => {}
+            Err(e) => done.errors.push(format!("unmounting {}: {e}", m.display())),
+        }
+    }
+    if done.errors.is_empty() {
+        remove_dir(dir, &mut done);
+    }
+    Ok(done)
+}
+
+fn remove_dir(dir: &Path, done: &mut Undone) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => done.errors.push(format!("removing {}: {e}", dir.display())),
+    }
+}
+
+/// SIGKILLs `pid` if it is still the process that started at `ticks`, and waits
+/// (bounded) until it is gone, so its mounts and sockets are released. A pidfd
+/// pins the process between the identity check and the signal, and tells when it
+/// ends even though it is not our child. `Ok(false)`: it was not running.
+pub fn kill_and_wait(pid: u32, ticks: u64, bound: std::time::Duration) -> std::io::Result<bool> {
+    // SAFETY: pidfd_open(2) takes a pid and flags, returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0 as libc::c_long) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ESRCH) { Ok(false) } else { Err(e) };
+    }
+    // SAFETY: a fresh descriptor we own.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    use std::os::fd::AsRawFd;
+    if start_ticks(pid) != Some(ticks) {
+        return Ok(false);
+    }
+    // SAFETY: pidfd_send_signal(2) on our pidfd, no siginfo.
+    if unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd() as libc::c_long, libc::SIGKILL as libc::c_long, 0 as libc::c_long, 0 as libc::c_long) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ESRCH) { Ok(false) } else { Err(e) };
+    }
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one pollfd we own; a pidfd polls readable once the process has exited.
+    let n = unsafe { libc::poll(&mut pfd, 1, bound.as_millis().min(i32::MAX as u128) as i32) };
+    if n <= 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("still running {} ms after SIGKILL", bound.as_millis())));
+    }
+    Ok(true)
+}
+
+/// Unmounts `at` (lazily, so a busy mount still goes); `Ok(false)` when nothing was mounted there.
+pub fn unmount(at: &Path) -> std::io::Result<bool> {
+    let c = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: umount2 with a NUL-terminated path we own.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_survives_a_reload_and_undo_kills_and_removes() {
+        let dir = std::env::temp_dir().join(format!("vfvm-record-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let j = Journal::create(&dir, "sb1").unwrap();
+        let mut child = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        j.started("sleep", child.id()).unwrap();
+        j.will_mount(&dir.join("not-mounted")).unwrap();
+        let r = Journal::load(&dir).unwrap().unwrap();
+        assert_eq!(r.sandbox_id, "sb1");
+        assert_eq!(r.processes[0].pid, child.id());
+        assert!(r.processes[0].start_ticks > 0);
+        assert_eq!(r.mounts, vec![dir.join("not-mounted")]);
+
+        let done = undo(&dir).unwrap();
+        assert_eq!(done.killed.len(), 1, "{done:?}");
+        assert!(done.errors.is_empty(), "{done:?}");
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        assert!(!dir.exists());
+        // Idempotent: nothing left to do.
+        let again = undo(&dir).unwrap();
+        assert!(again.killed.is_empty() && again.errors.is_empty());
+    }
+
+    #[test]
+    fn a_recycled_pid_is_not_killed() {
+        let dir = std::env::temp_dir().join(format!("vfvm-record-recycle-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let j = Journal::create(&dir, "sb2").unwrap();
+        let mut child = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        {
+            let mut r = j.lock();
+            // The same pid with another start time: what a recycled pid looks like.
+            r.processes.push(ProcessEntry { what: "old".into(), pid: child.id(), start_ticks: start_ticks(child.id()).unwrap() + 1 });
+            j.save(&r).unwrap();
+        }
+        let done = undo(&dir).unwrap();
+        assert!(done.killed.is_empty(), "{done:?}");
+        assert!(child.try_wait().unwrap().is_none(), "the unrelated process must still run");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_record_is_named() {
+        let dir = std::env::temp_dir().join(format!("vfvm-record-corrupt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(RECORD_FILE), "{not json").unwrap();
+        let err = Journal::load(&dir).unwrap_err().to_string();
+        assert!(err.contains(RECORD_FILE) && err.contains("not a sandbox record"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

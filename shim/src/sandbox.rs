@@ -1,0 +1,365 @@
+//! A pod sandbox is a VM: `virtiofsd` sharing the sandbox's directory, `vfvm-vmm`
+//! started in the pod's network namespace, and the agent inside, reached over
+//! hybrid vsock. Every host change is journaled first ([`crate::record`]); a
+//! failed launch undoes what it did before returning its error.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use containerd_shim::protos::ttrpc;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use vfvm_protocols::agent::{self as api, AgentClient};
+use vfvm_protocols::client::{connect, AgentAddress, ConnectOptions};
+use vfvm_protocols::vmm_api::{Request, Response, VmmClient};
+
+use crate::config::{Config, SandboxSettings};
+use crate::record::{self, Journal};
+
+/// The virtio-fs tag of the sandbox's shared directory.
+pub const FS_TAG: &str = "vfvm";
+/// Every VM gets its own hybrid vsock socket, so one guest CID serves them all.
+const GUEST_CID: u32 = 3;
+/// How long virtiofsd may take to listen.
+const VIRTIOFSD_READY: Duration = Duration::from_secs(10);
+/// How long one agent RPC may take (container create waits on the guest's disk).
+pub const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("{what} {path}: {reason}")]
+    Missing { what: &'static str, path: PathBuf, reason: String },
+    #[error("pod annotation io.katacontainers.config.runtime.enable_sriov is on, but VF passthrough needs VFIO in vfvm-vmm, which is not built yet: nothing was changed on the host")]
+    SriovUnavailable,
+    #[error("{0}")]
+    Record(#[from] record::RecordError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("virtiofsd exited before it listened ({status}); its last output: {output}")]
+    VirtiofsdDied { status: String, output: String },
+    #[error("virtiofsd did not listen on {path} within {secs} s")]
+    VirtiofsdTimeout { path: PathBuf, secs: u64 },
+    #[error("the VMM exited while the guest booted ({status}); the guest console is in {console}")]
+    VmmDied { status: String, console: PathBuf },
+    #[error("the agent did not answer within {secs} s ({reason}); the guest console is in {console}")]
+    AgentTimeout { secs: u64, reason: String, console: PathBuf },
+    #[error("agent {call}: {message}")]
+    Agent { call: &'static str, message: String },
+}
+
+/// Everything the launch needs to know about the pod.
+pub struct LaunchSpec {
+    pub id: String,
+    pub settings: SandboxSettings,
+    pub netns: Option<PathBuf>,
+    pub hostname: String,
+}
+
+pub struct Sandbox {
+    pub id: String,
+    pub journal: Journal,
+    /// The directory shared with the guest; the agent mounts it at
+    /// [`api::GUEST_SHARED_DIR`].
+    pub share: PathBuf,
+    pub agent: Arc<AgentClient>,
+    pub vmm_pid: u32,
+    vmm: tokio::sync::Mutex<Option<Child>>,
+    virtiofsd: tokio::sync::Mutex<Option<Child>>,
+    api_socket: PathBuf,
+    shutdown_timeout: Duration,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let what = what.into();
+    move |source| SandboxError::Io { what, source }
+}
+
+/// Checks what must exist before anything on the host changes.
+pub fn preflight(config: &Config, settings: &SandboxSettings, netns: Option<&Path>) -> Result<(), SandboxError> {
+    if settings.sriov {
+        return Err(SandboxError::SriovUnavailable);
+    }
+    let h = &config.hypervisor;
+    for (what, path) in [("hypervisor.path (the VMM)", &h.path), ("hypervisor.kernel", &h.kernel), ("hypervisor.initrd", &h.initrd), ("shared_fs.virtiofsd", &config.shared_fs.virtiofsd)] {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => return Err(SandboxError::Missing { what, path: path.clone(), reason: "not a regular file".into() }),
+            Err(e) => return Err(SandboxError::Missing { what, path: path.clone(), reason: e.to_string() }),
+        }
+    }
+    if let Some(ns) = netns {
+        std::fs::metadata(ns).map_err(|e| SandboxError::Missing { what: "the pod's network namespace", path: ns.to_path_buf(), reason: e.to_string() })?;
+    }
+    Ok(())
+}
+
+/// Makes a spawned helper die with the shim (SIGKILL when the shim's thread
+/// ends), optionally inside the pod's network namespace.
+fn confine(cmd: &mut Command, netns: Option<std::fs::File>) {
+    // SAFETY: only async-signal-safe calls (prctl, setns) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(ns) = &netns {
+                use std::os::fd::AsRawFd;
+                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+impl Sandbox {
+    /// Starts the pod's VM and creates the sandbox in its agent.
+    pub async fn launch(config: &Config, spec: LaunchSpec) -> Result<Sandbox, SandboxError> {
+        preflight(config, &spec.settings, spec.netns.as_deref())?;
+        let dir = config.runtime.state_dir.join(&spec.id);
+        if dir.join(record::RECORD_FILE).exists() {
+            return Err(SandboxError::Io { what: format!("sandbox {}", spec.id), source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, format!("{} holds a live or crashed sandbox's state", dir.display())) });
+        }
+        let journal = Journal::create(&dir, &spec.id)?;
+        match Self::launch_in(config, spec, journal).await {
+            Ok(sb) => Ok(sb),
+            Err(e) => {
+                match record::undo(&dir) {
+                    Ok(done) if done.errors.is_empty() => tracing::info!(killed = ?done.killed, unmounted = done.unmounted.len(), "failed launch undone"),
+                    Ok(done) => tracing::error!(errors = ?done.errors, "failed launch not fully undone"),
+                    Err(u) => tracing::error!("failed launch not undone: {u}"),
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn launch_in(config: &Config, spec: LaunchSpec, journal: Journal) -> Result<Sandbox, SandboxError> {
+        let dir = journal.dir().to_path_buf();
+        let share = dir.join("shared");
+        std::fs::create_dir_all(&share).map_err(io(format!("creating {}", share.display())))?;
+        // The share is its own shared mount so container rootfs mounts made under it
+        // later reach virtiofsd's mount namespace too.
+        journal.will_mount(&share)?;
+        mount(&share, &share, None, libc::MS_BIND, None).map_err(io(format!("bind-mounting {}", share.display())))?;
+        mount(Path::new("none"), &share, None, libc::MS_SHARED, None).map_err(io(format!("making {} a shared mount", share.display())))?;
+
+        let fs_socket = dir.join("fs.sock");
+        let mut fsd = Command::new(&config.shared_fs.virtiofsd);
+        fsd.arg(format!("--socket-path={}", fs_socket.display()))
+            .arg(format!("--shared-dir={}", share.display()))
+            .arg(format!("--sandbox={}", config.shared_fs.sandbox.as_arg()))
+            .args(["--cache=never", "--announce-submounts"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        confine(&mut fsd, None);
+        let mut virtiofsd = fsd.spawn().map_err(io(format!("starting {}", config.shared_fs.virtiofsd.display())))?;
+        let fsd_pid = virtiofsd.id().unwrap_or(0);
+        journal.started("virtiofsd", fsd_pid)?;
+        wait_virtiofsd(&mut virtiofsd, &fs_socket, &spec.id).await?;
+
+        let api_socket = dir.join("api.sock");
+        let vsock_socket = dir.join("vsock.sock");
+        let console = dir.join("console.log");
+        let h = &config.hypervisor;
+        let cmdline = format!("console=ttyS0 panic=-1 quiet vfvm.sandbox={} {}", spec.id, h.kernel_params).trim().to_string();
+        let mut vmm = Command::new(&h.path);
+        vmm.arg("--kernel").arg(&h.kernel).arg("--initrd").arg(&h.initrd).arg("--cmdline").arg(cmdline);
+        vmm.arg("--vcpus").arg(spec.settings.vcpus.to_string()).arg("--memory").arg(spec.settings.memory_mib.to_string());
+        vmm.arg("--api-socket").arg(&api_socket).arg("--vsock-socket").arg(&vsock_socket).arg("--vsock-cid").arg(GUEST_CID.to_string());
+        vmm.arg("--fs").arg(format!("tag={FS_TAG},socket={}", fs_socket.display())).arg("--serial-log").arg(&console);
+        vmm.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+        let netns = match &spec.netns {
+            Some(p) => Some(std::fs::File::open(p).map_err(io(format!("opening the pod's network namespace {}", p.display())))?),
+            None => None,
+        };
+        confine(&mut vmm, netns);
+        let started = Instant::now();
+        let mut vmm_child = vmm.spawn().map_err(io(format!("starting {}", h.path.display())))?;
+        let vmm_pid = vmm_child.id().unwrap_or(0);
+        journal.started("vfvm-vmm", vmm_pid)?;
+        forward_lines(vmm_child.stderr.take(), "vfvm-vmm", spec.id.clone());
+
+        let addr = AgentAddress::Hybrid { uds: vsock_socket.clone(), port: config.agent.vsock_port };
+        let deadline = Duration::from_secs(u64::from(config.agent.dial_timeout_secs));
+        let opts = ConnectOptions { deadline, ..Default::default() };
+        let dial = tokio::task::spawn_blocking(move || connect(&addr, opts));
+        let agent = tokio::select! {
+            r = dial => match r {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(SandboxError::AgentTimeout { secs: deadline.as_secs(), reason: e.to_string(), console }),
+                Err(e) => return Err(SandboxError::Agent { call: "connect", message: e.to_string() }),
+            },
+            status = vmm_child.wait() => {
+                let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+                return Err(SandboxError::VmmDied { status, console });
+            }
+        };
+        let agent = Arc::new(agent);
+        tracing::info!(sandbox = %spec.id, ms = started.elapsed().as_millis() as u64, "agent answered");
+
+        let mut req = api::CreateSandboxRequest::new();
+        req.sandbox_id = spec.id.clone();
+        req.hostname = spec.hostname;
+        req.shared_fs_tag = FS_TAG.into();
+        call(&agent, "CreateSandbox", move |a| a.create_sandbox(ctx(), &req)).await?;
+
+        Ok(Sandbox {
+            id: spec.id,
+            journal,
+            share,
+            agent,
+            vmm_pid,
+            vmm: tokio::sync::Mutex::new(Some(vmm_child)),
+            virtiofsd: tokio::sync::Mutex::new(Some(virtiofsd)),
+            api_socket,
+            shutdown_timeout: Duration::from_secs(u64::from(config.runtime.shutdown_timeout_secs)),
+        })
+    }
+
+    /// Stops the VM and virtiofsd and undoes every host change. Idempotent.
+    pub async fn stop(&self) {
+        let agent = self.agent.clone();
+        let id = self.id.clone();
+        let _ = call(&agent, "DestroySandbox", move |a| {
+            let mut r = api::DestroySandboxRequest::new();
+            r.sandbox_id = id;
+            a.destroy_sandbox(ctx(), &r)
+        })
+        .await;
+        if let Some(mut vmm) = self.vmm.lock().await.take() {
+            // The containers are gone and the guest keeps nothing: stop the VM
+            // through its API (the agent does not act on the ACPI button yet).
+            let api = self.api_socket.clone();
+            let asked = tokio::task::spawn_blocking(move || VmmClient::connect(&api, Duration::from_secs(5)).and_then(|mut c| c.call(Request::Shutdown { force: true }))).await;
+            if !matches!(asked, Ok(Ok(Response::Done))) {
+                tracing::warn!(sandbox = %self.id, "VMM shutdown over the API failed ({asked:?}); killing it");
+                let _ = vmm.start_kill();
+            }
+            match tokio::time::timeout(self.shutdown_timeout, vmm.wait()).await {
+                Ok(status) => tracing::info!(sandbox = %self.id, ?status, "VMM stopped"),
+                Err(_) => {
+                    tracing::warn!(sandbox = %self.id, "VMM still running after {:?}; killing it", self.shutdown_timeout);
+                    let _ = vmm.kill().await;
+                }
+            }
+            let _ = self.journal.stopped(self.vmm_pid);
+        }
+        if let Some(mut fsd) = self.virtiofsd.lock().await.take() {
+            // virtiofsd ends when its frontend disconnects; make sure.
+            if tokio::time::timeout(Duration::from_secs(5), fsd.wait()).await.is_err() {
+                let _ = fsd.kill().await;
+            }
+        }
+        match record::undo(self.journal.dir()) {
+            Ok(done) if done.errors.is_empty() => {}
+            Ok(done) => tracing::error!(sandbox = %self.id, errors = ?done.errors, "sandbox state not fully removed"),
+            Err(e) => tracing::error!(sandbox = %self.id, "sandbox state not removed: {e}"),
+        }
+    }
+
+    /// Whether the VMM has exited (the guest died or was stopped).
+    pub async fn vmm_exited(&self) -> bool {
+        match self.vmm.lock().await.as_mut() {
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            None => true,
+        }
+    }
+}
+
+/// A ttrpc context with the per-call bound.
+pub fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(AGENT_CALL_TIMEOUT.as_nanos() as i64)
+}
+
+/// Runs one blocking agent call off the async threads.
+pub async fn call<T, F>(agent: &Arc<AgentClient>, name: &'static str, f: F) -> Result<T, SandboxError>
+where
+    T: Send + 'static,
+    F: FnOnce(&AgentClient) -> ttrpc::Result<T> + Send + 'static,
+{
+    let agent = agent.clone();
+    match tokio::task::spawn_blocking(move || f(&agent)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(SandboxError::Agent { call: name, message: agent_message(&e) }),
+        Err(e) => Err(SandboxError::Agent { call: name, message: e.to_string() }),
+    }
+}
+
+/// The agent's own words for an RPC error.
+pub fn agent_message(e: &ttrpc::Error) -> String {
+    match e {
+        ttrpc::Error::RpcStatus(s) => s.message().to_string(),
+        other => other.to_string(),
+    }
+}
+
+async fn wait_virtiofsd(child: &mut Child, socket: &Path, sandbox: &str) -> Result<(), SandboxError> {
+    let Some(stderr) = child.stderr.take() else { return Ok(()) };
+    let mut lines = BufReader::new(stderr).lines();
+    let mut tail: Vec<String> = Vec::new();
+    let ready = async {
+        loop {
+            tokio::select! {
+                line = lines.next_line() => match line {
+                    Ok(Some(l)) => {
+                        tracing::debug!(sandbox, "virtiofsd: {l}");
+                        let listening = l.contains("Waiting for vhost-user socket connection");
+                        tail.push(l);
+                        if tail.len() > 8 { tail.remove(0); }
+                        if listening && socket.exists() { return Ok(()); }
+                    }
+                    _ => {
+                        let status = child.wait().await.map_or_else(|e| e.to_string(), |s| s.to_string());
+                        return Err(SandboxError::VirtiofsdDied { status, output: tail.join(" | ") });
+                    }
+                },
+            }
+        }
+    };
+    let r = tokio::time::timeout(VIRTIOFSD_READY, ready).await.unwrap_or(Err(SandboxError::VirtiofsdTimeout { path: socket.to_path_buf(), secs: VIRTIOFSD_READY.as_secs() }));
+    // Keep draining its output into the log so it never blocks on a full pipe.
+    let id = sandbox.to_string();
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = lines.next_line().await {
+            tracing::info!(sandbox = %id, "virtiofsd: {l}");
+        }
+    });
+    r
+}
+
+/// Copies a helper's stderr into the shim's log, line by line.
+fn forward_lines(stderr: Option<tokio::process::ChildStderr>, what: &'static str, sandbox: String) {
+    if let Some(s) = stderr {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(s).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                tracing::info!(sandbox = %sandbox, "{what}: {l}");
+            }
+        });
+    }
+}
+
+/// mount(2) with paths.
+pub fn mount(source: &Path, target: &Path, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>) -> std::io::Result<()> {
+    use std::ffi::CString;
+    let c = |s: &[u8]| CString::new(s).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    let src = c(source.as_os_str().as_encoded_bytes())?;
+    let dst = c(target.as_os_str().as_encoded_bytes())?;
+    let fstype = fstype.map(|f| c(f.as_bytes())).transpose()?;
+    let data = data.map(|d| c(d.as_bytes())).transpose()?;
+    // SAFETY: NUL-terminated strings we own, or null.
+    let rc = unsafe {
+        libc::mount(src.as_ptr(), dst.as_ptr(), fstype.as_ref().map_or(std::ptr::null(), |f| f.as_ptr()), flags, data.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast()))
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
