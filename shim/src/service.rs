@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use containerd_shim::api::{self, Status};
 use containerd_shim::asynchronous::publisher::RemotePublisher;
-use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart};
+use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskStart};
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
 use containerd_shim::protos::topics;
@@ -75,6 +75,9 @@ struct Process {
     exec_spec: Option<Vec<u8>>,
     state: Mutex<(Phase, u32, u64)>,
     exited: watch::Sender<bool>,
+    /// Set once its stdio copiers run: an exit event waits for it, so output the
+    /// agent holds is read before the exit is reported.
+    attached: watch::Sender<bool>,
     /// One message per output copier when it stops.
     drained: Mutex<Option<(mpsc::Receiver<()>, usize)>>,
 }
@@ -88,6 +91,7 @@ impl Process {
             exec_spec,
             state: Mutex::new((Phase::Created, 0, 0)),
             exited: watch::channel(false).0,
+            attached: watch::channel(false).0,
             drained: Mutex::new(None),
         })
     }
@@ -112,6 +116,7 @@ impl Process {
         }
         stdio::spawn_input(agent.clone(), self.container_id.clone(), self.exec_id.clone(), self.stdio.stdin.clone(), log_id.into());
         *self.drained.lock().unwrap_or_else(|p| p.into_inner()) = Some((rx, n));
+        let _ = self.attached.send(true);
     }
 
     /// Waits (bounded) until the output copiers have passed on everything.
@@ -238,7 +243,11 @@ impl TaskService {
                         if ev.has_exited() {
                             let exited = ev.exited().clone();
                             let svc = svc.clone();
-                            handle.spawn(async move { svc.process_exited(&exited.container_id, &exited.exec_id, exited.exit_status.max(0) as u32, exited.exited_at_unix_nanos).await });
+                            handle.spawn(async move { svc.process_exited(&exited.container_id, &exited.exec_id, exited.exit_status.max(0) as u32, exited.exited_at_unix_nanos, false).await });
+                        } else if ev.has_oom() {
+                            let container_id = ev.oom().container_id.clone();
+                            let svc = svc.clone();
+                            handle.spawn(async move { svc.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id, ..Default::default() })).await });
                         }
                     }
                     Err(ttrpc::Error::RpcStatus(s)) if s.code() == Code::DEADLINE_EXCEEDED || s.code() == Code::NOT_FOUND => {}
@@ -264,14 +273,18 @@ impl TaskService {
                 .collect()
         };
         for (id, exec) in running {
-            self.process_exited(&id, &exec, VM_GONE_STATUS, now_nanos()).await;
+            self.process_exited(&id, &exec, VM_GONE_STATUS, now_nanos(), true).await;
         }
     }
 
-    async fn process_exited(&self, id: &str, exec_id: &str, code: u32, at: u64) {
+    async fn process_exited(&self, id: &str, exec_id: &str, code: u32, at: u64, vm_gone: bool) {
         let Ok((p, _)) = self.process(id, exec_id) else { return };
         if p.phase().0 == Phase::Stopped {
             return;
+        }
+        if !vm_gone {
+            let mut attached = p.attached.subscribe();
+            let _ = tokio::time::timeout(sandbox::AGENT_CALL_TIMEOUT, attached.wait_for(|a| *a)).await;
         }
         let p2 = p.clone();
         let _ = tokio::task::spawn_blocking(move || p2.wait_drained()).await;
@@ -467,16 +480,15 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
             .await
             .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
         } else {
-            p.attach(&sb.agent, &sb.id);
             let mut r = agent_api::ExecProcessRequest::new();
             r.container_id = id;
             r.exec_id = exec;
             r.oci_process_json = p.exec_spec.clone().unwrap_or_default();
             r.terminal = p.stdio.terminal;
-            if let Err(e) = call(&sb.agent, "ExecProcess", move |a| a.exec_process(sandbox::ctx(), &r)).await {
-                stdio::release_stdin(&p.stdio.stdin);
-                return Err(status(Code::INTERNAL, e.to_string()));
-            }
+            call(&sb.agent, "ExecProcess", move |a| a.exec_process(sandbox::ctx(), &r)).await.map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+            // The agent keeps what the process writes until it is read: attaching
+            // once the exec exists loses nothing.
+            p.attach(&sb.agent, &sb.id);
         }
         // An exit event may already have marked it stopped.
         if p.phase().0 == Phase::Created {

@@ -28,6 +28,7 @@ use crate::power::{AcpiPm1aControl, AcpiPm1aEvent, I8042, I8042_COMMAND_PORT, PM
 use crate::serial::{Console, SerialDevice, COM1_IRQ, COM1_PORT};
 use crate::vcpu::{self, PauseGate, VcpuError, VcpuStop};
 use crate::virtio::pci::VirtioPciDevice;
+use crate::virtio::fs::{self, FsError, VhostUserFs};
 use crate::virtio::vsock::Vsock;
 use crate::vm::{self, Vm, VmError, VmOptions};
 
@@ -47,6 +48,16 @@ pub struct MachineConfig {
     pub api_socket: Option<PathBuf>,
     /// A virtio-vsock device, with hybrid vsock on the host.
     pub vsock: Option<VsockConfig>,
+    /// A virtio-fs device served by a vhost-user backend (virtiofsd).
+    pub fs: Option<FsConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    /// The tag the guest mounts (`mount -t virtiofs TAG DIR`): 1 to 36 bytes.
+    pub tag: String,
+    /// The backend's vhost-user socket (virtiofsd --socket-path), listening already.
+    pub socket: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -197,6 +208,8 @@ pub enum MachineError {
     Initrd { path: PathBuf, err: String },
     #[error("vsock: {0}")]
     Vsock(String),
+    #[error("--fs: {0}")]
+    Fs(#[from] FsError),
     #[error("serial log {}: {err}", path.display())]
     SerialLog { path: PathBuf, err: String },
     #[error("command line: {0}")]
@@ -240,6 +253,9 @@ pub fn validate(config: &MachineConfig) -> Result<u64, MachineError> {
     if ram < MIN_MEMORY_BYTES {
         return Err(MachineError::MemoryTooSmall(config.memory_mib));
     }
+    if let Some(f) = &config.fs {
+        fs::validate_tag(&f.tag)?;
+    }
     Ok(ram)
 }
 
@@ -276,7 +292,14 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
         Some(v) => Some(Vsock::new(v.guest_cid, v.socket.clone()).map_err(|e| MachineError::Vsock(e.to_string()))?),
         None => None,
     };
-    let vm = Vm::new(vm::guest_memory(ram)?, VmOptions { irqchip: true })?;
+    // So is the virtio-fs backend: a missing or silent virtiofsd fails here.
+    let fs_device = match &config.fs {
+        Some(f) => Some(VhostUserFs::new(&f.tag, &f.socket)?),
+        None => None,
+    };
+    // A vhost-user backend maps guest memory itself: it must be shared (memfd).
+    let guest_memory = if fs_device.is_some() { vm::shared_guest_memory(ram)? } else { vm::guest_memory(ram)? };
+    let vm = Vm::new(guest_memory, VmOptions { irqchip: true })?;
     let buses = ClearOnDrop(vec![vm.pio.clone(), vm.mmio.clone()]);
     let memory = vm.memory();
     let kernel = boot::load_kernel(memory, &mut kernel_file).map_err(|e| kernel_err(e.to_string()))?;
@@ -330,6 +353,12 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
         let device = VirtioPciDevice::new(Box::new(vsock), memory.clone(), msi.clone()).map_err(setup)?;
         let addr = pci_root.lock().unwrap_or_else(|e| e.into_inner()).add_device(Arc::new(Mutex::new(device)), None).map_err(setup)?;
         tracing::info!(pci = %addr, cid, "virtio-vsock");
+    }
+    if let Some(fs_device) = fs_device {
+        let (tag, socket) = (fs_device.tag().to_string(), fs_device.socket().display().to_string());
+        let device = VirtioPciDevice::new(Box::new(fs_device), memory.clone(), msi.clone()).map_err(setup)?;
+        let addr = pci_root.lock().unwrap_or_else(|e| e.into_inner()).add_device(Arc::new(Mutex::new(device)), None).map_err(setup)?;
+        tracing::info!(pci = %addr, tag, socket, "virtio-fs (vhost-user)");
     }
 
     // vCPUs.
@@ -439,6 +468,7 @@ mod tests {
             serial_stdout: false,
             api_socket: None,
             vsock: None,
+            fs: None,
         }
     }
 
@@ -453,6 +483,10 @@ mod tests {
             Err(MachineError::MemoryTooLarge(_))
         ));
         assert_eq!(validate(&config()).unwrap(), 128 << 20);
+        let fs = |tag: &str| Some(FsConfig { tag: tag.into(), socket: "/nonexistent.sock".into() });
+        let e = validate(&MachineConfig { fs: fs(&"x".repeat(37)), ..config() }).unwrap_err();
+        assert_eq!(e.to_string(), format!("--fs: tag \"{}\": 37 bytes, at most 36", "x".repeat(37)));
+        assert!(validate(&MachineConfig { fs: fs("ok"), ..config() }).is_ok());
     }
 
     #[test]

@@ -9,12 +9,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use vfvm_vmm::machine::{self, MachineConfig, VsockConfig};
+use vfvm_vmm::machine::{self, FsConfig, MachineConfig, VsockConfig};
+use vfvm_vmm::virtio::fs::validate_tag;
 
 const USAGE: &str = "\
 usage: vfvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] [--memory MIB]
                 [--serial-log PATH] [--serial-stdout] [--api-socket PATH]
-                [--vsock-socket PATH [--vsock-cid CID]]
+                [--vsock-socket PATH [--vsock-cid CID]] [--fs tag=TAG,socket=PATH]
 
   --kernel PATH       bzImage or ELF vmlinux (64-bit entry)
   --initrd PATH       initramfs, loaded at the top of low memory
@@ -27,6 +28,10 @@ usage: vfvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] [--mem
   --vsock-socket PATH add a virtio-vsock device; host programs connect to PATH and
                       send \"CONNECT <port>\\n\"; guest connections to host port P go to PATH_P
   --vsock-cid CID     the guest's vsock context id (default 3)
+  --fs tag=TAG,socket=PATH
+                      add a virtio-fs device served by the vhost-user backend (virtiofsd)
+                      listening on PATH; the guest mounts it with
+                      `mount -t virtiofs TAG DIR` (TAG: 1 to 36 bytes)
 
 Exit status: 0 guest power-off, 2 guest reboot/reset, 3 guest kernel panic,
 4 forced shutdown through the control API, 1 error (bad input or a VMM failure). Logs go to stderr (VFVM_LOG=error|warn|info|debug|trace).";
@@ -35,7 +40,7 @@ const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 const EXIT_ERROR: u8 = 1;
 
 enum Parsed {
-    Run(MachineConfig),
+    Run(Box<MachineConfig>),
     Help,
     Version,
 }
@@ -52,6 +57,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
         serial_stdout: false,
         api_socket: None,
         vsock: None,
+        fs: None,
     };
     let mut vsock_socket = None;
     let mut vsock_cid = None;
@@ -82,6 +88,13 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
             "--serial-stdout" if inline.is_none() => config.serial_stdout = true,
             "--api-socket" => config.api_socket = Some(PathBuf::from(value("a path")?)),
             "--vsock-socket" => vsock_socket = Some(PathBuf::from(value("a path")?)),
+            "--fs" => {
+                let v = value("tag=TAG,socket=PATH")?;
+                if config.fs.is_some() {
+                    return Err(format!("--fs {v}: only one virtio-fs device is supported"));
+                }
+                config.fs = Some(parse_fs(&v)?);
+            }
             "--vsock-cid" => {
                 let v = value("a context id")?;
                 let cid: u64 = v.parse().map_err(|_| format!("--vsock-cid {v}: not a number"))?;
@@ -99,7 +112,23 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
         (None, Some(_)) => return Err("--vsock-cid needs --vsock-socket".into()),
         (None, None) => None,
     };
-    Ok(Parsed::Run(config))
+    Ok(Parsed::Run(Box::new(config)))
+}
+
+/// `--fs tag=TAG,socket=PATH` (the socket path cannot contain a comma).
+fn parse_fs(v: &str) -> Result<FsConfig, String> {
+    let (mut tag, mut socket) = (None, None);
+    for part in v.split(',') {
+        match part.split_once('=') {
+            Some(("tag", t)) => tag = Some(t.to_string()),
+            Some(("socket", p)) if !p.is_empty() => socket = Some(PathBuf::from(p)),
+            _ => return Err(format!("--fs {v}: {part:?} is not tag=TAG or socket=PATH")),
+        }
+    }
+    let tag = tag.ok_or_else(|| format!("--fs {v}: tag=TAG is missing"))?;
+    validate_tag(&tag).map_err(|e| format!("--fs {v}: {e}"))?;
+    let socket = socket.ok_or_else(|| format!("--fs {v}: socket=PATH (the backend's vhost-user socket) is missing"))?;
+    Ok(FsConfig { tag, socket })
 }
 
 fn init_logging() {

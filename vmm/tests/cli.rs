@@ -93,3 +93,82 @@ fn guest_power_off_reset_and_panic_end_the_vmm_with_their_status() {
         assert_eq!(out.status.code(), Some(status), "{name}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+#[test]
+fn bad_virtio_fs_input_is_named_before_the_guest_starts() {
+    let long = "t".repeat(37);
+    assert_refused(
+        &vmm(&["--kernel", "/k", "--fs", &format!("tag={long},socket=/s")]),
+        &format!("--fs tag={long},socket=/s: tag \"{long}\": 37 bytes, at most 36"),
+    );
+    assert_refused(
+        &vmm(&["--kernel", "/k", "--fs", "tag=data"]),
+        "--fs tag=data: socket=PATH (the backend's vhost-user socket) is missing",
+    );
+    assert_refused(&vmm(&["--kernel", "/k", "--fs", "socket=/s"]), "--fs socket=/s: tag=TAG is missing");
+    assert_refused(&vmm(&["--kernel", "/k", "--fs", "tag=a,sock=/s"]), "--fs tag=a,sock=/s: \"sock=/s\" is not tag=TAG or socket=PATH");
+    assert_refused(&vmm(&["--kernel", "/k", "--fs", "tag=,socket=/s"]), "tag \"\": must not be empty");
+    assert_refused(&vmm(&["--kernel", "/k", "--fs", "tag=a,socket=/s", "--fs", "tag=b,socket=/s"]), "only one virtio-fs device");
+
+    // Past the command line: the backend's socket must be there and listening.
+    let kernel = scratch("fs-kernel", &[0; 16]);
+    let kernel = kernel.to_str().unwrap();
+    assert_refused(
+        &vmm(&["--kernel", kernel, "--fs", "tag=data,socket=/nonexistent/virtiofsd.sock"]),
+        "--fs: vhost-user socket /nonexistent/virtiofsd.sock: No such file or directory",
+    );
+    // Bound once, nobody listening now.
+    let dead = std::env::temp_dir().join(format!("vfvm-cli-{}-dead.sock", std::process::id()));
+    let _ = std::fs::remove_file(&dead);
+    drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
+    let out = vmm(&["--kernel", kernel, "--fs", &format!("tag=data,socket={}", dead.display())]);
+    std::fs::remove_file(&dead).unwrap();
+    assert_refused(&out, &format!("--fs: vhost-user socket {}: Connection refused", dead.display()));
+    assert_refused(&out, "is virtiofsd listening there?");
+}
+
+/// With a real virtiofsd: the VMM connects and negotiates before the guest runs, and
+/// at exit it closes the connection, which ends virtiofsd (and removes its socket).
+#[test]
+fn a_virtiofsd_backend_is_connected_then_released_when_the_vmm_exits() {
+    use std::process::Stdio;
+    use std::time::Duration;
+    let dir = std::env::temp_dir().join(format!("vfvm-cli-{}-fs", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("shared")).unwrap();
+    let socket = dir.join("virtiofsd.sock");
+    let mut virtiofsd = Command::new(common::virtiofsd())
+        .arg(format!("--socket-path={}", socket.display()))
+        .arg(format!("--shared-dir={}", dir.join("shared").display()))
+        .args(["--cache=never", "--sandbox=none"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start virtiofsd");
+    let backend_deadline = common::KillAfter::new(virtiofsd.id(), Duration::from_secs(60));
+    let (lines, _reader) = common::lines(virtiofsd.stderr.take().unwrap());
+    common::wait_for_line(&lines, "Waiting for vhost-user socket connection", Duration::from_secs(30))
+        .expect("virtiofsd listening");
+
+    let kernel = scratch("fs-poweroff.elf", &common::tiny_elf(common::POWER_OFF));
+    let child = Command::new(env!("CARGO_BIN_EXE_vfvm-vmm"))
+        .args(["--kernel", kernel.to_str().unwrap(), "--memory", "64"])
+        .arg("--fs")
+        .arg(format!("tag=shared,socket={}", socket.display()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = common::KillAfter::new(child.id(), Duration::from_secs(30));
+    let out = child.wait_with_output().unwrap();
+    drop(deadline);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("virtio-fs (vhost-user)"), "{stderr}");
+
+    let status = virtiofsd.wait().unwrap();
+    drop(backend_deadline);
+    let log: Vec<String> = lines.try_iter().collect();
+    assert!(status.success(), "virtiofsd: {status}; {log:?}");
+    assert!(log.iter().any(|l| l.contains("Client disconnected")), "{log:?}");
+    assert!(!socket.exists(), "virtiofsd removes its socket when it ends");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,6 +1,7 @@
 //! What the lab needs on this machine, installed idempotently from Debian's archive:
 //! QEMU >= 8 with the `igb` SR-IOV NIC model (bookworm-backports), a static busybox
-//! for the initramfs images, kmod for `depmod`/`modprobe`, and iproute2 for L2.
+//! for the initramfs images, kmod for `depmod`/`modprobe`, iproute2 for L2, and
+//! containerd 1.6 with runc (2.1 is unpacked beside it: see containerd.rs).
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -116,6 +117,11 @@ pub fn ensure_packages() -> Result<()> {
     if !on_path("xz") {
         plain.push("xz-utils");
     }
+    // The containerd the shim is tested with (1.6; 2.1 comes from sid, see
+    // containerd.rs), and runc, which it brings, for the runc baseline.
+    if !Path::new("/usr/bin/containerd").is_file() || !on_path("runc") {
+        plain.push("containerd");
+    }
     let need_qemu = !qemu_has_igb();
     if plain.is_empty() && !need_qemu {
         return Ok(());
@@ -176,6 +182,61 @@ fn already_configured(suite: &str) -> Result<bool> {
         .iter()
         .filter_map(|f| std::fs::read_to_string(f).ok())
         .any(|text| text.lines().any(|l| !l.trim_start().starts_with('#') && l.split_whitespace().any(|w| w == suite))))
+}
+
+/// The virtiofsd the VMM's virtio-fs tests run as the vhost-user backend.
+pub const VIRTIOFSD_VERSION: &str = "1.14.0";
+
+fn virtiofsd_works() -> bool {
+    Command::new("virtiofsd")
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Installs virtiofsd unless `virtiofsd --version` already works: Debian's is older
+/// than the one tested, so it is built from crates.io (`cargo install --locked`) into
+/// /usr/local, on PATH both here and inside L2. Its build needs pkg-config and the
+/// libcap-ng and libseccomp headers, installed with apt if missing.
+pub fn ensure_virtiofsd() -> Result<()> {
+    if virtiofsd_works() {
+        return Ok(());
+    }
+    let pkg_config_has = |lib: &str| {
+        Command::new("pkg-config").args(["--exists", lib]).stdin(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
+    };
+    let mut dev: Vec<&str> = Vec::new();
+    if !on_path("pkg-config") {
+        dev.push("pkg-config");
+    }
+    if !pkg_config_has("libcap-ng") {
+        dev.push("libcap-ng-dev");
+    }
+    if !pkg_config_has("libseccomp") {
+        dev.push("libseccomp-dev");
+    }
+    if !dev.is_empty() {
+        if !on_path("apt-get") {
+            bail!("building virtiofsd needs {}, installed with apt-get, which this machine lacks", dev.join(", "));
+        }
+        progress!("installing virtiofsd's build dependencies: {}", dev.join(", "));
+        run_shown(Command::new("apt-get").args(["update", "-qq"]))?;
+        run_shown(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&dev),
+        )?;
+    }
+    progress!("building virtiofsd {VIRTIOFSD_VERSION} with cargo install (once; a few minutes)");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run_shown(Command::new(cargo).args(["install", "--locked", "--root", "/usr/local", "--version", VIRTIOFSD_VERSION, "virtiofsd"]))?;
+    if !virtiofsd_works() {
+        bail!("installed virtiofsd {VIRTIOFSD_VERSION} into /usr/local/bin, but `virtiofsd --version` still fails (is /usr/local/bin on PATH?)");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,10 +7,11 @@
 //! - L3: a minimal guest that reports reaching userspace and powers off, for booting
 //!   under L2's KVM.
 //! - L3 probe: the L3 guest plus this very binary (stripped, with its shared
-//!   libraries), the virtio-vsock modules and the ACPI button driver; /init runs
-//!   `vfvm-lab guest vsock-probe` with the arguments of `vfvm.probe=A,B,...` on the
-//!   kernel command line, then (given `vfvm.power_button`) waits for the ACPI power
-//!   button before it powers off.
+//!   libraries), the virtio-vsock and virtio-fs modules and the ACPI button driver;
+//!   /init runs `vfvm-lab guest vsock-probe` (or the `vfvm.probe_cmd=` one, e.g.
+//!   `virtiofs-probe`) with the arguments of `vfvm.probe=A,B,...` on the kernel
+//!   command line, then (given `vfvm.power_button`) waits for the ACPI power button
+//!   before it powers off.
 
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -220,7 +221,7 @@ fn stripped_self() -> Result<Vec<u8>> {
 fn probe_initrd(kernel: &Kernel, busybox: &[u8]) -> Result<Vec<u8>> {
     let mut a = Archive::new();
     base_tree(&mut a, busybox);
-    let mods = add_modules(&mut a, kernel, &["vmw_vsock_virtio_transport", "virtio_pci", "button", "evdev"])?;
+    let mods = add_modules(&mut a, kernel, &["vmw_vsock_virtio_transport", "virtio_pci", "button", "evdev", "fuse", "virtiofs"])?;
     let me = crate::host::self_exe()?;
     let deps = crate::elf::runtime_deps(&me).context("the probe's shared libraries")?;
     // Directories first (the kernel's unpacker does not create parents); sorted, so
@@ -242,8 +243,9 @@ export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 echo "{m} userspace $(cut -d' ' -f1 /proc/uptime)"
 for m in {mods}; do insmod /mods/$m.ko || echo "{m} insmod $m failed"; done
-for w in $(cat /proc/cmdline); do case $w in vfvm.probe=*) A=${{w#vfvm.probe=}};; esac; done
-/bin/vfvm-probe guest vsock-probe $(echo "$A" | tr ',' ' ')
+C=vsock-probe
+for w in $(cat /proc/cmdline); do case $w in vfvm.probe=*) A=${{w#vfvm.probe=}};; vfvm.probe_cmd=*) C=${{w#vfvm.probe_cmd=}};; esac; done
+/bin/vfvm-probe guest $C $(echo "$A" | tr ',' ' ')
 echo "{m} probe exit $?"
 # With vfvm.power_button on the command line, power off only when the button is pressed.
 grep -qw vfvm.power_button /proc/cmdline && /bin/vfvm-probe guest wait-power-button

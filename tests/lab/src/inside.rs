@@ -65,12 +65,27 @@ fn setup_peer() -> Result<()> {
     Ok(())
 }
 
-/// `vfvm-lab inside setup`: loads the modules, sets up the peer host, brings the PF
-/// up and creates the VFs.
+/// cgroup v2 at /sys/fs/cgroup, as on any systemd host: runc (and the shim's
+/// containers) need it, and L2's init mounts only proc, sys and dev.
+fn mount_cgroup2() -> Result<()> {
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("reading /proc/self/mountinfo")?
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some("/sys/fs/cgroup") && l.contains(" - cgroup2 "));
+    if !mounted {
+        run(Command::new("mount").args(["-t", "cgroup2", "-o", "nsdelegate", "cgroup2", "/sys/fs/cgroup"]))
+            .context("mounting cgroup v2 at /sys/fs/cgroup")?;
+    }
+    Ok(())
+}
+
+/// `vfvm-lab inside setup`: loads the modules, mounts cgroup v2, sets up the peer
+/// host, brings the PF up and creates the VFs.
 pub fn setup(vfs: u32) -> Result<()> {
     for m in SETUP_MODULES {
         modprobe(m)?;
     }
+    mount_cgroup2()?;
     ensure!(Path::new("/dev/kvm").exists(), "kvm_amd loaded but /dev/kvm is missing");
     setup_peer()?;
     let pf = igb_pf()?;

@@ -7,6 +7,7 @@
 mod agent_check;
 mod bench;
 mod console;
+mod containerd;
 mod cpio;
 mod elf;
 mod guest_image;
@@ -41,6 +42,8 @@ usage: cargo xtask <command>
                            initramfs with the agent as /init, its libraries and the
                            guest's kernel modules; prints its manifest and paths
                            (`cargo xtask image --help` for the options)
+  oci-images [--out DIR]   write the registry-free test images (vfvm.test/busybox:1,
+                           vfvm.test/pause:1) as OCI layout archives for `ctr images import`
   lab run [options] -- CMD run CMD inside L2 (chrooted into an overlay of this
                            machine's root, in the current directory); exits with
                            CMD's status, or 125 if the lab itself failed
@@ -90,6 +93,8 @@ fn prepare() -> Result<(PathBuf, kernel::Kernel, images::Images)> {
     let cache = cache_dir();
     let _lock = CacheLock::take(&cache)?;
     host::ensure_packages()?;
+    host::ensure_virtiofsd()?;
+    containerd::ensure_sid(&cache)?;
     let busybox = host::find_busybox().context("no static busybox after installing busybox-static")?;
     let kernel = kernel::ensure(&cache)?;
     let images = images::ensure(&cache, &kernel, &busybox)?;
@@ -196,6 +201,18 @@ fn test() -> Result<i32> {
     )?;
 
     let executables = test_executables(&cargo)?;
+    // The shim's lab tests boot pods from the guest image with this build's agent.
+    let agent = host::self_exe()?.with_file_name("vfvm-agent");
+    if agent.is_file() {
+        let cache = cache_dir();
+        let _lock = CacheLock::take(&cache)?;
+        let busybox = host::find_busybox().context("no static busybox after installing busybox-static")?;
+        let built = guest_image::ensure(&cache, &kernel, &busybox, &guest_image::Options { agent: Some(agent), ..Default::default() })?;
+        progress!("guest image with this build's agent: {}", built.initrd.display());
+        // VFVM_* (not VFVM_LAB_*) variables are passed on into L2.
+        std::env::set_var("VFVM_TEST_AGENT_INITRD", &built.initrd);
+        std::env::set_var("VFVM_TEST_AGENT_KERNEL", &built.kernel);
+    }
     let mut in_lab = Vec::new();
     for exe in &executables {
         let n = in_lab_tests(exe)?;
@@ -316,10 +333,14 @@ fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
             println!("L2 initrd:  {}", images.l2_initrd.display());
             println!("L3 initrd:  {}", images.l3_initrd.display());
             println!("L3 probe:   {}", images.probe_initrd.display());
+            for version in vfvm_test_containerd::Version::ALL {
+                println!("containerd: {} ({})", version.check_installed()?, version.bin_dir().display());
+            }
             Ok(0)
         }
         ("lab", Some("run")) => lab_run(&parse_run_options(&mut args)?),
         ("image", _) => image(second.into_iter().chain(args)),
+        ("oci-images", _) => containerd::oci_images(second.into_iter().chain(args)),
         ("inside", Some("boot-l3")) => inside::boot_image(args),
         ("inside", Some("agent-check")) => agent_check::agent_check(args),
         ("inside", Some("bench-boot")) => bench::bench_boot(args),
@@ -333,6 +354,7 @@ fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
         }
         ("inside", Some("smoke")) => inside::smoke().map(|_| 0),
         ("guest", Some("vsock-probe")) => probe::vsock_probe(args),
+        ("guest", Some("virtiofs-probe")) => probe::virtiofs_probe(args),
         ("guest", Some("wait-power-button")) => probe::wait_power_button(),
         ("inside", Some("run-tests")) => inside::run_tests(&args.collect::<Vec<_>>(), IN_LAB_TEST_MARK),
         ("help" | "--help" | "-h", _) => {

@@ -214,3 +214,145 @@ pub fn wait_power_button() -> Result<i32> {
         }
     }
 }
+
+/// FNV-1a 64, continued from `h`: the virtio-fs probe's digest (the lab test computes
+/// the same over the host's tree).
+pub fn fnv1a64_update(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+/// The most entries the virtio-fs probe walks (the tree is the test's own, small).
+const MAX_TREE_ENTRIES: usize = 10_000;
+
+/// Digest of a directory tree: entries in sorted path order, `D <path>\n` for a
+/// directory, `F <path> <size>\n` then the contents for a file (paths relative,
+/// without a leading slash). Returns the digest, the file count, the byte count and
+/// the largest file's read (bytes, seconds).
+fn tree_digest(root: &std::path::Path) -> Result<(u64, usize, u64, (u64, f64))> {
+    let mut entries = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for e in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+            let e = e?;
+            let path = e.path();
+            let rel = path.strip_prefix(root)?.to_string_lossy().into_owned();
+            let ty = e.file_type()?;
+            if ty.is_dir() {
+                todo.push(path.clone());
+            }
+            entries.push((rel, ty.is_dir(), path));
+            ensure!(entries.len() <= MAX_TREE_ENTRIES, "more than {MAX_TREE_ENTRIES} entries under {}", root.display());
+        }
+    }
+    entries.sort();
+    let (mut h, mut files, mut bytes, mut largest) = (FNV_OFFSET, 0, 0u64, (0u64, 0f64));
+    for (rel, is_dir, path) in entries {
+        if is_dir {
+            h = fnv1a64_update(h, format!("D {rel}\n").as_bytes());
+            continue;
+        }
+        let started = Instant::now();
+        let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let secs = started.elapsed().as_secs_f64();
+        if data.len() as u64 >= largest.0 {
+            largest = (data.len() as u64, secs);
+        }
+        h = fnv1a64_update(h, format!("F {rel} {}\n", data.len()).as_bytes());
+        h = fnv1a64_update(h, &data);
+        files += 1;
+        bytes += data.len() as u64;
+    }
+    Ok((h, files, bytes, largest))
+}
+
+fn mib_per_s(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / secs.max(1e-9)
+}
+
+/// `vfvm-lab guest virtiofs-probe --tag TAG --write NAME --write-bytes N
+/// [--backend-death-port PORT]`: mounts the virtio-fs `TAG`, reports the digest of its
+/// tree (see [`tree_digest`]) and the read speed of its largest file, writes `NAME` at
+/// its root (`N` bytes of [`pattern_byte`] stream 7), reads it back, and unmounts.
+///
+/// With `--backend-death-port`, before unmounting it listens on that vsock port, says
+/// so, and waits for the host to connect (the host kills virtiofsd first); then file
+/// operations on the mount must fail with EIO (the VMM answers for the dead backend).
+///
+/// Console lines: `<L3 marker> probe virtiofs digest <hex> files <n> bytes <n>`,
+/// `probe virtiofs read <n> bytes in <s> s (<x> MiB/s)`, `probe virtiofs wrote ...`,
+/// (`probe virtiofs waiting for the host on vsock port <p>`, `probe virtiofs backend
+/// gone: EIO`) and `probe virtiofs ok`; any failure is the error of this command.
+pub fn virtiofs_probe(mut args: impl Iterator<Item = String>) -> Result<i32> {
+    const MNT: &str = "/mnt/virtiofs";
+    const WRITE_ID: u64 = 7;
+    let (mut tag, mut write, mut write_bytes, mut death_port) = (None, None, 0u64, None);
+    while let Some(flag) = args.next() {
+        let v = args.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--tag" => tag = Some(v),
+            "--write" => write = Some(v),
+            "--write-bytes" => write_bytes = v.parse().with_context(|| format!("--write-bytes {v:?}"))?,
+            "--backend-death-port" => death_port = Some(v.parse::<u32>().with_context(|| format!("--backend-death-port {v:?}"))?),
+            other => bail!("unknown option {other:?}"),
+        }
+    }
+    let tag = tag.context("--tag is required")?;
+    let write = write.context("--write is required")?;
+    ensure!(!write.contains('/') && write_bytes <= 1 << 30, "--write: a plain name; --write-bytes: at most 1 GiB");
+    std::fs::create_dir_all(MNT)?;
+    let c = |s: &str| std::ffi::CString::new(s).context("NUL in an argument");
+    let (src, dst, fstype) = (c(&tag)?, c(MNT)?, c("virtiofs")?);
+    // SAFETY: mount(2) with NUL-terminated strings and no data.
+    if unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) } != 0 {
+        bail!("mount -t virtiofs {tag} {MNT}: {}", std::io::Error::last_os_error());
+    }
+    let root = std::path::Path::new(MNT);
+    let (digest, files, bytes, (big, secs)) = tree_digest(root)?;
+    println!("{L3_MARKER} probe virtiofs digest {digest:016x} files {files} bytes {bytes}");
+    println!("{L3_MARKER} probe virtiofs read {big} bytes in {secs:.3} s ({:.1} MiB/s)", mib_per_s(big, secs));
+    std::io::stdout().flush()?;
+
+    let path = root.join(&write);
+    let started = Instant::now();
+    {
+        let mut f = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        write_pattern(&mut f, WRITE_ID, write_bytes)?;
+        f.sync_all().with_context(|| format!("fsync {}", path.display()))?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!("{L3_MARKER} probe virtiofs wrote {write} {write_bytes} bytes in {secs:.3} s ({:.1} MiB/s)", mib_per_s(write_bytes, secs));
+    let mut f = File::open(&path).with_context(|| format!("reopening {}", path.display()))?;
+    check_pattern(&mut f, WRITE_ID, write_bytes, None).with_context(|| format!("reading {} back", path.display()))?;
+    let mut extra = [0u8; 1];
+    ensure!(f.read(&mut extra)? == 0, "{} is longer than written", path.display());
+    drop(f);
+    if let Some(port) = death_port {
+        let listener = listen(port, 1)?;
+        println!("{L3_MARKER} probe virtiofs waiting for the host on vsock port {port}");
+        std::io::stdout().flush()?;
+        drop(accept(&listener)?);
+        let errno = |r: std::io::Result<()>, what: &str| -> Result<()> {
+            match r {
+                Ok(()) => bail!("{what} worked with the backend gone"),
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(()),
+                Err(e) => bail!("{what}: {e}, expected EIO"),
+            }
+        };
+        errno(std::fs::metadata(root.join(&write)).map(drop), "stat")?;
+        errno(std::fs::read(root.join(&write)).map(drop), "read")?;
+        errno(File::create(root.join("after-death")).map(drop), "create")?;
+        println!("{L3_MARKER} probe virtiofs backend gone: EIO");
+        // The unmount's own requests fail too; the mount goes regardless.
+        // SAFETY: umount2(2) of the mount made above.
+        unsafe { libc::umount2(dst.as_ptr(), libc::MNT_DETACH) };
+        println!("{L3_MARKER} probe virtiofs ok");
+        return Ok(0);
+    }
+    // SAFETY: umount(2) of the mount made above.
+    if unsafe { libc::umount(dst.as_ptr()) } != 0 {
+        bail!("umount {MNT}: {}", std::io::Error::last_os_error());
+    }
+    println!("{L3_MARKER} probe virtiofs ok");
+    Ok(0)
+}

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+pub mod fs;
 pub mod pci;
 pub mod vsock;
 
@@ -17,6 +18,7 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// Device types (virtio 1.2, 5).
 pub const DEVICE_TYPE_VSOCK: u32 = 19;
+pub const DEVICE_TYPE_FS: u32 = 26;
 
 /// How a device tells the driver something happened.
 pub trait VirtioInterrupt: Send + Sync {

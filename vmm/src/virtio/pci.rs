@@ -84,6 +84,7 @@ fn class_for(device_type: u32) -> u32 {
         1 => 0x02_00_00, // network controller
         2 => 0x01_80_00, // mass storage, other
         3 => 0x07_80_00, // communication, other
+        26 => 0x01_80_00, // virtio-fs: mass storage, other (as QEMU's vhost-user-fs-pci)
         _ => 0x00_ff_00, // unclassified
     }
 }

@@ -103,3 +103,31 @@ pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
     e.extend_from_slice(code);
     e
 }
+
+/// Waits for a line containing `needle` on `lines`, up to `limit`; returns it, or the
+/// lines seen before the channel closed or the time ran out.
+pub fn wait_for_line(lines: &Receiver<String>, needle: &str, limit: Duration) -> Result<String, Vec<String>> {
+    let deadline = std::time::Instant::now() + limit;
+    let mut seen = Vec::new();
+    loop {
+        match lines.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            Ok(line) if line.contains(needle) => return Ok(line),
+            Ok(line) => seen.push(line),
+            Err(_) => return Err(seen),
+        }
+    }
+}
+
+/// The virtiofsd binary: on PATH, or where `cargo xtask install` puts it.
+pub fn virtiofsd() -> std::path::PathBuf {
+    let candidates = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("virtiofsd")).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let home = std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo/bin/virtiofsd"));
+    candidates
+        .into_iter()
+        .chain([std::path::PathBuf::from("/usr/local/bin/virtiofsd")])
+        .chain(home)
+        .find(|p| p.is_file())
+        .expect("virtiofsd is needed: run `cargo xtask install`")
+}
