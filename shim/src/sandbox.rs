@@ -262,14 +262,6 @@ impl Sandbox {
             Err(e) => tracing::error!(sandbox = %self.id, "sandbox state not removed: {e}"),
         }
     }
-
-    /// Whether the VMM has exited (the guest died or was stopped).
-    pub async fn vmm_exited(&self) -> bool {
-        match self.vmm.lock().await.as_mut() {
-            Some(c) => !matches!(c.try_wait(), Ok(None)),
-            None => true,
-        }
-    }
 }
 
 /// A ttrpc context with the per-call bound.

@@ -3,7 +3,7 @@
 //! Each stream is one blocking thread with the (blocking) agent client.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -148,9 +148,4 @@ pub fn release_stdin(source: &str) {
     }
     use std::os::unix::fs::OpenOptionsExt;
     let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(Path::new(source));
-}
-
-/// Where a stream's bytes go when the target is a `file://` URI (for tests).
-pub fn file_target(target: &str) -> Option<PathBuf> {
-    target.strip_prefix("file://").map(PathBuf::from)
 }

@@ -137,17 +137,8 @@ fn a_virtiofsd_backend_is_connected_then_released_when_the_vmm_exits() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("shared")).unwrap();
     let socket = dir.join("virtiofsd.sock");
-    let mut virtiofsd = Command::new(common::virtiofsd())
-        .arg(format!("--socket-path={}", socket.display()))
-        .arg(format!("--shared-dir={}", dir.join("shared").display()))
-        .args(["--cache=never", "--sandbox=none"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start virtiofsd");
+    let (mut virtiofsd, lines, _reader) = common::start_virtiofsd(&socket, &dir.join("shared"), Duration::from_secs(30));
     let backend_deadline = common::KillAfter::new(virtiofsd.id(), Duration::from_secs(60));
-    let (lines, _reader) = common::lines(virtiofsd.stderr.take().unwrap());
-    common::wait_for_line(&lines, "Waiting for vhost-user socket connection", Duration::from_secs(30))
-        .expect("virtiofsd listening");
 
     let kernel = scratch("fs-poweroff.elf", &common::tiny_elf(common::POWER_OFF));
     let child = Command::new(env!("CARGO_BIN_EXE_vfvm-vmm"))

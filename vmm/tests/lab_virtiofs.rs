@@ -124,17 +124,8 @@ fn lab_virtiofs_guest_reads_the_tree_writes_back_then_virtiofsd_ends_with_the_vm
     let socket = dir.join("virtiofsd.sock");
     let api = dir.join("api.sock");
 
-    let mut virtiofsd = Command::new(common::virtiofsd())
-        .arg(format!("--socket-path={}", socket.display()))
-        .arg(format!("--shared-dir={}", shared.display()))
-        .args(["--cache=never", "--sandbox=none"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start virtiofsd");
-    let (backend_log, _backend_reader) = common::lines(virtiofsd.stderr.take().unwrap());
+    let (virtiofsd, backend_log, _backend_reader) = common::start_virtiofsd(&socket, &shared, IO_LIMIT);
     let mut virtiofsd = Reaped(Some(virtiofsd));
-    common::wait_for_line(&backend_log, "Waiting for vhost-user socket connection", IO_LIMIT)
-        .unwrap_or_else(|seen| panic!("virtiofsd did not start listening: {seen:?}"));
 
     let cmdline = format!(
         "console=ttyS0 reboot=k panic=-1 vfvm.power_button vfvm.probe_cmd=virtiofs-probe \
@@ -229,17 +220,8 @@ fn lab_virtiofs_backend_death_gives_the_guest_eio_and_the_vmm_carries_on() {
     let vsock = dir.join("vsock.sock");
     let api = dir.join("api.sock");
 
-    let mut virtiofsd = Command::new(common::virtiofsd())
-        .arg(format!("--socket-path={}", socket.display()))
-        .arg(format!("--shared-dir={}", shared.display()))
-        .args(["--cache=never", "--sandbox=none"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start virtiofsd");
-    let (backend_log, _backend_reader) = common::lines(virtiofsd.stderr.take().unwrap());
+    let (virtiofsd, _backend_log, _backend_reader) = common::start_virtiofsd(&socket, &shared, IO_LIMIT);
     let mut virtiofsd = Reaped(Some(virtiofsd));
-    common::wait_for_line(&backend_log, "Waiting for vhost-user socket connection", IO_LIMIT)
-        .unwrap_or_else(|seen| panic!("virtiofsd did not start listening: {seen:?}"));
 
     let cmdline = format!(
         "console=ttyS0 reboot=k panic=-1 vfvm.power_button vfvm.probe_cmd=virtiofs-probe \

@@ -118,6 +118,26 @@ pub fn wait_for_line(lines: &Receiver<String>, needle: &str, limit: Duration) ->
     }
 }
 
+/// Starts virtiofsd serving `shared` on `socket` and waits (up to `limit`) until it
+/// listens; returns it with its stderr lines. If it never listens, it is killed and
+/// the test fails with what it printed.
+pub fn start_virtiofsd(socket: &std::path::Path, shared: &std::path::Path, limit: Duration) -> (std::process::Child, Receiver<String>, JoinHandle<()>) {
+    let mut child = std::process::Command::new(virtiofsd())
+        .arg(format!("--socket-path={}", socket.display()))
+        .arg(format!("--shared-dir={}", shared.display()))
+        .args(["--cache=never", "--sandbox=none"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start virtiofsd");
+    let (log, reader) = lines(child.stderr.take().expect("virtiofsd's stderr"));
+    if let Err(seen) = wait_for_line(&log, "Waiting for vhost-user socket connection", limit) {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("virtiofsd did not start listening: {seen:?}");
+    }
+    (child, log, reader)
+}
+
 /// The virtiofsd binary: on PATH, or where `cargo xtask install` puts it.
 pub fn virtiofsd() -> std::path::PathBuf {
     let candidates = std::env::var_os("PATH")
