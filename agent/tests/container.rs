@@ -370,25 +370,140 @@ fn bad_container_requests_get_clear_errors_and_the_agent_keeps_serving() {
     f.healthy();
 }
 
+/// What a terminal process prints: `tty`, its terminal's owner, `stty size`;
+/// then, after a line of input (sent once the test has resized it), `stty size`
+/// again and the line.
+const TTY_SCRIPT: &str = "test -t 0 && test -t 1 && echo istty; tty; stat -c owner=%u:%g $(tty); stty size; read line; stty size; echo got $line";
+
+impl Fixture {
+    fn exec_tty(&self, id: &str, exec_id: &str, args: &[&str], rows: u32, cols: u32) -> ttrpc::Result<()> {
+        let process = json!({"args": args, "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "terminal": true, "consoleSize": {"height": rows, "width": cols}});
+        let req = agent::ExecProcessRequest { container_id: id.into(), exec_id: exec_id.into(), oci_process_json: serde_json::to_vec(&process).unwrap(), ..Default::default() };
+        self.agent.client.exec_process(ctx(), &req).map(drop)
+    }
+
+    /// Stdout (pty output, \r dropped) until it contains `want`, within 20 s.
+    fn stdout_until(&self, id: &str, exec_id: &str, want: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut all = Vec::new();
+        loop {
+            let text = String::from_utf8_lossy(&all).replace('\r', "");
+            if text.contains(want) {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "no {want:?} on {id}/{exec_id} after 20 s; got {text:?}");
+            let req = agent::ReadStreamRequest { container_id: id.into(), exec_id: exec_id.into(), max_len: 1 << 20, wait_ms: 1000, ..Default::default() };
+            let r = self.agent.client.read_stdout(ctx(), &req).unwrap();
+            all.extend_from_slice(&r.data);
+            assert!(!r.eof || !r.data.is_empty() || text.contains(want), "EOF on {id}/{exec_id} before {want:?}; got {text:?}");
+        }
+    }
+
+    fn resize(&self, id: &str, exec_id: &str, rows: u32, columns: u32) -> ttrpc::Result<()> {
+        let req = agent::TtyWinResizeRequest { container_id: id.into(), exec_id: exec_id.into(), rows, columns, ..Default::default() };
+        self.agent.client.tty_win_resize(ctx(), &req).map(drop)
+    }
+
+    fn write(&self, id: &str, exec_id: &str, data: &[u8]) -> usize {
+        let req = agent::WriteStreamRequest { container_id: id.into(), exec_id: exec_id.into(), data: data.to_vec(), ..Default::default() };
+        self.agent.client.write_stdin(ctx(), &req).unwrap().written as usize
+    }
+
+    /// Runs [`TTY_SCRIPT`] through: its first size is `first`; it is resized to
+    /// `second` before it reads its line, so its second `stty size` says so.
+    /// Returns its whole output (\r dropped).
+    fn tty_round(&self, id: &str, exec_id: &str, first: (u32, u32), second: (u32, u32)) -> String {
+        let before = self.stdout_until(id, exec_id, &format!("{} {}\n", first.0, first.1));
+        self.resize(id, exec_id, second.0, second.1).unwrap();
+        assert_eq!(self.write(id, exec_id, b"ping\n"), 5);
+        let after = String::from_utf8(self.output(id, exec_id, false)).unwrap().replace('\r', "");
+        let out = before + &after;
+        assert!(out.contains("istty\n"), "{out:?}");
+        assert!(out.contains(&format!("{} {}\n", second.0, second.1)), "the resize did not reach the process: {out:?}");
+        assert!(out.contains("got ping\n"), "{out:?}");
+        out
+    }
+}
+
+/// The `tty` line of [`TTY_SCRIPT`]'s output: a /dev/pts/N.
+fn pts_name(out: &str) -> &str {
+    assert!(!out.contains("not a tty"), "{out:?}");
+    let name = out.lines().find(|l| l.starts_with("/dev/")).unwrap_or_else(|| panic!("no tty name in {out:?}"));
+    let n = name.strip_prefix("/dev/pts/").unwrap_or_else(|| panic!("{name:?} is not in /dev/pts: {out:?}"));
+    assert!(n.parse::<u32>().is_ok(), "{name:?}: {out:?}");
+    name
+}
+
 #[test]
 fn a_terminal_process_gets_a_pty_of_the_given_size() {
     let f = fixture("tty");
-    let mut s = spec(&["sh", "-c", "test -t 0 && test -t 1 && echo istty; stty size; read line; echo got $line"], &[]);
+    // The init, as uid 1000: a pty in the container's own devpts, which `tty`
+    // names, owned by the process's user (group tty, from the devpts mount).
+    let mut s = spec(&["sh", "-c", TTY_SCRIPT], &[]);
     s["process"]["terminal"] = json!(true);
     s["process"]["consoleSize"] = json!({"height": 40, "width": 100});
     f.create("t", &s).unwrap();
     f.start("t").unwrap();
-    let req = agent::TtyWinResizeRequest { container_id: "t".into(), rows: 50, columns: 120, ..Default::default() };
-    f.agent.client.tty_win_resize(ctx(), &req).unwrap();
-    let req = agent::WriteStreamRequest { container_id: "t".into(), data: b"ping\n".to_vec(), ..Default::default() };
-    assert_eq!(f.agent.client.write_stdin(ctx(), &req).unwrap().written, 5);
-    let out = f.stdout("t", "").replace('\r', "");
-    assert!(out.contains("istty\n"), "{out:?}");
-    assert!(out.contains("40 100\n") || out.contains("50 120\n"), "{out:?}");
-    assert!(out.contains("got ping\n"), "{out:?}");
+    let out = f.tty_round("t", "", (40, 100), (50, 120));
+    let name = pts_name(&out);
+    assert!(out.contains("owner=1000:5\n"), "{out:?}");
     assert_eq!(f.wait("t", ""), 0);
+    // The container's devpts is its own instance: its first pty is pts/0.
+    assert_eq!(name, "/dev/pts/0", "{out:?}");
+
+    // An exec with a terminal gets one in the same devpts, as `ctr task exec -t`.
+    f.run("box", &["sleep", "1000"]);
+    f.exec_tty("box", "sh", &["sh", "-c", TTY_SCRIPT], 20, 70).unwrap();
+    let out = f.tty_round("box", "sh", (20, 70), (33, 99));
+    pts_name(&out);
+    assert!(out.contains("owner=0:5\n"), "{out:?}");
+    assert_eq!(f.wait("box", "sh"), 0);
+    // Two at once get two ptys of that devpts.
+    f.exec_tty("box", "a", &["sh", "-c", "tty; read x"], 10, 10).unwrap();
+    f.exec_tty("box", "b", &["sh", "-c", "tty; read x"], 10, 10).unwrap();
+    let a = f.stdout_until("box", "a", "\n");
+    let b = f.stdout_until("box", "b", "\n");
+    assert_ne!(pts_name(&a), pts_name(&b));
+    f.write("box", "a", b"\n");
+    f.write("box", "b", b"\n");
+    assert_eq!(f.wait("box", "a"), 0);
+    assert_eq!(f.wait("box", "b"), 0);
+
+    // A pty that cannot be allocated (a tmpfs hides the devpts): Create fails,
+    // naming the step, and the agent goes on.
+    let mut s = spec(&["true"], &[]);
+    s["mounts"].as_array_mut().unwrap().push(json!({"destination": "/dev/pts", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]}));
+    s["process"]["terminal"] = json!(true);
+    let err = f.create("noptmx", &s).unwrap_err();
+    assert_eq!(code(&err), ttrpc::Code::FAILED_PRECONDITION, "{err:?}");
+    assert!(format!("{err:?}").contains("open the terminal's ptmx"), "{err:?}");
+
     // No terminal, no resize.
     f.run("plain", &["true"]);
-    let req = agent::TtyWinResizeRequest { container_id: "plain".into(), rows: 5, columns: 5, ..Default::default() };
-    assert_eq!(code(&f.agent.client.tty_win_resize(ctx(), &req).unwrap_err()), ttrpc::Code::FAILED_PRECONDITION);
+    assert_eq!(code(&f.resize("plain", "", 5, 5).unwrap_err()), ttrpc::Code::FAILED_PRECONDITION);
+    f.healthy();
+}
+
+#[test]
+fn without_a_devpts_of_its_own_a_terminal_comes_from_the_guests() {
+    let f = fixture("ttyguest");
+    // No devpts in the spec: the pty is the guest's (the agent's /dev/ptmx), a
+    // working terminal of the given size that resizes, for the init and execs.
+    let mut s = spec(&["sh", "-c", "test -t 0 && test -t 1 && echo istty; stty size; read line; stty size; echo got $line"], &[]);
+    s["mounts"] = json!([{"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}]);
+    s["process"]["terminal"] = json!(true);
+    s["process"]["consoleSize"] = json!({"height": 40, "width": 100});
+    f.create("g", &s).unwrap();
+    f.start("g").unwrap();
+    f.tty_round("g", "", (40, 100), (41, 101));
+    assert_eq!(f.wait("g", ""), 0);
+
+    s["process"]["terminal"] = json!(false);
+    s["process"]["args"] = json!(["sleep", "1000"]);
+    f.create("gbox", &s).unwrap();
+    f.start("gbox").unwrap();
+    f.exec_tty("gbox", "sh", &["sh", "-c", "test -t 0 && test -t 1 && echo istty; stty size; read line; stty size; echo got $line"], 20, 70).unwrap();
+    f.tty_round("gbox", "sh", (20, 70), (21, 71));
+    assert_eq!(f.wait("gbox", "sh"), 0);
+    f.healthy();
 }

@@ -41,12 +41,34 @@ pub enum SandboxError {
     VirtiofsdDied { status: String, output: String },
     #[error("virtiofsd did not listen on {path} within {secs} s")]
     VirtiofsdTimeout { path: PathBuf, secs: u64 },
-    #[error("the VMM exited while the guest booted ({status}); the guest console is in {console}")]
-    VmmDied { status: String, console: PathBuf },
-    #[error("the agent did not answer within {secs} s ({reason}); the guest console is in {console}")]
-    AgentTimeout { secs: u64, reason: String, console: PathBuf },
+    // The console file goes with the sandbox's state when the launch is undone, so
+    // the error carries its last lines.
+    #[error("the VMM exited while the guest booted ({status}); the guest console ended with:\n{console}")]
+    VmmDied { status: String, console: String },
+    #[error("the agent did not answer within {secs} s ({reason}); the guest console ended with:\n{console}")]
+    AgentTimeout { secs: u64, reason: String, console: String },
     #[error("agent {call}: {message}")]
     Agent { call: &'static str, message: String },
+}
+
+/// How much of the guest console a launch error quotes.
+const CONSOLE_TAIL_LINES: usize = 15;
+const CONSOLE_TAIL_BYTES: u64 = 4096;
+
+/// The last lines of the guest console (the guest wrote it: bounded, lossy UTF-8).
+fn console_tail(path: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else { return format!("(no console output in {})", path.display()) };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL_BYTES)));
+    let mut bytes = Vec::new();
+    let _ = f.take(CONSOLE_TAIL_BYTES).read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.is_empty() {
+        return String::from("(the guest printed nothing)");
+    }
+    lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n")
 }
 
 /// Everything the launch needs to know about the pod.
@@ -167,7 +189,8 @@ impl Sandbox {
         let vsock_socket = dir.join("vsock.sock");
         let console = dir.join("console.log");
         let h = &config.hypervisor;
-        let cmdline = format!("console=ttyS0 panic=-1 quiet vfvm.sandbox={} {}", spec.id, h.kernel_params).trim().to_string();
+        // no_timer_check: the IO-APIC timer probe can stall a guest on a busy host (Kata sets it too).
+        let cmdline = format!("console=ttyS0 panic=-1 quiet no_timer_check vfvm.sandbox={} {}", spec.id, h.kernel_params).trim().to_string();
         let mut vmm = Command::new(&h.path);
         vmm.arg("--kernel").arg(&h.kernel).arg("--initrd").arg(&h.initrd).arg("--cmdline").arg(cmdline);
         vmm.arg("--vcpus").arg(spec.settings.vcpus.to_string()).arg("--memory").arg(spec.settings.memory_mib.to_string());
@@ -192,12 +215,12 @@ impl Sandbox {
         let agent = tokio::select! {
             r = dial => match r {
                 Ok(Ok(c)) => c,
-                Ok(Err(e)) => return Err(SandboxError::AgentTimeout { secs: deadline.as_secs(), reason: e.to_string(), console }),
+                Ok(Err(e)) => return Err(SandboxError::AgentTimeout { secs: deadline.as_secs(), reason: e.to_string(), console: console_tail(&console) }),
                 Err(e) => return Err(SandboxError::Agent { call: "connect", message: e.to_string() }),
             },
             status = vmm_child.wait() => {
                 let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
-                return Err(SandboxError::VmmDied { status, console });
+                return Err(SandboxError::VmmDied { status, console: console_tail(&console) });
             }
         };
         let agent = Arc::new(agent);

@@ -116,7 +116,8 @@ impl Process {
         }
         stdio::spawn_input(agent.clone(), self.container_id.clone(), self.exec_id.clone(), self.stdio.stdin.clone(), log_id.into());
         *self.drained.lock().unwrap_or_else(|p| p.into_inner()) = Some((rx, n));
-        let _ = self.attached.send(true);
+        // send_replace: `send` drops the value when no receiver is subscribed yet.
+        self.attached.send_replace(true);
     }
 
     /// Waits (bounded) until the output copiers have passed on everything.
@@ -290,7 +291,8 @@ impl TaskService {
         let _ = tokio::task::spawn_blocking(move || p2.wait_drained()).await;
         let at = if at == 0 { now_nanos() } else { at };
         p.set(Phase::Stopped, code, at);
-        let _ = p.exited.send(true);
+        // send_replace: a Wait that subscribes later must still see the exit.
+        p.exited.send_replace(true);
         let pid = Self::pid(self.inner.sandbox.lock().await.as_ref());
         let ev = TaskExit { container_id: id.into(), id: if exec_id.is_empty() { id.into() } else { exec_id.into() }, pid, exit_status: code, exited_at: MessageField::some(timestamp(at)), ..Default::default() };
         tracing::info!(container = id, exec = exec_id, code, "process exited");

@@ -19,7 +19,7 @@ usage: vfvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] [--mem
 
   --kernel PATH       bzImage or ELF vmlinux (64-bit entry)
   --initrd PATH       initramfs, loaded at the top of low memory
-  --cmdline STR       kernel command line (default: \"console=ttyS0 reboot=k panic=-1\")
+  --cmdline STR       kernel command line (default: \"console=ttyS0 reboot=k panic=-1 no_timer_check\")
   --vcpus N           vCPUs, 1 to 32 (default 1)
   --memory MIB        guest memory in MiB (default 256, at least 32)
   --serial-log PATH   write the guest's console (COM1) to this file
@@ -36,7 +36,7 @@ usage: vfvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] [--mem
 Exit status: 0 guest power-off, 2 guest reboot/reset, 3 guest kernel panic,
 4 forced shutdown through the control API, 1 error (bad input or a VMM failure). Logs go to stderr (VFVM_LOG=error|warn|info|debug|trace).";
 
-const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 no_timer_check";
 const EXIT_ERROR: u8 = 1;
 
 enum Parsed {

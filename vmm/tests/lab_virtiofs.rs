@@ -128,7 +128,7 @@ fn lab_virtiofs_guest_reads_the_tree_writes_back_then_virtiofsd_ends_with_the_vm
     let mut virtiofsd = Reaped(Some(virtiofsd));
 
     let cmdline = format!(
-        "console=ttyS0 reboot=k panic=-1 vfvm.power_button vfvm.probe_cmd=virtiofs-probe \
+        "console=ttyS0 reboot=k panic=-1 no_timer_check vfvm.power_button vfvm.probe_cmd=virtiofs-probe \
          vfvm.probe=--tag,{TAG},--write,{WRITE_NAME},--write-bytes,{WRITE_BYTES}"
     );
     let started = Instant::now();
@@ -224,7 +224,7 @@ fn lab_virtiofs_backend_death_gives_the_guest_eio_and_the_vmm_carries_on() {
     let mut virtiofsd = Reaped(Some(virtiofsd));
 
     let cmdline = format!(
-        "console=ttyS0 reboot=k panic=-1 vfvm.power_button vfvm.probe_cmd=virtiofs-probe \
+        "console=ttyS0 reboot=k panic=-1 no_timer_check vfvm.power_button vfvm.probe_cmd=virtiofs-probe \
          vfvm.probe=--tag,{TAG},--write,x.bin,--write-bytes,4096,--backend-death-port,{PORT}"
     );
     let started = Instant::now();

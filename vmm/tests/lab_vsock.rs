@@ -130,7 +130,7 @@ fn lab_vsock_streams_both_ways_then_graceful_shutdown_over_the_api() {
     let echoes = echo_server(listener);
 
     let cmdline = format!(
-        "console=ttyS0 reboot=k panic=-1 vfvm.power_button vfvm.probe=--streams,{STREAMS},--bytes,{BYTES},--host-port,{HOST_PORT},--listen-port,{GUEST_PORT}"
+        "console=ttyS0 reboot=k panic=-1 no_timer_check vfvm.power_button vfvm.probe=--streams,{STREAMS},--bytes,{BYTES},--host-port,{HOST_PORT},--listen-port,{GUEST_PORT}"
     );
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_vfvm-vmm"))

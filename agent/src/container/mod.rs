@@ -10,6 +10,8 @@
 //! Every process is a direct child of the agent, registered with the reaper
 //! before it can exit, and held by a pidfd, so signals never hit a recycled pid.
 //! Its stdio are pipes (or a pty) drained into bounded buffers (see [`stdio`]).
+//! A pty is allocated by the child in the container's own devpts and its master
+//! handed back to the agent (see [`spawn::PtyPlan`]), so `tty` names it there.
 
 pub mod cgroup;
 pub mod pci;
@@ -26,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::init::{shell_status, Reaper};
 use cgroup::Cgroup;
-use spawn::{ChildStdio, InitRoot, Kind, Op, Plan};
+use spawn::{ChildStdio, InitRoot, Kind, Op, Plan, PtyPlan};
 use stdio::{Input, Output};
 
 /// Bounds on what the shim controls.
@@ -215,6 +217,8 @@ struct Container {
     cgroup: Option<Cgroup>,
     /// The init's pid namespace, as /proc/PID/ns/pid reads ("pid:[4026532...]").
     pidns: String,
+    /// The spec mounts a devpts of its own at /dev/pts (where execs' ptys go).
+    own_devpts: bool,
     execs: Mutex<HashMap<String, Arc<Process>>>,
 }
 
@@ -288,35 +292,6 @@ pub struct Stats {
     pub pids_current: u64,
 }
 
-fn make_pty(size: Option<&spec::ConsoleSize>) -> Result<(OwnedFd, OwnedFd)> {
-    let err = |what: &str| Error::Internal(format!("pty: {what}: {}", std::io::Error::last_os_error()));
-    // SAFETY: posix_openpt and friends on fds we own; ptsname_r into our buffer.
-    unsafe {
-        let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
-        if m < 0 {
-            return Err(err("posix_openpt"));
-        }
-        let master = OwnedFd::from_raw_fd(m);
-        if libc::grantpt(m) != 0 || libc::unlockpt(m) != 0 {
-            return Err(err("unlockpt"));
-        }
-        let mut name = [0 as libc::c_char; 128];
-        if libc::ptsname_r(m, name.as_mut_ptr(), name.len()) != 0 {
-            return Err(err("ptsname"));
-        }
-        let s = libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
-        if s < 0 {
-            return Err(err("open slave"));
-        }
-        let slave = OwnedFd::from_raw_fd(s);
-        if let Some(sz) = size.filter(|s| s.height > 0 && s.width > 0) {
-            let ws = libc::winsize { ws_row: sz.height.min(u16::MAX as u32) as u16, ws_col: sz.width.min(u16::MAX as u32) as u16, ws_xpixel: 0, ws_ypixel: 0 };
-            libc::ioctl(m, libc::TIOCSWINSZ, &ws);
-        }
-        Ok((master, slave))
-    }
-}
-
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills two fds we then own.
@@ -335,21 +310,50 @@ struct ParentStdio {
     pty: Option<OwnedFd>,
 }
 
-fn make_stdio(name: &str, terminal: bool, size: Option<&spec::ConsoleSize>) -> Result<(ChildStdio, ParentStdio)> {
-    let internal = |e: std::io::Error| Error::Internal(format!("stdio: {e}"));
+fn stdio_error(e: std::io::Error) -> Error {
+    Error::Internal(format!("stdio: {e}"))
+}
+
+/// A new process's stdio: the child's side, and ours. Ours is ready now for
+/// pipes; for a terminal it is None, made by [`finish_stdio`] from the master
+/// the child sends back once it has allocated its pty.
+fn make_stdio(name: &str, terminal: bool, in_container: bool, size: Option<&spec::ConsoleSize>) -> Result<(ChildStdio, Option<ParentStdio>)> {
     if terminal {
-        let (master, slave) = make_pty(size)?;
-        let w = master.try_clone().map_err(internal)?;
-        let r = master.try_clone().map_err(internal)?;
-        let out = Output::drain(r, format!("pty-{name}")).map_err(internal)?;
-        return Ok((ChildStdio::Pty { slave }, ParentStdio { stdin: Input::new(w, true), stdout: out, stderr: Output::empty(), pty: Some(master) }));
+        let size = size.filter(|s| s.height > 0 && s.width > 0).map(|s| libc::winsize {
+            ws_row: s.height.min(u16::MAX as u32) as u16,
+            ws_col: s.width.min(u16::MAX as u32) as u16,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        });
+        return Ok((ChildStdio::Pty(PtyPlan { in_container, size }), None));
     }
     let (in_r, in_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    let stdout = Output::drain(out_r, format!("out-{name}")).map_err(internal)?;
-    let stderr = Output::drain(err_r, format!("err-{name}")).map_err(internal)?;
-    Ok((ChildStdio::Pipes { stdin: in_r, stdout: out_w, stderr: err_w }, ParentStdio { stdin: Input::new(in_w, false), stdout, stderr, pty: None }))
+    let stdout = Output::drain(out_r, format!("out-{name}")).map_err(stdio_error)?;
+    let stderr = Output::drain(err_r, format!("err-{name}")).map_err(stdio_error)?;
+    Ok((ChildStdio::Pipes { stdin: in_r, stdout: out_w, stderr: err_w }, Some(ParentStdio { stdin: Input::new(in_w, false), stdout, stderr, pty: None })))
+}
+
+/// Our side of a spawned child's stdio: `ready` (pipes), or its pty master.
+/// The child has not exec'd yet (it waits for Start), so nothing is missed.
+fn finish_stdio(name: &str, ready: Option<ParentStdio>, child: &mut spawn::Child) -> Result<ParentStdio> {
+    if let Some(p) = ready {
+        return Ok(p);
+    }
+    let master = child.take_pty_master().ok_or_else(|| Error::Internal("stdio: the child sent no terminal".into()))?;
+    let w = master.try_clone().map_err(stdio_error)?;
+    let r = master.try_clone().map_err(stdio_error)?;
+    let out = Output::drain(r, format!("pty-{name}")).map_err(stdio_error)?;
+    Ok(ParentStdio { stdin: Input::new(w, true), stdout: out, stderr: Output::empty(), pty: Some(master) })
+}
+
+/// Whether the spec's mounts (or our defaults, for none) give the container a
+/// devpts of its own at /dev/pts, where its ptys are then allocated. Without
+/// one, a pty comes from the guest's devpts (see [`spawn::PtyPlan`]).
+fn has_own_devpts(spec: &spec::Spec) -> bool {
+    let mounts = if spec.mounts.is_empty() { default_mounts() } else { spec.mounts.clone() };
+    mounts.iter().any(|m| m.kind == "devpts" && Path::new(&m.destination) == Path::new("/dev/pts"))
 }
 
 /// Everything of a Plan that comes from the OCI process.
@@ -598,7 +602,8 @@ impl Runner {
         let root = root_plan(&rootfs, spec, hostname)?;
         let process = spec.process.as_ref().expect("checked above");
         let ps = ProcessSpec { p: process, terminal: terminal || process.terminal };
-        let (child_stdio, parent_stdio) = make_stdio(id, ps.terminal, process.console_size.as_ref())?;
+        let own_devpts = has_own_devpts(spec);
+        let (child_stdio, parent_stdio) = make_stdio(id, ps.terminal, own_devpts, process.console_size.as_ref())?;
         // No PDEATHSIG: it follows the spawning thread (an RPC worker), not the agent.
         let plan = process_plan(&ps, Kind::Init(root), child_stdio)?;
 
@@ -621,13 +626,23 @@ impl Runner {
         };
         let reaper = self.reaper;
         let child = spawn::spawn(plan, |clone| reaper.spawn(clone, on_exit));
-        let child = match child {
+        let mut child = match child {
             Ok(c) => c,
             Err(e) => {
                 if let Some(cg) = &cgroup {
                     cg.remove();
                 }
                 return Err(spawn_error(e));
+            }
+        };
+        let parent_stdio = match finish_stdio(id, parent_stdio, &mut child) {
+            Ok(p) => p,
+            Err(e) => {
+                child.kill();
+                if let Some(cg) = &cgroup {
+                    cg.remove();
+                }
+                return Err(e);
             }
         };
         if let Some(cg) = &cgroup {
@@ -638,7 +653,7 @@ impl Runner {
         let pidns = std::fs::read_link(format!("/proc/{}/ns/pid", child.pid)).map(|l| l.to_string_lossy().into_owned()).unwrap_or_default();
         let init = Process::new(&child, parent_stdio, exit)?;
         tracing::info!(container = id, pid = child.pid, rootfs = %rootfs.display(), "container created");
-        Ok(Arc::new(Container { id: id.into(), init, pending: Mutex::new(Some(child)), cgroup, pidns, execs: Mutex::default() }))
+        Ok(Arc::new(Container { id: id.into(), init, pending: Mutex::new(Some(child)), cgroup, pidns, own_devpts, execs: Mutex::default() }))
     }
 
     pub fn start(&self, id: &str) -> Result<()> {
@@ -684,7 +699,8 @@ impl Runner {
             return Err(Error::Precondition(format!("container {id:?} has exited")));
         }
         let ps = ProcessSpec { p: &process, terminal: terminal || process.terminal };
-        let (child_stdio, parent_stdio) = make_stdio(&format!("{id}-{exec_id}"), ps.terminal, process.console_size.as_ref())?;
+        let name = format!("{id}-{exec_id}");
+        let (child_stdio, parent_stdio) = make_stdio(&name, ps.terminal, c.own_devpts, process.console_size.as_ref())?;
         let plan = process_plan(&ps, Kind::Exec { ipc, uts, mnt }, child_stdio)?;
         let exit = Arc::new(Exit::default());
         let on_exit = {
@@ -705,6 +721,7 @@ impl Runner {
                 tracing::warn!(container = id, exec = exec_id, "cannot move the process into {}: {e}", cg.path.display());
             }
         }
+        let parent_stdio = finish_stdio(&name, parent_stdio, &mut child).inspect_err(|_| child.kill())?;
         let p = Process::new(&child, parent_stdio, exit)?;
         // Registered before it runs: a fast exit's output is still read.
         c.execs().insert(exec_id.to_string(), p);

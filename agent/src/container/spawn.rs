@@ -9,6 +9,12 @@
 //! set-up is done; then it blocks on the go pipe (parent -> child) until the
 //! parent writes a byte (Start), and execs. A `Record { tag: ERROR, step, errno }`
 //! at any point is a failure at `step` (an index into `Plan::steps`).
+//!
+//! A terminal is allocated by the child itself, as runc does with its console
+//! socket: it opens the ptmx of the devpts it will see (see [`PtyPlan`]), makes
+//! the slave its controlling terminal and stdio, and sends the master back over
+//! a CLOEXEC socketpair (SCM_RIGHTS) before it reports READY; the parent picks
+//! it up once READY is read, without waiting (it is queued by then).
 
 use std::ffi::CString;
 use std::io::Read;
@@ -45,8 +51,28 @@ pub enum Kind {
 
 pub enum ChildStdio {
     Pipes { stdin: OwnedFd, stdout: OwnedFd, stderr: OwnedFd },
-    Pty { slave: OwnedFd },
+    /// A terminal the child allocates; its master comes back in [`Child::take_pty_master`].
+    Pty(PtyPlan),
 }
+
+/// Where and how the child allocates its terminal.
+pub struct PtyPlan {
+    /// The container has its own devpts at /dev/pts: allocate there, once in
+    /// the container's root (after pivot_root, or after joining its mount
+    /// namespace), so the slave is a /dev/pts/N the process can name (`tty`).
+    /// Otherwise the guest's /dev/ptmx, opened before entering the container:
+    /// the behaviour before in-container allocation (a working terminal that
+    /// `ttyname` cannot find, as no devpts in the container holds it).
+    pub in_container: bool,
+    /// Initial window size, set on the master before the process can run.
+    pub size: Option<libc::winsize>,
+}
+
+/// The ptmx of the container's own devpts, as the spec mounts it (its
+/// `/dev/ptmx` is a link to it); the guest's; where a devpts's slaves are.
+const CONTAINER_PTMX: &std::ffi::CStr = c"/dev/pts/ptmx";
+const GUEST_PTMX: &std::ffi::CStr = c"/dev/ptmx";
+const PTS_DIR: &[u8] = b"/dev/pts/";
 
 pub struct Plan {
     pub kind: Kind,
@@ -85,6 +111,10 @@ const STEP_NAMES: &[&str] = &[
     "chdir to the process cwd",
     "wait for start",
     "execve",
+    "open the terminal's ptmx",
+    "set up the terminal",
+    "make the terminal the controlling one",
+    "send the terminal to the agent",
 ];
 const S_SIGNALS: u32 = 0;
 const S_STDIO: u32 = 1;
@@ -104,6 +134,10 @@ const S_NNP: u32 = 14;
 const S_CWD: u32 = 15;
 const S_GO: u32 = 16;
 const S_EXEC: u32 = 17;
+const S_PTMX: u32 = 18;
+const S_PTY: u32 = 19;
+const S_CTTY: u32 = 20;
+const S_PTY_SEND: u32 = 21;
 /// Steps at and above this index are the plan's ops.
 const S_OPS: u32 = 1000;
 
@@ -114,6 +148,8 @@ pub struct Child {
     sync: std::fs::File,
     go: Option<std::fs::File>,
     names: Vec<String>,
+    /// The terminal's master, from the child (a [`ChildStdio::Pty`] plan).
+    pty_master: Option<OwnedFd>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +169,76 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+fn socketpair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair fills two fds we then own.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fds from socketpair.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Room for one SCM_RIGHTS message of one fd (CMSG_SPACE(4) is 24 on 64-bit
+/// targets, 16 on 32-bit), aligned as a cmsghdr.
+type CmsgBuf = [u64; 4];
+
+/// The pty master the child sent on `sock`, already queued: the child sends it
+/// before it reports READY, so this does not wait (MSG_DONTWAIT).
+fn recv_master(sock: &OwnedFd) -> std::io::Result<OwnedFd> {
+    let mut cbuf: CmsgBuf = [0; 4];
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    // SAFETY: a zeroed msghdr is valid; we point it at buffers we own.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of::<CmsgBuf>() as _;
+    let n = loop {
+        // SAFETY: recvmsg into the buffers above.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        break n;
+    };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            return Err(std::io::Error::other("the child reported ready without sending its terminal"));
+        }
+        return Err(e);
+    }
+    // Every fd that came is owned (and closed) here; the first is the master.
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    // SAFETY: walking the control buffer recvmsg filled, within msg_controllen.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<libc::c_int>();
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<libc::c_int>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() != 1 {
+        return Err(std::io::Error::other(format!("the child sent {} fds for its terminal, not one", fds.len())));
+    }
+    let master = fds.pop().expect("one fd");
+    // A pty master answers TIOCGPTN; anything else does not.
+    let mut n: libc::c_uint = 0;
+    // SAFETY: TIOCGPTN into a c_uint we own.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut n) } != 0 {
+        return Err(std::io::Error::other(format!("the child's terminal is not a pty master: {}", std::io::Error::last_os_error())));
+    }
+    Ok(master)
+}
+
 fn ptrs(v: &[CString]) -> Vec<*const libc::c_char> {
     v.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect()
 }
@@ -150,6 +256,14 @@ pub fn spawn(
     };
     let (sync_r, sync_w) = pipe().map_err(io("sync pipe"))?;
     let (go_r, go_w) = pipe().map_err(io("start pipe"))?;
+    // Ours, the child's.
+    let (console, console_child) = match plan.stdio {
+        ChildStdio::Pty(_) => {
+            let (a, b) = socketpair().map_err(io("terminal socket"))?;
+            (Some(a), Some(b))
+        }
+        ChildStdio::Pipes { .. } => (None, None),
+    };
     let argv = ptrs(&plan.argv);
     let envp = ptrs(&plan.envp);
     let flags = match plan.kind {
@@ -160,7 +274,8 @@ pub fn spawn(
         Kind::Init(r) => r.op_names.clone(),
         Kind::Exec { .. } => Vec::new(),
     };
-    let ctx = ChildCtx { plan: &plan, sync: sync_w.as_raw_fd(), go: go_r.as_raw_fd(), argv: &argv, envp: &envp };
+    let console_fd = console_child.as_ref().map_or(-1, |c| c.as_raw_fd());
+    let ctx = ChildCtx { plan: &plan, sync: sync_w.as_raw_fd(), go: go_r.as_raw_fd(), console: console_fd, argv: &argv, envp: &envp };
     let mut do_clone = || {
         // SAFETY: a fork-like clone (no stack given: the child runs on a copy of
         // ours). The child only makes system calls and never returns.
@@ -188,10 +303,22 @@ pub fn spawn(
     // The child's ends (and its stdio, namespace fds) are its alone now.
     drop(sync_w);
     drop(go_r);
+    drop(console_child);
     drop(plan);
-    let mut child = Child { pid, pidfd, sync: sync_r.into(), go: Some(go_w.into()), names };
+    let mut child = Child { pid, pidfd, sync: sync_r.into(), go: Some(go_w.into()), names, pty_master: None };
     match child.read_record() {
-        Ok(Some(TAG_READY)) => Ok(child),
+        Ok(Some(TAG_READY)) => {
+            if let Some(console) = console {
+                match recv_master(&console) {
+                    Ok(m) => child.pty_master = Some(m),
+                    Err(source) => {
+                        child.kill();
+                        return Err(SpawnError { step: "receiving the terminal from the child".into(), source });
+                    }
+                }
+            }
+            Ok(child)
+        }
         Ok(_) => Err(SpawnError { step: "set-up".into(), source: std::io::Error::other("the child ended without a word") }),
         Err(e) => {
             child.kill();
@@ -243,6 +370,11 @@ impl Child {
         }
     }
 
+    /// The terminal's master (once), for a [`ChildStdio::Pty`] plan.
+    pub fn take_pty_master(&mut self) -> Option<OwnedFd> {
+        self.pty_master.take()
+    }
+
     pub fn kill(&self) {
         // SAFETY: signalling through our pidfd.
         unsafe { libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), libc::SIGKILL, 0usize, 0u32) };
@@ -253,6 +385,8 @@ struct ChildCtx<'a> {
     plan: &'a Plan,
     sync: RawFd,
     go: RawFd,
+    /// The child's end of the terminal socket, or -1.
+    console: RawFd,
     argv: &'a [*const libc::c_char],
     envp: &'a [*const libc::c_char],
 }
@@ -290,6 +424,116 @@ unsafe fn close_from(lo: RawFd, hi: RawFd) {
     }
 }
 
+/// Closes every fd from 3 up but those in `keep` (-1: none). In-place sort, no allocation.
+unsafe fn close_all_but(mut keep: [RawFd; 3]) {
+    keep.sort_unstable();
+    let mut lo = 3;
+    for fd in keep {
+        if fd >= lo {
+            close_from(lo, fd - 1);
+            lo = fd + 1;
+        }
+    }
+    close_from(lo, RawFd::MAX);
+}
+
+/// `fd`, moved above 0-2 (where an agent with a closed stdio could have put it,
+/// and where the dup2s onto stdio would clobber it).
+unsafe fn above_stdio(ctx: &ChildCtx, fd: RawFd, step: u32) -> RawFd {
+    if fd > 2 {
+        return fd;
+    }
+    let moved = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3);
+    check(ctx, moved as _, step);
+    libc::close(fd);
+    moved
+}
+
+/// The slave of master `m` by its name, for kernels before TIOCGPTPEER (4.13):
+/// TIOCGPTN and /dev/pts/N, formatted on the stack (ptsname is not async-signal-safe).
+unsafe fn open_slave_by_name(m: RawFd) -> RawFd {
+    let mut n: libc::c_uint = 0;
+    if libc::ioctl(m, libc::TIOCGPTN, &mut n) < 0 {
+        return -1;
+    }
+    let mut path = [0u8; 32];
+    path[..PTS_DIR.len()].copy_from_slice(PTS_DIR);
+    let mut digits = [0u8; 10];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        path[PTS_DIR.len() + i] = digits[len - 1 - i];
+    }
+    // path[PTS_DIR.len() + len] is the NUL already.
+    libc::open(path.as_ptr().cast(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC)
+}
+
+/// Sends `fd` on `sock` with SCM_RIGHTS (and one byte: a message needs data).
+unsafe fn send_fd(sock: RawFd, fd: RawFd) -> libc::ssize_t {
+    let mut cbuf: CmsgBuf = [0; 4];
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    let mut msg: libc::msghdr = std::mem::zeroed();
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as _;
+    let c = libc::CMSG_FIRSTHDR(&msg);
+    (*c).cmsg_level = libc::SOL_SOCKET;
+    (*c).cmsg_type = libc::SCM_RIGHTS;
+    (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), fd);
+    loop {
+        let n = libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL);
+        if n < 0 && errno() == libc::EINTR {
+            continue;
+        }
+        return n;
+    }
+}
+
+/// Allocates the terminal (see [`PtyPlan`]), makes it the controlling terminal
+/// of a new session and stdio, and sends the master to the agent. Only system
+/// calls: glibc's grantpt may look up the tty group (not async-signal-safe) and
+/// is a no-op on devpts anyway; unlockpt is the ioctl below.
+unsafe fn setup_pty(ctx: &ChildCtx, p: &PtyPlan) {
+    let ptmx = if p.in_container { CONTAINER_PTMX } else { GUEST_PTMX };
+    let m = libc::open(ptmx.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+    check(ctx, m as _, S_PTMX);
+    let m = above_stdio(ctx, m, S_PTY);
+    let unlock: libc::c_int = 0;
+    check(ctx, libc::ioctl(m, libc::TIOCSPTLCK, &unlock) as _, S_PTY);
+    // The slave by the master itself, not by a name looked up in some /dev/pts.
+    let mut s = libc::ioctl(m, libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+    if s < 0 && matches!(errno(), libc::EINVAL | libc::ENOTTY) {
+        s = open_slave_by_name(m);
+    }
+    check(ctx, s as _, S_PTY);
+    let s = above_stdio(ctx, s, S_PTY);
+    if let Some(ws) = &p.size {
+        check(ctx, libc::ioctl(m, libc::TIOCSWINSZ, ws) as _, S_PTY);
+    }
+    // The process's user owns its terminal (as runc does for stdio); the group
+    // stays devpts's (gid=5, tty).
+    check(ctx, libc::fchown(s, ctx.plan.uid, libc::gid_t::MAX) as _, S_PTY);
+    check(ctx, libc::setsid() as _, S_CTTY);
+    check(ctx, libc::ioctl(s, libc::TIOCSCTTY, 0) as _, S_CTTY);
+    for fd in 0..3 {
+        check(ctx, libc::dup2(s, fd) as _, S_CTTY);
+    }
+    libc::close(s);
+    check(ctx, send_fd(ctx.console, m) as _, S_PTY_SEND);
+    // The container keeps no master; the socket goes at execve (CLOEXEC).
+    libc::close(m);
+}
+
 /// The child. Only system calls from here on.
 unsafe fn child(ctx: &ChildCtx) -> ! {
     let plan = ctx.plan;
@@ -302,6 +546,10 @@ unsafe fn child(ctx: &ChildCtx) -> ! {
     if plan.pdeathsig {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
     }
+    // The guest's devpts (see PtyPlan): before entering the container.
+    if let ChildStdio::Pty(p @ PtyPlan { in_container: false, .. }) = &plan.stdio {
+        setup_pty(ctx, p);
+    }
     if let Kind::Exec { ipc, uts, mnt } = &plan.kind {
         check(ctx, libc::setns(ipc.as_raw_fd(), libc::CLONE_NEWIPC) as _, S_IPC);
         check(ctx, libc::setns(uts.as_raw_fd(), libc::CLONE_NEWUTS) as _, S_UTS);
@@ -309,28 +557,22 @@ unsafe fn child(ctx: &ChildCtx) -> ! {
         // the container's pivoted rootfs.
         check(ctx, libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS) as _, S_MNT);
     }
-    match &plan.stdio {
-        ChildStdio::Pipes { stdin, stdout, stderr } => {
-            check(ctx, libc::dup2(stdin.as_raw_fd(), 0) as _, S_STDIO);
-            check(ctx, libc::dup2(stdout.as_raw_fd(), 1) as _, S_STDIO);
-            check(ctx, libc::dup2(stderr.as_raw_fd(), 2) as _, S_STDIO);
-        }
-        ChildStdio::Pty { slave } => {
-            check(ctx, libc::setsid() as _, S_STDIO);
-            check(ctx, libc::ioctl(slave.as_raw_fd(), libc::TIOCSCTTY, 0) as _, S_STDIO);
-            for fd in 0..3 {
-                check(ctx, libc::dup2(slave.as_raw_fd(), fd) as _, S_STDIO);
-            }
-        }
+    if let ChildStdio::Pipes { stdin, stdout, stderr } = &plan.stdio {
+        check(ctx, libc::dup2(stdin.as_raw_fd(), 0) as _, S_STDIO);
+        check(ctx, libc::dup2(stdout.as_raw_fd(), 1) as _, S_STDIO);
+        check(ctx, libc::dup2(stderr.as_raw_fd(), 2) as _, S_STDIO);
     }
-    // Nothing of the agent's leaks in: close every other fd but our two pipes.
-    let (a, b) = if ctx.sync < ctx.go { (ctx.sync, ctx.go) } else { (ctx.go, ctx.sync) };
-    close_from(3, a - 1);
-    close_from(a + 1, b - 1);
-    close_from(b + 1, RawFd::MAX);
+    // Nothing of the agent's leaks in: close every other fd but our two pipes
+    // and the terminal socket.
+    close_all_but([ctx.sync, ctx.go, ctx.console]);
 
     if let Kind::Init(root) = &plan.kind {
         setup_root(ctx, root);
+    }
+    // The container's own devpts: now that we are in its root, before the
+    // credentials change (its ptmx may be root's alone: ptmxmode=000).
+    if let ChildStdio::Pty(p @ PtyPlan { in_container: true, .. }) = &plan.stdio {
+        setup_pty(ctx, p);
     }
     for (res, lim) in &plan.rlimits {
         check(ctx, libc::setrlimit(*res as _, lim) as _, S_RLIMIT);

@@ -23,6 +23,14 @@ use std::time::{Duration, Instant};
 pub const SID_PREFIX: &str = "/opt/vfvm/containerd-2.1";
 /// The containerd namespace the harness's `ctr` commands use.
 pub const NAMESPACE: &str = "vfvm-test";
+/// The namespace CRI keeps its pods, containers and images in.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+/// The network the harness's CNI config gives CRI pods: a bridge on a subnet of
+/// the benchmarking range that the lab does not use (its peer link is 198.18.0.0/24).
+pub const CNI_BRIDGE: &str = "vfvmtest0";
+pub const CNI_SUBNET: &str = "198.19.0.0/24";
+/// Where Debian's containernetworking-plugins puts the CNI plugins.
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 /// How long containerd gets to answer on its socket after it starts (TCG is slow).
 const START_DEADLINE: Duration = Duration::from_secs(120);
 /// How long containerd and its shims get to exit after SIGTERM / SIGKILL.
@@ -119,6 +127,8 @@ pub struct Containerd {
 const RUN_DIR: &str = "/run/containerd";
 
 static INSTANCE: AtomicU32 = AtomicU32::new(0);
+/// Numbers the output files of [`Containerd::ctr_within`].
+static CTR_RUNS: AtomicU32 = AtomicU32::new(0);
 
 impl Containerd {
     /// Mounts a tmpfs for a new instance, writes its config, starts containerd and
@@ -136,6 +146,7 @@ impl Containerd {
         run(Command::new("mount").args(["-t", "tmpfs", "-o", "mode=0700", "vfvm-containerd"]).arg(&me.dir))?;
         let config = me.dir.join("config.toml");
         std::fs::write(&config, me.config()).with_context(|| format!("writing {}", config.display()))?;
+        me.write_cni_config()?;
         let log = std::fs::File::create(me.log_path()).with_context(|| format!("creating {}", me.log_path().display()))?;
         let mut cmd = Command::new(version.containerd());
         cmd.arg("--config")
@@ -183,7 +194,63 @@ impl Containerd {
             // 2.x starts NRI by default, with its socket under /var/run.
             text.push_str(&format!("[plugins.\"io.containerd.nri.v1.nri\"]\n  socket_path = {}\n", q(self.dir.join("nri.sock"))));
         }
+        // CRI: the test pause image as the sandbox image (never pulled: imported by
+        // `import_test_images_into(CRI_NAMESPACE)`), pod network namespaces under our
+        // state directory, and CNI from private config and IPAM directories.
+        let (sandbox_image, cni) = match self.version {
+            Version::V1_6 => (
+                format!("[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{}\"\n  netns_mounts_under_state_dir = true\n", oci::PAUSE_REF),
+                format!("[plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{CNI_BIN_DIR}\"\n  conf_dir = {}\n", q(self.cni_conf_dir())),
+            ),
+            Version::V2_1 => (
+                format!(
+                    "[plugins.\"io.containerd.cri.v1.images\".pinned_images]\n  sandbox = \"{}\"\n[plugins.\"io.containerd.cri.v1.runtime\"]\n  netns_mounts_under_state_dir = true\n",
+                    oci::PAUSE_REF
+                ),
+                format!("[plugins.\"io.containerd.cri.v1.runtime\".cni]\n  bin_dirs = [\"{CNI_BIN_DIR}\"]\n  conf_dir = {}\n", q(self.cni_conf_dir())),
+            ),
+        };
+        text.push_str("# vfvm-test-containerd: CRI\n");
+        text.push_str(&sandbox_image);
+        text.push_str(&cni);
         text
+    }
+
+    fn cni_conf_dir(&self) -> PathBuf {
+        self.dir.join("cni/net.d")
+    }
+
+    /// The pod network: a bridge with host-local IPAM, its state on our tmpfs.
+    /// (CRI adds the loopback interface itself, with the `loopback` plugin.)
+    fn cni_config(&self) -> String {
+        let ipam_dir = self.dir.join("cni/ipam");
+        format!(
+            r#"{{"cniVersion": "0.4.0", "name": "vfvm-test", "plugins": [{{"type": "bridge", "bridge": "{CNI_BRIDGE}", "isGateway": true, "ipMasq": false, "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "{CNI_SUBNET}"}}]], "dataDir": "{}"}}}}]}}"#,
+            ipam_dir.display()
+        )
+    }
+
+    fn write_cni_config(&self) -> Result<()> {
+        let dir = self.cni_conf_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let file = dir.join("10-vfvm-test.conflist");
+        std::fs::write(&file, self.cni_config()).with_context(|| format!("writing {}", file.display()))?;
+        // The bridge and veth drivers, loaded here: in L2 the kernel's own module
+        // loading does not see the modules of the root the lab chroots into.
+        for module in ["bridge", "veth"] {
+            if !Path::new("/sys/module").join(module).exists() {
+                if let Err(e) = run(Command::new("modprobe").arg(module)) {
+                    eprintln!("containerd {}: CRI pods may get no network: {e:#}", self.version.name());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The CRI endpoint (containerd serves CRI on its main socket), as crictl's
+    /// `--runtime-endpoint` takes it.
+    pub fn cri_endpoint(&self) -> String {
+        format!("unix://{}", self.socket().display())
     }
 
     pub fn version(&self) -> Version {
@@ -223,8 +290,13 @@ impl Containerd {
 
     /// `ctr` of this version, on this instance's socket and namespace.
     pub fn ctr(&self) -> Command {
+        self.ctr_in(NAMESPACE)
+    }
+
+    /// `ctr` of this version, on this instance's socket, in `namespace`.
+    pub fn ctr_in(&self, namespace: &str) -> Command {
         let mut cmd = Command::new(self.version.ctr());
-        cmd.arg("--address").arg(self.socket()).args(["--namespace", NAMESPACE]).stdin(Stdio::null());
+        cmd.arg("--address").arg(self.socket()).args(["--namespace", namespace]).stdin(Stdio::null());
         cmd
     }
 
@@ -233,12 +305,50 @@ impl Containerd {
         self.ctr().args(args).output().with_context(|| format!("running ctr {}", args.join(" ")))
     }
 
+    /// Runs `ctr ARGS` like [`Containerd::ctr_output`], but kills it after `limit` and
+    /// fails with what it printed so far and containerd's log: a hung runtime fails
+    /// the test that found it instead of the whole lab run.
+    pub fn ctr_within(&self, args: &[&str], limit: Duration) -> Result<Output> {
+        let n = CTR_RUNS.fetch_add(1, Ordering::Relaxed);
+        let (out_path, err_path) = (self.dir.join(format!("ctr-{n}.out")), self.dir.join(format!("ctr-{n}.err")));
+        let mut child = self
+            .ctr()
+            .args(args)
+            .stdout(std::fs::File::create(&out_path)?)
+            .stderr(std::fs::File::create(&err_path)?)
+            .spawn()
+            .with_context(|| format!("starting ctr {}", args.join(" ")))?;
+        let finished = wait_exit(child.id() as i32, limit)?;
+        if !finished {
+            let _ = child.kill();
+        }
+        let status = child.wait().context("reaping ctr")?;
+        let (stdout, stderr) = (std::fs::read(&out_path).unwrap_or_default(), std::fs::read(&err_path).unwrap_or_default());
+        let _ = (std::fs::remove_file(&out_path), std::fs::remove_file(&err_path));
+        ensure!(
+            finished,
+            "ctr {} (containerd {}) still running after {}s; it printed:\n{}{}\ncontainerd's log:\n{}",
+            args.join(" "),
+            self.version.name(),
+            limit.as_secs(),
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr),
+            self.log()
+        );
+        Ok(Output { status, stdout, stderr })
+    }
+
     /// Runs `ctr ARGS`, failing with its stderr on a non-zero exit; returns its stdout.
     pub fn ctr_ok(&self, args: &[&str]) -> Result<String> {
-        let out = self.ctr_output(args)?;
+        self.ctr_ok_in(NAMESPACE, args)
+    }
+
+    /// [`Containerd::ctr_ok`] in another namespace (e.g. [`CRI_NAMESPACE`]).
+    pub fn ctr_ok_in(&self, namespace: &str, args: &[&str]) -> Result<String> {
+        let out = self.ctr_in(namespace).args(args).output().with_context(|| format!("running ctr -n {namespace} {}", args.join(" ")))?;
         ensure!(
             out.status.success(),
-            "ctr {} (containerd {}) failed ({}): {}{}",
+            "ctr -n {namespace} {} (containerd {}) failed ({}): {}{}",
             args.join(" "),
             self.version.name(),
             out.status,
@@ -274,6 +384,12 @@ impl Containerd {
     /// Builds the test images (from the static busybox, see [`oci`]) into this
     /// instance's tmpfs and imports them; returns them with the import's duration.
     pub fn import_test_images(&self) -> Result<(Vec<oci::ImageArchive>, Duration)> {
+        self.import_test_images_into(NAMESPACE)
+    }
+
+    /// [`Containerd::import_test_images`] into `namespace`: [`CRI_NAMESPACE`] makes
+    /// them CRI's images, the pause image its sandbox image.
+    pub fn import_test_images_into(&self, namespace: &str) -> Result<(Vec<oci::ImageArchive>, Duration)> {
         let busybox = static_busybox()?;
         let started = Instant::now();
         let images = oci::build_test_images(&busybox, &self.dir.join("images"))?;
@@ -281,10 +397,10 @@ impl Containerd {
         let started = Instant::now();
         for image in &images {
             let path = image.path.to_string_lossy().into_owned();
-            self.ctr_ok(&["images", "import", &path]).with_context(|| format!("importing {} from {path}", image.reference))?;
+            self.ctr_ok_in(namespace, &["images", "import", &path]).with_context(|| format!("importing {} from {path} into namespace {namespace}", image.reference))?;
         }
         let took = started.elapsed();
-        let listed = self.ctr_ok(&["images", "ls", "-q"])?;
+        let listed = self.ctr_ok_in(namespace, &["images", "ls", "-q"])?;
         for image in &images {
             ensure!(listed.lines().any(|l| l.trim() == image.reference), "{} missing after import; images: {listed}", image.reference);
         }
@@ -376,8 +492,11 @@ impl Containerd {
         self.stopped = true;
         let mut errors = Vec::new();
         if self.child.is_some() {
-            if let Err(e) = self.remove_containers() {
-                errors.push(format!("removing containers: {e:#}"));
+            // CRI's pods too: a failed test may leave them (their VMs, for vfvm).
+            for namespace in [NAMESPACE, CRI_NAMESPACE] {
+                if let Err(e) = self.remove_containers(namespace) {
+                    errors.push(format!("removing containers of namespace {namespace}: {e:#}"));
+                }
             }
         }
         if let Some(child) = self.child.take() {
@@ -404,6 +523,13 @@ impl Containerd {
         // runc makes /sys/fs/cgroup/<namespace>/<id>; the container's part goes with
         // the container, the namespace's is ours to remove (fails harmlessly if busy).
         let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(NAMESPACE));
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(CRI_NAMESPACE));
+        // The pods' veths went with their network namespaces; the bridge is ours.
+        if Path::new("/sys/class/net").join(CNI_BRIDGE).exists() {
+            if let Err(e) = run(Command::new("ip").args(["link", "delete", CNI_BRIDGE])) {
+                errors.push(format!("{e:#}"));
+            }
+        }
         if !self.had_run_dir {
             // Empty directories only: remove_dir leaves anything with content alone.
             for sub in ["s", "fifo", "runc", ""] {
@@ -417,14 +543,14 @@ impl Containerd {
         }
     }
 
-    /// Kills every task and deletes every container of the namespace.
-    fn remove_containers(&self) -> Result<()> {
-        for task in self.ctr_ok(&["tasks", "ls", "-q"])?.lines().map(str::trim).filter(|t| !t.is_empty()) {
+    /// Kills every task and deletes every container of `namespace`.
+    fn remove_containers(&self, namespace: &str) -> Result<()> {
+        for task in self.ctr_ok_in(namespace, &["tasks", "ls", "-q"])?.lines().map(str::trim).filter(|t| !t.is_empty()) {
             // `delete -f` kills the task with SIGKILL and waits for it.
-            self.ctr_ok(&["tasks", "delete", "-f", task])?;
+            self.ctr_ok_in(namespace, &["tasks", "delete", "-f", task])?;
         }
-        for container in self.ctr_ok(&["containers", "ls", "-q"])?.lines().map(str::trim).filter(|c| !c.is_empty()) {
-            self.ctr_ok(&["containers", "rm", container])?;
+        for container in self.ctr_ok_in(namespace, &["containers", "ls", "-q"])?.lines().map(str::trim).filter(|c| !c.is_empty()) {
+            self.ctr_ok_in(namespace, &["containers", "rm", container])?;
         }
         Ok(())
     }
@@ -466,6 +592,101 @@ impl Drop for Events {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `cmd` (stdin from /dev/null) and returns its output, whatever its exit
+/// status; kills it after `limit` and fails with what it printed so far, so a hung
+/// runtime fails the test that found it instead of the whole lab run.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Result<Output> {
+    use std::io::Read;
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("starting {cmd:?}"))?;
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let finished = wait_exit(child.id() as i32, limit)?;
+    if !finished {
+        let _ = child.kill();
+    }
+    let status = child.wait().with_context(|| format!("reaping {cmd:?}"))?;
+    let (stdout, stderr) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
+    ensure!(
+        finished,
+        "{cmd:?} still running after {}s; it printed:\n{}{}",
+        limit.as_secs(),
+        String::from_utf8_lossy(&stdout),
+        String::from_utf8_lossy(&stderr)
+    );
+    Ok(Output { status, stdout, stderr })
+}
+
+/// Where the installed runtime config lives (L2's /etc is a throwaway overlay).
+pub const VFVM_CONFIG: &str = "/etc/vfvm/vfvm.toml";
+
+/// Installs vfvm as containerd's `io.containerd.vfvm.v2` runtime for a lab test:
+/// writes [`VFVM_CONFIG`] from the shipped `configs/vfvm.toml` with this build's
+/// paths (`build_dir` holds `vfvm-vmm` and `containerd-shim-vfvm-v2`), the guest
+/// image `cargo xtask test` built (`VFVM_TEST_AGENT_KERNEL`/`_INITRD`, the kernel
+/// replaceable by `kernel_override`) and `virtiofsd`, and puts the shim on
+/// containerd's PATH. `edit` may change the config text further.
+pub fn install_vfvm(build_dir: &Path, kernel_override: Option<&str>, edit: impl FnOnce(String) -> String) -> Result<()> {
+    let kernel = match kernel_override {
+        Some(k) => k.to_string(),
+        None => std::env::var("VFVM_TEST_AGENT_KERNEL").context("VFVM_TEST_AGENT_KERNEL: cargo xtask test sets it")?,
+    };
+    let initrd = std::env::var("VFVM_TEST_AGENT_INITRD").context("VFVM_TEST_AGENT_INITRD: cargo xtask test builds the guest image with the agent")?;
+    let virtiofsd = which("virtiofsd").context("virtiofsd is not installed (cargo xtask install puts it in place)")?;
+    let shipped = include_str!("../../../configs/vfvm.toml");
+    let config = shipped
+        .replace("path = \"/usr/local/bin/vfvm-vmm\"", &format!("path = \"{}\"", build_dir.join("vfvm-vmm").display()))
+        .replace("kernel = \"/usr/share/vfvm/vmlinuz\"", &format!("kernel = \"{kernel}\""))
+        .replace("initrd = \"/usr/share/vfvm/initrd.img\"", &format!("initrd = \"{initrd}\""))
+        .replace("virtiofsd = \"/usr/local/bin/virtiofsd\"", &format!("virtiofsd = \"{}\"", virtiofsd.display()))
+        // The agent answers in a few seconds on real KVM; L3 under emulated SVM is slow.
+        .replace("dial_timeout_secs = 30", "dial_timeout_secs = 120");
+    std::fs::create_dir_all("/etc/vfvm")?;
+    std::fs::write(VFVM_CONFIG, edit(config)).with_context(|| format!("writing {VFVM_CONFIG}"))?;
+    let shim = build_dir.join("containerd-shim-vfvm-v2");
+    ensure!(shim.is_file(), "{} is not built", shim.display());
+    let link = Path::new("/usr/local/bin/containerd-shim-vfvm-v2");
+    let _ = std::fs::remove_file(link);
+    std::os::unix::fs::symlink(&shim, link).with_context(|| format!("linking {}", link.display()))?;
+    Ok(())
+}
+
+/// The shim's state directory (`[runtime] state_dir` in the shipped config).
+pub const VFVM_STATE_DIR: &str = "/run/vfvm";
+
+/// What vfvm pods left behind, described: vfvm-vmm, virtiofsd or shim processes,
+/// mounts under [`VFVM_STATE_DIR`], entries in it (other than its VF locks). Empty
+/// once every pod is gone.
+pub fn vfvm_leftovers() -> Vec<String> {
+    let mut left = Vec::new();
+    for name in ["vfvm-vmm", "virtiofsd", "containerd-shim-vfvm-v2"] {
+        let pids = pids_named(name);
+        if !pids.is_empty() {
+            left.push(format!("{name} running: {pids:?}"));
+        }
+    }
+    left.extend(mounts_under(Path::new(VFVM_STATE_DIR)).into_iter().map(|m| format!("mount {}", m.display())));
+    if let Ok(dir) = std::fs::read_dir(VFVM_STATE_DIR) {
+        left.extend(dir.filter_map(|e| e.ok()).map(|e| e.file_name()).filter(|n| n != "vf-locks").map(|n| format!("state {VFVM_STATE_DIR}/{}", n.to_string_lossy())));
+    }
+    left
+}
+
+/// A program on PATH, or in cargo's bin directory (where `cargo install` puts it).
+pub fn which(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    dirs.extend(std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin")));
+    dirs.push(PathBuf::from("/root/.cargo/bin"));
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 /// PIDs of processes whose executable's file name is `name` (any instance's).
@@ -615,7 +836,7 @@ fn kill_and_wait(pid: i32, signal: i32, deadline: Duration) -> Result<()> {
 
 /// Waits for `pid` to exit (become a zombie, for our own children), up to `deadline`.
 /// Returns false on timeout.
-fn wait_exit(pid: i32, deadline: Duration) -> Result<bool> {
+pub fn wait_exit(pid: i32, deadline: Duration) -> Result<bool> {
     match pidfd_open(pid) {
         Ok(fd) => poll_readable(&fd, deadline),
         // Already gone.
@@ -697,7 +918,41 @@ mod tests {
                 assert!(body.contains("io.containerd.vfvm.v2"), "containerd {}: {table} lost its runtime_type: {body}", version.name());
             }
             assert!(dump.contains(&dir.join("root").display().to_string()), "{dump}");
+            // CRI: the test sandbox image and the private CNI config.
+            let sandbox_image = match version {
+                Version::V1_6 => format!("sandbox_image = \"{}\"", oci::PAUSE_REF),
+                Version::V2_1 => format!("sandbox = '{}'", oci::PAUSE_REF),
+            };
+            assert!(dump.contains(&sandbox_image), "containerd {}: no {sandbox_image} in:\n{dump}", version.name());
+            assert!(dump.contains(&c.cni_conf_dir().display().to_string()), "containerd {}: the CNI conf_dir is not ours:\n{dump}", version.name());
+            assert!(dump.contains(CNI_BIN_DIR), "containerd {}: no CNI bin dir {CNI_BIN_DIR}:\n{dump}", version.name());
+            assert!(dump.contains("netns_mounts_under_state_dir = true"), "containerd {}: pod netns not under the state dir:\n{dump}", version.name());
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn commands_run_within_a_limit() {
+        let out = output_within(Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]), Duration::from_secs(30)).unwrap();
+        assert_eq!((out.status.code(), out.stdout.as_slice(), out.stderr.as_slice()), (Some(3), &b"out\n"[..], &b"err\n"[..]));
+        let started = Instant::now();
+        let err = output_within(Command::new("sh").args(["-c", "echo partial; exec sleep 60"]), Duration::from_millis(300)).unwrap_err().to_string();
+        assert!(err.contains("still running") && err.contains("partial"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(30), "the command was not killed at its limit");
+    }
+
+    #[test]
+    fn the_cni_config_is_a_bridge_on_a_private_subnet() {
+        let c = Containerd { version: Version::V1_6, dir: PathBuf::from("/tmp/x"), child: None, stopped: true, had_run_dir: true };
+        let conf: serde_json::Value = serde_json::from_str(&c.cni_config()).expect("the CNI config is JSON");
+        let bridge = &conf["plugins"][0];
+        assert_eq!(bridge["type"], "bridge");
+        assert!(CNI_BRIDGE.len() <= 15, "interface names have at most 15 bytes");
+        assert_eq!(bridge["bridge"], CNI_BRIDGE);
+        assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], CNI_SUBNET);
+        assert_eq!(bridge["ipam"]["dataDir"], "/tmp/x/cni/ipam", "IPAM state lives on the instance's tmpfs");
+        for plugin in ["bridge", "host-local", "loopback"] {
+            assert!(Path::new(CNI_BIN_DIR).join(plugin).is_file(), "{CNI_BIN_DIR}/{plugin} missing: install containernetworking-plugins (`cargo xtask install`)");
+        }
     }
 }

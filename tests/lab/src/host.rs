@@ -1,7 +1,8 @@
 //! What the lab needs on this machine, installed idempotently from Debian's archive:
 //! QEMU >= 8 with the `igb` SR-IOV NIC model (bookworm-backports), a static busybox
-//! for the initramfs images, kmod for `depmod`/`modprobe`, iproute2 for L2, and
-//! containerd 1.6 with runc (2.1 is unpacked beside it: see containerd.rs).
+//! for the initramfs images, kmod for `depmod`/`modprobe`, iproute2 for L2,
+//! containerd 1.6 with runc (2.1 is unpacked beside it: see containerd.rs), the CNI
+//! plugins for CRI pods, and protoc (the CRI client's gRPC code is generated at build).
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -121,6 +122,14 @@ pub fn ensure_packages() -> Result<()> {
     // containerd.rs), and runc, which it brings, for the runc baseline.
     if !Path::new("/usr/bin/containerd").is_file() || !on_path("runc") {
         plain.push("containerd");
+    }
+    // CRI pods' network in the lab (bridge, host-local, loopback).
+    if !Path::new("/usr/lib/cni/bridge").is_file() {
+        plain.push("containernetworking-plugins");
+    }
+    // k8s-cri (the CRI test client) compiles the CRI protos with protoc.
+    if !on_path("protoc") {
+        plain.push("protobuf-compiler");
     }
     let need_qemu = !qemu_has_igb();
     if plain.is_empty() && !need_qemu {

@@ -86,6 +86,9 @@ pub fn setup(vfs: u32) -> Result<()> {
         modprobe(m)?;
     }
     mount_cgroup2()?;
+    // L2's init leaves loopback down; containerd's CRI serves its streaming API on
+    // 127.0.0.1 and (2.x) exits when it cannot bind there.
+    run(Command::new("ip").args(["link", "set", "dev", "lo", "up"])).context("bringing loopback up")?;
     ensure!(Path::new("/dev/kvm").exists(), "kvm_amd loaded but /dev/kvm is missing");
     setup_peer()?;
     let pf = igb_pf()?;

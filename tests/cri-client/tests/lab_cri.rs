@@ -1,0 +1,426 @@
+//! CRI acceptance: pods in vfvm VMs under real containerd 1.6 and 2.1, each
+//! configured with its snippet from `configs/containerd/`, driven through CRI with
+//! crictl's command lines (real `crictl` when it is on PATH, else this package's
+//! `vfvm-crictl`), and the pod start benchmark against containerd's runc. These
+//! run inside the lab's L2 machine (real KVM there), where `cargo xtask test` runs
+//! every `lab_*` test.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+use vfvm_test_containerd::{install_vfvm, oci, output_within, pids_named, vfvm_leftovers, which, Containerd, Version, CRI_NAMESPACE, VFVM_STATE_DIR};
+
+/// How long one CRI command may take: a pod's VM boots in about 25 s in an idle
+/// lab and in about 90 s while the host is busy (L3 under TCG-emulated SVM); two
+/// boot at once here.
+const CALL_LIMIT: Duration = Duration::from_secs(300);
+/// crictl's own per-call timeout, a little inside [`CALL_LIMIT`].
+const CRICTL_TIMEOUT: &str = "280s";
+/// How long a pod's processes may take to go after `rmp`.
+const GONE_LIMIT: Duration = Duration::from_secs(60);
+/// Between two looks at a state that changes on its own (log lines being copied).
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// An exec of `cat` takes a second or two in the lab; a minute means the exit
+/// waited on a timeout somewhere.
+const EXEC_LIMIT: Duration = Duration::from_secs(30);
+
+/// The workspace's build directory, from this test binary's path (target/debug/deps/..).
+fn build_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    exe.parent().and_then(Path::parent).expect("target/debug").to_path_buf()
+}
+
+/// The CRI client: `crictl` if installed, else ours (same command lines).
+fn crictl() -> PathBuf {
+    which("crictl").unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vfvm-crictl")))
+}
+
+/// A CRI client on one containerd, and a directory for config files and pod logs.
+struct Cri<'a> {
+    c: &'a Containerd,
+    bin: PathBuf,
+    dir: PathBuf,
+}
+
+impl<'a> Cri<'a> {
+    fn new(c: &'a Containerd) -> Result<Cri<'a>> {
+        let dir = c.dir().join("cri");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let bin = crictl();
+        eprintln!("containerd {}: CRI client {}", c.version().name(), bin.display());
+        Ok(Cri { c, bin, dir })
+    }
+
+    /// `crictl ARGS`, bounded; its output whatever its exit status.
+    fn run(&self, args: &[&str]) -> Result<Output> {
+        let endpoint = self.c.cri_endpoint();
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["--runtime-endpoint", &endpoint, "--image-endpoint", &endpoint, "--timeout", CRICTL_TIMEOUT]).args(args);
+        output_within(&mut cmd, CALL_LIMIT).with_context(|| format!("crictl {}", args.join(" ")))
+    }
+
+    /// `crictl ARGS`, which must succeed; its stdout, trimmed.
+    fn ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.run(args)?;
+        ensure!(
+            out.status.success(),
+            "crictl {} failed ({}):\nstdout: {}\nstderr: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Writes a crictl JSON config file.
+    fn file(&self, name: &str, content: &Value) -> Result<String> {
+        let path = self.dir.join(name);
+        std::fs::write(&path, serde_json::to_vec_pretty(content)?).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path.to_string_lossy().into_owned())
+    }
+
+    /// A pod config (crictl's `runp` file), with its own log directory.
+    fn pod_config(&self, name: &str) -> Result<String> {
+        let logs = self.dir.join("logs").join(name);
+        std::fs::create_dir_all(&logs)?;
+        let pod = json!({
+            "metadata": {"name": name, "namespace": "vfvm-test", "uid": format!("{name}-uid"), "attempt": 0},
+            "hostname": name,
+            "log_directory": logs,
+            "linux": {}
+        });
+        self.file(&format!("pod-{name}.json"), &pod)
+    }
+
+    /// A busybox container config running `script`.
+    fn container_config(&self, name: &str, script: &str) -> Result<String> {
+        let container = json!({
+            "metadata": {"name": name},
+            "image": {"image": oci::BUSYBOX_REF},
+            "command": ["sh", "-c", script],
+            "log_path": format!("{name}.log"),
+            "linux": {}
+        });
+        self.file(&format!("container-{name}.json"), &container)
+    }
+
+    fn runp(&self, handler: &str, pod_file: &str) -> Result<String> {
+        let id = self.ok(&["runp", "--runtime", handler, pod_file])?;
+        ensure!(!id.is_empty() && !id.contains(char::is_whitespace), "runp printed {id:?}, not a pod id");
+        Ok(id)
+    }
+
+    /// create + start; returns the container id.
+    fn create_and_start(&self, pod: &str, container_file: &str, pod_file: &str) -> Result<String> {
+        let id = self.ok(&["create", "--no-pull", pod, container_file, pod_file])?;
+        self.ok(&["start", &id])?;
+        Ok(id)
+    }
+
+    fn inspect(&self, what: &str, id: &str) -> Result<Value> {
+        let text = self.ok(&[what, id])?;
+        serde_json::from_str(&text).with_context(|| format!("crictl {what} {id} printed no JSON: {text}"))
+    }
+
+    /// Polls ContainerStatus until the container is RUNNING.
+    fn wait_running(&self, id: &str, deadline: Instant) -> Result<()> {
+        loop {
+            let status = self.inspect("inspect", id)?;
+            match status["status"]["state"].as_str() {
+                Some("CONTAINER_RUNNING") => return Ok(()),
+                Some("CONTAINER_CREATED") if Instant::now() < deadline => std::thread::sleep(POLL_INTERVAL),
+                _ => bail!("container {id} is not running: {}", status["status"]),
+            }
+        }
+    }
+
+    /// Polls `crictl logs` until it shows `needle` (the runtime copies output
+    /// into the log file as it comes).
+    fn wait_logs(&self, id: &str, needle: &str, deadline: Instant) -> Result<String> {
+        loop {
+            let out = self.run(&["logs", id])?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if out.status.success() && text.contains(needle) {
+                return Ok(text);
+            }
+            ensure!(Instant::now() < deadline, "the log of {id} never showed {needle:?}; last `crictl logs`: {}\nstdout: {text}\nstderr: {}", out.status, String::from_utf8_lossy(&out.stderr));
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// `crictl exec -s`: (exit code, stdout, stderr); it must finish within [`EXEC_LIMIT`].
+    fn exec(&self, id: &str, cmd: &[&str]) -> Result<(i32, String, String)> {
+        let args: Vec<&str> = ["exec", "-s", id].iter().copied().chain(cmd.iter().copied()).collect();
+        let started = Instant::now();
+        let out = self.run(&args)?;
+        let took = started.elapsed();
+        let code = out.status.code().with_context(|| format!("crictl exec {id} killed by a signal"))?;
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+        ensure!(took < EXEC_LIMIT, "crictl exec {id} {cmd:?} took {:.1}s (exit {code}, stdout {stdout:?}, stderr {stderr:?})", took.as_secs_f64());
+        Ok((code, stdout, stderr))
+    }
+
+    fn ids(&self, args: &[&str]) -> Result<BTreeSet<String>> {
+        Ok(self.ok(args)?.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+    }
+
+    /// stopp + rmp, timed.
+    fn remove_pod(&self, pod: &str) -> Result<()> {
+        let started = Instant::now();
+        self.ok(&["stopp", pod])?;
+        let stopped = started.elapsed();
+        self.ok(&["rmp", pod])?;
+        eprintln!("containerd {}: pod {pod}: stopp {:.1}s, rmp {:.1}s", self.c.version().name(), stopped.as_secs_f64(), (started.elapsed() - stopped).as_secs_f64());
+        Ok(())
+    }
+
+    /// Removes whatever pods are left (after a failure), reporting nothing.
+    fn remove_all_pods(&self) {
+        if let Ok(pods) = self.ids(&["pods", "-q"]) {
+            for pod in pods {
+                if let Err(e) = self.remove_pod(&pod) {
+                    eprintln!("cleanup: {e:#}");
+                }
+            }
+        }
+    }
+
+    /// What a failure message needs: the VM consoles and containerd's log (the
+    /// shim logs there too).
+    fn diagnostics(&self) -> String {
+        format!("VM consoles:\n{}\ncontainerd {} log:\n{}", consoles(), self.c.version().name(), self.c.log())
+    }
+}
+
+/// The last lines of every pod's VM console.
+fn consoles() -> String {
+    let Ok(dirs) = std::fs::read_dir(VFVM_STATE_DIR) else { return String::from("(no state dir)") };
+    let mut all = String::new();
+    for d in dirs.filter_map(|e| e.ok()) {
+        if let Ok(text) = std::fs::read_to_string(d.path().join("console.log")) {
+            let lines: Vec<&str> = text.lines().collect();
+            all += &format!("== {} ==\n{}\n", d.path().display(), lines[lines.len().saturating_sub(30)..].join("\n"));
+        }
+    }
+    all
+}
+
+/// The pod each running vfvm-vmm serves, from its kernel command line.
+fn vmm_pods() -> Vec<String> {
+    pids_named("vfvm-vmm")
+        .into_iter()
+        .map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            text.split_whitespace().find_map(|w| w.strip_prefix("vfvm.sandbox=")).unwrap_or("?").to_string()
+        })
+        .collect()
+}
+
+/// Waits until no vfvm process, mount or state is left.
+fn wait_nothing_left(what: &str) -> Result<()> {
+    let deadline = Instant::now() + GONE_LIMIT;
+    loop {
+        let left = vfvm_leftovers();
+        if left.is_empty() {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{what}: still there after {}s: {left:?}", GONE_LIMIT.as_secs());
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Starts a containerd with CRI's images and this build as its vfvm runtime.
+fn containerd(version: Version) -> Containerd {
+    install_vfvm(&build_dir(), None, |c| c).unwrap();
+    let c = Containerd::start(version).unwrap();
+    c.import_test_images_into(CRI_NAMESPACE).unwrap_or_else(|e| panic!("{e:#}\ncontainerd log:\n{}", c.log()));
+    c
+}
+
+/// Copies the VM consoles into `out` every second until dropped: the shim removes
+/// a pod's console with its state, and a VM that dies takes its pod with it.
+struct ConsoleKeeper {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ConsoleKeeper {
+    fn start(out: PathBuf) -> ConsoleKeeper {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || loop {
+            if let Ok(dirs) = std::fs::read_dir(VFVM_STATE_DIR) {
+                for d in dirs.filter_map(|e| e.ok()) {
+                    let name = format!("console-{}.log", d.file_name().to_string_lossy());
+                    let _ = std::fs::copy(d.path().join("console.log"), out.join(name));
+                }
+            }
+            if !matches!(stopped.recv_timeout(Duration::from_secs(1)), Err(std::sync::mpsc::RecvTimeoutError::Timeout)) {
+                return;
+            }
+        });
+        ConsoleKeeper { stop: Some(stop), thread: Some(thread) }
+    }
+}
+
+impl Drop for ConsoleKeeper {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs a scenario; on failure removes its pods and fails with the diagnostics.
+/// Inside the lab, containerd's log (the shim's included) and the VM consoles are
+/// kept in the run's `out` directory (`$VFVM_LAB_OUT`) either way.
+fn scenario(name: &str, c: &Containerd, body: impl FnOnce(&Cri) -> Result<()>) {
+    let cri = Cri::new(c).unwrap();
+    let keeper = std::env::var_os("VFVM_LAB_OUT").map(|out| {
+        let dir = Path::new(&out).join(name);
+        let _ = std::fs::create_dir_all(&dir);
+        ConsoleKeeper::start(dir)
+    });
+    let result = body(&cri);
+    if let Some(out) = std::env::var_os("VFVM_LAB_OUT") {
+        let path = Path::new(&out).join(name).join("containerd.log");
+        if let Err(e) = std::fs::write(&path, c.log()) {
+            eprintln!("keeping containerd's log at {}: {e}", path.display());
+        }
+    }
+    if let Err(e) = result {
+        let diagnostics = cri.diagnostics();
+        cri.remove_all_pods();
+        panic!("containerd {}: {e:#}\n{diagnostics}", c.version().name());
+    }
+    drop(keeper);
+}
+
+/// Two pods at once, RuntimeClass handlers `kata` and `rune`, each in its own VM;
+/// the containers of pod A share its VM; exec (output, exit code), logs, stopp,
+/// rmp, nothing left.
+fn pods_in_vms(version: Version) {
+    let c = containerd(version);
+    scenario(&format!("pods-in-vms-{}", version.name()), &c, |cri| {
+        let (file_a, file_b) = (cri.pod_config("pod-a")?, cri.pod_config("pod-b")?);
+        let started = Instant::now();
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| cri.runp("kata", &file_a));
+            let b = s.spawn(|| cri.runp("rune", &file_b));
+            (a.join().expect("runp thread"), b.join().expect("runp thread"))
+        });
+        let (a, b) = (a?, b?);
+        eprintln!("containerd {}: pods {a} (kata) and {b} (rune) ready after {:.1}s", version.name(), started.elapsed().as_secs_f64());
+        for (pod, handler) in [(&a, "kata"), (&b, "rune")] {
+            let status = cri.inspect("inspectp", pod)?;
+            ensure!(status["status"]["state"] == "SANDBOX_READY", "pod {pod}: {}", status["status"]);
+            ensure!(status["status"]["runtimeHandler"] == handler, "pod {pod} should run under handler {handler}: {}", status["status"]);
+        }
+        let mut vms = vmm_pods();
+        vms.sort();
+        let mut want = vec![a.clone(), b.clone()];
+        want.sort();
+        ensure!(vms == want, "one VM per pod expected; vfvm-vmm processes serve {vms:?}, pods are {want:?}");
+
+        // Two containers in pod A, one in pod B.
+        let deadline = Instant::now() + CALL_LIMIT;
+        let c1 = cri.create_and_start(&a, &cri.container_config("c1", "echo started-1; cat /proc/cmdline; exec sleep 3600")?, &file_a)?;
+        let c2 = cri.create_and_start(&a, &cri.container_config("c2", "echo started-2; exec sleep 3600")?, &file_a)?;
+        let c3 = cri.create_and_start(&b, &cri.container_config("c3", "echo started-3; exec sleep 3600")?, &file_b)?;
+        for id in [&c1, &c2, &c3] {
+            cri.wait_running(id, deadline)?;
+        }
+        ensure!(cri.ids(&["ps", "-q", "--pod", &a])? == BTreeSet::from([c1.clone(), c2.clone()]), "pod A's containers");
+
+        // The pod's containers share its VM: the same kernel command line, and
+        // still one VM per pod.
+        for (id, pod) in [(&c1, &a), (&c2, &a), (&c3, &b)] {
+            let (code, stdout, stderr) = cri.exec(id, &["cat", "/proc/cmdline"])?;
+            let marker = format!("vfvm.sandbox={pod}");
+            ensure!(code == 0 && stdout.split_whitespace().any(|w| w == marker), "container {id} should run in pod {pod}'s VM; exec: {code}, stdout {stdout:?}, stderr {stderr:?}");
+        }
+        let vms = vmm_pods();
+        ensure!(vms.len() == 2, "containers must not start VMs of their own: vfvm-vmm processes serve {vms:?}");
+
+        // exec: output on both streams, the exit code.
+        let (code, stdout, stderr) = cri.exec(&c1, &["sh", "-c", "echo out; echo err >&2; exit 3"])?;
+        ensure!((code, stdout.as_str(), stderr.as_str()) == (3, "out\n", "err\n"), "exec: exit {code}, stdout {stdout:?}, stderr {stderr:?}");
+
+        // logs: what the container printed, through containerd's CRI log file.
+        let log = cri.wait_logs(&c1, "started-1", deadline)?;
+        ensure!(log.contains(&format!("vfvm.sandbox={a}")), "c1's log should hold its /proc/cmdline: {log:?}");
+        cri.wait_logs(&c2, "started-2", deadline)?;
+        cri.wait_logs(&c3, "started-3", deadline)?;
+
+        let started = Instant::now();
+        for pod in [&a, &b] {
+            cri.remove_pod(pod)?;
+        }
+        eprintln!("containerd {}: both pods stopped and removed in {:.1}s", version.name(), started.elapsed().as_secs_f64());
+        ensure!(cri.ids(&["pods", "-q"])?.is_empty() && cri.ids(&["ps", "-a", "-q"])?.is_empty(), "pods or containers left in CRI");
+        wait_nothing_left("after stopp and rmp")
+    });
+    c.stop().unwrap();
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn lab_cri_pods_in_vms_containerd_1_6() {
+    pods_in_vms(Version::V1_6);
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn lab_cri_pods_in_vms_containerd_2_1() {
+    pods_in_vms(Version::V2_1);
+}
+
+/// Rounds per runtime handler in the benchmark.
+const BENCH_ROUNDS: usize = 3;
+
+/// One pod start as Kubernetes sees it: runp, create, start, until the container
+/// is RUNNING. Returns the time; removes the pod afterwards.
+fn timed_pod_start(cri: &Cri, handler: &str, n: usize) -> Result<Duration> {
+    let name = format!("bench-{handler}-{n}");
+    let pod_file = cri.pod_config(&name)?;
+    let container_file = cri.container_config(&format!("{name}-c"), "exec sleep 3600")?;
+    let started = Instant::now();
+    let pod = cri.runp(handler, &pod_file)?;
+    let id = cri.create_and_start(&pod, &container_file, &pod_file)?;
+    cri.wait_running(&id, started + CALL_LIMIT)?;
+    let took = started.elapsed();
+    cri.remove_pod(&pod)?;
+    Ok(took)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn lab_cri_bench_pod_start_vfvm_vs_runc() {
+    let c = containerd(Version::V2_1);
+    scenario("bench-pod-start", &c, |cri| {
+        let (mut vfvm, mut runc) = (Vec::new(), Vec::new());
+        // Alternating, so a busy phase of the host weighs on both.
+        for n in 0..BENCH_ROUNDS {
+            runc.push(timed_pod_start(cri, "runc", n)?);
+            vfvm.push(timed_pod_start(cri, "kata", n)?);
+        }
+        let secs = |v: &[Duration]| v.iter().map(|d| format!("{:.2}", d.as_secs_f64())).collect::<Vec<_>>().join(", ");
+        eprintln!("containerd 2.1 runs (s): vfvm [{}], runc [{}]", secs(&vfvm), secs(&runc));
+        let (v, r) = (median(vfvm), median(runc));
+        println!("pod start: vfvm {:.2} s, runc {:.2} s, ratio {:.1} (medians of {BENCH_ROUNDS}, runp..container running, containerd 2.1 CRI, lab L2 under TCG)", v.as_secs_f64(), r.as_secs_f64(), v.as_secs_f64() / r.as_secs_f64());
+        ensure!(cri.ids(&["pods", "-q"])?.is_empty(), "pods left in CRI");
+        wait_nothing_left("after the benchmark")
+    });
+    c.stop().unwrap();
+}
