@@ -323,15 +323,17 @@ fn lab_shim_bad_input_fails_the_pod_clearly_and_leaves_nothing_containerd_2_1() 
 #[test]
 #[ignore = "needs the lab: run by cargo xtask test"]
 fn lab_shim_a_missing_kernel_fails_the_pod_clearly_and_leaves_nothing() {
-    install(Some("/nonexistent/vmlinuz"));
-    let c = Containerd::start(Version::V1_6).unwrap();
-    c.import_test_images().unwrap();
-    let out = c.ctr_output(&["run", "--rm", "--runtime", RUNTIME, oci::BUSYBOX_REF, "nokernel", "true"]).unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("hypervisor.kernel") && stderr.contains("/nonexistent/vmlinuz"), "the error should name the setting and the path: {stderr}");
-    let _ = c.ctr_output(&["container", "delete", "nokernel"]);
-    assert_nothing_left("after a failed create");
-    c.stop().unwrap();
+    for version in Version::ALL {
+        install(Some("/nonexistent/vmlinuz"));
+        let c = Containerd::start(version).unwrap();
+        c.import_test_images().unwrap();
+        let out = c.ctr_within(&["run", "--rm", "--runtime", RUNTIME, oci::BUSYBOX_REF, "nokernel", "true"], CTR_LIMIT).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "containerd {}: the pod should fail", version.name());
+        assert!(stderr.contains("hypervisor.kernel") && stderr.contains("/nonexistent/vmlinuz"), "containerd {}: the error should name the setting and the path: {stderr}", version.name());
+        let _ = c.ctr_within(&["container", "delete", "nokernel"], CTR_LIMIT).unwrap();
+        assert_nothing_left("after a failed create");
+        c.stop().unwrap();
+    }
     install(None);
 }
