@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vfvm_test_containerd::{install_vfvm, oci, pids_named, vfvm_leftovers, wait_exit, Containerd, Version, VFVM_STATE_DIR};
+use vfvm_test_containerd::{install_vfvm, oci, pids_named, vfvm_consoles, vfvm_leftovers, wait_exit, Containerd, Version};
 
 const RUNTIME: &str = "io.containerd.vfvm.v2";
 
@@ -56,7 +56,7 @@ const CTR_LIMIT: Duration = Duration::from_secs(300);
 fn exec_kill_delete(c: &Containerd, pod: &str) {
     let mut events = c.events().unwrap();
     let fail = |what: &str, out: &std::process::Output| -> String {
-        format!("{what}: {}\nstdout: {}\nstderr: {}\nconsoles:\n{}\ncontainerd log:\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr), consoles(), c.log())
+        format!("{what}: {}\nstdout: {}\nstderr: {}\nconsoles:\n{}\ncontainerd log:\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr), vfvm_consoles(), c.log())
     };
     let out = c.ctr_within(&["run", "-d", "--runtime", RUNTIME, oci::PAUSE_REF, pod], CTR_LIMIT).unwrap();
     assert!(out.status.success(), "{}", fail("ctr run -d", &out));
@@ -72,7 +72,7 @@ fn exec_kill_delete(c: &Containerd, pod: &str) {
     assert!(out.status.success(), "{}", fail("ctr task exec --detach", &out));
     let out = c.ctr_within(&["task", "kill", "--exec-id", "e2", "--signal", "SIGKILL", pod], CTR_LIMIT).unwrap();
     assert!(out.status.success(), "{}", fail("ctr task kill --exec-id", &out));
-    let exit = events.wait_for("/tasks/exit", "e2", Instant::now() + CTR_LIMIT).unwrap_or_else(|e| panic!("{e}\nconsoles:\n{}\ncontainerd log:\n{}", consoles(), c.log()));
+    let exit = events.wait_for("/tasks/exit", "e2", Instant::now() + CTR_LIMIT).unwrap_or_else(|e| panic!("{e}\nconsoles:\n{}\ncontainerd log:\n{}", vfvm_consoles(), c.log()));
     assert!(exit.contains("\"exit_status\":137"), "the exec's exit event: {exit}");
 
     exec_with_a_tty(c, pod);
@@ -89,7 +89,7 @@ fn exec_kill_delete(c: &Containerd, pod: &str) {
     // The init's exit: the execs' exits name the container too.
     let init_exit = format!("\"id\":\"{pod}\"");
     loop {
-        let exit = events.wait_for("/tasks/exit", pod, Instant::now() + CTR_LIMIT).unwrap_or_else(|e| panic!("{e}\nconsoles:\n{}\ncontainerd log:\n{}", consoles(), c.log()));
+        let exit = events.wait_for("/tasks/exit", pod, Instant::now() + CTR_LIMIT).unwrap_or_else(|e| panic!("{e}\nconsoles:\n{}\ncontainerd log:\n{}", vfvm_consoles(), c.log()));
         if exit.contains(&init_exit) {
             break;
         }
@@ -199,19 +199,6 @@ fn wait_bounded(child: &mut std::process::Child, deadline: Instant) -> std::proc
     child.wait().unwrap()
 }
 
-/// The last lines of every pod's VM console, for failure messages.
-fn consoles() -> String {
-    let Ok(dirs) = std::fs::read_dir(VFVM_STATE_DIR) else { return String::from("(no state dir)") };
-    let mut all = String::new();
-    for d in dirs.filter_map(|e| e.ok()) {
-        if let Ok(text) = std::fs::read_to_string(d.path().join("console.log")) {
-            let lines: Vec<&str> = text.lines().collect();
-            all += &format!("== {} ==\n{}\n", d.path().display(), lines[lines.len().saturating_sub(30)..].join("\n"));
-        }
-    }
-    all
-}
-
 #[test]
 #[ignore = "needs the lab: run by cargo xtask test"]
 fn lab_shim_ctr_run_in_a_vm_containerd_1_6() {
@@ -234,7 +221,7 @@ fn killed_shim(version: Version) {
     let mut events = c.events().unwrap();
     let pod = format!("killed-{}", version.name().replace('.', ""));
     let out = c.ctr_within(&["run", "-d", "--runtime", RUNTIME, oci::PAUSE_REF, &pod], CTR_LIMIT).unwrap();
-    assert!(out.status.success(), "ctr run -d: {}\nconsoles:\n{}\ncontainerd log:\n{}", String::from_utf8_lossy(&out.stderr), consoles(), c.log());
+    assert!(out.status.success(), "ctr run -d: {}\nconsoles:\n{}\ncontainerd log:\n{}", String::from_utf8_lossy(&out.stderr), vfvm_consoles(), c.log());
     let shims = pids_named("containerd-shim-vfvm-v2");
     assert_eq!(shims.len(), 1, "one shim for the pod: {shims:?}");
     assert_eq!(pids_named("vfvm-vmm").len(), 1, "the pod's VMM");

@@ -11,7 +11,6 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use vfvm_protocols::vmm_api::{Request, Response, VmmClient};
@@ -145,25 +144,13 @@ fn lab_virtiofs_guest_reads_the_tree_writes_back_then_virtiofsd_ends_with_the_vm
     let vmm_deadline = common::KillAfter::new(child.id(), BOUND);
     let (rx, _reader) = common::lines(child.stdout.take().unwrap());
 
-    let mut console = Vec::new();
     let mut shutdown = None;
-    loop {
-        match rx.recv_timeout(BOUND.saturating_sub(started.elapsed())) {
-            Ok(line) => {
-                println!("guest: {line}");
-                if line.contains(&format!("{MARKER} probe waiting for the power button")) {
-                    let mut c = VmmClient::connect(&api, IO_LIMIT).expect("connect to the control API");
-                    shutdown = Some(c.call(Request::Shutdown { force: false }).expect("graceful shutdown"));
-                }
-                console.push(line);
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                let _ = child.kill();
-                panic!("no end within {BOUND:?}; console:\n{}", console.join("\n"));
-            }
+    let console = common::follow_console(&rx, &mut child, started, BOUND, |line| {
+        if line.contains(&format!("{MARKER} probe waiting for the power button")) {
+            let mut c = VmmClient::connect(&api, IO_LIMIT).expect("connect to the control API");
+            shutdown = Some(c.call(Request::Shutdown { force: false }).expect("graceful shutdown"));
         }
-    }
+    });
     let status = child.wait().unwrap();
     drop(vmm_deadline);
     let secs = started.elapsed().as_secs_f64();
@@ -242,45 +229,33 @@ fn lab_virtiofs_backend_death_gives_the_guest_eio_and_the_vmm_carries_on() {
     let (rx, _reader) = common::lines(child.stdout.take().unwrap());
     let (vmm_log, _log_reader) = common::lines(child.stderr.take().unwrap());
 
-    let mut console = Vec::new();
     let mut shutdown = None;
     let mut lost = None;
-    loop {
-        match rx.recv_timeout(BOUND.saturating_sub(started.elapsed())) {
-            Ok(line) => {
-                println!("guest: {line}");
-                if line.contains(&format!("{MARKER} probe virtiofs waiting for the host on vsock port {PORT}")) {
-                    // Kill the backend, see the VMM notice, then let the guest go on.
-                    let status = {
-                        let mut c = virtiofsd.0.take().unwrap();
-                        c.kill().unwrap();
-                        c.wait().unwrap()
-                    };
-                    assert!(!status.success());
-                    lost = Some(
-                        common::wait_for_line(&vmm_log, "the backend closed the connection", IO_LIMIT)
-                            .unwrap_or_else(|seen| panic!("the VMM did not notice: {seen:?}")),
-                    );
-                    let mut s = std::os::unix::net::UnixStream::connect(&vsock).unwrap();
-                    s.set_read_timeout(Some(IO_LIMIT)).unwrap();
-                    s.write_all(format!("CONNECT {PORT}\n").as_bytes()).unwrap();
-                    let mut answer = String::new();
-                    BufReader::new(&s).read_line(&mut answer).unwrap();
-                    assert!(answer.starts_with("OK "), "{answer:?}");
-                }
-                if line.contains(&format!("{MARKER} probe waiting for the power button")) {
-                    let mut c = VmmClient::connect(&api, IO_LIMIT).expect("connect to the control API");
-                    shutdown = Some(c.call(Request::Shutdown { force: false }).expect("graceful shutdown"));
-                }
-                console.push(line);
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                let _ = child.kill();
-                panic!("no end within {BOUND:?}; console:\n{}", console.join("\n"));
-            }
+    let console = common::follow_console(&rx, &mut child, started, BOUND, |line| {
+        if line.contains(&format!("{MARKER} probe virtiofs waiting for the host on vsock port {PORT}")) {
+            // Kill the backend, see the VMM notice, then let the guest go on.
+            let status = {
+                let mut c = virtiofsd.0.take().unwrap();
+                c.kill().unwrap();
+                c.wait().unwrap()
+            };
+            assert!(!status.success());
+            lost = Some(
+                common::wait_for_line(&vmm_log, "the backend closed the connection", IO_LIMIT)
+                    .unwrap_or_else(|seen| panic!("the VMM did not notice: {seen:?}")),
+            );
+            let mut s = std::os::unix::net::UnixStream::connect(&vsock).unwrap();
+            s.set_read_timeout(Some(IO_LIMIT)).unwrap();
+            s.write_all(format!("CONNECT {PORT}\n").as_bytes()).unwrap();
+            let mut answer = String::new();
+            BufReader::new(&s).read_line(&mut answer).unwrap();
+            assert!(answer.starts_with("OK "), "{answer:?}");
         }
-    }
+        if line.contains(&format!("{MARKER} probe waiting for the power button")) {
+            let mut c = VmmClient::connect(&api, IO_LIMIT).expect("connect to the control API");
+            shutdown = Some(c.call(Request::Shutdown { force: false }).expect("graceful shutdown"));
+        }
+    });
     let status = child.wait().unwrap();
     drop(vmm_deadline);
     let text = console.join("\n");

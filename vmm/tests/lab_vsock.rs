@@ -17,7 +17,6 @@ use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -142,34 +141,21 @@ fn lab_vsock_streams_both_ways_then_graceful_shutdown_over_the_api() {
         .expect("start vfvm-vmm");
     let (rx, _reader) = common::lines(child.stdout.take().unwrap());
 
-    let mut console = Vec::new();
     let mut clients: Vec<JoinHandle<Result<u32, String>>> = Vec::new();
     let mut answers = Vec::new();
-    loop {
-        let left = BOUND.saturating_sub(started.elapsed());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                println!("guest: {line}");
-                if line.contains(&format!("{MARKER} probe listening")) {
-                    for id in 0..STREAMS {
-                        let socket = socket.clone();
-                        clients.push(std::thread::spawn(move || host_stream(&socket, 100 + id)));
-                    }
-                }
-                if line.contains(&format!("{MARKER} probe waiting for the power button")) {
-                    let mut c = VmmClient::connect(&api, IO_LIMIT).expect("connect to the control API");
-                    answers.push(c.call(Request::Status).expect("status"));
-                    answers.push(c.call(Request::Shutdown { force: false }).expect("graceful shutdown"));
-                }
-                console.push(line);
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                let _ = child.kill();
-                panic!("no end within {BOUND:?}; console:\n{}", console.join("\n"));
+    let console = common::follow_console(&rx, &mut child, started, BOUND, |line| {
+        if line.contains(&format!("{MARKER} probe listening")) {
+            for id in 0..STREAMS {
+                let socket = socket.clone();
+                clients.push(std::thread::spawn(move || host_stream(&socket, 100 + id)));
             }
         }
-    }
+        if line.contains(&format!("{MARKER} probe waiting for the power button")) {
+            let mut c = VmmClient::connect(&api, IO_LIMIT).expect("connect to the control API");
+            answers.push(c.call(Request::Status).expect("status"));
+            answers.push(c.call(Request::Shutdown { force: false }).expect("graceful shutdown"));
+        }
+    });
     let status = child.wait().unwrap();
     let secs = started.elapsed().as_secs_f64();
     let has = |s: &str| console.iter().any(|l| l.contains(s));

@@ -681,6 +681,20 @@ pub fn vfvm_leftovers() -> Vec<String> {
     left
 }
 
+/// The last 30 lines of every vfvm pod's VM console (`<state>/<pod>/console.log`),
+/// for failure messages.
+pub fn vfvm_consoles() -> String {
+    let Ok(dirs) = std::fs::read_dir(VFVM_STATE_DIR) else { return String::from("(no state dir)") };
+    let mut all = String::new();
+    for d in dirs.filter_map(|e| e.ok()) {
+        if let Ok(text) = std::fs::read_to_string(d.path().join("console.log")) {
+            let lines: Vec<&str> = text.lines().collect();
+            all += &format!("== {} ==\n{}\n", d.path().display(), lines[lines.len().saturating_sub(30)..].join("\n"));
+        }
+    }
+    all
+}
+
 /// A program on PATH, or in cargo's bin directory (where `cargo install` puts it).
 pub fn which(name: &str) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();

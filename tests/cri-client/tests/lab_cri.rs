@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
-use vfvm_test_containerd::{install_vfvm, oci, output_within, pids_named, vfvm_leftovers, which, Containerd, Version, CRI_NAMESPACE, VFVM_STATE_DIR};
+use vfvm_test_containerd::{install_vfvm, oci, output_within, pids_named, vfvm_consoles, vfvm_leftovers, which, Containerd, Version, CRI_NAMESPACE, VFVM_STATE_DIR};
 
 /// How long one CRI command may take: a pod's VM boots in about 25 s in an idle
 /// lab and in about 90 s while the host is busy (L3 under TCG-emulated SVM); two
@@ -193,21 +193,8 @@ impl<'a> Cri<'a> {
     /// What a failure message needs: the VM consoles and containerd's log (the
     /// shim logs there too).
     fn diagnostics(&self) -> String {
-        format!("VM consoles:\n{}\ncontainerd {} log:\n{}", consoles(), self.c.version().name(), self.c.log())
+        format!("VM consoles:\n{}\ncontainerd {} log:\n{}", vfvm_consoles(), self.c.version().name(), self.c.log())
     }
-}
-
-/// The last lines of every pod's VM console.
-fn consoles() -> String {
-    let Ok(dirs) = std::fs::read_dir(VFVM_STATE_DIR) else { return String::from("(no state dir)") };
-    let mut all = String::new();
-    for d in dirs.filter_map(|e| e.ok()) {
-        if let Ok(text) = std::fs::read_to_string(d.path().join("console.log")) {
-            let lines: Vec<&str> = text.lines().collect();
-            all += &format!("== {} ==\n{}\n", d.path().display(), lines[lines.len().saturating_sub(30)..].join("\n"));
-        }
-    }
-    all
 }
 
 /// The pod each running vfvm-vmm serves, from its kernel command line.

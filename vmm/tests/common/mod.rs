@@ -21,6 +21,27 @@ pub fn lines<R: Read + Send + 'static>(source: R) -> (Receiver<String>, JoinHand
     (rx, reader)
 }
 
+/// Follows a guest's console until the VMM closes it: each line is printed, handed
+/// to `on_line` and kept. Past `bound` (from `started`) the VMM is killed and the test
+/// fails with the console so far. Returns every line.
+pub fn follow_console(rx: &Receiver<String>, child: &mut std::process::Child, started: std::time::Instant, bound: Duration, mut on_line: impl FnMut(&str)) -> Vec<String> {
+    let mut console = Vec::new();
+    loop {
+        match rx.recv_timeout(bound.saturating_sub(started.elapsed())) {
+            Ok(line) => {
+                println!("guest: {line}");
+                on_line(&line);
+                console.push(line);
+            }
+            Err(RecvTimeoutError::Disconnected) => return console,
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!("no end within {bound:?}; console:\n{}", console.join("\n"));
+            }
+        }
+    }
+}
+
 /// SIGKILLs process `pid` unless dropped within `limit`: bounds a wait on a VMM that
 /// might miss its stop and run forever.
 pub struct KillAfter {
