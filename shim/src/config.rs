@@ -189,7 +189,11 @@ impl Config {
             vcpus: number(VCPUS_ANNOTATION, 1, h.max_vcpus, h.default_vcpus)?,
             memory_mib: number(MEMORY_ANNOTATION, MIN_MEMORY_MIB, h.max_memory_mib, h.default_memory_mib)?,
             sriov: sriov_enabled(annotations.iter().map(|(k, v)| (k.as_str(), v.as_str())), self.sriov.enabled_by_default)
-                .map_err(|e| ConfigError::Annotation { key: crate::vf::spec::ENABLE_SRIOV_ANNOTATION.into(), value: annotations.get(crate::vf::spec::ENABLE_SRIOV_ANNOTATION).cloned().unwrap_or_default(), expected: e.to_string() })?,
+                .map_err(|_| ConfigError::Annotation {
+                    key: crate::vf::spec::ENABLE_SRIOV_ANNOTATION.into(),
+                    value: annotations.get(crate::vf::spec::ENABLE_SRIOV_ANNOTATION).cloned().unwrap_or_default(),
+                    expected: "\"true\" or \"false\"".into(),
+                })?,
         })
     }
 }
@@ -250,6 +254,7 @@ mod tests {
         for (k, v) in [(VCPUS_ANNOTATION, "9"), (VCPUS_ANNOTATION, "0"), (VCPUS_ANNOTATION, "two"), (MEMORY_ANNOTATION, "16385"), (MEMORY_ANNOTATION, "-1"), ("io.katacontainers.config.runtime.enable_sriov", "yes")] {
             let err = c.sandbox_settings(&a(&[(k, v)])).unwrap_err().to_string();
             assert!(err.contains(k) && err.contains(&format!("{v:?}")), "{k}={v}: {err}");
+            assert_eq!(err.matches(k).count(), 1, "the annotation is named once: {err}");
         }
     }
 

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -80,6 +81,8 @@ struct Process {
     attached: watch::Sender<bool>,
     /// One message per output copier when it stops.
     drained: Mutex<Option<(mpsc::Receiver<()>, usize)>>,
+    /// Tells the output copiers to stop once the drain bound has passed.
+    abandon_output: Arc<AtomicBool>,
 }
 
 impl Process {
@@ -93,6 +96,7 @@ impl Process {
             exited: watch::channel(false).0,
             attached: watch::channel(false).0,
             drained: Mutex::new(None),
+            abandon_output: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -107,10 +111,11 @@ impl Process {
     /// Starts the stdio copiers (before the process runs, so no output is missed).
     fn attach(&self, agent: &Arc<agent_api::AgentClient>, log_id: &str) {
         let (tx, rx) = mpsc::channel();
+        let control = stdio::CopierControl { done: tx, abandon: self.abandon_output.clone() };
         let mut n = 0;
         let outs = [(OutStream::Stdout, self.stdio.stdout.clone()), (OutStream::Stderr, if self.stdio.terminal { String::new() } else { self.stdio.stderr.clone() })];
         for (stream, target) in outs {
-            if stdio::spawn_output(agent.clone(), self.container_id.clone(), self.exec_id.clone(), stream, target, tx.clone(), log_id.into()).is_some() {
+            if stdio::spawn_output(agent.clone(), self.container_id.clone(), self.exec_id.clone(), stream, target, control.clone(), log_id.into()).is_some() {
                 n += 1;
             }
         }
@@ -120,7 +125,8 @@ impl Process {
         self.attached.send_replace(true);
     }
 
-    /// Waits (bounded) until the output copiers have passed on everything.
+    /// Waits (bounded) until the output copiers have passed on everything; past the
+    /// bound they are told to stop, so the FIFOs close and an attached client ends.
     fn wait_drained(&self) {
         let taken = self.drained.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some((rx, n)) = taken {
@@ -128,6 +134,7 @@ impl Process {
             for _ in 0..n {
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
                 if rx.recv_timeout(left).is_err() {
+                    self.abandon_output.store(true, Ordering::SeqCst);
                     break;
                 }
             }

@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -51,9 +52,20 @@ pub fn validate(paths: &StdioPaths) -> Result<(), String> {
     Ok(())
 }
 
+/// How an output copier reports that it stopped, and is told to stop.
+#[derive(Clone)]
+pub struct CopierControl {
+    /// Signalled when the copier stops, whatever the reason.
+    pub done: mpsc::Sender<()>,
+    /// Set once the process's exit has been reported and the output did not end.
+    pub abandon: Arc<AtomicBool>,
+}
+
 /// Copies one output stream of (`container`, `exec`) until the agent reports its
-/// end; `done` is signalled when it stops, whatever the reason.
-pub fn spawn_output(agent: Arc<AgentClient>, container: String, exec: String, stream: OutStream, target: String, done: mpsc::Sender<()>, log_id: String) -> Option<JoinHandle<()>> {
+/// end, or until `control.abandon` is set (checked at least every `READ_WAIT_MS`):
+/// a child the process left behind can hold the stream open for ever, and
+/// containerd's reader (an attached `ctr task exec`) waits for the FIFO to close.
+pub fn spawn_output(agent: Arc<AgentClient>, container: String, exec: String, stream: OutStream, target: String, control: CopierControl, log_id: String) -> Option<JoinHandle<()>> {
     if target.is_empty() {
         return None;
     }
@@ -89,6 +101,10 @@ pub fn spawn_output(agent: Arc<AgentClient>, container: String, exec: String, st
                         if resp.eof {
                             break;
                         }
+                        if control.abandon.load(Ordering::SeqCst) {
+                            tracing::info!(sandbox = %log_id, "{name}: still open after the process's exit was reported; closing it");
+                            break;
+                        }
                     }
                     Err(e) => {
                         tracing::debug!(sandbox = %log_id, "{name}: {}", crate::sandbox::agent_message(&e));
@@ -96,7 +112,7 @@ pub fn spawn_output(agent: Arc<AgentClient>, container: String, exec: String, st
                     }
                 }
             }
-            let _ = done.send(());
+            let _ = control.done.send(());
         })
         .ok()
 }

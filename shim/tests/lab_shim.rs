@@ -66,14 +66,18 @@ fn exec_kill_delete(c: &Containerd, pod: &str) {
     assert!(stdout.contains("from-exec") && stdout.contains(&format!("vfvm.sandbox={pod}")), "{}", fail("ctr task exec", &out));
     assert_eq!(out.status.code(), Some(3), "{}", fail("the exec's exit code", &out));
 
-    // An exec killed with SIGKILL exits 137. Detached: ctr would otherwise also wait
-    // for the exec's output to close (see the README's "Not done yet").
-    let out = c.ctr_within(&["task", "exec", "--detach", "--exec-id", "e2", pod, "sleep", "1000"], CTR_LIMIT).unwrap();
-    assert!(out.status.success(), "{}", fail("ctr task exec --detach", &out));
-    let out = c.ctr_within(&["task", "kill", "--exec-id", "e2", "--signal", "SIGKILL", pod], CTR_LIMIT).unwrap();
-    assert!(out.status.success(), "{}", fail("ctr task kill --exec-id", &out));
-    let exit = events.wait_for("/tasks/exit", "e2", Instant::now() + CTR_LIMIT).unwrap_or_else(|e| panic!("{e}\nconsoles:\n{}\ncontainerd log:\n{}", vfvm_consoles(), c.log()));
-    assert!(exit.contains("\"exit_status\":137"), "the exec's exit event: {exit}");
+    // An exec killed with SIGKILL exits 137, in its exit event and for the attached
+    // ctr, which returns only once the shim has closed the exec's output FIFOs.
+    std::thread::scope(|s| {
+        let attached = s.spawn(|| c.ctr_within(&["task", "exec", "--exec-id", "e2", pod, "sleep", "1000"], CTR_LIMIT));
+        events.wait_for("/tasks/exec-started", "e2", Instant::now() + CTR_LIMIT).unwrap_or_else(|e| panic!("{e}\nconsoles:\n{}\ncontainerd log:\n{}", vfvm_consoles(), c.log()));
+        let out = c.ctr_within(&["task", "kill", "--exec-id", "e2", "--signal", "SIGKILL", pod], CTR_LIMIT).unwrap();
+        assert!(out.status.success(), "{}", fail("ctr task kill --exec-id", &out));
+        let exit = events.wait_for("/tasks/exit", "e2", Instant::now() + CTR_LIMIT).unwrap_or_else(|e| panic!("{e}\nconsoles:\n{}\ncontainerd log:\n{}", vfvm_consoles(), c.log()));
+        assert!(exit.contains("\"exit_status\":137"), "the exec's exit event: {exit}");
+        let out = attached.join().expect("the attached ctr exec's thread").unwrap();
+        assert_eq!(out.status.code(), Some(137), "{}", fail("the attached ctr task exec of the SIGKILLed exec", &out));
+    });
 
     exec_with_a_tty(c, pod);
     let out = c.ctr_within(&["task", "ps", pod], CTR_LIMIT).unwrap();

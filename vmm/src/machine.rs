@@ -75,6 +75,8 @@ pub enum GuestExit {
     PowerOff,
     Reset,
     Panic,
+    /// The guest crashed with a triple fault.
+    TripleFault,
     /// Stopped by the control API (a forced shutdown).
     Stopped,
 }
@@ -87,6 +89,7 @@ impl GuestExit {
             GuestExit::Reset => 2,
             GuestExit::Panic => 3,
             GuestExit::Stopped => 4,
+            GuestExit::TripleFault => 5,
         }
     }
 }
@@ -446,6 +449,7 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
         VcpuStop::Panic => GuestExit::Panic,
         VcpuStop::Reset if panicked.load(Ordering::SeqCst) => GuestExit::Panic,
         VcpuStop::Reset => GuestExit::Reset,
+        VcpuStop::TripleFault => GuestExit::TripleFault,
         VcpuStop::Stopped if control.forced.load(Ordering::SeqCst) => GuestExit::Stopped,
         VcpuStop::Halted | VcpuStop::Stopped => return Err(MachineError::Halted(id)),
     };

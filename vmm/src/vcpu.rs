@@ -21,8 +21,11 @@ use crate::bus::{Bus, BusAction};
 pub enum VcpuStop {
     /// The guest powered off (ACPI S5).
     PowerOff,
-    /// The guest asked to reset (i8042, or a triple fault).
+    /// The guest asked to reset (i8042, ACPI reset register, or KVM's reset event).
     Reset,
+    /// The guest crashed: an exception while delivering a double fault (KVM's
+    /// shutdown exit). Real hardware resets here; a VMM reports it as a crash.
+    TripleFault,
     /// The guest kernel panicked (seen on its console).
     Panic,
     /// HLT with interrupts that nothing will deliver (no in-kernel irqchip): only
@@ -182,6 +185,37 @@ impl Vcpu {
         self.stop = stop;
     }
 
+    /// Logs where a crashed guest was, so a triple fault can be told apart from a
+    /// requested reset and traced to its code.
+    fn log_crash_state(&self) {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            // KVM on AMD reinitializes the vCPU before it reports the shutdown (the
+            // VMCB is undefined after one), so there is nothing left to show.
+            (Ok(r), Ok(s)) if r.rip == 0xfff0 && s.cs.selector == 0xf000 => {
+                tracing::warn!("the guest triple-faulted (KVM reset the vCPU before reporting it, as it does on AMD: its state is gone)")
+            }
+            (Ok(r), Ok(s)) => tracing::warn!(
+                rip = format_args!("{:#x}", r.rip),
+                rsp = format_args!("{:#x}", r.rsp),
+                rflags = format_args!("{:#x}", r.rflags),
+                cs = format_args!("{:#x}", s.cs.selector),
+                cr0 = format_args!("{:#x}", s.cr0),
+                cr2 = format_args!("{:#x}", s.cr2),
+                cr3 = format_args!("{:#x}", s.cr3),
+                cr4 = format_args!("{:#x}", s.cr4),
+                efer = format_args!("{:#x}", s.efer),
+                idt = format_args!("{:#x}/{:#x}", s.idt.base, s.idt.limit),
+                gs_base = format_args!("{:#x}", s.gs.base),
+                "the guest triple-faulted"
+            ),
+            (regs, sregs) => tracing::warn!(
+                regs = ?regs.err(),
+                sregs = ?sregs.err(),
+                "the guest triple-faulted; its registers could not be read"
+            ),
+        }
+    }
+
     /// Runs the guest until it stops. Accesses to addresses with no device read as
     /// all ones and are dropped on write, as on real hardware.
     pub fn run(&mut self) -> Result<VcpuStop, VcpuError> {
@@ -222,7 +256,10 @@ impl Vcpu {
                     BusAction::None
                 }
                 VcpuExit::Hlt => return Ok(VcpuStop::Halted),
-                VcpuExit::Shutdown => return Ok(VcpuStop::Reset),
+                VcpuExit::Shutdown => {
+                    self.log_crash_state();
+                    return Ok(VcpuStop::TripleFault);
+                }
                 VcpuExit::FailEntry(reason, _) => return Err(VcpuError::FailEntry(reason)),
                 VcpuExit::InternalError => return Err(VcpuError::Internal),
                 VcpuExit::SystemEvent(kind, _) => {

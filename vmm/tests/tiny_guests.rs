@@ -132,6 +132,19 @@ fn an_i8042_reset_stops_the_vcpu_as_a_reset() {
 }
 
 #[test]
+#[ignore = "this machine's paravirtual KVM fails real-mode exception delivery with an internal error: runs in the lab"]
+fn lab_a_triple_fault_is_told_apart_from_a_reset() {
+    // An empty real-mode IVT (limit 0 at 0x2000, which is zeroed memory): int3 cannot
+    // be delivered, nor the #GP for that, nor the double fault: the CPU shuts down.
+    let code = [
+        0x0f, 0x01, 0x1e, 0x00, 0x20, // lidt [0x2000]
+        0xcc, // int3
+    ];
+    let (_g, mut vcpu) = guest(&code, true);
+    assert_eq!(vcpu.run().unwrap(), VcpuStop::TripleFault);
+}
+
+#[test]
 fn hlt_without_an_irqchip_is_reported() {
     let code = [0xba, 0xf8, 0x03, 0xb0, b'z', 0xee, 0xf4]; // out 0x3f8, 'z'; hlt
     let (g, mut vcpu) = guest(&code, false);

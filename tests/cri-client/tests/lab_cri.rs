@@ -86,12 +86,19 @@ impl<'a> Cri<'a> {
 
     /// A pod config (crictl's `runp` file), with its own log directory.
     fn pod_config(&self, name: &str) -> Result<String> {
+        self.pod_config_annotated(name, &[])
+    }
+
+    /// A pod config with these annotations.
+    fn pod_config_annotated(&self, name: &str, annotations: &[(&str, &str)]) -> Result<String> {
         let logs = self.dir.join("logs").join(name);
         std::fs::create_dir_all(&logs)?;
+        let annotations: serde_json::Map<String, Value> = annotations.iter().map(|(k, v)| (k.to_string(), Value::from(*v))).collect();
         let pod = json!({
             "metadata": {"name": name, "namespace": "vfvm-test", "uid": format!("{name}-uid"), "attempt": 0},
             "hostname": name,
             "log_directory": logs,
+            "annotations": annotations,
             "linux": {}
         });
         self.file(&format!("pod-{name}.json"), &pod)
@@ -366,6 +373,47 @@ fn lab_cri_pods_in_vms_containerd_1_6() {
 #[ignore = "needs the lab: run by cargo xtask test"]
 fn lab_cri_pods_in_vms_containerd_2_1() {
     pods_in_vms(Version::V2_1);
+}
+
+/// Pods with bad annotations, through CRI: runp fails with an error that names the
+/// annotation, the value and what was expected (containerd passes
+/// `io.katacontainers.*` on, per the config snippet), and nothing is left behind:
+/// no VM, no state, no pod in CRI.
+fn bad_annotations(version: Version) {
+    let c = containerd(version);
+    scenario(&format!("bad-annotations-{}", version.name()), &c, |cri| {
+        let cases: [(&str, &str, &[&str]); 3] = [
+            ("io.katacontainers.config.hypervisor.default_vcpus", "64", &["io.katacontainers.config.hypervisor.default_vcpus", "\"64\"", "from 1 to 8"]),
+            ("io.katacontainers.config.hypervisor.default_memory", "lots", &["io.katacontainers.config.hypervisor.default_memory", "\"lots\""]),
+            ("io.katacontainers.config.runtime.enable_sriov", "maybe", &["io.katacontainers.config.runtime.enable_sriov", "\"maybe\""]),
+        ];
+        for (i, (key, value, wanted)) in cases.into_iter().enumerate() {
+            let file = cri.pod_config_annotated(&format!("bad-{i}"), &[(key, value)])?;
+            let out = cri.run(&["runp", "--runtime", "kata", &file])?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            ensure!(!out.status.success(), "{key}={value}: runp should fail; it printed {}", String::from_utf8_lossy(&out.stdout).trim());
+            for w in wanted {
+                ensure!(stderr.contains(w), "{key}={value}: runp's error should contain {w:?}: {stderr}");
+            }
+            eprintln!("containerd {}: {key}={value}: {}", version.name(), stderr.trim());
+            ensure!(cri.ids(&["pods", "-q"])?.is_empty(), "{key}={value}: the failed pod is still listed");
+            wait_nothing_left(&format!("after runp with {key}={value}"))?;
+        }
+        Ok(())
+    });
+    c.stop().unwrap();
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn lab_cri_bad_annotations_fail_runp_clearly_containerd_1_6() {
+    bad_annotations(Version::V1_6);
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn lab_cri_bad_annotations_fail_runp_clearly_containerd_2_1() {
+    bad_annotations(Version::V2_1);
 }
 
 /// Rounds per runtime handler in the benchmark.

@@ -133,7 +133,8 @@ pub fn run(cache: &Path, kernel: &Kernel, images: &Images, opts: &RunOptions) ->
     let console_path = run_dir.join("console.log");
     let mut console = std::fs::File::create(&console_path)?;
     let mut qemu = Command::new(host::QEMU);
-    qemu.args(["-accel", "tcg,thread=multi", "-M", "q35", "-cpu", "max"])
+    let accel = std::env::var("VFVM_LAB_ACCEL").unwrap_or_else(|_| "tcg,thread=multi".into());
+    qemu.args(["-accel", &accel, "-M", "q35", "-cpu", "max"])
         .args(["-smp", &opts.cpus.to_string(), "-m", &opts.mem_mib.to_string()])
         .args(["-display", "none", "-nodefaults", "-no-reboot", "-serial", "stdio"])
         .args(["-device", "intel-iommu,intremap=on,caching-mode=on"])
@@ -143,7 +144,8 @@ pub fn run(cache: &Path, kernel: &Kernel, images: &Images, opts: &RunOptions) ->
         .arg(&images.l2_initrd)
         // no_timer_check: under host load the emulated IO-APIC timer check can fail
         // ("timer doesn't work through Interrupt-remapped IO-APIC") and panic L2.
-        .args(["-append", "console=ttyS0 panic=-1 quiet intel_iommu=on no_timer_check"])
+        .arg("-append")
+        .arg(format!("console=ttyS0 panic=-1 quiet intel_iommu=on no_timer_check {}", std::env::var("VFVM_LAB_L2_CMDLINE").unwrap_or_default()).trim_end())
         // This machine's root, read-only: L2 puts a tmpfs overlay on top.
         .args(["-virtfs", "local,path=/,mount_tag=hostfs,security_model=none,readonly=on,multidevs=remap,id=hostfs"])
         .arg("-virtfs")
@@ -241,18 +243,41 @@ pub fn run(cache: &Path, kernel: &Kernel, images: &Images, opts: &RunOptions) ->
             progress!("L2 powered off after {:.1}s (QEMU {status})", started.elapsed().as_secs_f64());
             Ok(code)
         }
-        Err(_) => Err(failure(match setup_error {
-            Some(e) => format!("L2 failed before running the command: {e}"),
-            None => format!("L2 stopped (QEMU {status}) before the command finished"),
-        })),
+        Err(_) => {
+            if setup_error.is_none() && tail.iter().any(|l| l.contains(KERNEL_PANIC)) {
+                return Err(failure(format!("L2's kernel panicked (QEMU {status}) before the command finished")).context(L2Crashed));
+            }
+            Err(failure(match setup_error {
+                Some(e) => format!("L2 failed before running the command: {e}"),
+                None => format!("L2 stopped (QEMU {status}) before the command finished"),
+            }))
+        }
     }
 }
 
-fn unix_secs() -> u64 {
+/// What Linux prints last when it panics; L2 boots with `panic=-1` under `-no-reboot`,
+/// so a panic ends QEMU and this is among the last console lines.
+const KERNEL_PANIC: &str = "Kernel panic - not syncing";
+
+/// L2's own kernel crashed under the command: a fault of the lab (its SVM is emulated
+/// by TCG, which has been seen to deliver an interrupt in the window after #VMEXIT,
+/// with the L3 guest's GS base still loaded), not of the command. Callers may run the
+/// command's unfinished part again in a fresh L2.
+#[derive(Debug)]
+pub struct L2Crashed;
+
+impl std::fmt::Display for L2Crashed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the lab's L2 kernel crashed")
+    }
+}
+
+pub(crate) fn unix_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-fn prune_runs(runs: &Path) {
+/// Keeps the newest `KEEP_RUNS - 1` directories (named `<unix secs>-<pid>`) in `runs`.
+pub(crate) fn prune_runs(runs: &Path) {
     let Ok(entries) = std::fs::read_dir(runs) else { return };
     let mut dirs: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
     dirs.sort();

@@ -23,7 +23,7 @@ mod probe;
 mod progress;
 mod vsock;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
@@ -51,8 +51,12 @@ usage: cargo xtask <command>
                            vfvm.test/pause:1) as OCI layout archives for `ctr images import`
   lab run [options] -- CMD run CMD inside L2 (chrooted into an overlay of this
                            machine's root, in the current directory); exits with
-                           CMD's status, or 125 if the lab itself failed
+                           CMD's status, 75 if L2's kernel crashed under it, or
+                           125 if the lab itself failed
   lab smoke                run the lab's smoke checks inside L2
+  lab test EXE...          run these test binaries' in-lab (lab_*) tests inside L2, as
+                           `test` does: if L2's kernel crashes, the unfinished
+                           binaries run once more in a fresh L2 (said, and counted)
 
 lab run options:
   --vfs N             VFs to create on the igb PF (1-7, default 4)
@@ -65,10 +69,14 @@ lab run options:
 environment:
   VFVM_LAB_DIR        cache and run directory (default /var/tmp/vfvm-lab)
   VFVM_LAB_KERNEL_PKG kernel package (default: what linux-image-amd64 depends on)
+  VFVM_LAB_L2_CMDLINE more kernel parameters for L2 (e.g. kvm_amd.vgif=0)
+  VFVM_LAB_ACCEL      QEMU's -accel for L2 (default tcg,thread=multi)
 ";
 
 /// Exit status for a failure of the lab itself, as opposed to the command run in it.
 const LAB_FAILED: u8 = 125;
+/// Exit status when L2's kernel crashed under the command (see `l2::L2Crashed`).
+const L2_CRASHED: u8 = 75;
 
 fn cache_dir() -> PathBuf {
     std::env::var_os("VFVM_LAB_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp/vfvm-lab"))
@@ -182,6 +190,20 @@ fn image(args: impl Iterator<Item = String>) -> Result<i32> {
     Ok(0)
 }
 
+/// `cargo xtask lab test EXE...`: the in-lab tests of these test binaries, as
+/// `cargo xtask test` runs them (one L2, a fresh one after an L2 crash).
+fn lab_test(executables: &[String]) -> Result<i32> {
+    ensure!(!executables.is_empty(), "usage: cargo xtask lab test TEST-EXECUTABLE...");
+    prepare()?;
+    let mut totals = TestTotals::default();
+    let (ok, crashes) = run_in_lab(executables, &mut totals)?;
+    println!(
+        "\nin-lab tests: {} passed, {} failed, {} skipped; L2 crashes: {crashes}; re-runs after a guest triple fault: {}",
+        totals.passed, totals.failed, totals.ignored, totals.reruns
+    );
+    Ok(if ok && totals.failed == 0 { 0 } else { 1 })
+}
+
 fn lab_smoke() -> Result<i32> {
     let me = host::self_exe()?.to_string_lossy().into_owned();
     let opts = l2::RunOptions { command: vec![me, "inside".into(), "smoke".into()], ..Default::default() };
@@ -203,7 +225,8 @@ fn test() -> Result<i32> {
     let mut ok = run_counting(
         Command::new(&cargo).args(["test", "--workspace", "--no-fail-fast", "--", "--include-ignored", "--skip", IN_LAB_TEST_MARK]),
         &mut totals,
-    )?;
+    )?
+    .success();
 
     let executables = test_executables(&cargo)?;
     // The shim's lab tests boot pods from the guest image with this build's agent.
@@ -226,29 +249,76 @@ fn test() -> Result<i32> {
             in_lab.push(exe.to_string_lossy().into_owned());
         }
     }
+    let mut lab_crashes = 0;
     if in_lab.is_empty() {
         progress!("no in-lab ({IN_LAB_TEST_MARK}*) tests in the workspace");
     } else {
-        progress!("running the in-lab tests of {} test binaries inside L2", in_lab.len());
-        let me = host::self_exe()?;
-        ok &= run_counting(
-            Command::new(&me).args(["lab", "run", "--timeout", "4500", "--"]).arg(&me).args(["inside", "run-tests"]).args(&in_lab),
-            &mut totals,
-        )?;
+        let (lab_ok, crashes) = run_in_lab(&in_lab, &mut totals)?;
+        ok &= lab_ok;
+        lab_crashes = crashes;
     }
-    println!("\nall test binaries: {} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.ignored);
+    let mut crashed = match lab_crashes {
+        0 => String::new(),
+        n => format!(" (L2's kernel crashed {n} time(s); the unfinished test binaries ran again in a fresh L2)"),
+    };
+    if totals.reruns > 0 {
+        crashed += &format!(" ({} re-run(s) of tests that failed while an L3 guest triple-faulted)", totals.reruns);
+    }
+    println!("\nall test binaries: {} passed, {} failed, {} skipped{crashed}", totals.passed, totals.failed, totals.ignored);
     Ok(if ok && totals.failed == 0 { 0 } else { 1 })
 }
 
+/// How many times `cargo xtask test` starts a fresh L2 after L2's kernel crashed.
+const L2_CRASH_RETRIES: u32 = 1;
+
+/// Runs the in-lab tests of these executables in one L2. If L2's kernel crashes (a
+/// fault of TCG's emulated SVM, see `l2::L2Crashed`), the binaries that had not
+/// finished run again in a fresh L2, at most `L2_CRASH_RETRIES` times; the crash is
+/// reported, never hidden. A binary's results count once: libtest prints its summary
+/// only when it finishes. Returns whether every run succeeded, and the crash count.
+fn run_in_lab(executables: &[String], totals: &mut TestTotals) -> Result<(bool, u32)> {
+    let me = host::self_exe()?;
+    let outs = cache_dir().join("test-out");
+    l2::prune_runs(&outs);
+    let out = outs.join(format!("{}-{}", l2::unix_secs(), std::process::id()));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let mut left = executables.to_vec();
+    let mut crashes = 0;
+    loop {
+        progress!("running the in-lab tests of {} test binaries inside L2 (results kept in {})", left.len(), out.display());
+        let mut lab = Command::new(&me);
+        lab.args(["lab", "run", "--timeout", "4500", "--out"]).arg(&out).arg("--").arg(&me).args(["inside", "run-tests"]).args(&left);
+        let status = run_counting(&mut lab, totals)?;
+        if status.code() != Some(i32::from(L2_CRASHED)) {
+            return Ok((status.success(), crashes));
+        }
+        crashes += 1;
+        let done = inside::finished_test_binaries(&out);
+        left.retain(|exe| !done.contains(exe));
+        if left.is_empty() {
+            // Every binary finished (and was counted) before the crash.
+            return Ok((true, crashes));
+        }
+        if crashes > L2_CRASH_RETRIES {
+            progress!("L2's kernel crashed {crashes} time(s); not starting another L2");
+            return Ok((false, crashes));
+        }
+        progress!(
+            "L2's kernel crashed (a fault of TCG's emulated SVM, see the console above): running the {} unfinished test binaries in a fresh L2",
+            left.len()
+        );
+    }
+}
+
 /// Runs a command whose stdout carries libtest output: shows it, adds up its summaries.
-fn run_counting(cmd: &mut Command, totals: &mut TestTotals) -> Result<bool> {
+fn run_counting(cmd: &mut Command, totals: &mut TestTotals) -> Result<std::process::ExitStatus> {
     let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().with_context(|| format!("running {cmd:?}"))?;
     let stdout = child.stdout.take().context("child stdout")?;
     for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
         println!("{line}");
         totals.add(&line);
     }
-    Ok(child.wait().with_context(|| format!("waiting for {cmd:?}"))?.success())
+    child.wait().with_context(|| format!("waiting for {cmd:?}"))
 }
 
 /// The workspace's test executables, as cargo reports them (builds them if needed):
@@ -277,22 +347,20 @@ struct TestTotals {
     passed: u64,
     failed: u64,
     ignored: u64,
+    /// Re-runs of tests that failed while a guest triple-faulted (see `inside::run_tests`).
+    reruns: u64,
 }
 
 impl TestTotals {
-    /// Adds one libtest summary (`test result: ok. 3 passed; 0 failed; 1 ignored; ...`).
+    /// Adds one libtest summary (`test result: ok. 3 passed; 0 failed; 1 ignored; ...`),
+    /// or notes a re-run after a guest's triple fault.
     fn add(&mut self, line: &str) {
-        let Some(rest) = line.strip_prefix("test result: ") else { return };
-        for part in rest.split(';') {
-            let mut words = part.split_whitespace().rev();
-            let (Some(what), Some(n)) = (words.next(), words.next()) else { continue };
-            let Ok(n) = n.parse::<u64>() else { continue };
-            match what {
-                "passed" => self.passed += n,
-                "failed" => self.failed += n,
-                "ignored" => self.ignored += n,
-                _ => {}
-            }
+        if line.starts_with(inside::TRIPLE_FAULT_RERUN) {
+            self.reruns += 1;
+        } else if let Some(c) = inside::TestCounts::parse(line) {
+            self.passed += c.passed;
+            self.failed += c.failed;
+            self.ignored += c.ignored;
         }
     }
 }
@@ -345,6 +413,7 @@ fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
             Ok(0)
         }
         ("lab", Some("run")) => lab_run(&parse_run_options(&mut args)?),
+        ("lab", Some("test")) => lab_test(&args.collect::<Vec<_>>()),
         ("image", _) => image(second.into_iter().chain(args)),
         ("oci-images", _) => containerd::oci_images(second.into_iter().chain(args)),
         ("inside", Some("boot-l3")) => inside::boot_image(args),
@@ -380,7 +449,11 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("vfvm-lab: error: {e:#}");
             // Inside L2 a failed check is the command's failure; outside, the lab's.
-            ExitCode::from(if inside { 1 } else { LAB_FAILED })
+            ExitCode::from(match () {
+                _ if inside => 1,
+                _ if e.downcast_ref::<l2::L2Crashed>().is_some() => L2_CRASHED,
+                _ => LAB_FAILED,
+            })
         }
     }
 }
@@ -396,6 +469,8 @@ mod tests {
         t.add("test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 9.00s");
         t.add("test something ... ok");
         t.add("running 4 tests");
-        assert_eq!(t, TestTotals { passed: 11, failed: 2, ignored: 3 });
+        t.add("lab: counted below, after the re-runs: test result: FAILED. 1 passed; 1 failed; 0 ignored");
+        t.add(&format!("{}target/debug/deps/lab_cri-0", crate::inside::TRIPLE_FAULT_RERUN));
+        assert_eq!(t, TestTotals { passed: 11, failed: 2, ignored: 3, reruns: 1 });
     }
 }
