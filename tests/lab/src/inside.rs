@@ -458,7 +458,7 @@ const GUEST_TRIPLE_FAULT: &str = "the guest triple-faulted";
 pub const TRIPLE_FAULT_RERUN: &str = "lab: a guest VM triple-faulted and the test failed; running it again: ";
 
 /// At most this many more runs of one test that failed while a guest triple-faulted.
-const TRIPLE_FAULT_RERUNS: usize = 2;
+const TRIPLE_FAULT_RERUNS: usize = 3;
 
 /// `vfvm-lab inside run-tests EXE...`: each test executable's in-lab tests, one at a
 /// time (they share the lab's VFs); the exit status says whether all passed.
