@@ -429,6 +429,7 @@ fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
         }
         ("inside", Some("smoke")) => inside::smoke().map(|_| 0),
         ("inside", Some("demo-pod")) => demo::inside_demo_pod(),
+        ("inside", Some("demo-host")) => demo::inside_demo_host(),
         ("guest", Some("vsock-probe")) => probe::vsock_probe(args),
         ("guest", Some("virtiofs-probe")) => probe::virtiofs_probe(args),
         ("guest", Some("wait-power-button")) => probe::wait_power_button(),

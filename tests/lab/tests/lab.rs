@@ -289,3 +289,37 @@ fn agent_image_serves_over_vsock_and_configures_a_vf_by_pci_address() {
         assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
     }
 }
+
+/// `cargo xtask demo`'s host mode, on a host whose KVM boots Linux: L2. Its probe must
+/// find that this KVM boots the guest image (the agent answers), and the pod then runs
+/// right there, under a private containerd, in a vfvm VM, leaving nothing behind.
+#[test]
+#[ignore = "boots the nested lab and a pod's VM in it (about three minutes); run by `cargo xtask test`"]
+fn demo_host_mode_runs_the_pod_on_a_host_whose_kvm_boots_linux() {
+    let build_dir = std::path::Path::new(env!("CARGO_BIN_EXE_vfvm-lab")).parent().unwrap().to_path_buf();
+    let out_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-image-demo-host");
+    let built = lab().args(["image", "--agent"]).arg(build_dir.join("vfvm-agent")).arg("--out").arg(&out_dir).output().unwrap();
+    assert!(built.status.success(), "vfvm-lab image failed:\n{}", String::from_utf8_lossy(&built.stdout));
+    let out = {
+        let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        lab()
+            .args(["lab", "run", "--vfs", "1", "--", env!("CARGO_BIN_EXE_vfvm-lab"), "inside", "demo-host"])
+            .env("VFVM_TEST_AGENT_KERNEL", out_dir.join("vmlinuz"))
+            .env("VFVM_TEST_AGENT_INITRD", out_dir.join("initrd.img"))
+            .output()
+            .expect("starting vfvm-lab")
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    print!("{stdout}");
+    assert_eq!(out.status.code(), Some(0), "the demo's host mode failed in L2:\n{stdout}");
+    for expected in [
+        "this host's KVM booted the guest image with vfvm-vmm and its agent answered in",
+        ": running the pod on this host",
+        "pod| hello from a container in a vfvm VM",
+        "vfvm.sandbox=demo",
+        "vfvm demo: nothing left behind",
+        "vfvm demo: PASSED (the pod ran in a vfvm VM on this host)",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+    }
+}
