@@ -145,8 +145,8 @@ impl<'de> de::Deserializer<'de> for Node {
 
     fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, FieldError> {
         match self.value {
-            Value::Null => visitor.visit_map(Entries { entries: Vec::new().into_iter(), path: self.path, pending: None }),
-            Value::Object(map) => visitor.visit_map(Entries { entries: map.into_iter().collect::<Vec<_>>().into_iter(), path: self.path, pending: None }),
+            Value::Null => visitor.visit_map(Fields::of_object(serde_json::Map::new(), self.path)),
+            Value::Object(map) => visitor.visit_map(Fields::of_object(map, self.path)),
             other => Err(at(&self.path, format!("expected an object, found {}", kind(&other)))),
         }
     }
@@ -199,34 +199,19 @@ impl<'de> SeqAccess<'de> for Items {
     }
 }
 
-/// A JSON object read as a map (`labels`, `annotations`, ...).
-struct Entries {
-    entries: std::vec::IntoIter<(String, Value)>,
-    path: String,
-    pending: Option<(String, Value)>,
-}
-
-impl<'de> MapAccess<'de> for Entries {
-    type Error = FieldError;
-
-    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, FieldError> {
-        let Some((key, value)) = self.entries.next() else { return Ok(None) };
-        let k = seed.deserialize(IntoDeserializer::<FieldError>::into_deserializer(key.clone()))?;
-        self.pending = Some((key, value));
-        Ok(Some(k))
-    }
-
-    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, FieldError> {
-        let (key, value) = self.pending.take().ok_or_else(|| FieldError("a map value asked for before its key".into()))?;
-        seed.deserialize(Node { value, path: child(&self.path, &key) })
-    }
-}
-
-/// A message's fields, each present or missing.
+/// A message's fields, each present or missing; or a JSON object read as a map
+/// (`labels`, `annotations`, ...), whose entries are all present.
 struct Fields {
     entries: std::vec::IntoIter<(String, Option<Value>)>,
     path: String,
     pending: Option<(String, Option<Value>)>,
+}
+
+impl Fields {
+    /// A JSON object's entries, for a map.
+    fn of_object(map: serde_json::Map<String, Value>, path: String) -> Fields {
+        Fields { entries: map.into_iter().map(|(k, v)| (k, Some(v))).collect::<Vec<_>>().into_iter(), path, pending: None }
+    }
 }
 
 impl<'de> MapAccess<'de> for Fields {
@@ -240,7 +225,7 @@ impl<'de> MapAccess<'de> for Fields {
     }
 
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, FieldError> {
-        let (key, value) = self.pending.take().ok_or_else(|| FieldError("a field value asked for before its name".into()))?;
+        let (key, value) = self.pending.take().ok_or_else(|| FieldError("a value asked for before its key".into()))?;
         let path = child(&self.path, &key);
         match value {
             Some(value) => seed.deserialize(Node { value, path }),
@@ -312,7 +297,7 @@ impl<'de> de::Deserializer<'de> for Missing {
     }
 
     fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, FieldError> {
-        visitor.visit_map(Entries { entries: Vec::new().into_iter(), path: self.path, pending: None })
+        visitor.visit_map(Fields::of_object(serde_json::Map::new(), self.path))
     }
 
     fn deserialize_struct<V: Visitor<'de>>(self, name: &'static str, fields: &'static [&'static str], visitor: V) -> Result<V::Value, FieldError> {

@@ -465,14 +465,20 @@ async fn stop(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn rm(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
+/// The options of `rm` and `rmp`: only `-f`/`--force`.
+fn force_option(args: &mut Args, cmd: &str) -> Result<bool> {
     let mut force = false;
     while let Some((opt, _)) = args.next_option() {
         match opt.as_str() {
             "-f" | "--force" => force = true,
-            other => bail!("rm: unknown option {other}"),
+            other => bail!("{cmd}: unknown option {other}"),
         }
     }
+    Ok(force)
+}
+
+async fn rm(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
+    let force = force_option(args, "rm")?;
     for id in args.all("the container id")? {
         if force {
             c.stop_container(cri::StopContainerRequest { container_id: id.clone(), timeout: 0 }).await.map_err(rpc).with_context(|| format!("stopping container {id}"))?;
@@ -492,13 +498,7 @@ async fn stopp(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
 }
 
 async fn rmp(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
-    let mut force = false;
-    while let Some((opt, _)) = args.next_option() {
-        match opt.as_str() {
-            "-f" | "--force" => force = true,
-            other => bail!("rmp: unknown option {other}"),
-        }
-    }
+    let force = force_option(args, "rmp")?;
     for id in args.all("the pod id")? {
         if force {
             c.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.clone() }).await.map_err(rpc).with_context(|| format!("stopping pod {id}"))?;

@@ -199,9 +199,9 @@ fn lab_test(executables: &[String]) -> Result<i32> {
     let (ok, crashes) = run_in_lab(executables, &mut totals)?;
     println!(
         "\nin-lab tests: {} passed, {} failed, {} skipped; L2 crashes: {crashes}; re-runs after a guest triple fault: {}",
-        totals.passed, totals.failed, totals.ignored, totals.reruns
+        totals.counts.passed, totals.counts.failed, totals.counts.ignored, totals.reruns
     );
-    Ok(if ok && totals.failed == 0 { 0 } else { 1 })
+    Ok(if ok && totals.counts.failed == 0 { 0 } else { 1 })
 }
 
 fn lab_smoke() -> Result<i32> {
@@ -264,8 +264,8 @@ fn test() -> Result<i32> {
     if totals.reruns > 0 {
         crashed += &format!(" ({} re-run(s) of tests that failed while an L3 guest triple-faulted)", totals.reruns);
     }
-    println!("\nall test binaries: {} passed, {} failed, {} skipped{crashed}", totals.passed, totals.failed, totals.ignored);
-    Ok(if ok && totals.failed == 0 { 0 } else { 1 })
+    println!("\nall test binaries: {} passed, {} failed, {} skipped{crashed}", totals.counts.passed, totals.counts.failed, totals.counts.ignored);
+    Ok(if ok && totals.counts.failed == 0 { 0 } else { 1 })
 }
 
 /// How many times `cargo xtask test` starts a fresh L2 after L2's kernel crashed.
@@ -344,9 +344,7 @@ fn in_lab_tests(exe: &Path) -> Result<usize> {
 
 #[derive(Default, Debug, PartialEq)]
 struct TestTotals {
-    passed: u64,
-    failed: u64,
-    ignored: u64,
+    counts: inside::TestCounts,
     /// Re-runs of tests that failed while a guest triple-faulted (see `inside::run_tests`).
     reruns: u64,
 }
@@ -358,9 +356,7 @@ impl TestTotals {
         if line.starts_with(inside::TRIPLE_FAULT_RERUN) {
             self.reruns += 1;
         } else if let Some(c) = inside::TestCounts::parse(line) {
-            self.passed += c.passed;
-            self.failed += c.failed;
-            self.ignored += c.ignored;
+            self.counts.add(c);
         }
     }
 }
@@ -472,6 +468,6 @@ mod tests {
         t.add("running 4 tests");
         t.add("lab: counted below, after the re-runs: test result: FAILED. 1 passed; 1 failed; 0 ignored");
         t.add(&format!("{}target/debug/deps/lab_cri-0", crate::inside::TRIPLE_FAULT_RERUN));
-        assert_eq!(t, TestTotals { passed: 11, failed: 2, ignored: 3, reruns: 1 });
+        assert_eq!(t, TestTotals { counts: crate::inside::TestCounts { passed: 11, failed: 2, ignored: 3 }, reruns: 1 });
     }
 }

@@ -20,8 +20,13 @@ fn lab() -> Command {
 }
 
 fn run_lab(args: &[&str]) -> Output {
+    run_lab_command(lab().args(args))
+}
+
+/// Runs a `lab()` command holding the one-lab lock, and shows its stdout.
+fn run_lab_command(cmd: &mut Command) -> Output {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let out = lab().args(args).output().expect("starting vfvm-lab");
+    let out = cmd.output().expect("starting vfvm-lab");
     print!("{}", String::from_utf8_lossy(&out.stdout));
     out
 }
@@ -300,17 +305,13 @@ fn demo_host_mode_runs_the_pod_on_a_host_whose_kvm_boots_linux() {
     let out_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-image-demo-host");
     let built = lab().args(["image", "--agent"]).arg(build_dir.join("vfvm-agent")).arg("--out").arg(&out_dir).output().unwrap();
     assert!(built.status.success(), "vfvm-lab image failed:\n{}", String::from_utf8_lossy(&built.stdout));
-    let out = {
-        let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let out = run_lab_command(
         lab()
             .args(["lab", "run", "--vfs", "1", "--", env!("CARGO_BIN_EXE_vfvm-lab"), "inside", "demo-host"])
             .env("VFVM_TEST_AGENT_KERNEL", out_dir.join("vmlinuz"))
-            .env("VFVM_TEST_AGENT_INITRD", out_dir.join("initrd.img"))
-            .output()
-            .expect("starting vfvm-lab")
-    };
+            .env("VFVM_TEST_AGENT_INITRD", out_dir.join("initrd.img")),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    print!("{stdout}");
     assert_eq!(out.status.code(), Some(0), "the demo's host mode failed in L2:\n{stdout}");
     for expected in [
         "this host's KVM booted the guest image with vfvm-vmm and its agent answered in",
