@@ -163,3 +163,30 @@ fn a_virtiofsd_backend_is_connected_then_released_when_the_vmm_exits() {
     assert!(!socket.exists(), "virtiofsd removes its socket when it ends");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The stall report the lab tests print: a line per thread with its state, and
+/// a gone process said to be gone.
+#[test]
+fn thread_states_name_each_thread_and_a_gone_process() {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready) = std::sync::mpsc::channel::<()>();
+    // The thread names itself as it starts: wait until it runs.
+    let parked = std::thread::Builder::new()
+        .name("parked-probe".into())
+        .spawn(move || {
+            let _ = ready_tx.send(());
+            rx.recv()
+        })
+        .unwrap();
+    ready.recv().unwrap();
+    let report = common::thread_states(std::process::id());
+    drop(tx);
+    let _ = parked.join();
+    let line = report.lines().find(|l| l.contains(" parked-probe ")).unwrap_or_else(|| panic!("{report}"));
+    // "<tid> parked-probe <state> wchan=...": the state is a single letter (R while it
+    // is still on its way to sleep, S once asleep).
+    let fields: Vec<&str> = line.split(' ').collect();
+    assert!(fields.len() >= 4 && fields[0].parse::<u32>().is_ok(), "{line}");
+    assert!(fields[2].len() == 1 && "RSD".contains(fields[2]) && fields[3].starts_with("wchan="), "{line}");
+    assert_eq!(common::thread_states(u32::MAX), format!("(process {} is gone)", u32::MAX));
+}

@@ -17,7 +17,7 @@ use vfvm_protocols::vmm_api::{Request, Response, VmmClient};
 
 mod common;
 
-const BOUND: Duration = Duration::from_secs(600);
+const BOUND: Duration = Duration::from_secs(300);
 const IO_LIMIT: Duration = Duration::from_secs(60);
 const MARKER: &str = "@@vfvm-l3@@";
 const TAG: &str = "labfs";
@@ -139,10 +139,12 @@ fn lab_virtiofs_guest_reads_the_tree_writes_back_then_virtiofsd_ends_with_the_vm
         .arg("--api-socket")
         .arg(&api)
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("start vfvm-vmm");
-    let vmm_deadline = common::KillAfter::new(child.id(), BOUND);
+    let vmm_deadline = common::KillAfter::new(child.id(), BOUND + IO_LIMIT);
     let (rx, _reader) = common::lines(child.stdout.take().unwrap());
+    let (_vmm_log, _log_reader) = common::vmm_log(child.stderr.take().unwrap());
 
     let mut shutdown = None;
     let console = common::follow_console(&rx, &mut child, started, BOUND, |line| {
@@ -152,6 +154,7 @@ fn lab_virtiofs_guest_reads_the_tree_writes_back_then_virtiofsd_ends_with_the_vm
         }
     });
     let status = child.wait().unwrap();
+    println!("vfvm-vmm ended: {status}");
     drop(vmm_deadline);
     let secs = started.elapsed().as_secs_f64();
     let text = console.join("\n");
@@ -225,9 +228,9 @@ fn lab_virtiofs_backend_death_gives_the_guest_eio_and_the_vmm_carries_on() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start vfvm-vmm");
-    let vmm_deadline = common::KillAfter::new(child.id(), BOUND);
+    let vmm_deadline = common::KillAfter::new(child.id(), BOUND + IO_LIMIT);
     let (rx, _reader) = common::lines(child.stdout.take().unwrap());
-    let (vmm_log, _log_reader) = common::lines(child.stderr.take().unwrap());
+    let (vmm_log, _log_reader) = common::vmm_log(child.stderr.take().unwrap());
 
     let mut shutdown = None;
     let mut lost = None;
@@ -257,6 +260,7 @@ fn lab_virtiofs_backend_death_gives_the_guest_eio_and_the_vmm_carries_on() {
         }
     });
     let status = child.wait().unwrap();
+    println!("vfvm-vmm ended: {status}");
     drop(vmm_deadline);
     let text = console.join("\n");
     let has = |s: &str| console.iter().any(|l| l.contains(s));

@@ -24,7 +24,7 @@ use vfvm_protocols::vmm_api::{Request, Response, VmState, VmmClient};
 
 mod common;
 
-const BOUND: Duration = Duration::from_secs(600);
+const BOUND: Duration = Duration::from_secs(300);
 const IO_LIMIT: Duration = Duration::from_secs(300);
 const STREAMS: u64 = 3;
 const BYTES: u64 = 2 << 20;
@@ -137,9 +137,11 @@ fn lab_vsock_streams_both_ways_then_graceful_shutdown_over_the_api() {
         .args(["--cmdline".as_ref(), cmdline.as_ref() as &std::ffi::OsStr, "--vsock-socket".as_ref(), socket.as_os_str()])
         .args(["--api-socket".as_ref(), api.as_os_str()])
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("start vfvm-vmm");
     let (rx, _reader) = common::lines(child.stdout.take().unwrap());
+    let (_vmm_log, _log_reader) = common::vmm_log(child.stderr.take().unwrap());
 
     let mut clients: Vec<JoinHandle<Result<u32, String>>> = Vec::new();
     let mut answers = Vec::new();
@@ -157,6 +159,7 @@ fn lab_vsock_streams_both_ways_then_graceful_shutdown_over_the_api() {
         }
     });
     let status = child.wait().unwrap();
+    println!("vfvm-vmm ended: {status}");
     let secs = started.elapsed().as_secs_f64();
     let has = |s: &str| console.iter().any(|l| l.contains(s));
     assert!(!clients.is_empty(), "the guest never listened; console:\n{}", console.join("\n"));

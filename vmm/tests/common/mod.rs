@@ -21,6 +21,22 @@ pub fn lines<R: Read + Send + 'static>(source: R) -> (Receiver<String>, JoinHand
     (rx, reader)
 }
 
+/// The VMM's log (its stderr): each line is printed into the test's captured output
+/// as it comes, so a failed test shows it and the lab's runner sees a guest's triple
+/// fault there, and sent on the channel. Read to the end whether or not anyone
+/// listens, so the VMM never blocks on a full pipe.
+pub fn vmm_log<R: Read + Send + 'static>(stderr: R) -> (Receiver<String>, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel();
+    // The reader thread inherits the test's output capture.
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            println!("vmm: {line}");
+            let _ = tx.send(line);
+        }
+    });
+    (rx, reader)
+}
+
 /// Follows a guest's console until the VMM closes it: each line is printed, handed
 /// to `on_line` and kept. Past `bound` (from `started`) the VMM is killed and the test
 /// fails with the console so far. Returns every line.
@@ -35,11 +51,36 @@ pub fn follow_console(rx: &Receiver<String>, child: &mut std::process::Child, st
             }
             Err(RecvTimeoutError::Disconnected) => return console,
             Err(RecvTimeoutError::Timeout) => {
+                // Where the VMM's threads wait tells a stuck guest (vCPUs in KVM_RUN)
+                // from a stuck VMM (threads asleep in user space).
+                let threads = thread_states(child.id());
                 let _ = child.kill();
-                panic!("no end within {bound:?}; console:\n{}", console.join("\n"));
+                panic!("no end within {bound:?}; the VMM's threads:\n{threads}\nconsole:\n{}", console.join("\n"));
             }
         }
     }
+}
+
+/// One line per thread of process `pid`: name, state, wait channel, then its kernel
+/// stack where readable (root).
+pub fn thread_states(pid: u32) -> String {
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(process {pid} is gone)");
+    };
+    let mut out = String::new();
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let stat = read(dir.join("stat"));
+        // The state is the field after the parenthesised name.
+        let state = stat.rsplit_once(") ").map(|(_, rest)| rest.split(' ').next().unwrap_or("?")).unwrap_or("?");
+        let (name, wchan) = (read(dir.join("comm")), read(dir.join("wchan")));
+        out += &format!("{} {} {state} wchan={wchan}\n", task.file_name().to_string_lossy(), name.trim());
+        for frame in read(dir.join("stack")).lines() {
+            out += &format!("    {frame}\n");
+        }
+    }
+    out
 }
 
 /// SIGKILLs process `pid` unless dropped within `limit`: bounds a wait on a VMM that
