@@ -8,7 +8,6 @@
 //! power-off from the console, so exit status 0 means the S5 write reached it. The
 //! command line leaves out `quiet` for the kernel's `smp: Brought up` line.
 
-use std::io::Read;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -42,12 +41,7 @@ fn lab_boots_linux_to_userspace() {
 
     // Console lines as they come, each with when it came; the channel closes at EOF.
     let (rx, reader) = common::lines(child.stdout.take().unwrap());
-    let mut stderr = child.stderr.take().unwrap();
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
+    let (_vmm_log, log_reader) = common::vmm_log(child.stderr.take().unwrap());
 
     let mut console = Vec::new();
     let mut marker_at = None;
@@ -73,8 +67,7 @@ fn lab_boots_linux_to_userspace() {
     let status = child.wait().expect("wait for vfvm-vmm");
     let exited_at = started.elapsed();
     reader.join().unwrap();
-    let log = err_reader.join().unwrap();
-    println!("vfvm-vmm stderr:\n{log}");
+    log_reader.join().unwrap();
     assert!(
         !timed_out,
         "vfvm-vmm ran past {BOUND:?}; last console lines: {:?}",

@@ -9,28 +9,27 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// The lines `source` produces, as they come, on a channel that closes at its end.
+/// Read to the end whether or not anyone listens, so the writer never blocks on a
+/// full pipe.
 pub fn lines<R: Read + Send + 'static>(source: R) -> (Receiver<String>, JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(source).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (rx, reader)
+    forward_lines(source, false)
 }
 
-/// The VMM's log (its stderr): each line is printed into the test's captured output
-/// as it comes, so a failed test shows it and the lab's runner sees a guest's triple
-/// fault there, and sent on the channel. Read to the end whether or not anyone
-/// listens, so the VMM never blocks on a full pipe.
+/// The VMM's log (its stderr), as [`lines`], each line also printed into the test's
+/// captured output as it comes: a failed test shows it, and the lab's runner sees a
+/// guest's triple fault there.
 pub fn vmm_log<R: Read + Send + 'static>(stderr: R) -> (Receiver<String>, JoinHandle<()>) {
+    forward_lines(stderr, true)
+}
+
+fn forward_lines<R: Read + Send + 'static>(source: R, print: bool) -> (Receiver<String>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel();
     // The reader thread inherits the test's output capture.
     let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            println!("vmm: {line}");
+        for line in BufReader::new(source).lines().map_while(Result::ok) {
+            if print {
+                println!("vmm: {line}");
+            }
             let _ = tx.send(line);
         }
     });
