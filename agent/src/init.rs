@@ -91,7 +91,11 @@ impl Reaper {
     /// Runs `spawn` (which creates one child and returns its pid plus whatever
     /// the caller needs, e.g. a pidfd) with reaping held off, and registers
     /// `on_exit` for that pid before the reaper can see it exit.
-    pub fn spawn<T>(&self, spawn: impl FnOnce() -> std::io::Result<(libc::pid_t, T)>, on_exit: ExitCallback) -> std::io::Result<(libc::pid_t, T)> {
+    pub fn spawn<T>(
+        &self,
+        spawn: impl FnOnce() -> std::io::Result<(libc::pid_t, T)>,
+        on_exit: ExitCallback,
+    ) -> std::io::Result<(libc::pid_t, T)> {
         let mut waiters = self.lock();
         let (pid, extra) = spawn()?;
         waiters.insert(pid, on_exit);

@@ -88,7 +88,9 @@ fn opt_u32(v: u32) -> Option<u32> {
 fn to_interface(i: &api::Interface) -> Result<network::Interface, ttrpc::Error> {
     let vlan = match i.vlan {
         0 => None,
-        v => Some(u16::try_from(v).map_err(|_| status(Code::INVALID_ARGUMENT, format!("interface {:?}: vlan {v} is not a VLAN id", i.name)))?),
+        v => Some(
+            u16::try_from(v).map_err(|_| status(Code::INVALID_ARGUMENT, format!("interface {:?}: vlan {v} is not a VLAN id", i.name)))?,
+        ),
     };
     Ok(network::Interface {
         name: i.name.clone(),
@@ -101,7 +103,13 @@ fn to_interface(i: &api::Interface) -> Result<network::Interface, ttrpc::Error> 
 }
 
 fn to_route(r: &api::Route) -> network::Route {
-    network::Route { dest: r.dest.clone(), gateway: opt_str(&r.gateway), device: opt_str(&r.device), scope: opt_str(&r.scope), metric: opt_u32(r.metric) }
+    network::Route {
+        dest: r.dest.clone(),
+        gateway: opt_str(&r.gateway),
+        device: opt_str(&r.device),
+        scope: opt_str(&r.scope),
+        metric: opt_u32(r.metric),
+    }
 }
 
 fn guest_details() -> api::GuestDetailsResponse {
@@ -181,7 +189,9 @@ impl Agent for AgentService {
     }
 
     fn create_container(&self, _ctx: &TtrpcContext, req: api::CreateContainerRequest) -> ttrpc::Result<api::Empty> {
-        self.runner.create(&req.container_id, &req.oci_spec_json, &req.rootfs_path, req.terminal).map_err(|e| run_status("CreateContainer", e))?;
+        self.runner
+            .create(&req.container_id, &req.oci_spec_json, &req.rootfs_path, req.terminal)
+            .map_err(|e| run_status("CreateContainer", e))?;
         Ok(api::Empty::new())
     }
 
@@ -206,7 +216,10 @@ impl Agent for AgentService {
     }
 
     fn wait_process(&self, ctx: &TtrpcContext, req: api::WaitProcessRequest) -> ttrpc::Result<api::WaitProcessResponse> {
-        let (code, at) = self.runner.wait(&req.container_id, &req.exec_id, call_wait(ctx, MAX_PROCESS_WAIT)).map_err(|e| run_status("WaitProcess", e))?;
+        let (code, at) = self
+            .runner
+            .wait(&req.container_id, &req.exec_id, call_wait(ctx, MAX_PROCESS_WAIT))
+            .map_err(|e| run_status("WaitProcess", e))?;
         let mut r = api::WaitProcessResponse::new();
         r.exit_status = code;
         r.exited_at_unix_nanos = at;
@@ -277,9 +290,16 @@ impl Agent for AgentService {
 }
 
 impl AgentService {
-    fn read_stream(&self, ctx: &TtrpcContext, req: api::ReadStreamRequest, stream: Stream, call: &str) -> ttrpc::Result<api::ReadStreamResponse> {
+    fn read_stream(
+        &self,
+        ctx: &TtrpcContext,
+        req: api::ReadStreamRequest,
+        stream: Stream,
+        call: &str,
+    ) -> ttrpc::Result<api::ReadStreamResponse> {
         let wait_ms = call_wait(ctx, Duration::from_millis(req.wait_ms.into())).as_millis() as u32;
-        let (data, eof) = self.runner.read(&req.container_id, &req.exec_id, stream, req.max_len, wait_ms).map_err(|e| run_status(call, e))?;
+        let (data, eof) =
+            self.runner.read(&req.container_id, &req.exec_id, stream, req.max_len, wait_ms).map_err(|e| run_status(call, e))?;
         let mut r = api::ReadStreamResponse::new();
         r.data = data;
         r.eof = eof;

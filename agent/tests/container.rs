@@ -116,7 +116,12 @@ impl Fixture {
 
     fn exec(&self, id: &str, exec_id: &str, args: &[&str]) -> ttrpc::Result<()> {
         let process = json!({"args": args, "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}});
-        let req = agent::ExecProcessRequest { container_id: id.into(), exec_id: exec_id.into(), oci_process_json: serde_json::to_vec(&process).unwrap(), ..Default::default() };
+        let req = agent::ExecProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            oci_process_json: serde_json::to_vec(&process).unwrap(),
+            ..Default::default()
+        };
         self.agent.client.exec_process(ctx(), &req).map(drop)
     }
 
@@ -136,7 +141,13 @@ impl Fixture {
         let mut all = Vec::new();
         loop {
             assert!(Instant::now() < deadline, "no EOF on {id}/{exec_id} after 20 s; got {:?}", String::from_utf8_lossy(&all));
-            let req = agent::ReadStreamRequest { container_id: id.into(), exec_id: exec_id.into(), max_len: 1 << 20, wait_ms: 1000, ..Default::default() };
+            let req = agent::ReadStreamRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                max_len: 1 << 20,
+                wait_ms: 1000,
+                ..Default::default()
+            };
             let r = if stderr { self.agent.client.read_stderr(ctx(), &req) } else { self.agent.client.read_stdout(ctx(), &req) }.unwrap();
             assert!(r.data.len() <= 1 << 20);
             all.extend_from_slice(&r.data);
@@ -151,7 +162,11 @@ impl Fixture {
     }
 
     fn list(&self, id: &str) -> Vec<u32> {
-        self.agent.client.list_processes(ctx(), &agent::ListProcessesRequest { container_id: id.into(), ..Default::default() }).unwrap().pids
+        self.agent
+            .client
+            .list_processes(ctx(), &agent::ListProcessesRequest { container_id: id.into(), ..Default::default() })
+            .unwrap()
+            .pids
     }
 
     /// Events until one matches, within 10 s.
@@ -181,7 +196,11 @@ fn a_container_runs_with_its_spec_and_reports_output_and_exit() {
     let args = ["sh", "-c", "echo hello; hostname; id -u; id -G; pwd; echo $FOO; ulimit -n; echo err >&2"];
     f.create("c1", &spec(&args, &["FOO=bar baz"])).unwrap();
     // Created, not started: nothing runs the program yet.
-    let early = f.agent.client.read_stdout(ctx(), &agent::ReadStreamRequest { container_id: "c1".into(), max_len: 100, wait_ms: 200, ..Default::default() }).unwrap();
+    let early = f
+        .agent
+        .client
+        .read_stdout(ctx(), &agent::ReadStreamRequest { container_id: "c1".into(), max_len: 100, wait_ms: 200, ..Default::default() })
+        .unwrap();
     assert!(early.data.is_empty() && !early.eof, "{early:?}");
     f.start("c1").unwrap();
     assert_eq!(f.stdout("c1", ""), "hello\nbox1\n1000\n1000 10 20\n/home/user\nbar baz\n512\n");
@@ -193,7 +212,11 @@ fn a_container_runs_with_its_spec_and_reports_output_and_exit() {
     // Starting twice is refused; removing works once.
     assert_eq!(code(&f.start("c1").unwrap_err()), ttrpc::Code::FAILED_PRECONDITION);
     f.agent.client.remove_container(ctx(), &agent::RemoveContainerRequest { container_id: "c1".into(), ..Default::default() }).unwrap();
-    let err = f.agent.client.remove_container(ctx(), &agent::RemoveContainerRequest { container_id: "c1".into(), ..Default::default() }).unwrap_err();
+    let err = f
+        .agent
+        .client
+        .remove_container(ctx(), &agent::RemoveContainerRequest { container_id: "c1".into(), ..Default::default() })
+        .unwrap_err();
     assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
     f.healthy();
 }
@@ -260,10 +283,14 @@ fn exec_joins_the_container_and_stdin_round_trips() {
     while sent < data.len() {
         assert!(Instant::now() < deadline, "stdin stuck at {sent}");
         let chunk = &data[sent..(sent + 100_000).min(data.len())];
-        let req = agent::WriteStreamRequest { container_id: "box".into(), exec_id: "cat".into(), data: chunk.to_vec(), ..Default::default() };
+        let req =
+            agent::WriteStreamRequest { container_id: "box".into(), exec_id: "cat".into(), data: chunk.to_vec(), ..Default::default() };
         sent += f.agent.client.write_stdin(ctx(), &req).unwrap().written as usize;
     }
-    f.agent.client.close_stdin(ctx(), &agent::CloseStdinRequest { container_id: "box".into(), exec_id: "cat".into(), ..Default::default() }).unwrap();
+    f.agent
+        .client
+        .close_stdin(ctx(), &agent::CloseStdinRequest { container_id: "box".into(), exec_id: "cat".into(), ..Default::default() })
+        .unwrap();
     let echoed = f.output("box", "cat", false);
     assert_eq!(echoed.len(), data.len());
     assert!(echoed == data, "cat's output differs from its input");
@@ -273,7 +300,8 @@ fn exec_joins_the_container_and_stdin_round_trips() {
     // blocks (it has not reached its `echo done`); read, it all arrives.
     f.exec("box", "flood", &["sh", "-c", "head -c 6000000 /dev/zero; echo done >&2"]).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    let req = agent::ReadStreamRequest { container_id: "box".into(), exec_id: "flood".into(), max_len: 100, wait_ms: 0, ..Default::default() };
+    let req =
+        agent::ReadStreamRequest { container_id: "box".into(), exec_id: "flood".into(), max_len: 100, wait_ms: 0, ..Default::default() };
     let r = f.agent.client.read_stderr(ctx(), &req).unwrap();
     assert!(r.data.is_empty() && !r.eof, "the writer was not held back: {r:?}");
     let flood = f.output("box", "flood", false);
@@ -283,7 +311,8 @@ fn exec_joins_the_container_and_stdin_round_trips() {
     assert_eq!(f.wait("box", "flood"), 0);
 
     // Stats: from the cgroup where this machine has one.
-    let s = f.agent.client.stats_container(ctx(), &agent::StatsContainerRequest { container_id: "box".into(), ..Default::default() }).unwrap();
+    let s =
+        f.agent.client.stats_container(ctx(), &agent::StatsContainerRequest { container_id: "box".into(), ..Default::default() }).unwrap();
     assert!(s.pids_current >= 1, "{s:?}");
     if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() || Path::new("/sys/fs/cgroup/unified/cgroup.controllers").exists() {
         assert!(s.cpu_usage_nanos > 0, "{s:?}");
@@ -318,14 +347,27 @@ fn pcidevice_env_is_rewritten_to_guest_addresses() {
     assert_eq!(f.wait("p", ""), 0);
     f.agent.client.destroy_sandbox(ctx(), &agent::DestroySandboxRequest { sandbox_id: "pod1".into(), ..Default::default() }).unwrap();
     // The sandbox's containers went with it.
-    assert_eq!(code(&f.agent.client.list_processes(ctx(), &agent::ListProcessesRequest { container_id: "p".into(), ..Default::default() }).unwrap_err()), ttrpc::Code::NOT_FOUND);
+    assert_eq!(
+        code(
+            &f.agent
+                .client
+                .list_processes(ctx(), &agent::ListProcessesRequest { container_id: "p".into(), ..Default::default() })
+                .unwrap_err()
+        ),
+        ttrpc::Code::NOT_FOUND
+    );
 }
 
 #[test]
 fn bad_container_requests_get_clear_errors_and_the_agent_keeps_serving() {
     let f = fixture("badc");
     let create = |id: &str, json: Vec<u8>, rootfs: &str| {
-        let req = agent::CreateContainerRequest { container_id: id.into(), oci_spec_json: json, rootfs_path: rootfs.into(), ..Default::default() };
+        let req = agent::CreateContainerRequest {
+            container_id: id.into(),
+            oci_spec_json: json,
+            rootfs_path: rootfs.into(),
+            ..Default::default()
+        };
         f.agent.client.create_container(ctx(), &req).unwrap_err()
     };
     let root = f.rootfs.display().to_string();
@@ -354,7 +396,8 @@ fn bad_container_requests_get_clear_errors_and_the_agent_keeps_serving() {
 
     let err = f.start("ghost").unwrap_err();
     assert_eq!(code(&err), ttrpc::Code::NOT_FOUND, "{err:?}");
-    let err = f.agent.client.wait_process(ctx(), &agent::WaitProcessRequest { container_id: "ghost".into(), ..Default::default() }).unwrap_err();
+    let err =
+        f.agent.client.wait_process(ctx(), &agent::WaitProcessRequest { container_id: "ghost".into(), ..Default::default() }).unwrap_err();
     assert_eq!(code(&err), ttrpc::Code::NOT_FOUND, "{err:?}");
 
     f.create("dup", &spec(&["true"], &[])).unwrap();
@@ -373,12 +416,18 @@ fn bad_container_requests_get_clear_errors_and_the_agent_keeps_serving() {
 /// What a terminal process prints: `tty`, its terminal's owner, `stty size`;
 /// then, after a line of input (sent once the test has resized it), `stty size`
 /// again and the line.
-const TTY_SCRIPT: &str = "test -t 0 && test -t 1 && echo istty; tty; stat -c owner=%u:%g $(tty); stty size; read line; stty size; echo got $line";
+const TTY_SCRIPT: &str =
+    "test -t 0 && test -t 1 && echo istty; tty; stat -c owner=%u:%g $(tty); stty size; read line; stty size; echo got $line";
 
 impl Fixture {
     fn exec_tty(&self, id: &str, exec_id: &str, args: &[&str], rows: u32, cols: u32) -> ttrpc::Result<()> {
         let process = json!({"args": args, "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "terminal": true, "consoleSize": {"height": rows, "width": cols}});
-        let req = agent::ExecProcessRequest { container_id: id.into(), exec_id: exec_id.into(), oci_process_json: serde_json::to_vec(&process).unwrap(), ..Default::default() };
+        let req = agent::ExecProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            oci_process_json: serde_json::to_vec(&process).unwrap(),
+            ..Default::default()
+        };
         self.agent.client.exec_process(ctx(), &req).map(drop)
     }
 
@@ -392,7 +441,13 @@ impl Fixture {
                 return text;
             }
             assert!(Instant::now() < deadline, "no {want:?} on {id}/{exec_id} after 20 s; got {text:?}");
-            let req = agent::ReadStreamRequest { container_id: id.into(), exec_id: exec_id.into(), max_len: 1 << 20, wait_ms: 1000, ..Default::default() };
+            let req = agent::ReadStreamRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                max_len: 1 << 20,
+                wait_ms: 1000,
+                ..Default::default()
+            };
             let r = self.agent.client.read_stdout(ctx(), &req).unwrap();
             all.extend_from_slice(&r.data);
             assert!(!r.eof || !r.data.is_empty() || text.contains(want), "EOF on {id}/{exec_id} before {want:?}; got {text:?}");
@@ -502,7 +557,14 @@ fn without_a_devpts_of_its_own_a_terminal_comes_from_the_guests() {
     s["process"]["args"] = json!(["sleep", "1000"]);
     f.create("gbox", &s).unwrap();
     f.start("gbox").unwrap();
-    f.exec_tty("gbox", "sh", &["sh", "-c", "test -t 0 && test -t 1 && echo istty; stty size; read line; stty size; echo got $line"], 20, 70).unwrap();
+    f.exec_tty(
+        "gbox",
+        "sh",
+        &["sh", "-c", "test -t 0 && test -t 1 && echo istty; stty size; read line; stty size; echo got $line"],
+        20,
+        70,
+    )
+    .unwrap();
     f.tty_round("gbox", "sh", (20, 70), (21, 71));
     assert_eq!(f.wait("gbox", "sh"), 0);
     f.healthy();

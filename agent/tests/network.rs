@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use std::process::Command;
 use vfvm_agent::network::{
-    Change, DeviceMatch, DeviceSel, Dns, FoundVia, Interface, NetError, Network, NetworkConfig,
-    Options, Route, Wanted,
+    Change, DeviceMatch, DeviceSel, Dns, FoundVia, Interface, NetError, Network, NetworkConfig, Options, Route, Wanted,
 };
 use vfvm_netlink::{proto, table, AddrFlags, Family, Handle, Link, MacAddr, Netns, Scope};
 
@@ -31,11 +30,7 @@ struct Scratch(PathBuf);
 impl Scratch {
     fn new() -> Scratch {
         static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "vfvm-agent-net-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
+        let p = std::env::temp_dir().join(format!("vfvm-agent-net-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         Scratch(p)
@@ -87,13 +82,7 @@ impl Env {
     /// Makes `<sysfs>/bus/pci/devices/<pci>/net/<name>[/ifindex]`, as the kernel
     /// shows a PCI NIC's netdev.
     fn fake_pci(&self, pci: &str, name: &str, ifindex: Option<u32>) {
-        let d = self
-            .dir
-            .path()
-            .join("sys/bus/pci/devices")
-            .join(pci)
-            .join("net")
-            .join(name);
+        let d = self.dir.path().join("sys/bus/pci/devices").join(pci).join("net").join(name);
         std::fs::create_dir_all(&d).unwrap();
         if let Some(i) = ifindex {
             std::fs::write(d.join("ifindex"), format!("{i}\n")).unwrap();
@@ -101,13 +90,7 @@ impl Env {
     }
     /// The addresses of `ifindex`, IPv6 link-local left out.
     fn addrs(&self, ifindex: u32) -> BTreeSet<String> {
-        self.h
-            .addresses(ifindex)
-            .unwrap()
-            .into_iter()
-            .filter(|a| !is_ll(&a.addr))
-            .map(|a| format!("{}/{}", a.addr, a.prefix_len))
-            .collect()
+        self.h.addresses(ifindex).unwrap().into_iter().filter(|a| !is_ll(&a.addr)).map(|a| format!("{}/{}", a.addr, a.prefix_len)).collect()
     }
     /// Non-kernel main-table routes through `ifindex`, as "dst via gw metric m".
     fn routes(&self, ifindex: u32) -> BTreeSet<String> {
@@ -133,15 +116,9 @@ impl Env {
     fn snapshot(&self) -> String {
         let mut out = String::new();
         for l in self.h.links().unwrap() {
-            out += &format!(
-                "link {} {} mac={:?} mtu={} up={} master={:?}\n",
-                l.index, l.name, l.mac, l.mtu, l.admin_up, l.master
-            );
+            out += &format!("link {} {} mac={:?} mtu={} up={} master={:?}\n", l.index, l.name, l.mac, l.mtu, l.admin_up, l.master);
         }
-        let volatile = AddrFlags::TENTATIVE.0
-            | AddrFlags::OPTIMISTIC.0
-            | AddrFlags::DADFAILED.0
-            | AddrFlags::DEPRECATED.0;
+        let volatile = AddrFlags::TENTATIVE.0 | AddrFlags::OPTIMISTIC.0 | AddrFlags::DADFAILED.0 | AddrFlags::DEPRECATED.0;
         let mut addrs: Vec<String> = self
             .h
             .all_addresses()
@@ -195,38 +172,19 @@ fn is_ll(a: &IpAddr) -> bool {
 }
 
 fn iface(name: &str, device: DeviceMatch, addresses: &[&str]) -> Interface {
-    Interface {
-        name: name.into(),
-        device,
-        mac: None,
-        mtu: None,
-        addresses: addresses.iter().map(|s| s.to_string()).collect(),
-        vlan: None,
-    }
+    Interface { name: name.into(), device, mac: None, mtu: None, addresses: addresses.iter().map(|s| s.to_string()).collect(), vlan: None }
 }
 
 fn by_mac(m: MacAddr) -> DeviceMatch {
-    DeviceMatch {
-        pci_address: None,
-        mac: Some(m.to_string()),
-    }
+    DeviceMatch { pci_address: None, mac: Some(m.to_string()) }
 }
 
 fn by_pci(p: &str) -> DeviceMatch {
-    DeviceMatch {
-        pci_address: Some(p.into()),
-        mac: None,
-    }
+    DeviceMatch { pci_address: Some(p.into()), mac: None }
 }
 
 fn route(dest: &str, gw: Option<&str>, dev: Option<&str>, metric: Option<u32>) -> Route {
-    Route {
-        dest: dest.into(),
-        gateway: gw.map(Into::into),
-        device: dev.map(Into::into),
-        scope: None,
-        metric,
-    }
+    Route { dest: dest.into(), gateway: gw.map(Into::into), device: dev.map(Into::into), scope: None, metric }
 }
 
 /// Config "A": rename vt0 (found by its MAC) to eth0, new MAC, MTU, v4+v6,
@@ -246,10 +204,7 @@ fn config_a(found_by: DeviceMatch) -> NetworkConfig {
         ],
         dns: Some(Dns {
             servers: vec!["10.96.0.10".into(), "fd00:18::53".into()],
-            searches: vec![
-                "default.svc.cluster.local".into(),
-                "svc.cluster.local".into(),
-            ],
+            searches: vec!["default.svc.cluster.local".into(), "svc.cluster.local".into()],
             options: vec!["ndots:5".into()],
         }),
     }
@@ -277,67 +232,28 @@ fn apply_then_read_back_and_second_apply_is_a_noop() {
 
     // Addresses: exactly the config's (plus the kernel's link-local), the v6 one
     // usable at once (NODAD, not tentative).
-    assert_eq!(
-        env.addrs(eth0.index),
-        ["198.18.0.2/24", "fd00:18::2/64"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
-    );
-    let v6 = env
-        .h
-        .addresses(eth0.index)
-        .unwrap()
-        .into_iter()
-        .find(|a| a.addr == ip("fd00:18::2"))
-        .unwrap();
+    assert_eq!(env.addrs(eth0.index), ["198.18.0.2/24", "fd00:18::2/64"].iter().map(|s| s.to_string()).collect());
+    let v6 = env.h.addresses(eth0.index).unwrap().into_iter().find(|a| a.addr == ip("fd00:18::2")).unwrap();
     assert!(v6.flags.contains(AddrFlags::NODAD), "{:?}", v6.flags);
     assert!(!v6.flags.contains(AddrFlags::TENTATIVE), "{:?}", v6.flags);
 
     // Routes, read back field by field.
     let v4 = env.h.routes(Family::V4).unwrap();
     let v6r = env.h.routes(Family::V6).unwrap();
-    let def4 = v4
-        .iter()
-        .find(|r| r.dst_len == 0)
-        .expect("IPv4 default route");
+    let def4 = v4.iter().find(|r| r.dst_len == 0).expect("IPv4 default route");
     assert_eq!(def4.gateway, Some(ip("198.18.0.1")));
     assert_eq!(def4.oif, Some(eth0.index));
     assert_eq!(def4.table, table::MAIN);
     assert_eq!(def4.scope, Scope::Universe);
-    let st = v4
-        .iter()
-        .find(|r| r.dst == ip("10.20.0.0") && r.dst_len == 16)
-        .expect("static route");
-    assert_eq!(
-        (st.gateway, st.oif, st.priority),
-        (Some(ip("198.18.0.1")), Some(eth0.index), Some(50))
-    );
-    let lr = v4
-        .iter()
-        .find(|r| r.dst == ip("10.30.0.0") && r.dst_len == 24)
-        .expect("link route");
-    assert_eq!(
-        (lr.gateway, lr.oif, lr.scope),
-        (None, Some(eth0.index), Scope::Link)
-    );
+    let st = v4.iter().find(|r| r.dst == ip("10.20.0.0") && r.dst_len == 16).expect("static route");
+    assert_eq!((st.gateway, st.oif, st.priority), (Some(ip("198.18.0.1")), Some(eth0.index), Some(50)));
+    let lr = v4.iter().find(|r| r.dst == ip("10.30.0.0") && r.dst_len == 24).expect("link route");
+    assert_eq!((lr.gateway, lr.oif, lr.scope), (None, Some(eth0.index), Scope::Link));
     assert_ne!(lr.protocol, proto::KERNEL);
-    let def6 = v6r
-        .iter()
-        .find(|r| r.dst_len == 0)
-        .expect("IPv6 default route");
-    assert_eq!(
-        (def6.gateway, def6.oif, def6.priority),
-        (Some(ip("fd00:18::1")), Some(eth0.index), Some(1024))
-    );
-    let st6 = v6r
-        .iter()
-        .find(|r| r.dst == ip("fd00:99::") && r.dst_len == 64)
-        .expect("static IPv6 route");
-    assert_eq!(
-        (st6.gateway, st6.priority),
-        (Some(ip("fd00:18::1")), Some(300))
-    );
+    let def6 = v6r.iter().find(|r| r.dst_len == 0).expect("IPv6 default route");
+    assert_eq!((def6.gateway, def6.oif, def6.priority), (Some(ip("fd00:18::1")), Some(eth0.index), Some(1024)));
+    let st6 = v6r.iter().find(|r| r.dst == ip("fd00:99::") && r.dst_len == 64).expect("static IPv6 route");
+    assert_eq!((st6.gateway, st6.priority), (Some(ip("fd00:18::1")), Some(300)));
 
     // resolv.conf.
     let rc = std::fs::read_to_string(env.dir.path().join("resolv.conf")).unwrap();
@@ -350,30 +266,10 @@ fn apply_then_read_back_and_second_apply_is_a_noop() {
     // The report: every change, in the order made; link routes before gateway
     // routes, default routes last.
     let c = &report.changes;
-    assert!(
-        c.contains(&Change::Renamed {
-            from: "vt0".into(),
-            to: "eth0".into()
-        }),
-        "{c:?}"
-    );
-    assert!(
-        c.contains(&Change::MtuSet {
-            link: "eth0".into(),
-            from: 1500,
-            to: 1400
-        }),
-        "{c:?}"
-    );
-    assert!(c
-        .iter()
-        .any(|x| matches!(x, Change::MacSet { to, .. } if *to == mac("02:aa:bb:cc:dd:01"))));
-    assert!(
-        c.contains(&Change::LinkUp {
-            link: "eth0".into()
-        }),
-        "{c:?}"
-    );
+    assert!(c.contains(&Change::Renamed { from: "vt0".into(), to: "eth0".into() }), "{c:?}");
+    assert!(c.contains(&Change::MtuSet { link: "eth0".into(), from: 1500, to: 1400 }), "{c:?}");
+    assert!(c.iter().any(|x| matches!(x, Change::MacSet { to, .. } if *to == mac("02:aa:bb:cc:dd:01"))));
+    assert!(c.contains(&Change::LinkUp { link: "eth0".into() }), "{c:?}");
     let routes: Vec<String> = c
         .iter()
         .filter_map(|x| match x {
@@ -417,21 +313,9 @@ fn find_by_pci_address_in_sysfs_and_converge_a_then_b() {
     env.fake_pci("0000:00:05.0", "vt0", Some(vt0.index));
     // Things the agent must remove (on the managed link) and leave alone (on
     // vp0, which the config does not name).
-    env.h
-        .add_address(
-            vt0.index,
-            &vfvm_netlink::AddressSpec::new(ip("192.0.2.9"), 24),
-        )
-        .unwrap();
-    env.h
-        .add_address(
-            vp0.index,
-            &vfvm_netlink::AddressSpec::new(ip("192.0.3.1"), 24),
-        )
-        .unwrap();
-    env.h
-        .add_route(&vfvm_netlink::RouteSpec::new(ip("10.77.0.0"), 16).via(ip("192.0.3.254")))
-        .unwrap();
+    env.h.add_address(vt0.index, &vfvm_netlink::AddressSpec::new(ip("192.0.2.9"), 24)).unwrap();
+    env.h.add_address(vp0.index, &vfvm_netlink::AddressSpec::new(ip("192.0.3.1"), 24)).unwrap();
+    env.h.add_route(&vfvm_netlink::RouteSpec::new(ip("10.77.0.0"), 16).via(ip("192.0.3.254"))).unwrap();
     let vp0_before = (env.addrs(vp0.index), env.routes(vp0.index));
     let net = env.net();
 
@@ -441,10 +325,7 @@ fn find_by_pci_address_in_sysfs_and_converge_a_then_b() {
     assert_eq!(eth0.index, vt0.index);
     assert_eq!(
         env.addrs(eth0.index),
-        ["198.18.0.2/24", "fd00:18::2/64"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        ["198.18.0.2/24", "fd00:18::2/64"].iter().map(|s| s.to_string()).collect(),
         "the stray 192.0.2.9/24 was removed"
     );
     // Found by the ifindex sysfs shows even though it was renamed.
@@ -452,11 +333,7 @@ fn find_by_pci_address_in_sysfs_and_converge_a_then_b() {
 
     // Config B: other addresses, routes, MTU; no DNS (resolv.conf left alone).
     let mut b = NetworkConfig {
-        interfaces: vec![iface(
-            "eth0",
-            by_pci("0000:00:05.0"),
-            &["198.19.0.2/24", "fd00:19::2/64"],
-        )],
+        interfaces: vec![iface("eth0", by_pci("0000:00:05.0"), &["198.19.0.2/24", "fd00:19::2/64"])],
         routes: vec![
             route("default", Some("198.19.0.1"), None, Some(10)),
             route("10.40.0.0/16", Some("198.19.0.1"), Some("eth0"), None),
@@ -466,29 +343,14 @@ fn find_by_pci_address_in_sysfs_and_converge_a_then_b() {
     };
     b.interfaces[0].mtu = Some(1500);
     let rep = net.apply(&b).unwrap();
-    assert!(
-        rep.changes
-            .iter()
-            .any(|c| matches!(c, Change::RouteRemoved { .. })),
-        "{rep:#?}"
-    );
+    assert!(rep.changes.iter().any(|c| matches!(c, Change::RouteRemoved { .. })), "{rep:#?}");
+    assert_eq!(env.addrs(eth0.index), ["198.19.0.2/24", "fd00:19::2/64"].iter().map(|s| s.to_string()).collect());
     assert_eq!(
-        env.addrs(eth0.index),
-        ["198.19.0.2/24", "fd00:19::2/64"]
+        env.routes(eth0.index),
+        ["0.0.0.0/0 via 198.19.0.1 metric 10", "10.40.0.0/16 via 198.19.0.1 metric 0", "fd00:40::/48 via fd00:19::1 metric 1024",]
             .iter()
             .map(|s| s.to_string())
             .collect()
-    );
-    assert_eq!(
-        env.routes(eth0.index),
-        [
-            "0.0.0.0/0 via 198.19.0.1 metric 10",
-            "10.40.0.0/16 via 198.19.0.1 metric 0",
-            "fd00:40::/48 via fd00:19::1 metric 1024",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
     );
     let l = env.link("eth0");
     assert_eq!(l.mtu, 1500);
@@ -497,28 +359,15 @@ fn find_by_pci_address_in_sysfs_and_converge_a_then_b() {
     // The unmanaged link is untouched.
     assert_eq!((env.addrs(vp0.index), env.routes(vp0.index)), vp0_before);
     // resolv.conf still A's.
-    assert!(std::fs::read_to_string(env.dir.path().join("resolv.conf"))
-        .unwrap()
-        .contains("10.96.0.10"));
+    assert!(std::fs::read_to_string(env.dir.path().join("resolv.conf")).unwrap().contains("10.96.0.10"));
     let before = env.snapshot();
     assert!(net.apply(&b).unwrap().is_noop());
     assert_eq!(env.snapshot(), before);
 
     // And back to A: A exactly again.
     net.apply(&a).unwrap();
-    assert_eq!(
-        env.addrs(eth0.index),
-        ["198.18.0.2/24", "fd00:18::2/64"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
-    );
-    assert_eq!(
-        env.routes(eth0.index).len(),
-        5,
-        "{:?}",
-        env.routes(eth0.index)
-    );
+    assert_eq!(env.addrs(eth0.index), ["198.18.0.2/24", "fd00:18::2/64"].iter().map(|s| s.to_string()).collect());
+    assert_eq!(env.routes(eth0.index).len(), 5, "{:?}", env.routes(eth0.index));
 }
 
 #[test]
@@ -531,10 +380,7 @@ fn pci_and_mac_must_agree() {
     let cfg = NetworkConfig {
         interfaces: vec![iface(
             "eth0",
-            DeviceMatch {
-                pci_address: Some("0000:00:05.0".into()),
-                mac: Some("02:00:00:00:00:99".into()),
-            },
+            DeviceMatch { pci_address: Some("0000:00:05.0".into()), mac: Some("02:00:00:00:00:99".into()) },
             &[],
         )],
         ..Default::default()
@@ -542,10 +388,7 @@ fn pci_and_mac_must_agree() {
     let e = net.apply(&cfg).unwrap_err();
     let s = e.to_string();
     assert!(matches!(e, NetError::Device { .. }), "{e:?}");
-    assert!(
-        s.contains("0000:00:05.0") && s.contains("02:00:00:00:00:99"),
-        "{s}"
-    );
+    assert!(s.contains("0000:00:05.0") && s.contains("02:00:00:00:00:99"), "{s}");
     assert_eq!(env.snapshot(), before);
     // With the right MAC it works.
     let mut ok = cfg.clone();
@@ -580,28 +423,16 @@ fn a_device_that_never_appears_times_out_clearly() {
     let timeout = Duration::from_millis(300);
     let net = Network::in_netns(&env.ns, env.opts(timeout)).unwrap();
     let before = env.snapshot();
-    for (dev, what) in [
-        (by_pci("0000:00:1f.7"), "PCI address 0000:00:1f.7"),
-        (by_mac(mac("02:de:ad:00:00:01")), "MAC 02:de:ad:00:00:01"),
-    ] {
-        let cfg = NetworkConfig {
-            interfaces: vec![iface("eth9", dev, &["198.18.0.2/24"])],
-            ..Default::default()
-        };
+    for (dev, what) in [(by_pci("0000:00:1f.7"), "PCI address 0000:00:1f.7"), (by_mac(mac("02:de:ad:00:00:01")), "MAC 02:de:ad:00:00:01")] {
+        let cfg = NetworkConfig { interfaces: vec![iface("eth9", dev, &["198.18.0.2/24"])], ..Default::default() };
         let t = Instant::now();
         let e = net.apply(&cfg).unwrap_err();
         let took = t.elapsed();
         assert!(matches!(e, NetError::DeviceTimeout { .. }), "{e:?}");
         let s = e.to_string();
-        assert!(
-            s.contains(what) && s.contains("300ms") && s.contains("eth9"),
-            "{s}"
-        );
+        assert!(s.contains(what) && s.contains("300ms") && s.contains("eth9"), "{s}");
         assert!(took >= timeout, "gave up early: {took:?}");
-        assert!(
-            took < timeout + Duration::from_millis(700),
-            "overran: {took:?}"
-        );
+        assert!(took < timeout + Duration::from_millis(700), "overran: {took:?}");
     }
     assert_eq!(env.snapshot(), before);
 }
@@ -615,20 +446,9 @@ fn hotplug_by_mac_is_found_through_uevents() {
     let sh = Handle::in_netns(&staging).unwrap();
     let want_mac = mac("02:42:00:00:00:07");
     let net = env.net();
-    let target = Netns::open(format!(
-        "/proc/self/fd/{}",
-        std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&env.ns))
-    ))
-    .unwrap();
+    let target = Netns::open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&env.ns)))).unwrap();
     let mut creator = None;
-    let want = Wanted {
-        name: "eth1",
-        device: DeviceSel {
-            pci: None,
-            mac: Some(want_mac),
-        },
-        set_mac: None,
-    };
+    let want = Wanted { name: "eth1", device: DeviceSel { pci: None, mac: Some(want_mac) }, set_mac: None };
     let (link, via) = net
         .wait_for_device(&want, Duration::from_secs(5), || {
             // The first look has missed; the socket is subscribed. Make the
@@ -656,14 +476,7 @@ fn hotplug_by_pci_address_is_found_through_uevents() {
     let net = env.net();
     let h2 = Handle::in_netns(&env.ns).unwrap();
     let mut creator = None;
-    let want = Wanted {
-        name: "eth2",
-        device: DeviceSel {
-            pci: Some("0000:00:06.0".parse().unwrap()),
-            mac: None,
-        },
-        set_mac: None,
-    };
+    let want = Wanted { name: "eth2", device: DeviceSel { pci: Some("0000:00:06.0".parse().unwrap()), mac: None }, set_mac: None };
     let t = Instant::now();
     let (link, via) = net
         .wait_for_device(&want, Duration::from_secs(5), || {
@@ -678,15 +491,9 @@ fn hotplug_by_pci_address_is_found_through_uevents() {
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 
     // And a whole apply for it, now that it is there, finds it at once.
-    let cfg = NetworkConfig {
-        interfaces: vec![iface("eth2", by_pci("0000:00:06.0"), &["198.18.6.2/24"])],
-        ..Default::default()
-    };
+    let cfg = NetworkConfig { interfaces: vec![iface("eth2", by_pci("0000:00:06.0"), &["198.18.6.2/24"])], ..Default::default() };
     let r = net.apply(&cfg).unwrap();
-    assert!(r.changes.contains(&Change::Renamed {
-        from: "hpp0".into(),
-        to: "eth2".into()
-    }));
+    assert!(r.changes.contains(&Change::Renamed { from: "hpp0".into(), to: "eth2".into() }));
 }
 
 /// `apply` itself waits: the device arrives while it waits (whichever way it
@@ -697,11 +504,7 @@ fn apply_waits_for_a_late_device() {
     let net = env.net();
     let staging = Netns::new_anonymous().unwrap();
     let sh = Handle::in_netns(&staging).unwrap();
-    let target = Netns::open(format!(
-        "/proc/self/fd/{}",
-        std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&env.ns))
-    ))
-    .unwrap();
+    let target = Netns::open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&env.ns)))).unwrap();
     let m = mac("02:42:00:00:00:08");
     let t = std::thread::spawn(move || {
         sh.create_veth("late0", "late1", None).unwrap();
@@ -709,10 +512,7 @@ fn apply_waits_for_a_late_device() {
         sh.set_link_mac(l.index, m).unwrap();
         sh.move_link_to_netns(l.index, &target, None).unwrap();
     });
-    let cfg = NetworkConfig {
-        interfaces: vec![iface("eth3", by_mac(m), &["198.18.8.2/24"])],
-        ..Default::default()
-    };
+    let cfg = NetworkConfig { interfaces: vec![iface("eth3", by_mac(m), &["198.18.8.2/24"])], ..Default::default() };
     let r = net.apply(&cfg).unwrap();
     t.join().unwrap();
     assert_eq!(r.interfaces[0].0, "eth3");
@@ -746,34 +546,12 @@ fn invalid_address_is_refused_naming_field_and_value() {
     let net = env.net();
     let mut cfg = good(&env);
     cfg.interfaces[0].addresses.push("300.1.1.1/33".into());
-    let e = refused(
-        &env,
-        &net,
-        &cfg,
-        &[
-            "interfaces[0].addresses[2]",
-            "\"300.1.1.1/33\"",
-            "not an IPv4 or IPv6 address",
-        ],
-    );
+    let e = refused(&env, &net, &cfg, &["interfaces[0].addresses[2]", "\"300.1.1.1/33\"", "not an IPv4 or IPv6 address"]);
     assert!(matches!(e, NetError::Invalid { .. }));
     cfg.interfaces[0].addresses[2] = "10.1.1.1/33".into();
-    refused(
-        &env,
-        &net,
-        &cfg,
-        &[
-            "interfaces[0].addresses[2]",
-            "prefix length 33 is longer than 32",
-        ],
-    );
+    refused(&env, &net, &cfg, &["interfaces[0].addresses[2]", "prefix length 33 is longer than 32"]);
     cfg.interfaces[0].addresses[2] = "10.1.1.1".into();
-    refused(
-        &env,
-        &net,
-        &cfg,
-        &["interfaces[0].addresses[2]", "ADDRESS/PREFIX_LENGTH"],
-    );
+    refused(&env, &net, &cfg, &["interfaces[0].addresses[2]", "ADDRESS/PREFIX_LENGTH"]);
     cfg.interfaces[0].addresses[2] = "fd00::1/129".into();
     refused(&env, &net, &cfg, &["prefix length 129 is longer than 128"]);
 }
@@ -783,67 +561,23 @@ fn unreachable_gateway_is_refused_naming_the_route() {
     let env = Env::new();
     let net = env.net();
     let mut cfg = good(&env);
-    cfg.routes.push(route(
-        "10.50.0.0/16",
-        Some("203.0.113.1"),
-        Some("eth0"),
-        None,
-    ));
-    let e = refused(
-        &env,
-        &net,
-        &cfg,
-        &[
-            "route #5 \"10.50.0.0/16 via 203.0.113.1 dev eth0\"",
-            "gateway 203.0.113.1 is unreachable",
-        ],
-    );
+    cfg.routes.push(route("10.50.0.0/16", Some("203.0.113.1"), Some("eth0"), None));
+    let e = refused(&env, &net, &cfg, &["route #5 \"10.50.0.0/16 via 203.0.113.1 dev eth0\"", "gateway 203.0.113.1 is unreachable"]);
     assert!(matches!(e, NetError::Route { .. }), "{e:?}");
     // IPv6, no device given: no configured prefix on any interface covers it.
     let mut cfg = good(&env);
-    cfg.routes
-        .push(route("fd00:51::/64", Some("fd00:77::1"), None, None));
-    refused(
-        &env,
-        &net,
-        &cfg,
-        &[
-            "#5 \"fd00:51::/64 via fd00:77::1\"",
-            "fd00:77::1 is unreachable",
-            "on any interface",
-        ],
-    );
+    cfg.routes.push(route("fd00:51::/64", Some("fd00:77::1"), None, None));
+    refused(&env, &net, &cfg, &["#5 \"fd00:51::/64 via fd00:77::1\"", "fd00:77::1 is unreachable", "on any interface"]);
     // Covered by vp0's address, but the route says eth0.
     let vp0 = env.link("vp0");
-    env.h
-        .add_address(
-            vp0.index,
-            &vfvm_netlink::AddressSpec::new(ip("192.0.3.1"), 24),
-        )
-        .unwrap();
+    env.h.add_address(vp0.index, &vfvm_netlink::AddressSpec::new(ip("192.0.3.1"), 24)).unwrap();
     let mut cfg = good(&env);
-    cfg.routes.push(route(
-        "10.52.0.0/16",
-        Some("192.0.3.254"),
-        Some("eth0"),
-        None,
-    ));
-    refused(
-        &env,
-        &net,
-        &cfg,
-        &["#5", "192.0.3.254 is unreachable", "on device \"eth0\""],
-    );
+    cfg.routes.push(route("10.52.0.0/16", Some("192.0.3.254"), Some("eth0"), None));
+    refused(&env, &net, &cfg, &["#5", "192.0.3.254 is unreachable", "on device \"eth0\""]);
     // Without a device it is reachable through vp0, which the agent does not manage.
     cfg.routes[5].device = None;
     net.apply(&cfg).unwrap();
-    let r = env
-        .h
-        .routes(Family::V4)
-        .unwrap()
-        .into_iter()
-        .find(|r| r.dst == ip("10.52.0.0"))
-        .unwrap();
+    let r = env.h.routes(Family::V4).unwrap().into_iter().find(|r| r.dst == ip("10.52.0.0")).unwrap();
     assert_eq!(r.oif, Some(vp0.index));
 }
 
@@ -852,21 +586,11 @@ fn unknown_route_device_is_refused() {
     let env = Env::new();
     let net = env.net();
     let mut cfg = good(&env);
-    cfg.routes
-        .push(route("10.60.0.0/16", None, Some("nope0"), None));
-    refused(
-        &env,
-        &net,
-        &cfg,
-        &[
-            "10.60.0.0/16 dev nope0",
-            "\"nope0\" is neither an interface of this config nor an existing link",
-        ],
-    );
+    cfg.routes.push(route("10.60.0.0/16", None, Some("nope0"), None));
+    refused(&env, &net, &cfg, &["10.60.0.0/16 dev nope0", "\"nope0\" is neither an interface of this config nor an existing link"]);
     // The current name of a link the config renames is not a valid route device either.
     let mut cfg = good(&env);
-    cfg.routes
-        .push(route("10.60.0.0/16", None, Some("vt0"), None));
+    cfg.routes.push(route("10.60.0.0/16", None, Some("vt0"), None));
     refused(&env, &net, &cfg, &["dev vt0", "neither"]);
 }
 
@@ -876,71 +600,30 @@ fn oversized_lists_and_long_names_are_refused() {
     let net = env.net();
     let mut cfg = good(&env);
     cfg.interfaces[0].name = "a-name-of-16-byt".into();
-    refused(
-        &env,
-        &net,
-        &cfg,
-        &["interfaces[0].name", "a-name-of-16-byt", "1 to 15 bytes"],
-    );
+    refused(&env, &net, &cfg, &["interfaces[0].name", "a-name-of-16-byt", "1 to 15 bytes"]);
 
     let mut cfg = good(&env);
-    cfg.interfaces = (0..65)
-        .map(|i| {
-            iface(
-                &format!("e{i}"),
-                by_mac(mac(&format!("02:00:00:00:01:{i:02x}"))),
-                &[],
-            )
-        })
-        .collect();
-    refused(
-        &env,
-        &net,
-        &cfg,
-        &["interfaces", "65 entries", "at most 64"],
-    );
+    cfg.interfaces = (0..65).map(|i| iface(&format!("e{i}"), by_mac(mac(&format!("02:00:00:00:01:{i:02x}"))), &[])).collect();
+    refused(&env, &net, &cfg, &["interfaces", "65 entries", "at most 64"]);
 
     let mut cfg = good(&env);
-    cfg.routes = (0..257)
-        .map(|i| {
-            route(
-                &format!("10.{}.{}.0/24", i / 256, i % 256),
-                Some("198.18.0.1"),
-                None,
-                None,
-            )
-        })
-        .collect();
+    cfg.routes = (0..257).map(|i| route(&format!("10.{}.{}.0/24", i / 256, i % 256), Some("198.18.0.1"), None, None)).collect();
     refused(&env, &net, &cfg, &["routes", "257 entries", "at most 256"]);
 
     let mut cfg = good(&env);
     cfg.dns.as_mut().unwrap().servers = (0..17).map(|i| format!("10.0.0.{}", i + 1)).collect();
-    refused(
-        &env,
-        &net,
-        &cfg,
-        &["dns.servers", "17 entries", "at most 16"],
-    );
+    refused(&env, &net, &cfg, &["dns.servers", "17 entries", "at most 16"]);
 
     let mut cfg = good(&env);
     cfg.interfaces[0].addresses = (0..65).map(|i| format!("10.9.{}.1/24", i)).collect();
-    refused(
-        &env,
-        &net,
-        &cfg,
-        &["interfaces[0].addresses", "65 entries", "at most 64"],
-    );
+    refused(&env, &net, &cfg, &["interfaces[0].addresses", "65 entries", "at most 64"]);
 
     // The JSON wire form: too big, unknown fields, wrong types.
     let big = vec![b' '; (1 << 20) + 1];
-    assert!(NetworkConfig::from_json(&big)
-        .unwrap_err()
-        .to_string()
-        .contains("bytes"));
+    assert!(NetworkConfig::from_json(&big).unwrap_err().to_string().contains("bytes"));
     let e = NetworkConfig::from_json(br#"{"interfaces":[],"bogus":1}"#).unwrap_err();
     assert!(e.to_string().contains("unknown field `bogus`"), "{e}");
-    let e = NetworkConfig::from_json(br#"{"interfaces":[{"name":"eth0","device":{},"mtu":-1}]}"#)
-        .unwrap_err();
+    let e = NetworkConfig::from_json(br#"{"interfaces":[{"name":"eth0","device":{},"mtu":-1}]}"#).unwrap_err();
     assert!(matches!(e, NetError::Decode(_)), "{e}");
 }
 
@@ -950,57 +633,18 @@ fn other_bad_fields_are_refused() {
     let net = env.net();
     type Edit = Box<dyn Fn(&mut NetworkConfig)>;
     let cases: Vec<(Edit, &[&str])> = vec![
-        (
-            Box::new(|c| c.interfaces[0].mtu = Some(1000)),
-            &["interfaces[0].mtu", "IPv6 needs an MTU of at least 1280"],
-        ),
-        (
-            Box::new(|c| c.interfaces[0].mtu = Some(67)),
-            &["interfaces[0].mtu", "68 to 65535"],
-        ),
-        (
-            Box::new(|c| c.interfaces[0].mac = Some("03:00:00:00:00:01".into())),
-            &["interfaces[0].mac", "unicast"],
-        ),
-        (
-            Box::new(|c| c.interfaces[0].device = DeviceMatch::default()),
-            &["interfaces[0].device", "pci_address and/or mac"],
-        ),
-        (
-            Box::new(|c| c.interfaces[0].device.pci_address = Some("00:05.0".into())),
-            &["interfaces[0].device.pci_address", "DDDD:BB:DD.F"],
-        ),
-        (
-            Box::new(|c| c.routes[1].dest = "10.20.0.1/16".into()),
-            &["routes[1].dest", "beyond the prefix length"],
-        ),
-        (
-            Box::new(|c| c.routes[0].gateway = Some("fd00:18::1".into())),
-            &["routes[", "same destination and metric"],
-        ),
-        (
-            Box::new(|c| c.routes[1].gateway = Some("fd00:18::1".into())),
-            &["routes[1].gateway", "not of the destination's family"],
-        ),
-        (
-            Box::new(|c| c.routes[3].scope = Some("planet".into())),
-            &["routes[3].scope", "planet"],
-        ),
+        (Box::new(|c| c.interfaces[0].mtu = Some(1000)), &["interfaces[0].mtu", "IPv6 needs an MTU of at least 1280"]),
+        (Box::new(|c| c.interfaces[0].mtu = Some(67)), &["interfaces[0].mtu", "68 to 65535"]),
+        (Box::new(|c| c.interfaces[0].mac = Some("03:00:00:00:00:01".into())), &["interfaces[0].mac", "unicast"]),
+        (Box::new(|c| c.interfaces[0].device = DeviceMatch::default()), &["interfaces[0].device", "pci_address and/or mac"]),
+        (Box::new(|c| c.interfaces[0].device.pci_address = Some("00:05.0".into())), &["interfaces[0].device.pci_address", "DDDD:BB:DD.F"]),
+        (Box::new(|c| c.routes[1].dest = "10.20.0.1/16".into()), &["routes[1].dest", "beyond the prefix length"]),
+        (Box::new(|c| c.routes[0].gateway = Some("fd00:18::1".into())), &["routes[", "same destination and metric"]),
+        (Box::new(|c| c.routes[1].gateway = Some("fd00:18::1".into())), &["routes[1].gateway", "not of the destination's family"]),
+        (Box::new(|c| c.routes[3].scope = Some("planet".into())), &["routes[3].scope", "planet"]),
         (Box::new(|c| c.routes[0].device = None), &[]), // fine: not an error
-        (
-            Box::new(|c| {
-                c.dns
-                    .as_mut()
-                    .unwrap()
-                    .options
-                    .push("ndots:5\nnameserver 6.6.6.6".into())
-            }),
-            &["dns.options[1]"],
-        ),
-        (
-            Box::new(|c| c.interfaces.push(c.interfaces[0].clone())),
-            &["interfaces[1].name", "another interface has this name"],
-        ),
+        (Box::new(|c| c.dns.as_mut().unwrap().options.push("ndots:5\nnameserver 6.6.6.6".into())), &["dns.options[1]"]),
+        (Box::new(|c| c.interfaces.push(c.interfaces[0].clone())), &["interfaces[1].name", "another interface has this name"]),
     ];
     for (edit, needles) in cases {
         let mut cfg = good(&env);
@@ -1017,11 +661,7 @@ fn other_bad_fields_are_refused() {
 /// A VLAN interface "vlan42" (id 42) on vt0, found by vt0's MAC, with
 /// addresses, an MTU, a MAC of its own and routes through it.
 fn vlan_config(env: &Env) -> NetworkConfig {
-    let mut i = iface(
-        "vlan42",
-        by_mac(env.link("vt0").mac.unwrap()),
-        &["198.18.42.2/24", "fd00:42::2/64"],
-    );
+    let mut i = iface("vlan42", by_mac(env.link("vt0").mac.unwrap()), &["198.18.42.2/24", "fd00:42::2/64"]);
     i.vlan = Some(42);
     i.mtu = Some(1400);
     i.mac = Some("02:42:00:00:00:02".into());
@@ -1048,12 +688,7 @@ fn vlan_ids_are_validated() {
     for bad in [0u16, 4095, 4096, u16::MAX] {
         let mut cfg = vlan_config(&env);
         cfg.interfaces[0].vlan = Some(bad);
-        let e = refused(
-            &env,
-            &net,
-            &cfg,
-            &["interfaces[0].vlan", &format!("{bad:?}"), "1 to 4094"],
-        );
+        let e = refused(&env, &net, &cfg, &["interfaces[0].vlan", &format!("{bad:?}"), "1 to 4094"]);
         assert!(matches!(e, NetError::Invalid { .. }), "{e:?}");
     }
     for ok in [1u16, 4094] {
@@ -1077,15 +712,7 @@ fn vlan_checks_against_the_system_come_first() {
     // VLAN MTU above the parent's current MTU.
     let mut cfg = vlan_config(&env);
     cfg.interfaces[0].mtu = Some(1600);
-    let e = refused(
-        &env,
-        &net,
-        &cfg,
-        &[
-            "interface \"vlan42\"",
-            "MTU 1600 of VLAN 42 is above the MTU 1500 of its parent \"vt0\"",
-        ],
-    );
+    let e = refused(&env, &net, &cfg, &["interface \"vlan42\"", "MTU 1600 of VLAN 42 is above the MTU 1500 of its parent \"vt0\""]);
     assert!(matches!(e, NetError::Device { .. }), "{e:?}");
 
     // The parent configured by the same config (no vlan, same selector): its
@@ -1094,12 +721,7 @@ fn vlan_checks_against_the_system_come_first() {
     let mut parent = iface("eth0", cfg.interfaces[0].device.clone(), &[]);
     parent.mtu = Some(1300);
     cfg.interfaces.insert(0, parent);
-    let e = refused(
-        &env,
-        &net,
-        &cfg,
-        &["MTU 1400 of VLAN 42 is above the MTU 1300 of its parent \"vt0\""],
-    );
+    let e = refused(&env, &net, &cfg, &["MTU 1400 of VLAN 42 is above the MTU 1300 of its parent \"vt0\""]);
     assert!(matches!(e, NetError::Device { .. }), "{e:?}");
 
     // Two VLAN interfaces with one id on one parent: the same selector is
@@ -1109,27 +731,10 @@ fn vlan_checks_against_the_system_come_first() {
     twin.name = "vlan42b".into();
     twin.addresses.clear();
     cfg.interfaces.push(twin);
-    refused(
-        &env,
-        &net,
-        &cfg,
-        &[
-            "interfaces[1].device.mac",
-            "another interface has a VLAN of this id on this MAC",
-        ],
-    );
+    refused(&env, &net, &cfg, &["interfaces[1].device.mac", "another interface has a VLAN of this id on this MAC"]);
     env.fake_pci("0000:00:07.0", "vt0", Some(vt0.index));
     cfg.interfaces[1].device = by_pci("0000:00:07.0");
-    refused(
-        &env,
-        &net,
-        &cfg,
-        &[
-            "interface \"vlan42",
-            "VLAN 42 on \"vt0\"",
-            "a parent has one VLAN link per id",
-        ],
-    );
+    refused(&env, &net, &cfg, &["interface \"vlan42", "VLAN 42 on \"vt0\"", "a parent has one VLAN link per id"]);
     // Distinct ids on one parent pass validation.
     cfg.interfaces[1].vlan = Some(43);
     assert!(cfg.validate().is_ok());
@@ -1138,31 +743,13 @@ fn vlan_checks_against_the_system_come_first() {
     let mut cfg = vlan_config(&env);
     cfg.interfaces[0].name = "vt0".into();
     cfg.routes.clear();
-    refused(
-        &env,
-        &net,
-        &cfg,
-        &[
-            "interface \"vt0\"",
-            "the name is that of the VLAN's parent device",
-        ],
-    );
+    refused(&env, &net, &cfg, &["interface \"vt0\"", "the name is that of the VLAN's parent device"]);
 
     // The name held by a link that is not that VLAN.
     let mut cfg = vlan_config(&env);
     cfg.interfaces[0].name = "vp0".into();
     cfg.routes.clear();
-    refused(
-        &env,
-        &net,
-        &cfg,
-        &[
-            "interface \"vp0\"",
-            "link \"vp0\"",
-            "veth",
-            "exists but is not VLAN 42 on \"vt0\"",
-        ],
-    );
+    refused(&env, &net, &cfg, &["interface \"vp0\"", "link \"vp0\"", "veth", "exists but is not VLAN 42 on \"vt0\""]);
 }
 
 /// This host's kernel has no 802.1Q: a VLAN that must be created is an
@@ -1196,10 +783,7 @@ fn vlan_without_kernel_8021q_is_refused_clearly() {
                 "8021q",
             ],
         );
-        assert!(
-            matches!(e, NetError::VlanUnsupported { vlan: 42, .. }),
-            "{e:?}"
-        );
+        assert!(matches!(e, NetError::VlanUnsupported { vlan: 42, .. }), "{e:?}");
         eprintln!("{e}");
     }
     // The per-call entry point too.
@@ -1213,30 +797,15 @@ fn vlan_without_kernel_8021q_is_refused_clearly() {
 fn route_colliding_with_an_unmanaged_route_is_refused() {
     let env = Env::new();
     let vp0 = env.link("vp0");
-    env.h
-        .add_address(
-            vp0.index,
-            &vfvm_netlink::AddressSpec::new(ip("192.0.3.1"), 24),
-        )
-        .unwrap();
-    env.h
-        .add_route(
-            &vfvm_netlink::RouteSpec::new(ip("10.20.0.0"), 16)
-                .via(ip("192.0.3.254"))
-                .metric(50),
-        )
-        .unwrap();
+    env.h.add_address(vp0.index, &vfvm_netlink::AddressSpec::new(ip("192.0.3.1"), 24)).unwrap();
+    env.h.add_route(&vfvm_netlink::RouteSpec::new(ip("10.20.0.0"), 16).via(ip("192.0.3.254")).metric(50)).unwrap();
     let net = env.net();
     let cfg = good(&env);
     refused(
         &env,
         &net,
         &cfg,
-        &[
-            "#1 \"10.20.0.0/16 via 198.18.0.1 dev eth0 metric 50\"",
-            "10.20.0.0/16 via 192.0.3.254 dev vp0 metric 50",
-            "does not manage",
-        ],
+        &["#1 \"10.20.0.0/16 via 198.18.0.1 dev eth0 metric 50\"", "10.20.0.0/16 via 192.0.3.254 dev vp0 metric 50", "does not manage"],
     );
 }
 
@@ -1250,14 +819,8 @@ fn netdev_uevents_are_per_namespace() {
     let a = Netns::new_anonymous().unwrap();
     let b = Netns::new_anonymous().unwrap();
     let sa = UeventSocket::open_in(&a).unwrap();
-    Handle::in_netns(&b)
-        .unwrap()
-        .create_veth("inb0", "inb1", None)
-        .unwrap();
-    Handle::in_netns(&a)
-        .unwrap()
-        .create_veth("ina0", "ina1", None)
-        .unwrap();
+    Handle::in_netns(&b).unwrap().create_veth("inb0", "inb1", None).unwrap();
+    Handle::in_netns(&a).unwrap().create_veth("ina0", "ina1", None).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut seen = Vec::new();
     loop {
@@ -1287,17 +850,9 @@ fn per_call_entry_points_converge_and_are_idempotent() {
     let net = env.net();
     let a = config_a(by_mac(vt0.mac.unwrap()));
 
-    let r = net
-        .update_interface(&a.interfaces[0], Some(Duration::from_millis(500)))
-        .unwrap();
-    assert!(r.changes.contains(&Change::Renamed {
-        from: "vt0".into(),
-        to: "eth0".into()
-    }));
-    assert!(!r
-        .changes
-        .iter()
-        .any(|c| matches!(c, Change::RouteAdded { .. })));
+    let r = net.update_interface(&a.interfaces[0], Some(Duration::from_millis(500))).unwrap();
+    assert!(r.changes.contains(&Change::Renamed { from: "vt0".into(), to: "eth0".into() }));
+    assert!(!r.changes.iter().any(|c| matches!(c, Change::RouteAdded { .. })));
     assert_eq!(net.configured(), vec![("eth0".to_string(), vt0.index)]);
     let r = net.update_routes(&a.routes).unwrap();
     assert_eq!(r.changes.len(), 5, "{r:#?}");
@@ -1306,10 +861,7 @@ fn per_call_entry_points_converge_and_are_idempotent() {
 
     // Same again: nothing.
     let before = env.snapshot();
-    assert!(net
-        .update_interface(&a.interfaces[0], None)
-        .unwrap()
-        .is_noop());
+    assert!(net.update_interface(&a.interfaces[0], None).unwrap().is_noop());
     assert!(net.update_routes(&a.routes).unwrap().is_noop());
     assert!(net.set_dns(a.dns.as_ref().unwrap()).unwrap().is_noop());
     // A whole apply of the same state is a no-op too.
@@ -1317,37 +869,18 @@ fn per_call_entry_points_converge_and_are_idempotent() {
     assert_eq!(env.snapshot(), before);
 
     // UpdateRoutes converges the route set of the configured interfaces.
-    let r = net
-        .update_routes(&[route("default", Some("198.18.0.254"), None, None)])
-        .unwrap();
-    assert_eq!(
-        env.routes(vt0.index),
-        ["0.0.0.0/0 via 198.18.0.254 metric 0".to_string()]
-            .into_iter()
-            .collect(),
-        "{r:#?}"
-    );
+    let r = net.update_routes(&[route("default", Some("198.18.0.254"), None, None)]).unwrap();
+    assert_eq!(env.routes(vt0.index), ["0.0.0.0/0 via 198.18.0.254 metric 0".to_string()].into_iter().collect(), "{r:#?}");
     // A route through a device the agent has not configured but which exists
     // is fine, and not owned (a later UpdateRoutes leaves other devices alone).
     let vp0 = env.link("vp0");
-    net.update_routes(&[
-        route("default", Some("198.18.0.254"), None, None),
-        route("10.88.0.0/16", None, Some("vp0"), None),
-    ])
-    .unwrap();
-    net.update_routes(&[route("default", Some("198.18.0.254"), None, None)])
-        .unwrap();
-    assert_eq!(
-        env.routes(vp0.index).len(),
-        1,
-        "vp0's route is not the agent's to remove"
-    );
+    net.update_routes(&[route("default", Some("198.18.0.254"), None, None), route("10.88.0.0/16", None, Some("vp0"), None)]).unwrap();
+    net.update_routes(&[route("default", Some("198.18.0.254"), None, None)]).unwrap();
+    assert_eq!(env.routes(vp0.index).len(), 1, "vp0's route is not the agent's to remove");
 
     // RemoveInterface: addresses gone (link-local aside), down, forgotten.
     let r = net.remove_interface("eth0").unwrap();
-    assert!(r.changes.contains(&Change::LinkDown {
-        link: "eth0".into()
-    }));
+    assert!(r.changes.contains(&Change::LinkDown { link: "eth0".into() }));
     assert!(env.addrs(vt0.index).is_empty());
     assert!(!env.link("eth0").admin_up);
     assert!(net.configured().is_empty());
@@ -1359,25 +892,14 @@ fn per_call_entry_points_converge_and_are_idempotent() {
 
 /// Loads a module in the lab (L2 runs Debian's kernel with its modules).
 fn lab_modprobe(m: &str) {
-    assert!(
-        std::env::var_os("VFVM_LAB_INSIDE").is_some(),
-        "this test needs the lab: run it with cargo xtask test / cargo xtask lab run"
-    );
+    assert!(std::env::var_os("VFVM_LAB_INSIDE").is_some(), "this test needs the lab: run it with cargo xtask test / cargo xtask lab run");
     let st = Command::new("modprobe").arg(m).status().unwrap();
     assert!(st.success(), "modprobe {m}: {st}");
 }
 
 fn ip_json(env: &Env, args: &[&str]) -> String {
-    let out = env
-        .ns
-        .run_in(|| Command::new("ip").arg("-j").args(args).output())
-        .unwrap()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ip -j {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = env.ns.run_in(|| Command::new("ip").arg("-j").args(args).output()).unwrap().unwrap();
+    assert!(out.status.success(), "ip -j {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -1400,28 +922,12 @@ fn lab_vlan_interface_applies_and_is_idempotent() {
     let v = env.link("vlan42");
     assert_eq!(r.interfaces, vec![("vlan42".to_string(), v.index)]);
     let c = &r.changes;
-    let pos = |want: &Change| {
-        c.iter()
-            .position(|x| x == want)
-            .unwrap_or_else(|| panic!("{want:?} not in {c:#?}"))
-    };
+    let pos = |want: &Change| c.iter().position(|x| x == want).unwrap_or_else(|| panic!("{want:?} not in {c:#?}"));
     let parent_up = pos(&Change::LinkUp { link: "vt0".into() });
-    let created = pos(&Change::VlanCreated {
-        link: "vlan42".into(),
-        parent: "vt0".into(),
-        vlan: 42,
-    });
-    let up = pos(&Change::LinkUp {
-        link: "vlan42".into(),
-    });
+    let created = pos(&Change::VlanCreated { link: "vlan42".into(), parent: "vt0".into(), vlan: 42 });
+    let up = pos(&Change::LinkUp { link: "vlan42".into() });
     assert!(parent_up < created && created < up, "{c:#?}");
-    assert_eq!(
-        c.iter()
-            .filter(|x| matches!(x, Change::RouteAdded { .. }))
-            .count(),
-        3,
-        "{c:#?}"
-    );
+    assert_eq!(c.iter().filter(|x| matches!(x, Change::RouteAdded { .. })).count(), 3, "{c:#?}");
     // Read back with netlink.
     assert_eq!(v.kind.as_deref(), Some("vlan"));
     assert_eq!(v.vlan_id, Some(42));
@@ -1431,29 +937,15 @@ fn lab_vlan_interface_applies_and_is_idempotent() {
     assert!(v.admin_up);
     let p = env.link("vt0");
     assert!(p.admin_up, "the parent is up");
-    assert_eq!(
-        (p.index, p.mtu, p.mac),
-        (vt0.index, vt0.mtu, vt0.mac),
-        "and otherwise untouched"
-    );
+    assert_eq!((p.index, p.mtu, p.mac), (vt0.index, vt0.mtu, vt0.mac), "and otherwise untouched");
     assert!(env.addrs(vt0.index).is_empty());
+    assert_eq!(env.addrs(v.index), ["198.18.42.2/24", "fd00:42::2/64"].into_iter().map(String::from).collect());
     assert_eq!(
-        env.addrs(v.index),
-        ["198.18.42.2/24", "fd00:42::2/64"]
+        env.routes(v.index),
+        ["10.42.0.0/16 via 198.18.42.1 metric 0", "0.0.0.0/0 via 198.18.42.1 metric 0", "fd00:4242::/64 metric 100",]
             .into_iter()
             .map(String::from)
             .collect()
-    );
-    assert_eq!(
-        env.routes(v.index),
-        [
-            "10.42.0.0/16 via 198.18.42.1 metric 0",
-            "0.0.0.0/0 via 198.18.42.1 metric 0",
-            "fd00:4242::/64 metric 100",
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect()
     );
     assert!(env.routes(vt0.index).is_empty());
     // And with iproute2.
@@ -1474,10 +966,7 @@ fn lab_vlan_interface_applies_and_is_idempotent() {
     let r = net.apply(&cfg).unwrap();
     assert!(r.is_noop(), "{r:#?}");
     assert_eq!(r.interfaces, vec![("vlan42".to_string(), v.index)]);
-    assert!(net
-        .update_interface(&cfg.interfaces[0], None)
-        .unwrap()
-        .is_noop());
+    assert!(net.update_interface(&cfg.interfaces[0], None).unwrap().is_noop());
     assert_eq!(env.snapshot(), before);
     eprintln!("second apply: no change");
 
@@ -1487,18 +976,10 @@ fn lab_vlan_interface_applies_and_is_idempotent() {
     cfg2.interfaces[0].mtu = Some(1500);
     cfg2.routes.truncate(2);
     let r = net.apply(&cfg2).unwrap();
-    assert!(
-        !r.changes
-            .iter()
-            .any(|c| matches!(c, Change::VlanCreated { .. })),
-        "{r:#?}"
-    );
+    assert!(!r.changes.iter().any(|c| matches!(c, Change::VlanCreated { .. })), "{r:#?}");
     assert_eq!(env.link("vlan42").index, v.index);
     assert_eq!(env.link("vlan42").mtu, 1500);
-    assert_eq!(
-        env.addrs(v.index),
-        ["198.18.42.3/24".to_string()].into_iter().collect()
-    );
+    assert_eq!(env.addrs(v.index), ["198.18.42.3/24".to_string()].into_iter().collect());
     assert!(net.apply(&cfg2).unwrap().is_noop());
 
     // Conflicts, refused before any change: the name held by a VLAN link with
@@ -1509,12 +990,7 @@ fn lab_vlan_interface_applies_and_is_idempotent() {
         &env,
         &net,
         &other,
-        &[
-            "interface \"vlan42\"",
-            "link \"vlan42\"",
-            "vlan 42 on \"vt0\"",
-            "exists but is not VLAN 43 on \"vt0\"",
-        ],
+        &["interface \"vlan42\"", "link \"vlan42\"", "vlan 42 on \"vt0\"", "exists but is not VLAN 43 on \"vt0\""],
     );
     eprintln!("conflicting id: {e}");
     let vp0 = env.link("vp0");
@@ -1523,16 +999,7 @@ fn lab_vlan_interface_applies_and_is_idempotent() {
     other.interfaces[0].name = "vp0.7".into();
     other.interfaces[0].vlan = Some(7);
     other.routes.clear();
-    let e = refused(
-        &env,
-        &net,
-        &other,
-        &[
-            "link \"vp0.7\"",
-            "vlan 7 on \"vp0\"",
-            "exists but is not VLAN 7 on \"vt0\"",
-        ],
-    );
+    let e = refused(&env, &net, &other, &["link \"vp0.7\"", "vlan 7 on \"vp0\"", "exists but is not VLAN 7 on \"vt0\""]);
     eprintln!("conflicting parent: {e}");
 
     // A VLAN link that exists with that id on that parent under another name
@@ -1540,38 +1007,18 @@ fn lab_vlan_interface_applies_and_is_idempotent() {
     env.h.create_vlan("tmp100", vt0.index, 100).unwrap();
     let t100 = env.link("tmp100");
     let mut two = cfg2.clone();
-    let mut i100 = iface(
-        "vlan100",
-        two.interfaces[0].device.clone(),
-        &["198.18.100.2/24"],
-    );
+    let mut i100 = iface("vlan100", two.interfaces[0].device.clone(), &["198.18.100.2/24"]);
     i100.vlan = Some(100);
     two.interfaces.push(i100);
     let r = net.apply(&two).unwrap();
-    assert!(
-        r.changes.contains(&Change::Renamed {
-            from: "tmp100".into(),
-            to: "vlan100".into()
-        }),
-        "{r:#?}"
-    );
-    assert!(
-        !r.changes
-            .iter()
-            .any(|c| matches!(c, Change::VlanCreated { .. })),
-        "{r:#?}"
-    );
+    assert!(r.changes.contains(&Change::Renamed { from: "tmp100".into(), to: "vlan100".into() }), "{r:#?}");
+    assert!(!r.changes.iter().any(|c| matches!(c, Change::VlanCreated { .. })), "{r:#?}");
     assert_eq!(env.link("vlan100").index, t100.index);
     assert!(net.apply(&two).unwrap().is_noop());
 
     // RemoveInterface deletes the VLAN link; the parent stays.
     let r = net.remove_interface("vlan100").unwrap();
-    assert_eq!(
-        r.changes,
-        vec![Change::LinkDeleted {
-            link: "vlan100".into()
-        }]
-    );
+    assert_eq!(r.changes, vec![Change::LinkDeleted { link: "vlan100".into() }]);
     assert!(env.h.find_link("vlan100").unwrap().is_none());
     assert!(env.link("vt0").admin_up);
     assert_eq!(net.configured(), vec![("vlan42".to_string(), v.index)]);
@@ -1590,17 +1037,8 @@ fn lab_vlan_interface_applies_and_is_idempotent() {
     let eth0 = env.link("eth0");
     assert_eq!((eth0.index, eth0.mtu), (vt0.index, 9000));
     let v = env.link("vlan42");
-    assert_eq!(
-        (v.mtu, v.link, v.vlan_id),
-        (9000, Some(vt0.index), Some(42))
-    );
-    assert_eq!(
-        r.interfaces,
-        vec![
-            ("eth0".to_string(), vt0.index),
-            ("vlan42".to_string(), v.index)
-        ]
-    );
+    assert_eq!((v.mtu, v.link, v.vlan_id), (9000, Some(vt0.index), Some(42)));
+    assert_eq!(r.interfaces, vec![("eth0".to_string(), vt0.index), ("vlan42".to_string(), v.index)]);
     let before = env.snapshot();
     assert!(net.apply(&both).unwrap().is_noop());
     assert_eq!(env.snapshot(), before);

@@ -50,7 +50,13 @@ fn the_agent_serves_health_details_and_network_config() {
         f.client.update_interface(ctx(), &interface("eth0", "02:00:00:00:aa:01", &["198.18.5.2/24", "2001:db8:5::2/64"])).unwrap();
         let l = h.link_by_index(vt0.index).unwrap();
         assert_eq!((l.name.as_str(), l.mtu, l.admin_up), ("eth0", 1400, true));
-        let mut addrs: Vec<String> = h.addresses(vt0.index).unwrap().iter().filter(|a| !a.addr.to_string().starts_with("fe80")).map(|a| format!("{}/{}", a.addr, a.prefix_len)).collect();
+        let mut addrs: Vec<String> = h
+            .addresses(vt0.index)
+            .unwrap()
+            .iter()
+            .filter(|a| !a.addr.to_string().starts_with("fe80"))
+            .map(|a| format!("{}/{}", a.addr, a.prefix_len))
+            .collect();
         addrs.sort();
         assert_eq!(addrs, ["198.18.5.2/24", "2001:db8:5::2/64"]);
     }

@@ -3,9 +3,7 @@
 use std::net::IpAddr;
 
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
-use netlink_packet_route::address::{
-    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
-};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use crate::error::Result;
@@ -65,8 +63,7 @@ fn addr_msg(ifindex: u32, spec: &AddressSpec) -> AddressMessage {
     m.header.prefix_len = spec.prefix_len;
     m.header.index = ifindex;
     m.attributes.push(AddressAttribute::Local(spec.addr));
-    m.attributes
-        .push(AddressAttribute::Address(spec.peer.unwrap_or(spec.addr)));
+    m.attributes.push(AddressAttribute::Address(spec.peer.unwrap_or(spec.addr)));
     m
 }
 
@@ -75,25 +72,13 @@ impl Handle {
     /// Kernel-made ones (IPv6 link-local `fe80::/64`, scope link) are included:
     /// filter on [`Address::scope`] if unwanted.
     pub fn addresses(&self, ifindex: u32) -> Result<Vec<Address>> {
-        Ok(self
-            .all_addresses()?
-            .into_iter()
-            .filter(|a| a.ifindex == ifindex)
-            .collect())
+        Ok(self.all_addresses()?.into_iter().filter(|a| a.ifindex == ifindex).collect())
     }
 
     /// Every address in the namespace.
     pub fn all_addresses(&self) -> Result<Vec<Address>> {
-        let ctx = Ctx {
-            op: "list",
-            object: "addresses",
-        };
-        let answer = self.request(
-            &ctx,
-            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
-            0,
-            Kind::Dump,
-        )?;
+        let ctx = Ctx { op: "list", object: "addresses" };
+        let answer = self.request(&ctx, RouteNetlinkMessage::GetAddress(AddressMessage::default()), 0, Kind::Dump)?;
         Ok(answer
             .into_iter()
             .filter_map(|m| match m {
@@ -111,17 +96,10 @@ impl Handle {
     /// [`AddrFlags::NODAD`] to use them at once.
     pub fn add_address(&self, ifindex: u32, spec: &AddressSpec) -> Result<()> {
         let object = format!("{}/{} on link {ifindex}", spec.addr, spec.prefix_len);
-        let ctx = Ctx {
-            op: "add address",
-            object: &object,
-        };
+        let ctx = Ctx { op: "add address", object: &object };
         let fam = Family::of(&spec.addr);
         if spec.prefix_len > fam.max_prefix() {
-            return Err(ctx.invalid(format!(
-                "prefix length {} is longer than {}",
-                spec.prefix_len,
-                fam.max_prefix()
-            )));
+            return Err(ctx.invalid(format!("prefix length {} is longer than {}", spec.prefix_len, fam.max_prefix())));
         }
         if let Some(p) = spec.peer {
             if Family::of(&p) != fam {
@@ -143,20 +121,12 @@ impl Handle {
             return Err(ctx.invalid("IPv6 addresses have no broadcast address"));
         }
         if flags.0 != 0 {
-            m.attributes
-                .push(AddressAttribute::Flags(AddressFlags::from_bits_retain(
-                    flags.0,
-                )));
+            m.attributes.push(AddressAttribute::Flags(AddressFlags::from_bits_retain(flags.0)));
         }
         if let Some(p) = spec.route_metric {
             m.attributes.push(AddressAttribute::RoutePriority(p));
         }
-        self.request(
-            &ctx,
-            RouteNetlinkMessage::NewAddress(m),
-            NLM_F_CREATE | NLM_F_EXCL,
-            Kind::Ack,
-        )?;
+        self.request(&ctx, RouteNetlinkMessage::NewAddress(m), NLM_F_CREATE | NLM_F_EXCL, Kind::Ack)?;
         Ok(())
     }
 
@@ -165,10 +135,7 @@ impl Handle {
     /// `net.ipv4.conf.*.promote_secondaries` is set.
     pub fn delete_address(&self, ifindex: u32, addr: IpAddr, prefix_len: u8) -> Result<()> {
         let object = format!("{addr}/{prefix_len} on link {ifindex}");
-        let ctx = Ctx {
-            op: "delete address",
-            object: &object,
-        };
+        let ctx = Ctx { op: "delete address", object: &object };
         let m = addr_msg(ifindex, &AddressSpec::new(addr, prefix_len));
         self.request(&ctx, RouteNetlinkMessage::DelAddress(m), 0, Kind::Ack)?;
         Ok(())

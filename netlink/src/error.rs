@@ -17,19 +17,10 @@ pub enum Error {
     /// The kernel refused the request (an `NLMSG_ERROR` with a negative errno).
     /// `message` is the kernel's extended-ACK text when it gave one.
     #[error("{op} {object}: {}", kernel_text(*errno, message.as_deref()))]
-    Kernel {
-        op: &'static str,
-        object: String,
-        errno: i32,
-        message: Option<String>,
-    },
+    Kernel { op: &'static str, object: String, errno: i32, message: Option<String> },
     /// No (complete) answer arrived within the handle's timeout.
     #[error("{op} {object}: no answer from the kernel within {timeout:?}")]
-    Timeout {
-        op: &'static str,
-        object: String,
-        timeout: Duration,
-    },
+    Timeout { op: &'static str, object: String, timeout: Duration },
     /// A socket call failed (send/recv/setsockopt), not a kernel NACK.
     #[error("{op} {object}: netlink socket: {source}")]
     Io {
@@ -41,18 +32,10 @@ pub enum Error {
     /// The kernel's answer could not be understood (malformed, oversized,
     /// not the message type expected).
     #[error("{op} {object}: unexpected answer from the kernel: {detail}")]
-    Protocol {
-        op: &'static str,
-        object: String,
-        detail: String,
-    },
+    Protocol { op: &'static str, object: String, detail: String },
     /// The caller's arguments were rejected before anything was sent.
     #[error("{op} {object}: invalid argument: {detail}")]
-    InvalidArgument {
-        op: &'static str,
-        object: String,
-        detail: String,
-    },
+    InvalidArgument { op: &'static str, object: String, detail: String },
     /// Something the kernel answered without error does not contain what was asked
     /// for (e.g. a VF index the PF does not have).
     #[error("{op} {object}: not found")]
@@ -92,20 +75,12 @@ impl Error {
     /// EADDRNOTAVAIL), or the object was missing from an answer.
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::NotFound { .. })
-            || matches!(
-                self.errno(),
-                Some(libc::ENODEV | libc::ENOENT | libc::ESRCH | libc::EADDRNOTAVAIL)
-            ) && matches!(self, Error::Kernel { .. })
+            || matches!(self.errno(), Some(libc::ENODEV | libc::ENOENT | libc::ESRCH | libc::EADDRNOTAVAIL))
+                && matches!(self, Error::Kernel { .. })
     }
 
     /// True when the kernel said the object already exists (EEXIST).
     pub fn is_exists(&self) -> bool {
-        matches!(
-            self,
-            Error::Kernel {
-                errno: libc::EEXIST,
-                ..
-            }
-        )
+        matches!(self, Error::Kernel { errno: libc::EEXIST, .. })
     }
 }

@@ -45,8 +45,8 @@ pub use error::{Error, Result};
 pub use netns::Netns;
 pub use socket::{Handle, DEFAULT_TIMEOUT, MAX_DATAGRAM};
 pub use types::{
-    nud, proto, table, AddrFlags, Address, AddressSpec, Family, Link, MacAddr, MacParseError,
-    Neighbour, OperState, Route, RouteSpec, RouteType, Scope, VfConfig, VfLinkState,
+    nud, proto, table, AddrFlags, Address, AddressSpec, Family, Link, MacAddr, MacParseError, Neighbour, OperState, Route, RouteSpec,
+    RouteType, Scope, VfConfig, VfLinkState,
 };
 
 #[cfg(test)]

@@ -4,8 +4,7 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use netlink_packet_core::{DefaultNla, NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, InfoVlan, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo,
-    LinkMessage, Prop, State, VlanProtocol,
+    InfoData, InfoKind, InfoVeth, InfoVlan, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkMessage, Prop, State, VlanProtocol,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 
@@ -27,12 +26,7 @@ const VLAN_PROBE_NAME: &str = "vfvmvlanprobe";
 /// Adds what an EOPNOTSUPP from a VLAN creation means.
 fn no_8021q(e: Error) -> Error {
     match e {
-        Error::Kernel {
-            op,
-            object,
-            errno: libc::EOPNOTSUPP,
-            message,
-        } => Error::Kernel {
+        Error::Kernel { op, object, errno: libc::EOPNOTSUPP, message } => Error::Kernel {
             op,
             object,
             errno: libc::EOPNOTSUPP,
@@ -51,18 +45,10 @@ pub(crate) fn link_obj(index: u32) -> String {
 
 fn check_name(ctx: &Ctx<'_>, name: &str, max: usize) -> Result<()> {
     if name.is_empty() || name.len() > max {
-        return Err(ctx.invalid(format!(
-            "interface name {name:?} must be 1 to {max} bytes long"
-        )));
+        return Err(ctx.invalid(format!("interface name {name:?} must be 1 to {max} bytes long")));
     }
-    if name == "."
-        || name == ".."
-        || name.contains(['/', ':', '\0'])
-        || name.contains(char::is_whitespace)
-    {
-        return Err(ctx.invalid(format!(
-            "interface name {name:?} contains a character the kernel refuses"
-        )));
+    if name == "." || name == ".." || name.contains(['/', ':', '\0']) || name.contains(char::is_whitespace) {
+        return Err(ctx.invalid(format!("interface name {name:?} contains a character the kernel refuses")));
     }
     Ok(())
 }
@@ -160,16 +146,8 @@ impl Handle {
 
     /// All links of the namespace, in kernel (ifindex) order.
     pub fn links(&self) -> Result<Vec<Link>> {
-        let ctx = Ctx {
-            op: "list",
-            object: "links",
-        };
-        let answer = self.request(
-            &ctx,
-            RouteNetlinkMessage::GetLink(LinkMessage::default()),
-            0,
-            Kind::Dump,
-        )?;
+        let ctx = Ctx { op: "list", object: "links" };
+        let answer = self.request(&ctx, RouteNetlinkMessage::GetLink(LinkMessage::default()), 0, Kind::Dump)?;
         Ok(answer
             .into_iter()
             .filter_map(|m| match m {
@@ -183,10 +161,7 @@ impl Handle {
     /// [`crate::Error::Kernel`] with errno `ENODEV` (see [`crate::Error::is_not_found`]).
     pub fn link_by_name(&self, name: &str) -> Result<Link> {
         let object = format!("link {name:?}");
-        let ctx = Ctx {
-            op: "get",
-            object: &object,
-        };
+        let ctx = Ctx { op: "get", object: &object };
         check_name(&ctx, name, ALTIFNAME_MAX)?;
         let mut msg = LinkMessage::default();
         if name.len() <= IFNAME_MAX {
@@ -194,8 +169,7 @@ impl Handle {
         } else {
             let mut v = name.as_bytes().to_vec();
             v.push(0);
-            msg.attributes
-                .push(LinkAttribute::Other(DefaultNla::new(IFLA_ALT_IFNAME, v)));
+            msg.attributes.push(LinkAttribute::Other(DefaultNla::new(IFLA_ALT_IFNAME, v)));
         }
         self.one_link(&ctx, msg)
     }
@@ -212,10 +186,7 @@ impl Handle {
     /// The link with ifindex `index` (ENODEV if none).
     pub fn link_by_index(&self, index: u32) -> Result<Link> {
         let object = link_obj(index);
-        let ctx = Ctx {
-            op: "get",
-            object: &object,
-        };
+        let ctx = Ctx { op: "get", object: &object };
         if index == 0 || index > i32::MAX as u32 {
             return Err(ctx.invalid("ifindex must be in 1..=i32::MAX"));
         }
@@ -225,10 +196,7 @@ impl Handle {
     /// Sets the link administratively up (`IFF_UP`) or down.
     pub fn set_link_up(&self, index: u32, up: bool) -> Result<()> {
         let object = link_obj(index);
-        let ctx = Ctx {
-            op: if up { "set up" } else { "set down" },
-            object: &object,
-        };
+        let ctx = Ctx { op: if up { "set up" } else { "set down" }, object: &object };
         let mut msg = msg_for(index);
         msg.header.change_mask = LinkFlags::Up;
         if up {
@@ -241,24 +209,17 @@ impl Handle {
     /// (EBUSY) to rename a link that is up; newer ones allow it. Set it down first.
     pub fn rename_link(&self, index: u32, new_name: &str) -> Result<()> {
         let object = format!("link {index} to {new_name:?}");
-        let ctx = Ctx {
-            op: "rename",
-            object: &object,
-        };
+        let ctx = Ctx { op: "rename", object: &object };
         check_name(&ctx, new_name, IFNAME_MAX)?;
         let mut msg = msg_for(index);
-        msg.attributes
-            .push(LinkAttribute::IfName(new_name.to_string()));
+        msg.attributes.push(LinkAttribute::IfName(new_name.to_string()));
         self.set_link(&ctx, msg)
     }
 
     /// Sets the MTU (EINVAL outside the device's min/max MTU).
     pub fn set_link_mtu(&self, index: u32, mtu: u32) -> Result<()> {
         let object = format!("link {index} to {mtu}");
-        let ctx = Ctx {
-            op: "set MTU of",
-            object: &object,
-        };
+        let ctx = Ctx { op: "set MTU of", object: &object };
         let mut msg = msg_for(index);
         msg.attributes.push(LinkAttribute::Mtu(mtu));
         self.set_link(&ctx, msg)
@@ -268,10 +229,7 @@ impl Handle {
     /// and most physical NICs accept it live.
     pub fn set_link_mac(&self, index: u32, mac: MacAddr) -> Result<()> {
         let object = format!("link {index} to {mac}");
-        let ctx = Ctx {
-            op: "set MAC of",
-            object: &object,
-        };
+        let ctx = Ctx { op: "set MAC of", object: &object };
         let mut msg = msg_for(index);
         msg.attributes.push(LinkAttribute::Address(mac.0.to_vec()));
         self.set_link(&ctx, msg)
@@ -290,61 +248,29 @@ impl Handle {
     /// `target` for `new_name` first and answers EEXIST ("nothing was moved")
     /// without moving. (A name taken in between by someone else still gives the
     /// kernel's partial result: on EEXIST, look in both namespaces.)
-    pub fn move_link_to_netns(
-        &self,
-        index: u32,
-        target: &Netns,
-        new_name: Option<&str>,
-    ) -> Result<()> {
-        let object = format!(
-            "link {index} to network namespace {}",
-            target.path().display()
-        );
-        let ctx = Ctx {
-            op: "move",
-            object: &object,
-        };
+    pub fn move_link_to_netns(&self, index: u32, target: &Netns, new_name: Option<&str>) -> Result<()> {
+        let object = format!("link {index} to network namespace {}", target.path().display());
+        let ctx = Ctx { op: "move", object: &object };
         let mut msg = msg_for(index);
         if let Some(n) = new_name {
             check_name(&ctx, n, IFNAME_MAX)?;
             if Handle::in_netns(target)?.find_link(n)?.is_some() {
-                return Err(ctx.kernel(
-                    libc::EEXIST,
-                    Some(format!(
-                        "{n:?} is taken in the target namespace; nothing was moved"
-                    )),
-                ));
+                return Err(ctx.kernel(libc::EEXIST, Some(format!("{n:?} is taken in the target namespace; nothing was moved"))));
             }
             msg.attributes.push(LinkAttribute::IfName(n.to_string()));
         }
-        msg.attributes
-            .push(LinkAttribute::NetNsFd(target.as_fd().as_raw_fd()));
+        msg.attributes.push(LinkAttribute::NetNsFd(target.as_fd().as_raw_fd()));
         self.set_link(&ctx, msg)
     }
 
     fn altname_op(&self, index: u32, altname: &str, add: bool) -> Result<()> {
         let object = format!("{altname:?} on link {index}");
-        let ctx = Ctx {
-            op: if add { "add altname" } else { "delete altname" },
-            object: &object,
-        };
+        let ctx = Ctx { op: if add { "add altname" } else { "delete altname" }, object: &object };
         check_name(&ctx, altname, ALTIFNAME_MAX)?;
         let mut msg = msg_for(index);
-        msg.attributes
-            .push(LinkAttribute::PropList(vec![Prop::AltIfName(
-                altname.to_string(),
-            )]));
-        let m = if add {
-            RouteNetlinkMessage::NewLinkProp(msg)
-        } else {
-            RouteNetlinkMessage::DelLinkProp(msg)
-        };
-        self.request(
-            &ctx,
-            m,
-            if add { NLM_F_CREATE | NLM_F_EXCL } else { 0 },
-            Kind::Ack,
-        )?;
+        msg.attributes.push(LinkAttribute::PropList(vec![Prop::AltIfName(altname.to_string())]));
+        let m = if add { RouteNetlinkMessage::NewLinkProp(msg) } else { RouteNetlinkMessage::DelLinkProp(msg) };
+        self.request(&ctx, m, if add { NLM_F_CREATE | NLM_F_EXCL } else { 0 }, Kind::Ack)?;
         Ok(())
     }
 
@@ -360,12 +286,7 @@ impl Handle {
     }
 
     fn new_link(&self, ctx: &Ctx<'_>, msg: LinkMessage) -> Result<()> {
-        self.request(
-            ctx,
-            RouteNetlinkMessage::NewLink(msg),
-            NLM_F_CREATE | NLM_F_EXCL,
-            Kind::Ack,
-        )?;
+        self.request(ctx, RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL, Kind::Ack)?;
         Ok(())
     }
 
@@ -373,44 +294,29 @@ impl Handle {
     /// (else alongside). Both ends start down.
     pub fn create_veth(&self, name: &str, peer: &str, peer_netns: Option<&Netns>) -> Result<()> {
         let object = format!("{name:?} (peer {peer:?})");
-        let ctx = Ctx {
-            op: "create veth",
-            object: &object,
-        };
+        let ctx = Ctx { op: "create veth", object: &object };
         check_name(&ctx, name, IFNAME_MAX)?;
         check_name(&ctx, peer, IFNAME_MAX)?;
         let mut peer_msg = LinkMessage::default();
-        peer_msg
-            .attributes
-            .push(LinkAttribute::IfName(peer.to_string()));
+        peer_msg.attributes.push(LinkAttribute::IfName(peer.to_string()));
         if let Some(ns) = peer_netns {
-            peer_msg
-                .attributes
-                .push(LinkAttribute::NetNsFd(ns.as_fd().as_raw_fd()));
+            peer_msg.attributes.push(LinkAttribute::NetNsFd(ns.as_fd().as_raw_fd()));
         }
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
-        msg.attributes.push(LinkAttribute::LinkInfo(vec![
-            LinkInfo::Kind(InfoKind::Veth),
-            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_msg))),
-        ]));
+        msg.attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Veth), LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_msg)))]));
         self.new_link(&ctx, msg)
     }
 
     /// Creates a bridge (down, no ports).
     pub fn create_bridge(&self, name: &str) -> Result<()> {
         let object = format!("{name:?}");
-        let ctx = Ctx {
-            op: "create bridge",
-            object: &object,
-        };
+        let ctx = Ctx { op: "create bridge", object: &object };
         check_name(&ctx, name, IFNAME_MAX)?;
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
-        msg.attributes
-            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
-                InfoKind::Bridge,
-            )]));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
         self.new_link(&ctx, msg)
     }
 
@@ -425,28 +331,20 @@ impl Handle {
     /// anything).
     pub fn create_vlan(&self, name: &str, parent_index: u32, vlan_id: u16) -> Result<()> {
         let object = format!("{name:?} (VLAN {vlan_id} on link {parent_index})");
-        let ctx = Ctx {
-            op: "create vlan",
-            object: &object,
-        };
+        let ctx = Ctx { op: "create vlan", object: &object };
         check_name(&ctx, name, IFNAME_MAX)?;
         if parent_index == 0 || parent_index > i32::MAX as u32 {
             return Err(ctx.invalid("the parent ifindex must be in 1..=i32::MAX"));
         }
         if vlan_id > MAX_VLAN_ID {
-            return Err(ctx.invalid(format!(
-                "VLAN id {vlan_id} is above {MAX_VLAN_ID} (802.1Q ids are 12 bits, 4095 is reserved)"
-            )));
+            return Err(ctx.invalid(format!("VLAN id {vlan_id} is above {MAX_VLAN_ID} (802.1Q ids are 12 bits, 4095 is reserved)")));
         }
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
         msg.attributes.push(LinkAttribute::Link(parent_index));
         msg.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Vlan),
-            LinkInfo::Data(InfoData::Vlan(vec![
-                InfoVlan::Id(vlan_id),
-                InfoVlan::Protocol(VlanProtocol::Ieee8021Q),
-            ])),
+            LinkInfo::Data(InfoData::Vlan(vec![InfoVlan::Id(vlan_id), InfoVlan::Protocol(VlanProtocol::Ieee8021Q)])),
         ]));
         self.new_link(&ctx, msg).map_err(no_8021q)
     }
@@ -457,13 +355,9 @@ impl Handle {
     /// (ERANGE or EINVAL); one without answers EOPNOTSUPP ("Unknown device
     /// type"). Needs CAP_NET_ADMIN like any link change.
     pub fn vlan_supported(&self) -> Result<bool> {
-        let ctx = Ctx {
-            op: "probe",
-            object: "802.1Q VLAN support",
-        };
+        let ctx = Ctx { op: "probe", object: "802.1Q VLAN support" };
         let mut msg = LinkMessage::default();
-        msg.attributes
-            .push(LinkAttribute::IfName(VLAN_PROBE_NAME.to_string()));
+        msg.attributes.push(LinkAttribute::IfName(VLAN_PROBE_NAME.to_string()));
         msg.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Vlan),
             LinkInfo::Data(InfoData::Vlan(vec![InfoVlan::Id(MAX_VLAN_ID + 1)])),
@@ -486,16 +380,8 @@ impl Handle {
     /// devices and VFs cannot be deleted: EOPNOTSUPP).
     pub fn delete_link(&self, index: u32) -> Result<()> {
         let object = link_obj(index);
-        let ctx = Ctx {
-            op: "delete",
-            object: &object,
-        };
-        self.request(
-            &ctx,
-            RouteNetlinkMessage::DelLink(msg_for(index)),
-            0,
-            Kind::Ack,
-        )?;
+        let ctx = Ctx { op: "delete", object: &object };
+        self.request(&ctx, RouteNetlinkMessage::DelLink(msg_for(index)), 0, Kind::Ack)?;
         Ok(())
     }
 
@@ -503,13 +389,8 @@ impl Handle {
     /// stats, for the SR-IOV code.
     pub(crate) fn link_with_vfs_raw(&self, ctx: &Ctx<'_>, index: u32) -> Result<Vec<u8>> {
         let mut msg = msg_for(index);
-        msg.attributes.push(LinkAttribute::ExtMask(vec![
-            LinkExtentMask::Vf,
-            LinkExtentMask::SkipStats,
-        ]));
+        msg.attributes.push(LinkAttribute::ExtMask(vec![LinkExtentMask::Vf, LinkExtentMask::SkipStats]));
         let mut answer = self.request_raw(ctx, RouteNetlinkMessage::GetLink(msg), 0, Kind::Get)?;
-        answer
-            .pop()
-            .ok_or_else(|| ctx.protocol("no RTM_NEWLINK in the answer"))
+        answer.pop().ok_or_else(|| ctx.protocol("no RTM_NEWLINK in the answer"))
     }
 }

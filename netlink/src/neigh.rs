@@ -3,9 +3,7 @@
 use std::net::IpAddr;
 
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
-use netlink_packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
-};
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use crate::error::Result;
@@ -37,12 +35,7 @@ fn parse_neigh(m: NeighbourMessage) -> Option<Neighbour> {
             _ => {}
         }
     }
-    Some(Neighbour {
-        ifindex: m.header.ifindex,
-        ip: ip?,
-        lladdr,
-        state: u16::from(m.header.state),
-    })
+    Some(Neighbour { ifindex: m.header.ifindex, ip: ip?, lladdr, state: u16::from(m.header.state) })
 }
 
 impl Handle {
@@ -50,16 +43,8 @@ impl Handle {
     /// state (learned ones included: use [`Neighbour::is_permanent`] to keep the
     /// configured ones).
     pub fn neighbours(&self, ifindex: u32) -> Result<Vec<Neighbour>> {
-        let ctx = Ctx {
-            op: "list",
-            object: "neighbours",
-        };
-        let answer = self.request(
-            &ctx,
-            RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()),
-            0,
-            Kind::Dump,
-        )?;
+        let ctx = Ctx { op: "list", object: "neighbours" };
+        let answer = self.request(&ctx, RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()), 0, Kind::Dump)?;
         Ok(answer
             .into_iter()
             .filter_map(|m| match m {
@@ -75,36 +60,19 @@ impl Handle {
     /// permanent`.
     pub fn add_permanent_neighbour(&self, ifindex: u32, ip: IpAddr, lladdr: MacAddr) -> Result<()> {
         let object = format!("{ip} lladdr {lladdr} on link {ifindex}");
-        let ctx = Ctx {
-            op: "add neighbour",
-            object: &object,
-        };
+        let ctx = Ctx { op: "add neighbour", object: &object };
         let mut m = neigh_msg(ifindex, ip);
         m.header.state = NeighbourState::from(nud::PERMANENT);
-        m.attributes
-            .push(NeighbourAttribute::LinkLayerAddress(lladdr.0.to_vec()));
-        self.request(
-            &ctx,
-            RouteNetlinkMessage::NewNeighbour(m),
-            NLM_F_CREATE | NLM_F_REPLACE,
-            Kind::Ack,
-        )?;
+        m.attributes.push(NeighbourAttribute::LinkLayerAddress(lladdr.0.to_vec()));
+        self.request(&ctx, RouteNetlinkMessage::NewNeighbour(m), NLM_F_CREATE | NLM_F_REPLACE, Kind::Ack)?;
         Ok(())
     }
 
     /// Deletes the entry for `ip` on link `ifindex` (ENOENT if none).
     pub fn delete_neighbour(&self, ifindex: u32, ip: IpAddr) -> Result<()> {
         let object = format!("{ip} on link {ifindex}");
-        let ctx = Ctx {
-            op: "delete neighbour",
-            object: &object,
-        };
-        self.request(
-            &ctx,
-            RouteNetlinkMessage::DelNeighbour(neigh_msg(ifindex, ip)),
-            0,
-            Kind::Ack,
-        )?;
+        let ctx = Ctx { op: "delete neighbour", object: &object };
+        self.request(&ctx, RouteNetlinkMessage::DelNeighbour(neigh_msg(ifindex, ip)), 0, Kind::Ack)?;
         Ok(())
     }
 }

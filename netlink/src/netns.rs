@@ -25,17 +25,10 @@ impl Netns {
     /// gives [`Error::NotANetns`] naming the path.
     pub fn open(path: impl AsRef<Path>) -> Result<Netns> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|source| Error::Netns {
-            op: "open network namespace",
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let file = File::open(path).map_err(|source| Error::Netns { op: "open network namespace", path: path.to_path_buf(), source })?;
         let fd: OwnedFd = file.into();
         check_netns(&fd, path)?;
-        Ok(Netns {
-            fd,
-            path: path.to_path_buf(),
-        })
+        Ok(Netns { fd, path: path.to_path_buf() })
     }
 
     /// The calling thread's current network namespace.
@@ -88,11 +81,7 @@ impl Netns {
         // SAFETY: fstat into a zeroed struct on a descriptor we own.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         if unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) } != 0 {
-            return Err(Error::Netns {
-                op: "fstat",
-                path: self.path.clone(),
-                source: std::io::Error::last_os_error(),
-            });
+            return Err(Error::Netns { op: "fstat", path: self.path.clone(), source: std::io::Error::last_os_error() });
         }
         Ok((st.st_dev, st.st_ino))
     }
@@ -128,11 +117,7 @@ impl Netns {
         match joined {
             Ok(Ok(r)) => r,
             Ok(Err(p)) => std::panic::resume_unwind(p),
-            Err(source) => Err(Error::Netns {
-                op: "spawn a thread to enter",
-                path: self.path.clone(),
-                source,
-            }),
+            Err(source) => Err(Error::Netns { op: "spawn a thread to enter", path: self.path.clone(), source }),
         }
     }
 }
@@ -144,33 +129,21 @@ impl AsFd for Netns {
 }
 
 fn check_netns(fd: &OwnedFd, path: &Path) -> Result<()> {
-    let not = |reason: String| Error::NotANetns {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let not = |reason: String| Error::NotANetns { path: path.to_path_buf(), reason };
     // SAFETY: fstatfs into a zeroed struct on an open descriptor.
     let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut sfs) } != 0 {
-        return Err(Error::Netns {
-            op: "fstatfs",
-            path: path.to_path_buf(),
-            source: std::io::Error::last_os_error(),
-        });
+        return Err(Error::Netns { op: "fstatfs", path: path.to_path_buf(), source: std::io::Error::last_os_error() });
     }
     #[allow(clippy::unnecessary_cast)]
     let magic = sfs.f_type as i64;
     if magic != NSFS_MAGIC {
-        return Err(not(format!(
-            "it is not on nsfs (filesystem magic {magic:#x})"
-        )));
+        return Err(not(format!("it is not on nsfs (filesystem magic {magic:#x})")));
     }
     // SAFETY: NS_GET_NSTYPE takes no argument and returns the CLONE_NEW* type.
     let ty = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE as _) };
     if ty < 0 {
-        return Err(not(format!(
-            "NS_GET_NSTYPE failed: {}",
-            std::io::Error::last_os_error()
-        )));
+        return Err(not(format!("NS_GET_NSTYPE failed: {}", std::io::Error::last_os_error())));
     }
     if ty != libc::CLONE_NEWNET {
         let kind = match ty {

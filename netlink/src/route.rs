@@ -4,8 +4,7 @@ use std::net::IpAddr;
 
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope,
-    RouteType as NlRouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType as NlRouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
@@ -83,11 +82,7 @@ fn describe(spec: &RouteSpec) -> String {
 fn route_msg(ctx: &Ctx<'_>, spec: &RouteSpec, add: bool) -> Result<RouteMessage> {
     let fam = spec.family();
     if spec.dst_len > fam.max_prefix() {
-        return Err(ctx.invalid(format!(
-            "prefix length {} is longer than {}",
-            spec.dst_len,
-            fam.max_prefix()
-        )));
+        return Err(ctx.invalid(format!("prefix length {} is longer than {}", spec.dst_len, fam.max_prefix())));
     }
     for (what, ip) in [("gateway", spec.gateway), ("prefsrc", spec.prefsrc)] {
         if let Some(ip) = ip {
@@ -109,11 +104,7 @@ fn route_msg(ctx: &Ctx<'_>, spec: &RouteSpec, add: bool) -> Result<RouteMessage>
         Some(s) => s,
         None if !add => Scope::Nowhere,
         None if spec.kind == RouteType::Local => Scope::Host,
-        None if spec.gateway.is_none()
-            && matches!(spec.kind, RouteType::Unicast | RouteType::Unspec) =>
-        {
-            Scope::Link
-        }
+        None if spec.gateway.is_none() && matches!(spec.kind, RouteType::Unicast | RouteType::Unspec) => Scope::Link,
         None => Scope::Universe,
     };
     m.header.scope = RouteScope::from(u8::from(scope));
@@ -126,12 +117,10 @@ fn route_msg(ctx: &Ctx<'_>, spec: &RouteSpec, add: bool) -> Result<RouteMessage>
         m.header.flags = RouteFlags::Onlink;
     }
     if spec.dst_len > 0 {
-        m.attributes
-            .push(RouteAttribute::Destination(RouteAddress::from(spec.dst)));
+        m.attributes.push(RouteAttribute::Destination(RouteAddress::from(spec.dst)));
     }
     if let Some(g) = spec.gateway {
-        m.attributes
-            .push(RouteAttribute::Gateway(RouteAddress::from(g)));
+        m.attributes.push(RouteAttribute::Gateway(RouteAddress::from(g)));
     }
     if let Some(o) = spec.oif {
         m.attributes.push(RouteAttribute::Oif(o));
@@ -140,8 +129,7 @@ fn route_msg(ctx: &Ctx<'_>, spec: &RouteSpec, add: bool) -> Result<RouteMessage>
         m.attributes.push(RouteAttribute::Priority(p));
     }
     if let Some(s) = spec.prefsrc {
-        m.attributes
-            .push(RouteAttribute::PrefSource(RouteAddress::from(s)));
+        m.attributes.push(RouteAttribute::PrefSource(RouteAddress::from(s)));
     }
     m.attributes.push(RouteAttribute::Table(tbl));
     Ok(m)
@@ -189,17 +177,9 @@ impl Handle {
     /// ENETUNREACH (IPv4) / EHOSTUNREACH or ENETUNREACH (IPv6), unless `onlink`.
     pub fn add_route(&self, spec: &RouteSpec) -> Result<()> {
         let object = describe(spec);
-        let ctx = Ctx {
-            op: "add route",
-            object: &object,
-        };
+        let ctx = Ctx { op: "add route", object: &object };
         let m = route_msg(&ctx, spec, true)?;
-        self.request(
-            &ctx,
-            RouteNetlinkMessage::NewRoute(m),
-            NLM_F_CREATE | NLM_F_EXCL,
-            Kind::Ack,
-        )?;
+        self.request(&ctx, RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_EXCL, Kind::Ack)?;
         Ok(())
     }
 
@@ -208,10 +188,7 @@ impl Handle {
     /// gateway/oif/metric are given must match.
     pub fn delete_route(&self, spec: &RouteSpec) -> Result<()> {
         let object = describe(spec);
-        let ctx = Ctx {
-            op: "delete route",
-            object: &object,
-        };
+        let ctx = Ctx { op: "delete route", object: &object };
         let m = route_msg(&ctx, spec, false)?;
         self.request(&ctx, RouteNetlinkMessage::DelRoute(m), 0, Kind::Ack)?;
         Ok(())

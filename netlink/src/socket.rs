@@ -5,9 +5,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use netlink_packet_core::{
-    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator, NLMSG_DONE,
-    NLMSG_ERROR, NLMSG_NOOP, NLMSG_OVERRUN, NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_DUMP,
-    NLM_F_DUMP_INTR, NLM_F_MULTIPART, NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator, NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP, NLMSG_OVERRUN,
+    NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_MULTIPART, NLM_F_REQUEST,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -46,39 +45,19 @@ pub(crate) struct Ctx<'a> {
 
 impl Ctx<'_> {
     pub fn kernel(&self, errno: i32, message: Option<String>) -> Error {
-        Error::Kernel {
-            op: self.op,
-            object: self.object.to_string(),
-            errno,
-            message,
-        }
+        Error::Kernel { op: self.op, object: self.object.to_string(), errno, message }
     }
     pub fn io(&self, source: std::io::Error) -> Error {
-        Error::Io {
-            op: self.op,
-            object: self.object.to_string(),
-            source,
-        }
+        Error::Io { op: self.op, object: self.object.to_string(), source }
     }
     pub fn protocol(&self, detail: impl Into<String>) -> Error {
-        Error::Protocol {
-            op: self.op,
-            object: self.object.to_string(),
-            detail: detail.into(),
-        }
+        Error::Protocol { op: self.op, object: self.object.to_string(), detail: detail.into() }
     }
     pub fn invalid(&self, detail: impl Into<String>) -> Error {
-        Error::InvalidArgument {
-            op: self.op,
-            object: self.object.to_string(),
-            detail: detail.into(),
-        }
+        Error::InvalidArgument { op: self.op, object: self.object.to_string(), detail: detail.into() }
     }
     pub fn not_found(&self) -> Error {
-        Error::NotFound {
-            op: self.op,
-            object: self.object.to_string(),
-        }
+        Error::NotFound { op: self.op, object: self.object.to_string() }
     }
 }
 
@@ -103,10 +82,7 @@ pub struct Handle {
 
 impl std::fmt::Debug for Handle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Handle")
-            .field("fd", &self.sock.as_raw_fd())
-            .field("timeout", &self.timeout)
-            .finish()
+        f.debug_struct("Handle").field("fd", &self.sock.as_raw_fd()).field("timeout", &self.timeout).finish()
     }
 }
 
@@ -124,14 +100,7 @@ impl Handle {
     }
 
     fn from_socket(sock: Socket) -> Result<Handle> {
-        Ok(Handle {
-            sock,
-            timeout: DEFAULT_TIMEOUT,
-            state: Mutex::new(State {
-                seq: 0,
-                buf: vec![0; INITIAL_BUF],
-            }),
-        })
+        Ok(Handle { sock, timeout: DEFAULT_TIMEOUT, state: Mutex::new(State { seq: 0, buf: vec![0; INITIAL_BUF] }) })
     }
 
     /// Sets the per-request timeout (default 5 s): how long one request, a whole
@@ -152,13 +121,7 @@ impl Handle {
     }
 
     /// Sends `msg` and returns the inner messages of the answer, parsed.
-    pub(crate) fn request(
-        &self,
-        ctx: &Ctx<'_>,
-        msg: RouteNetlinkMessage,
-        flags: u16,
-        kind: Kind,
-    ) -> Result<Vec<RouteNetlinkMessage>> {
+    pub(crate) fn request(&self, ctx: &Ctx<'_>, msg: RouteNetlinkMessage, flags: u16, kind: Kind) -> Result<Vec<RouteNetlinkMessage>> {
         let raw = self.request_raw(ctx, msg, flags, kind)?;
         let mut out = Vec::with_capacity(raw.len());
         for bytes in raw {
@@ -166,12 +129,7 @@ impl Handle {
                 .map_err(|e| ctx.protocol(format!("cannot decode message: {e}")))?;
             match parsed.payload {
                 NetlinkPayload::InnerMessage(m) => out.push(m),
-                other => {
-                    return Err(ctx.protocol(format!(
-                        "unexpected control message {}",
-                        other.message_type()
-                    )))
-                }
+                other => return Err(ctx.protocol(format!("unexpected control message {}", other.message_type()))),
             }
         }
         Ok(out)
@@ -180,13 +138,7 @@ impl Handle {
     /// Sends `msg` and returns the raw bytes (netlink header included) of each
     /// answer message that is not a control message. Dumps the kernel marks
     /// interrupted are redone.
-    pub(crate) fn request_raw(
-        &self,
-        ctx: &Ctx<'_>,
-        msg: RouteNetlinkMessage,
-        extra_flags: u16,
-        kind: Kind,
-    ) -> Result<Vec<Vec<u8>>> {
+    pub(crate) fn request_raw(&self, ctx: &Ctx<'_>, msg: RouteNetlinkMessage, extra_flags: u16, kind: Kind) -> Result<Vec<Vec<u8>>> {
         let mut flags = NLM_F_REQUEST | extra_flags;
         match kind {
             Kind::Dump => flags |= NLM_F_DUMP,
@@ -207,9 +159,7 @@ impl Handle {
                 return Ok(out);
             }
             if attempt >= DUMP_RETRIES {
-                return Err(ctx.protocol(format!(
-                    "the dump was interrupted by concurrent changes {DUMP_RETRIES} times"
-                )));
+                return Err(ctx.protocol(format!("the dump was interrupted by concurrent changes {DUMP_RETRIES} times")));
             }
         }
     }
@@ -234,9 +184,7 @@ impl Handle {
         loop {
             match self.sock.send_to(&out, &kernel, 0) {
                 Ok(n) if n == out.len() => break,
-                Ok(n) => {
-                    return Err(ctx.protocol(format!("short send: {n} of {} bytes", out.len())))
-                }
+                Ok(n) => return Err(ctx.protocol(format!("short send: {n} of {} bytes", out.len()))),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(ctx.io(e)),
             }
@@ -252,9 +200,7 @@ impl Handle {
             if len > MAX_DATAGRAM {
                 // Consume it so the socket is usable afterwards.
                 let _ = self.recv_into(&mut [0u8; 16]);
-                break Err(ctx.protocol(format!(
-                    "an answer of {len} bytes exceeds the {MAX_DATAGRAM}-byte limit"
-                )));
+                break Err(ctx.protocol(format!("an answer of {len} bytes exceeds the {MAX_DATAGRAM}-byte limit")));
             }
             if st.buf.len() < len {
                 st.buf.resize(len, 0);
@@ -279,11 +225,7 @@ impl Handle {
     }
 
     fn timeout_err(&self, ctx: &Ctx<'_>) -> Error {
-        Error::Timeout {
-            op: ctx.op,
-            object: ctx.object.to_string(),
-            timeout: self.timeout,
-        }
+        Error::Timeout { op: ctx.op, object: ctx.object.to_string(), timeout: self.timeout }
     }
 
     /// Waits (until `deadline`) for the next datagram and returns its full size.
@@ -296,14 +238,7 @@ impl Handle {
             self.set_rcvtimeo(left).map_err(|e| ctx.io(e))?;
             let mut probe = [0u8; 16];
             // SAFETY: recv into a stack buffer of the given length.
-            let r = unsafe {
-                libc::recv(
-                    self.sock.as_raw_fd(),
-                    probe.as_mut_ptr().cast(),
-                    probe.len(),
-                    libc::MSG_PEEK | libc::MSG_TRUNC,
-                )
-            };
+            let r = unsafe { libc::recv(self.sock.as_raw_fd(), probe.as_mut_ptr().cast(), probe.len(), libc::MSG_PEEK | libc::MSG_TRUNC) };
             if r >= 0 {
                 return Ok(r as usize);
             }
@@ -331,10 +266,7 @@ impl Handle {
     fn set_rcvtimeo(&self, d: Duration) -> std::io::Result<()> {
         // Round up so a sub-microsecond remainder is not 0 (= block forever).
         let usec = d.subsec_micros().max(if d.as_secs() == 0 { 1 } else { 0 });
-        let tv = libc::timeval {
-            tv_sec: d.as_secs().min(i32::MAX as u64) as libc::time_t,
-            tv_usec: usec as libc::suseconds_t,
-        };
+        let tv = libc::timeval { tv_sec: d.as_secs().min(i32::MAX as u64) as libc::time_t, tv_usec: usec as libc::suseconds_t };
         // SAFETY: setsockopt with a properly sized timeval.
         let r = unsafe {
             libc::setsockopt(
@@ -354,17 +286,11 @@ impl Handle {
 }
 
 fn is_timeout(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-    )
+    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
 }
 
 fn open_socket() -> Result<Socket> {
-    let ctx = Ctx {
-        op: "open",
-        object: "NETLINK_ROUTE socket",
-    };
+    let ctx = Ctx { op: "open", object: "NETLINK_ROUTE socket" };
     let mut sock = Socket::new(NETLINK_ROUTE).map_err(|e| ctx.io(e))?;
     sock.bind_auto().map_err(|e| ctx.io(e))?;
     // Errors carry only the request's header back, and the kernel's text message.
@@ -376,18 +302,10 @@ fn open_socket() -> Result<Socket> {
 
 /// Walks the messages of one datagram. Returns Ok(true) when the answer is
 /// complete.
-fn walk(
-    ctx: &Ctx<'_>,
-    data: &[u8],
-    seq: u32,
-    kind: Kind,
-    interrupted: &mut bool,
-    on_msg: &mut dyn FnMut(&[u8]),
-) -> Result<bool> {
+fn walk(ctx: &Ctx<'_>, data: &[u8], seq: u32, kind: Kind, interrupted: &mut bool, on_msg: &mut dyn FnMut(&[u8])) -> Result<bool> {
     let mut off = 0;
     while data.len().saturating_sub(off) >= NLMSG_HDRLEN {
-        let buf = NetlinkBuffer::new_checked(&data[off..])
-            .map_err(|e| ctx.protocol(format!("bad netlink header: {e}")))?;
+        let buf = NetlinkBuffer::new_checked(&data[off..]).map_err(|e| ctx.protocol(format!("bad netlink header: {e}")))?;
         let len = buf.length() as usize;
         let msg = &data[off..off + len];
         off += (len + 3) & !3;
@@ -400,8 +318,7 @@ fn walk(
             NLMSG_NOOP => continue,
             NLMSG_OVERRUN => return Err(ctx.protocol("NLMSG_OVERRUN")),
             NLMSG_ERROR => {
-                let code =
-                    read_i32(payload).ok_or_else(|| ctx.protocol("truncated NLMSG_ERROR"))?;
+                let code = read_i32(payload).ok_or_else(|| ctx.protocol("truncated NLMSG_ERROR"))?;
                 if code == 0 {
                     return Ok(true);
                 }
@@ -411,9 +328,7 @@ fn walk(
             NLMSG_DONE => {
                 if let Some(code) = read_i32(payload) {
                     if code < 0 {
-                        let message = payload
-                            .get(4..)
-                            .and_then(|tlvs| extack_message(NLM_F_ACK_TLVS, tlvs));
+                        let message = payload.get(4..).and_then(|tlvs| extack_message(NLM_F_ACK_TLVS, tlvs));
                         return Err(ctx.kernel(code.saturating_neg(), message));
                     }
                 }
@@ -434,10 +349,7 @@ fn walk(
         }
     }
     if off < data.len() {
-        return Err(ctx.protocol(format!(
-            "{} trailing bytes after the last message",
-            data.len() - off
-        )));
+        return Err(ctx.protocol(format!("{} trailing bytes after the last message", data.len() - off)));
     }
     Ok(false)
 }
@@ -490,19 +402,13 @@ mod tests {
         let ns = Netns::new_anonymous().unwrap();
         let mut h = Handle::in_netns(&ns).unwrap();
         h.set_timeout(Duration::from_millis(300));
-        let ctx = Ctx {
-            op: "test",
-            object: "lo",
-        };
+        let ctx = Ctx { op: "test", object: "lo" };
         let t0 = Instant::now();
         let e = h.request(&ctx, set_lo_up(), 0, Kind::Get).unwrap_err();
         let took = t0.elapsed();
         assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
         assert!(e.to_string().contains("test lo: no answer"), "{e}");
-        assert!(
-            took >= Duration::from_millis(300) && took < Duration::from_secs(3),
-            "{took:?}"
-        );
+        assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(3), "{took:?}");
         // The change itself was applied, and the handle still works.
         assert!(h.link_by_index(1).unwrap().admin_up);
     }
@@ -518,10 +424,7 @@ mod tests {
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | NLM_F_DUMP;
         header.sequence_number = 0xdead_beef;
-        let mut nl = NetlinkMessage::new(
-            header,
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetLink(LinkMessage::default())),
-        );
+        let mut nl = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetLink(LinkMessage::default())));
         nl.finalize();
         let mut buf = vec![0; nl.buffer_len()];
         nl.serialize(&mut buf);
@@ -538,26 +441,16 @@ mod tests {
         let ns = Netns::new_anonymous().unwrap();
         let h = Handle::in_netns(&ns).unwrap();
         // Host bits set in an IPv4 route destination: the kernel explains.
-        let e = h
-            .add_route(&crate::RouteSpec::new("10.1.2.3".parse().unwrap(), 24).dev(1))
-            .unwrap_err();
-        let Error::Kernel { errno, message, .. } = &e else {
-            panic!("{e:?}")
-        };
+        let e = h.add_route(&crate::RouteSpec::new("10.1.2.3".parse().unwrap(), 24).dev(1)).unwrap_err();
+        let Error::Kernel { errno, message, .. } = &e else { panic!("{e:?}") };
         assert_eq!(*errno, libc::EINVAL);
-        assert!(
-            message.as_deref().is_some_and(|m| m.contains("prefix")),
-            "{e}"
-        );
+        assert!(message.as_deref().is_some_and(|m| m.contains("prefix")), "{e}");
         assert!(e.to_string().contains("Invalid argument ("), "{e}");
     }
 
     #[test]
     fn walk_parses_errors_and_skips_foreign_seq() {
-        let ctx = Ctx {
-            op: "op",
-            object: "obj",
-        };
+        let ctx = Ctx { op: "op", object: "obj" };
         // seq 7: an NLMSG_DONE that is not ours; seq 8: NLMSG_ERROR -17, capped,
         // with an NLMSGERR_ATTR_MSG "boom".
         let mut d = Vec::new();
@@ -574,12 +467,7 @@ mod tests {
         d.extend_from_slice(&0i32.to_ne_bytes());
         let tlv_len = 4 + 5; // "boom\0"
         let total = 16 + 4 + 16 + ((tlv_len + 3) & !3);
-        d.extend(hdr(
-            total as u32,
-            NLMSG_ERROR,
-            NLM_F_CAPPED | NLM_F_ACK_TLVS,
-            8,
-        ));
+        d.extend(hdr(total as u32, NLMSG_ERROR, NLM_F_CAPPED | NLM_F_ACK_TLVS, 8));
         d.extend_from_slice(&(-17i32).to_ne_bytes());
         d.extend(hdr(16, 16, 0, 8));
         d.extend_from_slice(&(tlv_len as u16).to_ne_bytes());

@@ -2,8 +2,8 @@
 
 use netlink_packet_core::NlasIterator;
 use netlink_packet_route::link::{
-    LinkAttribute, LinkMessage, LinkVfInfo, VfInfo, VfInfoLinkState, VfInfoMac, VfInfoRate,
-    VfInfoSpoofCheck, VfInfoTrust, VfInfoVlan, VfLinkState as NlVfLinkState,
+    LinkAttribute, LinkMessage, LinkVfInfo, VfInfo, VfInfoLinkState, VfInfoMac, VfInfoRate, VfInfoSpoofCheck, VfInfoTrust, VfInfoVlan,
+    VfLinkState as NlVfLinkState,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 
@@ -28,12 +28,7 @@ fn u32s(b: &[u8], n: usize) -> Option<Vec<u32>> {
     if b.len() < n * 4 {
         return None;
     }
-    Some(
-        b.chunks_exact(4)
-            .take(n)
-            .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-    )
+    Some(b.chunks_exact(4).take(n).map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
 
 /// The kernel reports -1 (u32::MAX) for a setting the driver does not report.
@@ -63,10 +58,7 @@ fn parse_vf(ctx: &Ctx<'_>, nest: &[u8]) -> Result<VfConfig> {
         match nla.kind() & NLA_TYPE_MASK {
             IFLA_VF_MAC => {
                 let id = u32s(v, 1).ok_or_else(|| bad("IFLA_VF_MAC"))?[0];
-                let mac = v
-                    .get(4..10)
-                    .and_then(MacAddr::from_slice)
-                    .ok_or_else(|| bad("IFLA_VF_MAC"))?;
+                let mac = v.get(4..10).and_then(MacAddr::from_slice).ok_or_else(|| bad("IFLA_VF_MAC"))?;
                 vf = Some(id);
                 c.mac = mac;
             }
@@ -106,22 +98,14 @@ impl Handle {
     /// has no VFs (or is not a PF).
     pub fn vf_configs(&self, pf_index: u32) -> Result<Vec<VfConfig>> {
         let object = format!("of PF link {pf_index}");
-        let ctx = Ctx {
-            op: "get VF configs",
-            object: &object,
-        };
+        let ctx = Ctx { op: "get VF configs", object: &object };
         let raw = self.link_with_vfs_raw(&ctx, pf_index)?;
-        let hdr = netlink_packet_core::NetlinkBuffer::new_checked(&raw[..])
-            .map_err(|e| ctx.protocol(format!("bad netlink header: {e}")))?;
+        let hdr =
+            netlink_packet_core::NetlinkBuffer::new_checked(&raw[..]).map_err(|e| ctx.protocol(format!("bad netlink header: {e}")))?;
         if hdr.message_type() != RTM_NEWLINK {
-            return Err(ctx.protocol(format!(
-                "answer of type {} instead of RTM_NEWLINK",
-                hdr.message_type()
-            )));
+            return Err(ctx.protocol(format!("answer of type {} instead of RTM_NEWLINK", hdr.message_type())));
         }
-        let attrs = raw
-            .get(16 + IFINFOMSG_LEN..)
-            .ok_or_else(|| ctx.protocol("truncated RTM_NEWLINK"))?;
+        let attrs = raw.get(16 + IFINFOMSG_LEN..).ok_or_else(|| ctx.protocol("truncated RTM_NEWLINK"))?;
         let mut out = Vec::new();
         for nla in NlasIterator::new(attrs) {
             let nla = nla.map_err(|e| ctx.protocol(format!("bad link attribute: {e}")))?;
@@ -129,8 +113,7 @@ impl Handle {
                 continue;
             }
             for info in NlasIterator::new(nla.value()) {
-                let info =
-                    info.map_err(|e| ctx.protocol(format!("bad IFLA_VFINFO_LIST entry: {e}")))?;
+                let info = info.map_err(|e| ctx.protocol(format!("bad IFLA_VFINFO_LIST entry: {e}")))?;
                 if info.kind() & NLA_TYPE_MASK == IFLA_VF_INFO {
                     out.push(parse_vf(&ctx, info.value())?);
                 }
@@ -144,35 +127,15 @@ impl Handle {
     /// the PF has no such VF).
     pub fn vf_config(&self, pf_index: u32, vf: u32) -> Result<VfConfig> {
         let object = format!("VF {vf} of PF link {pf_index}");
-        self.vf_configs(pf_index)?
-            .into_iter()
-            .find(|c| c.vf == vf)
-            .ok_or_else(|| {
-                Ctx {
-                    op: "get VF config",
-                    object: &object,
-                }
-                .not_found()
-            })
+        self.vf_configs(pf_index)?.into_iter().find(|c| c.vf == vf).ok_or_else(|| Ctx { op: "get VF config", object: &object }.not_found())
     }
 
-    fn set_vf(
-        &self,
-        op: &'static str,
-        pf_index: u32,
-        vf: u32,
-        what: String,
-        info: VfInfo,
-    ) -> Result<()> {
+    fn set_vf(&self, op: &'static str, pf_index: u32, vf: u32, what: String, info: VfInfo) -> Result<()> {
         let object = format!("VF {vf} of PF link {pf_index} to {what}");
-        let ctx = Ctx {
-            op,
-            object: &object,
-        };
+        let ctx = Ctx { op, object: &object };
         let mut msg = LinkMessage::default();
         msg.header.index = pf_index;
-        msg.attributes
-            .push(LinkAttribute::VfInfoList(vec![LinkVfInfo(vec![info])]));
+        msg.attributes.push(LinkAttribute::VfInfoList(vec![LinkVfInfo(vec![info])]));
         self.request(&ctx, RouteNetlinkMessage::SetLink(msg), 0, Kind::Ack)?;
         Ok(())
     }
@@ -180,13 +143,7 @@ impl Handle {
     /// Sets the VF's administrative MAC (all zeroes clears it on drivers that
     /// support that, e.g. igb).
     pub fn set_vf_mac(&self, pf_index: u32, vf: u32, mac: MacAddr) -> Result<()> {
-        self.set_vf(
-            "set MAC of",
-            pf_index,
-            vf,
-            mac.to_string(),
-            VfInfo::Mac(VfInfoMac::new(vf, &mac.0)),
-        )
+        self.set_vf("set MAC of", pf_index, vf, mac.to_string(), VfInfo::Mac(VfInfoMac::new(vf, &mac.0)))
     }
 
     /// Sets the VF's port VLAN (802.1Q; 0 = none) and priority (0..=7).
@@ -213,13 +170,7 @@ impl Handle {
 
     /// Turns VF trust on or off.
     pub fn set_vf_trust(&self, pf_index: u32, vf: u32, on: bool) -> Result<()> {
-        self.set_vf(
-            "set trust of",
-            pf_index,
-            vf,
-            if on { "on" } else { "off" }.into(),
-            VfInfo::Trust(VfInfoTrust::new(vf, on)),
-        )
+        self.set_vf("set trust of", pf_index, vf, if on { "on" } else { "off" }.into(), VfInfo::Trust(VfInfoTrust::new(vf, on)))
     }
 
     /// Sets the VF's administrative link state (EOPNOTSUPP on drivers without it, e.g. igb).
@@ -230,13 +181,7 @@ impl Handle {
             VfLinkState::Disable => NlVfLinkState::Disable,
             VfLinkState::Other(o) => NlVfLinkState::Other(o),
         };
-        self.set_vf(
-            "set link state of",
-            pf_index,
-            vf,
-            format!("{state:?}"),
-            VfInfo::LinkState(VfInfoLinkState::new(vf, nl)),
-        )
+        self.set_vf("set link state of", pf_index, vf, format!("{state:?}"), VfInfo::LinkState(VfInfoLinkState::new(vf, nl)))
     }
 
     /// Sets the VF's min/max TX rate in Mbit/s (0 = unlimited).

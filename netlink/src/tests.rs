@@ -27,15 +27,8 @@ fn setup() -> (Netns, Handle, Link, Link) {
 
 /// `ip -j ARGS` run inside `ns`: its stdout, asserting success.
 fn ip_json(ns: &Netns, args: &[&str]) -> String {
-    let out = ns
-        .run_in(|| Command::new("ip").arg("-j").args(args).output())
-        .unwrap()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ip -j {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = ns.run_in(|| Command::new("ip").arg("-j").args(args).output()).unwrap().unwrap();
+    assert!(out.status.success(), "ip -j {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -49,13 +42,7 @@ fn mac_parse_and_display() {
     let m = mac("02:0A:bc:00:ff:01");
     assert_eq!(m.0, [2, 0x0a, 0xbc, 0, 0xff, 1]);
     assert_eq!(m.to_string(), "02:0a:bc:00:ff:01");
-    for bad in [
-        "",
-        "02:00:00:00:00",
-        "02:00:00:00:00:00:00",
-        "02:00:00:00:00:zz",
-        "020:00:00:00:00:00",
-    ] {
+    for bad in ["", "02:00:00:00:00", "02:00:00:00:00:00:00", "02:00:00:00:00:zz", "020:00:00:00:00:00"] {
         assert!(bad.parse::<MacAddr>().is_err(), "{bad:?} parsed");
     }
 }
@@ -66,10 +53,7 @@ fn netns_open_checks_the_path() {
     let e = Netns::open("/etc/hostname").unwrap_err();
     assert!(matches!(e, Error::NotANetns { .. }), "{e:?}");
     let s = e.to_string();
-    assert!(
-        s.contains("/etc/hostname") && s.contains("not a network namespace"),
-        "{s}"
-    );
+    assert!(s.contains("/etc/hostname") && s.contains("not a network namespace"), "{s}");
     // Another kind of namespace.
     let e = Netns::open("/proc/self/ns/mnt").unwrap_err();
     assert!(e.to_string().contains("mount namespace"), "{e}");
@@ -177,9 +161,7 @@ fn link_fields_and_settings() {
     let l = h.link_by_name("renamed0").unwrap();
     assert_eq!((l.index, l.mtu, l.mac), (a.index, 1400, Some(m)));
     assert!(h.find_link("vt0").unwrap().is_none());
-    assert!(
-        ip_json(&ns, &["link", "show", "renamed0"]).contains(&format!("\"ifindex\":{}", a.index))
-    );
+    assert!(ip_json(&ns, &["link", "show", "renamed0"]).contains(&format!("\"ifindex\":{}", a.index)));
 
     // name checks happen before the kernel is asked
     let e = h.rename_link(a.index, "this-name-is-too-long").unwrap_err();
@@ -220,8 +202,7 @@ fn altnames() {
     // Lookup by altname, short and long.
     assert_eq!(h.link_by_name("vt0-alt").unwrap().index, a.index);
     assert_eq!(h.link_by_name(long).unwrap().index, a.index);
-    assert!(ip_json(&ns, &["link", "show", "vt0"])
-        .contains(&format!("\"altnames\":[\"{long}\",\"vt0-alt\"]")));
+    assert!(ip_json(&ns, &["link", "show", "vt0"]).contains(&format!("\"altnames\":[\"{long}\",\"vt0-alt\"]")));
     // Names are unique across names and altnames.
     let e = h.add_altname(b.index, "vt0-alt").unwrap_err();
     assert!(e.is_exists(), "{e}");
@@ -253,10 +234,7 @@ fn create_and_delete_links() {
     h.delete_link(a.index).unwrap();
     assert!(h.find_link("vt0").unwrap().is_none());
     assert!(h.find_link("vt1").unwrap().is_none());
-    assert_eq!(
-        h.link_by_index(b.index).unwrap_err().errno(),
-        Some(libc::ENODEV)
-    );
+    assert_eq!(h.link_by_index(b.index).unwrap_err().errno(), Some(libc::ENODEV));
 }
 
 #[test]
@@ -299,11 +277,7 @@ fn vlan_support_probe_agrees_with_the_kernel() {
     assert_eq!(e.errno(), Some(libc::EOPNOTSUPP), "{e:?}");
     let s = e.to_string();
     assert!(
-        s.contains("create vlan")
-            && s.contains("\"vt0.42\"")
-            && s.contains("VLAN 42")
-            && s.contains("802.1Q")
-            && s.contains("8021q"),
+        s.contains("create vlan") && s.contains("\"vt0.42\"") && s.contains("VLAN 42") && s.contains("802.1Q") && s.contains("8021q"),
         "{s}"
     );
 }
@@ -325,8 +299,7 @@ fn many_links_dump_spans_several_datagrams() {
     let ns = Netns::new_anonymous().unwrap();
     let h = Handle::in_netns(&ns).unwrap();
     for i in 0..100 {
-        h.create_veth(&format!("m{i}a"), &format!("m{i}b"), None)
-            .unwrap();
+        h.create_veth(&format!("m{i}a"), &format!("m{i}b"), None).unwrap();
     }
     let links = h.links().unwrap();
     assert_eq!(links.len(), 201);
@@ -343,40 +316,15 @@ fn many_links_dump_spans_several_datagrams() {
 fn addresses_v4_v6() {
     let (ns, h, a, b) = setup();
     up_both(&h, &a, &b);
-    let v4 = AddressSpec {
-        broadcast: Some("10.1.2.255".parse().unwrap()),
-        ..AddressSpec::new(ip("10.1.2.3"), 24)
-    };
+    let v4 = AddressSpec { broadcast: Some("10.1.2.255".parse().unwrap()), ..AddressSpec::new(ip("10.1.2.3"), 24) };
     h.add_address(a.index, &v4).unwrap();
-    h.add_address(a.index, &AddressSpec::new(ip("10.1.2.4"), 24))
-        .unwrap();
-    h.add_address(
-        a.index,
-        &AddressSpec {
-            route_metric: Some(77),
-            ..AddressSpec::new(ip("192.168.7.1"), 30)
-        },
-    )
-    .unwrap();
-    h.add_address(
-        a.index,
-        &AddressSpec::new(ip("fd00::5"), 64).with_flags(AddrFlags::NODAD),
-    )
-    .unwrap();
-    h.add_address(
-        a.index,
-        &AddressSpec::new(ip("fd00:1::6"), 80)
-            .with_flags(AddrFlags::NODAD | AddrFlags::NOPREFIXROUTE),
-    )
-    .unwrap();
+    h.add_address(a.index, &AddressSpec::new(ip("10.1.2.4"), 24)).unwrap();
+    h.add_address(a.index, &AddressSpec { route_metric: Some(77), ..AddressSpec::new(ip("192.168.7.1"), 30) }).unwrap();
+    h.add_address(a.index, &AddressSpec::new(ip("fd00::5"), 64).with_flags(AddrFlags::NODAD)).unwrap();
+    h.add_address(a.index, &AddressSpec::new(ip("fd00:1::6"), 80).with_flags(AddrFlags::NODAD | AddrFlags::NOPREFIXROUTE)).unwrap();
 
     let addrs = h.addresses(a.index).unwrap();
-    let find = |s: &str| {
-        addrs
-            .iter()
-            .find(|x| x.addr == ip(s))
-            .unwrap_or_else(|| panic!("{s} not in {addrs:#?}"))
-    };
+    let find = |s: &str| addrs.iter().find(|x| x.addr == ip(s)).unwrap_or_else(|| panic!("{s} not in {addrs:#?}"));
     let x = find("10.1.2.3");
     assert_eq!((x.prefix_len, x.scope, x.peer), (24, Scope::Universe, None));
     assert_eq!(x.broadcast, Some("10.1.2.255".parse().unwrap()));
@@ -389,25 +337,16 @@ fn addresses_v4_v6() {
     assert_eq!(find("192.168.7.1").route_metric, Some(77));
     let x = find("fd00::5");
     assert_eq!(x.prefix_len, 64);
-    assert!(
-        x.flags.contains(AddrFlags::NODAD | AddrFlags::PERMANENT),
-        "{x:?}"
-    );
+    assert!(x.flags.contains(AddrFlags::NODAD | AddrFlags::PERMANENT), "{x:?}");
     assert!(!x.flags.contains(AddrFlags::TENTATIVE), "{x:?}");
     let x = find("fd00:1::6");
     assert_eq!(x.prefix_len, 80);
-    assert!(
-        x.flags
-            .contains(AddrFlags::NOPREFIXROUTE | AddrFlags::NODAD),
-        "{x:?}"
-    );
+    assert!(x.flags.contains(AddrFlags::NOPREFIXROUTE | AddrFlags::NODAD), "{x:?}");
     // Kernel-made link-local address is listed with scope link. The kernel adds it
     // from a work queue after the link comes up, so look until it is there (bounded).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let link_local = |list: &[Address]| {
-        list.iter()
-            .any(|x| x.scope == Scope::Link && matches!(x.addr, IpAddr::V6(v) if v.segments()[0] == 0xfe80))
-    };
+    let link_local =
+        |list: &[Address]| list.iter().any(|x| x.scope == Scope::Link && matches!(x.addr, IpAddr::V6(v) if v.segments()[0] == 0xfe80));
     let mut current = addrs.clone();
     while !link_local(&current) {
         assert!(std::time::Instant::now() < deadline, "no IPv6 link-local address within 5 s: {current:?}");
@@ -415,11 +354,7 @@ fn addresses_v4_v6() {
         current = h.addresses(a.index).unwrap();
     }
     // Not on the other link.
-    assert!(h
-        .addresses(b.index)
-        .unwrap()
-        .iter()
-        .all(|x| x.scope == Scope::Link));
+    assert!(h.addresses(b.index).unwrap().iter().all(|x| x.scope == Scope::Link));
 
     // iproute2 sees the same.
     let j = ip_json(&ns, &["addr", "show", "dev", "vt0"]);
@@ -435,53 +370,29 @@ fn addresses_v4_v6() {
     // The prefix route: present for fd00::/64, absent for the NOPREFIXROUTE one;
     // IPv4 one with the requested metric.
     let r6 = h.routes(Family::V6).unwrap();
-    assert!(r6
-        .iter()
-        .any(|r| r.dst == ip("fd00::") && r.dst_len == 64 && r.protocol == proto::KERNEL));
-    assert!(!r6
-        .iter()
-        .any(|r| r.dst == ip("fd00:1::") && r.dst_len == 80));
+    assert!(r6.iter().any(|r| r.dst == ip("fd00::") && r.dst_len == 64 && r.protocol == proto::KERNEL));
+    assert!(!r6.iter().any(|r| r.dst == ip("fd00:1::") && r.dst_len == 80));
     let r4 = h.routes(Family::V4).unwrap();
-    assert!(r4
-        .iter()
-        .any(|r| r.dst == ip("192.168.7.0") && r.dst_len == 30 && r.priority == Some(77)));
+    assert!(r4.iter().any(|r| r.dst == ip("192.168.7.0") && r.dst_len == 30 && r.priority == Some(77)));
 
     // Duplicate: EEXIST, naming the address.
     let e = h.add_address(a.index, &v4).unwrap_err();
     assert!(e.is_exists(), "{e}");
     assert_eq!(e.errno(), Some(libc::EEXIST));
-    assert!(
-        e.to_string().contains("add address 10.1.2.3/24 on link"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("add address 10.1.2.3/24 on link"), "{e}");
     // Round trip through AddressSpec (what the VF manager does).
     let rec = find("fd00::5").clone();
     h.delete_address(a.index, rec.addr, rec.prefix_len).unwrap();
-    assert!(!h
-        .addresses(a.index)
-        .unwrap()
-        .iter()
-        .any(|x| x.addr == rec.addr));
+    assert!(!h.addresses(a.index).unwrap().iter().any(|x| x.addr == rec.addr));
     h.add_address(a.index, &AddressSpec::from(&rec)).unwrap();
-    let back = h
-        .addresses(a.index)
-        .unwrap()
-        .into_iter()
-        .find(|x| x.addr == rec.addr)
-        .unwrap();
+    let back = h.addresses(a.index).unwrap().into_iter().find(|x| x.addr == rec.addr).unwrap();
     assert_eq!(back, rec);
     // Delete: gone; deleting again: error.
     h.delete_address(a.index, ip("10.1.2.4"), 24).unwrap();
-    assert!(!h
-        .addresses(a.index)
-        .unwrap()
-        .iter()
-        .any(|x| x.addr == ip("10.1.2.4")));
+    assert!(!h.addresses(a.index).unwrap().iter().any(|x| x.addr == ip("10.1.2.4")));
     let e = h.delete_address(a.index, ip("10.1.2.4"), 24).unwrap_err();
     assert_eq!(e.errno(), Some(libc::EADDRNOTAVAIL), "{e}");
-    let e = h
-        .add_address(a.index, &AddressSpec::new(ip("10.9.9.9"), 33))
-        .unwrap_err();
+    let e = h.add_address(a.index, &AddressSpec::new(ip("10.9.9.9"), 33)).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument { .. }), "{e:?}");
 }
 
@@ -489,105 +400,49 @@ fn addresses_v4_v6() {
 fn routes_v4_v6() {
     let (ns, h, a, b) = setup();
     // A gateway that is not reachable yet: the link is down, no address.
-    let gw_route = RouteSpec::new(ip("10.20.0.0"), 16)
-        .via(ip("10.1.2.1"))
-        .metric(100);
+    let gw_route = RouteSpec::new(ip("10.20.0.0"), 16).via(ip("10.1.2.1")).metric(100);
     let e = h.add_route(&gw_route).unwrap_err();
     assert_eq!(e.errno(), Some(libc::ENETUNREACH), "{e}");
-    assert!(
-        e.to_string()
-            .contains("add route 10.20.0.0/16 via 10.1.2.1 metric 100"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("add route 10.20.0.0/16 via 10.1.2.1 metric 100"), "{e}");
 
     up_both(&h, &a, &b);
-    h.add_address(a.index, &AddressSpec::new(ip("10.1.2.3"), 24))
-        .unwrap();
-    h.add_address(
-        a.index,
-        &AddressSpec::new(ip("fd00::3"), 64).with_flags(AddrFlags::NODAD),
-    )
-    .unwrap();
+    h.add_address(a.index, &AddressSpec::new(ip("10.1.2.3"), 24)).unwrap();
+    h.add_address(a.index, &AddressSpec::new(ip("fd00::3"), 64).with_flags(AddrFlags::NODAD)).unwrap();
     // Link route, then gateway routes through it.
-    h.add_route(&RouteSpec::new(ip("192.168.50.0"), 24).dev(a.index))
-        .unwrap();
-    h.add_route(&RouteSpec::new(ip("172.30.0.1"), 32).dev(a.index))
-        .unwrap();
+    h.add_route(&RouteSpec::new(ip("192.168.50.0"), 24).dev(a.index)).unwrap();
+    h.add_route(&RouteSpec::new(ip("172.30.0.1"), 32).dev(a.index)).unwrap();
     h.add_route(&gw_route).unwrap();
-    h.add_route(&RouteSpec::default_via(ip("10.1.2.1")).metric(50))
-        .unwrap();
-    h.add_route(&RouteSpec::new(ip("172.31.0.0"), 16).via(ip("172.30.0.1")))
-        .unwrap();
-    h.add_route(&RouteSpec::new(ip("fd01::"), 64).via(ip("fd00::1")))
-        .unwrap();
-    h.add_route(
-        &RouteSpec::default_via(ip("fd00::1"))
-            .dev(a.index)
-            .metric(300),
-    )
-    .unwrap();
+    h.add_route(&RouteSpec::default_via(ip("10.1.2.1")).metric(50)).unwrap();
+    h.add_route(&RouteSpec::new(ip("172.31.0.0"), 16).via(ip("172.30.0.1"))).unwrap();
+    h.add_route(&RouteSpec::new(ip("fd01::"), 64).via(ip("fd00::1"))).unwrap();
+    h.add_route(&RouteSpec::default_via(ip("fd00::1")).dev(a.index).metric(300)).unwrap();
 
     let r4 = h.routes(Family::V4).unwrap();
     let find4 = |dst: &str, len: u8| {
-        r4.iter()
-            .find(|r| r.dst == ip(dst) && r.dst_len == len)
-            .unwrap_or_else(|| panic!("{dst}/{len} not in {r4:#?}"))
-            .clone()
+        r4.iter().find(|r| r.dst == ip(dst) && r.dst_len == len).unwrap_or_else(|| panic!("{dst}/{len} not in {r4:#?}")).clone()
     };
     let r = find4("192.168.50.0", 24);
-    assert_eq!(
-        (r.gateway, r.oif, r.scope, r.protocol),
-        (None, Some(a.index), Scope::Link, proto::BOOT)
-    );
-    assert_eq!(
-        (r.table, r.kind, r.priority),
-        (table::MAIN, RouteType::Unicast, None)
-    );
+    assert_eq!((r.gateway, r.oif, r.scope, r.protocol), (None, Some(a.index), Scope::Link, proto::BOOT));
+    assert_eq!((r.table, r.kind, r.priority), (table::MAIN, RouteType::Unicast, None));
     let r = find4("10.20.0.0", 16);
-    assert_eq!(
-        (r.gateway, r.oif, r.priority, r.scope),
-        (
-            Some(ip("10.1.2.1")),
-            Some(a.index),
-            Some(100),
-            Scope::Universe
-        )
-    );
+    assert_eq!((r.gateway, r.oif, r.priority, r.scope), (Some(ip("10.1.2.1")), Some(a.index), Some(100), Scope::Universe));
     let r = find4("0.0.0.0", 0);
     assert_eq!((r.gateway, r.priority), (Some(ip("10.1.2.1")), Some(50)));
     assert_eq!(find4("172.31.0.0", 16).gateway, Some(ip("172.30.0.1")));
     let k = find4("10.1.2.0", 24);
-    assert!(
-        k.is_kernel_generated() && k.protocol == proto::KERNEL && k.scope == Scope::Link,
-        "{k:?}"
-    );
+    assert!(k.is_kernel_generated() && k.protocol == proto::KERNEL && k.scope == Scope::Link, "{k:?}");
     assert_eq!(k.prefsrc, Some(ip("10.1.2.3")));
-    assert_eq!(
-        r4.iter().filter(|r| !r.is_kernel_generated()).count(),
-        5,
-        "{r4:#?}"
-    );
+    assert_eq!(r4.iter().filter(|r| !r.is_kernel_generated()).count(), 5, "{r4:#?}");
     // local table is not in `routes`, but is in every-table listing
     assert!(r4.iter().all(|r| r.table == table::MAIN));
     let all = h.routes_in_table(Family::V4, None).unwrap();
-    assert!(all
-        .iter()
-        .any(|r| r.table == table::LOCAL && r.kind == RouteType::Local && r.dst == ip("10.1.2.3")));
+    assert!(all.iter().any(|r| r.table == table::LOCAL && r.kind == RouteType::Local && r.dst == ip("10.1.2.3")));
 
     let r6 = h.routes(Family::V6).unwrap();
-    let r = r6
-        .iter()
-        .find(|r| r.dst == ip("fd01::") && r.dst_len == 64)
-        .unwrap();
-    assert_eq!(
-        (r.gateway, r.oif, r.priority),
-        (Some(ip("fd00::1")), Some(a.index), Some(1024))
-    );
+    let r = r6.iter().find(|r| r.dst == ip("fd01::") && r.dst_len == 64).unwrap();
+    assert_eq!((r.gateway, r.oif, r.priority), (Some(ip("fd00::1")), Some(a.index), Some(1024)));
     let r = r6.iter().find(|r| r.dst_len == 0).unwrap();
-    assert_eq!(
-        (r.gateway, r.priority, r.dst),
-        (Some(ip("fd00::1")), Some(300), ip("::"))
-    );
+    assert_eq!((r.gateway, r.priority, r.dst), (Some(ip("fd00::1")), Some(300), ip("::")));
 
     let j = ip_json(&ns, &["route", "show"]);
     for s in [
@@ -598,39 +453,21 @@ fn routes_v4_v6() {
         assert!(j.contains(s), "{s} not in {j}");
     }
     let j6 = ip_json(&ns, &["-6", "route", "show"]);
-    assert!(
-        j6.contains(
-            "\"dst\":\"fd01::/64\",\"gateway\":\"fd00::1\",\"dev\":\"vt0\",\"metric\":1024"
-        ),
-        "{j6}"
-    );
+    assert!(j6.contains("\"dst\":\"fd01::/64\",\"gateway\":\"fd00::1\",\"dev\":\"vt0\",\"metric\":1024"), "{j6}");
 
     // same route again: EEXIST; same dst other metric: fine
     let e = h.add_route(&gw_route).unwrap_err();
     assert!(e.is_exists(), "{e}");
-    h.add_route(
-        &RouteSpec::new(ip("10.20.0.0"), 16)
-            .via(ip("10.1.2.1"))
-            .metric(101),
-    )
-    .unwrap();
+    h.add_route(&RouteSpec::new(ip("10.20.0.0"), 16).via(ip("10.1.2.1")).metric(101)).unwrap();
 
     // Unreachable gateway, with the link up.
-    let e = h
-        .add_route(&RouteSpec::new(ip("10.30.0.0"), 16).via(ip("172.16.0.1")))
-        .unwrap_err();
+    let e = h.add_route(&RouteSpec::new(ip("10.30.0.0"), 16).via(ip("172.16.0.1"))).unwrap_err();
     assert_eq!(e.errno(), Some(libc::ENETUNREACH), "{e}");
     // ... unless onlink
-    let mut onl = RouteSpec::new(ip("10.30.0.0"), 16)
-        .via(ip("172.16.0.1"))
-        .dev(a.index);
+    let mut onl = RouteSpec::new(ip("10.30.0.0"), 16).via(ip("172.16.0.1")).dev(a.index);
     onl.onlink = true;
     h.add_route(&onl).unwrap();
-    assert!(h
-        .routes(Family::V4)
-        .unwrap()
-        .iter()
-        .any(|r| r.dst == ip("10.30.0.0") && r.onlink));
+    assert!(h.routes(Family::V4).unwrap().iter().any(|r| r.dst == ip("10.30.0.0") && r.onlink));
 
     // Round trip a listed route: delete it, re-add it from its spec.
     let rec = find4("10.20.0.0", 16);
@@ -640,24 +477,15 @@ fn routes_v4_v6() {
     assert!(h.routes(Family::V4).unwrap().iter().any(|r| r == &rec));
 
     // Delete by dst (+metric): gone; again: ESRCH.
-    h.delete_route(&RouteSpec::new(ip("0.0.0.0"), 0).metric(50))
-        .unwrap();
+    h.delete_route(&RouteSpec::new(ip("0.0.0.0"), 0).metric(50)).unwrap();
     assert!(!h.routes(Family::V4).unwrap().iter().any(|r| r.dst_len == 0));
-    let e = h
-        .delete_route(&RouteSpec::new(ip("0.0.0.0"), 0).metric(50))
-        .unwrap_err();
+    let e = h.delete_route(&RouteSpec::new(ip("0.0.0.0"), 0).metric(50)).unwrap_err();
     assert_eq!(e.errno(), Some(libc::ESRCH), "{e}");
     h.delete_route(&RouteSpec::new(ip("fd01::"), 64)).unwrap();
-    assert!(!h
-        .routes(Family::V6)
-        .unwrap()
-        .iter()
-        .any(|r| r.dst == ip("fd01::")));
+    assert!(!h.routes(Family::V6).unwrap().iter().any(|r| r.dst == ip("fd01::")));
 
     // Bad arguments never reach the kernel.
-    let e = h
-        .add_route(&RouteSpec::new(ip("10.0.0.0"), 8).via(ip("fd00::1")))
-        .unwrap_err();
+    let e = h.add_route(&RouteSpec::new(ip("10.0.0.0"), 8).via(ip("fd00::1"))).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument { .. }), "{e:?}");
 }
 
@@ -665,19 +493,13 @@ fn routes_v4_v6() {
 fn routes_are_dropped_when_the_link_goes_down() {
     let (_ns, h, a, b) = setup();
     up_both(&h, &a, &b);
-    h.add_address(a.index, &AddressSpec::new(ip("10.1.2.3"), 24))
-        .unwrap();
-    h.add_route(&RouteSpec::new(ip("10.20.0.0"), 16).via(ip("10.1.2.1")))
-        .unwrap();
+    h.add_address(a.index, &AddressSpec::new(ip("10.1.2.3"), 24)).unwrap();
+    h.add_route(&RouteSpec::new(ip("10.20.0.0"), 16).via(ip("10.1.2.1"))).unwrap();
     h.set_link_up(a.index, false).unwrap();
     let r4 = h.routes(Family::V4).unwrap();
     assert!(!r4.iter().any(|r| r.dst == ip("10.20.0.0")), "{r4:#?}");
     // The address stays.
-    assert!(h
-        .addresses(a.index)
-        .unwrap()
-        .iter()
-        .any(|x| x.addr == ip("10.1.2.3")));
+    assert!(h.addresses(a.index).unwrap().iter().any(|x| x.addr == ip("10.1.2.3")));
 }
 
 #[test]
@@ -686,47 +508,25 @@ fn permanent_neighbours() {
     up_both(&h, &a, &b);
     let m4 = mac("02:00:00:00:00:09");
     let m6 = mac("02:00:00:00:00:0a");
-    h.add_permanent_neighbour(a.index, ip("10.1.2.9"), m4)
-        .unwrap();
-    h.add_permanent_neighbour(a.index, ip("fd00::9"), m6)
-        .unwrap();
+    h.add_permanent_neighbour(a.index, ip("10.1.2.9"), m4).unwrap();
+    h.add_permanent_neighbour(a.index, ip("fd00::9"), m6).unwrap();
     let n = h.neighbours(a.index).unwrap();
     let perm: Vec<_> = n.iter().filter(|x| x.is_permanent()).collect();
     assert_eq!(perm.len(), 2, "{n:#?}");
     let x = perm.iter().find(|x| x.ip == ip("10.1.2.9")).unwrap();
-    assert_eq!(
-        (x.lladdr, x.state, x.ifindex),
-        (Some(m4), nud::PERMANENT, a.index)
-    );
+    assert_eq!((x.lladdr, x.state, x.ifindex), (Some(m4), nud::PERMANENT, a.index));
     let x = perm.iter().find(|x| x.ip == ip("fd00::9")).unwrap();
     assert_eq!(x.lladdr, Some(m6));
-    assert!(h
-        .neighbours(b.index)
-        .unwrap()
-        .iter()
-        .all(|x| !x.is_permanent()));
+    assert!(h.neighbours(b.index).unwrap().iter().all(|x| !x.is_permanent()));
     let j = ip_json(&ns, &["neigh", "show", "dev", "vt0"]);
-    assert!(
-        j.contains(
-            "\"dst\":\"10.1.2.9\",\"lladdr\":\"02:00:00:00:00:09\",\"state\":[\"PERMANENT\"]"
-        ),
-        "{j}"
-    );
+    assert!(j.contains("\"dst\":\"10.1.2.9\",\"lladdr\":\"02:00:00:00:00:09\",\"state\":[\"PERMANENT\"]"), "{j}");
     // replace
     let m5 = mac("02:00:00:00:00:05");
-    h.add_permanent_neighbour(a.index, ip("10.1.2.9"), m5)
-        .unwrap();
+    h.add_permanent_neighbour(a.index, ip("10.1.2.9"), m5).unwrap();
     let n = h.neighbours(a.index).unwrap();
-    assert_eq!(
-        n.iter().find(|x| x.ip == ip("10.1.2.9")).unwrap().lladdr,
-        Some(m5)
-    );
+    assert_eq!(n.iter().find(|x| x.ip == ip("10.1.2.9")).unwrap().lladdr, Some(m5));
     h.delete_neighbour(a.index, ip("10.1.2.9")).unwrap();
-    assert!(!h
-        .neighbours(a.index)
-        .unwrap()
-        .iter()
-        .any(|x| x.ip == ip("10.1.2.9")));
+    assert!(!h.neighbours(a.index).unwrap().iter().any(|x| x.ip == ip("10.1.2.9")));
     let e = h.delete_neighbour(a.index, ip("10.1.2.9")).unwrap_err();
     assert_eq!(e.errno(), Some(libc::ENOENT), "{e}");
 }
@@ -741,11 +541,9 @@ fn move_link_between_netns() {
     ha.set_link_mtu(b.index, 1450).unwrap();
     ha.add_altname(b.index, "vt1-alt").unwrap();
     up_both(&ha, &a, &b);
-    ha.add_address(b.index, &AddressSpec::new(ip("10.5.5.5"), 24))
-        .unwrap();
+    ha.add_address(b.index, &AddressSpec::new(ip("10.5.5.5"), 24)).unwrap();
 
-    ha.move_link_to_netns(b.index, &ns_b, Some("moved0"))
-        .unwrap();
+    ha.move_link_to_netns(b.index, &ns_b, Some("moved0")).unwrap();
     assert!(ha.find_link("vt1").unwrap().is_none());
     assert!(ha.find_link("moved0").unwrap().is_none());
     let l = hb.link_by_name("moved0").unwrap();
@@ -754,20 +552,13 @@ fn move_link_between_netns() {
     assert_eq!(l.index, b.index, "ifindex kept when free");
     assert_eq!(l.altnames, ["vt1-alt"], "altnames move with the link");
     assert!(!l.admin_up, "a moved link arrives down");
-    assert!(
-        hb.addresses(l.index).unwrap().is_empty(),
-        "addresses are dropped on a move"
-    );
-    assert!(
-        ip_json(&ns_b, &["link", "show", "moved0"]).contains("\"address\":\"02:aa:bb:cc:dd:01\"")
-    );
+    assert!(hb.addresses(l.index).unwrap().is_empty(), "addresses are dropped on a move");
+    assert!(ip_json(&ns_b, &["link", "show", "moved0"]).contains("\"address\":\"02:aa:bb:cc:dd:01\""));
     // The peer in A still points at it.
     assert_eq!(ha.link_by_index(a.index).unwrap().link, Some(l.index));
 
     // Back, under a name that is taken there: EEXIST, and the link stays put.
-    let e = hb
-        .move_link_to_netns(l.index, &ns_a, Some("vt0"))
-        .unwrap_err();
+    let e = hb.move_link_to_netns(l.index, &ns_a, Some("vt0")).unwrap_err();
     assert!(e.is_exists(), "{e}");
     assert!(e.to_string().contains("nothing was moved"), "{e}");
     assert!(hb.find_link("moved0").unwrap().is_some());
@@ -834,9 +625,7 @@ fn vf_configs_on_a_non_pf_is_empty() {
     assert!(h.vf_configs(a.index).unwrap().is_empty());
     let e = h.vf_config(a.index, 0).unwrap_err();
     assert!(e.is_not_found(), "{e}");
-    let e = h
-        .set_vf_mac(a.index, 0, mac("02:00:00:00:00:01"))
-        .unwrap_err();
+    let e = h.set_vf_mac(a.index, 0, mac("02:00:00:00:00:01")).unwrap_err();
     assert!(e.errno().is_some(), "{e}");
     assert!(e.to_string().contains("VF 0 of PF link"), "{e}");
 }
@@ -845,15 +634,9 @@ fn vf_configs_on_a_non_pf_is_empty() {
 
 /// The igb PF's netdev name inside the lab's L2.
 fn lab_pf() -> (String, String) {
-    assert!(
-        std::env::var_os("VFVM_LAB_INSIDE").is_some(),
-        "this test needs the lab: run it with cargo xtask test / cargo xtask lab run"
-    );
+    assert!(std::env::var_os("VFVM_LAB_INSIDE").is_some(), "this test needs the lab: run it with cargo xtask test / cargo xtask lab run");
     let mut found = Vec::new();
-    for dev in std::fs::read_dir("/sys/bus/pci/drivers/igb")
-        .unwrap()
-        .flatten()
-    {
+    for dev in std::fs::read_dir("/sys/bus/pci/drivers/igb").unwrap().flatten() {
         let pci = dev.file_name().to_string_lossy().to_string();
         if let Ok(nets) = std::fs::read_dir(dev.path().join("net")) {
             for n in nets.flatten() {
@@ -879,15 +662,9 @@ fn lab_vf_settings_round_trip() {
 
     let before = h.vf_configs(pf.index).unwrap();
     eprintln!("VFs before: {before:#?}");
-    let n: usize = std::env::var("VFVM_LAB_VFS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
+    let n: usize = std::env::var("VFVM_LAB_VFS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
     assert_eq!(before.len(), n);
-    assert_eq!(
-        before.iter().map(|c| c.vf).collect::<Vec<_>>(),
-        (0..n as u32).collect::<Vec<_>>()
-    );
+    assert_eq!(before.iter().map(|c| c.vf).collect::<Vec<_>>(), (0..n as u32).collect::<Vec<_>>());
     assert!(n >= 2, "need a VF other than VF 0");
     let vf = (n - 1) as u32;
     let orig = before[vf as usize].clone();
@@ -897,8 +674,7 @@ fn lab_vf_settings_round_trip() {
     let m = mac("02:5a:00:00:00:42");
     h.set_vf_mac(pf.index, vf, m).unwrap();
     h.set_vf_vlan(pf.index, vf, 42, 3).unwrap();
-    h.set_vf_spoofchk(pf.index, vf, !orig.spoofchk.unwrap())
-        .unwrap();
+    h.set_vf_spoofchk(pf.index, vf, !orig.spoofchk.unwrap()).unwrap();
     h.set_vf_trust(pf.index, vf, !orig.trust.unwrap()).unwrap();
     let now = h.vf_config(pf.index, vf).unwrap();
     eprintln!("VF {vf} changed: {now:?}");
@@ -907,17 +683,9 @@ fn lab_vf_settings_round_trip() {
     assert_eq!(now.spoofchk, Some(!orig.spoofchk.unwrap()));
     assert_eq!(now.trust, Some(!orig.trust.unwrap()));
     // ip agrees
-    let out = Command::new("ip")
-        .args(["link", "show", &pf_name])
-        .output()
-        .unwrap();
+    let out = Command::new("ip").args(["link", "show", &pf_name]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains(&format!("vf {vf}"))
-            && text.contains("02:5a:00:00:00:42")
-            && text.contains("vlan 42, qos 3"),
-        "{text}"
-    );
+    assert!(text.contains(&format!("vf {vf}")) && text.contains("02:5a:00:00:00:42") && text.contains("vlan 42, qos 3"), "{text}");
     // The other VFs did not move.
     let all = h.vf_configs(pf.index).unwrap();
     for (i, c) in all.iter().enumerate() {
@@ -929,8 +697,7 @@ fn lab_vf_settings_round_trip() {
     // Restore.
     h.set_vf_mac(pf.index, vf, orig.mac).unwrap();
     h.set_vf_vlan(pf.index, vf, orig.vlan, orig.qos).unwrap();
-    h.set_vf_spoofchk(pf.index, vf, orig.spoofchk.unwrap())
-        .unwrap();
+    h.set_vf_spoofchk(pf.index, vf, orig.spoofchk.unwrap()).unwrap();
     h.set_vf_trust(pf.index, vf, orig.trust.unwrap()).unwrap();
     let after = h.vf_configs(pf.index).unwrap();
     eprintln!("VFs after: {after:#?}");
@@ -949,10 +716,7 @@ fn lab_vf_settings_round_trip() {
 
 /// Loads a module in the lab (L2 runs Debian's kernel with its modules).
 fn lab_modprobe(m: &str) {
-    assert!(
-        std::env::var_os("VFVM_LAB_INSIDE").is_some(),
-        "this test needs the lab: run it with cargo xtask test / cargo xtask lab run"
-    );
+    assert!(std::env::var_os("VFVM_LAB_INSIDE").is_some(), "this test needs the lab: run it with cargo xtask test / cargo xtask lab run");
     let st = Command::new("modprobe").arg(m).status().unwrap();
     assert!(st.success(), "modprobe {m}: {st}");
 }
@@ -997,8 +761,7 @@ fn lab_vlan_links() {
     // Up, with an address, like any link.
     h.set_link_up(a.index, true).unwrap();
     h.set_link_up(v.index, true).unwrap();
-    h.add_address(v.index, &AddressSpec::new(ip("198.18.42.1"), 24))
-        .unwrap();
+    h.add_address(v.index, &AddressSpec::new(ip("198.18.42.1"), 24)).unwrap();
     let v = h.link_by_index(v.index).unwrap();
     assert!(v.admin_up);
     assert_eq!(h.addresses(v.index).unwrap().len(), 1);
@@ -1009,11 +772,7 @@ fn lab_vlan_links() {
     let e = h.create_vlan("vt0.42", a.index, 43).unwrap_err();
     eprintln!("{e}");
     assert!(e.is_exists(), "{e:?}");
-    assert!(
-        e.to_string()
-            .contains("create vlan \"vt0.42\" (VLAN 43 on link"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("create vlan \"vt0.42\" (VLAN 43 on link"), "{e}");
     // A parent that does not exist.
     let e = h.create_vlan("v9", 999_999, 9).unwrap_err();
     eprintln!("{e}");

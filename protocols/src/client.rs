@@ -157,7 +157,12 @@ fn connect_once(addr: &AgentAddress, timeout: Duration) -> Result<OwnedFd, Clien
             let mut byte = [0u8; 1];
             while line.len() < MAX_HANDSHAKE_LINE {
                 match s.read(&mut byte) {
-                    Ok(0) => return Err(io("read the CONNECT answer")(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the VMM closed the connection (no agent listening on that port yet?)"))),
+                    Ok(0) => {
+                        return Err(io("read the CONNECT answer")(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the VMM closed the connection (no agent listening on that port yet?)",
+                        )))
+                    }
                     Ok(_) if byte[0] == b'\n' => break,
                     Ok(_) => line.push(byte[0]),
                     Err(e) => return Err(io("read the CONNECT answer")(e)),
@@ -188,7 +193,11 @@ pub fn vsock_connect(cid: u32, port: u32, timeout: Duration) -> std::io::Result<
         sa.svm_family = libc::AF_VSOCK as libc::sa_family_t;
         sa.svm_cid = cid;
         sa.svm_port = port;
-        let rc = libc::connect(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t);
+        let rc = libc::connect(
+            fd.as_raw_fd(),
+            &sa as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        );
         if rc != 0 {
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::EINPROGRESS) {
@@ -197,7 +206,9 @@ pub fn vsock_connect(cid: u32, port: u32, timeout: Duration) -> std::io::Result<
             wait_writable(fd.as_raw_fd(), timeout)?;
             let mut so_error: libc::c_int = 0;
             let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            if libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR, &mut so_error as *mut _ as *mut libc::c_void, &mut len) != 0 {
+            if libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR, &mut so_error as *mut _ as *mut libc::c_void, &mut len)
+                != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             if so_error != 0 {

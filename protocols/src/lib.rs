@@ -14,7 +14,18 @@ pub mod vmm_api;
 
 /// What ttrpc-codegen generates, as the sibling modules its code expects.
 #[cfg(feature = "agent")]
-#[allow(clippy::all, dead_code, missing_docs, non_camel_case_types, non_snake_case, non_upper_case_globals, unused_imports, unused_results, trivial_casts, unused_mut)]
+#[allow(
+    clippy::all,
+    dead_code,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    unused_imports,
+    unused_results,
+    trivial_casts,
+    unused_mut
+)]
 mod generated {
     pub mod agent {
         include!(concat!(env!("OUT_DIR"), "/agent.rs"));

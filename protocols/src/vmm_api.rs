@@ -32,10 +32,19 @@ pub enum Request {
     Pause,
     Resume,
     /// `force`: stop now; otherwise ask the guest to power off (ACPI) and wait.
-    Shutdown { force: bool },
+    Shutdown {
+        force: bool,
+    },
     /// Plug a VFIO device (a VF the VF manager bound to vfio-pci).
-    AddVfioDevice { id: String, host_pci_address: String, iommu_group_path: String, guest_slot: Option<u8> },
-    RemoveDevice { id: String },
+    AddVfioDevice {
+        id: String,
+        host_pci_address: String,
+        iommu_group_path: String,
+        guest_slot: Option<u8>,
+    },
+    RemoveDevice {
+        id: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,11 +72,22 @@ pub enum ErrorCode {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Response {
-    Status { state: VmState, vcpus: u32, memory_mib: u64, vmm_version: String },
+    Status {
+        state: VmState,
+        vcpus: u32,
+        memory_mib: u64,
+        vmm_version: String,
+    },
     Done,
     /// A device was plugged at this guest PCI address.
-    DeviceAdded { id: String, guest_pci_address: String },
-    Error { code: ErrorCode, message: String },
+    DeviceAdded {
+        id: String,
+        guest_pci_address: String,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 impl Response {
@@ -126,9 +146,7 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, ApiError> {
 pub fn answer_frame(frame: &[u8], handler: &mut dyn FnMut(Request) -> Response) -> Envelope<Response> {
     let value: serde_json::Value = match serde_json::from_slice(frame) {
         Ok(v) => v,
-        Err(e) => {
-            return Envelope { version: VMM_API_VERSION, id: 0, body: Response::error(ErrorCode::BadRequest, e.to_string()) }
-        }
+        Err(e) => return Envelope { version: VMM_API_VERSION, id: 0, body: Response::error(ErrorCode::BadRequest, e.to_string()) },
     };
     let id = value.get("id").and_then(|v| v.as_u64()).unwrap_or(0);
     let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);

@@ -48,7 +48,11 @@ fn fails(r: Result<agent::AgentClient, ClientError>) -> ClientError {
 }
 
 fn quick() -> ConnectOptions {
-    ConnectOptions { deadline: Duration::from_millis(600), attempt_timeout: Duration::from_millis(200), retry_interval: Duration::from_millis(20) }
+    ConnectOptions {
+        deadline: Duration::from_millis(600),
+        attempt_timeout: Duration::from_millis(200),
+        retry_interval: Duration::from_millis(20),
+    }
 }
 
 /// A VMM's hybrid vsock socket in miniature: reads `CONNECT <port>` (byte by byte,

@@ -44,10 +44,18 @@ fn raw_exchange(s: &mut UnixStream, payload: &[u8]) -> Envelope<Response> {
 fn requests_round_trip_with_their_ids() {
     let path = server("rt");
     let mut c = VmmClient::connect(&path, Duration::from_secs(5)).unwrap();
-    assert_eq!(c.call(Request::Status).unwrap(), Response::Status { state: VmState::Running, vcpus: 2, memory_mib: 256, vmm_version: "test".into() });
+    assert_eq!(
+        c.call(Request::Status).unwrap(),
+        Response::Status { state: VmState::Running, vcpus: 2, memory_mib: 256, vmm_version: "test".into() }
+    );
     assert!(matches!(c.call(Request::Resume).unwrap(), Response::Error { code: ErrorCode::InvalidState, .. }));
     let added = c
-        .call(Request::AddVfioDevice { id: "vf0".into(), host_pci_address: "0000:01:10.2".into(), iommu_group_path: "/dev/vfio/9".into(), guest_slot: None })
+        .call(Request::AddVfioDevice {
+            id: "vf0".into(),
+            host_pci_address: "0000:01:10.2".into(),
+            iommu_group_path: "/dev/vfio/9".into(),
+            guest_slot: None,
+        })
         .unwrap();
     assert_eq!(added, Response::DeviceAdded { id: "vf0".into(), guest_pci_address: "0000:00:05.0".into() });
     assert_eq!(c.call(Request::Shutdown { force: true }).unwrap(), Response::Done);

@@ -31,12 +31,14 @@ pub struct Bundle {
 impl Bundle {
     pub fn load(dir: &Path) -> Result<Bundle, BundleError> {
         let path = dir.join("config.json");
-        let meta = std::fs::metadata(&path).map_err(|source| BundleError::Io { path: path.clone(), what: "reading the OCI spec", source })?;
+        let meta =
+            std::fs::metadata(&path).map_err(|source| BundleError::Io { path: path.clone(), what: "reading the OCI spec", source })?;
         if meta.len() > MAX_SPEC_BYTES {
             return Err(BundleError::Invalid { path, message: format!("{} bytes; at most {MAX_SPEC_BYTES}", meta.len()) });
         }
         let text = std::fs::read(&path).map_err(|source| BundleError::Io { path: path.clone(), what: "reading the OCI spec", source })?;
-        let spec: Value = serde_json::from_slice(&text).map_err(|e| BundleError::Invalid { path: path.clone(), message: format!("not an OCI spec: {e}") })?;
+        let spec: Value = serde_json::from_slice(&text)
+            .map_err(|e| BundleError::Invalid { path: path.clone(), message: format!("not an OCI spec: {e}") })?;
         if !spec.is_object() {
             return Err(BundleError::Invalid { path, message: "not an OCI spec: expected a JSON object".into() });
         }
@@ -109,7 +111,9 @@ impl Bundle {
             let mut kept = Vec::with_capacity(mounts.len());
             for (i, m) in mounts.drain(..).enumerate() {
                 let is_bind = m.get("type").and_then(Value::as_str) == Some("bind")
-                    || m.get("options").and_then(Value::as_array).is_some_and(|o| o.iter().any(|x| x.as_str() == Some("bind") || x.as_str() == Some("rbind")));
+                    || m.get("options")
+                        .and_then(Value::as_array)
+                        .is_some_and(|o| o.iter().any(|x| x.as_str() == Some("bind") || x.as_str() == Some("rbind")));
                 if !is_bind {
                     kept.push(m);
                     continue;
@@ -132,7 +136,8 @@ impl Bundle {
             }
             *mounts = kept;
         }
-        let bytes = serde_json::to_vec(&spec).map_err(|e| BundleError::Invalid { path: self.dir.join("config.json"), message: e.to_string() })?;
+        let bytes =
+            serde_json::to_vec(&spec).map_err(|e| BundleError::Invalid { path: self.dir.join("config.json"), message: e.to_string() })?;
         Ok((bytes, warnings))
     }
 }
@@ -183,7 +188,10 @@ mod tests {
         let mounts = spec["mounts"].as_array().unwrap();
         assert_eq!(mounts.len(), 3, "{mounts:?}");
         assert_eq!(mounts[1]["source"], json!("/run/vfvm/shared/c1/files/1-".to_string() + src.file_name().unwrap().to_str().unwrap()));
-        assert_eq!(std::fs::read_to_string(files.join(format!("1-{}", src.file_name().unwrap().to_str().unwrap()))).unwrap(), "127.0.0.1 localhost\n");
+        assert_eq!(
+            std::fs::read_to_string(files.join(format!("1-{}", src.file_name().unwrap().to_str().unwrap()))).unwrap(),
+            "127.0.0.1 localhost\n"
+        );
         assert_eq!(mounts[2]["type"], json!("tmpfs"));
         assert_eq!(warnings.len(), 1);
         assert!(warnings[0].contains("/data"), "{warnings:?}");

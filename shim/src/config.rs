@@ -126,7 +126,8 @@ pub struct SandboxSettings {
 impl Config {
     /// Parses and validates the text of a config file (`path` names it in errors).
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string().trim().to_string() })?;
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string().trim().to_string() })?;
         config.validate(path)?;
         Ok(config)
     }
@@ -137,7 +138,12 @@ impl Config {
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let bad = |key: &'static str, value: &dyn std::fmt::Display, expected: String| ConfigError::Invalid { path: path.to_path_buf(), key, value: value.to_string(), expected };
+        let bad = |key: &'static str, value: &dyn std::fmt::Display, expected: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            value: value.to_string(),
+            expected,
+        };
         let h = &self.hypervisor;
         if h.max_vcpus == 0 || h.max_vcpus > MAX_VCPUS_LIMIT {
             return Err(bad("hypervisor.max_vcpus", &h.max_vcpus, format!("expected 1 to {MAX_VCPUS_LIMIT}")));
@@ -149,9 +155,18 @@ impl Config {
             return Err(bad("hypervisor.max_memory_mib", &h.max_memory_mib, format!("expected at least {MIN_MEMORY_MIB}")));
         }
         if h.default_memory_mib < MIN_MEMORY_MIB || h.default_memory_mib > h.max_memory_mib {
-            return Err(bad("hypervisor.default_memory_mib", &h.default_memory_mib, format!("expected {MIN_MEMORY_MIB} to max_memory_mib ({})", h.max_memory_mib)));
+            return Err(bad(
+                "hypervisor.default_memory_mib",
+                &h.default_memory_mib,
+                format!("expected {MIN_MEMORY_MIB} to max_memory_mib ({})", h.max_memory_mib),
+            ));
         }
-        for (key, p) in [("hypervisor.path", &h.path), ("hypervisor.kernel", &h.kernel), ("hypervisor.initrd", &h.initrd), ("shared_fs.virtiofsd", &self.shared_fs.virtiofsd)] {
+        for (key, p) in [
+            ("hypervisor.path", &h.path),
+            ("hypervisor.kernel", &h.kernel),
+            ("hypervisor.initrd", &h.initrd),
+            ("shared_fs.virtiofsd", &self.shared_fs.virtiofsd),
+        ] {
             if !p.is_absolute() {
                 return Err(bad(key, &p.display(), "expected an absolute path".into()));
             }
@@ -165,7 +180,11 @@ impl Config {
         if self.sriov.hotplug == Hotplug::Hot {
             return Err(bad("sriov.hotplug", &"\"hot\"", "expected \"cold\": VF hot-plug into a running VM is not available yet".into()));
         }
-        for (key, p) in [("sriov.lock_dir", &self.sriov.lock_dir), ("sriov.cni_cache_dir", &self.sriov.cni_cache_dir), ("runtime.state_dir", &self.runtime.state_dir)] {
+        for (key, p) in [
+            ("sriov.lock_dir", &self.sriov.lock_dir),
+            ("sriov.cni_cache_dir", &self.sriov.cni_cache_dir),
+            ("runtime.state_dir", &self.runtime.state_dir),
+        ] {
             if !p.is_absolute() {
                 return Err(bad(key, &p.display(), "expected an absolute path".into()));
             }
@@ -177,7 +196,11 @@ impl Config {
     pub fn sandbox_settings(&self, annotations: &HashMap<String, String>) -> Result<SandboxSettings, ConfigError> {
         let number = |key: &str, min: u32, max: u32, default: u32| -> Result<u32, ConfigError> {
             let Some(value) = annotations.get(key) else { return Ok(default) };
-            let bad = || ConfigError::Annotation { key: key.to_string(), value: value.clone(), expected: format!("a whole number from {min} to {max} (the runtime config's limit)") };
+            let bad = || ConfigError::Annotation {
+                key: key.to_string(),
+                value: value.clone(),
+                expected: format!("a whole number from {min} to {max} (the runtime config's limit)"),
+            };
             let n: u32 = value.trim().parse().map_err(|_| bad())?;
             if n < min || n > max {
                 return Err(bad());
@@ -188,12 +211,13 @@ impl Config {
         Ok(SandboxSettings {
             vcpus: number(VCPUS_ANNOTATION, 1, h.max_vcpus, h.default_vcpus)?,
             memory_mib: number(MEMORY_ANNOTATION, MIN_MEMORY_MIB, h.max_memory_mib, h.default_memory_mib)?,
-            sriov: sriov_enabled(annotations.iter().map(|(k, v)| (k.as_str(), v.as_str())), self.sriov.enabled_by_default)
-                .map_err(|_| ConfigError::Annotation {
+            sriov: sriov_enabled(annotations.iter().map(|(k, v)| (k.as_str(), v.as_str())), self.sriov.enabled_by_default).map_err(
+                |_| ConfigError::Annotation {
                     key: crate::vf::spec::ENABLE_SRIOV_ANNOTATION.into(),
                     value: annotations.get(crate::vf::spec::ENABLE_SRIOV_ANNOTATION).cloned().unwrap_or_default(),
                     expected: "\"true\" or \"false\"".into(),
-                })?,
+                },
+            )?,
         })
     }
 }
@@ -249,9 +273,22 @@ mod tests {
         let c = shipped();
         let a = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>();
         assert_eq!(c.sandbox_settings(&a(&[])).unwrap(), SandboxSettings { vcpus: 1, memory_mib: 512, sriov: false });
-        let s = c.sandbox_settings(&a(&[(VCPUS_ANNOTATION, "4"), (MEMORY_ANNOTATION, "2048"), ("io.katacontainers.config.runtime.enable_sriov", "true")])).unwrap();
+        let s = c
+            .sandbox_settings(&a(&[
+                (VCPUS_ANNOTATION, "4"),
+                (MEMORY_ANNOTATION, "2048"),
+                ("io.katacontainers.config.runtime.enable_sriov", "true"),
+            ]))
+            .unwrap();
         assert_eq!(s, SandboxSettings { vcpus: 4, memory_mib: 2048, sriov: true });
-        for (k, v) in [(VCPUS_ANNOTATION, "9"), (VCPUS_ANNOTATION, "0"), (VCPUS_ANNOTATION, "two"), (MEMORY_ANNOTATION, "16385"), (MEMORY_ANNOTATION, "-1"), ("io.katacontainers.config.runtime.enable_sriov", "yes")] {
+        for (k, v) in [
+            (VCPUS_ANNOTATION, "9"),
+            (VCPUS_ANNOTATION, "0"),
+            (VCPUS_ANNOTATION, "two"),
+            (MEMORY_ANNOTATION, "16385"),
+            (MEMORY_ANNOTATION, "-1"),
+            ("io.katacontainers.config.runtime.enable_sriov", "yes"),
+        ] {
             let err = c.sandbox_settings(&a(&[(k, v)])).unwrap_err().to_string();
             assert!(err.contains(k) && err.contains(&format!("{v:?}")), "{k}={v}: {err}");
             assert_eq!(err.matches(k).count(), 1, "the annotation is named once: {err}");

@@ -119,7 +119,9 @@ async fn start(flags: &Flags) -> Result<()> {
     if opts.ttrpc_address.is_empty() {
         bail!("TTRPC_ADDRESS is not set: containerd sets it when it starts a shim");
     }
-    let address = containerd_shim::spawn(opts, &grouping, Vec::new()).await.map_err(|e| anyhow::anyhow!("starting the shim server for pod {grouping}: {e}"))?;
+    let address = containerd_shim::spawn(opts, &grouping, Vec::new())
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the shim server for pod {grouping}: {e}"))?;
     std::fs::write(bundle.join("address"), &address).with_context(|| format!("writing {}", bundle.join("address").display()))?;
     // A plain address: containerd 1.6 reads nothing else, and containerd 2.x takes
     // it for a task v2 shim, which this one also is.
@@ -159,7 +161,8 @@ async fn delete(flags: &Flags) -> Result<()> {
     }
     let mut resp = containerd_shim::DeleteResponse::new();
     resp.exit_status = 137; // SIGKILL: what a container whose shim died got
-    resp.exited_at = containerd_shim::protos::protobuf::MessageField::some(containerd_shim::util::timestamp().map_err(|e| anyhow::anyhow!("{e}"))?);
+    resp.exited_at =
+        containerd_shim::protos::protobuf::MessageField::some(containerd_shim::util::timestamp().map_err(|e| anyhow::anyhow!("{e}"))?);
     use std::io::Write;
     std::io::stdout().write_all(&resp.write_to_bytes()?)?;
     Ok(())
@@ -189,7 +192,9 @@ async fn serve(flags: &Flags) -> Result<()> {
         Err(e) => return Err(e).with_context(|| format!("listening on {socket}")),
     };
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").context("TTRPC_ADDRESS")?;
-    let publisher = RemotePublisher::new(&ttrpc_address).await.map_err(|e| anyhow::anyhow!("connecting to containerd's events at {ttrpc_address}: {e}"))?;
+    let publisher = RemotePublisher::new(&ttrpc_address)
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to containerd's events at {ttrpc_address}: {e}"))?;
     let exit = Arc::new(ExitSignal::default());
     let service = Arc::new(TaskService::new(&flags.namespace, publisher, exit.clone()));
     let mut services = create_task(service.clone());

@@ -52,7 +52,10 @@ impl Journal {
     pub fn create(dir: &Path, sandbox_id: &str) -> Result<Journal, RecordError> {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir, "creating the sandbox state directory"))?;
-        let j = Journal { dir: dir.to_path_buf(), record: Mutex::new(SandboxRecord { sandbox_id: sandbox_id.to_string(), ..Default::default() }) };
+        let j = Journal {
+            dir: dir.to_path_buf(),
+            record: Mutex::new(SandboxRecord { sandbox_id: sandbox_id.to_string(), ..Default::default() }),
+        };
         j.save(&j.lock())?;
         Ok(j)
     }
@@ -194,7 +197,16 @@ pub fn kill_and_wait(pid: u32, ticks: u64, bound: std::time::Duration) -> std::i
         return Ok(false);
     }
     // SAFETY: pidfd_send_signal(2) on our pidfd, no siginfo.
-    if unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd() as libc::c_long, libc::SIGKILL as libc::c_long, 0 as libc::c_long, 0 as libc::c_long) } != 0 {
+    if unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd() as libc::c_long,
+            libc::SIGKILL as libc::c_long,
+            0 as libc::c_long,
+            0 as libc::c_long,
+        )
+    } != 0
+    {
         let e = std::io::Error::last_os_error();
         return if e.raw_os_error() == Some(libc::ESRCH) { Ok(false) } else { Err(e) };
     }
@@ -209,7 +221,8 @@ pub fn kill_and_wait(pid: u32, ticks: u64, bound: std::time::Duration) -> std::i
 
 /// Unmounts `at` (lazily, so a busy mount still goes); `Ok(false)` when nothing was mounted there.
 pub fn unmount(at: &Path) -> std::io::Result<bool> {
-    let c = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let c =
+        std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: umount2 with a NUL-terminated path we own.
     if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
         return Ok(true);

@@ -104,7 +104,12 @@ pub fn preflight(config: &Config, settings: &SandboxSettings, netns: Option<&Pat
         return Err(SandboxError::SriovUnavailable);
     }
     let h = &config.hypervisor;
-    for (what, path) in [("hypervisor.path (the VMM)", &h.path), ("hypervisor.kernel", &h.kernel), ("hypervisor.initrd", &h.initrd), ("shared_fs.virtiofsd", &config.shared_fs.virtiofsd)] {
+    for (what, path) in [
+        ("hypervisor.path (the VMM)", &h.path),
+        ("hypervisor.kernel", &h.kernel),
+        ("hypervisor.initrd", &h.initrd),
+        ("shared_fs.virtiofsd", &config.shared_fs.virtiofsd),
+    ] {
         match std::fs::metadata(path) {
             Ok(m) if m.is_file() => {}
             Ok(_) => return Err(SandboxError::Missing { what, path: path.clone(), reason: "not a regular file".into() }),
@@ -112,7 +117,11 @@ pub fn preflight(config: &Config, settings: &SandboxSettings, netns: Option<&Pat
         }
     }
     if let Some(ns) = netns {
-        std::fs::metadata(ns).map_err(|e| SandboxError::Missing { what: "the pod's network namespace", path: ns.to_path_buf(), reason: e.to_string() })?;
+        std::fs::metadata(ns).map_err(|e| SandboxError::Missing {
+            what: "the pod's network namespace",
+            path: ns.to_path_buf(),
+            reason: e.to_string(),
+        })?;
     }
     Ok(())
 }
@@ -143,14 +152,22 @@ impl Sandbox {
         preflight(config, &spec.settings, spec.netns.as_deref())?;
         let dir = config.runtime.state_dir.join(&spec.id);
         if dir.join(record::RECORD_FILE).exists() {
-            return Err(SandboxError::Io { what: format!("sandbox {}", spec.id), source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, format!("{} holds a live or crashed sandbox's state", dir.display())) });
+            return Err(SandboxError::Io {
+                what: format!("sandbox {}", spec.id),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} holds a live or crashed sandbox's state", dir.display()),
+                ),
+            });
         }
         let journal = Journal::create(&dir, &spec.id)?;
         match Self::launch_in(config, spec, journal).await {
             Ok(sb) => Ok(sb),
             Err(e) => {
                 match record::undo(&dir) {
-                    Ok(done) if done.errors.is_empty() => tracing::info!(killed = ?done.killed, unmounted = done.unmounted.len(), "failed launch undone"),
+                    Ok(done) if done.errors.is_empty() => {
+                        tracing::info!(killed = ?done.killed, unmounted = done.unmounted.len(), "failed launch undone")
+                    }
                     Ok(done) => tracing::error!(errors = ?done.errors, "failed launch not fully undone"),
                     Err(u) => tracing::error!("failed launch not undone: {u}"),
                 }
@@ -190,7 +207,8 @@ impl Sandbox {
         let console = dir.join("console.log");
         let h = &config.hypervisor;
         // no_timer_check: the IO-APIC timer probe can stall a guest on a busy host (Kata sets it too).
-        let cmdline = format!("console=ttyS0 panic=-1 quiet no_timer_check vfvm.sandbox={} {}", spec.id, h.kernel_params).trim().to_string();
+        let cmdline =
+            format!("console=ttyS0 panic=-1 quiet no_timer_check vfvm.sandbox={} {}", spec.id, h.kernel_params).trim().to_string();
         let mut vmm = Command::new(&h.path);
         vmm.arg("--kernel").arg(&h.kernel).arg("--initrd").arg(&h.initrd).arg("--cmdline").arg(cmdline);
         vmm.arg("--vcpus").arg(spec.settings.vcpus.to_string()).arg("--memory").arg(spec.settings.memory_mib.to_string());
@@ -259,7 +277,10 @@ impl Sandbox {
             // The containers are gone and the guest keeps nothing: stop the VM
             // through its API (the agent does not act on the ACPI button yet).
             let api = self.api_socket.clone();
-            let asked = tokio::task::spawn_blocking(move || VmmClient::connect(&api, Duration::from_secs(5)).and_then(|mut c| c.call(Request::Shutdown { force: true }))).await;
+            let asked = tokio::task::spawn_blocking(move || {
+                VmmClient::connect(&api, Duration::from_secs(5)).and_then(|mut c| c.call(Request::Shutdown { force: true }))
+            })
+            .await;
             if !matches!(asked, Ok(Ok(Response::Done))) {
                 tracing::warn!(sandbox = %self.id, "VMM shutdown over the API failed ({asked:?}); killing it");
                 let _ = vmm.start_kill();
@@ -337,7 +358,9 @@ async fn wait_virtiofsd(child: &mut Child, socket: &Path, sandbox: &str) -> Resu
             }
         }
     };
-    let r = tokio::time::timeout(VIRTIOFSD_READY, ready).await.unwrap_or(Err(SandboxError::VirtiofsdTimeout { path: socket.to_path_buf(), secs: VIRTIOFSD_READY.as_secs() }));
+    let r = tokio::time::timeout(VIRTIOFSD_READY, ready)
+        .await
+        .unwrap_or(Err(SandboxError::VirtiofsdTimeout { path: socket.to_path_buf(), secs: VIRTIOFSD_READY.as_secs() }));
     // Keep draining its output into the log so it never blocks on a full pipe.
     let id = sandbox.to_string();
     tokio::spawn(async move {
@@ -370,7 +393,13 @@ pub fn mount(source: &Path, target: &Path, fstype: Option<&str>, flags: libc::c_
     let data = data.map(|d| c(d.as_bytes())).transpose()?;
     // SAFETY: NUL-terminated strings we own, or null.
     let rc = unsafe {
-        libc::mount(src.as_ptr(), dst.as_ptr(), fstype.as_ref().map_or(std::ptr::null(), |f| f.as_ptr()), flags, data.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast()))
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            fstype.as_ref().map_or(std::ptr::null(), |f| f.as_ptr()),
+            flags,
+            data.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast()),
+        )
     };
     if rc == 0 {
         Ok(())

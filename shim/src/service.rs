@@ -113,9 +113,22 @@ impl Process {
         let (tx, rx) = mpsc::channel();
         let control = stdio::CopierControl { done: tx, abandon: self.abandon_output.clone() };
         let mut n = 0;
-        let outs = [(OutStream::Stdout, self.stdio.stdout.clone()), (OutStream::Stderr, if self.stdio.terminal { String::new() } else { self.stdio.stderr.clone() })];
+        let outs = [
+            (OutStream::Stdout, self.stdio.stdout.clone()),
+            (OutStream::Stderr, if self.stdio.terminal { String::new() } else { self.stdio.stderr.clone() }),
+        ];
         for (stream, target) in outs {
-            if stdio::spawn_output(agent.clone(), self.container_id.clone(), self.exec_id.clone(), stream, target, control.clone(), log_id.into()).is_some() {
+            if stdio::spawn_output(
+                agent.clone(),
+                self.container_id.clone(),
+                self.exec_id.clone(),
+                stream,
+                target,
+                control.clone(),
+                log_id.into(),
+            )
+            .is_some()
+            {
                 n += 1;
             }
         }
@@ -242,29 +255,38 @@ impl TaskService {
         let handle = tokio::runtime::Handle::current();
         let agent = sb.agent.clone();
         let id = sb.id.clone();
-        let spawned = std::thread::Builder::new().name("vfvm-events".into()).spawn(move || {
-            loop {
-                let mut req = agent_api::GetEventRequest::new();
-                req.timeout_ms = EVENT_WAIT_MS;
-                match agent.get_event(sandbox::ctx(), &req) {
-                    Ok(ev) => {
-                        if ev.has_exited() {
-                            let exited = ev.exited().clone();
-                            let svc = svc.clone();
-                            handle.spawn(async move { svc.process_exited(&exited.container_id, &exited.exec_id, exited.exit_status.max(0) as u32, exited.exited_at_unix_nanos, false).await });
-                        } else if ev.has_oom() {
-                            let container_id = ev.oom().container_id.clone();
-                            let svc = svc.clone();
-                            handle.spawn(async move { svc.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id, ..Default::default() })).await });
-                        }
-                    }
-                    Err(ttrpc::Error::RpcStatus(s)) if s.code() == Code::DEADLINE_EXCEEDED || s.code() == Code::NOT_FOUND => {}
-                    Err(e) => {
-                        tracing::info!(sandbox = %id, "agent event stream ended: {}", sandbox::agent_message(&e));
+        let spawned = std::thread::Builder::new().name("vfvm-events".into()).spawn(move || loop {
+            let mut req = agent_api::GetEventRequest::new();
+            req.timeout_ms = EVENT_WAIT_MS;
+            match agent.get_event(sandbox::ctx(), &req) {
+                Ok(ev) => {
+                    if ev.has_exited() {
+                        let exited = ev.exited().clone();
                         let svc = svc.clone();
-                        handle.spawn(async move { svc.vm_gone().await });
-                        break;
+                        handle.spawn(async move {
+                            svc.process_exited(
+                                &exited.container_id,
+                                &exited.exec_id,
+                                exited.exit_status.max(0) as u32,
+                                exited.exited_at_unix_nanos,
+                                false,
+                            )
+                            .await
+                        });
+                    } else if ev.has_oom() {
+                        let container_id = ev.oom().container_id.clone();
+                        let svc = svc.clone();
+                        handle.spawn(async move {
+                            svc.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id, ..Default::default() })).await
+                        });
                     }
+                }
+                Err(ttrpc::Error::RpcStatus(s)) if s.code() == Code::DEADLINE_EXCEEDED || s.code() == Code::NOT_FOUND => {}
+                Err(e) => {
+                    tracing::info!(sandbox = %id, "agent event stream ended: {}", sandbox::agent_message(&e));
+                    let svc = svc.clone();
+                    handle.spawn(async move { svc.vm_gone().await });
+                    break;
                 }
             }
         });
@@ -277,7 +299,9 @@ impl TaskService {
         let running: Vec<(String, String)> = {
             let cs = self.inner.containers.lock().unwrap_or_else(|p| p.into_inner());
             cs.iter()
-                .flat_map(|(id, c)| std::iter::once((id.clone(), String::new())).chain(c.execs.keys().map(move |e| (id.clone(), e.clone()))))
+                .flat_map(|(id, c)| {
+                    std::iter::once((id.clone(), String::new())).chain(c.execs.keys().map(move |e| (id.clone(), e.clone())))
+                })
                 .collect()
         };
         for (id, exec) in running {
@@ -301,7 +325,14 @@ impl TaskService {
         // send_replace: a Wait that subscribes later must still see the exit.
         p.exited.send_replace(true);
         let pid = Self::pid(self.inner.sandbox.lock().await.as_ref());
-        let ev = TaskExit { container_id: id.into(), id: if exec_id.is_empty() { id.into() } else { exec_id.into() }, pid, exit_status: code, exited_at: MessageField::some(timestamp(at)), ..Default::default() };
+        let ev = TaskExit {
+            container_id: id.into(),
+            id: if exec_id.is_empty() { id.into() } else { exec_id.into() },
+            pid,
+            exit_status: code,
+            exited_at: MessageField::some(timestamp(at)),
+            ..Default::default()
+        };
         tracing::info!(container = id, exec = exec_id, code, "process exited");
         self.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev)).await;
     }
@@ -319,7 +350,12 @@ impl TaskService {
 
     /// Mounts the container's rootfs (containerd's mounts, or the bundle's
     /// `rootfs`) at `<share>/<id>/rootfs`, journaled first.
-    fn mount_rootfs(sb: &Sandbox, id: &str, bundle: &Path, mounts: &[containerd_shim::protos::types::mount::Mount]) -> ttrpc::Result<PathBuf> {
+    fn mount_rootfs(
+        sb: &Sandbox,
+        id: &str,
+        bundle: &Path,
+        mounts: &[containerd_shim::protos::types::mount::Mount],
+    ) -> ttrpc::Result<PathBuf> {
         let target = sb.share.join(id).join("rootfs");
         std::fs::create_dir_all(&target).map_err(|e| status(Code::INTERNAL, format!("creating {}: {e}", target.display())))?;
         sb.journal.will_mount(&target).map_err(|e| status(Code::INTERNAL, e.to_string()))?;
@@ -340,7 +376,13 @@ impl TaskService {
                     }
                 }
                 let data = data.join(",");
-                sandbox::mount(Path::new(&m.source), &target, Some(&m.type_).filter(|t| !t.is_empty() && flags & libc::MS_BIND == 0).map(String::as_str), flags, Some(&data).filter(|d| !d.is_empty()).map(String::as_str))
+                sandbox::mount(
+                    Path::new(&m.source),
+                    &target,
+                    Some(&m.type_).filter(|t| !t.is_empty() && flags & libc::MS_BIND == 0).map(String::as_str),
+                    flags,
+                    Some(&data).filter(|d| !d.is_empty()).map(String::as_str),
+                )
             }
             _ => return Err(status(Code::INVALID_ARGUMENT, format!("container {id}: {} rootfs mounts; expected one", mounts.len()))),
         };
@@ -352,7 +394,13 @@ impl TaskService {
     }
 
     async fn remove_container(&self, id: &str) -> ttrpc::Result<(Container, Option<Arc<Sandbox>>)> {
-        let c = self.inner.containers.lock().unwrap_or_else(|p| p.into_inner()).remove(id).ok_or_else(|| status(Code::NOT_FOUND, format!("container {id} not found")))?;
+        let c = self
+            .inner
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {id} not found")))?;
         let sb = self.inner.sandbox.lock().await.clone();
         if let Some(sb) = &sb {
             let cid = id.to_string();
@@ -414,7 +462,8 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
         }
         let bundle_dir = PathBuf::from(&req.bundle);
         let bundle = Bundle::load(&bundle_dir).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let stdio_paths = StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
+        let stdio_paths =
+            StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
         stdio::validate(&stdio_paths).map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
         if self.inner.containers.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&id) {
             return Err(status(Code::ALREADY_EXISTS, format!("container {id} exists")));
@@ -426,7 +475,8 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
                 Some(sb) => sb,
                 None => {
                     let config = self.load_config(options_config_path(req.options.as_ref()))?;
-                    let settings = config.sandbox_settings(&bundle.annotations).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+                    let settings =
+                        config.sandbox_settings(&bundle.annotations).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
                     let spec = LaunchSpec { id: bundle.sandbox_id(&id), settings, netns: bundle.netns(), hostname: bundle.hostname() };
                     tracing::info!(sandbox = %spec.id, vcpus = spec.settings.vcpus, memory_mib = spec.settings.memory_mib, "starting the pod's VM");
                     let sb = Arc::new(Sandbox::launch(&config, spec).await.map_err(sandbox_status)?);
@@ -450,7 +500,10 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
             tracing::warn!(sandbox = %sb.id, container = %id, "{w}");
         }
         let init = Process::new(&id, "", stdio_paths.clone(), None);
-        self.inner.containers.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), Container { bundle: bundle_dir.clone(), is_sandbox, rootfs: Some(rootfs), init: init.clone(), execs: HashMap::new() });
+        self.inner.containers.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id.clone(),
+            Container { bundle: bundle_dir.clone(), is_sandbox, rootfs: Some(rootfs), init: init.clone(), execs: HashMap::new() },
+        );
         let mut creq = agent_api::CreateContainerRequest::new();
         creq.container_id = id.clone();
         creq.oci_spec_json = spec_json;
@@ -465,7 +518,13 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
             container_id: id.clone(),
             bundle: req.bundle.clone(),
             rootfs: req.rootfs.clone(),
-            io: MessageField::some(TaskIO { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal, ..Default::default() }),
+            io: MessageField::some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            }),
             pid: sb.vmm_pid,
             ..Default::default()
         };
@@ -494,7 +553,9 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
             r.exec_id = exec;
             r.oci_process_json = p.exec_spec.clone().unwrap_or_default();
             r.terminal = p.stdio.terminal;
-            call(&sb.agent, "ExecProcess", move |a| a.exec_process(sandbox::ctx(), &r)).await.map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+            call(&sb.agent, "ExecProcess", move |a| a.exec_process(sandbox::ctx(), &r))
+                .await
+                .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
             // The agent keeps what the process writes until it is read: attaching
             // once the exec exists loses nothing.
             p.attach(&sb.agent, &sb.id);
@@ -504,9 +565,22 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
             p.set(Phase::Running, 0, 0);
         }
         if req.exec_id.is_empty() {
-            self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(TaskStart { container_id: req.id.clone(), pid: sb.vmm_pid, ..Default::default() })).await;
+            self.publish(
+                topics::TASK_START_EVENT_TOPIC,
+                Box::new(TaskStart { container_id: req.id.clone(), pid: sb.vmm_pid, ..Default::default() }),
+            )
+            .await;
         } else {
-            self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(TaskExecStarted { container_id: req.id.clone(), exec_id: req.exec_id.clone(), pid: sb.vmm_pid, ..Default::default() })).await;
+            self.publish(
+                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                Box::new(TaskExecStarted {
+                    container_id: req.id.clone(),
+                    exec_id: req.exec_id.clone(),
+                    pid: sb.vmm_pid,
+                    ..Default::default()
+                }),
+            )
+            .await;
         }
         Ok(api::StartResponse { pid: sb.vmm_pid, ..Default::default() })
     }
@@ -522,7 +596,12 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
             if let Some(c) = self.inner.containers.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&req.id) {
                 c.execs.remove(&req.exec_id);
             }
-            return Ok(api::DeleteResponse { pid, exit_status: code, exited_at: MessageField::some(timestamp(at.max(1))), ..Default::default() });
+            return Ok(api::DeleteResponse {
+                pid,
+                exit_status: code,
+                exited_at: MessageField::some(timestamp(at.max(1))),
+                ..Default::default()
+            });
         }
         let (p, _) = self.process(&req.id, "")?;
         let (phase, code, at) = p.phase();
@@ -540,7 +619,18 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
                 *self.inner.sandbox.lock().await = None;
             }
         }
-        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(TaskDelete { container_id: req.id.clone(), id: req.id.clone(), pid, exit_status: code, exited_at: MessageField::some(timestamp(at)), ..Default::default() })).await;
+        self.publish(
+            topics::TASK_DELETE_EVENT_TOPIC,
+            Box::new(TaskDelete {
+                container_id: req.id.clone(),
+                id: req.id.clone(),
+                pid,
+                exit_status: code,
+                exited_at: MessageField::some(timestamp(at)),
+                ..Default::default()
+            }),
+        )
+        .await;
         Ok(api::DeleteResponse { pid, exit_status: code, exited_at: MessageField::some(timestamp(at)), ..Default::default() })
     }
 
@@ -554,7 +644,8 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
         })
         .await
         .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
-        let processes = r.pids.into_iter().map(|pid| containerd_shim::protos::types::task::ProcessInfo { pid, ..Default::default() }).collect();
+        let processes =
+            r.pids.into_iter().map(|pid| containerd_shim::protos::types::task::ProcessInfo { pid, ..Default::default() }).collect();
         Ok(api::PidsResponse { processes, ..Default::default() })
     }
 
@@ -581,12 +672,15 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
         r.exec_id = req.exec_id.clone();
         r.signal = req.signal;
         r.all = req.all;
-        call(&sb.agent, "SignalProcess", move |a| a.signal_process(sandbox::ctx(), &r)).await.map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+        call(&sb.agent, "SignalProcess", move |a| a.signal_process(sandbox::ctx(), &r))
+            .await
+            .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
         Ok(Empty::new())
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> ttrpc::Result<Empty> {
-        let stdio_paths = StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
+        let stdio_paths =
+            StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
         stdio::validate(&stdio_paths).map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
         let spec = req.spec.as_ref().map(|a| a.value.clone()).ok_or_else(|| status(Code::INVALID_ARGUMENT, "exec: no process spec"))?;
         {
@@ -597,7 +691,11 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
             }
             c.execs.insert(req.exec_id.clone(), Process::new(&req.id, &req.exec_id, stdio_paths, Some(spec)));
         }
-        self.publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(TaskExecAdded { container_id: req.id.clone(), exec_id: req.exec_id.clone(), ..Default::default() })).await;
+        self.publish(
+            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Box::new(TaskExecAdded { container_id: req.id.clone(), exec_id: req.exec_id.clone(), ..Default::default() }),
+        )
+        .await;
         Ok(Empty::new())
     }
 
@@ -608,7 +706,9 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
         r.exec_id = req.exec_id.clone();
         r.rows = req.height;
         r.columns = req.width;
-        call(&sb.agent, "TtyWinResize", move |a| a.tty_win_resize(sandbox::ctx(), &r)).await.map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+        call(&sb.agent, "TtyWinResize", move |a| a.tty_win_resize(sandbox::ctx(), &r))
+            .await
+            .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
         Ok(Empty::new())
     }
 
@@ -622,11 +722,14 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
 
     async fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> ttrpc::Result<Empty> {
         let sb = self.sandbox().await?;
-        let resources = req.resources.as_ref().map(|a| a.value.clone()).ok_or_else(|| status(Code::INVALID_ARGUMENT, "update: no resources"))?;
+        let resources =
+            req.resources.as_ref().map(|a| a.value.clone()).ok_or_else(|| status(Code::INVALID_ARGUMENT, "update: no resources"))?;
         let mut r = agent_api::UpdateContainerRequest::new();
         r.container_id = req.id.clone();
         r.resources_json = resources;
-        call(&sb.agent, "UpdateContainer", move |a| a.update_container(sandbox::ctx(), &r)).await.map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        call(&sb.agent, "UpdateContainer", move |a| a.update_container(sandbox::ctx(), &r))
+            .await
+            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         Ok(Empty::new())
     }
 

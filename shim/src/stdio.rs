@@ -37,7 +37,10 @@ fn open_output(target: &str) -> std::io::Result<std::fs::File> {
         return std::fs::OpenOptions::new().create(true).append(true).open(path);
     }
     if target.contains("://") {
-        return Err(std::io::Error::new(std::io::ErrorKind::Unsupported, format!("stdio URI {target:?}: only FIFO paths and file:// are supported")));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            format!("stdio URI {target:?}: only FIFO paths and file:// are supported"),
+        ));
     }
     std::fs::OpenOptions::new().write(true).open(target)
 }
@@ -65,7 +68,15 @@ pub struct CopierControl {
 /// end, or until `control.abandon` is set (checked at least every `READ_WAIT_MS`):
 /// a child the process left behind can hold the stream open for ever, and
 /// containerd's reader (an attached `ctr task exec`) waits for the FIFO to close.
-pub fn spawn_output(agent: Arc<AgentClient>, container: String, exec: String, stream: OutStream, target: String, control: CopierControl, log_id: String) -> Option<JoinHandle<()>> {
+pub fn spawn_output(
+    agent: Arc<AgentClient>,
+    container: String,
+    exec: String,
+    stream: OutStream,
+    target: String,
+    control: CopierControl,
+    log_id: String,
+) -> Option<JoinHandle<()>> {
     if target.is_empty() {
         return None;
     }

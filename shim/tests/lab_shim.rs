@@ -35,7 +35,12 @@ fn ctr_run_in_a_vm(version: Version) {
     // A pod in a VM: the container sees the VM's kernel command line, the shim's
     // exit code comes back through ctr.
     let started = Instant::now();
-    let out = c.ctr_within(&["run", "--rm", "--runtime", RUNTIME, oci::BUSYBOX_REF, &name, "sh", "-c", "echo hello; cat /proc/cmdline; exit 7"], CTR_LIMIT).unwrap();
+    let out = c
+        .ctr_within(
+            &["run", "--rm", "--runtime", RUNTIME, oci::BUSYBOX_REF, &name, "sh", "-c", "echo hello; cat /proc/cmdline; exit 7"],
+            CTR_LIMIT,
+        )
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("containerd {}: ctr run in a VM took {:.1}s", version.name(), started.elapsed().as_secs_f64());
     assert!(stdout.contains("hello"), "stdout: {stdout}\nstderr: {}\ncontainerd log:\n{}", String::from_utf8_lossy(&out.stderr), c.log());
@@ -56,12 +61,21 @@ const CTR_LIMIT: Duration = Duration::from_secs(300);
 fn exec_kill_delete(c: &Containerd, pod: &str) {
     let mut events = c.events().unwrap();
     let fail = |what: &str, out: &std::process::Output| -> String {
-        format!("{what}: {}\nstdout: {}\nstderr: {}\nconsoles:\n{}\ncontainerd log:\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr), vfvm_consoles(), c.log())
+        format!(
+            "{what}: {}\nstdout: {}\nstderr: {}\nconsoles:\n{}\ncontainerd log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            vfvm_consoles(),
+            c.log()
+        )
     };
     let out = c.ctr_within(&["run", "-d", "--runtime", RUNTIME, oci::PAUSE_REF, pod], CTR_LIMIT).unwrap();
     assert!(out.status.success(), "{}", fail("ctr run -d", &out));
 
-    let out = c.ctr_within(&["task", "exec", "--exec-id", "e1", pod, "sh", "-c", "echo from-exec; cat /proc/cmdline; exit 3"], CTR_LIMIT).unwrap();
+    let out = c
+        .ctr_within(&["task", "exec", "--exec-id", "e1", pod, "sh", "-c", "echo from-exec; cat /proc/cmdline; exit 3"], CTR_LIMIT)
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("from-exec") && stdout.contains(&format!("vfvm.sandbox={pod}")), "{}", fail("ctr task exec", &out));
     assert_eq!(out.status.code(), Some(3), "{}", fail("the exec's exit code", &out));
@@ -70,10 +84,14 @@ fn exec_kill_delete(c: &Containerd, pod: &str) {
     // ctr, which returns only once the shim has closed the exec's output FIFOs.
     std::thread::scope(|s| {
         let attached = s.spawn(|| c.ctr_within(&["task", "exec", "--exec-id", "e2", pod, "sleep", "1000"], CTR_LIMIT));
-        events.wait_for("/tasks/exec-started", "e2", Instant::now() + CTR_LIMIT).unwrap_or_else(|e| panic!("{e}\nconsoles:\n{}\ncontainerd log:\n{}", vfvm_consoles(), c.log()));
+        events
+            .wait_for("/tasks/exec-started", "e2", Instant::now() + CTR_LIMIT)
+            .unwrap_or_else(|e| panic!("{e}\nconsoles:\n{}\ncontainerd log:\n{}", vfvm_consoles(), c.log()));
         let out = c.ctr_within(&["task", "kill", "--exec-id", "e2", "--signal", "SIGKILL", pod], CTR_LIMIT).unwrap();
         assert!(out.status.success(), "{}", fail("ctr task kill --exec-id", &out));
-        let exit = events.wait_for("/tasks/exit", "e2", Instant::now() + CTR_LIMIT).unwrap_or_else(|e| panic!("{e}\nconsoles:\n{}\ncontainerd log:\n{}", vfvm_consoles(), c.log()));
+        let exit = events
+            .wait_for("/tasks/exit", "e2", Instant::now() + CTR_LIMIT)
+            .unwrap_or_else(|e| panic!("{e}\nconsoles:\n{}\ncontainerd log:\n{}", vfvm_consoles(), c.log()));
         assert!(exit.contains("\"exit_status\":137"), "the exec's exit event: {exit}");
         let out = attached.join().expect("the attached ctr exec's thread").unwrap();
         assert_eq!(out.status.code(), Some(137), "{}", fail("the attached ctr task exec of the SIGKILLed exec", &out));
@@ -85,7 +103,11 @@ fn exec_kill_delete(c: &Containerd, pod: &str) {
     let out = c.ctr_within(&["task", "metrics", pod], CTR_LIMIT).unwrap();
     assert!(out.status.success(), "{}", fail("ctr task metrics", &out));
     let out = c.ctr_within(&["task", "pause", pod], CTR_LIMIT).unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("vfvm does not pause"), "{}", fail("ctr task pause should say vfvm does not pause", &out));
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("vfvm does not pause"),
+        "{}",
+        fail("ctr task pause should say vfvm does not pause", &out)
+    );
 
     // The pod's init: SIGTERM, the pause image's clean stop.
     let out = c.ctr_within(&["task", "kill", pod], CTR_LIMIT).unwrap();
@@ -93,7 +115,9 @@ fn exec_kill_delete(c: &Containerd, pod: &str) {
     // The init's exit: the execs' exits name the container too.
     let init_exit = format!("\"id\":\"{pod}\"");
     loop {
-        let exit = events.wait_for("/tasks/exit", pod, Instant::now() + CTR_LIMIT).unwrap_or_else(|e| panic!("{e}\nconsoles:\n{}\ncontainerd log:\n{}", vfvm_consoles(), c.log()));
+        let exit = events
+            .wait_for("/tasks/exit", pod, Instant::now() + CTR_LIMIT)
+            .unwrap_or_else(|e| panic!("{e}\nconsoles:\n{}\ncontainerd log:\n{}", vfvm_consoles(), c.log()));
         if exit.contains(&init_exit) {
             break;
         }
@@ -119,7 +143,17 @@ fn exec_with_a_tty(c: &Containerd, pod: &str) {
     // SAFETY: just created, owned by nobody else.
     let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
     let mut cmd = c.ctr();
-    cmd.args(["task", "exec", "-t", "--exec-id", "tty1", pod, "sh", "-c", "tty; stty size; while read x; do stty size; done; echo tty-done"]);
+    cmd.args([
+        "task",
+        "exec",
+        "-t",
+        "--exec-id",
+        "tty1",
+        pod,
+        "sh",
+        "-c",
+        "tty; stty size; while read x; do stty size; done; echo tty-done",
+    ]);
     cmd.stdin(slave.try_clone().unwrap()).stdout(slave.try_clone().unwrap()).stderr(slave);
     // SAFETY: setsid and TIOCSCTTY between fork and exec: the pty becomes ctr's
     // controlling terminal, so a resize signals ctr.
@@ -134,7 +168,11 @@ fn exec_with_a_tty(c: &Containerd, pod: &str) {
     let mut child = cmd.spawn().unwrap();
     let mut seen = String::new();
     let deadline = Instant::now() + CTR_LIMIT;
-    assert!(read_until(&master, &mut seen, "/dev/pts/", deadline), "the exec should run on a TTY of its own devpts (`tty` names it); it printed {seen:?}\ncontainerd log:\n{}", c.log());
+    assert!(
+        read_until(&master, &mut seen, "/dev/pts/", deadline),
+        "the exec should run on a TTY of its own devpts (`tty` names it); it printed {seen:?}\ncontainerd log:\n{}",
+        c.log()
+    );
     // ctr sends the size on its own after the start (and after each SIGWINCH):
     // each line typed makes the process print its size again, until it shows it.
     assert!(size_shown(&master, &mut seen, "20 70", deadline), "the exec should see its terminal's size 20x70; it printed {seen:?}");
@@ -225,13 +263,20 @@ fn killed_shim(version: Version) {
     let mut events = c.events().unwrap();
     let pod = format!("killed-{}", version.name().replace('.', ""));
     let out = c.ctr_within(&["run", "-d", "--runtime", RUNTIME, oci::PAUSE_REF, &pod], CTR_LIMIT).unwrap();
-    assert!(out.status.success(), "ctr run -d: {}\nconsoles:\n{}\ncontainerd log:\n{}", String::from_utf8_lossy(&out.stderr), vfvm_consoles(), c.log());
+    assert!(
+        out.status.success(),
+        "ctr run -d: {}\nconsoles:\n{}\ncontainerd log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        vfvm_consoles(),
+        c.log()
+    );
     let shims = pids_named("containerd-shim-vfvm-v2");
     assert_eq!(shims.len(), 1, "one shim for the pod: {shims:?}");
     assert_eq!(pids_named("vfvm-vmm").len(), 1, "the pod's VMM");
     // SAFETY: kill(2) on the shim we just found.
     assert_eq!(unsafe { libc::kill(shims[0], libc::SIGKILL) }, 0);
-    let exit = events.wait_for("/tasks/exit", &pod, Instant::now() + CTR_LIMIT).unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", c.log()));
+    let exit =
+        events.wait_for("/tasks/exit", &pod, Instant::now() + CTR_LIMIT).unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", c.log()));
     eprintln!("containerd {}: after the shim's SIGKILL: {exit}", version.name());
     assert_nothing_left("after containerd's cleanup of a killed shim");
     let _ = c.ctr_within(&["task", "delete", &pod], CTR_LIMIT).unwrap();
@@ -263,14 +308,32 @@ fn bad_input(version: Version) {
     let c = Containerd::start(version).unwrap();
     c.import_test_images().unwrap();
     let cases: [(&str, &str, &[&str]); 5] = [
-        ("io.katacontainers.config.hypervisor.default_vcpus=two", "bad-vcpus", &["io.katacontainers.config.hypervisor.default_vcpus", "\"two\"", "a whole number from 1 to 8"]),
-        ("io.katacontainers.config.hypervisor.default_vcpus=64", "many-vcpus", &["io.katacontainers.config.hypervisor.default_vcpus", "\"64\"", "from 1 to 8"]),
-        ("io.katacontainers.config.hypervisor.default_memory=1048576", "much-memory", &["io.katacontainers.config.hypervisor.default_memory", "\"1048576\"", "to 16384"]),
-        ("io.katacontainers.config.runtime.enable_sriov=maybe", "bad-sriov", &["io.katacontainers.config.runtime.enable_sriov", "\"maybe\""]),
+        (
+            "io.katacontainers.config.hypervisor.default_vcpus=two",
+            "bad-vcpus",
+            &["io.katacontainers.config.hypervisor.default_vcpus", "\"two\"", "a whole number from 1 to 8"],
+        ),
+        (
+            "io.katacontainers.config.hypervisor.default_vcpus=64",
+            "many-vcpus",
+            &["io.katacontainers.config.hypervisor.default_vcpus", "\"64\"", "from 1 to 8"],
+        ),
+        (
+            "io.katacontainers.config.hypervisor.default_memory=1048576",
+            "much-memory",
+            &["io.katacontainers.config.hypervisor.default_memory", "\"1048576\"", "to 16384"],
+        ),
+        (
+            "io.katacontainers.config.runtime.enable_sriov=maybe",
+            "bad-sriov",
+            &["io.katacontainers.config.runtime.enable_sriov", "\"maybe\""],
+        ),
         ("io.katacontainers.config.runtime.enable_sriov=true", "sriov-no-vfio", &["enable_sriov", "VFIO", "nothing was changed"]),
     ];
     for (annotation, name, wanted) in cases {
-        let out = c.ctr_within(&["run", "--rm", "--runtime", RUNTIME, "--annotation", annotation, oci::BUSYBOX_REF, name, "true"], CTR_LIMIT).unwrap();
+        let out = c
+            .ctr_within(&["run", "--rm", "--runtime", RUNTIME, "--annotation", annotation, oci::BUSYBOX_REF, name, "true"], CTR_LIMIT)
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{annotation}: the pod should fail");
         for w in wanted {
@@ -281,7 +344,9 @@ fn bad_input(version: Version) {
     }
 
     install_vfvm(&build_dir(), None, |config| {
-        config.replace("vsock_port = 1024", "vsock_port = 4000").replace("dial_timeout_secs = 120", &format!("dial_timeout_secs = {DIAL_TIMEOUT_SECS}"))
+        config
+            .replace("vsock_port = 1024", "vsock_port = 4000")
+            .replace("dial_timeout_secs = 120", &format!("dial_timeout_secs = {DIAL_TIMEOUT_SECS}"))
     })
     .unwrap();
     let started = Instant::now();
@@ -321,7 +386,11 @@ fn lab_shim_a_missing_kernel_fails_the_pod_clearly_and_leaves_nothing() {
         let out = c.ctr_within(&["run", "--rm", "--runtime", RUNTIME, oci::BUSYBOX_REF, "nokernel", "true"], CTR_LIMIT).unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "containerd {}: the pod should fail", version.name());
-        assert!(stderr.contains("hypervisor.kernel") && stderr.contains("/nonexistent/vmlinuz"), "containerd {}: the error should name the setting and the path: {stderr}", version.name());
+        assert!(
+            stderr.contains("hypervisor.kernel") && stderr.contains("/nonexistent/vmlinuz"),
+            "containerd {}: the error should name the setting and the path: {stderr}",
+            version.name()
+        );
         let _ = c.ctr_within(&["container", "delete", "nokernel"], CTR_LIMIT).unwrap();
         assert_nothing_left("after a failed create");
         c.stop().unwrap();

@@ -67,7 +67,12 @@ impl Pod {
         h.set_link_mac(l.index, MacAddr([0x02, 0, 0, 0, 0x10, octet])).unwrap();
         h.add_address(l.index, &AddressSpec::new(format!("198.18.{octet}.1").parse().unwrap(), 24)).unwrap();
         h.set_link_up(l.index, true).unwrap();
-        h.add_route(&RouteSpec::new(format!("198.19.{octet}.0").parse().unwrap(), 24).via(format!("198.18.{octet}.254").parse().unwrap()).dev(l.index)).unwrap();
+        h.add_route(
+            &RouteSpec::new(format!("198.19.{octet}.0").parse().unwrap(), 24)
+                .via(format!("198.18.{octet}.254").parse().unwrap())
+                .dev(l.index),
+        )
+        .unwrap();
         h.add_permanent_neighbour(l.index, format!("198.18.{octet}.254").parse().unwrap(), MacAddr([0x02, 0, 0, 0, 0xfe, octet])).unwrap();
         Pod { name: name.to_string(), vf, host_name }
     }

@@ -58,13 +58,10 @@ impl ApiServer {
                 return Err(socket_err(e));
             }
         };
-        let thread = std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || serve(listener, thread_stop, handler))
-            .map_err(|e| {
-                let _ = std::fs::remove_file(path);
-                ApiServerError::Thread(e)
-            })?;
+        let thread = std::thread::Builder::new().name("api".into()).spawn(move || serve(listener, thread_stop, handler)).map_err(|e| {
+            let _ = std::fs::remove_file(path);
+            ApiServerError::Thread(e)
+        })?;
         tracing::info!(socket = %path.display(), "control API listening");
         Ok(Self { path: path.to_path_buf(), stop, thread: Some(thread) })
     }
@@ -160,7 +157,10 @@ fn serve_one(stream: &mut UnixStream, handler: &mut Handler) -> bool {
         Ok(Some(frame)) => vmm_api::answer_frame(&frame, &mut **handler),
         Ok(None) => return false,
         Err(ApiError::TooLarge(len)) => {
-            let body = Response::error(ErrorCode::BadRequest, format!("message of {len} bytes exceeds the limit of {} bytes", vmm_api::MAX_MESSAGE_BYTES));
+            let body = Response::error(
+                ErrorCode::BadRequest,
+                format!("message of {len} bytes exceeds the limit of {} bytes", vmm_api::MAX_MESSAGE_BYTES),
+            );
             let _ = vmm_api::write_message(stream, &Envelope { version: VMM_API_VERSION, id: 0, body });
             return false;
         }

@@ -173,17 +173,10 @@ pub fn initrd_placement(size: u64, kernel: &LoadedKernel, ram_bytes: u64) -> Res
 }
 
 /// Copies the initrd (`size` bytes from `image`) into guest memory; returns its address.
-pub fn load_initrd<F: ReadVolatile>(
-    memory: &GuestMemoryMmap,
-    image: &mut F,
-    size: u64,
-    kernel: &LoadedKernel,
-) -> Result<u64, BootError> {
+pub fn load_initrd<F: ReadVolatile>(memory: &GuestMemoryMmap, image: &mut F, size: u64, kernel: &LoadedKernel) -> Result<u64, BootError> {
     let addr = initrd_placement(size, kernel, memory_size(memory))?;
     let len = usize::try_from(size).map_err(|_| BootError::InitrdTooLarge { size, room: 0 })?;
-    memory
-        .read_exact_volatile_from(GuestAddress(addr), image, len)
-        .map_err(|e| BootError::InitrdCopy(e.to_string()))?;
+    memory.read_exact_volatile_from(GuestAddress(addr), image, len).map_err(|e| BootError::InitrdCopy(e.to_string()))?;
     Ok(addr)
 }
 
@@ -205,10 +198,7 @@ pub fn load_cmdline(memory: &GuestMemoryMmap, cmdline: &str, kernel: &LoadedKern
 /// "reserved"), because Linux clips PCI host bridge windows by e820 reservations.
 pub fn e820_map(ram_bytes: u64) -> Vec<boot_e820_entry> {
     let entry = |addr: u64, size: u64, kind: u32| boot_e820_entry { addr, size, r#type: kind };
-    let mut map = vec![
-        entry(0, EBDA_START, E820_RAM),
-        entry(crate::acpi::ACPI_AREA_START, crate::acpi::ACPI_AREA_SIZE, E820_RESERVED),
-    ];
+    let mut map = vec![entry(0, EBDA_START, E820_RAM), entry(crate::acpi::ACPI_AREA_START, crate::acpi::ACPI_AREA_SIZE, E820_RESERVED)];
     for (start, len) in layout::ram_ranges(ram_bytes) {
         let end = start + len;
         let start = start.max(HIMEM_START);
@@ -223,12 +213,7 @@ pub fn e820_map(ram_bytes: u64) -> Vec<boot_e820_entry> {
 
 /// The zero page for a loaded kernel. (The kernel finds the ACPI RSDP by scanning
 /// the BIOS area, where [`crate::acpi`] puts it.)
-pub fn boot_params(
-    kernel: &LoadedKernel,
-    cmdline_len: usize,
-    initrd: Option<(u64, u64)>,
-    ram_bytes: u64,
-) -> boot_params {
+pub fn boot_params(kernel: &LoadedKernel, cmdline_len: usize, initrd: Option<(u64, u64)>, ram_bytes: u64) -> boot_params {
     let hdr = kernel.setup_header.unwrap_or_else(|| setup_header {
         boot_flag: KERNEL_BOOT_FLAG_MAGIC,
         header: KERNEL_HDR_MAGIC,
@@ -252,9 +237,7 @@ pub fn boot_params(
 }
 
 pub fn write_boot_params(memory: &GuestMemoryMmap, params: &boot_params) -> Result<(), BootError> {
-    memory
-        .write_obj(*params, GuestAddress(ZERO_PAGE_START))
-        .map_err(|e| BootError::Memory { what: "the zero page", err: e.to_string() })
+    memory.write_obj(*params, GuestAddress(ZERO_PAGE_START)).map_err(|e| BootError::Memory { what: "the zero page", err: e.to_string() })
 }
 
 #[cfg(test)]
@@ -270,12 +253,7 @@ mod tests {
     fn e820_has_base_memory_ram_from_1mib_and_the_hole_reserved() {
         assert_eq!(
             e820(256 << 20),
-            [
-                (0, 0x9fc00, 1),
-                (0xE_0000, 0x2_0000, 2),
-                (0x10_0000, (256 << 20) - 0x10_0000, 1),
-                (0xE000_0000, 0x2000_0000, 2)
-            ]
+            [(0, 0x9fc00, 1), (0xE_0000, 0x2_0000, 2), (0x10_0000, (256 << 20) - 0x10_0000, 1), (0xE000_0000, 0x2000_0000, 2)]
         );
         assert_eq!(
             e820(4 << 30),

@@ -1,9 +1,7 @@
 //! x86_64 vCPU state for a 64-bit Linux entry: GDT, identity page tables, control
 //! registers, segments, FPU, boot MSRs, CPUID and the LAPIC's LINT pins.
 
-use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs,
-};
+use kvm_bindings::{kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -32,8 +30,7 @@ const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
 /// The boot GDT: null, 64-bit code (selector 0x8), data (0x10), TSS (0x18).
-pub const GDT: [u64; 4] =
-    [0, gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)];
+pub const GDT: [u64; 4] = [0, gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)];
 
 /// A segment descriptor from its flags (access byte in bits 0..8, flags nibble in
 /// 12..16), base and 20-bit limit.
@@ -134,14 +131,7 @@ pub fn boot_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
 }
 
 pub fn boot_regs(entry: u64) -> kvm_regs {
-    kvm_regs {
-        rflags: 0x2,
-        rip: entry,
-        rsp: BOOT_STACK_POINTER,
-        rbp: BOOT_STACK_POINTER,
-        rsi: ZERO_PAGE_START,
-        ..Default::default()
-    }
+    kvm_regs { rflags: 0x2, rip: entry, rsp: BOOT_STACK_POINTER, rbp: BOOT_STACK_POINTER, rsi: ZERO_PAGE_START, ..Default::default() }
 }
 
 pub fn boot_fpu() -> kvm_fpu {
@@ -358,14 +348,7 @@ mod tests {
 
     #[test]
     fn cpuid_is_patched_per_vcpu() {
-        let mut e = vec![
-            leaf(1, 0),
-            leaf(4, 0),
-            leaf(0xb, 0),
-            leaf(0xb, 1),
-            leaf(0x8000_0008, 0),
-            leaf(KVM_CPUID_SIGNATURE, 0),
-        ];
+        let mut e = vec![leaf(1, 0), leaf(4, 0), leaf(0xb, 0), leaf(0xb, 1), leaf(0x8000_0008, 0), leaf(KVM_CPUID_SIGNATURE, 0)];
         e[5].eax = 0;
         patch_cpuid(&mut e, 3, 4);
         assert_eq!(e[0].ebx >> 24, 3);

@@ -22,13 +22,13 @@ use crate::bus::Bus;
 use crate::cmos::{Cmos, CMOS_PORT};
 use crate::cpu;
 use crate::interrupt::{KvmMsiSink, MsiSink};
-use crate::pci::{self, PciRoot, PciWindows};
 use crate::mptable::{self, MAX_CPUS};
+use crate::pci::{self, PciRoot, PciWindows};
 use crate::power::{AcpiPm1aControl, AcpiPm1aEvent, I8042, I8042_COMMAND_PORT, PM1A_CNT_PORT, PM1A_EVT_PORT};
 use crate::serial::{Console, SerialDevice, COM1_IRQ, COM1_PORT};
 use crate::vcpu::{self, PauseGate, VcpuError, VcpuStop};
-use crate::virtio::pci::VirtioPciDevice;
 use crate::virtio::fs::{self, FsError, VhostUserFs};
+use crate::virtio::pci::VirtioPciDevice;
 use crate::virtio::vsock::Vsock;
 use crate::vm::{self, Vm, VmError, VmOptions};
 
@@ -274,19 +274,14 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
             let file = File::open(path).map_err(|e| initrd_err(e.to_string()))?;
             let size = file.metadata().map_err(|e| initrd_err(e.to_string()))?.len();
             if size >= ram {
-                return Err(initrd_err(format!(
-                    "{size} bytes: larger than the guest's memory ({} MiB)",
-                    config.memory_mib
-                )));
+                return Err(initrd_err(format!("{size} bytes: larger than the guest's memory ({} MiB)", config.memory_mib)));
             }
             Some((path, file, size))
         }
         None => None,
     };
     let console_log = match &config.serial_log {
-        Some(path) => {
-            Some(File::create(path).map_err(|e| MachineError::SerialLog { path: path.clone(), err: e.to_string() })?)
-        }
+        Some(path) => Some(File::create(path).map_err(|e| MachineError::SerialLog { path: path.clone(), err: e.to_string() })?),
         None => None,
     };
 
@@ -314,8 +309,7 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
         }
         None => None,
     };
-    let cmdline_len =
-        boot::load_cmdline(memory, &config.cmdline, &kernel).map_err(|e| MachineError::Cmdline(e.to_string()))?;
+    let cmdline_len = boot::load_cmdline(memory, &config.cmdline, &kernel).map_err(|e| MachineError::Cmdline(e.to_string()))?;
     boot::write_boot_params(memory, &boot::boot_params(&kernel, cmdline_len, initrd_range, ram)).map_err(setup)?;
     acpi::write_acpi_tables(memory, config.vcpus).map_err(setup)?;
     // For guests booted with acpi=off; Linux prefers the MADT when it has one.
@@ -482,10 +476,7 @@ mod tests {
         assert_eq!(e.to_string(), "--vcpus 0: must be between 1 and 32");
         let e = validate(&MachineConfig { memory_mib: 8, ..config() }).unwrap_err();
         assert_eq!(e.to_string(), "--memory 8: too small, at least 32 MiB");
-        assert!(matches!(
-            validate(&MachineConfig { memory_mib: u64::MAX, ..config() }),
-            Err(MachineError::MemoryTooLarge(_))
-        ));
+        assert!(matches!(validate(&MachineConfig { memory_mib: u64::MAX, ..config() }), Err(MachineError::MemoryTooLarge(_))));
         assert_eq!(validate(&config()).unwrap(), 128 << 20);
         let fs = |tag: &str| Some(FsConfig { tag: tag.into(), socket: "/nonexistent.sock".into() });
         let e = validate(&MachineConfig { fs: fs(&"x".repeat(37)), ..config() }).unwrap_err();

@@ -67,9 +67,8 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
             Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
             _ => (arg.clone(), None),
         };
-        let mut value = |what: &str| -> Result<String, String> {
-            inline.clone().or_else(|| args.next()).ok_or_else(|| format!("{name} needs {what}"))
-        };
+        let mut value =
+            |what: &str| -> Result<String, String> { inline.clone().or_else(|| args.next()).ok_or_else(|| format!("{name} needs {what}")) };
         match name.as_str() {
             "-h" | "--help" => return Ok(Parsed::Help),
             "--version" => return Ok(Parsed::Version),

@@ -73,9 +73,7 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 pub fn install_kick_handler() -> Result<(), VcpuError> {
     static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
     INSTALLED
-        .get_or_init(|| {
-            vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler).map_err(|e| e.to_string())
-        })
+        .get_or_init(|| vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler).map_err(|e| e.to_string()))
         .clone()
         .map_err(VcpuError::Signal)
 }

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use vfvm_protocols::vmm_api::{self, Envelope, ErrorCode, Request, Response, VmmClient, VmState, MAX_MESSAGE_BYTES, VMM_API_VERSION};
+use vfvm_protocols::vmm_api::{self, Envelope, ErrorCode, Request, Response, VmState, VmmClient, MAX_MESSAGE_BYTES, VMM_API_VERSION};
 
 mod common;
 

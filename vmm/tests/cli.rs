@@ -61,10 +61,7 @@ fn an_initrd_larger_than_memory_is_named() {
     f.set_len(64 << 20).unwrap(); // sparse
     let out = vmm(&["--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(), "--memory", "32"]);
     std::fs::remove_file(&initrd).unwrap();
-    assert_refused(
-        &out,
-        &format!("initrd {}: 67108864 bytes: larger than the guest's memory (32 MiB)", initrd.display()),
-    );
+    assert_refused(&out, &format!("initrd {}: 67108864 bytes: larger than the guest's memory (32 MiB)", initrd.display()));
     assert_refused(
         &vmm(&["--kernel", kernel.to_str().unwrap(), "--initrd", "/nonexistent/initrd"]),
         "initrd /nonexistent/initrd: No such file",

@@ -68,16 +68,9 @@ fn lab_boots_linux_to_userspace() {
     let exited_at = started.elapsed();
     reader.join().unwrap();
     log_reader.join().unwrap();
-    assert!(
-        !timed_out,
-        "vfvm-vmm ran past {BOUND:?}; last console lines: {:?}",
-        &console[console.len().saturating_sub(20)..]
-    );
+    assert!(!timed_out, "vfvm-vmm ran past {BOUND:?}; last console lines: {:?}", &console[console.len().saturating_sub(20)..]);
     let marker_at = marker_at.unwrap_or_else(|| {
-        panic!(
-            "no {MARKER:?} on the console ({status}); last lines: {:?}",
-            &console[console.len().saturating_sub(20)..]
-        )
+        panic!("no {MARKER:?} on the console ({status}); last lines: {:?}", &console[console.len().saturating_sub(20)..])
     });
     println!(
         "vfvm-vmm: userspace marker {:.2} s after start; VMM exited after {:.2} s with {status}",

@@ -173,18 +173,12 @@ fn lab_vsock_streams_both_ways_then_graceful_shutdown_over_the_api() {
     assert!(has("probe guest-initiated ok"), "the guest's verdict; console:\n{}", console.join("\n"));
     assert!(has("probe host-initiated ok"), "the guest's verdict; console:\n{}", console.join("\n"));
     assert!(has("probe exit 0"));
-    assert!(
-        matches!(answers.first(), Some(Response::Status { state: VmState::Running, vcpus: 2, memory_mib: 512, .. })),
-        "{answers:?}"
-    );
+    assert!(matches!(answers.first(), Some(Response::Status { state: VmState::Running, vcpus: 2, memory_mib: 512, .. })), "{answers:?}");
     assert_eq!(answers.get(1), Some(&Response::Done), "the guest's button driver enabled the power button event");
     assert!(has("probe power button pressed"), "console:\n{}", console.join("\n"));
     assert_eq!(status.code(), Some(0), "the guest powered off");
     assert!(!socket.exists(), "the VMM removes its vsock socket at exit");
     assert!(!api.exists(), "the VMM removes its API socket at exit");
-    println!(
-        "vsock: {STREAMS} streams each way, {} MiB per stream each direction, checked on both ends; VMM ran {secs:.1} s",
-        BYTES >> 20
-    );
+    println!("vsock: {STREAMS} streams each way, {} MiB per stream each direction, checked on both ends; VMM ran {secs:.1} s", BYTES >> 20);
     let _ = std::fs::remove_dir_all(&dir);
 }

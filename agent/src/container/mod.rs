@@ -69,7 +69,11 @@ type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// `[A-Za-z0-9_.-]{1,128}`.
 pub fn check_id(what: &str, id: &str) -> Result<()> {
-    let ok = !id.is_empty() && id.len() <= MAX_ID && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) && id != "." && id != "..";
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        && id != "."
+        && id != "..";
     if ok {
         Ok(())
     } else {
@@ -317,7 +321,12 @@ fn stdio_error(e: std::io::Error) -> Error {
 /// A new process's stdio: the child's side, and ours. Ours is ready now for
 /// pipes; for a terminal it is None, made by [`finish_stdio`] from the master
 /// the child sends back once it has allocated its pty.
-fn make_stdio(name: &str, terminal: bool, in_container: bool, size: Option<&spec::ConsoleSize>) -> Result<(ChildStdio, Option<ParentStdio>)> {
+fn make_stdio(
+    name: &str,
+    terminal: bool,
+    in_container: bool,
+    size: Option<&spec::ConsoleSize>,
+) -> Result<(ChildStdio, Option<ParentStdio>)> {
     if terminal {
         let size = size.filter(|s| s.height > 0 && s.width > 0).map(|s| libc::winsize {
             ws_row: s.height.min(u16::MAX as u32) as u16,
@@ -332,7 +341,10 @@ fn make_stdio(name: &str, terminal: bool, in_container: bool, size: Option<&spec
     let (err_r, err_w) = pipe()?;
     let stdout = Output::drain(out_r, format!("out-{name}")).map_err(stdio_error)?;
     let stderr = Output::drain(err_r, format!("err-{name}")).map_err(stdio_error)?;
-    Ok((ChildStdio::Pipes { stdin: in_r, stdout: out_w, stderr: err_w }, Some(ParentStdio { stdin: Input::new(in_w, false), stdout, stderr, pty: None })))
+    Ok((
+        ChildStdio::Pipes { stdin: in_r, stdout: out_w, stderr: err_w },
+        Some(ParentStdio { stdin: Input::new(in_w, false), stdout, stderr, pty: None }),
+    ))
 }
 
 /// Our side of a spawned child's stdio: `ready` (pipes), or its pty master.
@@ -376,7 +388,10 @@ fn process_plan(ps: &ProcessSpec, kind: Kind, stdio: ChildStdio) -> Result<Plan>
     let exec_paths = if prog.contains('/') {
         vec![cstring("process.args[0]", prog.as_str())?]
     } else {
-        path.split(':').filter(|d| !d.is_empty()).map(|d| cstring("PATH", format!("{}/{prog}", d.trim_end_matches('/')))).collect::<Result<_>>()?
+        path.split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| cstring("PATH", format!("{}/{prog}", d.trim_end_matches('/'))))
+            .collect::<Result<_>>()?
     };
     Ok(Plan {
         kind,
@@ -415,7 +430,12 @@ fn mkdirs(rootfs: &Path, dir: &Path, ops: &mut Vec<Op>, names: &mut Vec<String>)
 }
 
 fn default_mounts() -> Vec<spec::Mount> {
-    let m = |dest: &str, kind: &str, opts: &[&str]| spec::Mount { destination: dest.into(), kind: kind.into(), source: kind.into(), options: opts.iter().map(|s| s.to_string()).collect() };
+    let m = |dest: &str, kind: &str, opts: &[&str]| spec::Mount {
+        destination: dest.into(),
+        kind: kind.into(),
+        source: kind.into(),
+        options: opts.iter().map(|s| s.to_string()).collect(),
+    };
     vec![
         m("/proc", "proc", &["nosuid", "noexec", "nodev"]),
         m("/dev", "tmpfs", &["nosuid", "strictatime", "mode=755", "size=65536k"]),
@@ -449,10 +469,24 @@ fn root_plan(rootfs: &Path, spec: &spec::Spec, hostname: Option<&str>) -> Result
                 names.push(format!("create {}", target.display()));
             }
             let rec = if o.recursive { libc::MS_REC } else { 0 };
-            ops.push(Op::Mount { source: Some(path_cstring(src)?), target: path_cstring(&target)?, fstype: None, flags: libc::MS_BIND | rec, data: None, optional: false });
+            ops.push(Op::Mount {
+                source: Some(path_cstring(src)?),
+                target: path_cstring(&target)?,
+                fstype: None,
+                flags: libc::MS_BIND | rec,
+                data: None,
+                optional: false,
+            });
             names.push(what.clone());
             if o.flags != 0 {
-                ops.push(Op::Mount { source: None, target: path_cstring(&target)?, fstype: None, flags: libc::MS_BIND | libc::MS_REMOUNT | rec | o.flags, data: None, optional: false });
+                ops.push(Op::Mount {
+                    source: None,
+                    target: path_cstring(&target)?,
+                    fstype: None,
+                    flags: libc::MS_BIND | libc::MS_REMOUNT | rec | o.flags,
+                    data: None,
+                    optional: false,
+                });
                 names.push(format!("{what}: remount with its flags"));
             }
             continue;
@@ -466,7 +500,14 @@ fn root_plan(rootfs: &Path, spec: &spec::Spec, hostname: Option<&str>) -> Result
         };
         mkdirs(rootfs, &target, &mut ops, &mut names)?;
         let source = if m.source.is_empty() { fstype.to_string() } else { m.source.clone() };
-        ops.push(Op::Mount { source: Some(cstring("mount source", source)?), target: path_cstring(&target)?, fstype: Some(cstring("mount type", fstype)?), flags: o.flags, data, optional });
+        ops.push(Op::Mount {
+            source: Some(cstring("mount source", source)?),
+            target: path_cstring(&target)?,
+            fstype: Some(cstring("mount type", fstype)?),
+            flags: o.flags,
+            data,
+            optional,
+        });
         names.push(what);
         if m.destination.trim_end_matches('/') == "/dev" && m.kind == "tmpfs" {
             for node in DEV_NODES {
@@ -477,10 +518,23 @@ fn root_plan(rootfs: &Path, spec: &spec::Spec, hostname: Option<&str>) -> Result
                 let t = target.join(node);
                 ops.push(Op::Touch(path_cstring(&t)?));
                 names.push(format!("create {}", t.display()));
-                ops.push(Op::Mount { source: Some(path_cstring(&host)?), target: path_cstring(&t)?, fstype: None, flags: libc::MS_BIND, data: None, optional: false });
+                ops.push(Op::Mount {
+                    source: Some(path_cstring(&host)?),
+                    target: path_cstring(&t)?,
+                    fstype: None,
+                    flags: libc::MS_BIND,
+                    data: None,
+                    optional: false,
+                });
                 names.push(format!("bind {} on {}", host.display(), t.display()));
             }
-            for (link, to) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx")] {
+            for (link, to) in [
+                ("fd", "/proc/self/fd"),
+                ("stdin", "/proc/self/fd/0"),
+                ("stdout", "/proc/self/fd/1"),
+                ("stderr", "/proc/self/fd/2"),
+                ("ptmx", "pts/ptmx"),
+            ] {
                 let l = target.join(link);
                 ops.push(Op::Symlink { target: cstring("symlink", to)?, link: path_cstring(&l)? });
                 names.push(format!("symlink {} -> {to}", l.display()));
@@ -488,13 +542,21 @@ fn root_plan(rootfs: &Path, spec: &spec::Spec, hostname: Option<&str>) -> Result
         }
     }
     let readonly = spec.root.as_ref().is_some_and(|r| r.readonly);
-    Ok(InitRoot { rootfs: path_cstring(rootfs)?, ops, op_names: names, readonly, hostname: hostname.map(|h| cstring("hostname", h)).transpose()? })
+    Ok(InitRoot {
+        rootfs: path_cstring(rootfs)?,
+        ops,
+        op_names: names,
+        readonly,
+        hostname: hostname.map(|h| cstring("hostname", h)).transpose()?,
+    })
 }
 
 fn spawn_error(e: spawn::SpawnError) -> Error {
     let msg = e.to_string();
     match e.source.raw_os_error() {
-        Some(libc::ENOENT) | Some(libc::EACCES) | Some(libc::ENOTDIR) | Some(libc::ENOEXEC) | Some(libc::EPERM) | Some(libc::EINVAL) => Error::Precondition(msg),
+        Some(libc::ENOENT) | Some(libc::EACCES) | Some(libc::ENOTDIR) | Some(libc::ENOEXEC) | Some(libc::EPERM) | Some(libc::EINVAL) => {
+            Error::Precondition(msg)
+        }
         _ => Error::Internal(msg),
     }
 }
@@ -515,9 +577,13 @@ impl Runner {
 
     pub fn create_sandbox(&self, id: &str, hostname: &str, pci_map: HashMap<String, String>, shared_fs_tag: &str) -> Result<()> {
         check_id("sandbox id", id)?;
-        let tag_ok = shared_fs_tag.len() <= vfvm_protocols::agent::MAX_FS_TAG && shared_fs_tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b));
+        let tag_ok = shared_fs_tag.len() <= vfvm_protocols::agent::MAX_FS_TAG
+            && shared_fs_tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b));
         if !tag_ok {
-            return Err(Error::Invalid(format!("shared_fs_tag {shared_fs_tag:?}: must be at most {} of [A-Za-z0-9_-]", vfvm_protocols::agent::MAX_FS_TAG)));
+            return Err(Error::Invalid(format!(
+                "shared_fs_tag {shared_fs_tag:?}: must be at most {} of [A-Za-z0-9_-]",
+                vfvm_protocols::agent::MAX_FS_TAG
+            )));
         }
         if pci_map.len() > MAX_PCI_MAP {
             return Err(Error::Invalid(format!("pci_address_map: {} entries, at most {MAX_PCI_MAP}", pci_map.len())));
@@ -582,7 +648,15 @@ impl Runner {
         Ok(())
     }
 
-    fn create_reserved(&self, id: &str, spec: &mut spec::Spec, rootfs: &str, terminal: bool, sandbox_hostname: &str, pci_map: &HashMap<String, String>) -> Result<Arc<Container>> {
+    fn create_reserved(
+        &self,
+        id: &str,
+        spec: &mut spec::Spec,
+        rootfs: &str,
+        terminal: bool,
+        sandbox_hostname: &str,
+        pci_map: &HashMap<String, String>,
+    ) -> Result<Arc<Container>> {
         let Some(process) = spec.process.as_mut() else { return Err(Error::Invalid("oci spec: no process".into())) };
         for w in pci::rewrite_env(&mut process.env, pci_map) {
             tracing::warn!(container = id, "{w}");
@@ -653,7 +727,15 @@ impl Runner {
         let pidns = std::fs::read_link(format!("/proc/{}/ns/pid", child.pid)).map(|l| l.to_string_lossy().into_owned()).unwrap_or_default();
         let init = Process::new(&child, parent_stdio, exit)?;
         tracing::info!(container = id, pid = child.pid, rootfs = %rootfs.display(), "container created");
-        Ok(Arc::new(Container { id: id.into(), init, pending: Mutex::new(Some(child)), cgroup, pidns, own_devpts, execs: Mutex::default() }))
+        Ok(Arc::new(Container {
+            id: id.into(),
+            init,
+            pending: Mutex::new(Some(child)),
+            cgroup,
+            pidns,
+            own_devpts,
+            execs: Mutex::default(),
+        }))
     }
 
     pub fn start(&self, id: &str) -> Result<()> {
@@ -692,7 +774,9 @@ impl Runner {
             }
         }
         let ns = |n: &str| -> Result<OwnedFd> {
-            std::fs::File::open(format!("/proc/{}/ns/{n}", c.init.pid)).map(OwnedFd::from).map_err(|e| Error::Precondition(format!("container {id:?}: its {n} namespace: {e}")))
+            std::fs::File::open(format!("/proc/{}/ns/{n}", c.init.pid))
+                .map(OwnedFd::from)
+                .map_err(|e| Error::Precondition(format!("container {id:?}: its {n} namespace: {e}")))
         };
         let (ipc, uts, mnt, pidns) = (ns("ipc")?, ns("uts")?, ns("mnt")?, ns("pid")?);
         if c.init.exit.get().is_some() {
@@ -734,7 +818,10 @@ impl Runner {
     }
 
     pub fn signal(&self, id: &str, exec_id: &str, sig: u32, all: bool) -> Result<()> {
-        let sig = i32::try_from(sig).ok().filter(|s| (1..=64).contains(s)).ok_or_else(|| Error::Invalid(format!("signal {sig}: not a signal")))?;
+        let sig = i32::try_from(sig)
+            .ok()
+            .filter(|s| (1..=64).contains(s))
+            .ok_or_else(|| Error::Invalid(format!("signal {sig}: not a signal")))?;
         let c = self.container(id)?;
         if all {
             for pid in c.pids() {
@@ -803,7 +890,12 @@ impl Runner {
     pub fn resize(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
         let p = self.container(id)?.process(exec_id)?;
         let Some(pty) = &p.pty else { return Err(Error::Precondition(format!("container {id:?} process {exec_id:?} has no terminal"))) };
-        let ws = libc::winsize { ws_row: rows.min(u16::MAX as u32) as u16, ws_col: cols.min(u16::MAX as u32) as u16, ws_xpixel: 0, ws_ypixel: 0 };
+        let ws = libc::winsize {
+            ws_row: rows.min(u16::MAX as u32) as u16,
+            ws_col: cols.min(u16::MAX as u32) as u16,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
         // SAFETY: TIOCSWINSZ on our pty master with a winsize we own.
         if unsafe { libc::ioctl(pty.as_raw_fd(), libc::TIOCSWINSZ, &ws) } != 0 {
             return Err(Error::Internal(format!("resize: {}", std::io::Error::last_os_error())));

@@ -28,8 +28,18 @@ pub enum Op {
     Mkdir(CString),
     /// Create an empty file (a bind-mount target for a file).
     Touch(CString),
-    Mount { source: Option<CString>, target: CString, fstype: Option<CString>, flags: libc::c_ulong, data: Option<CString>, optional: bool },
-    Symlink { target: CString, link: CString },
+    Mount {
+        source: Option<CString>,
+        target: CString,
+        fstype: Option<CString>,
+        flags: libc::c_ulong,
+        data: Option<CString>,
+        optional: bool,
+    },
+    Symlink {
+        target: CString,
+        link: CString,
+    },
 }
 
 pub struct InitRoot {
@@ -50,7 +60,11 @@ pub enum Kind {
 }
 
 pub enum ChildStdio {
-    Pipes { stdin: OwnedFd, stdout: OwnedFd, stderr: OwnedFd },
+    Pipes {
+        stdin: OwnedFd,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    },
     /// A terminal the child allocates; its master comes back in [`Child::take_pty_master`].
     Pty(PtyPlan),
 }
@@ -614,8 +628,16 @@ unsafe fn child(ctx: &ChildCtx) -> ! {
 }
 
 unsafe fn setup_root(ctx: &ChildCtx, root: &InitRoot) {
-    check(ctx, libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) as _, S_PRIVATE);
-    check(ctx, libc::mount(root.rootfs.as_ptr(), root.rootfs.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REC, std::ptr::null()) as _, S_BIND);
+    check(
+        ctx,
+        libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) as _,
+        S_PRIVATE,
+    );
+    check(
+        ctx,
+        libc::mount(root.rootfs.as_ptr(), root.rootfs.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REC, std::ptr::null()) as _,
+        S_BIND,
+    );
     for (i, op) in root.ops.iter().enumerate() {
         let step = S_OPS + i as u32;
         match op {

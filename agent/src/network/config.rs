@@ -122,10 +122,7 @@ impl NetworkConfig {
     /// refused). Does not validate: see [`NetworkConfig::validate`].
     pub fn from_json(bytes: &[u8]) -> Result<NetworkConfig> {
         if bytes.len() > MAX_JSON_BYTES {
-            return Err(NetError::Decode(format!(
-                "{} bytes is more than the {MAX_JSON_BYTES} allowed",
-                bytes.len()
-            )));
+            return Err(NetError::Decode(format!("{} bytes is more than the {MAX_JSON_BYTES} allowed", bytes.len())));
         }
         serde_json::from_slice(bytes).map_err(|e| NetError::Decode(e.to_string()))
     }
@@ -147,19 +144,14 @@ pub struct PciAddr {
 
 impl fmt::Display for PciAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:04x}:{:02x}:{:02x}.{:x}",
-            self.domain, self.bus, self.device, self.function
-        )
+        write!(f, "{:04x}:{:02x}:{:02x}.{:x}", self.domain, self.bus, self.device, self.function)
     }
 }
 
 impl std::str::FromStr for PciAddr {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<PciAddr, String> {
-        let bad =
-            || "expected a PCI address \"DDDD:BB:DD.F\" (hex), e.g. \"0000:00:05.0\"".to_string();
+        let bad = || "expected a PCI address \"DDDD:BB:DD.F\" (hex), e.g. \"0000:00:05.0\"".to_string();
         let b = s.as_bytes();
         if b.len() != 12 || b[4] != b':' || b[7] != b':' || b[10] != b'.' {
             return Err(bad());
@@ -181,12 +173,7 @@ impl std::str::FromStr for PciAddr {
         if function > 7 {
             return Err(format!("function number {function} is above 7"));
         }
-        Ok(PciAddr {
-            domain,
-            bus,
-            device: device as u8,
-            function: function as u8,
-        })
+        Ok(PciAddr { domain, bus, device: device as u8, function: function as u8 })
     }
 }
 
@@ -248,24 +235,15 @@ fn parse_cidr(s: &str) -> std::result::Result<Cidr, String> {
     if s.len() > 64 {
         return Err("too long for an address with prefix".into());
     }
-    let (a, l) = s
-        .split_once('/')
-        .ok_or("expected ADDRESS/PREFIX_LENGTH, e.g. \"198.18.0.1/24\" or \"fd00::1/64\"")?;
-    let addr: IpAddr = a
-        .parse()
-        .map_err(|_| format!("{a:?} is not an IPv4 or IPv6 address"))?;
+    let (a, l) = s.split_once('/').ok_or("expected ADDRESS/PREFIX_LENGTH, e.g. \"198.18.0.1/24\" or \"fd00::1/64\"")?;
+    let addr: IpAddr = a.parse().map_err(|_| format!("{a:?} is not an IPv4 or IPv6 address"))?;
     let max = Family::of(&addr).max_prefix();
     if l.is_empty() || l.len() > 3 || !l.bytes().all(|c| c.is_ascii_digit()) {
         return Err(format!("prefix length {l:?} is not a number"));
     }
-    let prefix_len: u8 = l
-        .parse()
-        .map_err(|_| format!("prefix length {l:?} is not a number from 0 to {max}"))?;
+    let prefix_len: u8 = l.parse().map_err(|_| format!("prefix length {l:?} is not a number from 0 to {max}"))?;
     if prefix_len > max {
-        return Err(format!(
-            "prefix length {prefix_len} is longer than {max} for an {} address",
-            if max == 32 { "IPv4" } else { "IPv6" }
-        ));
+        return Err(format!("prefix length {prefix_len} is longer than {max} for an {} address", if max == 32 { "IPv4" } else { "IPv6" }));
     }
     Ok(Cidr { addr, prefix_len })
 }
@@ -274,36 +252,27 @@ fn parse_ip(s: &str) -> std::result::Result<IpAddr, String> {
     if s.len() > 64 {
         return Err("too long for an IP address".into());
     }
-    s.parse()
-        .map_err(|_| "not an IPv4 or IPv6 address".to_string())
+    s.parse().map_err(|_| "not an IPv4 or IPv6 address".to_string())
 }
 
 fn parse_mac(s: &str) -> std::result::Result<MacAddr, String> {
     if s.len() > 17 {
         return Err("too long for a MAC address".into());
     }
-    let m: MacAddr = s
-        .parse()
-        .map_err(|e: vfvm_netlink::MacParseError| e.to_string())?;
+    let m: MacAddr = s.parse().map_err(|e: vfvm_netlink::MacParseError| e.to_string())?;
     Ok(m)
 }
 
 /// Checks an interface name the way the kernel does (`dev_valid_name`).
 pub(crate) fn check_ifname(name: &str) -> std::result::Result<(), String> {
     if name.is_empty() || name.len() > MAX_IFNAME {
-        return Err(format!(
-            "an interface name is 1 to {MAX_IFNAME} bytes long, this one is {}",
-            name.len()
-        ));
+        return Err(format!("an interface name is 1 to {MAX_IFNAME} bytes long, this one is {}", name.len()));
     }
     if name == "." || name == ".." {
         return Err("\".\" and \"..\" are not interface names".into());
     }
-    if name.contains(['/', ':', '\0']) || name.chars().any(|c| c.is_whitespace() || c.is_control())
-    {
-        return Err(
-            "an interface name cannot contain '/', ':', whitespace or control characters".into(),
-        );
+    if name.contains(['/', ':', '\0']) || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("an interface name cannot contain '/', ':', whitespace or control characters".into());
     }
     Ok(())
 }
@@ -435,11 +404,7 @@ pub struct ValidConfig {
 
 fn count(field: &str, n: usize, max: usize) -> Result<()> {
     if n > max {
-        return Err(invalid(
-            field,
-            format!("{n} entries"),
-            format!("at most {max} are allowed"),
-        ));
+        return Err(invalid(field, format!("{n} entries"), format!("at most {max} are allowed")));
     }
     Ok(())
 }
@@ -454,39 +419,23 @@ fn validate(c: &NetworkConfig) -> Result<ValidConfig> {
     for (i, iface) in c.interfaces.iter().enumerate() {
         let v = validate_interface(i, iface)?;
         if !names.insert(v.name.clone()) {
-            return Err(invalid(
-                format!("interfaces[{i}].name"),
-                &v.name,
-                "another interface has this name",
-            ));
+            return Err(invalid(format!("interfaces[{i}].name"), &v.name, "another interface has this name"));
         }
         // One interface per device, plus VLAN interfaces on it (one per id).
         let (dup_pci, dup_mac) = match v.vlan {
-            None => (
-                "another interface uses this PCI address",
-                "another interface uses this MAC",
-            ),
-            Some(_) => (
-                "another interface has a VLAN of this id on this PCI address",
-                "another interface has a VLAN of this id on this MAC",
-            ),
+            None => ("another interface uses this PCI address", "another interface uses this MAC"),
+            Some(_) => {
+                ("another interface has a VLAN of this id on this PCI address", "another interface has a VLAN of this id on this MAC")
+            }
         };
         if let Some(p) = v.device.pci {
             if !pcis.insert((p, v.vlan)) {
-                return Err(invalid(
-                    format!("interfaces[{i}].device.pci_address"),
-                    p.to_string(),
-                    dup_pci,
-                ));
+                return Err(invalid(format!("interfaces[{i}].device.pci_address"), p.to_string(), dup_pci));
             }
         }
         if let Some(m) = v.device.mac {
             if !macs.insert((m.0, v.vlan)) {
-                return Err(invalid(
-                    format!("interfaces[{i}].device.mac"),
-                    m.to_string(),
-                    dup_mac,
-                ));
+                return Err(invalid(format!("interfaces[{i}].device.mac"), m.to_string(), dup_mac));
             }
         }
         interfaces.push(v);
@@ -500,30 +449,21 @@ fn validate(c: &NetworkConfig) -> Result<ValidConfig> {
             return Err(invalid(
                 format!("routes[{i}]"),
                 v.to_string(),
-                format!(
-                    "routes[{prev}] has the same destination and metric; the kernel keeps one route per destination and metric"
-                ),
+                format!("routes[{prev}] has the same destination and metric; the kernel keeps one route per destination and metric"),
             ));
         }
         routes.push(v);
     }
     routes.sort_by_key(|r| r.order_class());
     let dns = c.dns.as_ref().map(validate_dns).transpose()?;
-    Ok(ValidConfig {
-        interfaces,
-        routes,
-        dns,
-    })
+    Ok(ValidConfig { interfaces, routes, dns })
 }
 
 fn validate_interface(i: usize, iface: &Interface) -> Result<ValidInterface> {
     let f = |s: &str| format!("interfaces[{i}].{s}");
     check_ifname(&iface.name).map_err(|r| invalid(f("name"), &iface.name, r))?;
     let pci = match &iface.device.pci_address {
-        Some(p) => Some(
-            p.parse::<PciAddr>()
-                .map_err(|r| invalid(f("device.pci_address"), p, r))?,
-        ),
+        Some(p) => Some(p.parse::<PciAddr>().map_err(|r| invalid(f("device.pci_address"), p, r))?),
         None => None,
     };
     let dmac = match &iface.device.mac {
@@ -531,21 +471,13 @@ fn validate_interface(i: usize, iface: &Interface) -> Result<ValidInterface> {
         None => None,
     };
     if pci.is_none() && dmac.is_none() {
-        return Err(invalid(
-            f("device"),
-            "{}",
-            "give pci_address and/or mac to find the device by",
-        ));
+        return Err(invalid(f("device"), "{}", "give pci_address and/or mac to find the device by"));
     }
     let mac = match &iface.mac {
         Some(m) => {
             let v = parse_mac(m).map_err(|r| invalid(f("mac"), m, r))?;
             if v.is_zero() || v.0[0] & 1 != 0 {
-                return Err(invalid(
-                    f("mac"),
-                    m,
-                    "not a unicast MAC (all zeroes, or the multicast bit is set)",
-                ));
+                return Err(invalid(f("mac"), m, "not a unicast MAC (all zeroes, or the multicast bit is set)"));
             }
             Some(v)
         }
@@ -583,11 +515,7 @@ fn validate_interface(i: usize, iface: &Interface) -> Result<ValidInterface> {
             return Err(invalid(&field, a, "listed twice"));
         }
         if let Some(o) = addresses.iter().find(|o: &&Cidr| o.addr == c.addr) {
-            return Err(invalid(
-                &field,
-                a,
-                format!("the same address is also listed as {o}"),
-            ));
+            return Err(invalid(&field, a, format!("the same address is also listed as {o}")));
         }
         addresses.push(c);
     }
@@ -596,11 +524,7 @@ fn validate_interface(i: usize, iface: &Interface) -> Result<ValidInterface> {
             return Err(invalid(f("mtu"), m.to_string(), "must be 68 to 65535"));
         }
         if m < 1280 && addresses.iter().any(|a| a.addr.is_ipv6()) {
-            return Err(invalid(
-                f("mtu"),
-                m.to_string(),
-                "IPv6 needs an MTU of at least 1280 and the interface has IPv6 addresses",
-            ));
+            return Err(invalid(f("mtu"), m.to_string(), "IPv6 needs an MTU of at least 1280 and the interface has IPv6 addresses"));
         }
     }
     if let Some(v) = iface.vlan {
@@ -608,14 +532,7 @@ fn validate_interface(i: usize, iface: &Interface) -> Result<ValidInterface> {
             return Err(invalid(f("vlan"), v.to_string(), "a VLAN id is 1 to 4094"));
         }
     }
-    Ok(ValidInterface {
-        name: iface.name.clone(),
-        device: DeviceSel { pci, mac: dmac },
-        mac,
-        mtu: iface.mtu,
-        addresses,
-        vlan: iface.vlan,
-    })
+    Ok(ValidInterface { name: iface.name.clone(), device: DeviceSel { pci, mac: dmac }, mac, mtu: iface.mtu, addresses, vlan: iface.vlan })
 }
 
 fn validate_route(i: usize, r: &Route) -> Result<ValidRoute> {
@@ -638,29 +555,18 @@ fn validate_route(i: usize, r: &Route) -> Result<ValidRoute> {
                 "\"default\" needs a gateway (for a default route through a device, write 0.0.0.0/0 or ::/0)",
             ));
         };
-        Cidr {
-            addr: Family::of(&g).unspecified(),
-            prefix_len: 0,
-        }
+        Cidr { addr: Family::of(&g).unspecified(), prefix_len: 0 }
     } else {
         let c = parse_cidr(&r.dest).map_err(|e| invalid(f("dest"), &r.dest, e))?;
         if c.has_host_bits() {
-            return Err(invalid(
-                f("dest"),
-                &r.dest,
-                "the address has bits set beyond the prefix length (not a network address)",
-            ));
+            return Err(invalid(f("dest"), &r.dest, "the address has bits set beyond the prefix length (not a network address)"));
         }
         c
     };
     let fam = Family::of(&dst.addr);
     if let Some(g) = gateway {
         if Family::of(&g) != fam {
-            return Err(invalid(
-                f("gateway"),
-                g.to_string(),
-                format!("not of the destination's family ({})", r.dest),
-            ));
+            return Err(invalid(f("gateway"), g.to_string(), format!("not of the destination's family ({})", r.dest)));
         }
     }
     let device = match &r.device {
@@ -671,11 +577,7 @@ fn validate_route(i: usize, r: &Route) -> Result<ValidRoute> {
         None => None,
     };
     if gateway.is_none() && device.is_none() {
-        return Err(invalid(
-            format!("routes[{i}]"),
-            &r.dest,
-            "a route needs a gateway or a device",
-        ));
+        return Err(invalid(format!("routes[{i}]"), &r.dest, "a route needs a gateway or a device"));
     }
     let scope = match r.scope.as_deref() {
         None => {
@@ -691,20 +593,10 @@ fn validate_route(i: usize, r: &Route) -> Result<ValidRoute> {
                 "site" => Scope::Site,
                 "link" => Scope::Link,
                 "host" => Scope::Host,
-                _ => {
-                    return Err(invalid(
-                        f("scope"),
-                        s,
-                        "expected \"universe\", \"global\", \"site\", \"link\" or \"host\"",
-                    ))
-                }
+                _ => return Err(invalid(f("scope"), s, "expected \"universe\", \"global\", \"site\", \"link\" or \"host\"")),
             };
             if gateway.is_some() && sc != Scope::Universe {
-                return Err(invalid(
-                    f("scope"),
-                    s,
-                    "a route with a gateway has scope universe",
-                ));
+                return Err(invalid(f("scope"), s, "a route with a gateway has scope universe"));
             }
             if fam == Family::V6 && sc != Scope::Universe {
                 return Err(invalid(f("scope"), s, "IPv6 routes have no scope"));
@@ -712,30 +604,15 @@ fn validate_route(i: usize, r: &Route) -> Result<ValidRoute> {
             sc
         }
     };
-    Ok(ValidRoute {
-        index: i,
-        dst,
-        gateway,
-        device,
-        scope,
-        metric: r.metric,
-    })
+    Ok(ValidRoute { index: i, dst, gateway, device, scope, metric: r.metric })
 }
 
 fn check_token(field: &str, s: &str, what: &str, ok: impl Fn(char) -> bool) -> Result<()> {
     if s.is_empty() || s.len() > MAX_STR {
-        return Err(invalid(
-            field,
-            s,
-            format!("a {what} is 1 to {MAX_STR} bytes long"),
-        ));
+        return Err(invalid(field, s, format!("a {what} is 1 to {MAX_STR} bytes long")));
     }
     if !s.chars().all(ok) {
-        return Err(invalid(
-            field,
-            s,
-            format!("a {what} has only letters, digits and the characters allowed for it"),
-        ));
+        return Err(invalid(field, s, format!("a {what} has only letters, digits and the characters allowed for it")));
     }
     Ok(())
 }
@@ -748,29 +625,19 @@ fn validate_dns(d: &Dns) -> Result<ValidDns> {
     for (i, s) in d.servers.iter().enumerate() {
         let ip = parse_ip(s).map_err(|e| invalid(format!("dns.servers[{i}]"), s, e))?;
         if ip.is_unspecified() || ip.is_multicast() {
-            return Err(invalid(
-                format!("dns.servers[{i}]"),
-                s,
-                "not a unicast address",
-            ));
+            return Err(invalid(format!("dns.servers[{i}]"), s, "not a unicast address"));
         }
         servers.push(ip);
     }
     for (i, s) in d.searches.iter().enumerate() {
-        check_token(&format!("dns.searches[{i}]"), s, "search domain", |c| {
-            c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_'
-        })?;
+        check_token(&format!("dns.searches[{i}]"), s, "search domain", |c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')?;
     }
     for (i, s) in d.options.iter().enumerate() {
         check_token(&format!("dns.options[{i}]"), s, "resolver option", |c| {
             c.is_ascii_alphanumeric() || matches!(c, ':' | '-' | '_' | '.')
         })?;
     }
-    Ok(ValidDns {
-        servers,
-        searches: d.searches.clone(),
-        options: d.options.clone(),
-    })
+    Ok(ValidDns { servers, searches: d.searches.clone(), options: d.options.clone() })
 }
 
 #[cfg(test)]
@@ -779,24 +646,9 @@ mod tests {
 
     #[test]
     fn cidr_parsing() {
-        assert_eq!(
-            parse_cidr("198.18.0.1/24").unwrap(),
-            Cidr {
-                addr: "198.18.0.1".parse().unwrap(),
-                prefix_len: 24
-            }
-        );
+        assert_eq!(parse_cidr("198.18.0.1/24").unwrap(), Cidr { addr: "198.18.0.1".parse().unwrap(), prefix_len: 24 });
         assert!(parse_cidr("fd00::1/64").is_ok());
-        for bad in [
-            "300.1.1.1/33",
-            "1.2.3.4",
-            "1.2.3.4/",
-            "1.2.3.4/33",
-            "::1/129",
-            "1.2.3.4/+1",
-            "x/1",
-            "1.2.3.4/024x",
-        ] {
+        for bad in ["300.1.1.1/33", "1.2.3.4", "1.2.3.4/", "1.2.3.4/33", "::1/129", "1.2.3.4/+1", "x/1", "1.2.3.4/024x"] {
             assert!(parse_cidr(bad).is_err(), "{bad}");
         }
         let c = parse_cidr("10.1.0.0/16").unwrap();
@@ -804,27 +656,15 @@ mod tests {
         assert!(!c.contains(&"10.2.0.1".parse().unwrap()));
         assert!(!c.has_host_bits());
         assert!(parse_cidr("10.1.0.1/16").unwrap().has_host_bits());
-        assert!(parse_cidr("0.0.0.0/0")
-            .unwrap()
-            .contains(&"1.2.3.4".parse().unwrap()));
+        assert!(parse_cidr("0.0.0.0/0").unwrap().contains(&"1.2.3.4".parse().unwrap()));
     }
 
     #[test]
     fn pci_parsing() {
         let p: PciAddr = "0000:00:05.0".parse().unwrap();
         assert_eq!(p.to_string(), "0000:00:05.0");
-        assert_eq!(
-            "0000:AF:1f.7".parse::<PciAddr>().unwrap().to_string(),
-            "0000:af:1f.7"
-        );
-        for bad in [
-            "00:05.0",
-            "0000:00:05.8",
-            "0000:00:20.0",
-            "0000-00:05.0",
-            "000g:00:05.0",
-            "0000:00:05.0 ",
-        ] {
+        assert_eq!("0000:AF:1f.7".parse::<PciAddr>().unwrap().to_string(), "0000:af:1f.7");
+        for bad in ["00:05.0", "0000:00:05.8", "0000:00:20.0", "0000-00:05.0", "000g:00:05.0", "0000:00:05.0 "] {
             assert!(bad.parse::<PciAddr>().is_err(), "{bad}");
         }
     }
@@ -841,11 +681,7 @@ mod tests {
             d.render(),
             "# Generated by vfvm-agent. Do not edit.\nnameserver 10.96.0.10\nnameserver fd00::a\nsearch svc.cluster.local cluster.local\noptions ndots:5\n"
         );
-        let e = validate_dns(&Dns {
-            searches: vec!["a\nnameserver 1.1.1.1".into()],
-            ..Default::default()
-        })
-        .unwrap_err();
+        let e = validate_dns(&Dns { searches: vec!["a\nnameserver 1.1.1.1".into()], ..Default::default() }).unwrap_err();
         assert!(e.to_string().contains("dns.searches[0]"), "{e}");
     }
 
@@ -853,21 +689,9 @@ mod tests {
     fn route_ordering_and_defaults() {
         let c = NetworkConfig {
             routes: vec![
-                Route {
-                    dest: "default".into(),
-                    gateway: Some("10.0.0.1".into()),
-                    ..Default::default()
-                },
-                Route {
-                    dest: "10.9.0.0/16".into(),
-                    gateway: Some("10.0.0.1".into()),
-                    ..Default::default()
-                },
-                Route {
-                    dest: "10.8.0.0/16".into(),
-                    device: Some("eth0".into()),
-                    ..Default::default()
-                },
+                Route { dest: "default".into(), gateway: Some("10.0.0.1".into()), ..Default::default() },
+                Route { dest: "10.9.0.0/16".into(), gateway: Some("10.0.0.1".into()), ..Default::default() },
+                Route { dest: "10.8.0.0/16".into(), device: Some("eth0".into()), ..Default::default() },
             ],
             ..Default::default()
         };

@@ -37,9 +37,7 @@ pub enum FoundVia {
 }
 
 fn mac_fits(l: &Link, want: &Wanted<'_>, m: MacAddr) -> bool {
-    l.mac == Some(m)
-        || l.perm_mac == Some(m)
-        || (want.set_mac.is_some() && l.mac == want.set_mac && l.name == want.name)
+    l.mac == Some(m) || l.perm_mac == Some(m) || (want.set_mac.is_some() && l.mac == want.set_mac && l.name == want.name)
 }
 
 /// Reads a small sysfs attribute (bounded).
@@ -52,33 +50,18 @@ fn read_small(path: &Path) -> std::io::Result<String> {
 
 /// Looks once. `Ok(None)`: not there (yet).
 pub fn find_device(h: &Handle, sysfs_root: &Path, want: &Wanted<'_>) -> Result<Option<Link>> {
-    let iface_err = |detail: String| NetError::Device {
-        interface: want.name.to_string(),
-        detail,
-    };
+    let iface_err = |detail: String| NetError::Device { interface: want.name.to_string(), detail };
     let mut candidates: Vec<Link> = Vec::new();
     if let Some(pci) = want.device.pci {
-        let dir: PathBuf = sysfs_root
-            .join("bus/pci/devices")
-            .join(pci.to_string())
-            .join("net");
+        let dir: PathBuf = sysfs_root.join("bus/pci/devices").join(pci.to_string()).join("net");
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(NetError::Io {
-                    op: "list",
-                    path: dir,
-                    source,
-                })
-            }
+            Err(source) => return Err(NetError::Io { op: "list", path: dir, source }),
         };
         for (n, ent) in rd.enumerate() {
             if n >= MAX_NETDEVS_PER_FUNCTION {
-                return Err(iface_err(format!(
-                    "{} lists more than {MAX_NETDEVS_PER_FUNCTION} netdevs",
-                    dir.display()
-                )));
+                return Err(iface_err(format!("{} lists more than {MAX_NETDEVS_PER_FUNCTION} netdevs", dir.display())));
             }
             let ent = match ent {
                 Ok(e) => e,
@@ -92,25 +75,15 @@ pub fn find_device(h: &Handle, sysfs_root: &Path, want: &Wanted<'_>) -> Result<O
                 continue;
             }
             // Prefer the ifindex (stable across renames); fall back to the name.
-            let by_index = read_small(&ent.path().join("ifindex"))
-                .ok()
-                .and_then(|s| s.parse::<u32>().ok())
-                .filter(|&i| i > 0 && i <= i32::MAX as u32);
+            let by_index =
+                read_small(&ent.path().join("ifindex")).ok().and_then(|s| s.parse::<u32>().ok()).filter(|&i| i > 0 && i <= i32::MAX as u32);
             let link = match by_index {
                 Some(i) => match h.link_by_index(i) {
                     Ok(l) => Some(l),
                     Err(e) if e.errno() == Some(libc::ENODEV) => None,
-                    Err(e) => {
-                        return Err(nl(format!(
-                            "interface {:?}: get link {i} of PCI device {pci}",
-                            want.name
-                        ))(e))
-                    }
+                    Err(e) => return Err(nl(format!("interface {:?}: get link {i} of PCI device {pci}", want.name))(e)),
                 },
-                None => h.find_link(&name).map_err(nl(format!(
-                    "interface {:?}: get link {name:?} of PCI device {pci}",
-                    want.name
-                )))?,
+                None => h.find_link(&name).map_err(nl(format!("interface {:?}: get link {name:?} of PCI device {pci}", want.name)))?,
             };
             if let Some(l) = link {
                 candidates.push(l);
@@ -129,18 +102,12 @@ pub fn find_device(h: &Handle, sysfs_root: &Path, want: &Wanted<'_>) -> Result<O
             }
         }
     } else if let Some(m) = want.device.mac {
-        let links = h
-            .links()
-            .map_err(nl(format!("interface {:?}: list links", want.name)))?;
+        let links = h.links().map_err(nl(format!("interface {:?}: list links", want.name)))?;
         candidates = links.into_iter().filter(|l| mac_fits(l, want, m)).collect();
         if candidates.len() > 1 {
             // Stacked devices (VLAN, macvlan, bond ports) share the MAC of
             // their lower device: prefer devices that are not stacked.
-            let hw: Vec<Link> = candidates
-                .iter()
-                .filter(|l| l.kind.is_none() || l.kind.as_deref() == Some("veth"))
-                .cloned()
-                .collect();
+            let hw: Vec<Link> = candidates.iter().filter(|l| l.kind.is_none() || l.kind.as_deref() == Some("veth")).cloned().collect();
             if !hw.is_empty() {
                 candidates = hw;
             }
@@ -154,10 +121,7 @@ pub fn find_device(h: &Handle, sysfs_root: &Path, want: &Wanted<'_>) -> Result<O
                 return Ok(Some(candidates.swap_remove(i)));
             }
             let names: Vec<&str> = candidates.iter().map(|l| l.name.as_str()).collect();
-            Err(iface_err(format!(
-                "{} matches several links: {names:?}",
-                want.device
-            )))
+            Err(iface_err(format!("{} matches several links: {names:?}", want.device)))
         }
     }
 }
@@ -184,11 +148,7 @@ pub fn wait_for_devices(
         for (w, slot) in wanted.iter().zip(found.iter_mut()) {
             if slot.is_none() {
                 if let Some(l) = find_device(h, sysfs_root, w)? {
-                    let via = if rechecks == 0 {
-                        FoundVia::FirstLook
-                    } else {
-                        FoundVia::Uevent { rechecks }
-                    };
+                    let via = if rechecks == 0 { FoundVia::FirstLook } else { FoundVia::Uevent { rechecks } };
                     tracing::debug!(interface = w.name, link = %l.name, ?via, "device found");
                     *slot = Some((l, via));
                 }
@@ -210,11 +170,7 @@ pub fn wait_for_devices(
                     let i = found.iter().position(Option::is_none).unwrap_or(0);
                     let w = &wanted[i.min(wanted.len().saturating_sub(1))];
                     tracing::warn!(interface = w.name, waited = ?start.elapsed(), "device did not appear");
-                    return Err(NetError::DeviceTimeout {
-                        interface: w.name.to_string(),
-                        device: w.device.to_string(),
-                        timeout,
-                    });
+                    return Err(NetError::DeviceTimeout { interface: w.name.to_string(), device: w.device.to_string(), timeout });
                 }
             }
         }

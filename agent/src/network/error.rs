@@ -16,25 +16,15 @@ pub enum NetError {
     /// into the config (`interfaces[0].addresses[1]`), `value` the offending
     /// value (cut to a bounded length).
     #[error("invalid network config: {field} = {value:?}: {reason}")]
-    Invalid {
-        field: String,
-        value: String,
-        reason: String,
-    },
+    Invalid { field: String, value: String, reason: String },
     /// The JSON wire form could not be decoded.
     #[error("invalid network config: cannot decode: {0}")]
     Decode(String),
     /// A VLAN was asked for, which cannot be done here. Nothing was changed.
     #[error("interface {interface:?}: VLAN {vlan} is unsupported here: {reason}")]
-    VlanUnsupported {
-        interface: String,
-        vlan: u16,
-        reason: String,
-    },
+    VlanUnsupported { interface: String, vlan: u16, reason: String },
     /// The device did not show up within the configured time.
-    #[error(
-        "interface {interface:?}: no network device with {device} appeared within {timeout:?}"
-    )]
+    #[error("interface {interface:?}: no network device with {device} appeared within {timeout:?}")]
     DeviceTimeout {
         interface: String,
         /// "PCI address 0000:00:05.0", "MAC 02:..", or both.
@@ -79,11 +69,7 @@ pub enum NetError {
 /// Longest value echoed back in an [`NetError::Invalid`].
 const MAX_ECHO: usize = 80;
 
-pub(crate) fn invalid(
-    field: impl Into<String>,
-    value: impl AsRef<str>,
-    reason: impl Into<String>,
-) -> NetError {
+pub(crate) fn invalid(field: impl Into<String>, value: impl AsRef<str>, reason: impl Into<String>) -> NetError {
     let v = value.as_ref();
     let value = if v.len() > MAX_ECHO {
         let mut end = MAX_ECHO;
@@ -94,11 +80,7 @@ pub(crate) fn invalid(
     } else {
         v.to_string()
     };
-    NetError::Invalid {
-        field: field.into(),
-        value,
-        reason: reason.into(),
-    }
+    NetError::Invalid { field: field.into(), value, reason: reason.into() }
 }
 
 pub(crate) fn nl(context: impl Into<String>) -> impl FnOnce(vfvm_netlink::Error) -> NetError {

@@ -76,14 +76,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use vfvm_netlink::{
-    table, AddrFlags, AddressSpec, Family, Handle, Link, MacAddr, Netns, Route as NlRoute,
-    RouteSpec, RouteType,
-};
+use vfvm_netlink::{table, AddrFlags, AddressSpec, Family, Handle, Link, MacAddr, Netns, Route as NlRoute, RouteSpec, RouteType};
 
 pub use config::{
-    Cidr, DeviceMatch, DeviceSel, Dns, Interface, NetworkConfig, PciAddr, Route, ValidConfig,
-    ValidDns, ValidInterface, ValidRoute,
+    Cidr, DeviceMatch, DeviceSel, Dns, Interface, NetworkConfig, PciAddr, Route, ValidConfig, ValidDns, ValidInterface, ValidRoute,
 };
 pub use device::{find_device, wait_for_devices, FoundVia, Wanted};
 pub use error::{NetError, Result};
@@ -244,11 +240,7 @@ enum Target {
     /// already on the parent.
     Link(u32),
     /// A VLAN link to create on `parent`; `stand_in` is its ifindex until then.
-    NewVlan {
-        parent: u32,
-        vlan: u16,
-        stand_in: u32,
-    },
+    NewVlan { parent: u32, vlan: u16, stand_in: u32 },
 }
 
 impl Target {
@@ -300,11 +292,7 @@ fn is_v6_link_local(ip: &IpAddr) -> bool {
 }
 
 fn describe_nl_route(r: &NlRoute, names: &BTreeMap<u32, String>) -> String {
-    let mut s = if r.dst_len == 0 {
-        "default".to_string()
-    } else {
-        format!("{}/{}", r.dst, r.dst_len)
-    };
+    let mut s = if r.dst_len == 0 { "default".to_string() } else { format!("{}/{}", r.dst, r.dst_len) };
     if let Some(g) = r.gateway {
         s += &format!(" via {g}");
     }
@@ -367,25 +355,14 @@ impl Network {
     /// A configurator for the calling thread's network namespace.
     pub fn new(opts: Options) -> Result<Network> {
         let handle = Handle::new().map_err(nl("open a netlink socket"))?;
-        Ok(Network {
-            handle,
-            netns: None,
-            opts,
-            configured: Mutex::new(BTreeMap::new()),
-        })
+        Ok(Network { handle, netns: None, opts, configured: Mutex::new(BTreeMap::new()) })
     }
 
     /// A configurator for `ns` (which it keeps open: a duplicate descriptor).
     pub fn in_netns(ns: &Netns, opts: Options) -> Result<Network> {
         let handle = Handle::in_netns(ns).map_err(nl("open a netlink socket in the namespace"))?;
-        let dup = Netns::open(format!("/proc/self/fd/{}", ns.as_fd().as_raw_fd()))
-            .map_err(nl("keep the network namespace open"))?;
-        Ok(Network {
-            handle,
-            netns: Some(dup),
-            opts,
-            configured: Mutex::new(BTreeMap::new()),
-        })
+        let dup = Netns::open(format!("/proc/self/fd/{}", ns.as_fd().as_raw_fd())).map_err(nl("keep the network namespace open"))?;
+        Ok(Network { handle, netns: Some(dup), opts, configured: Mutex::new(BTreeMap::new()) })
     }
 
     /// The options in use.
@@ -407,25 +384,10 @@ impl Network {
     }
 
     /// Waits (up to `timeout`) for one device, as [`wait_for_devices`] does.
-    pub fn wait_for_device(
-        &self,
-        want: &Wanted<'_>,
-        timeout: Duration,
-        after_first_miss: impl FnOnce(),
-    ) -> Result<(Link, FoundVia)> {
+    pub fn wait_for_device(&self, want: &Wanted<'_>, timeout: Duration, after_first_miss: impl FnOnce()) -> Result<(Link, FoundVia)> {
         let events = self.uevent_socket()?;
-        let mut v = wait_for_devices(
-            &self.handle,
-            &self.opts.sysfs_root,
-            &events,
-            std::slice::from_ref(want),
-            timeout,
-            after_first_miss,
-        )?;
-        v.pop().ok_or_else(|| NetError::Device {
-            interface: want.name.to_string(),
-            detail: "internal: wait returned nothing".into(),
-        })
+        let mut v = wait_for_devices(&self.handle, &self.opts.sysfs_root, &events, std::slice::from_ref(want), timeout, after_first_miss)?;
+        v.pop().ok_or_else(|| NetError::Device { interface: want.name.to_string(), detail: "internal: wait returned nothing".into() })
     }
 
     /// Validates `cfg`, then converges the system to it (see the module docs).
@@ -444,37 +406,21 @@ impl Network {
     /// converges its name, MAC, MTU, state and addresses. Routes are left to
     /// [`Network::update_routes`]; the interface is remembered as configured.
     pub fn update_interface(&self, iface: &Interface, timeout: Option<Duration>) -> Result<Report> {
-        let v = NetworkConfig {
-            interfaces: vec![iface.clone()],
-            ..Default::default()
-        }
-        .validate()?;
-        self.run(
-            &v,
-            RouteOwnership::Untouched,
-            timeout.unwrap_or(self.opts.device_timeout),
-        )
+        let v = NetworkConfig { interfaces: vec![iface.clone()], ..Default::default() }.validate()?;
+        self.run(&v, RouteOwnership::Untouched, timeout.unwrap_or(self.opts.device_timeout))
     }
 
     /// Converges the routes (the `UpdateRoutes` call): `routes` becomes the
     /// complete set of non-kernel main-table routes through every interface
     /// configured so far; other devices' routes are left alone.
     pub fn update_routes(&self, routes: &[Route]) -> Result<Report> {
-        let v = NetworkConfig {
-            routes: routes.to_vec(),
-            ..Default::default()
-        }
-        .validate()?;
+        let v = NetworkConfig { routes: routes.to_vec(), ..Default::default() }.validate()?;
         self.run(&v, RouteOwnership::AllConfigured, self.opts.device_timeout)
     }
 
     /// Writes resolv.conf (the `SetDns` call) unless it already says that.
     pub fn set_dns(&self, dns: &Dns) -> Result<Report> {
-        let v = NetworkConfig {
-            dns: Some(dns.clone()),
-            ..Default::default()
-        }
-        .validate()?;
+        let v = NetworkConfig { dns: Some(dns.clone()), ..Default::default() }.validate()?;
         self.run(&v, RouteOwnership::Untouched, self.opts.device_timeout)
     }
 
@@ -486,9 +432,7 @@ impl Network {
         let mut report = Report::default();
         let found = {
             let c = self.configured_lock();
-            c.iter()
-                .find(|(_, c)| c.name == name)
-                .map(|(i, c)| (*i, c.vlan))
+            c.iter().find(|(_, c)| c.name == name).map(|(i, c)| (*i, c.vlan))
         };
         let Some((index, vlan)) = found else {
             return Err(NetError::Device {
@@ -506,16 +450,10 @@ impl Network {
                     Err(e) if e.errno() == Some(libc::ENODEV) => {}
                     Err(e) => return Err(nl(ctx("delete the VLAN link"))(e)),
                 }
-                report.push(Change::LinkDeleted {
-                    link: name.to_string(),
-                });
+                report.push(Change::LinkDeleted { link: name.to_string() });
             }
             Ok(l) if l.name == name => {
-                for a in self
-                    .handle
-                    .addresses(index)
-                    .map_err(nl(ctx("list addresses")))?
-                {
+                for a in self.handle.addresses(index).map_err(nl(ctx("list addresses")))? {
                     if is_v6_link_local(&a.addr) {
                         continue;
                     }
@@ -524,21 +462,12 @@ impl Network {
                         Err(e) if e.errno() == Some(libc::EADDRNOTAVAIL) => {}
                         Err(e) => return Err(nl(ctx("remove address"))(e)),
                     }
-                    report.push(Change::AddressRemoved {
-                        link: name.to_string(),
-                        address: Cidr {
-                            addr: a.addr,
-                            prefix_len: a.prefix_len,
-                        },
-                    });
+                    report
+                        .push(Change::AddressRemoved { link: name.to_string(), address: Cidr { addr: a.addr, prefix_len: a.prefix_len } });
                 }
                 if l.admin_up {
-                    self.handle
-                        .set_link_up(index, false)
-                        .map_err(nl(ctx("set down")))?;
-                    report.push(Change::LinkDown {
-                        link: name.to_string(),
-                    });
+                    self.handle.set_link_up(index, false).map_err(nl(ctx("set down")))?;
+                    report.push(Change::LinkDown { link: name.to_string() });
                 }
             }
             Ok(_) => {} // the index now has another name: not ours any more
@@ -551,10 +480,7 @@ impl Network {
 
     /// The interfaces configured so far: (name, ifindex).
     pub fn configured(&self) -> Vec<(String, u32)> {
-        self.configured_lock()
-            .iter()
-            .map(|(i, c)| (c.name.clone(), *i))
-            .collect()
+        self.configured_lock().iter().map(|(i, c)| (c.name.clone(), *i)).collect()
     }
 
     fn configured_lock(&self) -> MutexGuard<'_, BTreeMap<u32, Configured>> {
@@ -572,71 +498,35 @@ impl Network {
             .map(|i| {
                 let own = match i.vlan {
                     None => i,
-                    Some(_) => v
-                        .interfaces
-                        .iter()
-                        .find(|p| p.vlan.is_none() && p.device == i.device)
-                        .unwrap_or(i),
+                    Some(_) => v.interfaces.iter().find(|p| p.vlan.is_none() && p.device == i.device).unwrap_or(i),
                 };
-                Wanted {
-                    name: &own.name,
-                    device: i.device,
-                    set_mac: if own.vlan.is_none() { own.mac } else { None },
-                }
+                Wanted { name: &own.name, device: i.device, set_mac: if own.vlan.is_none() { own.mac } else { None } }
             })
             .collect();
         let links: Vec<Link> = if wanted.is_empty() {
             Vec::new()
         } else {
             let events = self.uevent_socket()?;
-            wait_for_devices(
-                &self.handle,
-                &self.opts.sysfs_root,
-                &events,
-                &wanted,
-                timeout,
-                || {},
-            )?
-            .into_iter()
-            .map(|(l, _)| l)
-            .collect()
+            wait_for_devices(&self.handle, &self.opts.sysfs_root, &events, &wanted, timeout, || {})?.into_iter().map(|(l, _)| l).collect()
         };
         // 2. Checks against the system, before any change.
         let all = self.handle.links().map_err(nl("list links"))?;
         let targets = self.targets(v, &links, &all)?;
-        let managed: BTreeMap<u32, &ValidInterface> = targets
-            .iter()
-            .zip(&v.interfaces)
-            .map(|(t, i)| (t.index(), i))
-            .collect();
+        let managed: BTreeMap<u32, &ValidInterface> = targets.iter().zip(&v.interfaces).map(|(t, i)| (t.index(), i)).collect();
         for (k, (t, i)) in targets.iter().zip(&v.interfaces).enumerate() {
-            if let Some((_, other)) = v
-                .interfaces
-                .iter()
-                .enumerate()
-                .find(|(j, _)| *j != k && targets[*j].index() == t.index())
-            {
-                let l = all
-                    .iter()
-                    .find(|l| l.index == t.index())
-                    .unwrap_or(&links[k]);
+            if let Some((_, other)) = v.interfaces.iter().enumerate().find(|(j, _)| *j != k && targets[*j].index() == t.index()) {
+                let l = all.iter().find(|l| l.index == t.index()).unwrap_or(&links[k]);
                 return Err(NetError::Device {
                     interface: i.name.clone(),
-                    detail: format!(
-                        "resolves to link {:?} (index {}), as interface {:?} does",
-                        l.name, l.index, other.name
-                    ),
+                    detail: format!("resolves to link {:?} (index {}), as interface {:?} does", l.name, l.index, other.name),
                 });
             }
-            if let Some(holder) = all.iter().find(|o| {
-                (o.name == i.name || o.altnames.contains(&i.name))
-                    && !managed.contains_key(&o.index)
-            }) {
+            if let Some(holder) = all.iter().find(|o| (o.name == i.name || o.altnames.contains(&i.name)) && !managed.contains_key(&o.index))
+            {
                 let detail = match i.vlan {
-                    None => format!(
-                        "the name is taken by link {:?} (index {}), which this config does not manage",
-                        holder.name, holder.index
-                    ),
+                    None => {
+                        format!("the name is taken by link {:?} (index {}), which this config does not manage", holder.name, holder.index)
+                    }
                     Some(id) if holder.index == links[k].index => format!(
                         "the name is that of the VLAN's parent device ({}); a VLAN {id} link needs a name of its own",
                         describe_link(holder, &all)
@@ -647,10 +537,7 @@ impl Network {
                         links[k].name
                     ),
                 };
-                return Err(NetError::Device {
-                    interface: i.name.clone(),
-                    detail,
-                });
+                return Err(NetError::Device { interface: i.name.clone(), detail });
             }
             if let (Some(id), Some(mtu)) = (i.vlan, i.mtu) {
                 let parent = &links[k];
@@ -672,31 +559,16 @@ impl Network {
                 }
             }
         }
-        if let Some((i, id)) = targets
-            .iter()
-            .zip(&v.interfaces)
-            .find_map(|(t, i)| match t {
-                Target::NewVlan { vlan, .. } => Some((i, *vlan)),
-                Target::Link(_) => None,
-            })
-        {
-            let supported = self
-                .handle
-                .vlan_supported()
-                .map_err(nl(format!("interface {:?}: VLAN {id}", i.name)))?;
+        if let Some((i, id)) = targets.iter().zip(&v.interfaces).find_map(|(t, i)| match t {
+            Target::NewVlan { vlan, .. } => Some((i, *vlan)),
+            Target::Link(_) => None,
+        }) {
+            let supported = self.handle.vlan_supported().map_err(nl(format!("interface {:?}: VLAN {id}", i.name)))?;
             if !supported {
-                return Err(NetError::VlanUnsupported {
-                    interface: i.name.clone(),
-                    vlan: id,
-                    reason: self.vlan_reason(),
-                });
+                return Err(NetError::VlanUnsupported { interface: i.name.clone(), vlan: id, reason: self.vlan_reason() });
             }
         }
-        let target_index: BTreeMap<&str, u32> = targets
-            .iter()
-            .zip(&v.interfaces)
-            .map(|(t, i)| (i.name.as_str(), t.index()))
-            .collect();
+        let target_index: BTreeMap<&str, u32> = targets.iter().zip(&v.interfaces).map(|(t, i)| (i.name.as_str(), t.index())).collect();
         let mut owned: BTreeSet<u32> = match routes {
             RouteOwnership::Untouched => BTreeSet::new(),
             RouteOwnership::ThisConfig => managed.keys().copied().collect(),
@@ -706,11 +578,8 @@ impl Network {
                 o
             }
         };
-        let mut planned = if routes == RouteOwnership::Untouched {
-            Vec::new()
-        } else {
-            self.plan_routes(v, &target_index, &all, &managed, &owned)?
-        };
+        let mut planned =
+            if routes == RouteOwnership::Untouched { Vec::new() } else { self.plan_routes(v, &target_index, &all, &managed, &owned)? };
 
         // 3. Interfaces.
         let mut report = Report::default();
@@ -739,20 +608,9 @@ impl Network {
             self.apply_interface(resolved[k], i, &mut report)?;
             let mut c = self.configured_lock();
             c.retain(|_, n| n.name != i.name);
-            c.insert(
-                resolved[k],
-                Configured {
-                    name: i.name.clone(),
-                    vlan: i.vlan,
-                },
-            );
+            c.insert(resolved[k], Configured { name: i.name.clone(), vlan: i.vlan });
         }
-        report.interfaces = v
-            .interfaces
-            .iter()
-            .zip(&resolved)
-            .map(|(i, idx)| (i.name.clone(), *idx))
-            .collect();
+        report.interfaces = v.interfaces.iter().zip(&resolved).map(|(i, idx)| (i.name.clone(), *idx)).collect();
 
         // 4. Routes (stand-in indexes of new VLAN links replaced by the real ones).
         if routes != RouteOwnership::Untouched {
@@ -774,9 +632,7 @@ impl Network {
         // 5. DNS.
         if let Some(d) = &v.dns {
             if write_if_changed(&self.opts.resolv_conf, d.render().as_bytes())? {
-                report.push(Change::DnsWritten {
-                    path: self.opts.resolv_conf.clone(),
-                });
+                report.push(Change::DnsWritten { path: self.opts.resolv_conf.clone() });
             }
         }
         Ok(report)
@@ -793,9 +649,7 @@ impl Network {
                 continue;
             };
             if let Some(other) =
-                v.interfaces.iter().zip(links).find(|(oi, ol)| {
-                    oi.name != i.name && oi.vlan == Some(id) && ol.index == l.index
-                })
+                v.interfaces.iter().zip(links).find(|(oi, ol)| oi.name != i.name && oi.vlan == Some(id) && ol.index == l.index)
             {
                 return Err(NetError::Device {
                     interface: i.name.clone(),
@@ -805,16 +659,10 @@ impl Network {
                     ),
                 });
             }
-            let existing = all
-                .iter()
-                .find(|o| is_vlan_link(o) && o.link == Some(l.index) && o.vlan_id == Some(id));
+            let existing = all.iter().find(|o| is_vlan_link(o) && o.link == Some(l.index) && o.vlan_id == Some(id));
             out.push(match existing {
                 Some(e) => Target::Link(e.index),
-                None => Target::NewVlan {
-                    parent: l.index,
-                    vlan: id,
-                    stand_in: NEW_VLAN_BASE + k as u32,
-                },
+                None => Target::NewVlan { parent: l.index, vlan: id, stand_in: NEW_VLAN_BASE + k as u32 },
             });
         }
         Ok(out)
@@ -822,43 +670,20 @@ impl Network {
 
     /// Makes sure the VLAN link of `i` exists on its parent (up): returns its
     /// ifindex.
-    fn vlan_link(
-        &self,
-        i: &ValidInterface,
-        id: u16,
-        parent: &Link,
-        target: Target,
-        report: &mut Report,
-    ) -> Result<u32> {
+    fn vlan_link(&self, i: &ValidInterface, id: u16, parent: &Link, target: Target, report: &mut Report) -> Result<u32> {
         let name = &i.name;
         let ctx = |what: String| format!("interface {name:?}: {what}");
-        let p = self
-            .handle
-            .link_by_index(parent.index)
-            .map_err(nl(ctx(format!("get its parent link {}", parent.index))))?;
+        let p = self.handle.link_by_index(parent.index).map_err(nl(ctx(format!("get its parent link {}", parent.index))))?;
         if !p.admin_up {
-            self.handle
-                .set_link_up(p.index, true)
-                .map_err(nl(ctx(format!("set its parent {:?} up", p.name))))?;
-            report.push(Change::LinkUp {
-                link: p.name.clone(),
-            });
+            self.handle.set_link_up(p.index, true).map_err(nl(ctx(format!("set its parent {:?} up", p.name))))?;
+            report.push(Change::LinkUp { link: p.name.clone() });
         }
         let Target::NewVlan { parent: pi, .. } = target else {
             return Ok(target.index());
         };
-        self.handle
-            .create_vlan(name, pi, id)
-            .map_err(nl(ctx(format!("create VLAN {id} on {:?}", p.name))))?;
-        report.push(Change::VlanCreated {
-            link: name.clone(),
-            parent: p.name.clone(),
-            vlan: id,
-        });
-        let l = self
-            .handle
-            .link_by_name(name)
-            .map_err(nl(ctx("get the new VLAN link".into())))?;
+        self.handle.create_vlan(name, pi, id).map_err(nl(ctx(format!("create VLAN {id} on {:?}", p.name))))?;
+        report.push(Change::VlanCreated { link: name.clone(), parent: p.name.clone(), vlan: id });
+        let l = self.handle.link_by_name(name).map_err(nl(ctx("get the new VLAN link".into())))?;
         Ok(l.index)
     }
 
@@ -866,10 +691,7 @@ impl Network {
     fn vlan_reason(&self) -> String {
         let p = self.opts.proc_root.join("net/vlan/config");
         if p.exists() {
-            format!(
-                "the kernel refuses to create 802.1Q VLAN links (\"Unknown device type\") although {} exists",
-                p.display()
-            )
+            format!("the kernel refuses to create 802.1Q VLAN links (\"Unknown device type\") although {} exists", p.display())
         } else {
             format!(
                 "the kernel has no 802.1Q VLAN support: it does not know link type \"vlan\" and {} is missing (module 8021q not built, not in the image or not loaded)",
@@ -885,111 +707,62 @@ impl Network {
                 return Ok(cand);
             }
         }
-        Err(NetError::Device {
-            interface: format!("#{index}"),
-            detail: "no free temporary name for a rename".into(),
-        })
+        Err(NetError::Device { interface: format!("#{index}"), detail: "no free temporary name for a rename".into() })
     }
 
     fn rename(&self, l: &Link, to: &str, report: &mut Report) -> Result<()> {
-        let cur = self
-            .handle
-            .link_by_index(l.index)
-            .map_err(nl(format!("interface {to:?}: get link {}", l.index)))?;
+        let cur = self.handle.link_by_index(l.index).map_err(nl(format!("interface {to:?}: get link {}", l.index)))?;
         if cur.admin_up {
-            self.handle.set_link_up(l.index, false).map_err(nl(format!(
-                "interface {to:?}: set {:?} down to rename it",
-                cur.name
-            )))?;
-            report.push(Change::LinkDown {
-                link: cur.name.clone(),
-            });
+            self.handle.set_link_up(l.index, false).map_err(nl(format!("interface {to:?}: set {:?} down to rename it", cur.name)))?;
+            report.push(Change::LinkDown { link: cur.name.clone() });
         }
-        self.handle
-            .rename_link(l.index, to)
-            .map_err(nl(format!("interface {to:?}: rename {:?}", cur.name)))?;
-        report.push(Change::Renamed {
-            from: cur.name,
-            to: to.to_string(),
-        });
+        self.handle.rename_link(l.index, to).map_err(nl(format!("interface {to:?}: rename {:?}", cur.name)))?;
+        report.push(Change::Renamed { from: cur.name, to: to.to_string() });
         Ok(())
     }
 
     fn apply_interface(&self, index: u32, i: &ValidInterface, report: &mut Report) -> Result<()> {
         let name = &i.name;
         let ctx = |what: &str| format!("interface {name:?}: {what}");
-        let l = self
-            .handle
-            .link_by_index(index)
-            .map_err(nl(ctx("get link")))?;
+        let l = self.handle.link_by_index(index).map_err(nl(ctx("get link")))?;
         if l.name != *name {
             self.rename(&l, name, report)?;
         }
-        let l = self
-            .handle
-            .link_by_index(index)
-            .map_err(nl(ctx("get link")))?;
+        let l = self.handle.link_by_index(index).map_err(nl(ctx("get link")))?;
         if let Some(m) = i.mac {
             if l.mac != Some(m) {
                 match self.handle.set_link_mac(index, m) {
                     Ok(()) => {}
                     Err(e) if e.errno() == Some(libc::EBUSY) && l.admin_up => {
                         // Some drivers only take a new MAC while down.
-                        self.handle
-                            .set_link_up(index, false)
-                            .map_err(nl(ctx("set down to change the MAC")))?;
+                        self.handle.set_link_up(index, false).map_err(nl(ctx("set down to change the MAC")))?;
                         report.push(Change::LinkDown { link: name.clone() });
-                        self.handle
-                            .set_link_mac(index, m)
-                            .map_err(nl(ctx(&format!("set MAC {m} (the device refuses it)"))))?;
+                        self.handle.set_link_mac(index, m).map_err(nl(ctx(&format!("set MAC {m} (the device refuses it)"))))?;
                     }
-                    Err(e) => {
-                        return Err(nl(ctx(&format!("set MAC {m} (the device refuses it)")))(e))
-                    }
+                    Err(e) => return Err(nl(ctx(&format!("set MAC {m} (the device refuses it)")))(e)),
                 }
-                report.push(Change::MacSet {
-                    link: name.clone(),
-                    from: l.mac,
-                    to: m,
-                });
+                report.push(Change::MacSet { link: name.clone(), from: l.mac, to: m });
             }
         }
         if let Some(mtu) = i.mtu {
             if l.mtu != mtu {
-                self.handle
-                    .set_link_mtu(index, mtu)
-                    .map_err(nl(ctx(&format!("set MTU {mtu}"))))?;
-                report.push(Change::MtuSet {
-                    link: name.clone(),
-                    from: l.mtu,
-                    to: mtu,
-                });
+                self.handle.set_link_mtu(index, mtu).map_err(nl(ctx(&format!("set MTU {mtu}"))))?;
+                report.push(Change::MtuSet { link: name.clone(), from: l.mtu, to: mtu });
             }
         }
-        let l = self
-            .handle
-            .link_by_index(index)
-            .map_err(nl(ctx("get link")))?;
+        let l = self.handle.link_by_index(index).map_err(nl(ctx("get link")))?;
         if !l.admin_up {
-            self.handle
-                .set_link_up(index, true)
-                .map_err(nl(ctx("set up")))?;
+            self.handle.set_link_up(index, true).map_err(nl(ctx("set up")))?;
             report.push(Change::LinkUp { link: name.clone() });
         }
         // Addresses: remove what is not wanted (never IPv6 link-local), then
         // add what is missing, from a fresh listing (removing an IPv4 primary
         // can take its secondaries with it).
         let wanted: BTreeSet<Cidr> = i.addresses.iter().copied().collect();
-        let current = self
-            .handle
-            .addresses(index)
-            .map_err(nl(ctx("list addresses")))?;
+        let current = self.handle.addresses(index).map_err(nl(ctx("list addresses")))?;
         let mut removed = false;
         for a in &current {
-            let c = Cidr {
-                addr: a.addr,
-                prefix_len: a.prefix_len,
-            };
+            let c = Cidr { addr: a.addr, prefix_len: a.prefix_len };
             if is_v6_link_local(&a.addr) || wanted.contains(&c) {
                 continue;
             }
@@ -999,36 +772,19 @@ impl Network {
                 Err(e) => return Err(nl(ctx(&format!("remove address {c}")))(e)),
             }
             removed = true;
-            report.push(Change::AddressRemoved {
-                link: name.clone(),
-                address: c,
-            });
+            report.push(Change::AddressRemoved { link: name.clone(), address: c });
         }
-        let current = if removed {
-            self.handle
-                .addresses(index)
-                .map_err(nl(ctx("list addresses")))?
-        } else {
-            current
-        };
+        let current = if removed { self.handle.addresses(index).map_err(nl(ctx("list addresses")))? } else { current };
         for c in &i.addresses {
-            if current
-                .iter()
-                .any(|a| a.addr == c.addr && a.prefix_len == c.prefix_len)
-            {
+            if current.iter().any(|a| a.addr == c.addr && a.prefix_len == c.prefix_len) {
                 continue;
             }
             let mut spec = AddressSpec::new(c.addr, c.prefix_len);
             if c.addr.is_ipv6() {
                 spec = spec.with_flags(AddrFlags::NODAD);
             }
-            self.handle
-                .add_address(index, &spec)
-                .map_err(nl(ctx(&format!("add address {c}"))))?;
-            report.push(Change::AddressAdded {
-                link: name.clone(),
-                address: *c,
-            });
+            self.handle.add_address(index, &spec).map_err(nl(ctx(&format!("add address {c}"))))?;
+            report.push(Change::AddressAdded { link: name.clone(), address: *c });
         }
         Ok(())
     }
@@ -1047,15 +803,8 @@ impl Network {
         if v.routes.is_empty() {
             return Ok(Vec::new());
         }
-        let mut existing = self
-            .handle
-            .routes(Family::V4)
-            .map_err(nl("list IPv4 routes"))?;
-        existing.extend(
-            self.handle
-                .routes(Family::V6)
-                .map_err(nl("list IPv6 routes"))?,
-        );
+        let mut existing = self.handle.routes(Family::V4).map_err(nl("list IPv4 routes"))?;
+        existing.extend(self.handle.routes(Family::V6).map_err(nl("list IPv6 routes"))?);
         let names: BTreeMap<u32, String> = all.iter().map(|l| (l.index, l.name.clone())).collect();
         let mut out = Vec::with_capacity(v.routes.len());
         for r in &v.routes {
@@ -1068,9 +817,7 @@ impl Network {
                         _ => {
                             return Err(NetError::Route {
                                 route: r.to_string(),
-                                detail: format!(
-                                    "device {d:?} is neither an interface of this config nor an existing link"
-                                ),
+                                detail: format!("device {d:?} is neither an interface of this config nor an existing link"),
                             })
                         }
                     },
@@ -1084,20 +831,15 @@ impl Network {
             let Some(g) = r.gateway else { continue };
             if is_v6_link_local(&g) {
                 if p.oif.is_none() {
-                    return Err(NetError::Route {
-                        route: r.to_string(),
-                        detail: format!("the link-local gateway {g} needs a device"),
-                    });
+                    return Err(NetError::Route { route: r.to_string(), detail: format!("the link-local gateway {g} needs a device") });
                 }
                 continue;
             }
             let on = |idx: u32| p.oif.is_none_or(|o| o == idx);
-            let by_address = v.interfaces.iter().any(|i| {
-                target_index
-                    .get(i.name.as_str())
-                    .is_some_and(|&idx| on(idx))
-                    && i.addresses.iter().any(|a| a.contains(&g))
-            });
+            let by_address = v
+                .interfaces
+                .iter()
+                .any(|i| target_index.get(i.name.as_str()).is_some_and(|&idx| on(idx)) && i.addresses.iter().any(|a| a.contains(&g)));
             let by_config_link_route = out.iter().any(|o| {
                 o.route.gateway.is_none()
                     && o.route.dst.contains(&g)
@@ -1109,13 +851,8 @@ impl Network {
             let by_unmanaged = existing.iter().any(|e| {
                 e.gateway.is_none()
                     && e.kind == RouteType::Unicast
-                    && e.oif
-                        .is_some_and(|o| !reconfigured.contains_key(&o) && on(o))
-                    && Cidr {
-                        addr: e.dst,
-                        prefix_len: e.dst_len,
-                    }
-                    .contains(&g)
+                    && e.oif.is_some_and(|o| !reconfigured.contains_key(&o) && on(o))
+                    && Cidr { addr: e.dst, prefix_len: e.dst_len }.contains(&g)
             });
             if !(by_address || by_config_link_route || by_unmanaged) {
                 let via = match &r.device {
@@ -1124,9 +861,7 @@ impl Network {
                 };
                 return Err(NetError::Route {
                     route: r.to_string(),
-                    detail: format!(
-                        "gateway {g} is unreachable: no configured address or link route {via} covers it"
-                    ),
+                    detail: format!("gateway {g} is unreachable: no configured address or link route {via} covers it"),
                 });
             }
         }
@@ -1148,32 +883,14 @@ impl Network {
         Ok(out)
     }
 
-    fn converge_routes(
-        &self,
-        planned: &[PlannedRoute<'_>],
-        owned: &BTreeSet<u32>,
-        report: &mut Report,
-    ) -> Result<()> {
+    fn converge_routes(&self, planned: &[PlannedRoute<'_>], owned: &BTreeSet<u32>, report: &mut Report) -> Result<()> {
         if owned.is_empty() && planned.is_empty() {
             return Ok(());
         }
-        let names: BTreeMap<u32, String> = self
-            .handle
-            .links()
-            .map_err(nl("list links"))?
-            .into_iter()
-            .map(|l| (l.index, l.name))
-            .collect();
+        let names: BTreeMap<u32, String> = self.handle.links().map_err(nl("list links"))?.into_iter().map(|l| (l.index, l.name)).collect();
         let list = || -> Result<Vec<NlRoute>> {
-            let mut v = self
-                .handle
-                .routes(Family::V4)
-                .map_err(nl("list IPv4 routes"))?;
-            v.extend(
-                self.handle
-                    .routes(Family::V6)
-                    .map_err(nl("list IPv6 routes"))?,
-            );
+            let mut v = self.handle.routes(Family::V4).map_err(nl("list IPv4 routes"))?;
+            v.extend(self.handle.routes(Family::V6).map_err(nl("list IPv6 routes"))?);
             Ok(v)
         };
         let current = list()?;
@@ -1204,16 +921,13 @@ impl Network {
             if let Err(e) = self.handle.add_route(&spec) {
                 let route = p.route.to_string();
                 return Err(match e.errno() {
-                    Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH) => NetError::Route {
-                        route,
-                        detail: format!("the kernel finds the gateway unreachable: {e}"),
-                    },
+                    Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH) => {
+                        NetError::Route { route, detail: format!("the kernel finds the gateway unreachable: {e}") }
+                    }
                     _ => nl(format!("add route {route}"))(e),
                 });
             }
-            report.push(Change::RouteAdded {
-                route: p.route.to_string(),
-            });
+            report.push(Change::RouteAdded { route: p.route.to_string() });
         }
         Ok(())
     }
@@ -1228,50 +942,30 @@ pub fn write_if_changed(path: &Path, content: &[u8]) -> Result<bool> {
     match std::fs::File::open(path) {
         Ok(f) => {
             let mut cur = Vec::new();
-            f.take(MAX_RESOLV_CONF + 1)
-                .read_to_end(&mut cur)
-                .map_err(|source| NetError::Io {
-                    op: "read",
-                    path: path.to_path_buf(),
-                    source,
-                })?;
+            f.take(MAX_RESOLV_CONF + 1).read_to_end(&mut cur).map_err(|source| NetError::Io {
+                op: "read",
+                path: path.to_path_buf(),
+                source,
+            })?;
             if cur == content {
                 return Ok(false);
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(NetError::Io {
-                op: "open",
-                path: path.to_path_buf(),
-                source,
-            })
-        }
+        Err(source) => return Err(NetError::Io { op: "open", path: path.to_path_buf(), source }),
     }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.vfvm-agent.tmp"));
     let io = |op: &'static str, p: &Path| {
         let p = p.to_path_buf();
-        move |source| NetError::Io {
-            op,
-            path: p,
-            source,
-        }
+        move |source| NetError::Io { op, path: p, source }
     };
     {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io("create", &tmp))?;
         f.write_all(content).map_err(io("write", &tmp))?;
         f.sync_all().map_err(io("fsync", &tmp))?;
     }

@@ -54,11 +54,7 @@ impl UeventSocket {
         let err = |op| move |source| NetError::Uevent { op, source };
         // SAFETY: plain socket(2); the descriptor is owned at once.
         let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                libc::NETLINK_KOBJECT_UEVENT,
-            )
+            libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, libc::NETLINK_KOBJECT_UEVENT)
         };
         if fd < 0 {
             return Err(err("socket")(io::Error::last_os_error()));
@@ -102,10 +98,7 @@ impl UeventSocket {
     /// Opens and subscribes a socket in `ns` (the socket stays in `ns`).
     pub fn open_in(ns: &Netns) -> Result<UeventSocket> {
         ns.run_in(UeventSocket::open)
-            .map_err(|source| NetError::Netlink {
-                context: "open a uevent socket in the network namespace".into(),
-                source,
-            })?
+            .map_err(|source| NetError::Netlink { context: "open a uevent socket in the network namespace".into(), source })?
     }
 
     /// Waits until `deadline` for one message. Messages not from the kernel
@@ -120,11 +113,7 @@ impl UeventSocket {
             let left = deadline - now;
             // Round up so a sub-millisecond remainder does not spin.
             let ms = left.as_millis().saturating_add(1).min(i32::MAX as u128) as libc::c_int;
-            let mut pfd = libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
+            let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
             // SAFETY: one valid pollfd.
             let r = unsafe { libc::poll(&mut pfd, 1, ms) };
             if r < 0 {
@@ -132,10 +121,7 @@ impl UeventSocket {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                return Err(NetError::Uevent {
-                    op: "poll",
-                    source: e,
-                });
+                return Err(NetError::Uevent { op: "poll", source: e });
             }
             if r == 0 {
                 continue; // the loop head decides whether the deadline passed
@@ -159,12 +145,7 @@ impl UeventSocket {
                 match e.raw_os_error() {
                     Some(libc::EINTR) | Some(libc::EAGAIN) => continue,
                     Some(libc::ENOBUFS) => return Ok(Recv::Overflow),
-                    _ => {
-                        return Err(NetError::Uevent {
-                            op: "recv",
-                            source: e,
-                        })
-                    }
+                    _ => return Err(NetError::Uevent { op: "recv", source: e }),
                 }
             }
             if sa.nl_pid != 0 {
@@ -183,11 +164,7 @@ pub(crate) fn parse(msg: &[u8]) -> Option<Uevent> {
     let mut parts = msg.split(|&b| b == 0);
     let head = std::str::from_utf8(parts.next()?).ok()?;
     let (action, devpath) = head.split_once('@')?;
-    let mut ev = Uevent {
-        action: action.to_string(),
-        devpath: devpath.to_string(),
-        ..Default::default()
-    };
+    let mut ev = Uevent { action: action.to_string(), devpath: devpath.to_string(), ..Default::default() };
     for p in parts {
         let Ok(kv) = std::str::from_utf8(p) else {
             continue;
@@ -214,8 +191,7 @@ impl Uevent {
 /// Helper for callers waiting with a total budget.
 pub(crate) fn deadline_after(timeout: Duration) -> Instant {
     let now = Instant::now();
-    now.checked_add(timeout)
-        .unwrap_or(now + Duration::from_secs(86_400 * 365))
+    now.checked_add(timeout).unwrap_or(now + Duration::from_secs(86_400 * 365))
 }
 
 #[cfg(test)]

@@ -61,7 +61,16 @@ mod tests {
         std::fs::write(dir.join("huge"), vec![b'{'; 100_000]).unwrap();
         std::fs::write(dir.join("other-net1"), r#"{"deviceID":"0000:01:10.0","VFID":0,"Master":"enp1s0","ContIFNames":"net1"}"#).unwrap();
         let got = attachment_for(&dir, "0000:01:10.4".parse().unwrap()).unwrap();
-        assert_eq!(got, CniAttachment { device_id: "0000:01:10.4".into(), vf_index: 2, pf_netdev: "enp1s0".into(), container_ifname: "net1".into(), dpdk_mode: false });
+        assert_eq!(
+            got,
+            CniAttachment {
+                device_id: "0000:01:10.4".into(),
+                vf_index: 2,
+                pf_netdev: "enp1s0".into(),
+                container_ifname: "net1".into(),
+                dpdk_mode: false
+            }
+        );
         assert!(attachment_for(&dir, "0000:01:10.6".parse().unwrap()).is_none());
         assert!(attachment_for(Path::new("/nonexistent/dir"), "0000:01:10.4".parse().unwrap()).is_none());
         std::fs::remove_dir_all(&dir).unwrap();

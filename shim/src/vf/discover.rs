@@ -114,5 +114,12 @@ fn record(host: &Handle, id: VfIdentity, netns: Option<&Path>, netdev: Option<su
             None
         }
     });
-    VfRecord { version: JOURNAL_VERSION, sandbox_id: sandbox_id.to_string(), vf: id, netns: netns.map(Path::to_path_buf), netdev, pf_settings }
+    VfRecord {
+        version: JOURNAL_VERSION,
+        sandbox_id: sandbox_id.to_string(),
+        vf: id,
+        netns: netns.map(Path::to_path_buf),
+        netdev,
+        pf_settings,
+    }
 }

@@ -167,10 +167,14 @@ impl Journal {
 fn read_entry(path: &Path) -> Result<VfRecord, VfError> {
     let meta = std::fs::metadata(path).map_err(journal_err(path, "stat"))?;
     if meta.len() > MAX_ENTRY_BYTES {
-        return Err(VfError::JournalFormat { path: path.to_path_buf(), reason: format!("{} bytes, more than a record can be", meta.len()) });
+        return Err(VfError::JournalFormat {
+            path: path.to_path_buf(),
+            reason: format!("{} bytes, more than a record can be", meta.len()),
+        });
     }
     let bytes = std::fs::read(path).map_err(journal_err(path, "read"))?;
-    let record: VfRecord = serde_json::from_slice(&bytes).map_err(|e| VfError::JournalFormat { path: path.to_path_buf(), reason: e.to_string() })?;
+    let record: VfRecord =
+        serde_json::from_slice(&bytes).map_err(|e| VfError::JournalFormat { path: path.to_path_buf(), reason: e.to_string() })?;
     if record.version > JOURNAL_VERSION {
         return Err(VfError::JournalFormat {
             path: path.to_path_buf(),

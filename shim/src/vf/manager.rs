@@ -25,7 +25,8 @@ pub enum Step {
 }
 
 impl Step {
-    pub const ALL: [Step; 7] = [Step::Locked, Step::Journaled, Step::AdminMacSet, Step::Unbound, Step::OverrideSet, Step::Probed, Step::Bound];
+    pub const ALL: [Step; 7] =
+        [Step::Locked, Step::Journaled, Step::AdminMacSet, Step::Unbound, Step::OverrideSet, Step::Probed, Step::Bound];
 }
 
 /// A VF on vfio-pci, owned by this sandbox until restored.

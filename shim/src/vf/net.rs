@@ -139,7 +139,11 @@ fn wait_for_host_link(host: &Handle, addr: PciAddr, sysfs: &Sysfs, timeout: Dura
         }
         if started.elapsed() >= timeout {
             let dev = sysfs.device(addr)?;
-            return Err(VfError::NoNetdev { addr, driver: dev.driver().unwrap_or_else(|| "no driver".into()), waited_ms: started.elapsed().as_millis() as u64 });
+            return Err(VfError::NoNetdev {
+                addr,
+                driver: dev.driver().unwrap_or_else(|| "no driver".into()),
+                waited_ms: started.elapsed().as_millis() as u64,
+            });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -149,7 +153,13 @@ fn wait_for_host_link(host: &Handle, addr: PciAddr, sysfs: &Sysfs, timeout: Dura
 /// under its old name, with its MAC, MTU, altnames, addresses, routes (link routes
 /// before gateway routes) and neighbours. Safe to repeat: what is already right
 /// is left alone.
-pub fn restore_netdev(sysfs: &Sysfs, addr: PciAddr, netns: Option<&Path>, rec: &NetdevRecord, wait: Duration) -> Result<Placement, VfError> {
+pub fn restore_netdev(
+    sysfs: &Sysfs,
+    addr: PciAddr,
+    netns: Option<&Path>,
+    rec: &NetdevRecord,
+    wait: Duration,
+) -> Result<Placement, VfError> {
     let host = Handle::new()?;
     let pod = match netns {
         None => None,
@@ -176,7 +186,11 @@ pub fn restore_netdev(sysfs: &Sysfs, addr: PciAddr, netns: Option<&Path>, rec: &
                     let link = wait_for_host_link(&host, addr, sysfs, wait)?;
                     host.set_link_up(link.index, false)?;
                     host.move_link_to_netns(link.index, ns, Some(&rec.name))?;
-                    let link = link_of_device(&h, addr)?.ok_or(VfError::NoNetdev { addr, driver: "moved, then not found".into(), waited_ms: 0 })?;
+                    let link = link_of_device(&h, addr)?.ok_or(VfError::NoNetdev {
+                        addr,
+                        driver: "moved, then not found".into(),
+                        waited_ms: 0,
+                    })?;
                     (h, link)
                 }
             }
@@ -261,7 +275,8 @@ mod tests {
         h.set_link_up(link.index, true).unwrap();
         let peer = h.link_by_name("peer1").unwrap();
         h.set_link_up(peer.index, true).unwrap();
-        h.add_route(&RouteSpec::new("198.18.2.0".parse().unwrap(), 24).via("198.18.1.254".parse().unwrap()).dev(link.index).metric(50)).unwrap();
+        h.add_route(&RouteSpec::new("198.18.2.0".parse().unwrap(), 24).via("198.18.1.254".parse().unwrap()).dev(link.index).metric(50))
+            .unwrap();
         h.add_route(&RouteSpec::default_via("198.18.1.254".parse().unwrap()).dev(link.index)).unwrap();
         h.add_route(&RouteSpec::new("2001:db8:2::".parse().unwrap(), 64).via("2001:db8:1::fe".parse().unwrap()).dev(link.index)).unwrap();
         h.add_permanent_neighbour(link.index, "198.18.1.254".parse().unwrap(), "02:00:00:00:00:fe".parse().unwrap()).unwrap();
@@ -277,7 +292,8 @@ mod tests {
         assert_eq!(rec.altnames, ["pod-sriov-net1"]);
         let addrs: Vec<String> = rec.addrs.iter().map(|a| format!("{}/{}", a.addr, a.prefix)).collect();
         assert_eq!(addrs, ["198.18.1.1/24", "2001:db8:1::1/64"], "no link-local, no kernel-made addresses");
-        let routes: Vec<String> = rec.routes.iter().map(|r| format!("{}/{} via {:?} metric {:?}", r.dst, r.prefix, r.gateway, r.metric)).collect();
+        let routes: Vec<String> =
+            rec.routes.iter().map(|r| format!("{}/{} via {:?} metric {:?}", r.dst, r.prefix, r.gateway, r.metric)).collect();
         assert_eq!(routes.len(), 3, "{routes:?}");
         assert!(routes.contains(&"0.0.0.0/0 via Some(\"198.18.1.254\") metric None".to_string()), "{routes:?}");
         assert!(routes.contains(&"198.18.2.0/24 via Some(\"198.18.1.254\") metric Some(50)".to_string()), "{routes:?}");

@@ -15,7 +15,9 @@ pub fn sriov_enabled<'a>(annotations: impl IntoIterator<Item = (&'a str, &'a str
         None => Ok(default),
         Some((_, "true")) => Ok(true),
         Some((_, "false")) => Ok(false),
-        Some((key, value)) => Err(VfError::InvalidAnnotation { key: key.to_string(), value: value.to_string(), expected: "\"true\" or \"false\"" }),
+        Some((key, value)) => {
+            Err(VfError::InvalidAnnotation { key: key.to_string(), value: value.to_string(), expected: "\"true\" or \"false\"" })
+        }
     }
 }
 

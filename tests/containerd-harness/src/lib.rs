@@ -100,11 +100,9 @@ impl Version {
     /// Checks the installed binary is there and of this release line.
     pub fn check_installed(self) -> Result<String> {
         let bin = self.containerd();
-        let out = Command::new(&bin)
-            .arg("--version")
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("running {} --version: is containerd {} installed? (`cargo xtask install`)", bin.display(), self.name()))?;
+        let out = Command::new(&bin).arg("--version").stdin(Stdio::null()).output().with_context(|| {
+            format!("running {} --version: is containerd {} installed? (`cargo xtask install`)", bin.display(), self.name())
+        })?;
         let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
         ensure!(out.status.success() && self.matches(&text), "{} is not containerd {}: `{text}`", bin.display(), self.name());
         Ok(text)
@@ -365,7 +363,13 @@ impl Containerd {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                bail!("containerd {} did not answer on {} within {}s; its log:\n{}", self.version.name(), self.socket().display(), START_DEADLINE.as_secs(), self.log());
+                bail!(
+                    "containerd {} did not answer on {} within {}s; its log:\n{}",
+                    self.version.name(),
+                    self.socket().display(),
+                    START_DEADLINE.as_secs(),
+                    self.log()
+                );
             }
             // ctr blocks while it dials, up to the connect timeout: no sleeping here.
             let timeout = format!("--connect-timeout={}s", left.as_secs().clamp(1, 5));
@@ -397,7 +401,8 @@ impl Containerd {
         let started = Instant::now();
         for image in &images {
             let path = image.path.to_string_lossy().into_owned();
-            self.ctr_ok_in(namespace, &["images", "import", &path]).with_context(|| format!("importing {} from {path} into namespace {namespace}", image.reference))?;
+            self.ctr_ok_in(namespace, &["images", "import", &path])
+                .with_context(|| format!("importing {} from {path} into namespace {namespace}", image.reference))?;
         }
         let took = started.elapsed();
         let listed = self.ctr_ok_in(namespace, &["images", "ls", "-q"])?;
@@ -424,13 +429,7 @@ impl Containerd {
     /// Subscribes to containerd's events (`ctr events`), returning once the
     /// subscription is known to be live, so no event of a later command is missed.
     pub fn events(&self) -> Result<Events> {
-        let mut child = self
-            .ctr()
-            .arg("events")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting ctr events")?;
+        let mut child = self.ctr().arg("events").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().context("starting ctr events")?;
         let stdout = child.stdout.take().context("ctr events has no stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -599,7 +598,8 @@ impl Drop for Events {
 /// runtime fails the test that found it instead of the whole lab run.
 pub fn output_within(cmd: &mut Command, limit: Duration) -> Result<Output> {
     use std::io::Read;
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let mut child =
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("starting {cmd:?}"))?;
     fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
         std::thread::spawn(move || {
             let mut buf = Vec::new();
@@ -640,7 +640,8 @@ pub fn install_vfvm(build_dir: &Path, kernel_override: Option<&str>, edit: impl 
         Some(k) => k.to_string(),
         None => std::env::var("VFVM_TEST_AGENT_KERNEL").context("VFVM_TEST_AGENT_KERNEL: cargo xtask test sets it")?,
     };
-    let initrd = std::env::var("VFVM_TEST_AGENT_INITRD").context("VFVM_TEST_AGENT_INITRD: cargo xtask test builds the guest image with the agent")?;
+    let initrd = std::env::var("VFVM_TEST_AGENT_INITRD")
+        .context("VFVM_TEST_AGENT_INITRD: cargo xtask test builds the guest image with the agent")?;
     let virtiofsd = which("virtiofsd").context("virtiofsd is not installed (cargo xtask install puts it in place)")?;
     let shipped = include_str!("../../../configs/vfvm.toml");
     let config = shipped
@@ -676,7 +677,12 @@ pub fn vfvm_leftovers() -> Vec<String> {
     }
     left.extend(mounts_under(Path::new(VFVM_STATE_DIR)).into_iter().map(|m| format!("mount {}", m.display())));
     if let Ok(dir) = std::fs::read_dir(VFVM_STATE_DIR) {
-        left.extend(dir.filter_map(|e| e.ok()).map(|e| e.file_name()).filter(|n| n != "vf-locks").map(|n| format!("state {VFVM_STATE_DIR}/{}", n.to_string_lossy())));
+        left.extend(
+            dir.filter_map(|e| e.ok())
+                .map(|e| e.file_name())
+                .filter(|n| n != "vf-locks")
+                .map(|n| format!("state {VFVM_STATE_DIR}/{}", n.to_string_lossy())),
+        );
     }
     left
 }
@@ -938,9 +944,17 @@ mod tests {
                 Version::V2_1 => format!("sandbox = '{}'", oci::PAUSE_REF),
             };
             assert!(dump.contains(&sandbox_image), "containerd {}: no {sandbox_image} in:\n{dump}", version.name());
-            assert!(dump.contains(&c.cni_conf_dir().display().to_string()), "containerd {}: the CNI conf_dir is not ours:\n{dump}", version.name());
+            assert!(
+                dump.contains(&c.cni_conf_dir().display().to_string()),
+                "containerd {}: the CNI conf_dir is not ours:\n{dump}",
+                version.name()
+            );
             assert!(dump.contains(CNI_BIN_DIR), "containerd {}: no CNI bin dir {CNI_BIN_DIR}:\n{dump}", version.name());
-            assert!(dump.contains("netns_mounts_under_state_dir = true"), "containerd {}: pod netns not under the state dir:\n{dump}", version.name());
+            assert!(
+                dump.contains("netns_mounts_under_state_dir = true"),
+                "containerd {}: pod netns not under the state dir:\n{dump}",
+                version.name()
+            );
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -950,7 +964,9 @@ mod tests {
         let out = output_within(Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]), Duration::from_secs(30)).unwrap();
         assert_eq!((out.status.code(), out.stdout.as_slice(), out.stderr.as_slice()), (Some(3), &b"out\n"[..], &b"err\n"[..]));
         let started = Instant::now();
-        let err = output_within(Command::new("sh").args(["-c", "echo partial; exec sleep 60"]), Duration::from_millis(300)).unwrap_err().to_string();
+        let err = output_within(Command::new("sh").args(["-c", "echo partial; exec sleep 60"]), Duration::from_millis(300))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("still running") && err.contains("partial"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(30), "the command was not killed at its limit");
     }
@@ -966,7 +982,10 @@ mod tests {
         assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], CNI_SUBNET);
         assert_eq!(bridge["ipam"]["dataDir"], "/tmp/x/cni/ipam", "IPAM state lives on the instance's tmpfs");
         for plugin in ["bridge", "host-local", "loopback"] {
-            assert!(Path::new(CNI_BIN_DIR).join(plugin).is_file(), "{CNI_BIN_DIR}/{plugin} missing: install containernetworking-plugins (`cargo xtask install`)");
+            assert!(
+                Path::new(CNI_BIN_DIR).join(plugin).is_file(),
+                "{CNI_BIN_DIR}/{plugin} missing: install containernetworking-plugins (`cargo xtask install`)"
+            );
         }
     }
 }

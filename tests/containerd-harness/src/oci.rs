@@ -46,10 +46,8 @@ pub fn build_test_images(busybox: &Path, out_dir: &Path) -> Result<Vec<ImageArch
 
 /// The applet names busybox was built with (`busybox --list`).
 fn applets(busybox: &Path) -> Result<Vec<String>> {
-    let out = std::process::Command::new(busybox)
-        .arg("--list")
-        .output()
-        .with_context(|| format!("running {} --list", busybox.display()))?;
+    let out =
+        std::process::Command::new(busybox).arg("--list").output().with_context(|| format!("running {} --list", busybox.display()))?;
     ensure!(out.status.success(), "{} --list failed ({})", busybox.display(), out.status);
     let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -96,7 +94,14 @@ fn json_strings(items: &[&str]) -> String {
     format!("[{}]", quoted.join(","))
 }
 
-fn write_image(out_dir: &Path, file: &str, reference: &'static str, layer: &[u8], entrypoint: &[&str], cmd: &[&str]) -> Result<ImageArchive> {
+fn write_image(
+    out_dir: &Path,
+    file: &str,
+    reference: &'static str,
+    layer: &[u8],
+    entrypoint: &[&str],
+    cmd: &[&str],
+) -> Result<ImageArchive> {
     // Uncompressed layer: its diff ID is its digest. Each blob is hashed once (the
     // layer is megabytes, and L2 runs this under TCG).
     let layer_hex = sha256_hex(layer);

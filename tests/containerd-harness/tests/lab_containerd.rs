@@ -19,15 +19,19 @@ fn runc_baseline(version: Version) {
     let name = version.name();
     // The project's snippet is part of the config: the CRI plugin must load with it.
     let cri = ctd.plugin_status(version.cri_runtime_plugin()).unwrap();
-    assert_eq!(cri, "ok", "containerd {name}: {} did not load with configs/containerd's snippet:\n{}", version.cri_runtime_plugin(), ctd.log());
+    assert_eq!(
+        cri,
+        "ok",
+        "containerd {name}: {} did not load with configs/containerd's snippet:\n{}",
+        version.cri_runtime_plugin(),
+        ctd.log()
+    );
     let (images, import_took) = ctd.import_test_images().unwrap_or_else(|e| panic!("{e:#}\ncontainerd log:\n{}", ctd.log()));
     eprintln!("containerd {name}: imported {} images in {:.2}s", images.len(), import_took.as_secs_f64());
     let runc_root = ctd.runc_root().to_string_lossy().into_owned();
 
     // Output and exit code come back through ctr.
-    let out = ctd
-        .ctr_output(&["run", "--rm", "--runc-root", &runc_root, BUSYBOX_REF, "t1", "sh", "-c", "echo hello; exit 7"])
-        .unwrap();
+    let out = ctd.ctr_output(&["run", "--rm", "--runc-root", &runc_root, BUSYBOX_REF, "t1", "sh", "-c", "echo hello; exit 7"]).unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -46,7 +50,10 @@ fn runc_baseline(version: Version) {
     let exit = events.wait_for("/tasks/exit", "p1", Instant::now() + TASK_DEADLINE).unwrap();
     drop(events);
     // Protobuf JSON leaves a zero exit status out.
-    assert!(!exit.contains("\"exit_status\":") || exit.contains("\"exit_status\":0"), "containerd {name}: pause should exit 0 on SIGTERM: {exit}");
+    assert!(
+        !exit.contains("\"exit_status\":") || exit.contains("\"exit_status\":0"),
+        "containerd {name}: pause should exit 0 on SIGTERM: {exit}"
+    );
     ctd.ctr_ok(&["tasks", "delete", "p1"]).unwrap();
     ctd.ctr_ok(&["containers", "rm", "p1"]).unwrap();
     assert_eq!(ctd.ctr_ok(&["tasks", "ls", "-q"]).unwrap().trim(), "", "containerd {name}: tasks left");
@@ -63,7 +70,11 @@ fn runc_baseline(version: Version) {
     times.sort();
     let median = times[TIMED_RUNS / 2];
     let all: Vec<String> = times.iter().map(|t| format!("{:.2}", t.as_secs_f64())).collect();
-    eprintln!("containerd {name}: runc `ctr run --rm busybox true`: median {:.2}s over {TIMED_RUNS} runs (sorted: {}s)", median.as_secs_f64(), all.join(", "));
+    eprintln!(
+        "containerd {name}: runc `ctr run --rm busybox true`: median {:.2}s over {TIMED_RUNS} runs (sorted: {}s)",
+        median.as_secs_f64(),
+        all.join(", ")
+    );
 
     let dir = ctd.dir().to_path_buf();
     let socket = ctd.socket();

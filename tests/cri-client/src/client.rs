@@ -37,10 +37,13 @@ pub async fn connect(endpoint: &str, timeout: Duration) -> Result<Client, Client
     // The URI is a placeholder: the connector below ignores it and dials the socket.
     let endpoint_cfg = Endpoint::from_static("http://localhost").connect_timeout(timeout).timeout(timeout);
     let channel = endpoint_cfg.connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
-        }));
-    let channel = tokio::time::timeout(timeout, channel).await.map_err(|_| fail(format!("no connection within {}s", timeout.as_secs())))?.map_err(|e| fail(error_chain(&e)))?;
+        let path = path.clone();
+        async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+    }));
+    let channel = tokio::time::timeout(timeout, channel)
+        .await
+        .map_err(|_| fail(format!("no connection within {}s", timeout.as_secs())))?
+        .map_err(|e| fail(error_chain(&e)))?;
     Ok(RuntimeServiceClient::new(channel))
 }
 

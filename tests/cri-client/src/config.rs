@@ -151,7 +151,12 @@ impl<'de> de::Deserializer<'de> for Node {
         }
     }
 
-    fn deserialize_struct<V: Visitor<'de>>(self, name: &'static str, fields: &'static [&'static str], visitor: V) -> Result<V::Value, FieldError> {
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, FieldError> {
         let mut map = match self.value {
             Value::Null => serde_json::Map::new(),
             Value::Object(map) => map,
@@ -165,7 +170,12 @@ impl<'de> de::Deserializer<'de> for Node {
         visitor.visit_map(Fields { entries: entries.into_iter(), path: self.path, pending: None })
     }
 
-    fn deserialize_enum<V: Visitor<'de>>(self, name: &'static str, variants: &'static [&'static str], visitor: V) -> Result<V::Value, FieldError> {
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        variants: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, FieldError> {
         let path = self.path;
         self.value.deserialize_enum(name, variants, visitor).map_err(|e| at(&path, e))
     }
@@ -300,11 +310,21 @@ impl<'de> de::Deserializer<'de> for Missing {
         visitor.visit_map(Fields::of_object(serde_json::Map::new(), self.path))
     }
 
-    fn deserialize_struct<V: Visitor<'de>>(self, name: &'static str, fields: &'static [&'static str], visitor: V) -> Result<V::Value, FieldError> {
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, FieldError> {
         Node { value: Value::Null, path: self.path }.deserialize_struct(name, fields, visitor)
     }
 
-    fn deserialize_enum<V: Visitor<'de>>(self, _name: &'static str, _variants: &'static [&'static str], _visitor: V) -> Result<V::Value, FieldError> {
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _variants: &'static [&'static str],
+        _visitor: V,
+    ) -> Result<V::Value, FieldError> {
         Err(at(&self.path, "missing"))
     }
 
@@ -350,7 +370,10 @@ mod tests {
     fn crictl_pod_configs_parse_with_defaults_for_what_they_leave_out() {
         let pod: PodSandboxConfig = from_value(serde_json::from_str(POD).unwrap()).unwrap();
         let meta = pod.metadata.as_ref().unwrap();
-        assert_eq!((meta.name.as_str(), meta.namespace.as_str(), meta.uid.as_str(), meta.attempt), ("nginx-sandbox", "default", "hdishd83djaidwnduwk28bcsb", 1));
+        assert_eq!(
+            (meta.name.as_str(), meta.namespace.as_str(), meta.uid.as_str(), meta.attempt),
+            ("nginx-sandbox", "default", "hdishd83djaidwnduwk28bcsb", 1)
+        );
         assert_eq!(pod.log_directory, "/tmp");
         assert_eq!(pod.dns_config.as_ref().unwrap().servers, ["198.19.0.1"]);
         assert!(pod.dns_config.as_ref().unwrap().options.is_empty(), "null reads as an empty list");
@@ -388,7 +411,10 @@ mod tests {
     fn mistakes_are_named_with_their_path() {
         let err = from_value::<PodSandboxConfig>(serde_json::json!({"metadata": {"name": "p", "nmespace": "x"}})).unwrap_err().to_string();
         assert!(err.contains("metadata.nmespace") && err.contains("unknown field") && err.contains("namespace"), "{err}");
-        let err = from_value::<PodSandboxConfig>(serde_json::json!({"linux": {"security_context": {"namespace_options": {"network": "host"}}}})).unwrap_err().to_string();
+        let err =
+            from_value::<PodSandboxConfig>(serde_json::json!({"linux": {"security_context": {"namespace_options": {"network": "host"}}}}))
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("linux.security_context.namespace_options.network"), "{err}");
         let err = from_value::<ContainerConfig>(serde_json::json!({"command": "sh"})).unwrap_err().to_string();
         assert!(err.contains("field command") && err.contains("expected a list"), "{err}");

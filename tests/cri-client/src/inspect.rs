@@ -32,7 +32,8 @@ pub fn pod(status: &PodSandboxStatus, info: &HashMap<String, String>) -> Value {
 
 fn document(status: Value, info: &HashMap<String, String>) -> Value {
     // The runtime's verbose info is JSON text per key; containerd uses one key, "info".
-    let mut parsed: Map<String, Value> = info.iter().map(|(k, v)| (k.clone(), serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.clone())))).collect();
+    let mut parsed: Map<String, Value> =
+        info.iter().map(|(k, v)| (k.clone(), serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.clone())))).collect();
     let info = match (parsed.len(), parsed.remove("info")) {
         (1, Some(only)) => only,
         (_, Some(inner)) => {
@@ -106,7 +107,12 @@ mod tests {
 
     #[test]
     fn pod_status_reads_like_crictls() {
-        let status = PodSandboxStatus { id: "p1".into(), state: PodSandboxState::SandboxReady as i32, runtime_handler: "kata".into(), ..Default::default() };
+        let status = PodSandboxStatus {
+            id: "p1".into(),
+            state: PodSandboxState::SandboxReady as i32,
+            runtime_handler: "kata".into(),
+            ..Default::default()
+        };
         let info = HashMap::from([("info".to_string(), "not json".to_string()), ("other".to_string(), "[1]".to_string())]);
         let doc = pod(&status, &info);
         assert_eq!(doc["status"]["state"], "SANDBOX_READY");

@@ -69,7 +69,10 @@ mod tests {
     #[test]
     fn lines_from_containerd_parse() {
         let l = parse_line("2024-05-01T10:00:00.123456789Z stdout F started-1", 1).unwrap();
-        assert_eq!(l, LogLine { timestamp: "2024-05-01T10:00:00.123456789Z", stream: Stream::Stdout, partial: false, message: "started-1" });
+        assert_eq!(
+            l,
+            LogLine { timestamp: "2024-05-01T10:00:00.123456789Z", stream: Stream::Stdout, partial: false, message: "started-1" }
+        );
         let l = parse_line("2024-05-01T10:00:00Z stderr P part of a line with  two spaces", 2).unwrap();
         assert_eq!((l.stream, l.partial, l.message), (Stream::Stderr, true, "part of a line with  two spaces"));
         assert_eq!(parse_line("2024-05-01T10:00:00Z stdout F ", 3).unwrap().message, "");

@@ -229,7 +229,10 @@ async fn create(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
 
 async fn start(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     for id in args.all("the container id")? {
-        c.start_container(cri::StartContainerRequest { container_id: id.clone() }).await.map_err(rpc).with_context(|| format!("starting container {id}"))?;
+        c.start_container(cri::StartContainerRequest { container_id: id.clone() })
+            .await
+            .map_err(rpc)
+            .with_context(|| format!("starting container {id}"))?;
         println!("{id}");
     }
     Ok(ExitCode::SUCCESS)
@@ -251,7 +254,12 @@ async fn exec(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     }
     let id = args.positional("the container id")?;
     let cmd = args.all("the command")?;
-    let resp = c.exec_sync(cri::ExecSyncRequest { container_id: id.clone(), cmd, timeout }).await.map_err(rpc).with_context(|| format!("exec in container {id}"))?.into_inner();
+    let resp = c
+        .exec_sync(cri::ExecSyncRequest { container_id: id.clone(), cmd, timeout })
+        .await
+        .map_err(rpc)
+        .with_context(|| format!("exec in container {id}"))?
+        .into_inner();
     std::io::stdout().write_all(&resp.stdout)?;
     std::io::stderr().write_all(&resp.stderr)?;
     std::io::stdout().flush()?;
@@ -265,7 +273,8 @@ fn exit_code(code: i32) -> ExitCode {
 async fn container_logs(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     let id = args.positional("the container id")?;
     args.done()?;
-    let status = c.container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: false }).await.map_err(rpc)?.into_inner();
+    let status =
+        c.container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: false }).await.map_err(rpc)?.into_inner();
     let path = status.status.map(|s| s.log_path).unwrap_or_default();
     if path.is_empty() {
         bail!("container {id} has no log path (its config set no log_path, or its pod no log_directory)");
@@ -323,7 +332,9 @@ async fn ps(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
             "-p" | "--pod" => filter.pod_sandbox_id = args.value(&opt, inline)?,
             "--id" => filter.id = args.value(&opt, inline)?,
             "--name" => name = Some(args.value(&opt, inline)?),
-            "-s" | "--state" => filter.state = Some(cri::ContainerStateValue { state: container_state(&args.value(&opt, inline)?)? as i32 }),
+            "-s" | "--state" => {
+                filter.state = Some(cri::ContainerStateValue { state: container_state(&args.value(&opt, inline)?)? as i32 })
+            }
             other => bail!("ps: unknown option {other}"),
         }
     }
@@ -343,7 +354,11 @@ async fn ps(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    writeln!(out, "{:<13}  {:<24}  {:<16}  {:<18}  {:<16}  {:<7}  {:<13}  POD", "CONTAINER", "IMAGE", "CREATED", "STATE", "NAME", "ATTEMPT", "POD ID")?;
+    writeln!(
+        out,
+        "{:<13}  {:<24}  {:<16}  {:<18}  {:<16}  {:<7}  {:<13}  POD",
+        "CONTAINER", "IMAGE", "CREATED", "STATE", "NAME", "ATTEMPT", "POD ID"
+    )?;
     for x in &list {
         let (name, attempt) = x.metadata.as_ref().map_or(("", 0), |m| (m.name.as_str(), m.attempt));
         let image = x.image.as_ref().map_or("", |i| i.image.as_str());
@@ -404,7 +419,16 @@ async fn pods(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
         let (name, ns, attempt) = p.metadata.as_ref().map_or(("", "", 0), |m| (m.name.as_str(), m.namespace.as_str(), m.attempt));
         let state = if p.state == cri::PodSandboxState::SandboxReady as i32 { "Ready" } else { "NotReady" };
         let handler = if p.runtime_handler.is_empty() { "(default)" } else { p.runtime_handler.as_str() };
-        writeln!(out, "{:<13}  {:<16}  {:<8}  {:<16}  {:<12}  {:<7}  {handler}", trunc(&p.id, no_trunc), ago(p.created_at), state, name, ns, attempt)?;
+        writeln!(
+            out,
+            "{:<13}  {:<16}  {:<8}  {:<16}  {:<12}  {:<7}  {handler}",
+            trunc(&p.id, no_trunc),
+            ago(p.created_at),
+            state,
+            name,
+            ns,
+            attempt
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -431,7 +455,12 @@ fn print_json(v: &serde_json::Value) -> Result<()> {
 
 async fn inspect_containers(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     for id in args.all("the container id")? {
-        let r = c.container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: true }).await.map_err(rpc).with_context(|| format!("container {id}"))?.into_inner();
+        let r = c
+            .container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: true })
+            .await
+            .map_err(rpc)
+            .with_context(|| format!("container {id}"))?
+            .into_inner();
         let status = r.status.with_context(|| format!("the runtime sent no status for container {id}"))?;
         print_json(&inspect::container(&status, &r.info))?;
     }
@@ -440,7 +469,12 @@ async fn inspect_containers(c: &mut Client, args: &mut Args) -> Result<ExitCode>
 
 async fn inspect_pods(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     for id in args.all("the pod id")? {
-        let r = c.pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: id.clone(), verbose: true }).await.map_err(rpc).with_context(|| format!("pod {id}"))?.into_inner();
+        let r = c
+            .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: id.clone(), verbose: true })
+            .await
+            .map_err(rpc)
+            .with_context(|| format!("pod {id}"))?
+            .into_inner();
         let status = r.status.with_context(|| format!("the runtime sent no status for pod {id}"))?;
         print_json(&inspect::pod(&status, &r.info))?;
     }
@@ -459,7 +493,10 @@ async fn stop(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
         }
     }
     for id in args.all("the container id")? {
-        c.stop_container(cri::StopContainerRequest { container_id: id.clone(), timeout }).await.map_err(rpc).with_context(|| format!("stopping container {id}"))?;
+        c.stop_container(cri::StopContainerRequest { container_id: id.clone(), timeout })
+            .await
+            .map_err(rpc)
+            .with_context(|| format!("stopping container {id}"))?;
         println!("{id}");
     }
     Ok(ExitCode::SUCCESS)
@@ -481,9 +518,15 @@ async fn rm(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     let force = force_option(args, "rm")?;
     for id in args.all("the container id")? {
         if force {
-            c.stop_container(cri::StopContainerRequest { container_id: id.clone(), timeout: 0 }).await.map_err(rpc).with_context(|| format!("stopping container {id}"))?;
+            c.stop_container(cri::StopContainerRequest { container_id: id.clone(), timeout: 0 })
+                .await
+                .map_err(rpc)
+                .with_context(|| format!("stopping container {id}"))?;
         }
-        c.remove_container(cri::RemoveContainerRequest { container_id: id.clone() }).await.map_err(rpc).with_context(|| format!("removing container {id}"))?;
+        c.remove_container(cri::RemoveContainerRequest { container_id: id.clone() })
+            .await
+            .map_err(rpc)
+            .with_context(|| format!("removing container {id}"))?;
         println!("{id}");
     }
     Ok(ExitCode::SUCCESS)
@@ -491,7 +534,10 @@ async fn rm(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
 
 async fn stopp(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     for id in args.all("the pod id")? {
-        c.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.clone() }).await.map_err(rpc).with_context(|| format!("stopping pod {id}"))?;
+        c.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.clone() })
+            .await
+            .map_err(rpc)
+            .with_context(|| format!("stopping pod {id}"))?;
         println!("Stopped sandbox {id}");
     }
     Ok(ExitCode::SUCCESS)
@@ -501,9 +547,15 @@ async fn rmp(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     let force = force_option(args, "rmp")?;
     for id in args.all("the pod id")? {
         if force {
-            c.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.clone() }).await.map_err(rpc).with_context(|| format!("stopping pod {id}"))?;
+            c.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.clone() })
+                .await
+                .map_err(rpc)
+                .with_context(|| format!("stopping pod {id}"))?;
         }
-        c.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.clone() }).await.map_err(rpc).with_context(|| format!("removing pod {id}"))?;
+        c.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.clone() })
+            .await
+            .map_err(rpc)
+            .with_context(|| format!("removing pod {id}"))?;
         println!("Removed sandbox {id}");
     }
     Ok(ExitCode::SUCCESS)
@@ -511,7 +563,10 @@ async fn rmp(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
 
 async fn version(c: &mut Client) -> Result<ExitCode> {
     let v = c.version(cri::VersionRequest { version: "v1".into() }).await.map_err(rpc)?.into_inner();
-    println!("Version:  {}\nRuntimeName:  {}\nRuntimeVersion:  {}\nRuntimeApiVersion:  {}", v.version, v.runtime_name, v.runtime_version, v.runtime_api_version);
+    println!(
+        "Version:  {}\nRuntimeName:  {}\nRuntimeVersion:  {}\nRuntimeApiVersion:  {}",
+        v.version, v.runtime_name, v.runtime_version, v.runtime_api_version
+    );
     Ok(ExitCode::SUCCESS)
 }
 

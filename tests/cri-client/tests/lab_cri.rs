@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
-use vfvm_test_containerd::{install_vfvm, oci, output_within, pids_named, vfvm_consoles, vfvm_leftovers, which, Containerd, Version, CRI_NAMESPACE, VFVM_STATE_DIR};
+use vfvm_test_containerd::{
+    install_vfvm, oci, output_within, pids_named, vfvm_consoles, vfvm_leftovers, which, Containerd, Version, CRI_NAMESPACE, VFVM_STATE_DIR,
+};
 
 /// How long one CRI command may take: a pod's VM boots in about 25 s in an idle
 /// lab and in about 90 s while the host is busy (L3 under TCG-emulated SVM); two
@@ -155,7 +157,12 @@ impl<'a> Cri<'a> {
             if out.status.success() && text.contains(needle) {
                 return Ok(text);
             }
-            ensure!(Instant::now() < deadline, "the log of {id} never showed {needle:?}; last `crictl logs`: {}\nstdout: {text}\nstderr: {}", out.status, String::from_utf8_lossy(&out.stderr));
+            ensure!(
+                Instant::now() < deadline,
+                "the log of {id} never showed {needle:?}; last `crictl logs`: {}\nstdout: {text}\nstderr: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
             std::thread::sleep(POLL_INTERVAL);
         }
     }
@@ -168,7 +175,11 @@ impl<'a> Cri<'a> {
         let took = started.elapsed();
         let code = out.status.code().with_context(|| format!("crictl exec {id} killed by a signal"))?;
         let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
-        ensure!(took < EXEC_LIMIT, "crictl exec {id} {cmd:?} took {:.1}s (exit {code}, stdout {stdout:?}, stderr {stderr:?})", took.as_secs_f64());
+        ensure!(
+            took < EXEC_LIMIT,
+            "crictl exec {id} {cmd:?} took {:.1}s (exit {code}, stdout {stdout:?}, stderr {stderr:?})",
+            took.as_secs_f64()
+        );
         Ok((code, stdout, stderr))
     }
 
@@ -182,7 +193,12 @@ impl<'a> Cri<'a> {
         self.ok(&["stopp", pod])?;
         let stopped = started.elapsed();
         self.ok(&["rmp", pod])?;
-        eprintln!("containerd {}: pod {pod}: stopp {:.1}s, rmp {:.1}s", self.c.version().name(), stopped.as_secs_f64(), (started.elapsed() - stopped).as_secs_f64());
+        eprintln!(
+            "containerd {}: pod {pod}: stopp {:.1}s, rmp {:.1}s",
+            self.c.version().name(),
+            stopped.as_secs_f64(),
+            (started.elapsed() - stopped).as_secs_f64()
+        );
         Ok(())
     }
 
@@ -337,14 +353,20 @@ fn pods_in_vms(version: Version) {
         for (id, pod) in [(&c1, &a), (&c2, &a), (&c3, &b)] {
             let (code, stdout, stderr) = cri.exec(id, &["cat", "/proc/cmdline"])?;
             let marker = format!("vfvm.sandbox={pod}");
-            ensure!(code == 0 && stdout.split_whitespace().any(|w| w == marker), "container {id} should run in pod {pod}'s VM; exec: {code}, stdout {stdout:?}, stderr {stderr:?}");
+            ensure!(
+                code == 0 && stdout.split_whitespace().any(|w| w == marker),
+                "container {id} should run in pod {pod}'s VM; exec: {code}, stdout {stdout:?}, stderr {stderr:?}"
+            );
         }
         let vms = vmm_pods();
         ensure!(vms.len() == 2, "containers must not start VMs of their own: vfvm-vmm processes serve {vms:?}");
 
         // exec: output on both streams, the exit code.
         let (code, stdout, stderr) = cri.exec(&c1, &["sh", "-c", "echo out; echo err >&2; exit 3"])?;
-        ensure!((code, stdout.as_str(), stderr.as_str()) == (3, "out\n", "err\n"), "exec: exit {code}, stdout {stdout:?}, stderr {stderr:?}");
+        ensure!(
+            (code, stdout.as_str(), stderr.as_str()) == (3, "out\n", "err\n"),
+            "exec: exit {code}, stdout {stdout:?}, stderr {stderr:?}"
+        );
 
         // logs: what the container printed, through containerd's CRI log file.
         let log = cri.wait_logs(&c1, "started-1", deadline)?;
@@ -383,8 +405,16 @@ fn bad_annotations(version: Version) {
     let c = containerd(version);
     scenario(&format!("bad-annotations-{}", version.name()), &c, |cri| {
         let cases: [(&str, &str, &[&str]); 3] = [
-            ("io.katacontainers.config.hypervisor.default_vcpus", "64", &["io.katacontainers.config.hypervisor.default_vcpus", "\"64\"", "from 1 to 8"]),
-            ("io.katacontainers.config.hypervisor.default_memory", "lots", &["io.katacontainers.config.hypervisor.default_memory", "\"lots\""]),
+            (
+                "io.katacontainers.config.hypervisor.default_vcpus",
+                "64",
+                &["io.katacontainers.config.hypervisor.default_vcpus", "\"64\"", "from 1 to 8"],
+            ),
+            (
+                "io.katacontainers.config.hypervisor.default_memory",
+                "lots",
+                &["io.katacontainers.config.hypervisor.default_memory", "\"lots\""],
+            ),
             ("io.katacontainers.config.runtime.enable_sriov", "maybe", &["io.katacontainers.config.runtime.enable_sriov", "\"maybe\""]),
         ];
         for (i, (key, value, wanted)) in cases.into_iter().enumerate() {

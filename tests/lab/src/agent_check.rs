@@ -104,7 +104,10 @@ pub fn agent_check(mut args: impl Iterator<Item = String>) -> Result<i32> {
     });
     let result = talk_to_agent(started).and_then(|()| {
         let logs = String::from_utf8_lossy(&logs.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
-        ensure!(logs.contains("agent serving vfvm.agent.v1"), "the agent's log stream on vsock port {LOG_PORT} lacks its serving line:\n{logs}");
+        ensure!(
+            logs.contains("agent serving vfvm.agent.v1"),
+            "the agent's log stream on vsock port {LOG_PORT} lacks its serving line:\n{logs}"
+        );
         println!("check: the agent's logs arrived over vsock port {LOG_PORT} ({} bytes)", logs.len());
         println!("agent-check: PASSED");
         Ok(())
@@ -116,7 +119,8 @@ pub fn agent_check(mut args: impl Iterator<Item = String>) -> Result<i32> {
 
 fn talk_to_agent(started: Instant) -> Result<()> {
     let addr = AgentAddress::Vsock { cid: GUEST_CID, port: AGENT_PORT };
-    let client = connect(&addr, ConnectOptions { deadline: Duration::from_secs(240), ..Default::default() }).context("connecting to the guest agent")?;
+    let client = connect(&addr, ConnectOptions { deadline: Duration::from_secs(240), ..Default::default() })
+        .context("connecting to the guest agent")?;
     let health = client.health(ctx(), &agent::HealthRequest::new()).context("Health")?;
     println!(
         "check: agent {} ({}) answered over vsock://{GUEST_CID}:{AGENT_PORT} {:.1}s after QEMU start",
@@ -129,7 +133,12 @@ fn talk_to_agent(started: Instant) -> Result<()> {
     for m in ["igbvf", "vmw_vsock_virtio_transport"] {
         ensure!(details.loaded_modules.iter().any(|l| l == m), "the guest has not loaded {m}: {:?}", details.loaded_modules);
     }
-    println!("check: guest kernel {}, {} MiB, {} modules loaded", details.kernel_release, details.memory_bytes >> 20, details.loaded_modules.len());
+    println!(
+        "check: guest kernel {}, {} MiB, {} modules loaded",
+        details.kernel_release,
+        details.memory_bytes >> 20,
+        details.loaded_modules.len()
+    );
 
     let mut iface = agent::Interface::new();
     iface.name = "net0".into();

@@ -96,7 +96,9 @@ pub fn bench_boot(mut args: impl Iterator<Item = String>) -> Result<i32> {
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for run in 1..=runs {
         // Alternate the order so neither VMM always gets the warm caches.
-        let (a, b) = if run % 2 == 1 { (boot_once(&mut vfvm(), timeout)?, boot_once(&mut qemu(), timeout)?) } else {
+        let (a, b) = if run % 2 == 1 {
+            (boot_once(&mut vfvm(), timeout)?, boot_once(&mut qemu(), timeout)?)
+        } else {
             let q = boot_once(&mut qemu(), timeout)?;
             (boot_once(&mut vfvm(), timeout)?, q)
         };

@@ -7,7 +7,6 @@ use std::process::{Child, Command};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::Instant;
 
-
 /// Lines from a reader, delivered through a channel by a background thread.
 pub struct Lines {
     rx: Receiver<String>,

@@ -89,7 +89,11 @@ const PROBE_LIMIT_IN_L2: Duration = Duration::from_secs(150);
 pub fn inside_demo_host() -> Result<i32> {
     let exe = host::self_exe()?;
     let build_dir = exe.parent().context("the vfvm-lab binary has no directory")?;
-    let image = |name: &str| std::env::var_os(name).map(PathBuf::from).with_context(|| format!("{name} is not set: the guest image (cargo xtask image --agent ...)"));
+    let image = |name: &str| {
+        std::env::var_os(name)
+            .map(PathBuf::from)
+            .with_context(|| format!("{name} is not set: the guest image (cargo xtask image --agent ...)"))
+    };
     let (kernel, initrd) = (image("VFVM_TEST_AGENT_KERNEL")?, image("VFVM_TEST_AGENT_INITRD")?);
     match probe_host_kvm(build_dir, &kernel, &initrd, PROBE_LIMIT_IN_L2)? {
         Probe::Boots(why) => on_this_host(build_dir, &why),
@@ -185,12 +189,19 @@ fn probe_in(dir: &Path, vmm: &Path, kernel: &Path, initrd: &Path, limit: Duratio
     };
     let limit = limit.as_secs();
     Ok(match outcome {
-        Outcome::Answered(after) => Probe::Boots(format!("this host's KVM booted the guest image with vfvm-vmm and its agent answered in {:.1} s", after.as_secs_f64())),
-        Outcome::Exited(status) => Probe::DoesNot(format!("vfvm-vmm could not run a VM on this host's KVM ({status}: {})", last_line(&stderr))),
+        Outcome::Answered(after) => Probe::Boots(format!(
+            "this host's KVM booted the guest image with vfvm-vmm and its agent answered in {:.1} s",
+            after.as_secs_f64()
+        )),
+        Outcome::Exited(status) => {
+            Probe::DoesNot(format!("vfvm-vmm could not run a VM on this host's KVM ({status}: {})", last_line(&stderr)))
+        }
         Outcome::Refused(e) => Probe::DoesNot(format!("the probe VM on this host's KVM did not serve the agent ({e})")),
         Outcome::TimedOut => match last_line(&console) {
             l if l.is_empty() => Probe::DoesNot(format!("this host's KVM did not boot Linux within {limit} s (no console output)")),
-            l => Probe::DoesNot(format!("this host's KVM started the guest kernel, but its agent did not answer within {limit} s (last console line: {l:?})")),
+            l => Probe::DoesNot(format!(
+                "this host's KVM started the guest kernel, but its agent did not answer within {limit} s (last console line: {l:?})"
+            )),
         },
     })
 }
@@ -232,7 +243,9 @@ pub fn run_pod(build_dir: &Path) -> Result<()> {
     let version = match Version::V1_6.check_installed() {
         Ok(_) => Version::V1_6,
         Err(e) => {
-            Version::V2_1.check_installed().with_context(|| format!("no containerd to run the pod with (1.6: {e:#}); `cargo xtask install` installs both"))?;
+            Version::V2_1
+                .check_installed()
+                .with_context(|| format!("no containerd to run the pod with (1.6: {e:#}); `cargo xtask install` installs both"))?;
             Version::V2_1
         }
     };
@@ -242,7 +255,11 @@ pub fn run_pod(build_dir: &Path) -> Result<()> {
     let (imported, took) = c.import_test_images()?;
     progress!("imported {} in {:.1} s", imported.iter().map(|i| i.reference).collect::<Vec<_>>().join(", "), took.as_secs_f64());
 
-    progress!("ctr run --rm --runtime {RUNTIME} {} {POD}: the shim boots the pod's VM (at most {} s)", oci::BUSYBOX_REF, CTR_LIMIT.as_secs());
+    progress!(
+        "ctr run --rm --runtime {RUNTIME} {} {POD}: the shim boots the pod's VM (at most {} s)",
+        oci::BUSYBOX_REF,
+        CTR_LIMIT.as_secs()
+    );
     let started = Instant::now();
     let out = c.ctr_within(&["run", "--rm", "--runtime", RUNTIME, oci::BUSYBOX_REF, POD, "sh", "-c", POD_SCRIPT], CTR_LIMIT)?;
     let took = started.elapsed();
@@ -261,8 +278,16 @@ pub fn run_pod(build_dir: &Path) -> Result<()> {
     };
     ensure!(out.status.success(), "{}", failed("ctr run failed"));
     ensure!(stdout.contains("hello from a container"), "{}", failed("the container did not print its hello"));
-    ensure!(stdout.contains(&format!("vfvm.sandbox={POD}")), "{}", failed("the container did not run in the pod's VM (no vfvm.sandbox= on its kernel command line)"));
-    println!("vfvm demo: the pod ran in a vfvm VM under containerd {}: `ctr run` took {:.1} s, VM boot included", version.name(), took.as_secs_f64());
+    ensure!(
+        stdout.contains(&format!("vfvm.sandbox={POD}")),
+        "{}",
+        failed("the container did not run in the pod's VM (no vfvm.sandbox= on its kernel command line)")
+    );
+    println!(
+        "vfvm demo: the pod ran in a vfvm VM under containerd {}: `ctr run` took {:.1} s, VM boot included",
+        version.name(),
+        took.as_secs_f64()
+    );
 
     let left = vfvm_leftovers();
     ensure!(left.is_empty(), "the finished pod left behind: {}", left.join(", "));

@@ -20,8 +20,7 @@ const EM_X86_64: u16 = 62;
 
 /// Where the guest's loader looks when a library is not found through RPATH/RUNPATH
 /// and there is no `/etc/ld.so.cache` (Debian's multiarch directories first).
-pub const DEFAULT_LIB_DIRS: &[&str] =
-    &["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib"];
+pub const DEFAULT_LIB_DIRS: &[&str] = &["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib"];
 
 /// What the dynamic loader needs to know about one ELF file.
 #[derive(Debug, Default, PartialEq)]

@@ -371,7 +371,9 @@ pub fn build(kernel: &Kernel, agent: &Path, test_busybox: Option<&Path>) -> Resu
     for dep in &deps {
         tree.host_file(&dep.to_string_lossy())?;
     }
-    for (d, perm) in [("/proc", 0o755), ("/sys", 0o755), ("/dev", 0o755), ("/run", 0o755), ("/tmp", 0o1777), ("/etc", 0o755), ("/sbin", 0o755)] {
+    for (d, perm) in
+        [("/proc", 0o755), ("/sys", 0o755), ("/dev", 0o755), ("/run", 0o755), ("/tmp", 0o1777), ("/etc", 0o755), ("/sbin", 0o755)]
+    {
         tree.mkdir_p(d, perm)?;
     }
     tree.insert("/dev/console", Node::CharDev(5, 1))?;
@@ -574,7 +576,19 @@ mod tests {
 
         let names = a.manifest.module_names();
         let pos = |m: &str| names.iter().position(|n| *n == m).unwrap_or_else(|| panic!("{m} missing from {names:?}"));
-        for m in ["vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport", "virtio_pci", "virtio_net", "virtio_blk", "virtio_mmio", "virtiofs", "fuse", "overlay", "igbvf"] {
+        for m in [
+            "vsock",
+            "vmw_vsock_virtio_transport_common",
+            "vmw_vsock_virtio_transport",
+            "virtio_pci",
+            "virtio_net",
+            "virtio_blk",
+            "virtio_mmio",
+            "virtiofs",
+            "fuse",
+            "overlay",
+            "igbvf",
+        ] {
             pos(m);
         }
         // Dependencies first.

@@ -27,10 +27,7 @@ pub fn self_exe() -> Result<PathBuf> {
 
 /// A statically linked busybox, if one is installed (busybox-static's `/bin/busybox`).
 pub fn find_busybox() -> Option<PathBuf> {
-    ["/bin/busybox", "/usr/bin/busybox"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| is_static_elf(p).unwrap_or(false))
+    ["/bin/busybox", "/usr/bin/busybox"].iter().map(PathBuf::from).find(|p| is_static_elf(p).unwrap_or(false))
 }
 
 /// True for an ELF executable without a `PT_INTERP` header, i.e. one that runs without
@@ -69,9 +66,7 @@ pub fn qemu_has_igb() -> bool {
 }
 
 fn on_path(cmd: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(cmd).is_file()))
-        .unwrap_or(false)
+    std::env::var_os("PATH").map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(cmd).is_file())).unwrap_or(false)
         || ["/usr/sbin", "/sbin"].iter().any(|dir| Path::new(dir).join(cmd).is_file())
 }
 
@@ -197,12 +192,7 @@ fn already_configured(suite: &str) -> Result<bool> {
 pub const VIRTIOFSD_VERSION: &str = "1.14.0";
 
 fn virtiofsd_works() -> bool {
-    Command::new("virtiofsd")
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    Command::new("virtiofsd").arg("--version").stdin(Stdio::null()).output().map(|o| o.status.success()).unwrap_or(false)
 }
 
 /// Installs virtiofsd unless `virtiofsd --version` already works: Debian's is older
@@ -213,9 +203,8 @@ pub fn ensure_virtiofsd() -> Result<()> {
     if virtiofsd_works() {
         return Ok(());
     }
-    let pkg_config_has = |lib: &str| {
-        Command::new("pkg-config").args(["--exists", lib]).stdin(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
-    };
+    let pkg_config_has =
+        |lib: &str| Command::new("pkg-config").args(["--exists", lib]).stdin(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
     let mut dev: Vec<&str> = Vec::new();
     if !on_path("pkg-config") {
         dev.push("pkg-config");

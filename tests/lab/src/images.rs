@@ -43,11 +43,7 @@ pub fn ensure(cache: &Path, kernel: &Kernel, busybox: &Path) -> Result<Images> {
     let probe = probe_initrd(kernel, &busybox_bytes)?;
     let probe_initrd = store(&dir, "l3-probe", &probe)?;
     crate::guest_image::prune(&dir, "l3-probe", &probe_initrd);
-    Ok(Images {
-        l2_initrd: store(&dir, &format!("l2-{}", kernel.release), &l2)?,
-        l3_initrd: store(&dir, "l3-test", &l3)?,
-        probe_initrd,
-    })
+    Ok(Images { l2_initrd: store(&dir, &format!("l2-{}", kernel.release), &l2)?, l3_initrd: store(&dir, "l3-test", &l3)?, probe_initrd })
 }
 
 /// Writes `bytes` under a name derived from their hash, unless already there.
@@ -205,13 +201,8 @@ poweroff -f
 fn stripped_self() -> Result<Vec<u8>> {
     let me = crate::host::self_exe()?;
     let tmp = std::env::temp_dir().join(format!("vfvm-lab-stripped-{}", std::process::id()));
-    let stripped = std::process::Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(&me)
-        .arg(&tmp)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
+    let stripped =
+        std::process::Command::new("objcopy").arg("--strip-debug").arg(&me).arg(&tmp).status().map(|s| s.success()).unwrap_or(false);
     let bytes = std::fs::read(if stripped { &tmp } else { &me }).with_context(|| format!("reading {}", me.display()));
     let _ = std::fs::remove_file(&tmp);
     bytes

@@ -145,7 +145,13 @@ pub fn run(cache: &Path, kernel: &Kernel, images: &Images, opts: &RunOptions) ->
         // no_timer_check: under host load the emulated IO-APIC timer check can fail
         // ("timer doesn't work through Interrupt-remapped IO-APIC") and panic L2.
         .arg("-append")
-        .arg(format!("console=ttyS0 panic=-1 quiet intel_iommu=on no_timer_check {}", std::env::var("VFVM_LAB_L2_CMDLINE").unwrap_or_default()).trim_end())
+        .arg(
+            format!(
+                "console=ttyS0 panic=-1 quiet intel_iommu=on no_timer_check {}",
+                std::env::var("VFVM_LAB_L2_CMDLINE").unwrap_or_default()
+            )
+            .trim_end(),
+        )
         // This machine's root, read-only: L2 puts a tmpfs overlay on top.
         .args(["-virtfs", "local,path=/,mount_tag=hostfs,security_model=none,readonly=on,multidevs=remap,id=hostfs"])
         .arg("-virtfs")
@@ -212,13 +218,20 @@ pub fn run(cache: &Path, kernel: &Kernel, images: &Images, opts: &RunOptions) ->
                     "ready" => {
                         let wall = started.elapsed();
                         ready_after = Some(wall);
-                        progress!("L2 ready {:.1}s after QEMU start (guest uptime {rest}s); running: {}", wall.as_secs_f64(), opts.command.join(" "));
+                        progress!(
+                            "L2 ready {:.1}s after QEMU start (guest uptime {rest}s); running: {}",
+                            wall.as_secs_f64(),
+                            opts.command.join(" ")
+                        );
                     }
                     "error" => {
                         progress!("L2 error: {rest}");
                         setup_error = Some(rest.to_string());
                     }
-                    "exit" => progress!("command exited with status {rest} after {:.1}s in L2", (started.elapsed() - ready_after.unwrap_or_default()).as_secs_f64()),
+                    "exit" => progress!(
+                        "command exited with status {rest} after {:.1}s in L2",
+                        (started.elapsed() - ready_after.unwrap_or_default()).as_secs_f64()
+                    ),
                     _ => progress!("L2: {marker}"),
                 }
             }
@@ -239,7 +252,8 @@ pub fn run(cache: &Path, kernel: &Kernel, images: &Images, opts: &RunOptions) ->
     let exit_file = run_dir.join("exit-status");
     match std::fs::read_to_string(&exit_file) {
         Ok(text) => {
-            let code: i32 = text.trim().parse().with_context(|| format!("{}: expected an exit status, got {text:?}", exit_file.display()))?;
+            let code: i32 =
+                text.trim().parse().with_context(|| format!("{}: expected an exit status, got {text:?}", exit_file.display()))?;
             progress!("L2 powered off after {:.1}s (QEMU {status})", started.elapsed().as_secs_f64());
             Ok(code)
         }
@@ -294,11 +308,19 @@ mod tests {
     #[test]
     fn quoting_survives_a_real_shell() {
         let args = ["plain", "with space", "it's", "$HOME", "", "a\"b", "semi;colon", "back\\slash"];
-        let script = step_script(Path::new("/tmp"), &[("X".into(), "va'l ue".into())], &["printf".into(), "%s|".into()].into_iter().chain(args.iter().map(|s| s.to_string())).collect::<Vec<_>>());
+        let script = step_script(
+            Path::new("/tmp"),
+            &[("X".into(), "va'l ue".into())],
+            &["printf".into(), "%s|".into()].into_iter().chain(args.iter().map(|s| s.to_string())).collect::<Vec<_>>(),
+        );
         let out = Command::new("/bin/sh").arg("-c").arg(&script).output().unwrap();
         assert!(out.status.success(), "{script}");
         assert_eq!(String::from_utf8_lossy(&out.stdout), args.iter().map(|a| format!("{a}|")).collect::<String>());
-        let out = Command::new("/bin/sh").arg("-c").arg(step_script(Path::new("/"), &[("X".into(), "va'l ue".into())], &["sh".into(), "-c".into(), "printf %s \"$X\"".into()])).output().unwrap();
+        let out = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(step_script(Path::new("/"), &[("X".into(), "va'l ue".into())], &["sh".into(), "-c".into(), "printf %s \"$X\"".into()]))
+            .output()
+            .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "va'l ue");
     }
 

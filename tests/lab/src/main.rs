@@ -264,7 +264,10 @@ fn test() -> Result<i32> {
     if totals.reruns > 0 {
         crashed += &format!(" ({} re-run(s) of tests that failed while an L3 guest triple-faulted)", totals.reruns);
     }
-    println!("\nall test binaries: {} passed, {} failed, {} skipped{crashed}", totals.counts.passed, totals.counts.failed, totals.counts.ignored);
+    println!(
+        "\nall test binaries: {} passed, {} failed, {} skipped{crashed}",
+        totals.counts.passed, totals.counts.failed, totals.counts.ignored
+    );
     Ok(if ok && totals.counts.failed == 0 { 0 } else { 1 })
 }
 

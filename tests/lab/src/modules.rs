@@ -32,9 +32,8 @@ impl ModuleIndex {
             if line.trim().is_empty() {
                 continue;
             }
-            let (path, rest) = line
-                .split_once(':')
-                .with_context(|| format!("modules.dep line {}: expected `path: deps`, got {line:?}", n + 1))?;
+            let (path, rest) =
+                line.split_once(':').with_context(|| format!("modules.dep line {}: expected `path: deps`, got {line:?}", n + 1))?;
             let path = path.trim().to_string();
             let list = rest.split_whitespace().map(str::to_string).collect();
             deps.insert(module_name(&path), (path, list));

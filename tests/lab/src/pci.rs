@@ -68,7 +68,8 @@ impl PciDevice {
 
     pub fn unbind(&self) -> Result<()> {
         if let Some(driver) = self.driver() {
-            write_sysfs(&self.path().join("driver/unbind"), &self.addr).with_context(|| format!("unbinding {} from {driver}", self.addr))?;
+            write_sysfs(&self.path().join("driver/unbind"), &self.addr)
+                .with_context(|| format!("unbinding {} from {driver}", self.addr))?;
         }
         Ok(())
     }

@@ -56,8 +56,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Options> {
 }
 
 fn connect(port: u32) -> Result<File> {
-    let fd = vfvm_protocols::client::vsock_connect(HOST_CID, port, STREAM_LIMIT)
-        .with_context(|| format!("connect to host port {port}"))?;
+    let fd = vfvm_protocols::client::vsock_connect(HOST_CID, port, STREAM_LIMIT).with_context(|| format!("connect to host port {port}"))?;
     Ok(File::from(fd))
 }
 
@@ -66,7 +65,13 @@ fn set_timeouts(f: &File) -> Result<()> {
     for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
         // SAFETY: setsockopt with a timeval of the right size.
         let rc = unsafe {
-            libc::setsockopt(f.as_raw_fd(), libc::SOL_SOCKET, opt, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as libc::socklen_t)
+            libc::setsockopt(
+                f.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
         };
         ensure!(rc == 0, "setsockopt: {}", std::io::Error::last_os_error());
     }

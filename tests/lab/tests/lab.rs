@@ -3,7 +3,7 @@
 //! takes about a minute; `cargo xtask test` runs them (`--include-ignored`).
 
 use std::io::{BufRead, BufReader};
-use std::os::fd::{FromRawFd, OwnedFd, AsRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::sync::Mutex;
@@ -110,7 +110,10 @@ fn killing_the_harness_leaves_no_qemu_behind() {
         .spawn()
         .unwrap();
     let (tx, rx) = mpsc::channel::<(bool, String)>();
-    for (is_stderr, stream) in [(false, Box::new(harness.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>), (true, Box::new(harness.stderr.take().unwrap()))] {
+    for (is_stderr, stream) in [
+        (false, Box::new(harness.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>),
+        (true, Box::new(harness.stderr.take().unwrap())),
+    ] {
         let tx = tx.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
@@ -204,8 +207,18 @@ fn guest_image_boots_as_l3_and_loads_its_modules() {
     let (kernel, initrd) = (path_of("kernel: "), path_of("initrd: "));
 
     let out = run_lab(&[
-        "lab", "run", "--vfs", "1", "--",
-        env!("CARGO_BIN_EXE_vfvm-lab"), "inside", "boot-l3", "--kernel", &kernel, "--initrd", &initrd,
+        "lab",
+        "run",
+        "--vfs",
+        "1",
+        "--",
+        env!("CARGO_BIN_EXE_vfvm-lab"),
+        "inside",
+        "boot-l3",
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "booting the guest image failed:\n{stdout}");
@@ -239,14 +252,7 @@ fn a_second_image_build_writes_nothing() {
     let out_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-image-cli");
     // Any glibc-linked program will do as the agent; /bin/ls does not change with every
     // build (as this harness would), so the cache keeps one image for this test.
-    let build = || {
-        lab()
-            .args(["image", "--agent", "/bin/ls", "--out"])
-            .arg(&out_dir)
-            .stderr(Stdio::piped())
-            .output()
-            .unwrap()
-    };
+    let build = || lab().args(["image", "--agent", "/bin/ls", "--out"]).arg(&out_dir).stderr(Stdio::piped()).output().unwrap();
     let first = build();
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
     let second = build();
@@ -261,7 +267,10 @@ fn a_second_image_build_writes_nothing() {
         assert!(manifest.contains(expected), "{expected:?} missing from the manifest:\n{manifest}");
     }
     assert!(manifest.contains(&format!("initrd: {}", out_dir.join("initrd.img").display())), "{manifest}");
-    assert_eq!(std::fs::read(out_dir.join("manifest.txt")).unwrap(), manifest.lines().take_while(|l| !l.starts_with("kernel: ")).map(|l| format!("{l}\n")).collect::<String>().into_bytes());
+    assert_eq!(
+        std::fs::read(out_dir.join("manifest.txt")).unwrap(),
+        manifest.lines().take_while(|l| !l.starts_with("kernel: ")).map(|l| format!("{l}\n")).collect::<String>().into_bytes()
+    );
 }
 
 /// The guest image with the real agent as PID 1, booted as an L3 guest with vhost-vsock
@@ -276,9 +285,18 @@ fn agent_image_serves_over_vsock_and_configures_a_vf_by_pci_address() {
     assert!(built.status.success(), "vfvm-lab image failed:\n{manifest}");
     let (kernel, initrd) = (out_dir.join("vmlinuz"), out_dir.join("initrd.img"));
     let out = run_lab(&[
-        "lab", "run", "--vfs", "2", "--",
-        env!("CARGO_BIN_EXE_vfvm-lab"), "inside", "agent-check",
-        "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(),
+        "lab",
+        "run",
+        "--vfs",
+        "2",
+        "--",
+        env!("CARGO_BIN_EXE_vfvm-lab"),
+        "inside",
+        "agent-check",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "agent check failed:\n{stdout}");

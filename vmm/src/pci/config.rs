@@ -259,14 +259,7 @@ mod tests {
     use super::*;
 
     fn ids() -> PciIds {
-        PciIds {
-            vendor_id: 0x1af4,
-            device_id: 0x1053,
-            revision: 1,
-            class: 0x00ff00,
-            subsystem_vendor_id: 0x1af4,
-            subsystem_id: 0x40,
-        }
+        PciIds { vendor_id: 0x1af4, device_id: 0x1053, revision: 1, class: 0x00ff00, subsystem_vendor_id: 0x1af4, subsystem_id: 0x40 }
     }
 
     fn rd32(c: &ConfigSpace, at: usize) -> u32 {
@@ -287,10 +280,7 @@ mod tests {
         assert_eq!(rd32(&c, 8), 0x00ff_0001);
         // Command: memory, bus master, INTx disable stick; I/O space (no I/O BARs) does not.
         c.write(REG_COMMAND, &0xffffu16.to_le_bytes());
-        assert_eq!(
-            c.command(),
-            COMMAND_MEMORY | COMMAND_BUS_MASTER | COMMAND_PARITY | COMMAND_SERR | COMMAND_INTX_DISABLE
-        );
+        assert_eq!(c.command(), COMMAND_MEMORY | COMMAND_BUS_MASTER | COMMAND_PARITY | COMMAND_SERR | COMMAND_INTX_DISABLE);
         assert_eq!(c.u16_at(REG_STATUS), 0);
         // Status error bits are RW1C.
         c.set_u16(REG_STATUS, 0x8000 | STATUS_CAPABILITIES);

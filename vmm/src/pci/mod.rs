@@ -149,8 +149,7 @@ impl HostBridge {
     pub const DEVICE_ID: u16 = 0x0d57;
 
     pub fn new() -> Self {
-        let ids =
-            PciIds { vendor_id: Self::VENDOR_ID, device_id: Self::DEVICE_ID, class: 0x06_00_00, ..Default::default() };
+        let ids = PciIds { vendor_id: Self::VENDOR_ID, device_id: Self::DEVICE_ID, class: 0x06_00_00, ..Default::default() };
         Self { config: ConfigSpace::new(ids) }
     }
 }
@@ -328,8 +327,7 @@ impl PciRoot {
             bar.address = read_bar_address(&mut *dev, &bar.request);
             let size = bar.request.size;
             let want =
-                (decode && bar.address != 0 && bar.address % size == 0 && self.windows.contains(bar.address, size))
-                    .then_some(bar.address);
+                (decode && bar.address != 0 && bar.address % size == 0 && self.windows.contains(bar.address, size)).then_some(bar.address);
             if want == bar.mapped {
                 continue;
             }
@@ -414,8 +412,7 @@ impl PioConfigAccess {
             return None;
         }
         let a = self.address;
-        let addr =
-            PciAddress { bus: (a >> 16) as u8, device: ((a >> 11) & 0x1f) as u8, function: ((a >> 8) & 7) as u8 };
+        let addr = PciAddress { bus: (a >> 16) as u8, device: ((a >> 11) & 0x1f) as u8, function: ((a >> 8) & 7) as u8 };
         Some((addr, (a & 0xfc) as u16 + data_offset as u16))
     }
 }
@@ -454,11 +451,8 @@ struct EcamAccess {
 }
 
 fn ecam_target(offset: u64) -> (PciAddress, u16) {
-    let addr = PciAddress {
-        bus: ((offset >> 20) & 0xff) as u8,
-        device: ((offset >> 15) & 0x1f) as u8,
-        function: ((offset >> 12) & 7) as u8,
-    };
+    let addr =
+        PciAddress { bus: ((offset >> 20) & 0xff) as u8, device: ((offset >> 15) & 0x1f) as u8, function: ((offset >> 12) & 7) as u8 };
     (addr, (offset & 0xfff) as u16)
 }
 
@@ -480,11 +474,7 @@ impl BusDevice for EcamAccess {
 /// which only bus 0 has devices).
 pub fn install(root: &Arc<Mutex<PciRoot>>, pio: &Bus, mmio: &Bus) -> Result<(), BusError> {
     pio.insert(CONFIG_ADDRESS_PORT, 8, Arc::new(Mutex::new(PioConfigAccess { root: root.clone(), address: 0 })))?;
-    if let Err(e) = mmio.insert(
-        layout::PCI_ECAM_START,
-        layout::PCI_ECAM_SIZE,
-        Arc::new(Mutex::new(EcamAccess { root: root.clone() })),
-    ) {
+    if let Err(e) = mmio.insert(layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE, Arc::new(Mutex::new(EcamAccess { root: root.clone() }))) {
         pio.remove(CONFIG_ADDRESS_PORT);
         return Err(e);
     }

@@ -24,13 +24,7 @@ const VECTOR_MASKED: u32 = 1;
 /// Adds the MSI-X capability for `vectors` vectors whose table and PBA lie in BAR
 /// `bar` at the given offsets (8-byte aligned). Returns the capability's offset; the
 /// message control register is at `offset + 2`.
-pub fn add_capability(
-    config: &mut ConfigSpace,
-    vectors: u16,
-    bar: u8,
-    table_offset: u32,
-    pba_offset: u32,
-) -> Result<usize, ConfigError> {
+pub fn add_capability(config: &mut ConfigSpace, vectors: u16, bar: u8, table_offset: u32, pba_offset: u32) -> Result<usize, ConfigError> {
     let control = vectors.clamp(1, MAX_VECTORS) - 1;
     let mut body = Vec::with_capacity(10);
     body.extend_from_slice(&control.to_le_bytes());
@@ -68,13 +62,7 @@ pub struct MsixConfig {
 impl MsixConfig {
     pub fn new(vectors: u16, sink: Arc<dyn MsiSink>) -> Self {
         let n = usize::from(vectors.clamp(1, MAX_VECTORS));
-        Self {
-            entries: vec![Entry::default(); n],
-            pending: vec![false; n],
-            enabled: false,
-            function_masked: false,
-            sink,
-        }
+        Self { entries: vec![Entry::default(); n], pending: vec![false; n], enabled: false, function_masked: false, sink }
     }
 
     pub fn vectors(&self) -> u16 {

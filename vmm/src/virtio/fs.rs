@@ -114,10 +114,7 @@ fn connect(socket: &Path) -> Result<Backend, FsError> {
     frontend.set_owner().map_err(hs("SET_OWNER"))?;
     let features = frontend.get_features().map_err(hs("GET_FEATURES"))?;
     if features & VIRTIO_F_VERSION_1 == 0 {
-        return Err(FsError::Backend {
-            path: socket.to_path_buf(),
-            what: format!("features {features:#x} lack VIRTIO_F_VERSION_1"),
-        });
+        return Err(FsError::Backend { path: socket.to_path_buf(), what: format!("features {features:#x} lack VIRTIO_F_VERSION_1") });
     }
     let protocol = features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
     if protocol {
@@ -295,10 +292,7 @@ impl VirtioDevice for VhostUserFs {
         self.activated = true;
         // On failure `backend` drops here: the connection closes.
         let calls = Self::setup_backend(&mut backend, &memory, acked_features, &queues).map_err(start)?;
-        let socket_fd = backend
-            .frontend
-            .as_fd_owned()
-            .map_err(|e| start(format!("duplicating the socket: {e}")))?;
+        let socket_fd = backend.frontend.as_fd_owned().map_err(|e| start(format!("duplicating the socket: {e}")))?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| start(e.to_string()))?;
         let worker = Worker {
             mem: memory,
@@ -312,10 +306,7 @@ impl VirtioDevice for VhostUserFs {
             stop: stop.try_clone().map_err(|e| start(e.to_string()))?,
             socket: self.socket.clone(),
         };
-        let thread = std::thread::Builder::new()
-            .name("virtio-fs".into())
-            .spawn(move || worker.run())
-            .map_err(|e| start(e.to_string()))?;
+        let thread = std::thread::Builder::new().name("virtio-fs".into()).spawn(move || worker.run()).map_err(|e| start(e.to_string()))?;
         self.backend = Some(backend);
         self.worker = Some(WorkerHandle { stop, thread });
         info!(tag = %self.tag, socket = %self.socket.display(), "virtio-fs: activated");
@@ -535,10 +526,7 @@ mod tests {
     fn tags_are_bounded() {
         assert!(validate_tag("myfs").is_ok());
         assert!(validate_tag(&"a".repeat(36)).is_ok());
-        assert_eq!(
-            validate_tag(&"a".repeat(37)).unwrap_err().to_string(),
-            format!("tag \"{}\": 37 bytes, at most 36", "a".repeat(37))
-        );
+        assert_eq!(validate_tag(&"a".repeat(37)).unwrap_err().to_string(), format!("tag \"{}\": 37 bytes, at most 36", "a".repeat(37)));
         assert!(matches!(validate_tag(""), Err(FsError::EmptyTag(_))));
         assert!(matches!(validate_tag("a\0b"), Err(FsError::TagNul(_))));
     }

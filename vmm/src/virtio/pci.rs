@@ -81,11 +81,11 @@ pub enum VirtioPciError {
 /// The PCI class code for a device type.
 fn class_for(device_type: u32) -> u32 {
     match device_type {
-        1 => 0x02_00_00, // network controller
-        2 => 0x01_80_00, // mass storage, other
-        3 => 0x07_80_00, // communication, other
+        1 => 0x02_00_00,  // network controller
+        2 => 0x01_80_00,  // mass storage, other
+        3 => 0x07_80_00,  // communication, other
         26 => 0x01_80_00, // virtio-fs: mass storage, other (as QEMU's vhost-user-fs-pci)
-        _ => 0x00_ff_00, // unclassified
+        _ => 0x00_ff_00,  // unclassified
     }
 }
 
@@ -103,15 +103,7 @@ struct QueueSetup {
 
 impl QueueSetup {
     fn new(max_size: u16) -> Self {
-        Self {
-            max_size,
-            size: max_size,
-            msix_vector: VIRTIO_MSI_NO_VECTOR,
-            desc: 0,
-            driver: 0,
-            device: 0,
-            enabled: false,
-        }
+        Self { max_size, size: max_size, msix_vector: VIRTIO_MSI_NO_VECTOR, desc: 0, driver: 0, device: 0, enabled: false }
     }
 
     /// The queue as set up; checked against `memory`.
@@ -197,11 +189,7 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
 
 impl VirtioPciDevice {
     /// Wraps `device`; `memory` is what its queues live in, `msi` delivers MSI-X.
-    pub fn new(
-        device: Box<dyn VirtioDevice>,
-        memory: GuestMemoryMmap,
-        msi: Arc<dyn MsiSink>,
-    ) -> Result<Self, VirtioPciError> {
+    pub fn new(device: Box<dyn VirtioDevice>, memory: GuestMemoryMmap, msi: Arc<dyn MsiSink>) -> Result<Self, VirtioPciError> {
         let max_sizes = device.queue_max_sizes().to_vec();
         if max_sizes.is_empty() || max_sizes.len() > MAX_QUEUES {
             return Err(VirtioPciError::QueueCount(max_sizes.len()));
@@ -228,8 +216,7 @@ impl VirtioPciDevice {
             config.add_capability(CAP_ID_VENDOR, &body, &wmask)?;
         }
         let vectors = max_sizes.len() as u16 + 1;
-        let msix_cap =
-            msix::add_capability(&mut config, vectors, BAR_INDEX, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32)?;
+        let msix_cap = msix::add_capability(&mut config, vectors, BAR_INDEX, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32)?;
         let queues: Vec<QueueSetup> = max_sizes.iter().map(|&m| QueueSetup::new(m)).collect();
         Ok(Self {
             config,
@@ -417,11 +404,7 @@ impl VirtioPciDevice {
         if added & STATUS_FEATURES_OK != 0 {
             let unknown = self.driver_features & !self.device_features;
             if unknown != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                tracing::warn!(
-                    "virtio-pci: refusing driver features {:#x} (offered {:#x})",
-                    self.driver_features,
-                    self.device_features
-                );
+                tracing::warn!("virtio-pci: refusing driver features {:#x} (offered {:#x})", self.driver_features, self.device_features);
                 value &= !STATUS_FEATURES_OK;
             }
         }
@@ -714,10 +697,7 @@ mod tests {
             }
             at = g.cfg(at + 1, 1) as usize;
         }
-        assert_eq!(
-            types,
-            [(1, 16, 0, 0, 0x38), (3, 16, 0, 0x1000, 1), (4, 16, 0, 0x2000, 0x1000), (2, 20, 0, 0x3000, 12)]
-        );
+        assert_eq!(types, [(1, 16, 0, 0, 0x38), (3, 16, 0, 0x1000, 1), (4, 16, 0, 0x2000, 0x1000), (2, 20, 0, 0x3000, 12)]);
         assert_eq!(g.r(0x12, 2), 3, "num_queues");
         assert_eq!(g.r(0x2000 + 4, 2), 0x8584, "device config");
     }
@@ -799,10 +779,7 @@ mod tests {
         irq.notify_queue(0);
         irq.notify_queue(1); // NO_VECTOR: only the ISR
         irq.notify_config();
-        assert_eq!(
-            g.sink.take(),
-            [MsiMessage { address: 0xfee0_0000, data: 0x30 }, MsiMessage { address: 0xfee0_0000, data: 0x33 }]
-        );
+        assert_eq!(g.sink.take(), [MsiMessage { address: 0xfee0_0000, data: 0x30 }, MsiMessage { address: 0xfee0_0000, data: 0x33 }]);
         assert_eq!(g.r(0x15, 1), 1, "config generation moved");
         assert_eq!(g.r(0x1000, 1), 3, "ISR: queue and config");
         assert_eq!(g.r(0x1000, 1), 0, "ISR read clears");

@@ -39,7 +39,13 @@ fn forward_lines<R: Read + Send + 'static>(source: R, print: bool) -> (Receiver<
 /// Follows a guest's console until the VMM closes it: each line is printed, handed
 /// to `on_line` and kept. Past `bound` (from `started`) the VMM is killed and the test
 /// fails with the console so far. Returns every line.
-pub fn follow_console(rx: &Receiver<String>, child: &mut std::process::Child, started: std::time::Instant, bound: Duration, mut on_line: impl FnMut(&str)) -> Vec<String> {
+pub fn follow_console(
+    rx: &Receiver<String>,
+    child: &mut std::process::Child,
+    started: std::time::Instant,
+    bound: Duration,
+    mut on_line: impl FnMut(&str),
+) -> Vec<String> {
     let mut console = Vec::new();
     loop {
         match rx.recv_timeout(bound.saturating_sub(started.elapsed())) {
@@ -182,7 +188,11 @@ pub fn wait_for_line(lines: &Receiver<String>, needle: &str, limit: Duration) ->
 /// Starts virtiofsd serving `shared` on `socket` and waits (up to `limit`) until it
 /// listens; returns it with its stderr lines. If it never listens, it is killed and
 /// the test fails with what it printed.
-pub fn start_virtiofsd(socket: &std::path::Path, shared: &std::path::Path, limit: Duration) -> (std::process::Child, Receiver<String>, JoinHandle<()>) {
+pub fn start_virtiofsd(
+    socket: &std::path::Path,
+    shared: &std::path::Path,
+    limit: Duration,
+) -> (std::process::Child, Receiver<String>, JoinHandle<()>) {
     let mut child = std::process::Command::new(virtiofsd())
         .arg(format!("--socket-path={}", socket.display()))
         .arg(format!("--shared-dir={}", shared.display()))
@@ -201,9 +211,8 @@ pub fn start_virtiofsd(socket: &std::path::Path, shared: &std::path::Path, limit
 
 /// The virtiofsd binary: on PATH, or where `cargo xtask install` puts it.
 pub fn virtiofsd() -> std::path::PathBuf {
-    let candidates = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("virtiofsd")).collect::<Vec<_>>())
-        .unwrap_or_default();
+    let candidates =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("virtiofsd")).collect::<Vec<_>>()).unwrap_or_default();
     let home = std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo/bin/virtiofsd"));
     candidates
         .into_iter()

@@ -35,14 +35,8 @@ use crate::bus::read_registers;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{
-    ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, DEVICE_TYPE_VSOCK,
-    VIRTIO_F_VERSION_1,
-};
-pub use muxer::{
-    guest_port_path, BUF_ALLOC, CONNECT_LINE_TIMEOUT, GUEST_ANSWER_TIMEOUT, HOST_PORT_BASE,
-    SHUTDOWN_TIMEOUT,
-};
+use super::{ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, DEVICE_TYPE_VSOCK, VIRTIO_F_VERSION_1};
+pub use muxer::{guest_port_path, BUF_ALLOC, CONNECT_LINE_TIMEOUT, GUEST_ANSWER_TIMEOUT, HOST_PORT_BASE, SHUTDOWN_TIMEOUT};
 
 /// Size of each of the three queues (rx, tx, event).
 pub const QUEUE_SIZE: u16 = 256;
@@ -84,10 +78,7 @@ impl Vsock {
         if uds_path.symlink_metadata().is_ok() {
             return Err(VsockError::PathExists(uds_path));
         }
-        let bind_err = |source| VsockError::Bind {
-            path: uds_path.clone(),
-            source,
-        };
+        let bind_err = |source| VsockError::Bind { path: uds_path.clone(), source };
         let listener = UnixListener::bind(&uds_path).map_err(bind_err)?;
         let setup = || -> io::Result<std::fs::Metadata> {
             listener.set_nonblocking(true)?;
@@ -168,10 +159,7 @@ impl VirtioDevice for Vsock {
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
         if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                want: QUEUE_SIZES.len(),
-                got: queues.len(),
-            });
+            return Err(ActivateError::QueueCount { want: QUEUE_SIZES.len(), got: queues.len() });
         }
         self.stop_worker();
         let mut slots: [Option<ActiveQueue>; 3] = [None, None, None];
@@ -179,11 +167,7 @@ impl VirtioDevice for Vsock {
             let i = usize::from(q.index);
             match slots.get_mut(i) {
                 Some(slot @ None) => *slot = Some(q),
-                _ => {
-                    return Err(ActivateError::Start(format!(
-                        "unexpected or repeated queue index {i}"
-                    )))
-                }
+                _ => return Err(ActivateError::Start(format!("unexpected or repeated queue index {i}"))),
             }
         }
         let [Some(rx), Some(tx), Some(ev)] = slots else {

@@ -20,9 +20,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::packet::{
-    read_packet, write_packet, Header, Segments, HDR_LEN, HOST_CID, MAX_PKT_PAYLOAD,
-    OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN,
-    SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
+    read_packet, write_packet, Header, Segments, HDR_LEN, HOST_CID, MAX_PKT_PAYLOAD, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST,
+    OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
 use crate::virtio::VirtioInterrupt;
 
@@ -48,11 +47,7 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts {
-            connect_line: CONNECT_LINE_TIMEOUT,
-            guest_answer: GUEST_ANSWER_TIMEOUT,
-            shutdown: SHUTDOWN_TIMEOUT,
-        }
+        Timeouts { connect_line: CONNECT_LINE_TIMEOUT, guest_answer: GUEST_ANSWER_TIMEOUT, shutdown: SHUTDOWN_TIMEOUT }
     }
 }
 
@@ -156,10 +151,7 @@ impl Conn {
     }
 
     fn can_send_data(&self) -> bool {
-        self.state == State::Established
-            && !self.host_eof
-            && !self.peer_shut_rcv
-            && self.peer_credit() > 0
+        self.state == State::Established && !self.host_eof && !self.peer_shut_rcv && self.peer_credit() > 0
     }
 
     fn has_rx_work(&self) -> bool {
@@ -168,12 +160,7 @@ impl Conn {
 
     fn interest(&self) -> EventSet {
         let mut ev = EventSet::empty();
-        if self.state == State::Established
-            && !self.host_eof
-            && !self.peer_shut_rcv
-            && !self.data_ready
-            && self.peer_credit() > 0
-        {
+        if self.state == State::Established && !self.host_eof && !self.peer_shut_rcv && !self.data_ready && self.peer_credit() > 0 {
             ev |= EventSet::IN;
         }
         if !self.tx_buf.is_empty() {
@@ -217,9 +204,7 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
-        if !self.peer_shut_rcv
-            && self.fwd_cnt.wrapping_sub(self.last_fwd_cnt_sent) >= CREDIT_UPDATE_THRESHOLD
-        {
+        if !self.peer_shut_rcv && self.fwd_cnt.wrapping_sub(self.last_fwd_cnt_sent) >= CREDIT_UPDATE_THRESHOLD {
             self.pending |= P_CREDIT_UPDATE;
         }
         Ok(())
@@ -269,13 +254,7 @@ impl Worker {
     /// Runs the loop until the stop eventfd fires.
     pub fn run(self) -> io::Result<()> {
         let epoll = Epoll::new()?;
-        let add = |fd: RawFd, token: u64| {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-        };
+        let add = |fd: RawFd, token: u64| epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token));
         add(self.kicks[0].as_raw_fd(), TOKEN_RX)?;
         add(self.kicks[1].as_raw_fd(), TOKEN_TX)?;
         add(self.kicks[2].as_raw_fd(), TOKEN_EV)?;
@@ -333,23 +312,14 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     // SAFETY: sockaddr_un is plain old data; zero is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     if bytes.len() >= addr.sun_path.len() {
-        return Err(io::Error::new(
-            ErrorKind::InvalidInput,
-            "socket path too long",
-        ));
+        return Err(io::Error::new(ErrorKind::InvalidInput, "socket path too long"));
     }
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;
     }
     // SAFETY: plain syscall; the result is checked and owned right away.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -357,13 +327,7 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
     // SAFETY: addr is a valid sockaddr_un of at least `len` bytes.
-    let rc = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
-            len,
-        )
-    };
+    let rc = unsafe { libc::connect(fd.as_raw_fd(), &addr as *const libc::sockaddr_un as *const libc::sockaddr, len) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -373,14 +337,8 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
 /// recv(MSG_PEEK) without blocking.
 fn peek(stream: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: buf is valid for buf.len() bytes.
-    let n = unsafe {
-        libc::recv(
-            stream.as_raw_fd(),
-            buf.as_mut_ptr() as *mut libc::c_void,
-            buf.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
+    let n =
+        unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -458,12 +416,7 @@ impl Muxer {
     // ---- timers ----
 
     fn next_timeout_ms(&self) -> i32 {
-        let next = self
-            .pending_clients
-            .values()
-            .map(|p| p.deadline)
-            .chain(self.conns.values().filter_map(|c| c.deadline))
-            .min();
+        let next = self.pending_clients.values().map(|p| p.deadline).chain(self.conns.values().filter_map(|c| c.deadline)).min();
         match next {
             None => -1,
             Some(d) => {
@@ -475,22 +428,12 @@ impl Muxer {
     }
 
     fn expire(&mut self, now: Instant) {
-        let late: Vec<u64> = self
-            .pending_clients
-            .iter()
-            .filter(|(_, p)| p.deadline <= now)
-            .map(|(t, _)| *t)
-            .collect();
+        let late: Vec<u64> = self.pending_clients.iter().filter(|(_, p)| p.deadline <= now).map(|(t, _)| *t).collect();
         for t in late {
             debug!("vsock: host client sent no CONNECT line in time, closing it");
             self.drop_pending_client(t);
         }
-        let late: Vec<ConnKey> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
-            .map(|(k, _)| *k)
-            .collect();
+        let late: Vec<ConnKey> = self.conns.iter().filter(|(_, c)| c.deadline.is_some_and(|d| d <= now)).map(|(k, _)| *k).collect();
         for key in late {
             debug!(?key, "vsock: connection timed out, resetting it");
             self.kill(key);
@@ -512,22 +455,12 @@ impl Muxer {
                         continue;
                     }
                     let token = self.alloc_token();
-                    if let Err(e) = self.epoll.ctl(
-                        ControlOperation::Add,
-                        stream.as_raw_fd(),
-                        EpollEvent::new(EventSet::IN, token),
-                    ) {
+                    if let Err(e) = self.epoll.ctl(ControlOperation::Add, stream.as_raw_fd(), EpollEvent::new(EventSet::IN, token)) {
                         warn!("vsock: registering host client: {e}");
                         continue;
                     }
-                    self.pending_clients.insert(
-                        token,
-                        PendingClient {
-                            stream,
-                            line: Vec::new(),
-                            deadline: Instant::now() + self.w.timeouts.connect_line,
-                        },
-                    );
+                    self.pending_clients
+                        .insert(token, PendingClient { stream, line: Vec::new(), deadline: Instant::now() + self.w.timeouts.connect_line });
                 }
                 Err(e) if would_block(&e) => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -542,11 +475,7 @@ impl Muxer {
 
     fn drop_pending_client(&mut self, token: u64) {
         if let Some(p) = self.pending_clients.remove(&token) {
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                p.stream.as_raw_fd(),
-                EpollEvent::default(),
-            );
+            let _ = self.epoll.ctl(ControlOperation::Delete, p.stream.as_raw_fd(), EpollEvent::default());
         }
     }
 
@@ -603,11 +532,7 @@ impl Muxer {
         let span = u32::MAX - HOST_PORT_BASE;
         for _ in 0..span.min(used.len() as u32 + 1) {
             let p = self.next_host_port;
-            self.next_host_port = if p >= u32::MAX - 1 {
-                HOST_PORT_BASE
-            } else {
-                p + 1
-            };
+            self.next_host_port = if p >= u32::MAX - 1 { HOST_PORT_BASE } else { p + 1 };
             if !used.contains(&p) {
                 return Some(p);
             }
@@ -618,16 +543,10 @@ impl Muxer {
     /// The client asked for guest port `port`: send the guest a REQUEST.
     fn host_connect(&mut self, stream: UnixStream, token: u64, port: u32) {
         let fd = stream.as_raw_fd();
-        let port_local = if self.conns.len() < MAX_CONNECTIONS {
-            self.alloc_host_port()
-        } else {
-            None
-        };
+        let port_local = if self.conns.len() < MAX_CONNECTIONS { self.alloc_host_port() } else { None };
         let Some(local) = port_local else {
             warn!("vsock: too many connections, refusing a host client");
-            let _ = self
-                .epoll
-                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
             return;
         };
         let key = (local, port);
@@ -678,11 +597,7 @@ impl Muxer {
         let c = self.conns.remove(&key)?;
         self.conn_tokens.remove(&c.token);
         if c.registered.is_some() {
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                c.stream.as_raw_fd(),
-                EpollEvent::default(),
-            );
+            let _ = self.epoll.ctl(ControlOperation::Delete, c.stream.as_raw_fd(), EpollEvent::default());
         }
         Some(c)
     }
@@ -720,11 +635,7 @@ impl Muxer {
             // Level-triggered HUP would fire forever: read what is left without epoll.
             c.hup = true;
             c.registered = None;
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                c.stream.as_raw_fd(),
-                EpollEvent::default(),
-            );
+            let _ = self.epoll.ctl(ControlOperation::Delete, c.stream.as_raw_fd(), EpollEvent::default());
             if c.host_eof || c.peer_shut_rcv {
                 // The host is gone and nothing more can move host -> guest.
                 return self.kill(key);
@@ -738,11 +649,7 @@ impl Muxer {
             let Some(reg) = c.registered else { continue };
             let want = c.interest();
             if want != reg {
-                match self.epoll.ctl(
-                    ControlOperation::Modify,
-                    c.stream.as_raw_fd(),
-                    EpollEvent::new(want, c.token),
-                ) {
+                match self.epoll.ctl(ControlOperation::Modify, c.stream.as_raw_fd(), EpollEvent::new(want, c.token)) {
                     Ok(()) => c.registered = Some(want),
                     Err(e) => warn!("vsock: epoll modify: {e}"),
                 }
@@ -769,19 +676,12 @@ impl Muxer {
 
     fn guest_packet(&mut self, hdr: Header, payload: &[u8]) {
         if hdr.src_cid != self.w.guest_cid {
-            warn!(
-                src_cid = hdr.src_cid,
-                "vsock: packet from the guest with a wrong source CID, dropped"
-            );
+            warn!(src_cid = hdr.src_cid, "vsock: packet from the guest with a wrong source CID, dropped");
             return;
         }
         let key = (hdr.dst_port, hdr.src_port);
         if hdr.dst_cid != HOST_CID || hdr.type_ != TYPE_STREAM {
-            debug!(
-                dst_cid = hdr.dst_cid,
-                type_ = hdr.type_,
-                "vsock: packet for no host stream socket"
-            );
+            debug!(dst_cid = hdr.dst_cid, type_ = hdr.type_, "vsock: packet for no host stream socket");
             if hdr.op != OP_RST {
                 let mut rst = self.rst_for(key);
                 rst.src_cid = hdr.dst_cid;
@@ -892,11 +792,7 @@ impl Muxer {
             }
         };
         let token = self.alloc_token();
-        if let Err(e) = self.epoll.ctl(
-            ControlOperation::Add,
-            stream.as_raw_fd(),
-            EpollEvent::new(EventSet::empty(), token),
-        ) {
+        if let Err(e) = self.epoll.ctl(ControlOperation::Add, stream.as_raw_fd(), EpollEvent::new(EventSet::empty(), token)) {
             warn!("vsock: registering a stream: {e}");
             let rst = self.rst_for(key);
             return self.queue_rst(rst);

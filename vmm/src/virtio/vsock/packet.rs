@@ -116,12 +116,7 @@ impl Segments {
     }
 
     /// Reads `buf.len()` bytes starting `offset` bytes into the segments.
-    pub fn read_at(
-        &self,
-        mem: &GuestMemoryMmap,
-        mut offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), PacketError> {
+    pub fn read_at(&self, mem: &GuestMemoryMmap, mut offset: u64, buf: &mut [u8]) -> Result<(), PacketError> {
         let mut done = 0usize;
         for &(addr, len) in &self.segs {
             if done == buf.len() {
@@ -134,8 +129,7 @@ impl Segments {
             }
             let n = ((len - offset) as usize).min(buf.len() - done);
             let a = addr.checked_add(offset).ok_or(PacketError::Memory)?;
-            mem.read_slice(&mut buf[done..done + n], a)
-                .map_err(|_| PacketError::Memory)?;
+            mem.read_slice(&mut buf[done..done + n], a).map_err(|_| PacketError::Memory)?;
             done += n;
             offset = 0;
         }
@@ -147,12 +141,7 @@ impl Segments {
     }
 
     /// Writes `data` starting `offset` bytes into the segments.
-    pub fn write_at(
-        &self,
-        mem: &GuestMemoryMmap,
-        mut offset: u64,
-        data: &[u8],
-    ) -> Result<(), PacketError> {
+    pub fn write_at(&self, mem: &GuestMemoryMmap, mut offset: u64, data: &[u8]) -> Result<(), PacketError> {
         let mut done = 0usize;
         for &(addr, len) in &self.segs {
             if done == data.len() {
@@ -165,8 +154,7 @@ impl Segments {
             }
             let n = ((len - offset) as usize).min(data.len() - done);
             let a = addr.checked_add(offset).ok_or(PacketError::Memory)?;
-            mem.write_slice(&data[done..done + n], a)
-                .map_err(|_| PacketError::Memory)?;
+            mem.write_slice(&data[done..done + n], a).map_err(|_| PacketError::Memory)?;
             done += n;
             offset = 0;
         }
@@ -179,10 +167,7 @@ impl Segments {
 }
 
 /// Parses a tx chain (device-readable segments): an exact header, then `len` bytes.
-pub fn read_packet(
-    mem: &GuestMemoryMmap,
-    segs: &Segments,
-) -> Result<(Header, Vec<u8>), PacketError> {
+pub fn read_packet(mem: &GuestMemoryMmap, segs: &Segments) -> Result<(Header, Vec<u8>), PacketError> {
     if segs.total() < HDR_LEN as u64 {
         return Err(PacketError::ShortHeader(segs.total()));
     }
@@ -194,10 +179,7 @@ pub fn read_packet(
     }
     let avail = segs.total() - HDR_LEN as u64;
     if u64::from(hdr.len) > avail {
-        return Err(PacketError::BeyondChain {
-            len: hdr.len,
-            avail,
-        });
+        return Err(PacketError::BeyondChain { len: hdr.len, avail });
     }
     let mut payload = vec![0u8; hdr.len as usize];
     segs.read_at(mem, HDR_LEN as u64, &mut payload)?;
@@ -206,12 +188,7 @@ pub fn read_packet(
 
 /// Writes a packet (header with `len` set to the payload's length, then the payload)
 /// into rx segments that the caller checked are large enough. Returns the bytes written.
-pub fn write_packet(
-    mem: &GuestMemoryMmap,
-    segs: &Segments,
-    mut hdr: Header,
-    payload: &[u8],
-) -> Result<u32, PacketError> {
+pub fn write_packet(mem: &GuestMemoryMmap, segs: &Segments, mut hdr: Header, payload: &[u8]) -> Result<u32, PacketError> {
     hdr.len = payload.len() as u32;
     segs.write_at(mem, 0, &hdr.to_bytes())?;
     segs.write_at(mem, HDR_LEN as u64, payload)?;

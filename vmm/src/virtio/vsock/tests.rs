@@ -83,22 +83,15 @@ impl Ring {
     fn new(base: u64) -> Self {
         let avail = base + 16 * u64::from(QSIZE);
         let used = (avail + 6 + 2 * u64::from(QSIZE) + 3) & !3;
-        Ring {
-            desc: base,
-            avail,
-            used,
-        }
+        Ring { desc: base, avail, used }
     }
 
     fn queue(&self) -> Queue {
         let mut q = Queue::new(QSIZE).unwrap();
         q.set_size(QSIZE);
-        q.try_set_desc_table_address(GuestAddress(self.desc))
-            .unwrap();
-        q.try_set_avail_ring_address(GuestAddress(self.avail))
-            .unwrap();
-        q.try_set_used_ring_address(GuestAddress(self.used))
-            .unwrap();
+        q.try_set_desc_table_address(GuestAddress(self.desc)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(self.avail)).unwrap();
+        q.try_set_used_ring_address(GuestAddress(self.used)).unwrap();
         q.set_ready(true);
         q
     }
@@ -118,8 +111,7 @@ impl Ring {
         let slot = GuestAddress(self.avail + 4 + 2 * u64::from(n % QSIZE));
         mem.write_obj(head.to_le(), slot).unwrap();
         std::sync::atomic::fence(Ordering::SeqCst);
-        mem.write_obj(n.wrapping_add(1).to_le(), GuestAddress(self.avail + 2))
-            .unwrap();
+        mem.write_obj(n.wrapping_add(1).to_le(), GuestAddress(self.avail + 2)).unwrap();
     }
 
     fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
@@ -170,52 +162,22 @@ impl Guest {
             .map(|i| {
                 let kick = EventFd::new(EFD_NONBLOCK).unwrap();
                 kicks.push(kick.try_clone().unwrap());
-                ActiveQueue {
-                    index: i as u16,
-                    queue: rings[i].queue(),
-                    kick,
-                }
+                ActiveQueue { index: i as u16, queue: rings[i].queue(), kick }
             })
             .collect();
-        dev.activate(mem.clone(), irq.clone(), VIRTIO_F_VERSION_1, queues)
-            .unwrap();
-        Guest {
-            mem,
-            rings,
-            kicks: kicks.try_into().map_err(|_| ()).unwrap(),
-            irq,
-            rx_posted: 0,
-            rx_seen: 0,
-            tx_posted: 0,
-        }
+        dev.activate(mem.clone(), irq.clone(), VIRTIO_F_VERSION_1, queues).unwrap();
+        Guest { mem, rings, kicks: kicks.try_into().map_err(|_| ()).unwrap(), irq, rx_posted: 0, rx_seen: 0, tx_posted: 0 }
     }
 
     /// Posts `n` rx buffers (a 44-byte header descriptor and a 4 KiB data descriptor).
     fn give_rx(&mut self, n: u16) {
         for _ in 0..n {
-            assert!(
-                self.rx_posted.wrapping_sub(self.rx_seen) < SLOTS,
-                "test posts too many rx buffers"
-            );
+            assert!(self.rx_posted.wrapping_sub(self.rx_seen) < SLOTS, "test posts too many rx buffers");
             let slot = self.rx_posted % SLOTS;
             let base = RX_AREA + u64::from(slot) * RX_SLOT;
             let r = &self.rings[0];
-            r.set_desc(
-                &self.mem,
-                2 * slot,
-                base,
-                HDR_LEN as u32,
-                F_WRITE | F_NEXT,
-                2 * slot + 1,
-            );
-            r.set_desc(
-                &self.mem,
-                2 * slot + 1,
-                base + RX_DATA_OFF,
-                RX_DATA_LEN,
-                F_WRITE,
-                0,
-            );
+            r.set_desc(&self.mem, 2 * slot, base, HDR_LEN as u32, F_WRITE | F_NEXT, 2 * slot + 1);
+            r.set_desc(&self.mem, 2 * slot + 1, base + RX_DATA_OFF, RX_DATA_LEN, F_WRITE, 0);
             r.publish(&self.mem, self.rx_posted, 2 * slot);
             self.rx_posted = self.rx_posted.wrapping_add(1);
         }
@@ -233,23 +195,16 @@ impl Guest {
     /// The next packet the device put in the rx queue.
     fn recv_any(&mut self) -> (Header, Vec<u8>) {
         let (ring, mem, seen) = (&self.rings[0], &self.mem, self.rx_seen);
-        self.irq
-            .wait_until("an rx packet", || ring.used_idx(mem) != seen);
+        self.irq.wait_until("an rx packet", || ring.used_idx(mem) != seen);
         let (id, len) = ring.used_elem(mem, seen);
         self.rx_seen = seen.wrapping_add(1);
         let base = RX_AREA + u64::from(id as u16 / 2) * RX_SLOT;
         let mut hb = [0u8; HDR_LEN];
         self.mem.read_slice(&mut hb, GuestAddress(base)).unwrap();
         let h = Header::from_bytes(&hb);
-        assert_eq!(
-            len as usize,
-            HDR_LEN + h.len as usize,
-            "used length of {h:?}"
-        );
+        assert_eq!(len as usize, HDR_LEN + h.len as usize, "used length of {h:?}");
         let mut payload = vec![0u8; h.len as usize];
-        self.mem
-            .read_slice(&mut payload, GuestAddress(base + RX_DATA_OFF))
-            .unwrap();
+        self.mem.read_slice(&mut payload, GuestAddress(base + RX_DATA_OFF)).unwrap();
         assert_eq!(h.dst_cid, GUEST_CID);
         (h, payload)
     }
@@ -284,19 +239,12 @@ impl Guest {
     fn send(&mut self, mut h: Header, payload: &[u8]) {
         h.len = payload.len() as u32;
         let base = TX_AREA + u64::from(self.tx_posted % SLOTS) * TX_SLOT;
-        self.mem
-            .write_slice(&h.to_bytes(), GuestAddress(base))
-            .unwrap();
+        self.mem.write_slice(&h.to_bytes(), GuestAddress(base)).unwrap();
         if payload.is_empty() {
             self.send_descs(&[(base, HDR_LEN as u32, 0)]);
         } else {
-            self.mem
-                .write_slice(payload, GuestAddress(base + TX_DATA_OFF))
-                .unwrap();
-            self.send_descs(&[
-                (base, HDR_LEN as u32, 0),
-                (base + TX_DATA_OFF, payload.len() as u32, 0),
-            ]);
+            self.mem.write_slice(payload, GuestAddress(base + TX_DATA_OFF)).unwrap();
+            self.send_descs(&[(base, HDR_LEN as u32, 0), (base + TX_DATA_OFF, payload.len() as u32, 0)]);
         }
     }
 
@@ -325,11 +273,7 @@ struct TempDir(PathBuf);
 impl TempDir {
     fn new() -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "vfvm-vsock-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
+        let p = std::env::temp_dir().join(format!("vfvm-vsock-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
     }
@@ -383,9 +327,7 @@ fn read_exact_n(s: &mut UnixStream, n: usize) -> Vec<u8> {
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
+    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
 }
 
 /// Host client connects to guest port `port`; the guest answers with `buf_alloc`.
@@ -416,23 +358,14 @@ fn connect_line_parsing() {
     assert_eq!(parse_connect_line(b"CONNECT"), None);
     assert_eq!(parse_connect_line(b"CONNECT 1 2"), None);
     assert_eq!(parse_connect_line(b"OPEN 1"), None);
-    assert_eq!(
-        guest_port_path(Path::new("/run/v.sock"), 1024),
-        PathBuf::from("/run/v.sock_1024")
-    );
+    assert_eq!(guest_port_path(Path::new("/run/v.sock"), 1024), PathBuf::from("/run/v.sock_1024"));
 }
 
 #[test]
 fn construction_checks_cid_and_path_and_config_space() {
     let d = TempDir::new();
-    assert!(matches!(
-        Vsock::new(2, d.sock()),
-        Err(VsockError::InvalidCid(2))
-    ));
-    assert!(matches!(
-        Vsock::new(u64::from(u32::MAX), d.sock()),
-        Err(VsockError::InvalidCid(_))
-    ));
+    assert!(matches!(Vsock::new(2, d.sock()), Err(VsockError::InvalidCid(2))));
+    assert!(matches!(Vsock::new(u64::from(u32::MAX), d.sock()), Err(VsockError::InvalidCid(_))));
     let dev = Vsock::new(0x1234_5678, d.sock()).unwrap();
     assert_eq!(dev.uds_path(), d.sock());
     let e = Vsock::new(5, d.sock()).err().expect("path in use");
@@ -589,13 +522,7 @@ fn bad_connect_lines_close_the_client() {
     let d = TempDir::new();
     let mut dev = Vsock::new(GUEST_CID, d.sock()).unwrap();
     let mut g = Guest::activate(&mut dev);
-    for line in [
-        &b"HELLO 5\n"[..],
-        b"CONNECT x\n",
-        b"CONNECT 99999999999\n",
-        &[b'A'; 40],
-        b"CONNECT 1 2\n",
-    ] {
+    for line in [&b"HELLO 5\n"[..], b"CONNECT x\n", b"CONNECT 99999999999\n", &[b'A'; 40], b"CONNECT 1 2\n"] {
         let mut c = client(&d.sock());
         c.write_all(line).unwrap();
         assert_closed(&mut c);
@@ -705,15 +632,11 @@ fn malformed_tx_packets_are_dropped() {
     // Length beyond the chain.
     let mut h = g_hdr(OP_RW, 1, 2);
     h.len = 100;
-    g.mem
-        .write_slice(&h.to_bytes(), GuestAddress(base))
-        .unwrap();
+    g.mem.write_slice(&h.to_bytes(), GuestAddress(base)).unwrap();
     g.send_descs(&[(base, HDR_LEN as u32, 0), (base + 0x100, 10, 0)]);
     // Length over the maximum.
     h.len = MAX_PKT_PAYLOAD as u32 + 1;
-    g.mem
-        .write_slice(&h.to_bytes(), GuestAddress(base))
-        .unwrap();
+    g.mem.write_slice(&h.to_bytes(), GuestAddress(base)).unwrap();
     g.send_descs(&[(base, HDR_LEN as u32, 0), (base + 0x100, h.len, 0)]);
     // Outside guest memory.
     g.send_descs(&[(MEM_SIZE as u64 - 8, HDR_LEN as u32, 0)]);
@@ -753,10 +676,7 @@ fn reset_stops_the_worker_and_drop_unlinks_the_socket() {
 
     drop(dev);
     assert_closed(&mut c2);
-    assert!(
-        d.sock().symlink_metadata().is_err(),
-        "socket file left behind"
-    );
+    assert!(d.sock().symlink_metadata().is_err(), "socket file left behind");
     assert!(UnixStream::connect(d.sock()).is_err());
 }
 
@@ -765,11 +685,7 @@ fn bounded_waits_expire() {
     let d = TempDir::new();
     let mut dev = Vsock::new(GUEST_CID, d.sock()).unwrap();
     let short = Duration::from_millis(200);
-    dev.set_timeouts(muxer::Timeouts {
-        connect_line: short,
-        guest_answer: short,
-        shutdown: short,
-    });
+    dev.set_timeouts(muxer::Timeouts { connect_line: short, guest_answer: short, shutdown: short });
     let mut g = Guest::activate(&mut dev);
 
     // A CONNECT line that never ends.
@@ -841,17 +757,9 @@ fn concurrent_streams_stay_apart() {
         }
     }
     for i in 0..N as usize {
-        assert_eq!(
-            got[&(50000 + i as u32)],
-            pattern(LEN, i as u8),
-            "guest stream {i}"
-        );
+        assert_eq!(got[&(50000 + i as u32)], pattern(LEN, i as u8), "guest stream {i}");
         let j = i + N as usize;
-        assert_eq!(
-            got[&(8000 + i as u32)],
-            pattern(LEN, j as u8),
-            "host stream {i}"
-        );
+        assert_eq!(got[&(8000 + i as u32)], pattern(LEN, j as u8), "host stream {i}");
     }
     // And guest -> host, interleaved.
     for round in 0..3u8 {
