@@ -70,8 +70,8 @@ fn run_status(call: &str, e: container::Error) -> ttrpc::Error {
 
 /// How long a call may block: the caller's deadline, within `max`.
 fn call_wait(ctx: &TtrpcContext, max: Duration) -> Duration {
-    match ctx.timeout_nano {
-        n if n > 0 => Duration::from_nanos(n as u64).min(max),
+    match u64::try_from(ctx.timeout_nano) {
+        Ok(n) if n > 0 => Duration::from_nanos(n).min(max),
         _ => max,
     }
 }
@@ -114,8 +114,9 @@ fn to_route(r: &api::Route) -> network::Route {
 
 fn guest_details() -> api::GuestDetailsResponse {
     let mut r = api::GuestDetailsResponse::new();
-    // SAFETY: uname fills a zeroed struct we own.
+    // SAFETY: `utsname` is a plain C struct (char arrays) for which all-zero bytes are a valid value.
     let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uname fills `uts`, a live, correctly typed local.
     if unsafe { libc::uname(&mut uts) } == 0 {
         // SAFETY: uname NUL-terminates the field.
         r.kernel_release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }.to_string_lossy().into_owned();
@@ -126,7 +127,7 @@ fn guest_details() -> api::GuestDetailsResponse {
         .find_map(|l| l.strip_prefix("MemTotal:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .map_or(0, |kib| kib * 1024);
-    r.cpus = std::thread::available_parallelism().map_or(0, |n| n.get() as u32);
+    r.cpus = std::thread::available_parallelism().map_or(0, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
     r.loaded_modules = std::fs::read_to_string("/proc/modules")
         .unwrap_or_default()
         .lines()
@@ -178,7 +179,7 @@ impl Agent for AgentService {
     }
 
     fn create_sandbox(&self, _ctx: &TtrpcContext, req: api::CreateSandboxRequest) -> ttrpc::Result<api::Empty> {
-        let map = req.pci_address_map.into_iter().collect();
+        let map = crate::container::pci::address_map(req.pci_address_map).map_err(|e| run_status("CreateSandbox", e))?;
         self.runner.create_sandbox(&req.sandbox_id, &req.hostname, map, &req.shared_fs_tag).map_err(|e| run_status("CreateSandbox", e))?;
         Ok(api::Empty::new())
     }
@@ -250,7 +251,7 @@ impl Agent for AgentService {
     fn write_stdin(&self, _ctx: &TtrpcContext, req: api::WriteStreamRequest) -> ttrpc::Result<api::WriteStreamResponse> {
         let n = self.runner.write_stdin(&req.container_id, &req.exec_id, &req.data).map_err(|e| run_status("WriteStdin", e))?;
         let mut r = api::WriteStreamResponse::new();
-        r.written = n as u32;
+        r.written = u32::try_from(n).expect("at most MAX_IO_BYTES are written");
         Ok(r)
     }
 
@@ -297,7 +298,8 @@ impl AgentService {
         stream: Stream,
         call: &str,
     ) -> ttrpc::Result<api::ReadStreamResponse> {
-        let wait_ms = call_wait(ctx, Duration::from_millis(req.wait_ms.into())).as_millis() as u32;
+        // Never saturates: it is at most req.wait_ms, a u32.
+        let wait_ms = u32::try_from(call_wait(ctx, Duration::from_millis(req.wait_ms.into())).as_millis()).unwrap_or(u32::MAX);
         let (data, eof) =
             self.runner.read(&req.container_id, &req.exec_id, stream, req.max_len, wait_ms).map_err(|e| run_status(call, e))?;
         let mut r = api::ReadStreamResponse::new();

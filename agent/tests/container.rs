@@ -30,7 +30,7 @@ impl Drop for Fixture {
 }
 
 fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(Duration::from_secs(20).as_nanos() as i64)
+    ttrpc::context::with_timeout(i64::try_from(Duration::from_secs(20).as_nanos()).unwrap())
 }
 
 /// A busybox rootfs: the static binary and its applet links.
@@ -277,7 +277,7 @@ fn exec_joins_the_container_and_stdin_round_trips() {
     // stdin: a few hundred KiB through `cat`, byte for byte.
     f.exec("box", "cat", &["cat"]).unwrap();
     assert_eq!(f.list("box").len(), 2);
-    let data: Vec<u8> = (0..300 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..300 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0]).collect();
     let mut sent = 0;
     let deadline = Instant::now() + Duration::from_secs(20);
     while sent < data.len() {

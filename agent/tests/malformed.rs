@@ -22,7 +22,7 @@ fn start() -> RunningAgent {
 /// A fresh connection answers Health: the agent is alive and serving.
 fn assert_healthy(a: &RunningAgent) {
     let client = connect_to(&a.sock);
-    let ctx = ttrpc::context::with_timeout(Duration::from_secs(5).as_nanos() as i64);
+    let ctx = ttrpc::context::with_timeout(i64::try_from(Duration::from_secs(5).as_nanos()).unwrap());
     assert_eq!(client.health(ctx, &HealthRequest::new()).unwrap().api_version, agent::API_VERSION);
 }
 
@@ -63,7 +63,7 @@ fn malformed_frames_do_not_hurt_the_agent() {
     let a = start();
     // An undecodable Request protobuf.
     let garbage = [0xff, 0xff, 0xff, 0xff, 0xff];
-    let reply = exchange(&a, &frame(garbage.len() as u32, 1, &garbage));
+    let reply = exchange(&a, &frame(u32::try_from(garbage.len()).unwrap(), 1, &garbage));
     assert!(reply.is_empty() || reply.len() >= 10, "{reply:?}");
     assert_healthy(&a);
 
@@ -77,7 +77,7 @@ fn malformed_frames_do_not_hurt_the_agent() {
     req.method = "NoSuchMethod".into();
     req.timeout_nano = 1_000_000_000;
     let payload = protobuf::Message::write_to_bytes(&req).unwrap();
-    let reply = exchange(&a, &frame(payload.len() as u32, 5, &payload));
+    let reply = exchange(&a, &frame(u32::try_from(payload.len()).unwrap(), 5, &payload));
     assert!(reply.len() >= 10, "no answer to an unknown method: {reply:?}");
     let len = u32::from_be_bytes([reply[0], reply[1], reply[2], reply[3]]) as usize;
     let stream = u32::from_be_bytes([reply[4], reply[5], reply[6], reply[7]]);

@@ -637,7 +637,10 @@ fn other_bad_fields_are_refused() {
         (Box::new(|c| c.interfaces[0].mtu = Some(67)), &["interfaces[0].mtu", "68 to 65535"]),
         (Box::new(|c| c.interfaces[0].mac = Some("03:00:00:00:00:01".into())), &["interfaces[0].mac", "unicast"]),
         (Box::new(|c| c.interfaces[0].device = DeviceMatch::default()), &["interfaces[0].device", "pci_address and/or mac"]),
-        (Box::new(|c| c.interfaces[0].device.pci_address = Some("00:05.0".into())), &["interfaces[0].device.pci_address", "DDDD:BB:DD.F"]),
+        (
+            Box::new(|c| c.interfaces[0].device.pci_address = Some("0000:00:05".into())),
+            &["interfaces[0].device.pci_address", "DDDD:BB:DD.F"],
+        ),
         (Box::new(|c| c.routes[1].dest = "10.20.0.1/16".into()), &["routes[1].dest", "beyond the prefix length"]),
         (Box::new(|c| c.routes[0].gateway = Some("fd00:18::1".into())), &["routes[", "same destination and metric"]),
         (Box::new(|c| c.routes[1].gateway = Some("fd00:18::1".into())), &["routes[1].gateway", "not of the destination's family"]),

@@ -11,7 +11,7 @@ mod common;
 use common::{code, RunningAgent};
 
 fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(Duration::from_secs(10).as_nanos() as i64)
+    ttrpc::context::with_timeout(i64::try_from(Duration::from_secs(10).as_nanos()).unwrap())
 }
 
 fn fixture(name: &str) -> RunningAgent {

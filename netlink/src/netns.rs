@@ -78,8 +78,9 @@ impl Netns {
     }
 
     fn ident(&self) -> Result<(u64, u64)> {
-        // SAFETY: fstat into a zeroed struct on a descriptor we own.
+        // SAFETY: `stat` is a plain C struct for which all-zero bytes are a valid value.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes into `st`, a live, correctly typed local, on a descriptor we own.
         if unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) } != 0 {
             return Err(Error::Netns { op: "fstat", path: self.path.clone(), source: std::io::Error::last_os_error() });
         }
@@ -130,8 +131,9 @@ impl AsFd for Netns {
 
 fn check_netns(fd: &OwnedFd, path: &Path) -> Result<()> {
     let not = |reason: String| Error::NotANetns { path: path.to_path_buf(), reason };
-    // SAFETY: fstatfs into a zeroed struct on an open descriptor.
+    // SAFETY: `statfs` is a plain C struct for which all-zero bytes are a valid value.
     let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes into `sfs`, a live, correctly typed local, on a descriptor `fd` keeps open.
     if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut sfs) } != 0 {
         return Err(Error::Netns { op: "fstatfs", path: path.to_path_buf(), source: std::io::Error::last_os_error() });
     }

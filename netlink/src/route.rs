@@ -98,7 +98,8 @@ fn route_msg(ctx: &Ctx<'_>, spec: &RouteSpec, add: bool) -> Result<RouteMessage>
     };
     m.header.destination_prefix_length = spec.dst_len;
     let tbl = spec.table.unwrap_or(table::MAIN);
-    m.header.table = if tbl < 256 { tbl as u8 } else { 0 };
+    // Ids above 255 do not fit the header: 0 (RT_TABLE_UNSPEC) there, the full id in RTA_TABLE below.
+    m.header.table = u8::try_from(tbl).unwrap_or(0);
     m.header.kind = NlRouteType::from(u8::from(spec.kind));
     let scope = match spec.scope {
         Some(s) => s,

@@ -239,8 +239,9 @@ impl Handle {
             let mut probe = [0u8; 16];
             // SAFETY: recv into a stack buffer of the given length.
             let r = unsafe { libc::recv(self.sock.as_raw_fd(), probe.as_mut_ptr().cast(), probe.len(), libc::MSG_PEEK | libc::MSG_TRUNC) };
-            if r >= 0 {
-                return Ok(r as usize);
+            // A negative count is the error return, handled below.
+            if let Ok(size) = usize::try_from(r) {
+                return Ok(size);
             }
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -256,17 +257,16 @@ impl Handle {
     fn recv_into(&self, buf: &mut [u8]) -> std::io::Result<usize> {
         // SAFETY: recv into a buffer of the given length.
         let r = unsafe { libc::recv(self.sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(r as usize)
-        }
+        // Negative only on error.
+        usize::try_from(r).map_err(|_| std::io::Error::last_os_error())
     }
 
     fn set_rcvtimeo(&self, d: Duration) -> std::io::Result<()> {
         // Round up so a sub-microsecond remainder is not 0 (= block forever).
         let usec = d.subsec_micros().max(if d.as_secs() == 0 { 1 } else { 0 });
-        let tv = libc::timeval { tv_sec: d.as_secs().min(i32::MAX as u64) as libc::time_t, tv_usec: usec as libc::suseconds_t };
+        // Capped at i32::MAX seconds, which any time_t holds.
+        let secs = i32::try_from(d.as_secs()).unwrap_or(i32::MAX);
+        let tv = libc::timeval { tv_sec: libc::time_t::from(secs), tv_usec: libc::suseconds_t::from(usec) };
         // SAFETY: setsockopt with a properly sized timeval.
         let r = unsafe {
             libc::setsockopt(
@@ -274,7 +274,7 @@ impl Handle {
                 libc::SOL_SOCKET,
                 libc::SO_RCVTIMEO,
                 (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                libc::socklen_t::try_from(std::mem::size_of::<libc::timeval>()).expect("a timeval is 16 bytes"),
             )
         };
         if r != 0 {
@@ -465,12 +465,12 @@ mod tests {
         };
         d.extend(hdr(20, NLMSG_DONE, 0, 7));
         d.extend_from_slice(&0i32.to_ne_bytes());
-        let tlv_len = 4 + 5; // "boom\0"
-        let total = 16 + 4 + 16 + ((tlv_len + 3) & !3);
-        d.extend(hdr(total as u32, NLMSG_ERROR, NLM_F_CAPPED | NLM_F_ACK_TLVS, 8));
+        let tlv_len: u16 = 4 + 5; // "boom\0"
+        let total = 16 + 4 + 16 + ((u32::from(tlv_len) + 3) & !3);
+        d.extend(hdr(total, NLMSG_ERROR, NLM_F_CAPPED | NLM_F_ACK_TLVS, 8));
         d.extend_from_slice(&(-17i32).to_ne_bytes());
         d.extend(hdr(16, 16, 0, 8));
-        d.extend_from_slice(&(tlv_len as u16).to_ne_bytes());
+        d.extend_from_slice(&tlv_len.to_ne_bytes());
         d.extend_from_slice(&NLMSGERR_ATTR_MSG.to_ne_bytes());
         d.extend_from_slice(b"boom\0\0\0\0");
         let mut intr = false;

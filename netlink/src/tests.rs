@@ -662,12 +662,13 @@ fn lab_vf_settings_round_trip() {
 
     let before = h.vf_configs(pf.index).unwrap();
     eprintln!("VFs before: {before:#?}");
-    let n: usize = std::env::var("VFVM_LAB_VFS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
-    assert_eq!(before.len(), n);
-    assert_eq!(before.iter().map(|c| c.vf).collect::<Vec<_>>(), (0..n as u32).collect::<Vec<_>>());
+    let n: u32 = std::env::var("VFVM_LAB_VFS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    assert_eq!(before.len(), usize::try_from(n).unwrap());
+    assert_eq!(before.iter().map(|c| c.vf).collect::<Vec<_>>(), (0..n).collect::<Vec<_>>());
     assert!(n >= 2, "need a VF other than VF 0");
-    let vf = (n - 1) as u32;
-    let orig = before[vf as usize].clone();
+    let vf = n - 1;
+    let vf_index = usize::try_from(vf).unwrap();
+    let orig = before[vf_index].clone();
     // igb reports spoofchk and trust.
     assert!(orig.spoofchk.is_some() && orig.trust.is_some(), "{orig:?}");
 
@@ -689,7 +690,7 @@ fn lab_vf_settings_round_trip() {
     // The other VFs did not move.
     let all = h.vf_configs(pf.index).unwrap();
     for (i, c) in all.iter().enumerate() {
-        if i as u32 != vf {
+        if i != vf_index {
             assert_eq!(c, &before[i]);
         }
     }

@@ -127,7 +127,7 @@ pub fn connect_stream(addr: &AgentAddress, opts: ConnectOptions) -> Result<Owned
                     return Err(ClientError::GaveUp {
                         addr: addr.to_string(),
                         attempts,
-                        waited_ms: started.elapsed().as_millis() as u64,
+                        waited_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                         last: Box::new(e),
                     });
                 }
@@ -190,13 +190,13 @@ pub fn vsock_connect(cid: u32, port: u32, timeout: Duration) -> std::io::Result<
         }
         let fd = OwnedFd::from_raw_fd(fd);
         let mut sa: libc::sockaddr_vm = std::mem::zeroed();
-        sa.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        sa.svm_family = libc::sa_family_t::try_from(libc::AF_VSOCK).expect("AF_VSOCK (40) fits sa_family_t");
         sa.svm_cid = cid;
         sa.svm_port = port;
         let rc = libc::connect(
             fd.as_raw_fd(),
             &sa as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_vm>()).expect("sockaddr_vm is 16 bytes"),
         );
         if rc != 0 {
             let err = std::io::Error::last_os_error();
@@ -205,7 +205,7 @@ pub fn vsock_connect(cid: u32, port: u32, timeout: Duration) -> std::io::Result<
             }
             wait_writable(fd.as_raw_fd(), timeout)?;
             let mut so_error: libc::c_int = 0;
-            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).expect("an int is 4 bytes");
             if libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR, &mut so_error as *mut _ as *mut libc::c_void, &mut len)
                 != 0
             {
@@ -225,7 +225,7 @@ pub fn vsock_connect(cid: u32, port: u32, timeout: Duration) -> std::io::Result<
 
 fn wait_writable(fd: RawFd, timeout: Duration) -> std::io::Result<()> {
     let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
     // SAFETY: one pollfd that outlives the call.
     let n = unsafe { libc::poll(&mut pfd, 1, ms) };
     match n {

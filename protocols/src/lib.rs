@@ -5,12 +5,16 @@
 //! - [`client`]: connecting to an agent over AF_VSOCK, hybrid vsock (a Unix socket
 //!   with a `CONNECT <port>` handshake) or a plain Unix socket, with timeouts and
 //!   retries while the guest boots.
+//! - [`pci`]: [`PciAddress`], the one PCI address type, text `0000:01:10.2` on every wire.
 //! - [`vmm_api`]: the VMM control API (typed, versioned, length-framed JSON on the
 //!   VMM's Unix socket) with its client and per-connection server loop.
 
 #[cfg(feature = "agent")]
 pub mod client;
+pub mod pci;
 pub mod vmm_api;
+
+pub use pci::{PciAddress, PciAddressError};
 
 /// What ttrpc-codegen generates, as the sibling modules its code expects.
 #[cfg(feature = "agent")]
@@ -24,6 +28,7 @@ pub mod vmm_api;
     unused_imports,
     unused_results,
     trivial_casts,
+    clippy::pedantic,
     unused_mut
 )]
 mod generated {

@@ -6,6 +6,8 @@
 //! version with [`ErrorCode::UnsupportedVersion`] and keeps serving.
 
 use serde::{Deserialize, Serialize};
+
+use crate::PciAddress;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -38,7 +40,7 @@ pub enum Request {
     /// Plug a VFIO device (a VF the VF manager bound to vfio-pci).
     AddVfioDevice {
         id: String,
-        host_pci_address: String,
+        host_pci_address: PciAddress,
         iommu_group_path: String,
         guest_slot: Option<u8>,
     },
@@ -82,7 +84,7 @@ pub enum Response {
     /// A device was plugged at this guest PCI address.
     DeviceAdded {
         id: String,
-        guest_pci_address: String,
+        guest_pci_address: PciAddress,
     },
     Error {
         code: ErrorCode,
@@ -113,10 +115,11 @@ pub enum ApiError {
 /// Writes one framed message.
 pub fn write_message<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), ApiError> {
     let bytes = serde_json::to_vec(msg).map_err(|e| ApiError::Decode(e.to_string()))?;
-    if bytes.len() as u64 > u64::from(MAX_MESSAGE_BYTES) {
-        return Err(ApiError::TooLarge(bytes.len() as u64));
-    }
-    w.write_all(&(bytes.len() as u32).to_be_bytes())?;
+    let len = match u32::try_from(bytes.len()) {
+        Ok(len) if len <= MAX_MESSAGE_BYTES => len,
+        _ => return Err(ApiError::TooLarge(u64::try_from(bytes.len()).unwrap_or(u64::MAX))),
+    };
+    w.write_all(&len.to_be_bytes())?;
     w.write_all(&bytes)?;
     w.flush()?;
     Ok(())

@@ -36,7 +36,7 @@ fn serve(sockaddr: &str) -> ttrpc::Server {
 }
 
 fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(Duration::from_secs(5).as_nanos() as i64)
+    ttrpc::context::with_timeout(i64::try_from(Duration::from_secs(5).as_nanos()).expect("5 s in nanoseconds fits an i64"))
 }
 
 /// The error of a connect that must fail (AgentClient has no Debug for unwrap_err).

@@ -10,7 +10,7 @@ fn handler(req: Request) -> Response {
     match req {
         Request::Status => Response::Status { state: VmState::Running, vcpus: 2, memory_mib: 256, vmm_version: "test".into() },
         Request::Resume => Response::error(ErrorCode::InvalidState, "the VM is running"),
-        Request::AddVfioDevice { id, .. } => Response::DeviceAdded { id, guest_pci_address: "0000:00:05.0".into() },
+        Request::AddVfioDevice { id, .. } => Response::DeviceAdded { id, guest_pci_address: "0000:00:05.0".parse().unwrap() },
         _ => Response::Done,
     }
 }
@@ -34,7 +34,7 @@ fn server(name: &str) -> std::path::PathBuf {
 }
 
 fn raw_exchange(s: &mut UnixStream, payload: &[u8]) -> Envelope<Response> {
-    s.write_all(&(payload.len() as u32).to_be_bytes()).unwrap();
+    s.write_all(&u32::try_from(payload.len()).expect("a test frame under 4 GiB").to_be_bytes()).unwrap();
     s.write_all(payload).unwrap();
     let frame = read_frame(s).unwrap().expect("an answer");
     serde_json::from_slice(&frame).unwrap()
@@ -52,12 +52,12 @@ fn requests_round_trip_with_their_ids() {
     let added = c
         .call(Request::AddVfioDevice {
             id: "vf0".into(),
-            host_pci_address: "0000:01:10.2".into(),
+            host_pci_address: "0000:01:10.2".parse().unwrap(),
             iommu_group_path: "/dev/vfio/9".into(),
             guest_slot: None,
         })
         .unwrap();
-    assert_eq!(added, Response::DeviceAdded { id: "vf0".into(), guest_pci_address: "0000:00:05.0".into() });
+    assert_eq!(added, Response::DeviceAdded { id: "vf0".into(), guest_pci_address: "0000:00:05.0".parse().unwrap() });
     assert_eq!(c.call(Request::Shutdown { force: true }).unwrap(), Response::Done);
 }
 
@@ -70,6 +70,11 @@ fn bad_frames_get_bad_request_and_the_connection_keeps_serving() {
         (br#"{"version":1,"id":7,"body":{"op":"format_disk"}}"#, "unknown variant"),
         (br#"{"version":1,"id":8,"body":{"op":"shutdown","force":true,"extra":1}}"#, "unknown field"),
         (br#"{"version":1,"id":9,"body":{"op":"shutdown","force":"yes"}}"#, "invalid type"),
+        // A malformed PCI address is refused as it is decoded, quoted.
+        (
+            br#"{"version":1,"id":9,"body":{"op":"add_vfio_device","id":"vf0","host_pci_address":"0000:01:30.0","iommu_group_path":"/dev/vfio/8","guest_slot":null}}"#,
+            "invalid PCI address \"0000:01:30.0\": device must be at most 1f",
+        ),
     ] {
         let answer = raw_exchange(&mut s, payload);
         match &answer.body {

@@ -190,8 +190,9 @@ pub fn kill_and_wait(pid: u32, ticks: u64, bound: std::time::Duration) -> std::i
         let e = std::io::Error::last_os_error();
         return if e.raw_os_error() == Some(libc::ESRCH) { Ok(false) } else { Err(e) };
     }
+    let fd = i32::try_from(fd).map_err(|_| std::io::Error::other(format!("pidfd_open returned {fd}, not a descriptor")))?;
     // SAFETY: a fresh descriptor we own.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     use std::os::fd::AsRawFd;
     if start_ticks(pid) != Some(ticks) {
         return Ok(false);
@@ -212,7 +213,7 @@ pub fn kill_and_wait(pid: u32, ticks: u64, bound: std::time::Duration) -> std::i
     }
     let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     // SAFETY: one pollfd we own; a pidfd polls readable once the process has exited.
-    let n = unsafe { libc::poll(&mut pfd, 1, bound.as_millis().min(i32::MAX as u128) as i32) };
+    let n = unsafe { libc::poll(&mut pfd, 1, i32::try_from(bound.as_millis()).unwrap_or(i32::MAX)) };
     if n <= 0 {
         return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("still running {} ms after SIGKILL", bound.as_millis())));
     }

@@ -242,7 +242,7 @@ impl Sandbox {
             }
         };
         let agent = Arc::new(agent);
-        tracing::info!(sandbox = %spec.id, ms = started.elapsed().as_millis() as u64, "agent answered");
+        tracing::info!(sandbox = %spec.id, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "agent answered");
 
         let mut req = api::CreateSandboxRequest::new();
         req.sandbox_id = spec.id.clone();
@@ -310,7 +310,7 @@ impl Sandbox {
 
 /// A ttrpc context with the per-call bound.
 pub fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(AGENT_CALL_TIMEOUT.as_nanos() as i64)
+    ttrpc::context::with_timeout(i64::try_from(AGENT_CALL_TIMEOUT.as_nanos()).expect("the agent call bound is seconds"))
 }
 
 /// Runs one blocking agent call off the async threads.

@@ -51,13 +51,14 @@ fn sandbox_status(e: sandbox::SandboxError) -> ttrpc::Error {
 
 fn timestamp(nanos: u64) -> Timestamp {
     let mut t = Timestamp::new();
-    t.seconds = (nanos / 1_000_000_000) as i64;
-    t.nanos = (nanos % 1_000_000_000) as i32;
+    // u64 seconds / 1e9 fit an i64, and the remainder is below 1e9.
+    t.seconds = i64::try_from(nanos / 1_000_000_000).expect("u64 nanoseconds in seconds fit an i64");
+    t.nanos = i32::try_from(nanos % 1_000_000_000).expect("below 1e9");
     t
 }
 
 fn now_nanos() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -267,7 +268,7 @@ impl TaskService {
                             svc.process_exited(
                                 &exited.container_id,
                                 &exited.exec_id,
-                                exited.exit_status.max(0) as u32,
+                                u32::try_from(exited.exit_status).unwrap_or(0),
                                 exited.exited_at_unix_nanos,
                                 false,
                             )

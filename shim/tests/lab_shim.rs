@@ -208,7 +208,7 @@ fn write_all(fd: &std::os::fd::OwnedFd, bytes: &[u8]) {
 /// Reads what is there (waiting up to `deadline`); false on timeout or EOF.
 fn read_some(fd: &std::os::fd::OwnedFd, into: &mut String, deadline: Instant) -> bool {
     use std::os::fd::AsRawFd;
-    let ms = deadline.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32;
+    let ms = deadline.saturating_duration_since(Instant::now()).as_millis().try_into().unwrap_or(i32::MAX);
     let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     // SAFETY: one pollfd we own.
     if unsafe { libc::poll(&mut pfd, 1, ms) } != 1 {
@@ -220,7 +220,7 @@ fn read_some(fd: &std::os::fd::OwnedFd, into: &mut String, deadline: Instant) ->
     if n <= 0 {
         return false;
     }
-    into.push_str(&String::from_utf8_lossy(&buf[..n as usize]));
+    into.push_str(&String::from_utf8_lossy(&buf[..usize::try_from(n).expect("checked positive")]));
     true
 }
 
@@ -235,7 +235,7 @@ fn read_until(fd: &std::os::fd::OwnedFd, into: &mut String, needle: &str, deadli
 
 /// Waits for a child up to `deadline`, killing it after that.
 fn wait_bounded(child: &mut std::process::Child, deadline: Instant) -> std::process::ExitStatus {
-    if !wait_exit(child.id() as i32, deadline.saturating_duration_since(Instant::now())).unwrap() {
+    if !wait_exit(i32::try_from(child.id()).expect("a pid fits an i32"), deadline.saturating_duration_since(Instant::now())).unwrap() {
         let _ = child.kill();
     }
     child.wait().unwrap()

@@ -11,7 +11,7 @@ use vfvm_netlink::{AddressSpec, Handle, MacAddr, Netns, RouteSpec};
 use vfvm_shim::vf::discover::discover;
 use vfvm_shim::vf::journal::VfRecord;
 use vfvm_shim::vf::net::capture_netdev;
-use vfvm_shim::vf::{PciAddr, Sysfs, VfError, VfManager};
+use vfvm_shim::vf::{PciAddress, Sysfs, VfError, VfManager};
 
 const NO_CNI_CACHE: &str = "/nonexistent/cni-cache";
 
@@ -20,33 +20,33 @@ fn run(cmd: &mut Command) {
     assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-fn pf() -> (PciAddr, String) {
+fn pf() -> (PciAddress, String) {
     let mut pfs: Vec<String> = std::fs::read_dir("/sys/bus/pci/drivers/igb")
         .expect("no igb driver: this test runs inside the lab")
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.parse::<PciAddr>().is_ok())
+        .filter(|n| n.parse::<PciAddress>().is_ok())
         .collect();
     assert_eq!(pfs.len(), 1, "{pfs:?}");
-    let addr: PciAddr = pfs.remove(0).parse().unwrap();
+    let addr: PciAddress = pfs.remove(0).parse().unwrap();
     let netdev = std::fs::read_dir(format!("/sys/bus/pci/devices/{addr}/net")).unwrap().next().unwrap().unwrap();
     (addr, netdev.file_name().to_string_lossy().into_owned())
 }
 
-fn vf(n: u32) -> PciAddr {
+fn vf(n: u32) -> PciAddress {
     let (pf, _) = pf();
     let link = std::fs::read_link(format!("/sys/bus/pci/devices/{pf}/virtfn{n}")).unwrap();
     link.file_name().unwrap().to_string_lossy().parse().unwrap()
 }
 
-fn link_of(h: &Handle, addr: PciAddr) -> Option<vfvm_netlink::Link> {
+fn link_of(h: &Handle, addr: PciAddress) -> Option<vfvm_netlink::Link> {
     h.links().unwrap().into_iter().find(|l| l.parent_dev.as_deref() == Some(addr.to_string().as_str()))
 }
 
 /// A pod network namespace with VF `n`'s netdev in it, configured as sriov-cni would.
 struct Pod {
     name: String,
-    vf: PciAddr,
+    vf: PciAddress,
     host_name: String,
 }
 
@@ -62,7 +62,7 @@ impl Pod {
         host.move_link_to_netns(link.index, &ns, Some("net1")).unwrap();
         let h = Handle::in_netns(&ns).unwrap();
         let l = h.link_by_name("net1").unwrap();
-        let octet = 10 + n as u8;
+        let octet = 10 + u8::try_from(n).expect("the lab has at most 7 VFs");
         h.set_link_mtu(l.index, 1400).unwrap();
         h.set_link_mac(l.index, MacAddr([0x02, 0, 0, 0, 0x10, octet])).unwrap();
         h.add_address(l.index, &AddressSpec::new(format!("198.18.{octet}.1").parse().unwrap(), 24)).unwrap();
@@ -101,7 +101,7 @@ impl Drop for Pod {
 
 /// Everything about a VF that must survive a prepare/restore cycle, as the kernel
 /// reports it: driver binding, the PF's settings, and its netdev wherever it is.
-fn snapshot(vfs: &[PciAddr], pods: &[&Pod]) -> BTreeMap<String, String> {
+fn snapshot(vfs: &[PciAddress], pods: &[&Pod]) -> BTreeMap<String, String> {
     let sysfs = Sysfs::default();
     let (_, pf_netdev) = pf();
     let host = Handle::new().unwrap();
@@ -191,7 +191,7 @@ fn lab_vf_fifty_cycles_over_four_vfs() {
     let tmp = scratch("cycles");
     let pods: Vec<Pod> = (0..4).map(|n| Pod::new(&format!("vfcyc{n}"), n)).collect();
     let pod_refs: Vec<&Pod> = pods.iter().collect();
-    let vfs: Vec<PciAddr> = pods.iter().map(|p| p.vf).collect();
+    let vfs: Vec<PciAddress> = pods.iter().map(|p| p.vf).collect();
     let before = snapshot(&vfs, &pod_refs);
     for cycle in 0..50 {
         let mut held = Vec::new();

@@ -34,7 +34,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::layout::{IOAPIC_START, LAPIC_START, PCI_ECAM_SIZE, PCI_ECAM_START};
+use crate::layout::{addr32, IOAPIC_START, LAPIC_START, PCI_ECAM_SIZE, PCI_ECAM_START};
 use crate::mptable::MAX_CPUS;
 use crate::pci::{PciWindows, CONFIG_ADDRESS_PORT};
 use crate::power::{I8042_COMMAND_PORT, PM1A_CNT_PORT, PM1A_EVT_PORT};
@@ -106,7 +106,7 @@ fn sdt(signature: &[u8; 4], revision: u8, table_id: &[u8; 8], body: &[u8]) -> Ve
     let len = HEADER_LEN + body.len();
     let mut t = Vec::with_capacity(len);
     t.extend_from_slice(signature);
-    t.extend_from_slice(&(len as u32).to_le_bytes());
+    t.extend_from_slice(&u32::try_from(len).expect("tables fit the 128 KiB ACPI area").to_le_bytes());
     t.push(revision);
     t.push(0); // checksum
     t.extend_from_slice(OEM_ID);
@@ -143,10 +143,10 @@ fn fadt(dsdt: u64, facs: u32) -> Vec<u8> {
     // FIRMWARE_CTRL only: the spec wants X_FIRMWARE_CTRL zero when it is set, and
     // ACPICA would load the FACS twice from both.
     at(36, &facs.to_le_bytes()); // FIRMWARE_CTRL
-    at(40, &(dsdt as u32).to_le_bytes()); // DSDT
+    at(40, &addr32(dsdt).to_le_bytes()); // DSDT
     at(46, &u16::from(SCI_IRQ).to_le_bytes()); // SCI_INT
-    at(56, &(PM1A_EVT_PORT as u32).to_le_bytes()); // PM1a_EVT_BLK
-    at(64, &(PM1A_CNT_PORT as u32).to_le_bytes()); // PM1a_CNT_BLK
+    at(56, &u32::try_from(PM1A_EVT_PORT).expect("a PIO port").to_le_bytes()); // PM1a_EVT_BLK
+    at(64, &u32::try_from(PM1A_CNT_PORT).expect("a PIO port").to_le_bytes()); // PM1a_CNT_BLK
     at(88, &[PM1_EVT_LEN, PM1_CNT_LEN]); // PM1_EVT_LEN, PM1_CNT_LEN; the rest 0
     at(96, &101u16.to_le_bytes()); // P_LVL2_LAT > 100: no C2
     at(98, &1001u16.to_le_bytes()); // P_LVL3_LAT > 1000: no C3
@@ -167,7 +167,7 @@ fn fadt(dsdt: u64, facs: u32) -> Vec<u8> {
 fn facs() -> Vec<u8> {
     let mut f = vec![0u8; FACS_LEN];
     f[..4].copy_from_slice(b"FACS");
-    f[4..8].copy_from_slice(&(FACS_LEN as u32).to_le_bytes());
+    f[4..8].copy_from_slice(&u32::try_from(FACS_LEN).expect("64 bytes").to_le_bytes());
     f[32] = 2; // version
     f
 }
@@ -175,15 +175,16 @@ fn facs() -> Vec<u8> {
 /// An AML PkgLength for `body_len` bytes after it (the encoding counts itself).
 fn aml_pkg_length(body_len: usize) -> Vec<u8> {
     if body_len + 1 < 0x40 {
-        return vec![(body_len + 1) as u8];
+        return vec![u8::try_from(body_len + 1).expect("below 0x40")];
     }
-    for extra in 1..=3usize {
-        let total = body_len + 1 + extra;
-        if total < 1 << (4 + 8 * extra) {
-            let mut v = vec![((extra as u8) << 6) | (total & 0xf) as u8];
-            for i in 0..extra {
-                v.push((total >> (4 + 8 * i)) as u8);
-            }
+    for extra in 1..=3u8 {
+        let extra_len = usize::from(extra);
+        let total = body_len + 1 + extra_len;
+        if total < 1 << (4 + 8 * extra_len) {
+            // Lead byte: the count of extra bytes and the low nibble; then the rest of
+            // the length, least significant byte first.
+            let mut v = vec![(extra << 6) | (total.to_le_bytes()[0] & 0xf)];
+            v.extend_from_slice(&(total >> 4).to_le_bytes()[..extra_len]);
             return v;
         }
     }
@@ -211,8 +212,8 @@ fn aml_int(n: u32) -> Vec<u8> {
     match n {
         0 => vec![0x00],
         1 => vec![0x01],
-        2..=0xff => vec![0x0a, n as u8],
-        0x100..=0xffff => [&[0x0b][..], &(n as u16).to_le_bytes()].concat(),
+        2..=0xff => vec![0x0a, n.to_le_bytes()[0]],
+        0x100..=0xffff => [&[0x0b][..], &n.to_le_bytes()[..2]].concat(),
         _ => [&[0x0c][..], &n.to_le_bytes()].concat(),
     }
 }
@@ -220,7 +221,7 @@ fn aml_int(n: u32) -> Vec<u8> {
 /// An `EISAID("AAA####")` as the 32-bit compressed id AML stores (DWordPrefix).
 fn aml_eisaid(id: &[u8; 7]) -> Vec<u8> {
     let c = |i: usize| u16::from(id[i].wrapping_sub(0x40) & 0x1f);
-    let hex = |i: usize| char::from(id[i]).to_digit(16).unwrap_or(0) as u8;
+    let hex = |i: usize| char::from(id[i]).to_digit(16).map_or(0, |d| u8::try_from(d).expect("a hex digit"));
     let vendor = (c(0) << 10 | c(1) << 5 | c(2)).to_be_bytes();
     let product = [hex(3) << 4 | hex(4), hex(5) << 4 | hex(6)];
     vec![0x0c, vendor[0], vendor[1], product[0], product[1]]
@@ -231,7 +232,7 @@ fn aml_eisaid(id: &[u8; 7]) -> Vec<u8> {
 fn aml_crs(descriptors: &[u8]) -> Vec<u8> {
     let mut bytes = descriptors.to_vec();
     bytes.extend_from_slice(&[0x79, 0x00]); // End Tag
-    let mut body = aml_int(bytes.len() as u32);
+    let mut body = aml_int(u32::try_from(bytes.len()).expect("a resource template of a few descriptors"));
     body.extend(bytes);
     aml_name(b"_CRS", &aml_pkg(&[0x11], &body)) // BufferOp
 }
@@ -283,8 +284,12 @@ fn memory32_fixed(base: u32, len: u32) -> Vec<u8> {
     d
 }
 
-/// The last bus the ECAM covers.
-const ECAM_LAST_BUS: u8 = ((PCI_ECAM_SIZE >> 20) - 1) as u8;
+/// The last bus the ECAM covers (1 MiB per bus, at most 256 buses).
+const ECAM_LAST_BUS: u8 = {
+    let last = (PCI_ECAM_SIZE >> 20) - 1;
+    assert!(last <= 0xff, "the ECAM covers at most 256 buses");
+    last.to_le_bytes()[0]
+};
 
 /// `\_SB.PCI0`, the root bridge, and `\_SB.MRES`, the motherboard resource
 /// reserving the ECAM.
@@ -296,8 +301,8 @@ fn pci_devices(windows: &PciWindows) -> Vec<u8> {
     pci0.extend(aml_name(b"_BBN", &aml_int(0)));
     pci0.extend(aml_name(b"_UID", &aml_int(0)));
     let mut crs = word_bus_number(0, u16::from(ECAM_LAST_BUS));
-    crs.extend(io_port(CONFIG_ADDRESS_PORT as u16, 8));
-    crs.extend(dword_memory(windows.mmio32.start as u32, windows.mmio32.size as u32));
+    crs.extend(io_port(u16::try_from(CONFIG_ADDRESS_PORT).expect("a PIO port"), 8));
+    crs.extend(dword_memory(addr32(windows.mmio32.start), addr32(windows.mmio32.size)));
     crs.extend(qword_memory(windows.mmio64.start, windows.mmio64.size));
     pci0.extend(aml_crs(&crs));
     let mut out = aml_pkg(&[0x5b, 0x82], &pci0); // DeviceOp
@@ -305,7 +310,7 @@ fn pci_devices(windows: &PciWindows) -> Vec<u8> {
     let mut mres = b"MRES".to_vec();
     mres.extend(aml_name(b"_HID", &aml_eisaid(b"PNP0C02")));
     mres.extend(aml_name(b"_UID", &aml_int(0)));
-    mres.extend(aml_crs(&memory32_fixed(PCI_ECAM_START as u32, PCI_ECAM_SIZE as u32)));
+    mres.extend(aml_crs(&memory32_fixed(addr32(PCI_ECAM_START), addr32(PCI_ECAM_SIZE))));
     out.extend(aml_pkg(&[0x5b, 0x82], &mres));
     out
 }
@@ -344,14 +349,14 @@ fn dsdt(cpus: u8, windows: &PciWindows) -> Vec<u8> {
 /// interrupt source override and LINT1 as NMI on every CPU.
 fn madt(cpus: u8) -> Vec<u8> {
     let mut b = Vec::new();
-    b.extend_from_slice(&(LAPIC_START as u32).to_le_bytes());
+    b.extend_from_slice(&addr32(LAPIC_START).to_le_bytes());
     b.extend_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
     for id in 0..cpus {
         b.extend_from_slice(&[MADT_LAPIC, 8, id, id]);
         b.extend_from_slice(&LAPIC_ENABLED.to_le_bytes());
     }
     b.extend_from_slice(&[MADT_IOAPIC, 12, cpus, 0]);
-    b.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    b.extend_from_slice(&addr32(IOAPIC_START).to_le_bytes());
     b.extend_from_slice(&0u32.to_le_bytes()); // GSI base
     b.extend_from_slice(&[MADT_ISO, 10, 0, SCI_IRQ]);
     b.extend_from_slice(&u32::from(SCI_IRQ).to_le_bytes());
@@ -372,7 +377,7 @@ fn rsdp(xsdt: u64) -> Vec<u8> {
     r.extend_from_slice(OEM_ID);
     r.push(2); // revision: ACPI 2.0+
     r.extend_from_slice(&0u32.to_le_bytes()); // no RSDT
-    r.extend_from_slice(&(RSDP_LEN as u32).to_le_bytes());
+    r.extend_from_slice(&u32::try_from(RSDP_LEN).expect("36 bytes").to_le_bytes());
     r.extend_from_slice(&xsdt.to_le_bytes());
     r.push(0); // extended checksum over all 36
     r.extend_from_slice(&[0; 3]);
@@ -398,7 +403,7 @@ pub fn acpi_bytes(cpus: u8, ram_bytes: u64) -> Result<Vec<u8>, AcpiError> {
     let facs_addr = place(&mut area, &facs(), 64);
     let windows = PciWindows::for_ram(ram_bytes);
     let dsdt_addr = place(&mut area, &dsdt(cpus, &windows), 16);
-    let fadt_addr = place(&mut area, &fadt(dsdt_addr, facs_addr as u32), 16);
+    let fadt_addr = place(&mut area, &fadt(dsdt_addr, addr32(facs_addr)), 16);
     let madt_addr = place(&mut area, &madt(cpus), 16);
     let mcfg_addr = place(&mut area, &mcfg(), 16);
     let xsdt_addr = place(&mut area, &xsdt(&[fadt_addr, madt_addr, mcfg_addr]), 16);
@@ -521,7 +526,8 @@ mod tests {
             let lapics: Vec<_> = entries.iter().filter(|e| e[0] == 0).collect();
             assert_eq!(lapics.len(), cpus as usize);
             for (id, e) in lapics.iter().enumerate() {
-                assert_eq!((e[1], e[2], e[3], u32_at(e, 4)), (8, id as u8, id as u8, 1));
+                let id = u8::try_from(id).unwrap();
+                assert_eq!((e[1], e[2], e[3], u32_at(e, 4)), (8, id, id, 1));
             }
             let ioapics: Vec<_> = entries.iter().filter(|e| e[0] == 1).collect();
             assert_eq!(ioapics.len(), 1);

@@ -222,17 +222,19 @@ pub fn boot_params(kernel: &LoadedKernel, cmdline_len: usize, initrd: Option<(u6
     });
     let mut params = boot_params { hdr, ..Default::default() };
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
-    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = cmdline_len as u32 + 1;
+    params.hdr.cmd_line_ptr = layout::addr32(CMDLINE_START);
+    // load_cmdline keeps it within CMDLINE_MAX_SIZE, and initrd_placement puts the
+    // initrd in low RAM, below the 32-bit hole.
+    params.hdr.cmdline_size = u32::try_from(cmdline_len + 1).expect("a command line of at most CMDLINE_MAX_SIZE");
     if let Some((addr, size)) = initrd {
-        params.hdr.ramdisk_image = addr as u32;
-        params.hdr.ramdisk_size = size as u32;
+        params.hdr.ramdisk_image = layout::addr32(addr);
+        params.hdr.ramdisk_size = u32::try_from(size).expect("an initrd in low RAM");
     }
     let map = e820_map(ram_bytes);
     for (slot, e) in params.e820_table.iter_mut().zip(&map) {
         *slot = *e;
     }
-    params.e820_entries = map.len() as u8;
+    params.e820_entries = u8::try_from(map.len()).expect("an e820 map of a few entries");
     params
 }
 

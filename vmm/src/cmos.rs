@@ -18,28 +18,30 @@ fn unix_now() -> u64 {
 fn clock_register(reg: u8, unix: u64) -> u8 {
     let days = unix / 86400;
     let secs = unix % 86400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm; every
+    // intermediate is non-negative from 1970 on, so it runs in unsigned arithmetic).
+    let z = days + 719_468;
+    let era = z / 146_097;
     let doe = z - era * 146_097;
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let year = yoe + era * 400 + u64::from(month <= 2);
     let value = match reg {
         0 => secs % 60,
         2 => secs / 60 % 60,
         4 => secs / 3600,
         6 => (days + 4) % 7 + 1, // 1970-01-01 was a Thursday; Sunday is 1
-        7 => day as u64,
-        8 => month as u64,
-        9 => (year % 100) as u64,
-        REG_CENTURY => (year / 100) as u64,
+        7 => day,
+        8 => month,
+        9 => year % 100,
+        REG_CENTURY => year / 100,
         _ => 0,
     };
-    value as u8
+    // Only the century of a host clock past the year 25599 does not fit.
+    u8::try_from(value).unwrap_or(u8::MAX)
 }
 
 #[derive(Default)]

@@ -46,7 +46,7 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 pub fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
     let bit = |n: u32| ((entry >> n) & 1) as u8;
     let g = bit(55);
-    let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
+    let raw_limit = u32::try_from((entry & 0xffff) | ((entry >> 32) & 0xf_0000)).expect("masked to 20 bits");
     kvm_segment {
         base: ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000),
         limit: if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit },
@@ -113,7 +113,7 @@ pub fn boot_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     let data = segment_from_gdt(GDT[2], 2);
     let tss = segment_from_gdt(GDT[3], 3);
     sregs.gdt.base = GDT_START;
-    sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
+    sregs.gdt.limit = u16::try_from(GDT.len() * 8 - 1).expect("a GDT of a few entries");
     sregs.idt.base = IDT_START;
     sregs.idt.limit = 7;
     sregs.cs = code;
@@ -247,14 +247,19 @@ const APIC_LVT_LINT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
+// The register page is raw bytes, which the bindings type as `c_char`: the
+// conversions reinterpret each byte, as the kernel stores it.
 fn lapic_reg(lapic: &kvm_lapic_state, offset: usize) -> u32 {
-    let b = &lapic.regs[offset..offset + 4];
-    u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
+    let mut bytes = [0u8; 4];
+    for (dst, src) in bytes.iter_mut().zip(&lapic.regs[offset..offset + 4]) {
+        *dst = src.to_ne_bytes()[0];
+    }
+    u32::from_le_bytes(bytes)
 }
 
 fn set_lapic_reg(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
     for (dst, src) in lapic.regs[offset..offset + 4].iter_mut().zip(value.to_le_bytes()) {
-        *dst = src as _;
+        *dst = std::ffi::c_char::from_ne_bytes([src]);
     }
 }
 

@@ -39,7 +39,8 @@ impl KvmMsiSink {
 
 impl MsiSink for KvmMsiSink {
     fn signal(&self, msg: MsiMessage) -> Result<(), InterruptError> {
-        let m = kvm_msi { address_lo: msg.address as u32, address_hi: (msg.address >> 32) as u32, data: msg.data, ..Default::default() };
+        let (address_lo, address_hi) = crate::split_u64(msg.address);
+        let m = kvm_msi { address_lo, address_hi, data: msg.data, ..Default::default() };
         // 0: the interrupt was blocked (e.g. the LAPIC is disabled), which is the
         // guest's business, not an error.
         self.vm.signal_msi(m).map(|_| ()).map_err(|source| InterruptError::Signal { address: msg.address, data: msg.data, source })

@@ -29,6 +29,13 @@ const _: () = assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
 const _: () = assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
 const _: () = assert!(KVM_IDENTITY_MAP_ADDRESS + 0x1000 <= KVM_TSS_ADDRESS);
 
+/// `addr` as a 32-bit field (ACPI and MP tables, the zero page), for an address this
+/// map puts below 4 GiB: one that is not is a layout bug, reported at the caller.
+#[track_caller]
+pub fn addr32(addr: u64) -> u32 {
+    u32::try_from(addr).expect("an address the layout puts below 4 GiB")
+}
+
 /// The RAM ranges for `ram_bytes` of guest memory: (start, length).
 pub fn ram_ranges(ram_bytes: u64) -> Vec<(u64, u64)> {
     if ram_bytes <= MMIO_HOLE_START {

@@ -1,9 +1,11 @@
 //! The vfvm VMM library: KVM, guest memory, the buses and devices, and the vCPU loop.
 //!
-//! Being built (issue #3): the memory map, PIO/MMIO buses, the VM and vCPU plumbing
-//! (tested with tiny hand-made guests on this machine's KVM), and direct Linux boot
-//! (bzImage or ELF vmlinux, initramfs, ACPI tables and MP table, 16550 console;
-//! booted in the lab). PCI, virtio-vsock and the control API follow.
+//! What it has: the memory map, PIO/MMIO buses, the VM and vCPU plumbing (tested with
+//! tiny hand-made guests on this machine's KVM), direct Linux boot (bzImage or ELF
+//! vmlinux, initramfs, ACPI tables and MP table, 16550 console), a PCI root complex
+//! (ECAM and CF8, BARs, MSI-X) with virtio-pci devices (vsock with hybrid vsock on the
+//! host, virtio-fs as a vhost-user frontend), the control API and the ACPI power
+//! button; booted in the lab. VFIO devices are not there yet.
 
 pub mod acpi;
 pub mod api;
@@ -21,3 +23,10 @@ pub mod serial;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
+
+/// The low and high 32-bit halves of `v`: how a 64-bit value (an address, feature
+/// bits) sits in a pair of 32-bit registers or table fields.
+pub fn split_u64(v: u64) -> (u32, u32) {
+    let [b0, b1, b2, b3, b4, b5, b6, b7] = v.to_le_bytes();
+    (u32::from_le_bytes([b0, b1, b2, b3]), u32::from_le_bytes([b4, b5, b6, b7]))
+}

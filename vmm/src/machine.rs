@@ -376,8 +376,7 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
     let (tx, rx) = mpsc::channel();
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     let mut spawn_error = None;
-    for (id, mut vcpu) in vcpus.into_iter().enumerate() {
-        let id = id as u8;
+    for (id, mut vcpu) in (0..config.vcpus).zip(vcpus) {
         let tx = tx.clone();
         let spawned = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
             let result = vcpu.run();
@@ -414,7 +413,7 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
         }
         _ => None,
     };
-    tracing::debug!(setup_ms = started.elapsed().as_millis() as u64, "vCPUs running");
+    tracing::debug!(setup_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "vCPUs running");
 
     // The first vCPU to stop decides; then stop the others and wait for them all.
     let first = if spawn_error.is_none() { rx.recv().ok() } else { None };

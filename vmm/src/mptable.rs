@@ -4,7 +4,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{IOAPIC_START, LAPIC_START};
+use crate::layout::{addr32, IOAPIC_START, LAPIC_START};
 
 pub const MPTABLE_START: u64 = crate::boot::EBDA_START;
 /// The MP table must fit in the KiB below 640 KiB.
@@ -58,7 +58,7 @@ pub fn mptable_bytes(base: u64, cpus: u8) -> Result<Vec<u8>, MpTableError> {
     entries.extend_from_slice(b"ISA   ");
     count += 1;
     entries.extend_from_slice(&[2, ioapic_id, IOAPIC_VERSION, 1]);
-    entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    entries.extend_from_slice(&addr32(IOAPIC_START).to_le_bytes());
     count += 1;
     // ISA IRQ n on IOAPIC pin n, as KVM's default GSI routing has it; pin 0 also as
     // ExtINT (the PIC) for Linux's timer check.
@@ -77,7 +77,7 @@ pub fn mptable_bytes(base: u64, cpus: u8) -> Result<Vec<u8>, MpTableError> {
     let table_len = 44 + entries.len();
     let mut table = Vec::with_capacity(table_len);
     table.extend_from_slice(b"PCMP");
-    table.extend_from_slice(&(table_len as u16).to_le_bytes());
+    table.extend_from_slice(&u16::try_from(table_len).expect("at most MAX_CPUS entries: under 1 KiB").to_le_bytes());
     table.push(4); // spec revision 1.4
     table.push(0); // checksum, below
     table.extend_from_slice(b"VFVM    ");
@@ -85,7 +85,7 @@ pub fn mptable_bytes(base: u64, cpus: u8) -> Result<Vec<u8>, MpTableError> {
     table.extend_from_slice(&0u32.to_le_bytes()); // OEM table
     table.extend_from_slice(&0u16.to_le_bytes());
     table.extend_from_slice(&count.to_le_bytes());
-    table.extend_from_slice(&(LAPIC_START as u32).to_le_bytes());
+    table.extend_from_slice(&addr32(LAPIC_START).to_le_bytes());
     table.extend_from_slice(&0u16.to_le_bytes()); // extended table length
     table.push(0); // extended table checksum
     table.push(0);
@@ -94,7 +94,7 @@ pub fn mptable_bytes(base: u64, cpus: u8) -> Result<Vec<u8>, MpTableError> {
 
     let mut fp = Vec::with_capacity(16);
     fp.extend_from_slice(b"_MP_");
-    fp.extend_from_slice(&((base + 16) as u32).to_le_bytes());
+    fp.extend_from_slice(&addr32(base + 16).to_le_bytes());
     fp.push(1); // length in 16-byte units
     fp.push(4);
     fp.push(0); // checksum
@@ -129,7 +129,7 @@ mod tests {
             assert!(b.len() <= 1024);
             assert_eq!(&b[..4], b"_MP_");
             assert_eq!(sum(&b[..16]), 0);
-            assert_eq!(u32::from_le_bytes(b[4..8].try_into().unwrap()), MPTABLE_START as u32 + 16);
+            assert_eq!(u64::from(u32::from_le_bytes(b[4..8].try_into().unwrap())), MPTABLE_START + 16);
             let t = &b[16..];
             assert_eq!(&t[..4], b"PCMP");
             let len = u16::from_le_bytes([t[4], t[5]]) as usize;
@@ -139,9 +139,9 @@ mod tests {
             assert_eq!(count, cpus as usize + 2 + 1 + 24 + 2);
             assert_eq!(u32::from_le_bytes(t[36..40].try_into().unwrap()), 0xFEE0_0000);
             // Processor entries: APIC ids in order, only the first is the BSP.
-            for id in 0..cpus as usize {
-                let e = &t[44 + id * 20..];
-                assert_eq!((e[0], e[1], e[3]), (0, id as u8, if id == 0 { 3 } else { 1 }));
+            for id in 0..cpus {
+                let e = &t[44 + usize::from(id) * 20..];
+                assert_eq!((e[0], e[1], e[3]), (0, id, if id == 0 { 3 } else { 1 }));
             }
             let ioapic = &t[44 + cpus as usize * 20 + 8..];
             assert_eq!((ioapic[0], ioapic[1]), (2, cpus));

@@ -103,17 +103,18 @@ impl Vm {
             return Err(VmError::KvmApiVersion(version));
         }
         let fd = kvm.create_vm().map_err(kvm_err("create the VM"))?;
-        fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize).map_err(kvm_err("set the TSS address"))?;
+        let tss = usize::try_from(layout::KVM_TSS_ADDRESS).expect("the TSS is below 4 GiB");
+        fd.set_tss_address(tss).map_err(kvm_err("set the TSS address"))?;
         fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS).map_err(kvm_err("set the identity map address"))?;
         if options.irqchip {
             fd.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
             let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
             fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
         }
-        for (slot, region) in memory.iter().enumerate() {
+        for (slot, region) in (0u32..).zip(memory.iter()) {
             let host = memory.get_host_address(region.start_addr()).map_err(|e| VmError::Memory(e.to_string()))?;
             let r = kvm_userspace_memory_region {
-                slot: slot as u32,
+                slot,
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),
                 userspace_addr: host as u64,
@@ -171,10 +172,11 @@ mod tests {
             expected_offset += r.len();
             // What the guest writes is what another mapping of the file sees.
             let gpa = r.start_addr().unchecked_add(0x1234);
-            mem.write_obj(0xfeed_f00d_u32 ^ at.start() as u32, gpa).unwrap();
+            let mark = 0xfeed_f00d_u32 ^ u32::try_from(at.start()).unwrap();
+            mem.write_obj(mark, gpa).unwrap();
             let mut b = [0u8; 4];
             at.file().read_exact_at(&mut b, at.start() + 0x1234).unwrap();
-            assert_eq!(u32::from_le_bytes(b), 0xfeed_f00d_u32 ^ at.start() as u32);
+            assert_eq!(u32::from_le_bytes(b), mark);
         }
         assert_eq!(expected_offset, ram);
         assert!(guest_memory(64 << 20).unwrap().iter().all(|r| r.file_offset().is_none()));

@@ -97,7 +97,7 @@ fn state(c: &mut VmmClient) -> VmState {
 }
 
 fn send_raw(s: &mut UnixStream, bytes: &[u8]) {
-    s.write_all(&(bytes.len() as u32).to_be_bytes()).unwrap();
+    s.write_all(&u32::try_from(bytes.len()).unwrap().to_be_bytes()).unwrap();
     s.write_all(bytes).unwrap();
 }
 

@@ -29,7 +29,8 @@ const WRITE_ID: u64 = 7;
 
 /// The probe's pattern (tests/lab/src/probe.rs): byte `offset` of stream `id`.
 fn pattern_byte(id: u64, offset: u64) -> u8 {
-    (offset ^ (offset >> 9) ^ (offset >> 17) ^ id.wrapping_mul(0x9d)).wrapping_mul(0x45) as u8
+    // The low byte of the mix.
+    (offset ^ (offset >> 9) ^ (offset >> 17) ^ id.wrapping_mul(0x9d)).wrapping_mul(0x45).to_le_bytes()[0]
 }
 
 fn pattern(id: u64, bytes: u64) -> Vec<u8> {

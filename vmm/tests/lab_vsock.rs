@@ -34,7 +34,8 @@ const MARKER: &str = "@@vfvm-l3@@";
 
 /// The probe's pattern (tests/lab/src/probe.rs): byte `offset` of stream `id`.
 fn pattern_byte(id: u64, offset: u64) -> u8 {
-    (offset ^ (offset >> 9) ^ (offset >> 17) ^ id.wrapping_mul(0x9d)).wrapping_mul(0x45) as u8
+    // The low byte of the mix.
+    (offset ^ (offset >> 9) ^ (offset >> 17) ^ id.wrapping_mul(0x9d)).wrapping_mul(0x45).to_le_bytes()[0]
 }
 
 fn lab_env(name: &str) -> String {
@@ -46,7 +47,7 @@ fn check(r: &mut UnixStream, id: u64, bytes: u64, mut echo: Option<&mut UnixStre
     let mut buf = vec![0u8; 64 * 1024];
     let mut off = 0;
     while off < bytes {
-        let want = (bytes - off).min(buf.len() as u64) as usize;
+        let want = usize::try_from(bytes - off).unwrap_or(usize::MAX).min(buf.len());
         let n = r.read(&mut buf[..want]).map_err(|e| format!("stream {id}: read at {off}: {e}"))?;
         if n == 0 {
             return Err(format!("stream {id}: closed after {off} of {bytes} bytes"));

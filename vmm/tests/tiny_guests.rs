@@ -29,7 +29,7 @@ struct Recorder {
 
 impl BusDevice for Recorder {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(self.reply.wrapping_add(offset as u8));
+        data.fill(self.reply.wrapping_add(offset.to_le_bytes()[0]));
     }
     fn write(&mut self, offset: u64, data: &[u8]) -> BusAction {
         self.written.push((offset, data.to_vec()));

@@ -12,8 +12,9 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 fn is_cgroup2(p: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else { return false };
-    // SAFETY: statfs into a zeroed struct we own.
+    // SAFETY: `statfs` is a plain C struct for which all-zero bytes are a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs of a NUL-terminated path we own, into `st`, a live, correctly typed local.
     (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == CGROUP2_SUPER_MAGIC
 }
 

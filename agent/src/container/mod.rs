@@ -101,7 +101,8 @@ fn mount_shared_fs(tag: &str, at: &Path) -> Result<()> {
 }
 
 fn now_nanos() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    // Saturates in the year 2554.
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 fn cstring(what: &str, s: impl Into<Vec<u8>>) -> Result<CString> {
@@ -259,7 +260,7 @@ impl Container {
 struct Sandbox {
     id: String,
     hostname: String,
-    pci_map: HashMap<String, String>,
+    pci_map: pci::PciAddressMap,
 }
 
 #[derive(Default)]
@@ -329,8 +330,8 @@ fn make_stdio(
 ) -> Result<(ChildStdio, Option<ParentStdio>)> {
     if terminal {
         let size = size.filter(|s| s.height > 0 && s.width > 0).map(|s| libc::winsize {
-            ws_row: s.height.min(u16::MAX as u32) as u16,
-            ws_col: s.width.min(u16::MAX as u32) as u16,
+            ws_row: u16::try_from(s.height).unwrap_or(u16::MAX),
+            ws_col: u16::try_from(s.width).unwrap_or(u16::MAX),
             ws_xpixel: 0,
             ws_ypixel: 0,
         });
@@ -575,7 +576,7 @@ impl Runner {
         self.state().containers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("no container {id:?}")))
     }
 
-    pub fn create_sandbox(&self, id: &str, hostname: &str, pci_map: HashMap<String, String>, shared_fs_tag: &str) -> Result<()> {
+    pub fn create_sandbox(&self, id: &str, hostname: &str, pci_map: pci::PciAddressMap, shared_fs_tag: &str) -> Result<()> {
         check_id("sandbox id", id)?;
         let tag_ok = shared_fs_tag.len() <= vfvm_protocols::agent::MAX_FS_TAG
             && shared_fs_tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b));
@@ -584,9 +585,6 @@ impl Runner {
                 "shared_fs_tag {shared_fs_tag:?}: must be at most {} of [A-Za-z0-9_-]",
                 vfvm_protocols::agent::MAX_FS_TAG
             )));
-        }
-        if pci_map.len() > MAX_PCI_MAP {
-            return Err(Error::Invalid(format!("pci_address_map: {} entries, at most {MAX_PCI_MAP}", pci_map.len())));
         }
         if hostname.len() > 64 {
             return Err(Error::Invalid("hostname: longer than 64 bytes".into()));
@@ -655,7 +653,7 @@ impl Runner {
         rootfs: &str,
         terminal: bool,
         sandbox_hostname: &str,
-        pci_map: &HashMap<String, String>,
+        pci_map: &pci::PciAddressMap,
     ) -> Result<Arc<Container>> {
         let Some(process) = spec.process.as_mut() else { return Err(Error::Invalid("oci spec: no process".into())) };
         for w in pci::rewrite_env(&mut process.env, pci_map) {
@@ -825,8 +823,10 @@ impl Runner {
         let c = self.container(id)?;
         if all {
             for pid in c.pids() {
+                // The kernel's pids fit pid_t; a wrapped one would signal a process group.
+                let Ok(pid) = libc::pid_t::try_from(pid) else { continue };
                 // SAFETY: plain kill; every pid listed is in the container's namespace.
-                unsafe { libc::kill(pid as libc::pid_t, sig) };
+                unsafe { libc::kill(pid, sig) };
             }
             return Ok(());
         }
@@ -891,8 +891,8 @@ impl Runner {
         let p = self.container(id)?.process(exec_id)?;
         let Some(pty) = &p.pty else { return Err(Error::Precondition(format!("container {id:?} process {exec_id:?} has no terminal"))) };
         let ws = libc::winsize {
-            ws_row: rows.min(u16::MAX as u32) as u16,
-            ws_col: cols.min(u16::MAX as u32) as u16,
+            ws_row: u16::try_from(rows).unwrap_or(u16::MAX),
+            ws_col: u16::try_from(cols).unwrap_or(u16::MAX),
             ws_xpixel: 0,
             ws_ypixel: 0,
         };
@@ -910,8 +910,10 @@ impl Runner {
         let c = self.state().containers.remove(id).ok_or_else(|| Error::NotFound(format!("no container {id:?}")))?;
         let _ = c.init.signal(libc::SIGKILL);
         for pid in c.pids() {
+            // The kernel's pids fit pid_t; a wrapped one would signal a process group.
+            let Ok(pid) = libc::pid_t::try_from(pid) else { continue };
             // SAFETY: plain kill of a process in the container's namespace.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         if c.init.exit.wait(Duration::from_secs(10)).is_none() {
@@ -926,8 +928,10 @@ impl Runner {
         drop(c.pending.lock().unwrap_or_else(|e| e.into_inner()).take());
         if let Some(cg) = &c.cgroup {
             for pid in cg.procs() {
+                // The kernel's pids fit pid_t; a wrapped one would signal a process group.
+                let Ok(pid) = libc::pid_t::try_from(pid) else { continue };
                 // SAFETY: plain kill of a process left in the container's cgroup.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                unsafe { libc::kill(pid, libc::SIGKILL) };
             }
             cg.remove();
         }

@@ -88,10 +88,16 @@ const CONTAINER_PTMX: &std::ffi::CStr = c"/dev/pts/ptmx";
 const GUEST_PTMX: &std::ffi::CStr = c"/dev/ptmx";
 const PTS_DIR: &[u8] = b"/dev/pts/";
 
+/// setrlimit(2)'s resource argument as libc declares it: glibc's enum type, or a plain int.
+#[cfg(target_env = "gnu")]
+pub type RlimitResource = libc::__rlimit_resource_t;
+#[cfg(not(target_env = "gnu"))]
+pub type RlimitResource = libc::c_int;
+
 pub struct Plan {
     pub kind: Kind,
     pub stdio: ChildStdio,
-    pub rlimits: Vec<(libc::c_int, libc::rlimit)>,
+    pub rlimits: Vec<(RlimitResource, libc::rlimit)>,
     pub uid: u32,
     pub gid: u32,
     pub groups: Vec<libc::gid_t>,
@@ -196,6 +202,8 @@ fn socketpair() -> std::io::Result<(OwnedFd, OwnedFd)> {
 /// Room for one SCM_RIGHTS message of one fd (CMSG_SPACE(4) is 24 on 64-bit
 /// targets, 16 on 32-bit), aligned as a cmsghdr.
 type CmsgBuf = [u64; 4];
+/// The size of one fd (a c_int) in a control message.
+const C_INT_BYTES: libc::c_uint = libc::c_int::BITS / 8;
 
 /// The pty master the child sent on `sock`, already queued: the child sends it
 /// before it reports READY, so this does not wait (MSG_DONTWAIT).
@@ -290,18 +298,19 @@ pub fn spawn(
     };
     let console_fd = console_child.as_ref().map_or(-1, |c| c.as_raw_fd());
     let ctx = ChildCtx { plan: &plan, sync: sync_w.as_raw_fd(), go: go_r.as_raw_fd(), console: console_fd, argv: &argv, envp: &envp };
+    let clone_flags = libc::c_ulong::try_from(flags | libc::SIGCHLD).expect("CLONE_NEW* flags and SIGCHLD are positive");
     let mut do_clone = || {
         // SAFETY: a fork-like clone (no stack given: the child runs on a copy of
         // ours). The child only makes system calls and never returns.
-        let pid = unsafe { libc::syscall(libc::SYS_clone, (flags | libc::SIGCHLD) as libc::c_ulong, 0usize, 0usize, 0usize, 0usize) };
+        let pid = unsafe { libc::syscall(libc::SYS_clone, clone_flags, 0usize, 0usize, 0usize, 0usize) };
         if pid < 0 {
             return Err(std::io::Error::last_os_error());
         }
         if pid == 0 {
-            // SAFETY: in the child.
+            // SAFETY: pid 0: this is the clone's child, where child() belongs; ctx was made before the clone.
             unsafe { child(&ctx) }
         }
-        let pid = pid as libc::pid_t;
+        let pid = libc::pid_t::try_from(pid).expect("the kernel's pids fit pid_t");
         // SAFETY: pidfd_open of our own unreaped child (reaping is held off).
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         if fd < 0 {
@@ -310,8 +319,9 @@ pub fn spawn(
             unsafe { libc::kill(pid, libc::SIGKILL) };
             return Err(e);
         }
+        let fd = RawFd::try_from(fd).expect("the kernel's fds fit c_int");
         // SAFETY: a fresh fd from pidfd_open.
-        Ok((pid, unsafe { OwnedFd::from_raw_fd(fd as RawFd) }))
+        Ok((pid, unsafe { OwnedFd::from_raw_fd(fd) }))
     };
     let (pid, pidfd) = register(&mut do_clone).map_err(io("clone"))?;
     // The child's ends (and its stdio, namespace fds) are its alone now.
@@ -361,7 +371,7 @@ impl Child {
         match word(0) {
             TAG_READY => Ok(Some(TAG_READY)),
             _ => {
-                let (step, errno) = (word(1), word(2) as i32);
+                let (step, errno) = (word(1), i32::from_ne_bytes(buf[8..12].try_into().unwrap()));
                 let name = if step >= S_OPS {
                     self.names.get((step - S_OPS) as usize).cloned().unwrap_or_else(|| format!("step {step}"))
                 } else {
@@ -405,26 +415,49 @@ struct ChildCtx<'a> {
     envp: &'a [*const libc::c_char],
 }
 
+/// Sends one record on the sync pipe. Async-signal-safe.
+///
+/// # Safety
+///
+/// `fd` must be the sync pipe's write end, owned by the caller (the child).
 unsafe fn report(fd: RawFd, tag: u32, step: u32, errno: i32) {
     let mut rec = [0u8; 12];
     rec[0..4].copy_from_slice(&tag.to_ne_bytes());
     rec[4..8].copy_from_slice(&step.to_ne_bytes());
-    rec[8..12].copy_from_slice(&(errno as u32).to_ne_bytes());
-    libc::write(fd, rec.as_ptr().cast(), rec.len());
+    rec[8..12].copy_from_slice(&errno.to_ne_bytes());
+    // SAFETY: write(2) (async-signal-safe) from a local buffer, within its length, to the caller's pipe.
+    unsafe { libc::write(fd, rec.as_ptr().cast(), rec.len()) };
 }
 
-unsafe fn errno() -> i32 {
-    *libc::__errno_location()
+/// The calling thread's errno. Async-signal-safe.
+fn errno() -> i32 {
+    // SAFETY: __errno_location returns the calling thread's errno slot, valid and aligned while the thread lives.
+    unsafe { *libc::__errno_location() }
 }
 
+/// Reports a failure at `step`, with the current errno, and ends the child.
+///
+/// # Safety
+///
+/// Only in the cloned child, whose sync pipe `ctx.sync` is: it ends the process with `_exit` (no unwinding, no
+/// destructors, no atexit handlers).
 unsafe fn fail(ctx: &ChildCtx, step: u32) -> ! {
-    report(ctx.sync, TAG_ERROR, step, errno());
-    libc::_exit(127)
+    // SAFETY: the caller is the child and `ctx.sync` its pipe (the contract above); both calls are async-signal-safe.
+    unsafe {
+        report(ctx.sync, TAG_ERROR, step, errno());
+        libc::_exit(127)
+    }
 }
 
+/// Fails `step` (see [`fail`]) if `rc`, a system call's return value, is negative.
+///
+/// # Safety
+///
+/// As for [`fail`]: only in the cloned child.
 unsafe fn check(ctx: &ChildCtx, rc: libc::c_long, step: u32) {
     if rc < 0 {
-        fail(ctx, step)
+        // SAFETY: the caller is the child (the contract above).
+        unsafe { fail(ctx, step) }
     }
 }
 
@@ -432,42 +465,70 @@ fn opt_ptr(s: &Option<CString>) -> *const libc::c_char {
     s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr())
 }
 
+/// Closes the fds `lo..=hi` (none if `lo > hi`). Async-signal-safe.
+///
+/// # Safety
+///
+/// Nothing may use those fds afterwards (an `OwnedFd` that still names one would close another file later): the
+/// child, which execs or exits without dropping what it copied from the agent.
 unsafe fn close_from(lo: RawFd, hi: RawFd) {
+    // A negative bound: nothing to close (close_range would refuse it converted, or find no fd that high).
+    let (Ok(lo), Ok(hi)) = (libc::c_uint::try_from(lo), libc::c_uint::try_from(hi)) else { return };
     if lo <= hi {
-        libc::syscall(libc::SYS_close_range, lo as libc::c_uint, hi as libc::c_uint, 0u32);
+        // SAFETY: close_range(2) of fds the caller has given up (the contract above).
+        unsafe { libc::syscall(libc::SYS_close_range, lo, hi, 0u32) };
     }
 }
 
 /// Closes every fd from 3 up but those in `keep` (-1: none). In-place sort, no allocation.
+///
+/// # Safety
+///
+/// As for [`close_from`]: nothing may use the closed fds afterwards (the child).
 unsafe fn close_all_but(mut keep: [RawFd; 3]) {
     keep.sort_unstable();
     let mut lo = 3;
-    for fd in keep {
-        if fd >= lo {
-            close_from(lo, fd - 1);
-            lo = fd + 1;
+    // SAFETY: the caller has given up every fd from 3 up but `keep` (the contract above).
+    unsafe {
+        for fd in keep {
+            if fd >= lo {
+                close_from(lo, fd - 1);
+                lo = fd + 1;
+            }
         }
+        close_from(lo, RawFd::MAX);
     }
-    close_from(lo, RawFd::MAX);
 }
 
 /// `fd`, moved above 0-2 (where an agent with a closed stdio could have put it,
 /// and where the dup2s onto stdio would clobber it).
+///
+/// # Safety
+///
+/// Only in the cloned child (a failure ends it, see [`fail`]); `fd` is the caller's, and closed if moved.
 unsafe fn above_stdio(ctx: &ChildCtx, fd: RawFd, step: u32) -> RawFd {
     if fd > 2 {
         return fd;
     }
-    let moved = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3);
-    check(ctx, moved as _, step);
-    libc::close(fd);
-    moved
+    // SAFETY: in the child (the contract above): fcntl and close, async-signal-safe, of the caller's own fd.
+    unsafe {
+        let moved = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3);
+        check(ctx, moved as _, step);
+        libc::close(fd);
+        moved
+    }
 }
 
 /// The slave of master `m` by its name, for kernels before TIOCGPTPEER (4.13):
 /// TIOCGPTN and /dev/pts/N, formatted on the stack (ptsname is not async-signal-safe).
+///
+/// # Safety
+///
+/// `m` must be a pty master of the caller's. The fd returned (or -1) is the caller's to close.
 unsafe fn open_slave_by_name(m: RawFd) -> RawFd {
     let mut n: libc::c_uint = 0;
-    if libc::ioctl(m, libc::TIOCGPTN, &mut n) < 0 {
+    // SAFETY: TIOCGPTN on the caller's pty master writes one c_uint, into `n`.
+    if unsafe { libc::ioctl(m, libc::TIOCGPTN, &mut n) } < 0 {
         return -1;
     }
     let mut path = [0u8; 32];
@@ -485,27 +546,37 @@ unsafe fn open_slave_by_name(m: RawFd) -> RawFd {
     for i in 0..len {
         path[PTS_DIR.len() + i] = digits[len - 1 - i];
     }
-    // path[PTS_DIR.len() + len] is the NUL already.
-    libc::open(path.as_ptr().cast(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC)
+    // SAFETY: `path` is NUL-terminated: its 9 + at most 10 bytes are followed by zeros.
+    unsafe { libc::open(path.as_ptr().cast(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) }
 }
 
-/// Sends `fd` on `sock` with SCM_RIGHTS (and one byte: a message needs data).
+/// Sends `fd` on `sock` with SCM_RIGHTS (and one byte: a message needs data). Async-signal-safe.
+///
+/// # Safety
+///
+/// `sock` and `fd` must be open fds of the caller's (the child's terminal socket and pty master).
 unsafe fn send_fd(sock: RawFd, fd: RawFd) -> libc::ssize_t {
     let mut cbuf: CmsgBuf = [0; 4];
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
-    let mut msg: libc::msghdr = std::mem::zeroed();
+    // SAFETY: a zeroed msghdr is a valid value; it is pointed at the local buffers below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as _;
-    let c = libc::CMSG_FIRSTHDR(&msg);
-    (*c).cmsg_level = libc::SOL_SOCKET;
-    (*c).cmsg_type = libc::SCM_RIGHTS;
-    (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
-    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), fd);
+    // SAFETY: the CMSG_* macros only compute. `cbuf` is aligned as a cmsghdr and holds CMSG_SPACE of one c_int (at
+    // most 24 of its 32 bytes), so the header CMSG_FIRSTHDR finds is there, and the writes through it stay in `cbuf`.
+    unsafe {
+        msg.msg_controllen = libc::CMSG_SPACE(C_INT_BYTES) as _;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(C_INT_BYTES) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), fd);
+    }
     loop {
-        let n = libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL);
+        // SAFETY: sendmsg(2) reads `msg` and the buffers it points at, all live locals.
+        let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
         if n < 0 && errno() == libc::EINTR {
             continue;
         }
@@ -517,173 +588,202 @@ unsafe fn send_fd(sock: RawFd, fd: RawFd) -> libc::ssize_t {
 /// of a new session and stdio, and sends the master to the agent. Only system
 /// calls: glibc's grantpt may look up the tty group (not async-signal-safe) and
 /// is a no-op on devpts anyway; unlockpt is the ioctl below.
+///
+/// # Safety
+///
+/// Only in the cloned child (a failure ends it, see [`fail`]), with `ctx.console` its end of the terminal socket: it
+/// makes the process a session leader and replaces its fds 0-2.
 unsafe fn setup_pty(ctx: &ChildCtx, p: &PtyPlan) {
     let ptmx = if p.in_container { CONTAINER_PTMX } else { GUEST_PTMX };
-    let m = libc::open(ptmx.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
-    check(ctx, m as _, S_PTMX);
-    let m = above_stdio(ctx, m, S_PTY);
-    let unlock: libc::c_int = 0;
-    check(ctx, libc::ioctl(m, libc::TIOCSPTLCK, &unlock) as _, S_PTY);
-    // The slave by the master itself, not by a name looked up in some /dev/pts.
-    let mut s = libc::ioctl(m, libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
-    if s < 0 && matches!(errno(), libc::EINVAL | libc::ENOTTY) {
-        s = open_slave_by_name(m);
+    // SAFETY: in the child (the contract above): async-signal-safe system calls only, on the fds opened here, fds 0-2
+    // and the terminal socket, with pointers to static C strings, locals and the plan's window size.
+    unsafe {
+        let m = libc::open(ptmx.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        check(ctx, m as _, S_PTMX);
+        let m = above_stdio(ctx, m, S_PTY);
+        let unlock: libc::c_int = 0;
+        check(ctx, libc::ioctl(m, libc::TIOCSPTLCK, &unlock) as _, S_PTY);
+        // The slave by the master itself, not by a name looked up in some /dev/pts.
+        let mut s = libc::ioctl(m, libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        if s < 0 && matches!(errno(), libc::EINVAL | libc::ENOTTY) {
+            s = open_slave_by_name(m);
+        }
+        check(ctx, s as _, S_PTY);
+        let s = above_stdio(ctx, s, S_PTY);
+        if let Some(ws) = &p.size {
+            check(ctx, libc::ioctl(m, libc::TIOCSWINSZ, ws) as _, S_PTY);
+        }
+        // The process's user owns its terminal (as runc does for stdio); the group
+        // stays devpts's (gid=5, tty).
+        check(ctx, libc::fchown(s, ctx.plan.uid, libc::gid_t::MAX) as _, S_PTY);
+        check(ctx, libc::setsid() as _, S_CTTY);
+        check(ctx, libc::ioctl(s, libc::TIOCSCTTY, 0) as _, S_CTTY);
+        for fd in 0..3 {
+            check(ctx, libc::dup2(s, fd) as _, S_CTTY);
+        }
+        libc::close(s);
+        check(ctx, send_fd(ctx.console, m) as _, S_PTY_SEND);
+        // The container keeps no master; the socket goes at execve (CLOEXEC).
+        libc::close(m);
     }
-    check(ctx, s as _, S_PTY);
-    let s = above_stdio(ctx, s, S_PTY);
-    if let Some(ws) = &p.size {
-        check(ctx, libc::ioctl(m, libc::TIOCSWINSZ, ws) as _, S_PTY);
-    }
-    // The process's user owns its terminal (as runc does for stdio); the group
-    // stays devpts's (gid=5, tty).
-    check(ctx, libc::fchown(s, ctx.plan.uid, libc::gid_t::MAX) as _, S_PTY);
-    check(ctx, libc::setsid() as _, S_CTTY);
-    check(ctx, libc::ioctl(s, libc::TIOCSCTTY, 0) as _, S_CTTY);
-    for fd in 0..3 {
-        check(ctx, libc::dup2(s, fd) as _, S_CTTY);
-    }
-    libc::close(s);
-    check(ctx, send_fd(ctx.console, m) as _, S_PTY_SEND);
-    // The container keeps no master; the socket goes at execve (CLOEXEC).
-    libc::close(m);
 }
 
 /// The child. Only system calls from here on.
+///
+/// # Safety
+///
+/// Only in the child of a fork-like clone, never in the agent: it changes the whole process's namespaces, root,
+/// credentials and fds, and ends it (execve or `_exit`). `ctx` and all it points at were prepared before the clone.
 unsafe fn child(ctx: &ChildCtx) -> ! {
     let plan = ctx.plan;
-    // The agent blocks SIGCHLD/SIGTERM/SIGINT and ignores SIGPIPE: none of that
-    // is the container's business.
-    let mut set: libc::sigset_t = std::mem::zeroed();
-    libc::sigemptyset(&mut set);
-    check(ctx, libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) as _, S_SIGNALS);
-    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    if plan.pdeathsig {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-    }
-    // The guest's devpts (see PtyPlan): before entering the container.
-    if let ChildStdio::Pty(p @ PtyPlan { in_container: false, .. }) = &plan.stdio {
-        setup_pty(ctx, p);
-    }
-    if let Kind::Exec { ipc, uts, mnt } = &plan.kind {
-        check(ctx, libc::setns(ipc.as_raw_fd(), libc::CLONE_NEWIPC) as _, S_IPC);
-        check(ctx, libc::setns(uts.as_raw_fd(), libc::CLONE_NEWUTS) as _, S_UTS);
-        // Joining the mount namespace also sets our root and cwd to its root:
-        // the container's pivoted rootfs.
-        check(ctx, libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS) as _, S_MNT);
-    }
-    if let ChildStdio::Pipes { stdin, stdout, stderr } = &plan.stdio {
-        check(ctx, libc::dup2(stdin.as_raw_fd(), 0) as _, S_STDIO);
-        check(ctx, libc::dup2(stdout.as_raw_fd(), 1) as _, S_STDIO);
-        check(ctx, libc::dup2(stderr.as_raw_fd(), 2) as _, S_STDIO);
-    }
-    // Nothing of the agent's leaks in: close every other fd but our two pipes
-    // and the terminal socket.
-    close_all_but([ctx.sync, ctx.go, ctx.console]);
+    // SAFETY: we are the cloned child (the contract above), so the process is ours to change. Only async-signal-safe
+    // system calls follow, with pointers into the plan's C strings and the argv/envp arrays the parent prepared, which
+    // live in this copy of its memory until execve, or to locals; every failure ends the process (fail, _exit).
+    unsafe {
+        // The agent blocks SIGCHLD/SIGTERM/SIGINT and ignores SIGPIPE: none of that
+        // is the container's business.
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        check(ctx, libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) as _, S_SIGNALS);
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        if plan.pdeathsig {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        }
+        // The guest's devpts (see PtyPlan): before entering the container.
+        if let ChildStdio::Pty(p @ PtyPlan { in_container: false, .. }) = &plan.stdio {
+            setup_pty(ctx, p);
+        }
+        if let Kind::Exec { ipc, uts, mnt } = &plan.kind {
+            check(ctx, libc::setns(ipc.as_raw_fd(), libc::CLONE_NEWIPC) as _, S_IPC);
+            check(ctx, libc::setns(uts.as_raw_fd(), libc::CLONE_NEWUTS) as _, S_UTS);
+            // Joining the mount namespace also sets our root and cwd to its root:
+            // the container's pivoted rootfs.
+            check(ctx, libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS) as _, S_MNT);
+        }
+        if let ChildStdio::Pipes { stdin, stdout, stderr } = &plan.stdio {
+            check(ctx, libc::dup2(stdin.as_raw_fd(), 0) as _, S_STDIO);
+            check(ctx, libc::dup2(stdout.as_raw_fd(), 1) as _, S_STDIO);
+            check(ctx, libc::dup2(stderr.as_raw_fd(), 2) as _, S_STDIO);
+        }
+        // Nothing of the agent's leaks in: close every other fd but our two pipes
+        // and the terminal socket.
+        close_all_but([ctx.sync, ctx.go, ctx.console]);
 
-    if let Kind::Init(root) = &plan.kind {
-        setup_root(ctx, root);
-    }
-    // The container's own devpts: now that we are in its root, before the
-    // credentials change (its ptmx may be root's alone: ptmxmode=000).
-    if let ChildStdio::Pty(p @ PtyPlan { in_container: true, .. }) = &plan.stdio {
-        setup_pty(ctx, p);
-    }
-    for (res, lim) in &plan.rlimits {
-        check(ctx, libc::setrlimit(*res as _, lim) as _, S_RLIMIT);
-    }
-    check(ctx, libc::syscall(libc::SYS_setgroups, plan.groups.len(), plan.groups.as_ptr()), S_GROUPS);
-    check(ctx, libc::syscall(libc::SYS_setresgid, plan.gid, plan.gid, plan.gid), S_GID);
-    check(ctx, libc::syscall(libc::SYS_setresuid, plan.uid, plan.uid, plan.uid), S_UID);
-    libc::umask(plan.umask as libc::mode_t);
-    check(ctx, libc::chdir(plan.cwd.as_ptr()) as _, S_CWD);
-    if plan.no_new_privs {
-        check(ctx, libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as _, S_NNP);
-    }
-    report(ctx.sync, TAG_READY, 0, 0);
-    let mut b = [0u8; 1];
-    loop {
-        let n = libc::read(ctx.go, b.as_mut_ptr().cast(), 1);
-        if n == 1 {
-            break;
+        if let Kind::Init(root) = &plan.kind {
+            setup_root(ctx, root);
         }
-        if n < 0 && errno() == libc::EINTR {
-            continue;
+        // The container's own devpts: now that we are in its root, before the
+        // credentials change (its ptmx may be root's alone: ptmxmode=000).
+        if let ChildStdio::Pty(p @ PtyPlan { in_container: true, .. }) = &plan.stdio {
+            setup_pty(ctx, p);
         }
-        // The parent gave up on us (EOF), or the pipe failed.
-        if n < 0 {
-            report(ctx.sync, TAG_ERROR, S_GO, errno());
+        for (res, lim) in &plan.rlimits {
+            check(ctx, libc::setrlimit(*res, lim) as _, S_RLIMIT);
         }
-        libc::_exit(127);
+        check(ctx, libc::syscall(libc::SYS_setgroups, plan.groups.len(), plan.groups.as_ptr()), S_GROUPS);
+        check(ctx, libc::syscall(libc::SYS_setresgid, plan.gid, plan.gid, plan.gid), S_GID);
+        check(ctx, libc::syscall(libc::SYS_setresuid, plan.uid, plan.uid, plan.uid), S_UID);
+        libc::umask(plan.umask as libc::mode_t);
+        check(ctx, libc::chdir(plan.cwd.as_ptr()) as _, S_CWD);
+        if plan.no_new_privs {
+            check(ctx, libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as _, S_NNP);
+        }
+        report(ctx.sync, TAG_READY, 0, 0);
+        let mut b = [0u8; 1];
+        loop {
+            let n = libc::read(ctx.go, b.as_mut_ptr().cast(), 1);
+            if n == 1 {
+                break;
+            }
+            if n < 0 && errno() == libc::EINTR {
+                continue;
+            }
+            // The parent gave up on us (EOF), or the pipe failed.
+            if n < 0 {
+                report(ctx.sync, TAG_ERROR, S_GO, errno());
+            }
+            libc::_exit(127);
+        }
+        let mut err = libc::ENOENT;
+        for path in &plan.exec_paths {
+            libc::execve(path.as_ptr(), ctx.argv.as_ptr(), ctx.envp.as_ptr());
+            let e = errno();
+            if e != libc::ENOENT && e != libc::ENOTDIR {
+                err = e;
+            }
+        }
+        report(ctx.sync, TAG_ERROR, S_EXEC, err);
+        libc::_exit(127)
     }
-    let mut err = libc::ENOENT;
-    for path in &plan.exec_paths {
-        libc::execve(path.as_ptr(), ctx.argv.as_ptr(), ctx.envp.as_ptr());
-        let e = errno();
-        if e != libc::ENOENT && e != libc::ENOTDIR {
-            err = e;
-        }
-    }
-    report(ctx.sync, TAG_ERROR, S_EXEC, err);
-    libc::_exit(127)
 }
 
+/// Makes the container's root: private mounts, the rootfs bound and the plan's
+/// ops done in it, then pivoted (or moved and chrooted) into.
+///
+/// # Safety
+///
+/// Only in the cloned child of a container's init, in its own new mount namespace (a failure ends it, see [`fail`]):
+/// it changes the process's mounts and root.
 unsafe fn setup_root(ctx: &ChildCtx, root: &InitRoot) {
-    check(
-        ctx,
-        libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) as _,
-        S_PRIVATE,
-    );
-    check(
-        ctx,
-        libc::mount(root.rootfs.as_ptr(), root.rootfs.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REC, std::ptr::null()) as _,
-        S_BIND,
-    );
-    for (i, op) in root.ops.iter().enumerate() {
-        let step = S_OPS + i as u32;
-        match op {
-            Op::Mkdir(p) => {
-                if libc::mkdir(p.as_ptr(), 0o755) != 0 && errno() != libc::EEXIST {
-                    fail(ctx, step)
+    // SAFETY: in the init's child, in its own mount namespace (the contract above): async-signal-safe system calls
+    // only, with pointers to static C strings and the plan's C strings, which live until execve.
+    unsafe {
+        check(
+            ctx,
+            libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) as _,
+            S_PRIVATE,
+        );
+        check(
+            ctx,
+            libc::mount(root.rootfs.as_ptr(), root.rootfs.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REC, std::ptr::null()) as _,
+            S_BIND,
+        );
+        for (step, op) in (S_OPS..).zip(&root.ops) {
+            match op {
+                Op::Mkdir(p) => {
+                    if libc::mkdir(p.as_ptr(), 0o755) != 0 && errno() != libc::EEXIST {
+                        fail(ctx, step)
+                    }
                 }
-            }
-            Op::Touch(p) => {
-                let fd = libc::open(p.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644);
-                if fd < 0 {
-                    fail(ctx, step)
+                Op::Touch(p) => {
+                    let fd = libc::open(p.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644);
+                    if fd < 0 {
+                        fail(ctx, step)
+                    }
+                    libc::close(fd);
                 }
-                libc::close(fd);
-            }
-            Op::Mount { source, target, fstype, flags, data, optional } => {
-                let rc = libc::mount(opt_ptr(source), target.as_ptr(), opt_ptr(fstype), *flags, opt_ptr(data).cast());
-                if rc != 0 && !optional {
-                    fail(ctx, step)
+                Op::Mount { source, target, fstype, flags, data, optional } => {
+                    let rc = libc::mount(opt_ptr(source), target.as_ptr(), opt_ptr(fstype), *flags, opt_ptr(data).cast());
+                    if rc != 0 && !optional {
+                        fail(ctx, step)
+                    }
                 }
-            }
-            Op::Symlink { target, link } => {
-                if libc::symlink(target.as_ptr(), link.as_ptr()) != 0 && errno() != libc::EEXIST {
-                    fail(ctx, step)
+                Op::Symlink { target, link } => {
+                    if libc::symlink(target.as_ptr(), link.as_ptr()) != 0 && errno() != libc::EEXIST {
+                        fail(ctx, step)
+                    }
                 }
             }
         }
-    }
-    if root.readonly {
-        let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
-        check(ctx, libc::mount(std::ptr::null(), root.rootfs.as_ptr(), std::ptr::null(), flags, std::ptr::null()) as _, S_RO);
-    }
-    check(ctx, libc::chdir(root.rootfs.as_ptr()) as _, S_PIVOT);
-    if libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0 {
-        check(ctx, libc::umount2(c".".as_ptr(), libc::MNT_DETACH) as _, S_PIVOT);
-    } else if errno() == libc::EINVAL {
-        // The agent's root is the initramfs (rootfs cannot be pivoted away):
-        // move the container's root over / and chroot into it, as switch_root does.
-        check(ctx, libc::mount(c".".as_ptr(), c"/".as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()) as _, S_PIVOT);
-        check(ctx, libc::chroot(c".".as_ptr()) as _, S_PIVOT);
-    } else {
-        fail(ctx, S_PIVOT)
-    }
-    check(ctx, libc::chdir(c"/".as_ptr()) as _, S_PIVOT);
-    if let Some(h) = &root.hostname {
-        check(ctx, libc::sethostname(h.as_ptr(), h.as_bytes().len()) as _, S_HOST);
+        if root.readonly {
+            let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
+            check(ctx, libc::mount(std::ptr::null(), root.rootfs.as_ptr(), std::ptr::null(), flags, std::ptr::null()) as _, S_RO);
+        }
+        check(ctx, libc::chdir(root.rootfs.as_ptr()) as _, S_PIVOT);
+        if libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0 {
+            check(ctx, libc::umount2(c".".as_ptr(), libc::MNT_DETACH) as _, S_PIVOT);
+        } else if errno() == libc::EINVAL {
+            // The agent's root is the initramfs (rootfs cannot be pivoted away):
+            // move the container's root over / and chroot into it, as switch_root does.
+            check(ctx, libc::mount(c".".as_ptr(), c"/".as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()) as _, S_PIVOT);
+            check(ctx, libc::chroot(c".".as_ptr()) as _, S_PIVOT);
+        } else {
+            fail(ctx, S_PIVOT)
+        }
+        check(ctx, libc::chdir(c"/".as_ptr()) as _, S_PIVOT);
+        if let Some(h) = &root.hostname {
+            check(ctx, libc::sethostname(h.as_ptr(), h.as_bytes().len()) as _, S_HOST);
+        }
     }
 }
 

@@ -107,7 +107,7 @@ pub struct Pids {
 }
 
 /// `RLIMIT_*` names to their resource numbers.
-pub fn rlimit_resource(name: &str) -> Option<libc::c_int> {
+pub fn rlimit_resource(name: &str) -> Option<super::spawn::RlimitResource> {
     let r = match name {
         "RLIMIT_AS" => libc::RLIMIT_AS,
         "RLIMIT_CORE" => libc::RLIMIT_CORE,
@@ -127,7 +127,7 @@ pub fn rlimit_resource(name: &str) -> Option<libc::c_int> {
         "RLIMIT_STACK" => libc::RLIMIT_STACK,
         _ => return None,
     };
-    Some(r as libc::c_int)
+    Some(r)
 }
 
 /// Mount options: kernel flags, and the rest as the filesystem's data string.

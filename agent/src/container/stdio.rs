@@ -90,12 +90,13 @@ impl Output {
                 // EIO: a pty whose other side is all closed. Either way: the end.
             }
             let mut s = self.lock();
-            if n <= 0 {
+            // 0 is the end; a negative count, an error that ends the stream too.
+            let Ok(got @ 1..) = usize::try_from(n) else {
                 s.eof = true;
                 self.cv.notify_all();
                 return;
-            }
-            s.buf.extend(&chunk[..n as usize]);
+            };
+            s.buf.extend(&chunk[..got]);
             self.cv.notify_all();
         }
     }
@@ -157,8 +158,9 @@ impl Input {
         while written < data.len() {
             // SAFETY: writing from a slice we own, within its length.
             let n = unsafe { libc::write(fd.as_raw_fd(), data[written..].as_ptr().cast(), data.len() - written) };
-            if n > 0 {
-                written += n as usize;
+            // Nothing written, or an error (a negative count): errno decides below.
+            if let Ok(wrote @ 1..) = usize::try_from(n) {
+                written += wrote;
                 continue;
             }
             let e = std::io::Error::last_os_error();
@@ -166,7 +168,7 @@ impl Input {
                 Some(libc::EINTR) => continue,
                 Some(libc::EAGAIN) if written == 0 => {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() || !poll(fd, libc::POLLOUT, left.as_millis().min(i32::MAX as u128) as i32) {
+                    if left.is_zero() || !poll(fd, libc::POLLOUT, i32::try_from(left.as_millis()).unwrap_or(i32::MAX)) {
                         break;
                     }
                 }

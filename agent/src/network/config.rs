@@ -9,6 +9,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 use vfvm_netlink::{Family, MacAddr, Scope};
+use vfvm_protocols::PciAddress;
 
 use super::error::{invalid, NetError, Result};
 
@@ -133,50 +134,6 @@ impl NetworkConfig {
     }
 }
 
-/// A PCI address, normalised to lower case "dddd:bb:dd.f".
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PciAddr {
-    pub domain: u16,
-    pub bus: u8,
-    pub device: u8,
-    pub function: u8,
-}
-
-impl fmt::Display for PciAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04x}:{:02x}:{:02x}.{:x}", self.domain, self.bus, self.device, self.function)
-    }
-}
-
-impl std::str::FromStr for PciAddr {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<PciAddr, String> {
-        let bad = || "expected a PCI address \"DDDD:BB:DD.F\" (hex), e.g. \"0000:00:05.0\"".to_string();
-        let b = s.as_bytes();
-        if b.len() != 12 || b[4] != b':' || b[7] != b':' || b[10] != b'.' {
-            return Err(bad());
-        }
-        let hex = |r: &str| -> std::result::Result<u32, String> {
-            if r.bytes().all(|c| c.is_ascii_hexdigit()) {
-                u32::from_str_radix(r, 16).map_err(|_| bad())
-            } else {
-                Err(bad())
-            }
-        };
-        let domain = hex(&s[0..4])? as u16;
-        let bus = hex(&s[5..7])? as u8;
-        let device = hex(&s[8..10])?;
-        let function = hex(&s[11..12])?;
-        if device > 0x1f {
-            return Err(format!("device number {device:#x} is above 0x1f"));
-        }
-        if function > 7 {
-            return Err(format!("function number {function} is above 7"));
-        }
-        Ok(PciAddr { domain, bus, device: device as u8, function: function as u8 })
-    }
-}
-
 /// An address with its prefix length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Cidr {
@@ -280,7 +237,7 @@ pub(crate) fn check_ifname(name: &str) -> std::result::Result<(), String> {
 /// Where a device is looked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceSel {
-    pub pci: Option<PciAddr>,
+    pub pci: Option<PciAddress>,
     pub mac: Option<MacAddr>,
 }
 
@@ -463,7 +420,7 @@ fn validate_interface(i: usize, iface: &Interface) -> Result<ValidInterface> {
     let f = |s: &str| format!("interfaces[{i}].{s}");
     check_ifname(&iface.name).map_err(|r| invalid(f("name"), &iface.name, r))?;
     let pci = match &iface.device.pci_address {
-        Some(p) => Some(p.parse::<PciAddr>().map_err(|r| invalid(f("device.pci_address"), p, r))?),
+        Some(p) => Some(p.parse::<PciAddress>().map_err(|e| invalid(f("device.pci_address"), p, e.reason))?),
         None => None,
     };
     let dmac = match &iface.device.mac {
@@ -657,16 +614,6 @@ mod tests {
         assert!(!c.has_host_bits());
         assert!(parse_cidr("10.1.0.1/16").unwrap().has_host_bits());
         assert!(parse_cidr("0.0.0.0/0").unwrap().contains(&"1.2.3.4".parse().unwrap()));
-    }
-
-    #[test]
-    fn pci_parsing() {
-        let p: PciAddr = "0000:00:05.0".parse().unwrap();
-        assert_eq!(p.to_string(), "0000:00:05.0");
-        assert_eq!("0000:AF:1f.7".parse::<PciAddr>().unwrap().to_string(), "0000:af:1f.7");
-        for bad in ["00:05.0", "0000:00:05.8", "0000:00:20.0", "0000-00:05.0", "000g:00:05.0", "0000:00:05.0 "] {
-            assert!(bad.parse::<PciAddr>().is_err(), "{bad}");
-        }
     }
 
     #[test]

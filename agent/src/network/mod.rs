@@ -78,9 +78,7 @@ use std::time::Duration;
 
 use vfvm_netlink::{table, AddrFlags, AddressSpec, Family, Handle, Link, MacAddr, Netns, Route as NlRoute, RouteSpec, RouteType};
 
-pub use config::{
-    Cidr, DeviceMatch, DeviceSel, Dns, Interface, NetworkConfig, PciAddr, Route, ValidConfig, ValidDns, ValidInterface, ValidRoute,
-};
+pub use config::{Cidr, DeviceMatch, DeviceSel, Dns, Interface, NetworkConfig, Route, ValidConfig, ValidDns, ValidInterface, ValidRoute};
 pub use device::{find_device, wait_for_devices, FoundVia, Wanted};
 pub use error::{NetError, Result};
 pub use uevent::{Recv, Uevent, UeventSocket};
@@ -662,7 +660,11 @@ impl Network {
             let existing = all.iter().find(|o| is_vlan_link(o) && o.link == Some(l.index) && o.vlan_id == Some(id));
             out.push(match existing {
                 Some(e) => Target::Link(e.index),
-                None => Target::NewVlan { parent: l.index, vlan: id, stand_in: NEW_VLAN_BASE + k as u32 },
+                None => Target::NewVlan {
+                    parent: l.index,
+                    vlan: id,
+                    stand_in: NEW_VLAN_BASE + u32::try_from(k).expect("at most MAX_INTERFACES"),
+                },
             });
         }
         Ok(out)

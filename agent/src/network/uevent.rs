@@ -42,6 +42,11 @@ pub enum Recv {
     Timeout,
 }
 
+/// The size of `T` as a socket call takes it.
+fn socklen_of<T>() -> libc::socklen_t {
+    libc::socklen_t::try_from(std::mem::size_of::<T>()).expect("a socket option or address is a few bytes")
+}
+
 /// A subscribed uevent socket.
 #[derive(Debug)]
 pub struct UeventSocket {
@@ -64,13 +69,7 @@ impl UeventSocket {
         for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
             // SAFETY: setsockopt with a c_int option value of the right size.
             let r = unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&RCVBUF as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
+                libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, opt, (&RCVBUF as *const libc::c_int).cast(), socklen_of::<libc::c_int>())
             };
             if r == 0 {
                 break; // FORCE needs CAP_NET_ADMIN; plain RCVBUF is capped but fine
@@ -78,17 +77,11 @@ impl UeventSocket {
         }
         // SAFETY: zeroed sockaddr_nl is a valid value; fields set below.
         let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        sa.nl_family = libc::sa_family_t::try_from(libc::AF_NETLINK).expect("AF_NETLINK is 16");
         sa.nl_pid = 0;
         sa.nl_groups = 1;
         // SAFETY: bind with a properly sized sockaddr_nl.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sa as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
+        let r = unsafe { libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_nl).cast(), socklen_of::<libc::sockaddr_nl>()) };
         if r != 0 {
             return Err(err("bind to the kernel's group")(io::Error::last_os_error()));
         }
@@ -112,7 +105,7 @@ impl UeventSocket {
             }
             let left = deadline - now;
             // Round up so a sub-millisecond remainder does not spin.
-            let ms = left.as_millis().saturating_add(1).min(i32::MAX as u128) as libc::c_int;
+            let ms = libc::c_int::try_from(left.as_millis().saturating_add(1)).unwrap_or(libc::c_int::MAX);
             let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
             // SAFETY: one valid pollfd.
             let r = unsafe { libc::poll(&mut pfd, 1, ms) };
@@ -128,7 +121,7 @@ impl UeventSocket {
             }
             // SAFETY: zeroed sockaddr_nl is valid; recvfrom fills at most its size.
             let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-            let mut salen = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+            let mut salen = socklen_of::<libc::sockaddr_nl>();
             // SAFETY: buf is valid for buf.len() bytes; sa/salen as above.
             let n = unsafe {
                 libc::recvfrom(
@@ -140,18 +133,19 @@ impl UeventSocket {
                     &mut salen,
                 )
             };
-            if n < 0 {
+            // Negative: an error.
+            let Ok(n) = usize::try_from(n) else {
                 let e = io::Error::last_os_error();
                 match e.raw_os_error() {
                     Some(libc::EINTR) | Some(libc::EAGAIN) => continue,
                     Some(libc::ENOBUFS) => return Ok(Recv::Overflow),
                     _ => return Err(NetError::Uevent { op: "recv", source: e }),
                 }
-            }
+            };
             if sa.nl_pid != 0 {
                 continue; // not the kernel
             }
-            let n = (n as usize).min(buf.len());
+            let n = n.min(buf.len());
             if let Some(ev) = parse(&buf[..n]) {
                 return Ok(Recv::Event(ev));
             }

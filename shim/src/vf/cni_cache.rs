@@ -5,7 +5,7 @@
 use serde::Deserialize;
 use std::path::Path;
 
-use super::pci::PciAddr;
+use super::pci::PciAddress;
 
 /// Where sriov-cni keeps its cache by default.
 pub const DEFAULT_DIR: &str = "/var/lib/cni/sriov";
@@ -31,7 +31,7 @@ pub struct CniAttachment {
 
 /// The cached attachment of `addr`, if sriov-cni left one. Unreadable or foreign files
 /// are skipped: the cache confirms, it never decides.
-pub fn attachment_for(dir: &Path, addr: PciAddr) -> Option<CniAttachment> {
+pub fn attachment_for(dir: &Path, addr: PciAddress) -> Option<CniAttachment> {
     let entries = std::fs::read_dir(dir).ok()?;
     entries
         .filter_map(|e| e.ok())
@@ -39,7 +39,7 @@ pub fn attachment_for(dir: &Path, addr: PciAddr) -> Option<CniAttachment> {
         .filter(|e| e.metadata().map(|m| m.is_file() && m.len() <= MAX_FILE_BYTES).unwrap_or(false))
         .filter_map(|e| std::fs::read(e.path()).ok())
         .filter_map(|bytes| serde_json::from_slice::<CniAttachment>(&bytes).ok())
-        .find(|a| a.device_id.parse::<PciAddr>().ok() == Some(addr))
+        .find(|a| a.device_id.parse::<PciAddress>().ok() == Some(addr))
 }
 
 #[cfg(test)]

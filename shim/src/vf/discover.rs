@@ -9,15 +9,15 @@ use vfvm_netlink::{Handle, Netns};
 use super::cni_cache;
 use super::journal::{VfRecord, JOURNAL_VERSION};
 use super::net::{capture_netdev, pf_settings};
-use super::pci::{PciAddr, Sysfs};
+use super::pci::{PciAddress, Sysfs};
 use super::spec::allocations;
 use super::VfError;
 
 /// What a VF is on the host side.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VfIdentity {
-    pub addr: PciAddr,
-    pub pf: PciAddr,
+    pub addr: PciAddress,
+    pub pf: PciAddress,
     pub vf_index: u32,
     pub vendor_device: String,
     pub driver: Option<String>,
@@ -31,15 +31,15 @@ pub struct VfIdentity {
 pub enum LinkKind {
     Vf(VfIdentity),
     /// An SR-IOV PF moved into the pod: not ours to pass through.
-    Pf(PciAddr),
+    Pf(PciAddress),
     /// A PCI NIC without SR-IOV.
-    OtherPci(PciAddr),
+    OtherPci(PciAddress),
     /// veth, bridge, loopback, tap, or a non-PCI device.
     Virtual,
 }
 
 /// Identifies a VF by PCI address; anything that is not a VF is a clear error.
-pub fn identify_vf(sysfs: &Sysfs, addr: PciAddr) -> Result<VfIdentity, VfError> {
+pub fn identify_vf(sysfs: &Sysfs, addr: PciAddress) -> Result<VfIdentity, VfError> {
     let dev = sysfs.device(addr)?;
     let Some(pf) = dev.physfn() else {
         let reason = if dev.is_sriov_pf() { "it is an SR-IOV PF, not a VF" } else { "it has no physfn link" };
@@ -60,7 +60,7 @@ pub fn identify_vf(sysfs: &Sysfs, addr: PciAddr) -> Result<VfIdentity, VfError> 
 /// Classifies a netdev by the parent device netlink reports for it (bus and name).
 pub fn classify(sysfs: &Sysfs, parent_bus: Option<&str>, parent_name: Option<&str>) -> Result<LinkKind, VfError> {
     let (Some("pci"), Some(name)) = (parent_bus, parent_name) else { return Ok(LinkKind::Virtual) };
-    let addr: PciAddr = name.parse()?;
+    let addr: PciAddress = name.parse()?;
     let dev = sysfs.device(addr)?;
     if dev.physfn().is_some() {
         return identify_vf(sysfs, addr).map(LinkKind::Vf);

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::discover::VfIdentity;
-use super::pci::PciAddr;
+use super::pci::PciAddress;
 use super::VfError;
 
 /// Bump when the record's meaning changes; older shims refuse newer records.
@@ -108,7 +108,7 @@ impl Journal {
         &self.dir
     }
 
-    fn entry_path(&self, addr: PciAddr) -> PathBuf {
+    fn entry_path(&self, addr: PciAddress) -> PathBuf {
         self.dir.join(format!("vf-{addr}.json"))
     }
 
@@ -126,7 +126,7 @@ impl Journal {
         Ok(())
     }
 
-    pub fn read(&self, addr: PciAddr) -> Result<Option<VfRecord>, VfError> {
+    pub fn read(&self, addr: PciAddress) -> Result<Option<VfRecord>, VfError> {
         let path = self.entry_path(addr);
         if !path.exists() {
             return Ok(None);
@@ -153,7 +153,7 @@ impl Journal {
     }
 
     /// Deletes the record (the last step of a restore), durably. Absent is fine.
-    pub fn remove(&self, addr: PciAddr) -> Result<(), VfError> {
+    pub fn remove(&self, addr: PciAddress) -> Result<(), VfError> {
         let path = self.entry_path(addr);
         match std::fs::remove_file(&path) {
             Ok(()) => {}

@@ -6,7 +6,7 @@ use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use super::pci::PciAddr;
+use super::pci::PciAddress;
 use super::VfError;
 
 /// Held for as long as a sandbox owns the VF; dropping it releases the VF.
@@ -19,7 +19,7 @@ pub struct VfLock {
 impl VfLock {
     /// Takes the lock for `addr` on behalf of `owner`, or fails at once with
     /// [`VfError::Busy`] naming the current owner.
-    pub fn acquire(dir: &Path, addr: PciAddr, owner: &str) -> Result<Self, VfError> {
+    pub fn acquire(dir: &Path, addr: PciAddress, owner: &str) -> Result<Self, VfError> {
         let io = |op: &'static str, path: &Path| {
             let path = path.to_path_buf();
             move |source| VfError::Lock { op, path, source }

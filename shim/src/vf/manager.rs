@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use super::journal::{Journal, VfRecord};
 use super::lock::VfLock;
 use super::net::{self, Placement};
-use super::pci::{check_group_viable, DriverControl, KernelDrivers, PciAddr, Sysfs};
+use super::pci::{check_group_viable, DriverControl, KernelDrivers, PciAddress, Sysfs};
 use super::VfError;
 
 const VFIO_PCI: &str = "vfio-pci";
@@ -32,7 +32,7 @@ impl Step {
 /// A VF on vfio-pci, owned by this sandbox until restored.
 #[derive(Debug)]
 pub struct PreparedVf {
-    pub addr: PciAddr,
+    pub addr: PciAddress,
     pub iommu_group: String,
     /// `/dev/vfio/<group>`: what the VMM opens.
     pub vfio_group_path: PathBuf,
@@ -147,7 +147,7 @@ impl<D: DriverControl> VfManager<D> {
     }
 
     /// Probing is synchronous for most drivers, but not all: poll, with a bound.
-    fn wait_for_driver(&self, addr: PciAddr, expected: Option<&str>) -> Result<(), VfError> {
+    fn wait_for_driver(&self, addr: PciAddress, expected: Option<&str>) -> Result<(), VfError> {
         let started = Instant::now();
         loop {
             let found = self.sysfs.device(addr)?.driver();
@@ -159,7 +159,7 @@ impl<D: DriverControl> VfManager<D> {
                     addr,
                     expected: expected.unwrap_or("no driver").to_string(),
                     found: found.unwrap_or_else(|| "no driver".into()),
-                    waited_ms: started.elapsed().as_millis() as u64,
+                    waited_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 });
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -168,7 +168,7 @@ impl<D: DriverControl> VfManager<D> {
 
     /// Gives the VF back as its journal entry says, then deletes the entry. Safe to run
     /// twice, or after a partial restore or prepare; a VF without an entry is left alone.
-    pub fn restore(&self, addr: PciAddr) -> Result<(), VfError> {
+    pub fn restore(&self, addr: PciAddress) -> Result<(), VfError> {
         match self.journal.read(addr)? {
             Some(record) => {
                 self.restore_record(&record)?;

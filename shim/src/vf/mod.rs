@@ -18,33 +18,33 @@ pub mod spec;
 use std::path::PathBuf;
 
 pub use manager::{PreparedVf, Step, VfManager};
-pub use pci::{PciAddr, Sysfs};
+pub use pci::{PciAddress, Sysfs};
 
 /// Everything that can go wrong; each names the input or object and what was expected.
 #[derive(Debug, thiserror::Error)]
 pub enum VfError {
-    #[error("invalid PCI address {input:?}: {reason}")]
-    InvalidPciAddress { input: String, reason: String },
+    #[error(transparent)]
+    InvalidPciAddress(#[from] vfvm_protocols::PciAddressError),
     #[error("annotation {key}={value:?}: expected {expected}")]
     InvalidAnnotation { key: String, value: String, expected: &'static str },
     #[error("env var {var}={value:?}: {reason}")]
     InvalidEnv { var: String, value: String, reason: String },
     #[error("PCI device {addr} does not exist")]
-    NoSuchDevice { addr: PciAddr },
+    NoSuchDevice { addr: PciAddress },
     #[error("PCI device {addr} is not an SR-IOV VF: {reason}")]
-    NotAVf { addr: PciAddr, reason: String },
+    NotAVf { addr: PciAddress, reason: String },
     #[error("{path}: {op} failed: {source}")]
     Sysfs { op: &'static str, path: PathBuf, source: std::io::Error },
     #[error("VF {addr}: IOMMU group {group} is not viable: {offender} is bound to {driver} (every device in the group must be on vfio-pci or have no driver)")]
-    GroupNotViable { group: String, addr: PciAddr, offender: PciAddr, driver: String },
+    GroupNotViable { group: String, addr: PciAddress, offender: PciAddress, driver: String },
     #[error("VF {addr} has no IOMMU group (is the IOMMU enabled, e.g. intel_iommu=on?)")]
-    NoIommuGroup { addr: PciAddr },
+    NoIommuGroup { addr: PciAddress },
     #[error("VF {addr}: expected driver {expected}, found {found} after {waited_ms} ms")]
-    BindFailed { addr: PciAddr, expected: String, found: String, waited_ms: u64 },
+    BindFailed { addr: PciAddress, expected: String, found: String, waited_ms: u64 },
     #[error("VF {addr}: {path} did not appear")]
-    NoVfioDevice { addr: PciAddr, path: PathBuf },
+    NoVfioDevice { addr: PciAddress, path: PathBuf },
     #[error("VF {addr} is in use by {owner}")]
-    Busy { addr: PciAddr, owner: String },
+    Busy { addr: PciAddress, owner: String },
     #[error("VF lock {path}: {op} failed: {source}")]
     Lock { op: &'static str, path: PathBuf, source: std::io::Error },
     #[error("journal {path}: {op} failed: {source}")]
@@ -52,15 +52,15 @@ pub enum VfError {
     #[error("journal entry {path} is unusable: {reason}")]
     JournalFormat { path: PathBuf, reason: String },
     #[error("VF {addr}: prepare stopped at {step:?} (simulated crash)")]
-    SimulatedCrash { addr: PciAddr, step: Step },
+    SimulatedCrash { addr: PciAddress, step: Step },
     #[error("VF {addr}: no netdev appeared after binding {driver} ({waited_ms} ms)")]
-    NoNetdev { addr: PciAddr, driver: String, waited_ms: u64 },
+    NoNetdev { addr: PciAddress, driver: String, waited_ms: u64 },
     #[error("journal holds an unusable {what}: {value:?}")]
     JournalValue { what: String, value: String },
     #[error(transparent)]
     Netlink(#[from] vfvm_netlink::Error),
     #[error("VF {addr}: {what} failed, and rolling back failed too: {rollback}")]
-    RollbackFailed { addr: PciAddr, what: Box<VfError>, rollback: Box<VfError> },
+    RollbackFailed { addr: PciAddress, what: Box<VfError>, rollback: Box<VfError> },
 }
 
 #[cfg(test)]

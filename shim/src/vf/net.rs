@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use vfvm_netlink::{AddrFlags, AddressSpec, Family, Handle, Link, MacAddr, Netns, RouteSpec, Scope};
 
 use super::journal::{AddrRecord, NeighbourRecord, NetdevRecord, PfVfSettings, RouteRecord};
-use super::pci::{PciAddr, Sysfs};
+use super::pci::{PciAddress, Sysfs};
 use super::VfError;
 
 fn parse_ip(what: &str, s: &str) -> Result<IpAddr, VfError> {
@@ -125,13 +125,13 @@ pub enum Placement {
 }
 
 /// The link of PCI device `addr` in the namespace `h` looks at, if there.
-fn link_of_device(h: &Handle, addr: PciAddr) -> Result<Option<Link>, VfError> {
+fn link_of_device(h: &Handle, addr: PciAddress) -> Result<Option<Link>, VfError> {
     let name = addr.to_string();
     Ok(h.links()?.into_iter().find(|l| l.parent_bus.as_deref() == Some("pci") && l.parent_dev.as_deref() == Some(name.as_str())))
 }
 
 /// Waits (bounded) for the device's netdev in the host's netns after a driver bind.
-fn wait_for_host_link(host: &Handle, addr: PciAddr, sysfs: &Sysfs, timeout: Duration) -> Result<Link, VfError> {
+fn wait_for_host_link(host: &Handle, addr: PciAddress, sysfs: &Sysfs, timeout: Duration) -> Result<Link, VfError> {
     let started = Instant::now();
     loop {
         if let Some(link) = link_of_device(host, addr)? {
@@ -142,7 +142,7 @@ fn wait_for_host_link(host: &Handle, addr: PciAddr, sysfs: &Sysfs, timeout: Dura
             return Err(VfError::NoNetdev {
                 addr,
                 driver: dev.driver().unwrap_or_else(|| "no driver".into()),
-                waited_ms: started.elapsed().as_millis() as u64,
+                waited_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             });
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -155,7 +155,7 @@ fn wait_for_host_link(host: &Handle, addr: PciAddr, sysfs: &Sysfs, timeout: Dura
 /// is left alone.
 pub fn restore_netdev(
     sysfs: &Sysfs,
-    addr: PciAddr,
+    addr: PciAddress,
     netns: Option<&Path>,
     rec: &NetdevRecord,
     wait: Duration,

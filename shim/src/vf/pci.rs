@@ -5,80 +5,11 @@
 //! the fake-tree tests can stand in for the kernel's side of those writes; the lab
 //! runs the same code against real sysfs.
 
-use serde::{Deserialize, Serialize};
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
+
+pub use vfvm_protocols::PciAddress;
 
 use super::VfError;
-
-/// A PCI address, `DDDD:BB:DD.F`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct PciAddr {
-    pub domain: u32,
-    pub bus: u8,
-    pub device: u8,
-    pub function: u8,
-}
-
-impl FromStr for PciAddr {
-    type Err = VfError;
-
-    /// Accepts `DDDD:BB:DD.F` and the domain-less `BB:DD.F` (domain 0), hex, any case.
-    fn from_str(input: &str) -> Result<Self, VfError> {
-        let bad = |reason: &str| VfError::InvalidPciAddress { input: input.to_string(), reason: reason.to_string() };
-        let parts: Vec<&str> = input.split(':').collect();
-        let (domain, bus, rest) = match parts.as_slice() {
-            [d, b, r] => (*d, *b, *r),
-            [b, r] => ("0", *b, *r),
-            _ => return Err(bad("expected DDDD:BB:DD.F")),
-        };
-        let (device, function) = rest.split_once('.').ok_or_else(|| bad("expected DDDD:BB:DD.F"))?;
-        let hex = |s: &str, max_len: usize, what: &str| -> Result<u32, VfError> {
-            if s.is_empty() || s.len() > max_len || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(bad(&format!("{what} must be 1 to {max_len} hex digits")));
-            }
-            u32::from_str_radix(s, 16).map_err(|_| bad(what))
-        };
-        let domain = hex(domain, 8, "domain")?;
-        let bus = hex(bus, 2, "bus")? as u8;
-        let device = hex(device, 2, "device")?;
-        let function = hex(function, 1, "function")?;
-        if device > 0x1f {
-            return Err(bad("device must be at most 1f"));
-        }
-        if function > 7 {
-            return Err(bad("function must be at most 7"));
-        }
-        Ok(Self { domain, bus, device: device as u8, function: function as u8 })
-    }
-}
-
-impl TryFrom<String> for PciAddr {
-    type Error = VfError;
-    fn try_from(s: String) -> Result<Self, VfError> {
-        s.parse()
-    }
-}
-
-impl From<PciAddr> for String {
-    fn from(a: PciAddr) -> String {
-        a.to_string()
-    }
-}
-
-impl fmt::Display for PciAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04x}:{:02x}:{:02x}.{:x}", self.domain, self.bus, self.device, self.function)
-    }
-}
-
-impl fmt::Debug for PciAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
 
 /// The sysfs tree: `/sys` in production, a temporary directory in tests.
 #[derive(Clone, Debug)]
@@ -106,7 +37,7 @@ impl Sysfs {
         &self.root
     }
 
-    pub fn device_dir(&self, addr: PciAddr) -> PathBuf {
+    pub fn device_dir(&self, addr: PciAddress) -> PathBuf {
         self.root.join("bus/pci/devices").join(addr.to_string())
     }
 
@@ -128,7 +59,7 @@ impl Sysfs {
     }
 
     /// The device, if it exists.
-    pub fn device(&self, addr: PciAddr) -> Result<PciDevice, VfError> {
+    pub fn device(&self, addr: PciAddress) -> Result<PciDevice, VfError> {
         let dir = self.device_dir(addr);
         if !dir.is_dir() {
             return Err(VfError::NoSuchDevice { addr });
@@ -145,7 +76,7 @@ fn link_target_name(path: &Path) -> Option<String> {
 /// One PCI device's sysfs directory.
 #[derive(Clone, Debug)]
 pub struct PciDevice {
-    pub addr: PciAddr,
+    pub addr: PciAddress,
     dir: PathBuf,
 }
 
@@ -182,7 +113,7 @@ impl PciDevice {
     }
 
     /// The physical function of this VF; `None` for anything that is not a VF.
-    pub fn physfn(&self) -> Option<PciAddr> {
+    pub fn physfn(&self) -> Option<PciAddress> {
         link_target_name(&self.dir.join("physfn"))?.parse().ok()
     }
 
@@ -192,12 +123,12 @@ impl PciDevice {
     }
 
     /// The index of `vf` among this PF's `virtfnN` links.
-    pub fn vf_index_of(&self, vf: PciAddr) -> Result<u32, VfError> {
+    pub fn vf_index_of(&self, vf: PciAddress) -> Result<u32, VfError> {
         let entries = std::fs::read_dir(&self.dir).map_err(io_err(&self.dir, "list"))?;
         for entry in entries.filter_map(|e| e.ok()) {
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(n) = name.strip_prefix("virtfn").and_then(|n| n.parse::<u32>().ok()) else { continue };
-            if link_target_name(&entry.path()).and_then(|t| t.parse::<PciAddr>().ok()) == Some(vf) {
+            if link_target_name(&entry.path()).and_then(|t| t.parse::<PciAddress>().ok()) == Some(vf) {
                 return Ok(n);
             }
         }
@@ -216,12 +147,12 @@ impl PciDevice {
 
 /// The writes to sysfs that make the kernel bind and unbind drivers.
 pub trait DriverControl {
-    fn unbind(&self, sysfs: &Sysfs, addr: PciAddr, driver: &str) -> Result<(), VfError>;
-    fn set_driver_override(&self, sysfs: &Sysfs, addr: PciAddr, driver: Option<&str>) -> Result<(), VfError>;
+    fn unbind(&self, sysfs: &Sysfs, addr: PciAddress, driver: &str) -> Result<(), VfError>;
+    fn set_driver_override(&self, sysfs: &Sysfs, addr: PciAddress, driver: Option<&str>) -> Result<(), VfError>;
     /// Asks the kernel to bind whatever driver matches (honouring driver_override).
-    fn probe(&self, sysfs: &Sysfs, addr: PciAddr) -> Result<(), VfError>;
+    fn probe(&self, sysfs: &Sysfs, addr: PciAddress) -> Result<(), VfError>;
     /// Binds a specific driver (which must match the device).
-    fn bind(&self, sysfs: &Sysfs, addr: PciAddr, driver: &str) -> Result<(), VfError>;
+    fn bind(&self, sysfs: &Sysfs, addr: PciAddress, driver: &str) -> Result<(), VfError>;
 }
 
 /// The real kernel, through sysfs files.
@@ -233,20 +164,20 @@ fn write(path: &Path, value: &str) -> Result<(), VfError> {
 }
 
 impl DriverControl for KernelDrivers {
-    fn unbind(&self, sysfs: &Sysfs, addr: PciAddr, driver: &str) -> Result<(), VfError> {
+    fn unbind(&self, sysfs: &Sysfs, addr: PciAddress, driver: &str) -> Result<(), VfError> {
         write(&sysfs.driver_dir(driver).join("unbind"), &addr.to_string())
     }
 
-    fn set_driver_override(&self, sysfs: &Sysfs, addr: PciAddr, driver: Option<&str>) -> Result<(), VfError> {
+    fn set_driver_override(&self, sysfs: &Sysfs, addr: PciAddress, driver: Option<&str>) -> Result<(), VfError> {
         // A newline clears the override; some kernels reject an empty write.
         write(&sysfs.device_dir(addr).join("driver_override"), &format!("{}\n", driver.unwrap_or("")))
     }
 
-    fn probe(&self, sysfs: &Sysfs, addr: PciAddr) -> Result<(), VfError> {
+    fn probe(&self, sysfs: &Sysfs, addr: PciAddress) -> Result<(), VfError> {
         write(&sysfs.drivers_probe(), &addr.to_string())
     }
 
-    fn bind(&self, sysfs: &Sysfs, addr: PciAddr, driver: &str) -> Result<(), VfError> {
+    fn bind(&self, sysfs: &Sysfs, addr: PciAddress, driver: &str) -> Result<(), VfError> {
         write(&sysfs.driver_dir(driver).join("bind"), &addr.to_string())
     }
 }
@@ -256,13 +187,13 @@ const VFIO_FRIENDLY: &[&str] = &["vfio-pci"];
 
 /// Checks that every device in the group is bound to vfio-pci or to no driver, as
 /// VFIO requires before the group can be used. Names the first offender otherwise.
-pub fn check_group_viable(sysfs: &Sysfs, group: &str, for_device: PciAddr) -> Result<(), VfError> {
+pub fn check_group_viable(sysfs: &Sysfs, group: &str, for_device: PciAddress) -> Result<(), VfError> {
     let dir = sysfs.iommu_group_dir(group);
     let entries = std::fs::read_dir(&dir).map_err(io_err(&dir, "list"))?;
     let mut members: Vec<String> = entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     members.sort();
     for member in members {
-        let Ok(addr) = member.parse::<PciAddr>() else { continue };
+        let Ok(addr) = member.parse::<PciAddress>() else { continue };
         let dev = sysfs.device(addr)?;
         if let Some(driver) = dev.driver() {
             if !VFIO_FRIENDLY.contains(&driver.as_str()) {

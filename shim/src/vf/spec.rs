@@ -1,7 +1,7 @@
 //! What a pod asks for: the SR-IOV annotation, and the VFs the SR-IOV device plugin
 //! allocated to a container (`PCIDEVICE_<RESOURCE>=<addr>[,<addr>...]` in its env).
 
-use super::pci::PciAddr;
+use super::pci::PciAddress;
 use super::VfError;
 
 /// The pod annotation that turns VF passthrough on or off (Kata's name, kept so
@@ -26,7 +26,7 @@ pub fn sriov_enabled<'a>(annotations: impl IntoIterator<Item = (&'a str, &'a str
 pub struct Allocation {
     /// The env var's suffix, e.g. `INTEL_COM_SRIOV_NETDEVICE`.
     pub resource: String,
-    pub addrs: Vec<PciAddr>,
+    pub addrs: Vec<PciAddress>,
 }
 
 const PREFIX: &str = "PCIDEVICE_";
@@ -55,7 +55,7 @@ pub fn allocations(env: &[String]) -> Result<Vec<Allocation>, VfError> {
             if part.is_empty() {
                 return Err(bad("empty PCI address in the list".into()));
             }
-            let addr: PciAddr = part.parse().map_err(|e: VfError| bad(e.to_string()))?;
+            let addr: PciAddress = part.parse().map_err(|e: vfvm_protocols::PciAddressError| bad(e.to_string()))?;
             let seen = out.iter().any(|a| a.addrs.contains(&addr)) || addrs.contains(&addr);
             if !seen {
                 addrs.push(addr);

@@ -134,13 +134,13 @@ impl ConfigSpace {
         if bar.prefetchable {
             flags |= BAR_PREFETCHABLE;
         }
-        let mask = !(bar.size - 1);
+        let (mask_low, mask_high) = crate::split_u64(!(bar.size - 1));
         let reg = REG_BAR0 + 4 * index;
         self.set_u32(reg, flags);
-        self.wmask[reg..reg + 4].copy_from_slice(&((mask as u32) & !0xf).to_le_bytes());
+        self.wmask[reg..reg + 4].copy_from_slice(&(mask_low & !0xf).to_le_bytes());
         if bar.is_64bit {
             self.set_u32(reg + 4, 0);
-            self.wmask[reg + 4..reg + 8].copy_from_slice(&((mask >> 32) as u32).to_le_bytes());
+            self.wmask[reg + 4..reg + 8].copy_from_slice(&mask_high.to_le_bytes());
         }
         Ok(())
     }
@@ -169,12 +169,12 @@ impl ConfigSpace {
         let Some(bar) = self.bars.get(usize::from(index)).copied().flatten() else {
             return;
         };
-        let address = address & !(bar.size - 1);
+        let (low, high) = crate::split_u64(address & !(bar.size - 1));
         let reg = REG_BAR0 + 4 * usize::from(index);
         let flags = self.u32_at(reg) & 0xf;
-        self.set_u32(reg, (address as u32 & !0xf) | flags);
+        self.set_u32(reg, (low & !0xf) | flags);
         if bar.is_64bit {
-            self.set_u32(reg + 4, (address >> 32) as u32);
+            self.set_u32(reg + 4, high);
         }
     }
 
@@ -194,7 +194,7 @@ impl ConfigSpace {
         self.regs[at + 1] = 0;
         self.regs[at + 2..at + len].copy_from_slice(body);
         self.wmask[at + 2..at + len].copy_from_slice(body_wmask);
-        self.regs[self.last_cap_next] = at as u8;
+        self.regs[self.last_cap_next] = u8::try_from(at).expect("capabilities end below CAPS_END (0x100)");
         self.last_cap_next = at + 1;
         self.next_cap = (at + len).div_ceil(4) * 4;
         let status = self.u16_at(REG_STATUS) | STATUS_CAPABILITIES;

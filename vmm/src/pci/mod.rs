@@ -34,7 +34,6 @@
 //! Locking: configuration accesses lock the root, then the device; BAR accesses lock
 //! only the device. Nothing locks a device and then the root.
 
-use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use crate::bus::{Bus, BusAction, BusDevice, BusError};
@@ -54,19 +53,8 @@ pub const CONFIG_ADDRESS_PORT: u64 = 0xcf8;
 pub const CONFIG_DATA_PORT: u64 = 0xcfc;
 const CONFIG_ENABLE: u32 = 1 << 31;
 
-/// A function on the root complex's segment 0.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PciAddress {
-    pub bus: u8,
-    pub device: u8,
-    pub function: u8,
-}
-
-impl fmt::Display for PciAddress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "0000:{:02x}:{:02x}.{}", self.bus, self.device, self.function)
-    }
-}
+/// A function's address (the project's one type); this root complex is segment 0.
+pub use vfvm_protocols::PciAddress;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PciError {
@@ -212,9 +200,15 @@ pub struct PciRoot {
     slots: Vec<Option<Slot>>,
 }
 
+/// A type-0 header register (`config::REG_*`) as [`PciDevice`] offsets go.
+#[track_caller]
+fn header_reg(reg: usize) -> u16 {
+    u16::try_from(reg).expect("header registers are below 0x40")
+}
+
 fn config_u32(device: &mut dyn PciDevice, offset: usize) -> u32 {
     let mut b = [0u8; 4];
-    device.read_config(offset as u16, &mut b);
+    device.read_config(header_reg(offset), &mut b);
     u32::from_le_bytes(b)
 }
 
@@ -252,7 +246,7 @@ impl PciRoot {
             Some(s) if s == 0 || usize::from(s) >= NUM_SLOTS => return Err(PciError::BadSlot(s)),
             Some(s) if self.slots[usize::from(s)].is_some() => return Err(PciError::SlotTaken(s)),
             Some(s) => s,
-            None => (1..NUM_SLOTS as u8).find(|&s| self.slots[usize::from(s)].is_none()).ok_or(PciError::BusFull)?,
+            None => (1u8..).take(NUM_SLOTS - 1).find(|&s| self.slots[usize::from(s)].is_none()).ok_or(PciError::BusFull)?,
         };
         let requests = lock(&device).bars();
         let mut used = self.used_ranges();
@@ -272,23 +266,24 @@ impl PciRoot {
         {
             let mut dev = lock(&device);
             for bar in &bars {
-                let reg = (REG_BAR0 + 4 * usize::from(bar.request.index)) as u16;
-                dev.write_config(reg, &(bar.address as u32).to_le_bytes());
+                let reg = header_reg(REG_BAR0 + 4 * usize::from(bar.request.index));
+                let (low, high) = crate::split_u64(bar.address);
+                dev.write_config(reg, &low.to_le_bytes());
                 if bar.request.is_64bit {
-                    dev.write_config(reg + 4, &((bar.address >> 32) as u32).to_le_bytes());
+                    dev.write_config(reg + 4, &high.to_le_bytes());
                 }
             }
             let mut cmd = [0u8; 2];
-            dev.read_config(REG_COMMAND as u16, &mut cmd);
+            dev.read_config(header_reg(REG_COMMAND), &mut cmd);
             let cmd = u16::from_le_bytes(cmd) | COMMAND_MEMORY;
-            dev.write_config(REG_COMMAND as u16, &cmd.to_le_bytes());
+            dev.write_config(header_reg(REG_COMMAND), &cmd.to_le_bytes());
         }
         self.slots[usize::from(slot)] = Some(Slot { device, bars });
         if let Err(e) = self.sync_bars(slot) {
             let _ = self.remove_device(slot);
             return Err(e);
         }
-        Ok(PciAddress { bus: 0, device: slot, function: 0 })
+        PciAddress::new(0, 0, slot, 0).ok_or(PciError::BadSlot(slot))
     }
 
     /// Unplugs the device in `slot`: its BARs leave the bus and their space is free.
@@ -320,7 +315,7 @@ impl PciRoot {
         };
         let mut dev = lock(&s.device);
         let mut cmd = [0u8; 2];
-        dev.read_config(REG_COMMAND as u16, &mut cmd);
+        dev.read_config(header_reg(REG_COMMAND), &mut cmd);
         let decode = u16::from_le_bytes(cmd) & COMMAND_MEMORY != 0;
         let mut result = Ok(());
         for bar in &mut s.bars {
@@ -351,17 +346,17 @@ impl PciRoot {
         result
     }
 
-    fn slot_of(&self, bus: u8, device: u8, function: u8) -> Option<&Slot> {
-        if bus != 0 || function != 0 {
+    fn slot_of(&self, addr: PciAddress) -> Option<&Slot> {
+        if addr.domain() != 0 || addr.bus() != 0 || addr.function() != 0 {
             return None;
         }
-        self.slots.get(usize::from(device))?.as_ref()
+        self.slots.get(usize::from(addr.device()))?.as_ref()
     }
 
     /// A configuration read; absent functions and bad accesses read all ones.
     pub fn config_read(&self, addr: PciAddress, reg: u16, data: &mut [u8]) {
         let valid = matches!(data.len(), 1 | 2 | 4) && usize::from(reg & 3) + data.len() <= 4 && reg < 4096;
-        match self.slot_of(addr.bus, addr.device, addr.function) {
+        match self.slot_of(addr) {
             Some(s) if valid => lock(&s.device).read_config(reg, data),
             _ => data.fill(0xff),
         }
@@ -370,7 +365,7 @@ impl PciRoot {
     /// A configuration write; BAR mappings follow.
     pub fn config_write(&mut self, addr: PciAddress, reg: u16, data: &[u8]) {
         let valid = matches!(data.len(), 1 | 2 | 4) && usize::from(reg & 3) + data.len() <= 4 && reg < 4096;
-        let Some(s) = self.slot_of(addr.bus, addr.device, addr.function) else {
+        let Some(s) = self.slot_of(addr) else {
             return;
         };
         if !valid {
@@ -378,7 +373,7 @@ impl PciRoot {
         }
         lock(&s.device).write_config(reg, data);
         // Errors are logged in sync_bars: the guest's programming is its business.
-        let _ = self.sync_bars(addr.device);
+        let _ = self.sync_bars(addr.device());
     }
 }
 
@@ -412,8 +407,10 @@ impl PioConfigAccess {
             return None;
         }
         let a = self.address;
-        let addr = PciAddress { bus: (a >> 16) as u8, device: ((a >> 11) & 0x1f) as u8, function: ((a >> 8) & 7) as u8 };
-        Some((addr, (a & 0xfc) as u16 + data_offset as u16))
+        // Bits 23:16 the bus, 15:8 device and function, 7:2 the register.
+        let [register, devfn, bus, _] = a.to_le_bytes();
+        let addr = PciAddress::from_devfn(0, bus, devfn);
+        Some((addr, u16::from(register & 0xfc) + u16::try_from(data_offset).ok()?))
     }
 }
 
@@ -451,8 +448,9 @@ struct EcamAccess {
 }
 
 fn ecam_target(offset: u64) -> (PciAddress, u16) {
-    let addr =
-        PciAddress { bus: ((offset >> 20) & 0xff) as u8, device: ((offset >> 15) & 0x1f) as u8, function: ((offset >> 12) & 7) as u8 };
+    // Above the 12-bit register: the device/function byte, then the bus byte.
+    let [devfn, bus, ..] = (offset >> 12).to_le_bytes();
+    let addr = PciAddress::from_devfn(0, bus, devfn);
     (addr, (offset & 0xfff) as u16)
 }
 

@@ -66,7 +66,7 @@ impl MsixConfig {
     }
 
     pub fn vectors(&self) -> u16 {
-        self.entries.len() as u16
+        u16::try_from(self.entries.len()).expect("at most MAX_VECTORS")
     }
 
     /// Bytes the table takes in its BAR.
@@ -199,9 +199,11 @@ impl MsixConfig {
 
     /// A guest read of the PBA (read-only; writes are ignored by the caller).
     pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
+        // Offsets past the PBA read zeros, like the bits past the last vector.
+        let offset = usize::try_from(offset).unwrap_or(usize::MAX);
         for (i, byte) in data.iter_mut().enumerate() {
-            let first = (offset as usize + i) * 8;
-            *byte = (0..8).fold(0u8, |b, bit| b | (u8::from(self.pending.get(first + bit) == Some(&true)) << bit));
+            let first = offset.saturating_add(i).saturating_mul(8);
+            *byte = (0..8).fold(0u8, |b, bit| b | (u8::from(self.pending.get(first.saturating_add(bit)) == Some(&true)) << bit));
         }
     }
 }

@@ -28,7 +28,7 @@ impl PciDevice for TestDevice {
         self.config.bars()
     }
     fn read_bar(&mut self, index: u8, offset: u64, data: &mut [u8]) {
-        data.fill(index * 0x10 + offset as u8);
+        data.fill(index * 0x10 + offset.to_le_bytes()[0]);
     }
     fn write_bar(&mut self, index: u8, offset: u64, data: &[u8]) {
         self.writes.push((index, offset, data.to_vec()));
@@ -124,7 +124,7 @@ fn devices_get_aligned_bars_in_the_windows_mapped_on_the_bus() {
     let r = rig();
     let dev = TestDevice::shared(&[bar(0, 0x4000, true), bar(2, 0x1000, false)]);
     let addr = r.root.lock().unwrap().add_device(dev.clone(), None).unwrap();
-    assert_eq!(addr, PciAddress { bus: 0, device: 1, function: 0 });
+    assert_eq!(addr, PciAddress::new(0, 0, 1, 0).unwrap());
     assert_eq!(addr.to_string(), "0000:00:01.0");
     let w = PciWindows::for_ram(RAM);
     let b0 = dev.lock().unwrap().config.bar_address(0).unwrap();
@@ -140,7 +140,7 @@ fn devices_get_aligned_bars_in_the_windows_mapped_on_the_bus() {
 
     // A second device goes after the first, naturally aligned.
     let dev2 = TestDevice::shared(&[bar(0, 0x2000, false)]);
-    assert_eq!(r.root.lock().unwrap().add_device(dev2.clone(), Some(5)).unwrap().device, 5);
+    assert_eq!(r.root.lock().unwrap().add_device(dev2.clone(), Some(5)).unwrap().device(), 5);
     assert_eq!(dev2.lock().unwrap().config.bar_address(0), Some(w.mmio32.start + 0x2000));
     assert_eq!(r.root.lock().unwrap().add_device(TestDevice::shared(&[]), Some(5)), Err(PciError::SlotTaken(5)));
     assert_eq!(r.root.lock().unwrap().add_device(TestDevice::shared(&[]), Some(0)), Err(PciError::BadSlot(0)));
@@ -170,7 +170,7 @@ fn the_guest_probes_and_moves_bars_and_the_bus_follows() {
     assert_eq!(r.mmio_read8(old), None, "decode off: off the bus");
     r.pio_write32(2, 0x10, 0xffff_ffff);
     assert_eq!(r.pio_read32(2, 0x10), 0xffff_f000);
-    r.pio_write32(2, 0x10, old as u32);
+    r.pio_write32(2, 0x10, u32::try_from(old).unwrap());
     r.pio_write32(2, 4, cmd);
     assert_eq!(r.mmio_read8(old), Some(0));
 
@@ -180,7 +180,7 @@ fn the_guest_probes_and_moves_bars_and_the_bus_follows() {
     assert_eq!(r.mmio_read8(old), None);
     // A new address in the window: mapped there.
     let new = layout::PCI_MMIO32_START + 0x10_0000;
-    r.ecam_write(2, 0x10, &(new as u32).to_le_bytes());
+    r.ecam_write(2, 0x10, &u32::try_from(new).unwrap().to_le_bytes());
     assert_eq!(r.mmio_read8(new + 5), Some(5));
     assert_eq!(r.mmio_read8(old), None);
     assert_eq!(dev.lock().unwrap().mapped.last(), Some(&(0, Some(new))));
@@ -188,7 +188,7 @@ fn the_guest_probes_and_moves_bars_and_the_bus_follows() {
     r.ecam_write(2, 0x10, &0x10_0000u32.to_le_bytes());
     assert_eq!(r.mmio_read8(0x10_0000), None);
     // New devices avoid the range the guest chose.
-    r.ecam_write(2, 0x10, &(new as u32).to_le_bytes());
+    r.ecam_write(2, 0x10, &u32::try_from(new).unwrap().to_le_bytes());
     let dev2 = TestDevice::shared(&[bar(0, 0x20_0000, false)]);
     r.root.lock().unwrap().add_device(dev2.clone(), None).unwrap();
     assert_eq!(dev2.lock().unwrap().config.bar_address(0), Some(old + 0x20_0000));

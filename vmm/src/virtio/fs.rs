@@ -557,7 +557,7 @@ mod tests {
 
     fn fuse_in(mem: &GuestMemoryMmap, at: u64, opcode: u32, unique: u64) {
         let mut h = [0u8; FUSE_IN_HEADER_LEN];
-        h[..4].copy_from_slice(&(FUSE_IN_HEADER_LEN as u32).to_le_bytes());
+        h[..4].copy_from_slice(&u32::try_from(FUSE_IN_HEADER_LEN).unwrap().to_le_bytes());
         h[4..8].copy_from_slice(&opcode.to_le_bytes());
         h[8..16].copy_from_slice(&unique.to_le_bytes());
         mem.write_slice(&h, GuestAddress(at)).unwrap();

@@ -40,7 +40,8 @@ pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
 pub const BAR_INDEX: u8 = 0;
 pub const BAR_SIZE: u64 = 0x8000;
 pub const COMMON_OFFSET: u64 = 0x0000;
-pub const COMMON_LEN: u64 = 0x38;
+pub const COMMON_LEN: u64 = COMMON_IMAGE_LEN as u64;
+const COMMON_IMAGE_LEN: usize = 0x38;
 pub const ISR_OFFSET: u64 = 0x1000;
 pub const DEVICE_CFG_OFFSET: u64 = 0x2000;
 pub const DEVICE_CFG_LEN: u64 = 0x1000;
@@ -74,6 +75,8 @@ const CAP_ID_VENDOR: u8 = 0x09;
 pub enum VirtioPciError {
     #[error("the device has {0} queues; virtio-pci here supports 1..={MAX_QUEUES}")]
     QueueCount(usize),
+    #[error("device type {0} has no modern virtio-pci device id")]
+    DeviceType(u32),
     #[error("configuration space: {0}")]
     Config(#[from] ConfigError),
 }
@@ -180,9 +183,10 @@ pub struct VirtioPciDevice {
 /// A vendor-specific virtio capability body (after id and next): cap_len,
 /// cfg_type, bar, id, 2 bytes padding, offset, length, then `extra`.
 fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
-    let mut b = vec![(16 + extra.len()) as u8, cfg_type, BAR_INDEX, 0, 0, 0];
-    b.extend_from_slice(&(offset as u32).to_le_bytes());
-    b.extend_from_slice(&(length as u32).to_le_bytes());
+    let cap_len = u8::try_from(16 + extra.len()).expect("a capability of a few bytes");
+    let mut b = vec![cap_len, cfg_type, BAR_INDEX, 0, 0, 0];
+    b.extend_from_slice(&u32::try_from(offset).expect("an offset in the BAR").to_le_bytes());
+    b.extend_from_slice(&u32::try_from(length).expect("a length within the BAR").to_le_bytes());
     b.extend_from_slice(extra);
     b
 }
@@ -195,9 +199,13 @@ impl VirtioPciDevice {
             return Err(VirtioPciError::QueueCount(max_sizes.len()));
         }
         let device_type = device.device_type();
+        let device_id = u16::try_from(device_type)
+            .ok()
+            .and_then(|t| VIRTIO_PCI_DEVICE_ID_BASE.checked_add(t))
+            .ok_or(VirtioPciError::DeviceType(device_type))?;
         let ids = PciIds {
             vendor_id: VIRTIO_PCI_VENDOR_ID,
-            device_id: VIRTIO_PCI_DEVICE_ID_BASE.wrapping_add(device_type as u16),
+            device_id,
             revision: 1,
             class: class_for(device_type),
             subsystem_vendor_id: VIRTIO_PCI_VENDOR_ID,
@@ -215,8 +223,11 @@ impl VirtioPciDevice {
             let wmask = vec![0; body.len()];
             config.add_capability(CAP_ID_VENDOR, &body, &wmask)?;
         }
-        let vectors = max_sizes.len() as u16 + 1;
-        let msix_cap = msix::add_capability(&mut config, vectors, BAR_INDEX, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32)?;
+        // One vector per queue, plus one for configuration changes.
+        let vectors = u16::try_from(max_sizes.len()).expect("at most MAX_QUEUES queues") + 1;
+        let table_offset = u32::try_from(MSIX_TABLE_OFFSET).expect("an offset in the BAR");
+        let pba_offset = u32::try_from(MSIX_PBA_OFFSET).expect("an offset in the BAR");
+        let msix_cap = msix::add_capability(&mut config, vectors, BAR_INDEX, table_offset, pba_offset)?;
         let queues: Vec<QueueSetup> = max_sizes.iter().map(|&m| QueueSetup::new(m)).collect();
         Ok(Self {
             config,
@@ -283,20 +294,23 @@ impl VirtioPciDevice {
         self.queues.get_mut(usize::from(self.queue_select)).filter(|q| !q.enabled)
     }
 
-    fn common_image(&self) -> [u8; COMMON_LEN as usize] {
-        let mut b = [0u8; COMMON_LEN as usize];
+    fn common_image(&self) -> [u8; COMMON_IMAGE_LEN] {
+        let mut b = [0u8; COMMON_IMAGE_LEN];
         let mut put = |at: usize, bytes: &[u8]| b[at..at + bytes.len()].copy_from_slice(bytes);
-        let feature_word = |features: u64, select: u32| match select {
-            0 => features as u32,
-            1 => (features >> 32) as u32,
-            _ => 0,
+        let feature_word = |features: u64, select: u32| {
+            let (low, high) = crate::split_u64(features);
+            match select {
+                0 => low,
+                1 => high,
+                _ => 0,
+            }
         };
         put(0x00, &self.device_feature_select.to_le_bytes());
         put(0x04, &feature_word(self.device_features, self.device_feature_select).to_le_bytes());
         put(0x08, &self.driver_feature_select.to_le_bytes());
         put(0x0c, &feature_word(self.driver_features, self.driver_feature_select).to_le_bytes());
         put(0x10, &self.config_vector.load(Ordering::SeqCst).to_le_bytes());
-        put(0x12, &(self.queues.len() as u16).to_le_bytes());
+        put(0x12, &u16::try_from(self.queues.len()).expect("at most MAX_QUEUES queues").to_le_bytes());
         put(0x14, &[self.status, self.config_generation.load(Ordering::SeqCst)]);
         put(0x16, &self.queue_select.to_le_bytes());
         if let Some(q) = self.selected() {
@@ -327,9 +341,11 @@ impl VirtioPciDevice {
             [a, b, c, d, e, f, g, h] => u64::from_le_bytes([a, b, c, d, e, f, g, h]),
             _ => return,
         };
+        // Each arm matches its register's width, so `v` (read from that many bytes)
+        // fits the register's type: the conversions below cannot fail.
         match (offset, data.len()) {
-            (0x00, 4) => self.device_feature_select = v as u32,
-            (0x08, 4) => self.driver_feature_select = v as u32,
+            (0x00, 4) => self.device_feature_select = u32::try_from(v).expect("a 4-byte write"),
+            (0x08, 4) => self.driver_feature_select = u32::try_from(v).expect("a 4-byte write"),
             (0x0c, 4) => {
                 if self.status & STATUS_FEATURES_OK == 0 {
                     let shift = match self.driver_feature_select {
@@ -341,18 +357,18 @@ impl VirtioPciDevice {
                 }
             }
             (0x10, 2) => {
-                let vector = self.checked_vector(v as u16);
+                let vector = self.checked_vector(u16::try_from(v).expect("a 2-byte write"));
                 self.config_vector.store(vector, Ordering::SeqCst);
             }
-            (0x14, 1) => self.write_status(v as u8),
-            (0x16, 2) => self.queue_select = v as u16,
+            (0x14, 1) => self.write_status(u8::try_from(v).expect("a 1-byte write")),
+            (0x16, 2) => self.queue_select = u16::try_from(v).expect("a 2-byte write"),
             (0x18, 2) => {
                 if let Some(q) = self.selected_for_setup() {
-                    q.size = v as u16;
+                    q.size = u16::try_from(v).expect("a 2-byte write");
                 }
             }
             (0x1a, 2) => {
-                let vector = self.checked_vector(v as u16);
+                let vector = self.checked_vector(u16::try_from(v).expect("a 2-byte write"));
                 if let Some(q) = self.selected_for_setup() {
                     q.msix_vector = vector;
                 }
@@ -422,7 +438,7 @@ impl VirtioPciDevice {
         let event_idx = self.driver_features & F_EVENT_IDX != 0;
         let mut active = Vec::new();
         let mut kicks: Vec<Option<EventFd>> = self.queues.iter().map(|_| None).collect();
-        for (index, q) in self.queues.iter().enumerate() {
+        for (index, q) in (0u16..).zip(&self.queues) {
             if !q.enabled {
                 continue;
             }
@@ -437,7 +453,7 @@ impl VirtioPciDevice {
             queue.set_event_idx(event_idx);
             let kick = match EventFd::new(libc::EFD_NONBLOCK).and_then(|fd| Ok((fd.try_clone()?, fd))) {
                 Ok((ours, theirs)) => {
-                    kicks[index] = Some(ours);
+                    kicks[usize::from(index)] = Some(ours);
                     theirs
                 }
                 Err(e) => {
@@ -446,7 +462,7 @@ impl VirtioPciDevice {
                     return;
                 }
             };
-            active.push(ActiveQueue { index: index as u16, queue, kick });
+            active.push(ActiveQueue { index, queue, kick });
         }
         let interrupt = Arc::new(Interrupt {
             msix: self.msix.clone(),
@@ -482,7 +498,8 @@ impl VirtioPciDevice {
     }
 
     fn notify(&mut self, offset: u64) {
-        let index = (offset / u64::from(NOTIFY_OFF_MULTIPLIER)) as usize;
+        // An index past usize is past the queues too.
+        let index = usize::try_from(offset / u64::from(NOTIFY_OFF_MULTIPLIER)).unwrap_or(usize::MAX);
         match self.kicks.get(index) {
             Some(Some(kick)) => {
                 if let Err(e) = kick.write(1) {
@@ -589,8 +606,8 @@ mod tests {
             VIRTIO_F_VERSION_1 | F_EVENT_IDX
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = (offset as u8).wrapping_add(i as u8) | 0x80;
+            for (i, b) in (0u8..).zip(data.iter_mut()) {
+                *b = offset.to_le_bytes()[0].wrapping_add(i) | 0x80;
             }
         }
         fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
@@ -643,7 +660,7 @@ mod tests {
         }
         fn cfg(&mut self, offset: usize, len: usize) -> u32 {
             let mut b = [0u8; 4];
-            self.dev.read_config(offset as u16, &mut b[..len]);
+            self.dev.read_config(u16::try_from(offset).unwrap(), &mut b[..len]);
             u32::from_le_bytes(b)
         }
         fn negotiate(&mut self, features: u64) -> u8 {
@@ -653,7 +670,7 @@ mod tests {
                 self.w(0x0c, (features >> (32 * sel)) & 0xffff_ffff, 4);
             }
             self.w(0x14, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK), 1);
-            self.r(0x14, 1) as u8
+            u8::try_from(self.r(0x14, 1)).unwrap()
         }
         /// Queue `q` of `size` at 0x10000 * (q + 1), vector `vector`; returns queue_enable.
         fn setup_queue(&mut self, q: u16, size: u16, vector: u16) -> u64 {
@@ -768,8 +785,8 @@ mod tests {
         g.w(0x3000 + 8, 2, 2); // queue 2 is not active: ignored
 
         // Interrupts: MSI-X on, vectors 0 and 3 programmed.
-        let msix_cap = g.dev.msix_cap;
-        g.dev.write_config((msix_cap + 2) as u16, &0x8000u16.to_le_bytes());
+        let msix_control = u16::try_from(g.dev.msix_cap + 2).unwrap();
+        g.dev.write_config(msix_control, &0x8000u16.to_le_bytes());
         for (v, data) in [(0u64, 0x30u32), (3, 0x33)] {
             g.w(0x4000 + v * 16, 0xfee0_0000, 8);
             g.w(0x4000 + v * 16 + 8, u64::from(data), 4);
@@ -784,11 +801,11 @@ mod tests {
         assert_eq!(g.r(0x1000, 1), 3, "ISR: queue and config");
         assert_eq!(g.r(0x1000, 1), 0, "ISR read clears");
         // Function mask: pending, then delivered on unmask.
-        g.dev.write_config((msix_cap + 2) as u16, &0xc000u16.to_le_bytes());
+        g.dev.write_config(msix_control, &0xc000u16.to_le_bytes());
         irq.notify_queue(0);
         assert!(g.sink.take().is_empty());
         assert_eq!(g.r(0x5000, 8), 1, "PBA");
-        g.dev.write_config((msix_cap + 2) as u16, &0x8000u16.to_le_bytes());
+        g.dev.write_config(msix_control, &0x8000u16.to_le_bytes());
         assert_eq!(g.sink.take().len(), 1);
 
         // Reset: the device is told, the transport forgets.
@@ -810,13 +827,13 @@ mod tests {
     fn driver_ok_without_features_ok_or_a_failing_device_needs_reset() {
         let mut g = rig();
         g.w(0x14, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK), 1);
-        assert_eq!(g.r(0x14, 1) as u8 & STATUS_DRIVER_OK, 0);
+        assert_eq!(u8::try_from(g.r(0x14, 1)).unwrap() & STATUS_DRIVER_OK, 0);
         assert!(g.record.lock().unwrap().activations.is_empty());
         g.w(0x14, 0, 1);
         g.record.lock().unwrap().fail = true;
         g.negotiate(VIRTIO_F_VERSION_1);
         g.w(0x14, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK), 1);
-        assert_ne!(g.r(0x14, 1) as u8 & STATUS_NEEDS_RESET, 0);
+        assert_ne!(u8::try_from(g.r(0x14, 1)).unwrap() & STATUS_NEEDS_RESET, 0);
         // Odd accesses are harmless.
         g.dev.write_bar(0, 0x0c, &[1, 2, 3]);
         g.dev.write_bar(0, 0x7fff, &[1]);

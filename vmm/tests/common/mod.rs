@@ -103,7 +103,7 @@ impl KillAfter {
             if matches!(waiting.recv_timeout(limit), Err(RecvTimeoutError::Timeout)) {
                 // SAFETY: plain kill(2) of the test's own child, not yet reaped (the
                 // waiter drops this guard only after reaping it).
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                unsafe { libc::kill(libc::pid_t::try_from(pid).unwrap(), libc::SIGKILL) };
             }
         });
         Self { done: Some(done), killer: Some(killer) }
@@ -134,10 +134,10 @@ pub fn print_then_spin(text: &[u8]) -> Vec<u8> {
     let mut code = vec![0x48, 0x8d, 0x35];
     // rsi = address of the text: right after this 17-byte sequence (lea 7, mov ecx 5,
     // mov dx 4, rep outsb 2 = 18; plus the 4-byte spin).
-    let after_lea = 18 - 7 + 4;
-    code.extend_from_slice(&(after_lea as u32).to_le_bytes());
+    let after_lea: u32 = 18 - 7 + 4;
+    code.extend_from_slice(&after_lea.to_le_bytes());
     code.push(0xb9);
-    code.extend_from_slice(&(text.len() as u32).to_le_bytes());
+    code.extend_from_slice(&u32::try_from(text.len()).unwrap().to_le_bytes());
     code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xf3, 0x6e]);
     code.extend_from_slice(SPIN);
     code.extend_from_slice(text);

@@ -183,7 +183,7 @@ impl Conn {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.tx_buf.drain(..n);
-                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+                    self.fwd_cnt = count_bytes(self.fwd_cnt, n);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -305,6 +305,14 @@ pub fn guest_port_path(uds_path: &Path, port: u32) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// `counter` (fwd_cnt or tx_cnt) after `bytes` more bytes: virtio-vsock's byte
+/// counters are free-running u32s that wrap (virtio 1.2, 5.10.6.3).
+// The counters are defined modulo 2^32, so keeping the low 32 bits of `bytes` is exact.
+#[allow(clippy::cast_possible_truncation)]
+fn count_bytes(counter: u32, bytes: usize) -> u32 {
+    counter.wrapping_add(bytes as u32)
+}
+
 /// Connects a nonblocking Unix stream socket without ever waiting: a full backlog is a
 /// failure like a missing listener.
 fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
@@ -314,9 +322,9 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     if bytes.len() >= addr.sun_path.len() {
         return Err(io::Error::new(ErrorKind::InvalidInput, "socket path too long"));
     }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).expect("AF_UNIX is 1");
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
+        *d = libc::c_char::from_ne_bytes([*s]); // the path's bytes as they are
     }
     // SAFETY: plain syscall; the result is checked and owned right away.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
@@ -325,7 +333,8 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     }
     // SAFETY: fd is a fresh socket we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1)
+        .expect("shorter than sun_path, checked above");
     // SAFETY: addr is a valid sockaddr_un of at least `len` bytes.
     let rc = unsafe { libc::connect(fd.as_raw_fd(), &addr as *const libc::sockaddr_un as *const libc::sockaddr, len) };
     if rc != 0 {
@@ -339,11 +348,8 @@ fn peek(stream: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: buf is valid for buf.len() bytes.
     let n =
         unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    // Negative (-1) is an error; anything else a byte count.
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 impl Muxer {
@@ -422,7 +428,7 @@ impl Muxer {
             Some(d) => {
                 let left = d.saturating_duration_since(Instant::now());
                 // Round up so we wake after the deadline, not just before it.
-                (left.as_millis() + 1).min(i32::MAX as u128) as i32
+                i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX)
             }
         }
     }
@@ -530,7 +536,7 @@ impl Muxer {
     fn alloc_host_port(&mut self) -> Option<u32> {
         let used: HashSet<u32> = self.conns.keys().map(|k| k.0).collect();
         let span = u32::MAX - HOST_PORT_BASE;
-        for _ in 0..span.min(used.len() as u32 + 1) {
+        for _ in 0..span.min(u32::try_from(used.len() + 1).unwrap_or(u32::MAX)) {
             let p = self.next_host_port;
             self.next_host_port = if p >= u32::MAX - 1 { HOST_PORT_BASE } else { p + 1 };
             if !used.contains(&p) {
@@ -738,7 +744,7 @@ impl Muxer {
                             }
                         }
                     }
-                    c.fwd_cnt = c.fwd_cnt.wrapping_add(off as u32);
+                    c.fwd_cnt = count_bytes(c.fwd_cnt, off);
                 }
                 c.tx_buf.extend(&payload[off..]);
                 if c.after_forward().is_err() {
@@ -885,7 +891,7 @@ impl Muxer {
             } else if take(c, P_CREDIT_REQUEST) {
                 hdr.op = OP_CREDIT_REQUEST;
             } else if c.data_ready && c.can_send_data() {
-                let room = (segs.total() - HDR_LEN as u64).min(MAX_PKT_PAYLOAD as u64) as usize;
+                let room = usize::try_from(segs.total() - HDR_LEN as u64).unwrap_or(usize::MAX).min(MAX_PKT_PAYLOAD);
                 let want = room.min(c.peer_credit() as usize);
                 if want == 0 {
                     // A header-only buffer: nothing to put data in. Try the others later.
@@ -907,7 +913,7 @@ impl Muxer {
                             // hung-up stream is read until EOF.
                             c.data_ready = false;
                         }
-                        c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+                        c.tx_cnt = count_bytes(c.tx_cnt, n);
                         if c.peer_credit() == 0 {
                             c.pending |= P_CREDIT_REQUEST;
                         }

@@ -127,7 +127,7 @@ impl Segments {
                 offset -= len;
                 continue;
             }
-            let n = ((len - offset) as usize).min(buf.len() - done);
+            let n = usize::try_from(len - offset).unwrap_or(usize::MAX).min(buf.len() - done);
             let a = addr.checked_add(offset).ok_or(PacketError::Memory)?;
             mem.read_slice(&mut buf[done..done + n], a).map_err(|_| PacketError::Memory)?;
             done += n;
@@ -152,7 +152,7 @@ impl Segments {
                 offset -= len;
                 continue;
             }
-            let n = ((len - offset) as usize).min(data.len() - done);
+            let n = usize::try_from(len - offset).unwrap_or(usize::MAX).min(data.len() - done);
             let a = addr.checked_add(offset).ok_or(PacketError::Memory)?;
             mem.write_slice(&data[done..done + n], a).map_err(|_| PacketError::Memory)?;
             done += n;
@@ -189,10 +189,11 @@ pub fn read_packet(mem: &GuestMemoryMmap, segs: &Segments) -> Result<(Header, Ve
 /// Writes a packet (header with `len` set to the payload's length, then the payload)
 /// into rx segments that the caller checked are large enough. Returns the bytes written.
 pub fn write_packet(mem: &GuestMemoryMmap, segs: &Segments, mut hdr: Header, payload: &[u8]) -> Result<u32, PacketError> {
-    hdr.len = payload.len() as u32;
+    // Payloads come from the muxer's MAX_PKT_PAYLOAD buffer: packets are far below 4 GiB.
+    hdr.len = u32::try_from(payload.len()).expect("a payload of at most MAX_PKT_PAYLOAD bytes");
     segs.write_at(mem, 0, &hdr.to_bytes())?;
     segs.write_at(mem, HDR_LEN as u64, payload)?;
-    Ok((HDR_LEN + payload.len()) as u32)
+    Ok(u32::try_from(HDR_LEN + payload.len()).expect("a header and at most MAX_PKT_PAYLOAD bytes"))
 }
 
 #[cfg(test)]

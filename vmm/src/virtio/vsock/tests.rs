@@ -158,11 +158,11 @@ impl Guest {
         let rings = [0, 1, 2].map(|i| Ring::new(RING_BASE * (i + 1)));
         let irq = Arc::new(TestIrq::default());
         let mut kicks = Vec::new();
-        let queues = (0..3)
+        let queues = (0..3u16)
             .map(|i| {
                 let kick = EventFd::new(EFD_NONBLOCK).unwrap();
                 kicks.push(kick.try_clone().unwrap());
-                ActiveQueue { index: i as u16, queue: rings[i].queue(), kick }
+                ActiveQueue { index: i, queue: rings[usize::from(i)].queue(), kick }
             })
             .collect();
         dev.activate(mem.clone(), irq.clone(), VIRTIO_F_VERSION_1, queues).unwrap();
@@ -176,7 +176,7 @@ impl Guest {
             let slot = self.rx_posted % SLOTS;
             let base = RX_AREA + u64::from(slot) * RX_SLOT;
             let r = &self.rings[0];
-            r.set_desc(&self.mem, 2 * slot, base, HDR_LEN as u32, F_WRITE | F_NEXT, 2 * slot + 1);
+            r.set_desc(&self.mem, 2 * slot, base, len32(HDR_LEN), F_WRITE | F_NEXT, 2 * slot + 1);
             r.set_desc(&self.mem, 2 * slot + 1, base + RX_DATA_OFF, RX_DATA_LEN, F_WRITE, 0);
             r.publish(&self.mem, self.rx_posted, 2 * slot);
             self.rx_posted = self.rx_posted.wrapping_add(1);
@@ -198,7 +198,7 @@ impl Guest {
         self.irq.wait_until("an rx packet", || ring.used_idx(mem) != seen);
         let (id, len) = ring.used_elem(mem, seen);
         self.rx_seen = seen.wrapping_add(1);
-        let base = RX_AREA + u64::from(id as u16 / 2) * RX_SLOT;
+        let base = RX_AREA + u64::from(id / 2) * RX_SLOT;
         let mut hb = [0u8; HDR_LEN];
         self.mem.read_slice(&mut hb, GuestAddress(base)).unwrap();
         let h = Header::from_bytes(&hb);
@@ -222,10 +222,10 @@ impl Guest {
         let slot = self.tx_posted % SLOTS;
         assert!(descs.len() <= 2);
         let r = &self.rings[1];
-        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-            let more = i + 1 < descs.len();
+        for (i, &(addr, len, flags)) in (0u16..).zip(descs) {
+            let more = usize::from(i) + 1 < descs.len();
             let flags = if more { flags | F_NEXT } else { flags };
-            let idx = 2 * slot + i as u16;
+            let idx = 2 * slot + i;
             r.set_desc(&self.mem, idx, addr, len, flags, idx + 1);
         }
         r.publish(&self.mem, self.tx_posted, 2 * slot);
@@ -237,14 +237,14 @@ impl Guest {
 
     /// Sends a packet (header descriptor, then a payload descriptor if any).
     fn send(&mut self, mut h: Header, payload: &[u8]) {
-        h.len = payload.len() as u32;
+        h.len = len32(payload.len());
         let base = TX_AREA + u64::from(self.tx_posted % SLOTS) * TX_SLOT;
         self.mem.write_slice(&h.to_bytes(), GuestAddress(base)).unwrap();
         if payload.is_empty() {
-            self.send_descs(&[(base, HDR_LEN as u32, 0)]);
+            self.send_descs(&[(base, len32(HDR_LEN), 0)]);
         } else {
             self.mem.write_slice(payload, GuestAddress(base + TX_DATA_OFF)).unwrap();
-            self.send_descs(&[(base, HDR_LEN as u32, 0), (base + TX_DATA_OFF, payload.len() as u32, 0)]);
+            self.send_descs(&[(base, len32(HDR_LEN), 0), (base + TX_DATA_OFF, len32(payload.len()), 0)]);
         }
     }
 
@@ -327,7 +327,12 @@ fn read_exact_n(s: &mut UnixStream, n: usize) -> Vec<u8> {
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..=u8::MAX).cycle().take(n).map(|i| i.wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+/// A test length as a descriptor or header length.
+fn len32(n: usize) -> u32 {
+    u32::try_from(n).unwrap()
 }
 
 /// Host client connects to guest port `port`; the guest answers with `buf_alloc`.
@@ -610,7 +615,7 @@ fn host_data_waits_for_guest_credit() {
             g.give_rx(20);
         }
         // The guest's application consumed it all: new credit.
-        fwd = got.len() as u32;
+        fwd = len32(got.len());
         let mut upd = g_hdr(OP_CREDIT_UPDATE, 77, hp);
         upd.buf_alloc = CREDIT;
         upd.fwd_cnt = fwd;
@@ -633,15 +638,15 @@ fn malformed_tx_packets_are_dropped() {
     let mut h = g_hdr(OP_RW, 1, 2);
     h.len = 100;
     g.mem.write_slice(&h.to_bytes(), GuestAddress(base)).unwrap();
-    g.send_descs(&[(base, HDR_LEN as u32, 0), (base + 0x100, 10, 0)]);
+    g.send_descs(&[(base, len32(HDR_LEN), 0), (base + 0x100, 10, 0)]);
     // Length over the maximum.
-    h.len = MAX_PKT_PAYLOAD as u32 + 1;
+    h.len = len32(MAX_PKT_PAYLOAD) + 1;
     g.mem.write_slice(&h.to_bytes(), GuestAddress(base)).unwrap();
-    g.send_descs(&[(base, HDR_LEN as u32, 0), (base + 0x100, h.len, 0)]);
+    g.send_descs(&[(base, len32(HDR_LEN), 0), (base + 0x100, h.len, 0)]);
     // Outside guest memory.
-    g.send_descs(&[(MEM_SIZE as u64 - 8, HDR_LEN as u32, 0)]);
+    g.send_descs(&[(MEM_SIZE as u64 - 8, len32(HDR_LEN), 0)]);
     // Only device-writable descriptors.
-    g.send_descs(&[(base, HDR_LEN as u32, F_WRITE)]);
+    g.send_descs(&[(base, len32(HDR_LEN), F_WRITE)]);
     // A wrong source CID is dropped too.
     let mut h = g_hdr(OP_REQUEST, 1, 2);
     h.src_cid = 9;
@@ -737,8 +742,8 @@ fn concurrent_streams_stay_apart() {
         hosts.push(c);
     }
     // Every host stream writes its own pattern at once; the guest demultiplexes by port.
-    for (i, h) in hosts.iter_mut().enumerate() {
-        h.write_all(&pattern(LEN, i as u8)).unwrap();
+    for (i, h) in (0u8..).zip(hosts.iter_mut()) {
+        h.write_all(&pattern(LEN, i)).unwrap();
     }
     let mut got: HashMap<u32, Vec<u8>> = HashMap::new();
     let mut total = 0;
@@ -756,18 +761,17 @@ fn concurrent_streams_stay_apart() {
             _ => panic!("unexpected {h:?}"),
         }
     }
-    for i in 0..N as usize {
-        assert_eq!(got[&(50000 + i as u32)], pattern(LEN, i as u8), "guest stream {i}");
-        let j = i + N as usize;
-        assert_eq!(got[&(8000 + i as u32)], pattern(LEN, j as u8), "host stream {i}");
+    for i in 0..N {
+        assert_eq!(got[&(50000 + i)], pattern(LEN, u8::try_from(i).unwrap()), "guest stream {i}");
+        assert_eq!(got[&(8000 + i)], pattern(LEN, u8::try_from(i + N).unwrap()), "host stream {i}");
     }
     // And guest -> host, interleaved.
     for round in 0..3u8 {
         for i in 0..N {
-            g.send(g_hdr(OP_RW, 50000 + i, 7000), &[round, i as u8]);
+            g.send(g_hdr(OP_RW, 50000 + i, 7000), &[round, u8::try_from(i).unwrap()]);
         }
     }
-    for (i, h) in hosts.iter_mut().take(N as usize).enumerate() {
-        assert_eq!(read_exact_n(h, 6), [0, i as u8, 1, i as u8, 2, i as u8]);
+    for (i, h) in (0u8..).zip(hosts.iter_mut().take(N as usize)) {
+        assert_eq!(read_exact_n(h, 6), [0, i, 1, i, 2, i]);
     }
 }
