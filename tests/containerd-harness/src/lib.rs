@@ -316,7 +316,7 @@ impl Containerd {
             .stderr(std::fs::File::create(&err_path)?)
             .spawn()
             .with_context(|| format!("starting ctr {}", args.join(" ")))?;
-        let finished = wait_exit(child.id() as i32, limit)?;
+        let finished = wait_exit(pid_t_of(child.id()), limit)?;
         if !finished {
             let _ = child.kill();
         }
@@ -459,7 +459,7 @@ impl Containerd {
     /// name its socket or its directory.
     pub fn shim_pids(&self) -> Vec<i32> {
         let needle = self.dir.to_string_lossy().into_owned();
-        let mine = self.child.as_ref().map(|c| c.id() as i32);
+        let mine = self.child.as_ref().map(|c| pid_t_of(c.id()));
         let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
         entries
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
@@ -610,7 +610,7 @@ pub fn output_within(cmd: &mut Command, limit: Duration) -> Result<Output> {
         })
     }
     let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
-    let finished = wait_exit(child.id() as i32, limit)?;
+    let finished = wait_exit(pid_t_of(child.id()), limit)?;
     if !finished {
         let _ = child.kill();
     }
@@ -832,7 +832,7 @@ fn wait_for_path(path: &Path, max: Duration) {
 
 /// SIGTERM, then SIGKILL after `deadline`; reaps the child either way.
 fn stop_process(mut child: Child, deadline: Duration) -> Result<()> {
-    let pid = child.id() as i32;
+    let pid = pid_t_of(child.id());
     // SAFETY: signalling our own child, which we have not reaped yet.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     if !wait_exit(pid, deadline)? {
@@ -854,6 +854,11 @@ fn kill_and_wait(pid: i32, signal: i32, deadline: Duration) -> Result<()> {
     Ok(())
 }
 
+/// A process id as `std::process` gives it (`u32`) in the kernel's `pid_t`.
+pub fn pid_t_of(pid: u32) -> libc::pid_t {
+    libc::pid_t::try_from(pid).expect("Linux pids stay below pid_max (at most 2^22, see proc(5)), so every pid fits in pid_t")
+}
+
 /// Waits for `pid` to exit (become a zombie, for our own children), up to `deadline`.
 /// Returns false on timeout.
 pub fn wait_exit(pid: i32, deadline: Duration) -> Result<bool> {
@@ -869,8 +874,10 @@ fn pidfd_open(pid: i32) -> Result<std::os::fd::OwnedFd> {
     // SAFETY: pidfd_open(2) takes a pid and flags and returns a new descriptor.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     ensure!(fd >= 0, "pidfd_open({pid}): {}", std::io::Error::last_os_error());
+    // syscall(2) returns a long; a descriptor is an int.
+    let fd = i32::try_from(fd).with_context(|| format!("pidfd_open({pid}) returned {fd}, not a file descriptor"))?;
     // SAFETY: the kernel just gave us this descriptor; we are its only owner.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 /// Waits for a descriptor to become readable (a pidfd: its process exited).

@@ -53,8 +53,11 @@ fn collect_vsock_logs(port: u32) -> Result<std::sync::Arc<std::sync::Mutex<Vec<u
     Ok(logs)
 }
 
+/// Each agent call's limit, in the nanoseconds ttrpc takes.
+const AGENT_CALL_TIMEOUT_NS: i64 = 60 * 1_000_000_000;
+
 fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(Duration::from_secs(60).as_nanos() as i64)
+    ttrpc::context::with_timeout(AGENT_CALL_TIMEOUT_NS)
 }
 
 pub fn agent_check(mut args: impl Iterator<Item = String>) -> Result<i32> {

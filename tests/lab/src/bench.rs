@@ -37,9 +37,10 @@ fn boot_once(cmd: &mut Command, timeout: Duration) -> Result<Sample> {
     };
     let _ = child.kill();
     let mut status = 0;
-    // SAFETY: rusage is plain data the kernel fills; the pid is our unreaped child.
+    // SAFETY: rusage is plain data the kernel fills; all-zero is a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    // SAFETY: the pid is our unreaped child; status and usage are ours to write.
+    let rc = unsafe { libc::wait4(vfvm_test_containerd::pid_t_of(child.id()), &mut status, 0, &mut usage) };
     if rc < 0 {
         bail!("wait4: {}", std::io::Error::last_os_error());
     }

@@ -55,7 +55,7 @@ impl Lines {
 /// Makes the child die with us: if the harness is killed (even with SIGKILL), the
 /// kernel sends the child SIGKILL, so no emulator is ever left running on its own.
 pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
-    let parent = std::process::id() as libc::pid_t;
+    let parent = vfvm_test_containerd::pid_t_of(std::process::id());
     // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {

@@ -2,8 +2,9 @@
 //! Debian bookworm's 1.6 (with runc) is an ordinary apt package (see
 //! `host::ensure_packages`); Debian sid's 2.1 is fetched with an apt state of its own
 //! (sources, lists and cache under the lab cache: the system's apt configuration and
-//! package set stay untouched) and unpacked with `dpkg-deb -x` under
-//! [`SID_PREFIX`], so `/usr/bin/containerd` stays 1.6.
+//! package set stay untouched; sid comes from the mirror apt uses for this release)
+//! and unpacked with `dpkg-deb -x` under [`SID_PREFIX`], so `/usr/bin/containerd`
+//! stays 1.6.
 //! Also `cargo xtask oci-images`: the registry-free test images.
 
 use anyhow::{bail, ensure, Context, Result};
@@ -11,10 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use vfvm_test_containerd::{Version, SID_PREFIX};
 
-use crate::host::{run, run_shown};
+use crate::apt_sources;
+use crate::host::run;
+use crate::install_log::InstallLog;
 use crate::progress;
-
-const SID_SOURCE: &str = "deb http://deb.debian.org/debian sid main\n";
 
 /// The installed sid containerd's `--version` line, if it is of the 2.1 line.
 fn installed_sid() -> Option<String> {
@@ -22,19 +23,26 @@ fn installed_sid() -> Option<String> {
 }
 
 /// Installs Debian sid's containerd 2.1 under [`SID_PREFIX`] unless it is already
-/// there; asks no registry when it is.
+/// there; asks no registry when it is. apt's output goes to `<cache>/install.log`.
 pub fn ensure_sid(cache: &Path) -> Result<()> {
     if installed_sid().is_some() {
         return Ok(());
     }
+    let log = InstallLog::in_cache(cache);
+    let mirror = apt_sources::system_mirror()
+        .context("containerd 2.1 comes from Debian sid, fetched from the mirror apt uses for this machine's release")?;
     let apt = cache.join("apt-sid");
-    progress!("fetching containerd 2.1 from Debian sid into {SID_PREFIX} (apt state of its own in {})", apt.display());
+    progress!("fetching containerd 2.1 from Debian sid at {} into {SID_PREFIX} (apt state of its own in {})", mirror.uri, apt.display());
     for dir in ["etc/sources.list.d", "etc/preferences.d", "lists/partial", "cache/archives/partial", "debs"] {
         let d = apt.join(dir);
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     }
+    // The entry is deb822 (its Signed-By may be an embedded key, which the one-line
+    // format cannot hold), so it goes in the parts directory; the one-line list is empty.
     let sources = apt.join("etc/sources.list");
-    std::fs::write(&sources, SID_SOURCE).with_context(|| format!("writing {}", sources.display()))?;
+    std::fs::write(&sources, "# Debian sid: see sources.list.d/sid.sources\n").with_context(|| format!("writing {}", sources.display()))?;
+    let sid_sources = apt.join("etc/sources.list.d/sid.sources");
+    std::fs::write(&sid_sources, mirror.sources_stanza(&["sid"])).with_context(|| format!("writing {}", sid_sources.display()))?;
     let o = |key: &str, path: PathBuf| format!("{key}={}", path.display());
     let opts = [
         o("Dir::Etc::SourceList", sources.clone()),
@@ -53,7 +61,7 @@ pub fn ensure_sid(cache: &Path) -> Result<()> {
         }
         cmd
     };
-    run_shown(with_opts("apt-get").args(["update", "-qq"])).context("apt-get update for Debian sid (own apt state)")?;
+    log.run("apt-get update for Debian sid (own apt state)", with_opts("apt-get").args(["update", "-q"]))?;
     let shown = run(with_opts("apt-cache").args(["show", "--no-all-versions", "containerd"]))?;
     let candidate = shown.lines().find_map(|l| l.strip_prefix("Version: ")).unwrap_or_default().trim().to_string();
     ensure!(
@@ -65,7 +73,10 @@ pub fn ensure_sid(cache: &Path) -> Result<()> {
     for old in std::fs::read_dir(&debs)?.filter_map(|e| e.ok()) {
         std::fs::remove_file(old.path()).with_context(|| format!("removing {}", old.path().display()))?;
     }
-    run_shown(with_opts("apt-get").current_dir(&debs).args(["download", "-q", &format!("containerd={candidate}")]))?;
+    log.run(
+        &format!("downloading containerd {candidate} from Debian sid"),
+        with_opts("apt-get").current_dir(&debs).args(["download", "-q", &format!("containerd={candidate}")]),
+    )?;
     let deb = std::fs::read_dir(&debs)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "deb"))

@@ -4,6 +4,8 @@
 //! reproducible (fixed inode numbers and mtimes) and can hold device nodes such as
 //! `/dev/console` without needing root or `mknod`.
 
+use anyhow::{bail, Result};
+
 const MODE_DIR: u32 = 0o040000;
 const MODE_FILE: u32 = 0o100000;
 const MODE_CHAR: u32 = 0o020000;
@@ -14,11 +16,14 @@ const MODE_SYMLINK: u32 = 0o120000;
 pub struct Archive {
     bytes: Vec<u8>,
     next_ino: u32,
+    /// The first entry whose data or name is too long for newc's 32-bit size fields:
+    /// `finish` reports it, so adding entries stays infallible.
+    oversized: Option<String>,
 }
 
 impl Archive {
     pub fn new() -> Self {
-        Self { bytes: Vec::new(), next_ino: 1 }
+        Self { bytes: Vec::new(), next_ino: 1, oversized: None }
     }
 
     /// A directory. Parents must be added first (the kernel does not create them).
@@ -39,11 +44,15 @@ impl Archive {
         self.entry(path, MODE_SYMLINK | 0o777, target.as_bytes(), (0, 0));
     }
 
-    /// Closes the archive with the trailer entry and returns its bytes.
-    pub fn finish(mut self) -> Vec<u8> {
+    /// Closes the archive with the trailer entry and returns its bytes; fails if an
+    /// entry did not fit the format.
+    pub fn finish(mut self) -> Result<Vec<u8>> {
+        if let Some(problem) = self.oversized {
+            bail!("cannot write the cpio archive: {problem}");
+        }
         self.next_ino = 0;
         self.entry("TRAILER!!!", 0, &[], (0, 0));
-        self.bytes
+        Ok(self.bytes)
     }
 
     fn entry(&mut self, path: &str, mode: u32, data: &[u8], rdev: (u32, u32)) {
@@ -51,20 +60,25 @@ impl Archive {
         let ino = self.next_ino;
         self.next_ino += 1;
         let nlink = if mode & MODE_DIR != 0 { 2 } else { 1 };
+        // newc's name size counts the terminating NUL.
+        let (Ok(data_size), Ok(name_size)) = (u32::try_from(data.len()), u32::try_from(name.len() + 1)) else {
+            self.oversized.get_or_insert_with(|| {
+                format!(
+                    "entry {path}: {} bytes of data, a {}-byte name; newc's size fields hold at most {}",
+                    data.len(),
+                    name.len(),
+                    u32::MAX
+                )
+            });
+            return;
+        };
         let fields = [
-            ino,
-            mode,
-            0, // uid
+            ino, mode, 0, // uid
             0, // gid
-            nlink,
-            0, // mtime: fixed, for reproducible images
-            data.len() as u32,
-            0, // dev major
+            nlink, 0, // mtime: fixed, for reproducible images
+            data_size, 0, // dev major
             0, // dev minor
-            rdev.0,
-            rdev.1,
-            name.len() as u32 + 1,
-            0, // checksum: unused by newc
+            rdev.0, rdev.1, name_size, 0, // checksum: unused by newc
         ];
         self.bytes.extend_from_slice(b"070701");
         for field in fields {
@@ -97,7 +111,7 @@ mod tests {
         a.dir("/dev", 0o755);
         a.char_device("/dev/console", 0o600, 5, 1);
         a.symlink("/bin/sh", "hello");
-        a.finish()
+        a.finish().expect("a small archive fits newc")
     }
 
     #[test]

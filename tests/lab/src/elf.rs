@@ -44,6 +44,18 @@ impl Elf<'_> {
         Ok(raw.iter().rev().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
     }
 
+    fn u16_at(&self, at: u64) -> Result<u16> {
+        let at = usize::try_from(at)?;
+        let raw = self.bytes.get(at..at + 2).context("truncated ELF")?;
+        Ok(u16::from_le_bytes([raw[0], raw[1]]))
+    }
+
+    fn u32_at(&self, at: u64) -> Result<u32> {
+        let at = usize::try_from(at)?;
+        let raw = self.bytes.get(at..at + 4).context("truncated ELF")?;
+        Ok(u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]))
+    }
+
     fn cstr(&self, at: u64) -> Result<String> {
         let rest = self.bytes.get(usize::try_from(at)?..).context("ELF string offset out of range")?;
         let end = rest.iter().position(|b| *b == 0).context("unterminated ELF string")?;
@@ -57,7 +69,7 @@ pub fn parse(bytes: &[u8]) -> Result<Dynamic> {
     ensure!(bytes.get(0..4) == Some(b"\x7fELF"), "not an ELF file");
     ensure!(bytes.get(4..6) == Some(&[2, 1][..]), "not a 64-bit little-endian ELF file");
     let elf = Elf { bytes };
-    let machine = elf.uint(0x12, 2)? as u16;
+    let machine = elf.u16_at(0x12)?;
     ensure!(machine == EM_X86_64, "ELF machine {machine}, expected x86_64 ({EM_X86_64})");
     let (phoff, phentsize, phnum) = (elf.uint(0x20, 8)?, elf.uint(0x36, 2)?, elf.uint(0x38, 2)?);
     let mut loads = Vec::new(); // (vaddr, offset, filesz)
@@ -65,7 +77,7 @@ pub fn parse(bytes: &[u8]) -> Result<Dynamic> {
     let mut out = Dynamic::default();
     for i in 0..phnum {
         let ph = phoff + i * phentsize;
-        let (p_type, offset, vaddr, filesz) = (elf.uint(ph, 4)? as u32, elf.uint(ph + 8, 8)?, elf.uint(ph + 16, 8)?, elf.uint(ph + 32, 8)?);
+        let (p_type, offset, vaddr, filesz) = (elf.u32_at(ph)?, elf.uint(ph + 8, 8)?, elf.uint(ph + 16, 8)?, elf.uint(ph + 32, 8)?);
         match p_type {
             PT_LOAD => loads.push((vaddr, offset, filesz)),
             PT_DYNAMIC => dynamic = Some((offset, filesz)),
@@ -202,8 +214,8 @@ mod tests {
     /// A minimal dynamic ELF: one PT_LOAD over the whole file, a PT_DYNAMIC with
     /// DT_NEEDED entries and DT_STRTAB, and an interpreter.
     fn fake_elf(interp: &str, needed: &[&str]) -> Vec<u8> {
-        let (ehdr, phdr) = (64u64, 56u64);
-        let interp_off = ehdr + 3 * phdr;
+        let (ehdr, phdr) = (64u16, 56u16);
+        let interp_off = u64::from(ehdr) + 3 * u64::from(phdr);
         let mut strtab = vec![0u8];
         let mut name_offs = Vec::new();
         for n in needed {
@@ -224,10 +236,10 @@ mod tests {
         b.extend_from_slice(&EM_X86_64.to_le_bytes());
         b.extend_from_slice(&1u32.to_le_bytes());
         b.extend_from_slice(&0u64.to_le_bytes()); // entry
-        b.extend_from_slice(&ehdr.to_le_bytes()); // phoff
+        b.extend_from_slice(&u64::from(ehdr).to_le_bytes()); // phoff
         b.extend_from_slice(&0u64.to_le_bytes()); // shoff
         b.extend_from_slice(&0u32.to_le_bytes()); // flags
-        for v in [ehdr as u16, phdr as u16, 3, 64, 0, 0] {
+        for v in [ehdr, phdr, 3, 64, 0, 0] {
             b.extend_from_slice(&v.to_le_bytes());
         }
         let mut ph = |p_type: u32, off: u64, size: u64| {
@@ -243,7 +255,7 @@ mod tests {
         b.extend_from_slice(interp.as_bytes());
         b.push(0);
         b.extend_from_slice(&strtab);
-        b.resize(dyn_off as usize, 0);
+        b.resize(usize::try_from(dyn_off).unwrap(), 0);
         for (tag, val) in dynamic {
             b.extend_from_slice(&tag.to_le_bytes());
             b.extend_from_slice(&val.to_le_bytes());

@@ -298,7 +298,7 @@ impl Tree {
             .collect()
     }
 
-    fn archive(&self) -> Vec<u8> {
+    fn archive(&self) -> Result<Vec<u8>> {
         let mut a = Archive::new();
         for (path, node) in &self.nodes {
             match node {
@@ -413,7 +413,7 @@ pub fn build(kernel: &Kernel, agent: &Path, test_busybox: Option<&Path>) -> Resu
     }
     tree.file(&format!("{mods_dir}/{MODULES_LOAD}"), 0o644, load.into_bytes())?;
 
-    let bytes = tree.archive();
+    let bytes = tree.archive()?;
     manifest.files = tree.listing();
     manifest.initrd_size = bytes.len();
     Ok((bytes, manifest))

@@ -1,4 +1,5 @@
-//! What the lab needs on this machine, installed idempotently from Debian's archive:
+//! What the lab needs on this machine, installed idempotently from Debian's archive
+//! (through the mirror apt already uses: see apt_sources.rs), quietly (see install_log.rs):
 //! QEMU >= 8 with the `igb` SR-IOV NIC model (bookworm-backports), a static busybox
 //! for the initramfs images, kmod for `depmod`/`modprobe`, iproute2 for L2,
 //! containerd 1.6 with runc (2.1 is unpacked beside it: see containerd.rs), the CNI
@@ -8,6 +9,8 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use crate::apt_sources::{self, AptSources};
+use crate::install_log::InstallLog;
 use crate::progress;
 
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -47,7 +50,7 @@ pub fn is_static_elf(path: &Path) -> Result<bool> {
     };
     const PT_INTERP: u64 = 3;
     for i in 0..phnum {
-        let Some(p_type) = field((phoff + i * phentsize) as usize, 4) else { return Ok(false) };
+        let Some(p_type) = usize::try_from(phoff + i * phentsize).ok().and_then(|at| field(at, 4)) else { return Ok(false) };
         if p_type == PT_INTERP {
             return Ok(false);
         }
@@ -79,7 +82,7 @@ pub fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Runs a command with its output shown (apt's progress), failing on a non-zero exit.
+/// Runs a command with its output shown (cargo's build progress), failing on a non-zero exit.
 pub fn run_shown(cmd: &mut Command) -> Result<()> {
     let status = cmd.stdin(Stdio::null()).status().with_context(|| format!("could not start {cmd:?}"))?;
     if !status.success() {
@@ -88,18 +91,22 @@ pub fn run_shown(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn debian_codename() -> Result<String> {
-    let os = std::fs::read_to_string("/etc/os-release").context("reading /etc/os-release")?;
-    os.lines()
-        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
-        .map(|v| v.trim_matches('"').to_string())
-        .filter(|v| !v.is_empty())
-        .context("/etc/os-release has no VERSION_CODENAME: the lab installs its tools from Debian's archive")
+/// `apt-get install` of `packages`, non-interactive and without recommends.
+fn apt_get_install(extra_args: &[&str], packages: &[&str]) -> Command {
+    let mut cmd = Command::new("apt-get");
+    cmd.env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-q", "--no-install-recommends"]).args(extra_args).args(packages);
+    cmd
+}
+
+/// `apt-get update`, its output (as every install step's) in the install log.
+fn apt_get_update(log: &InstallLog, why: &str) -> Result<()> {
+    log.run(&format!("apt-get update ({why})"), Command::new("apt-get").args(["update", "-q"]))
 }
 
 /// Installs whatever of the lab's tools is missing; does nothing (and asks no
-/// registry) when everything is already there.
-pub fn ensure_packages() -> Result<()> {
+/// registry) when everything is already there. Each apt step says one line; their
+/// output goes to `log`.
+pub fn ensure_packages(log: &InstallLog) -> Result<()> {
     let mut plain = Vec::new();
     if find_busybox().is_none() {
         plain.push("busybox-static");
@@ -137,55 +144,32 @@ pub fn ensure_packages() -> Result<()> {
             if need_qemu { " and QEMU >= 8 with the igb NIC" } else { "" }
         );
     }
-    let codename = debian_codename()?;
+    let codename = apt_sources::system_codename()?;
     let backports = format!("{codename}-backports");
     if need_qemu {
-        // Debian stable's QEMU 7.2 has no igb; backports' QEMU 10 does.
-        let list = Path::new("/etc/apt/sources.list.d/vfvm-lab-backports.list");
-        let line = format!("deb http://deb.debian.org/debian {backports} main\n");
-        if !already_configured(&backports)? {
-            progress!("adding {backports} to apt's sources ({})", list.display());
-            std::fs::write(list, line).with_context(|| format!("writing {}", list.display()))?;
+        // Debian stable's QEMU 7.2 has no igb; backports' QEMU 10 does. Backports
+        // comes from the mirror (or proxy) apt already uses for the release.
+        let sources = AptSources::system()?;
+        if !sources.has_suite(&backports) {
+            let mirror = sources
+                .mirror(&codename)
+                .with_context(|| format!("QEMU with the igb NIC comes from {backports}, added from the mirror apt uses for {codename}"))?;
+            let file = Path::new(apt_sources::ETC_APT).join("sources.list.d/vfvm-lab-backports.sources");
+            progress!("adding {backports} from {} to apt's sources ({})", mirror.uri, file.display());
+            std::fs::write(&file, mirror.sources_stanza(&[&backports])).with_context(|| format!("writing {}", file.display()))?;
         }
     }
-    progress!("installing lab packages: {}", {
-        let mut all = plain.clone();
-        if need_qemu {
-            all.push("qemu-system-x86 (from backports)");
-        }
-        all.join(", ")
-    });
-    run_shown(Command::new("apt-get").args(["update", "-qq"]))?;
-    let apt_install = |extra: &[&str], pkgs: &[&str]| {
-        run_shown(
-            Command::new("apt-get")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(extra)
-                .args(pkgs),
-        )
-    };
+    apt_get_update(log, "before installing the lab's packages")?;
     if !plain.is_empty() {
-        apt_install(&[], &plain)?;
+        log.run(&format!("installing {}", plain.join(", ")), &mut apt_get_install(&[], &plain))?;
     }
     if need_qemu {
-        apt_install(&["-t", &backports], &["qemu-system-x86"])?;
+        log.run(&format!("installing qemu-system-x86 from {backports}"), &mut apt_get_install(&["-t", &backports], &["qemu-system-x86"]))?;
         if !qemu_has_igb() {
             bail!("installed qemu-system-x86 from {backports}, but `{QEMU} -device help` still lists no igb device");
         }
     }
     Ok(())
-}
-
-fn already_configured(suite: &str) -> Result<bool> {
-    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
-    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
-        files.extend(dir.filter_map(|e| e.ok()).map(|e| e.path()));
-    }
-    Ok(files
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .any(|text| text.lines().any(|l| !l.trim_start().starts_with('#') && l.split_whitespace().any(|w| w == suite))))
 }
 
 /// The virtiofsd the VMM's virtio-fs tests run as the vhost-user backend.
@@ -198,8 +182,9 @@ fn virtiofsd_works() -> bool {
 /// Installs virtiofsd unless `virtiofsd --version` already works: Debian's is older
 /// than the one tested, so it is built from crates.io (`cargo install --locked`) into
 /// /usr/local, on PATH both here and inside L2. Its build needs pkg-config and the
-/// libcap-ng and libseccomp headers, installed with apt if missing.
-pub fn ensure_virtiofsd() -> Result<()> {
+/// libcap-ng and libseccomp headers, installed with apt if missing. Each step says one
+/// line; their output goes to `log`.
+pub fn ensure_virtiofsd(log: &InstallLog) -> Result<()> {
     if virtiofsd_works() {
         return Ok(());
     }
@@ -219,18 +204,14 @@ pub fn ensure_virtiofsd() -> Result<()> {
         if !on_path("apt-get") {
             bail!("building virtiofsd needs {}, installed with apt-get, which this machine lacks", dev.join(", "));
         }
-        progress!("installing virtiofsd's build dependencies: {}", dev.join(", "));
-        run_shown(Command::new("apt-get").args(["update", "-qq"]))?;
-        run_shown(
-            Command::new("apt-get")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&dev),
-        )?;
+        apt_get_update(log, "before installing virtiofsd's build dependencies")?;
+        log.run(&format!("installing virtiofsd's build dependencies: {}", dev.join(", ")), &mut apt_get_install(&[], &dev))?;
     }
-    progress!("building virtiofsd {VIRTIOFSD_VERSION} with cargo install (once; a few minutes)");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run_shown(Command::new(cargo).args(["install", "--locked", "--root", "/usr/local", "--version", VIRTIOFSD_VERSION, "virtiofsd"]))?;
+    log.run(
+        &format!("building virtiofsd {VIRTIOFSD_VERSION} with cargo install into /usr/local (once; a few minutes)"),
+        Command::new(cargo).args(["install", "--locked", "--root", "/usr/local", "--version", VIRTIOFSD_VERSION, "virtiofsd"]),
+    )?;
     if !virtiofsd_works() {
         bail!("installed virtiofsd {VIRTIOFSD_VERSION} into /usr/local/bin, but `virtiofsd --version` still fails (is /usr/local/bin on PATH?)");
     }

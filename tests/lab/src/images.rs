@@ -89,7 +89,7 @@ fn l2_initrd(kernel: &Kernel, busybox: &[u8]) -> Result<Vec<u8>> {
     base_tree(&mut a, busybox);
     let names = add_modules(&mut a, kernel, L2_EARLY_MODULES)?;
     a.file("/init", 0o755, l2_init_script(&names).as_bytes());
-    Ok(a.finish())
+    a.finish()
 }
 
 /// A module's bytes, decompressed: busybox `insmod` takes plain `.ko` files only.
@@ -193,7 +193,7 @@ poweroff -f
         mods = mods.join(" "),
     );
     a.file("/init", 0o755, init.as_bytes());
-    Ok(a.finish())
+    a.finish()
 }
 
 /// This binary without its debug sections (a third of the size: the guest unpacks
@@ -246,5 +246,5 @@ poweroff -f
         mods = mods.join(" "),
     );
     a.file("/init", 0o755, init.as_bytes());
-    Ok(a.finish())
+    a.finish()
 }

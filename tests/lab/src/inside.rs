@@ -147,7 +147,8 @@ fn check_vfio_group(group: &str) -> Result<()> {
     const VFIO_GROUP_FLAGS_VIABLE: u32 = 1;
     let path = PathBuf::from("/dev/vfio").join(group);
     let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
-    let mut status = VfioGroupStatus { argsz: std::mem::size_of::<VfioGroupStatus>() as u32, flags: 0 };
+    let argsz = u32::try_from(std::mem::size_of::<VfioGroupStatus>()).expect("two u32 fields: 8 bytes");
+    let mut status = VfioGroupStatus { argsz, flags: 0 };
     // SAFETY: the kernel writes at most `argsz` bytes into `status`, which we own.
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), VFIO_GROUP_GET_STATUS, &mut status as *mut VfioGroupStatus) };
     ensure!(rc == 0, "VFIO_GROUP_GET_STATUS on {}: {}", path.display(), std::io::Error::last_os_error());

@@ -6,7 +6,8 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::host::{run, run_shown};
+use crate::host::run;
+use crate::install_log::InstallLog;
 use crate::progress;
 
 /// An unpacked kernel package: `<root>/boot/vmlinuz-<release>` and
@@ -33,7 +34,8 @@ impl Kernel {
 }
 
 /// The kernel in `cache`, fetching it first if the cache has none. The package is
-/// `$VFVM_LAB_KERNEL_PKG` if set, else what `linux-image-amd64` depends on.
+/// `$VFVM_LAB_KERNEL_PKG` if set, else what `linux-image-amd64` depends on. apt's
+/// output goes to `<cache>/install.log`.
 pub fn ensure(cache: &Path) -> Result<Kernel> {
     let kernels = cache.join("kernel");
     let pinned = kernels.join("current");
@@ -44,20 +46,23 @@ pub fn ensure(cache: &Path) -> Result<Kernel> {
         }
         progress!("cached kernel {} is incomplete; fetching it again", kernel.release);
     }
+    let log = InstallLog::in_cache(cache);
     let package = match std::env::var("VFVM_LAB_KERNEL_PKG") {
         Ok(p) if !p.is_empty() => p,
-        _ => generic_kernel_package()?,
+        _ => generic_kernel_package(&log)?,
     };
     let release = package
         .strip_prefix("linux-image-")
         .filter(|r| r.ends_with("-amd64") && !r.contains('/'))
         .with_context(|| format!("kernel package {package:?}: expected linux-image-<release>-amd64"))?
         .to_string();
-    progress!("fetching {package} with apt (once; cached in {})", kernels.display());
     let staging = kernels.join(format!(".staging-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
-    run_shown(Command::new("apt-get").args(["download", "-q", &package]).current_dir(&staging))?;
+    log.run(
+        &format!("fetching {package} with apt-get download (once; cached in {})", kernels.display()),
+        Command::new("apt-get").args(["download", "-q", &package]).current_dir(&staging),
+    )?;
     let deb = std::fs::read_dir(&staging)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
@@ -83,10 +88,10 @@ pub fn ensure(cache: &Path) -> Result<Kernel> {
     Ok(kernel)
 }
 
-fn generic_kernel_package() -> Result<String> {
+fn generic_kernel_package(log: &InstallLog) -> Result<String> {
     let depends = |refresh: bool| -> Result<Option<String>> {
         if refresh {
-            run_shown(Command::new("apt-get").args(["update", "-qq"]))?;
+            log.run("apt-get update (apt-cache knows no linux-image-amd64 yet)", Command::new("apt-get").args(["update", "-q"]))?;
         }
         let out = run(Command::new("apt-cache").args(["depends", "linux-image-amd64"])).unwrap_or_default();
         Ok(out

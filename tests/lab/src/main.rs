@@ -5,6 +5,7 @@
 //! does the lab's setup and checks (`inside ...`). Run it as `cargo xtask ...`.
 
 mod agent_check;
+mod apt_sources;
 mod bench;
 mod console;
 mod containerd;
@@ -15,6 +16,7 @@ mod guest_image;
 mod host;
 mod images;
 mod inside;
+mod install_log;
 mod kernel;
 mod l2;
 mod modules;
@@ -105,8 +107,9 @@ impl CacheLock {
 fn prepare() -> Result<(PathBuf, kernel::Kernel, images::Images)> {
     let cache = cache_dir();
     let _lock = CacheLock::take(&cache)?;
-    host::ensure_packages()?;
-    host::ensure_virtiofsd()?;
+    let log = install_log::InstallLog::in_cache(&cache);
+    host::ensure_packages(&log)?;
+    host::ensure_virtiofsd(&log)?;
     containerd::ensure_sid(&cache)?;
     let busybox = host::find_busybox().context("no static busybox after installing busybox-static")?;
     let kernel = kernel::ensure(&cache)?;
@@ -180,7 +183,7 @@ fn image(args: impl Iterator<Item = String>) -> Result<i32> {
     let opts = guest_image::parse_options(args)?;
     let cache = cache_dir();
     let _lock = CacheLock::take(&cache)?;
-    host::ensure_packages()?;
+    host::ensure_packages(&install_log::InstallLog::in_cache(&cache))?;
     let busybox = host::find_busybox().context("no static busybox after installing busybox-static")?;
     let kernel = kernel::ensure(&cache)?;
     let built = guest_image::ensure(&cache, &kernel, &busybox, &opts)?;
@@ -218,9 +221,10 @@ const IN_LAB_TEST_MARK: &str = "lab_";
 /// spend their time limits on testing, not downloading. Ends with one summary line
 /// over every test binary, so the last word is not some crate's empty doc-test run.
 fn test() -> Result<i32> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    check_conventions(&cargo)?;
     let (_, kernel, _) = prepare()?;
     progress!("lab ready (kernel {}); running the workspace's tests on this machine", kernel.release);
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut totals = TestTotals::default();
     let mut ok = run_counting(
         Command::new(&cargo).args(["test", "--workspace", "--no-fail-fast", "--", "--include-ignored", "--skip", IN_LAB_TEST_MARK]),
@@ -269,6 +273,24 @@ fn test() -> Result<i32> {
         totals.counts.passed, totals.counts.failed, totals.counts.ignored
     );
     Ok(if ok && totals.counts.failed == 0 { 0 } else { 1 })
+}
+
+/// The cheap checks first: formatting (rustfmt.toml) and the workspace's lints
+/// (`[workspace.lints]`, clippy with warnings as errors). Either failing stops the
+/// test command before anything is installed or booted, saying which and how to mend it.
+fn check_conventions(cargo: &str) -> Result<()> {
+    progress!("checking formatting: cargo fmt --all --check");
+    let fmt =
+        Command::new(cargo).args(["fmt", "--all", "--check"]).stdin(std::process::Stdio::null()).status().context("running cargo fmt")?;
+    ensure!(fmt.success(), "cargo fmt --all --check: the code is not formatted as rustfmt.toml asks (diff above); run `cargo fmt --all`");
+    progress!("checking lints: cargo clippy --workspace --all-targets -- -D warnings");
+    let clippy = Command::new(cargo)
+        .args(["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"])
+        .stdin(std::process::Stdio::null())
+        .status()
+        .context("running cargo clippy")?;
+    ensure!(clippy.success(), "cargo clippy --workspace --all-targets -- -D warnings failed (its findings above): fix them, or allow one on a single item with a comment saying why");
+    Ok(())
 }
 
 /// How many times `cargo xtask test` starts a fresh L2 after L2's kernel crashed.

@@ -28,7 +28,8 @@ const STREAM_LIMIT: Duration = Duration::from_secs(300);
 /// Byte `offset` of stream `id`'s data: changes with every byte and every stream, with
 /// no short period, so a lost, repeated or misplaced chunk shows.
 pub fn pattern_byte(id: u64, offset: u64) -> u8 {
-    (offset ^ (offset >> 9) ^ (offset >> 17) ^ id.wrapping_mul(0x9d)).wrapping_mul(0x45) as u8
+    // The low byte of the mix.
+    (offset ^ (offset >> 9) ^ (offset >> 17) ^ id.wrapping_mul(0x9d)).wrapping_mul(0x45).to_le_bytes()[0]
 }
 
 struct Options {
@@ -61,18 +62,12 @@ fn connect(port: u32) -> Result<File> {
 }
 
 fn set_timeouts(f: &File) -> Result<()> {
-    let tv = libc::timeval { tv_sec: STREAM_LIMIT.as_secs() as libc::time_t, tv_usec: 0 };
+    let tv_sec = libc::time_t::try_from(STREAM_LIMIT.as_secs()).expect("STREAM_LIMIT is minutes, far below time_t's range");
+    let tv = libc::timeval { tv_sec, tv_usec: 0 };
+    let timeval_size = libc::socklen_t::try_from(std::mem::size_of::<libc::timeval>()).expect("a timeval is 16 bytes");
     for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
         // SAFETY: setsockopt with a timeval of the right size.
-        let rc = unsafe {
-            libc::setsockopt(
-                f.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                &tv as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
+        let rc = unsafe { libc::setsockopt(f.as_raw_fd(), libc::SOL_SOCKET, opt, &tv as *const _ as *const libc::c_void, timeval_size) };
         ensure!(rc == 0, "setsockopt: {}", std::io::Error::last_os_error());
     }
     Ok(())
@@ -82,7 +77,7 @@ fn write_pattern(w: &mut File, id: u64, bytes: u64) -> Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut off = 0;
     while off < bytes {
-        let n = (bytes - off).min(buf.len() as u64) as usize;
+        let n = usize::try_from(bytes - off).map_or(buf.len(), |left| left.min(buf.len()));
         for (i, b) in buf[..n].iter_mut().enumerate() {
             *b = pattern_byte(id, off + i as u64);
         }
@@ -97,7 +92,7 @@ fn check_pattern(r: &mut File, id: u64, bytes: u64, mut echo: Option<&mut File>)
     let mut buf = vec![0u8; 64 * 1024];
     let mut off = 0;
     while off < bytes {
-        let want = (bytes - off).min(buf.len() as u64) as usize;
+        let want = usize::try_from(bytes - off).map_or(buf.len(), |left| left.min(buf.len()));
         let n = r.read(&mut buf[..want]).with_context(|| format!("stream {id}: reading at byte {off}"))?;
         ensure!(n > 0, "stream {id}: closed after {off} of {bytes} bytes");
         if let Some(i) = (0..n).find(|&i| buf[i] != pattern_byte(id, off + i as u64)) {

@@ -14,10 +14,10 @@ pub fn listen(port: u32, backlog: i32) -> Result<OwnedFd> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
     let mut sa: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    sa.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    sa.svm_family = libc::sa_family_t::try_from(libc::AF_VSOCK).expect("AF_VSOCK is 40");
     sa.svm_cid = libc::VMADDR_CID_ANY;
     sa.svm_port = port;
-    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_vm>()).expect("a sockaddr_vm is 16 bytes");
     // SAFETY: sa is a valid sockaddr_vm of `len` bytes.
     let rc = unsafe { libc::bind(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) };
     ensure!(rc == 0, "bind vsock port {port}: {}", std::io::Error::last_os_error());

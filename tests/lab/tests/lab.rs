@@ -90,13 +90,15 @@ fn pidfd_open(pid: i32) -> OwnedFd {
     // SAFETY: plain syscall; a non-negative result is a new descriptor we own.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     assert!(fd >= 0, "pidfd_open({pid}): {}", std::io::Error::last_os_error());
-    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+    let fd = i32::try_from(fd).expect("syscall(2) returned a descriptor, which is an int");
+    // SAFETY: fd is the fresh descriptor checked above; nobody else owns it.
+    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 fn exits_within(pidfd: &OwnedFd, limit: Duration) -> bool {
     let mut pfd = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     // SAFETY: one pollfd that lives across the call.
-    let n = unsafe { libc::poll(&mut pfd, 1, limit.as_millis() as i32) };
+    let n = unsafe { libc::poll(&mut pfd, 1, i32::try_from(limit.as_millis()).unwrap_or(i32::MAX)) };
     n == 1 && pfd.revents & libc::POLLIN != 0
 }
 
