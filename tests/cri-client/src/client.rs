@@ -63,15 +63,43 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// A CRI call's failure as crictl words it: the gRPC code and the runtime's message.
+/// A CRI call's failure as crictl words it: the text of Go's gRPC status error,
+/// `rpc error: code = InvalidArgument desc = <the runtime's message>`. A failure
+/// of the transport (no runtime answering) has its causes after the message.
 pub fn status_message(s: &tonic::Status) -> String {
-    let mut text = format!("{:?}: {}", s.code(), s.message());
+    let mut text = format!("rpc error: code = {} desc = {}", go_code_name(s.code()), s.message());
     if let Some(src) = std::error::Error::source(s) {
-        text.push_str(" (");
-        text.push_str(&error_chain(src));
-        text.push(')');
+        let causes = error_chain(src);
+        if !s.message().contains(&causes) {
+            text.push_str(": ");
+            text.push_str(&causes);
+        }
     }
     text
+}
+
+/// A gRPC status code's name as Go's `codes.Code.String()` writes it.
+pub fn go_code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
 }
 
 #[cfg(test)]
@@ -84,6 +112,15 @@ mod tests {
         assert_eq!(socket_path("/tmp/c.sock").unwrap(), PathBuf::from("/tmp/c.sock"));
         assert!(socket_path("tcp://127.0.0.1:1").unwrap_err().to_string().contains("tcp://127.0.0.1:1"));
         assert!(socket_path("unix://").is_err());
+    }
+
+    #[test]
+    fn statuses_read_as_gos() {
+        let s = tonic::Status::invalid_argument("annotation default_vcpus \"64\": from 1 to 8");
+        assert_eq!(status_message(&s), "rpc error: code = InvalidArgument desc = annotation default_vcpus \"64\": from 1 to 8");
+        assert_eq!(status_message(&tonic::Status::cancelled("stop")), "rpc error: code = Canceled desc = stop");
+        assert_eq!(status_message(&tonic::Status::ok("")), "rpc error: code = OK desc = ");
+        assert_eq!(go_code_name(tonic::Code::DeadlineExceeded), "DeadlineExceeded");
     }
 
     #[test]

@@ -1,5 +1,12 @@
 //! `vfvm-crictl`: crictl's command line for the CRI calls the project's tests
 //! make. Usage: `vfvm-crictl --help`.
+//!
+//! It fails as crictl v1.32 fails: one logrus line on stderr,
+//! `time="..." level=fatal msg="<error>"` with the error Go-quoted, and exit
+//! status 1. The error reads as crictl's: its command's words around the runtime's
+//! gRPC error (`run pod sandbox: rpc error: code = ... desc = ...`). The wrapping
+//! words below are crictl v1.32's wording (cri-tools `cmd/crictl`), one comment
+//! each where they are set.
 
 use std::io::Write;
 use std::path::Path;
@@ -9,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use k8s_cri::v1 as cri;
 use vfvm_crictl::client::{self, status_message, Client};
+use vfvm_crictl::logrus::{fatal_line, go_quote, log_line};
 use vfvm_crictl::{config, inspect, logs};
 
 const USAGE: &str = "usage: vfvm-crictl [--runtime-endpoint|-r unix:///PATH] [--timeout|-t DURATION] COMMAND [ARGS]
@@ -23,17 +31,24 @@ commands:
                                                         create a container; prints its id
   start CONTAINER...                                    start containers
   exec [-s|--sync] [--timeout SECS] CONTAINER CMD [ARG...]
-                                                        run a command in a container (ExecSync);
-                                                        exits with the command's exit code
+                                                        run a command in a container (always
+                                                        through ExecSync); a command that exits
+                                                        non-zero fails exec (exit status 1).
+                                                        With -s, as crictl's: its stdout, then its
+                                                        stderr, each with a newline, on stdout;
+                                                        without, its two streams as they came
   logs CONTAINER                                        print a container's log
   ps [-a] [-q] [--pod|-p POD] [--id ID] [--state STATE] [--name NAME] [--no-trunc]
                                                         list containers (running only without -a)
   pods [-q] [--id ID] [--state ready|notready] [--name NAME] [--no-trunc]
                                                         list pod sandboxes
   inspect CONTAINER...  |  inspectp POD...              status and runtime info, as JSON
-  stop [-t|--timeout SECS] CONTAINER...  |  rm [-f] CONTAINER...
-  stopp POD...  |  rmp [-f] POD...
-  version";
+  stop [-t|--timeout SECS] CONTAINER...  |  rm [-f] [-k|--keep-logs] CONTAINER...
+  stopp POD...  |  rmp [-f] POD...          (rm and rmp refuse what runs, unless -f)
+  version
+
+Errors go to stderr as crictl writes them (a logrus line, level=fatal, the message
+Go-quoted), with exit status 1.";
 
 /// VMs boot slowly in the lab (L3 under emulated SVM): a generous default.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -44,10 +59,78 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vfvm-crictl: {e:#}");
+            // crictl's `logrus.Fatal(err)`: the error, on one line, and exit status 1.
+            let message = match e.downcast_ref::<ExecFailed>() {
+                Some(failed) => failed.0.clone(),
+                None => format!("{e:#}").into_bytes(),
+            };
+            eprintln!("{}", fatal_line(SystemTime::now(), &message));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The failure of `exec` when the command exits non-zero, as its whole message in
+/// bytes: the command's stderr is part of it as it came, as in crictl's (whose
+/// quoting then escapes what is not UTF-8).
+#[derive(Debug)]
+struct ExecFailed(Vec<u8>);
+
+impl std::fmt::Display for ExecFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from_utf8_lossy(&self.0))
+    }
+}
+
+impl std::error::Error for ExecFailed {}
+
+/// crictl v1.32's error for `exec -s` of a command that exits with `code` (not 0):
+/// the k8s cri-client's ExecSync error, `command '<cmd joined by spaces>' exited
+/// with <code>: <stderr>`, in crictl's "execing command in container <id>
+/// synchronously: " (crictl prints nothing of the command's stdout then).
+fn exec_sync_failure(id: &str, cmd: &[String], code: i32, stderr: &[u8]) -> Vec<u8> {
+    let mut message =
+        format!("execing command in container {id} synchronously: command '{}' exited with {code}: ", cmd.join(" ")).into_bytes();
+    message.extend_from_slice(stderr);
+    message
+}
+
+/// crictl v1.32's error for a streaming `exec` (no `-s`) of a command that exits
+/// with `code` (not 0): client-go's remotecommand error in crictl's words.
+fn exec_stream_failure(id: &str, code: i32) -> String {
+    format!("execing command in container {id}: command terminated with exit code {code}")
+}
+
+/// What `exec -s` prints of a command that exited 0, as crictl v1.32 does:
+/// `fmt.Println` of its stdout, then of its stderr, both on stdout.
+fn exec_sync_output(stdout: &[u8], stderr: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(stdout.len() + stderr.len() + 2);
+    out.extend_from_slice(stdout);
+    out.push(b'\n');
+    out.extend_from_slice(stderr);
+    out.push(b'\n');
+    out
+}
+
+/// Several failures as one, as crictl's `rm` and `rmp` report theirs (k8s's
+/// `errors.NewAggregate`): one is itself; more, without repeats, `[a, b]`.
+fn aggregate(errors: Vec<String>) -> Result<()> {
+    let mut seen: Vec<String> = Vec::new();
+    for e in errors {
+        if !seen.contains(&e) {
+            seen.push(e);
+        }
+    }
+    match seen.len() {
+        0 => Ok(()),
+        1 => bail!("{}", seen[0]),
+        _ => bail!("[{}]", seen.join(", ")),
+    }
+}
+
+/// An id in an error, as Go's `%q` writes it (crictl's `stopping the pod sandbox %q`).
+fn q(id: &str) -> String {
+    go_quote(id.as_bytes())
 }
 
 /// The command line, one argument at a time; options may be written `--opt VALUE`
@@ -120,7 +203,7 @@ fn run(argv: Vec<String>) -> Result<ExitCode> {
                 println!("{USAGE}");
                 return Ok(ExitCode::SUCCESS);
             }
-            other => bail!("unknown global option {other}\n\n{USAGE}"),
+            other => bail!("unknown global option {other} (vfvm-crictl --help)"),
         }
     }
     let command = args.positional("a command")?;
@@ -128,9 +211,15 @@ fn run(argv: Vec<String>) -> Result<ExitCode> {
         println!("{USAGE}");
         return Ok(ExitCode::SUCCESS);
     }
+    const COMMANDS: &[&str] =
+        &["runp", "create", "start", "exec", "logs", "ps", "pods", "inspect", "inspectp", "stop", "rm", "stopp", "rmp", "version"];
+    if !COMMANDS.contains(&command.as_str()) {
+        bail!("unknown command {command:?} (vfvm-crictl --help)");
+    }
     let endpoint = endpoint.unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
     rt.block_on(async move {
+        // The connection's own error as it is (crictl's is its gRPC dial error).
         let mut c = client::connect(&endpoint, timeout).await?;
         let c = &mut c;
         match command.as_str() {
@@ -148,9 +237,8 @@ fn run(argv: Vec<String>) -> Result<ExitCode> {
             "stopp" => stopp(c, &mut args).await,
             "rmp" => rmp(c, &mut args).await,
             "version" => version(c).await,
-            other => bail!("unknown command {other:?}\n\n{USAGE}"),
+            other => unreachable!("command {other:?} is not in COMMANDS"),
         }
-        .with_context(|| format!("{command} (runtime endpoint {endpoint})"))
     })
 }
 
@@ -199,8 +287,13 @@ async fn runp(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     }
     let file = args.positional("the pod config file")?;
     args.done()?;
-    let config = config::load_pod_config(Path::new(&file))?;
-    let resp = c.run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(config), runtime_handler: handler }).await.map_err(rpc)?;
+    // crictl v1.32's wording: "load podSandboxConfig: ...", "run pod sandbox: ...".
+    let config = config::load_pod_config(Path::new(&file)).context("load podSandboxConfig")?;
+    let resp = c
+        .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(config), runtime_handler: handler })
+        .await
+        .map_err(rpc)
+        .context("run pod sandbox")?;
     println!("{}", resp.into_inner().pod_sandbox_id);
     Ok(ExitCode::SUCCESS)
 }
@@ -217,22 +310,25 @@ async fn create(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     let container_file = args.positional("the container config file")?;
     let pod_file = args.positional("the pod config file")?;
     args.done()?;
-    let config = config::load_container_config(Path::new(&container_file))?;
-    let sandbox_config = config::load_pod_config(Path::new(&pod_file))?;
+    // crictl v1.32's wording: "creating container: ..." (its config files' errors too).
+    let config = config::load_container_config(Path::new(&container_file)).context("creating container")?;
+    let sandbox_config = config::load_pod_config(Path::new(&pod_file)).context("creating container")?;
     let resp = c
         .create_container(cri::CreateContainerRequest { pod_sandbox_id: pod, config: Some(config), sandbox_config: Some(sandbox_config) })
         .await
-        .map_err(rpc)?;
+        .map_err(rpc)
+        .context("creating container")?;
     println!("{}", resp.into_inner().container_id);
     Ok(ExitCode::SUCCESS)
 }
 
 async fn start(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     for id in args.all("the container id")? {
+        // crictl v1.32's wording: "starting the container \"ID\": ...".
         c.start_container(cri::StartContainerRequest { container_id: id.clone() })
             .await
             .map_err(rpc)
-            .with_context(|| format!("starting container {id}"))?;
+            .with_context(|| format!("starting the container {}", q(&id)))?;
         println!("{id}");
     }
     Ok(ExitCode::SUCCESS)
@@ -240,10 +336,12 @@ async fn start(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
 
 async fn exec(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     let mut timeout = 0i64;
+    let mut sync = false;
     while let Some((opt, inline)) = args.next_option() {
         match opt.as_str() {
-            // Every exec is synchronous here (ExecSync): no streaming server needed.
-            "-s" | "--sync" => {}
+            // Every exec runs through ExecSync here (no streaming server needed);
+            // -s chooses crictl's way of printing the result.
+            "-s" | "--sync" => sync = true,
             "--timeout" => {
                 let v = args.value(&opt, inline)?;
                 timeout = v.parse().with_context(|| format!("exec --timeout {v:?}: seconds expected"))?;
@@ -254,32 +352,46 @@ async fn exec(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     }
     let id = args.positional("the container id")?;
     let cmd = args.all("the command")?;
+    // crictl v1.32's wording: "execing command in container ID synchronously: ..."
+    // with -s, "execing command in container ID: ..." without.
     let resp = c
-        .exec_sync(cri::ExecSyncRequest { container_id: id.clone(), cmd, timeout })
+        .exec_sync(cri::ExecSyncRequest { container_id: id.clone(), cmd: cmd.clone(), timeout })
         .await
         .map_err(rpc)
-        .with_context(|| format!("exec in container {id}"))?
+        .with_context(|| format!("execing command in container {id}{}", if sync { " synchronously" } else { "" }))?
         .into_inner();
-    std::io::stdout().write_all(&resp.stdout)?;
-    std::io::stderr().write_all(&resp.stderr)?;
-    std::io::stdout().flush()?;
-    Ok(exit_code(resp.exit_code))
-}
-
-fn exit_code(code: i32) -> ExitCode {
-    ExitCode::from(u8::try_from(code).unwrap_or(255))
+    if sync {
+        if resp.exit_code != 0 {
+            return Err(ExecFailed(exec_sync_failure(&id, &cmd, resp.exit_code, &resp.stderr)).into());
+        }
+        let mut out = std::io::stdout().lock();
+        out.write_all(&exec_sync_output(&resp.stdout, &resp.stderr))?;
+        out.flush()?;
+    } else {
+        // What a streaming exec shows: each stream on its own.
+        let mut out = std::io::stdout().lock();
+        out.write_all(&resp.stdout)?;
+        out.flush()?;
+        std::io::stderr().write_all(&resp.stderr)?;
+        if resp.exit_code != 0 {
+            bail!("{}", exec_stream_failure(&id, resp.exit_code));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn container_logs(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     let id = args.positional("the container id")?;
     args.done()?;
+    // crictl v1.32's wording: the status call's error as it is; "the container has
+    // not set log path"; the cri-client's "failed to open log file \"PATH\": ...".
     let status =
         c.container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: false }).await.map_err(rpc)?.into_inner();
     let path = status.status.map(|s| s.log_path).unwrap_or_default();
     if path.is_empty() {
-        bail!("container {id} has no log path (its config set no log_path, or its pod no log_directory)");
+        bail!("the container has not set log path");
     }
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading the log of container {id} at {path}"))?;
+    let text = std::fs::read_to_string(&path).with_context(|| format!("failed to open log file {}", q(&path)))?;
     let chunks = logs::render(&text).with_context(|| format!("{path}: not a CRI log"))?;
     let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
     for (stream, chunk) in chunks {
@@ -291,14 +403,28 @@ async fn container_logs(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// "12s ago", as crictl's CREATED column (roughly).
+/// crictl's CREATED column: "12 seconds ago", for a time in nanoseconds since the epoch.
 fn ago(nanos: i64) -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
-    let secs = (now - nanos).max(0) / 1_000_000_000;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+    let secs = now.saturating_sub(nanos).max(0) / 1_000_000_000;
+    format!("{} ago", human_duration(secs))
+}
+
+/// Docker's `units.HumanDuration` (what crictl prints in CREATED) of `secs` seconds.
+fn human_duration(secs: i64) -> String {
+    let (minutes, hours) = (secs / 60, (secs + 1800) / 3600);
     match secs {
-        s if s < 60 => format!("{s} seconds ago"),
-        s if s < 3600 => format!("{} minutes ago", s / 60),
-        s => format!("{} hours ago", s / 3600),
+        s if s < 1 => "Less than a second".into(),
+        1 => "1 second".into(),
+        s if s < 60 => format!("{s} seconds"),
+        _ if minutes == 1 => "About a minute".into(),
+        _ if minutes < 60 => format!("{minutes} minutes"),
+        _ if hours == 1 => "About an hour".into(),
+        _ if hours < 48 => format!("{hours} hours"),
+        _ if hours < 24 * 7 * 2 => format!("{} days", hours / 24),
+        _ if hours < 24 * 30 * 2 => format!("{} weeks", hours / 24 / 7),
+        _ if hours < 24 * 365 * 2 => format!("{} months", hours / 24 / 30),
+        s => format!("{} years", s / 3600 / 24 / 365),
     }
 }
 
@@ -342,7 +468,16 @@ async fn ps(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     if !all && filter.state.is_none() {
         filter.state = Some(cri::ContainerStateValue { state: cri::ContainerState::ContainerRunning as i32 });
     }
-    let mut list = c.list_containers(cri::ListContainersRequest { filter: Some(filter) }).await.map_err(rpc)?.into_inner().containers;
+    // crictl v1.32's wording.
+    let mut list = c
+        .list_containers(cri::ListContainersRequest { filter: Some(filter) })
+        .await
+        .map_err(rpc)
+        .context("call list containers RPC")
+        .context("list containers")
+        .context("listing containers")?
+        .into_inner()
+        .containers;
     if let Some(n) = &name {
         list.retain(|x| x.metadata.as_ref().is_some_and(|m| m.name.contains(n.as_str())));
     }
@@ -402,7 +537,16 @@ async fn pods(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
         }
     }
     args.done()?;
-    let mut list = c.list_pod_sandbox(cri::ListPodSandboxRequest { filter: Some(filter) }).await.map_err(rpc)?.into_inner().items;
+    // crictl v1.32's wording.
+    let mut list = c
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: Some(filter) })
+        .await
+        .map_err(rpc)
+        .context("call list sandboxes RPC")
+        .context("list pod sandboxes")
+        .context("listing pod sandboxes")?
+        .into_inner()
+        .items;
     if let Some(n) = &name {
         list.retain(|p| p.metadata.as_ref().is_some_and(|m| m.name.contains(n.as_str())));
     }
@@ -455,11 +599,13 @@ fn print_json(v: &serde_json::Value) -> Result<()> {
 
 async fn inspect_containers(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     for id in args.all("the container id")? {
+        // crictl v1.32's wording.
         let r = c
             .container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: true })
             .await
             .map_err(rpc)
-            .with_context(|| format!("container {id}"))?
+            .context("get container status")
+            .context("get the status of containers")?
             .into_inner();
         let status = r.status.with_context(|| format!("the runtime sent no status for container {id}"))?;
         print_json(&inspect::container(&status, &r.info))?;
@@ -469,11 +615,13 @@ async fn inspect_containers(c: &mut Client, args: &mut Args) -> Result<ExitCode>
 
 async fn inspect_pods(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     for id in args.all("the pod id")? {
+        // crictl v1.32's wording.
         let r = c
             .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: id.clone(), verbose: true })
             .await
             .map_err(rpc)
-            .with_context(|| format!("pod {id}"))?
+            .context("get pod sandbox status")
+            .context("get the status of pod sandboxes")?
             .into_inner();
         let status = r.status.with_context(|| format!("the runtime sent no status for pod {id}"))?;
         print_json(&inspect::pod(&status, &r.info))?;
@@ -493,76 +641,152 @@ async fn stop(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
         }
     }
     for id in args.all("the container id")? {
+        // crictl v1.32's wording.
         c.stop_container(cri::StopContainerRequest { container_id: id.clone(), timeout })
             .await
             .map_err(rpc)
-            .with_context(|| format!("stopping container {id}"))?;
+            .with_context(|| format!("stopping the container {}", q(&id)))?;
         println!("{id}");
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// The options of `rm` and `rmp`: only `-f`/`--force`.
-fn force_option(args: &mut Args, cmd: &str) -> Result<bool> {
-    let mut force = false;
+/// The options of `rm` and `rmp`: `-f`/`--force`, and for `rm` `-k`/`--keep-logs`.
+fn rm_options(args: &mut Args, cmd: &str) -> Result<(bool, bool)> {
+    let (mut force, mut keep_logs) = (false, false);
     while let Some((opt, _)) = args.next_option() {
         match opt.as_str() {
             "-f" | "--force" => force = true,
+            "-k" | "--keep-logs" if cmd == "rm" => keep_logs = true,
             other => bail!("{cmd}: unknown option {other}"),
         }
     }
-    Ok(force)
+    Ok((force, keep_logs))
 }
 
+/// `rm`, as crictl v1.32: each container in turn (its errors together at the
+/// end); a running one only with `-f` (stopped first); its log file and the
+/// rotated ones (`PATH.*`) removed unless `-k`. The errors are crictl's words.
 async fn rm(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
-    let force = force_option(args, "rm")?;
+    let (force, keep_logs) = rm_options(args, "rm")?;
+    let mut errors = Vec::new();
     for id in args.all("the container id")? {
-        if force {
-            c.stop_container(cri::StopContainerRequest { container_id: id.clone(), timeout: 0 })
-                .await
-                .map_err(rpc)
-                .with_context(|| format!("stopping container {id}"))?;
+        if let Err(e) = rm_one(c, &id, force, keep_logs).await {
+            errors.push(format!("{e:#}"));
         }
-        c.remove_container(cri::RemoveContainerRequest { container_id: id.clone() })
+    }
+    aggregate(errors)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn rm_one(c: &mut Client, id: &str, force: bool, keep_logs: bool) -> Result<()> {
+    let status = c
+        .container_status(cri::ContainerStatusRequest { container_id: id.to_string(), verbose: false })
+        .await
+        .map_err(rpc)
+        .with_context(|| format!("getting container status {}", q(id)))?
+        .into_inner()
+        .status
+        .unwrap_or_default();
+    if status.state == cri::ContainerState::ContainerRunning as i32 {
+        if !force {
+            bail!("container {} is running, please stop it first", q(id));
+        }
+        c.stop_container(cri::StopContainerRequest { container_id: id.to_string(), timeout: 0 })
             .await
             .map_err(rpc)
-            .with_context(|| format!("removing container {id}"))?;
+            .with_context(|| format!("stopping the container {}", q(id)))?;
         println!("{id}");
     }
-    Ok(ExitCode::SUCCESS)
+    c.remove_container(cri::RemoveContainerRequest { container_id: id.to_string() })
+        .await
+        .map_err(rpc)
+        .with_context(|| format!("removing container {}", q(id)))?;
+    println!("{id}");
+    if !keep_logs && !status.log_path.is_empty() {
+        for file in log_files(Path::new(&status.log_path)) {
+            if let Err(e) = std::fs::remove_file(&file) {
+                let message = format!("removing log file {} for container {} failed: {e}", file.display(), q(id));
+                eprintln!("{}", log_line(SystemTime::now(), "error", message.as_bytes()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A container's log file and its rotations (`PATH.*`), as crictl's `rm` finds them.
+fn log_files(path: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    if let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+        let prefix = format!("{name}.");
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            files.extend(
+                entries
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix))),
+            );
+        }
+    }
+    files.sort();
+    files.push(path.to_path_buf());
+    files
 }
 
 async fn stopp(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
     for id in args.all("the pod id")? {
+        // crictl v1.32's wording.
         c.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.clone() })
             .await
             .map_err(rpc)
-            .with_context(|| format!("stopping pod {id}"))?;
+            .with_context(|| format!("stopping the pod sandbox {}", q(&id)))?;
         println!("Stopped sandbox {id}");
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// `rmp`, as crictl v1.32: each pod in turn (its errors together at the end); a
+/// ready one only with `-f` (stopped first). The errors are crictl's words.
 async fn rmp(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
-    let force = force_option(args, "rmp")?;
+    let (force, _) = rm_options(args, "rmp")?;
+    let mut errors = Vec::new();
     for id in args.all("the pod id")? {
-        if force {
-            c.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.clone() })
-                .await
-                .map_err(rpc)
-                .with_context(|| format!("stopping pod {id}"))?;
+        if let Err(e) = rmp_one(c, &id, force).await {
+            errors.push(format!("{e:#}"));
         }
-        c.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.clone() })
-            .await
-            .map_err(rpc)
-            .with_context(|| format!("removing pod {id}"))?;
-        println!("Removed sandbox {id}");
     }
+    aggregate(errors)?;
     Ok(ExitCode::SUCCESS)
 }
 
+async fn rmp_one(c: &mut Client, id: &str, force: bool) -> Result<()> {
+    let status = c
+        .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: id.to_string(), verbose: false })
+        .await
+        .map_err(rpc)
+        .with_context(|| format!("getting sandbox status of pod {}", q(id)))?
+        .into_inner();
+    if status.status.is_some_and(|s| s.state == cri::PodSandboxState::SandboxReady as i32) {
+        if !force {
+            bail!("pod sandbox {} is running, please stop it first", q(id));
+        }
+        c.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.to_string() })
+            .await
+            .map_err(rpc)
+            .with_context(|| format!("stopping the pod sandbox {} failed", q(id)))?;
+        println!("Stopped sandbox {id}");
+    }
+    c.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.to_string() })
+        .await
+        .map_err(rpc)
+        .with_context(|| format!("removing the pod sandbox {}", q(id)))?;
+    println!("Removed sandbox {id}");
+    Ok(())
+}
+
 async fn version(c: &mut Client) -> Result<ExitCode> {
-    let v = c.version(cri::VersionRequest { version: "v1".into() }).await.map_err(rpc)?.into_inner();
+    // crictl v1.32's wording.
+    let v = c.version(cri::VersionRequest { version: "v1".into() }).await.map_err(rpc).context("getting the runtime version")?.into_inner();
     println!(
         "Version:  {}\nRuntimeName:  {}\nRuntimeVersion:  {}\nRuntimeApiVersion:  {}",
         v.version, v.runtime_name, v.runtime_version, v.runtime_api_version
@@ -601,5 +825,81 @@ mod tests {
         assert_eq!(a.positional("id").unwrap(), "c1");
         assert_eq!(a.all("cmd").unwrap(), ["sh", "-c", "exit 3"]);
         assert_eq!("RUNNING".to_ascii_title(), "Running");
+    }
+
+    #[test]
+    fn a_failed_exec_reads_as_crictls() {
+        let cmd = ["sh", "-c", "echo out; echo err >&2; exit 3"].map(String::from);
+        let message = exec_sync_failure("c1", &cmd, 3, b"err\n");
+        assert_eq!(
+            message,
+            b"execing command in container c1 synchronously: command 'sh -c echo out; echo err >&2; exit 3' exited with 3: err\n"
+        );
+        // What crictl v1.32 prints on stderr for it (its only output; exit status 1).
+        let t = UNIX_EPOCH + Duration::from_secs(1_767_607_205);
+        assert_eq!(
+            fatal_line(t, &message),
+            r#"time="2026-01-05T10:00:05Z" level=fatal msg="execing command in container c1 synchronously: command 'sh -c echo out; echo err >&2; exit 3' exited with 3: err\n""#
+        );
+        // stderr that is not UTF-8 stays as it came, for the quoting to escape.
+        let message = exec_sync_failure("c1", &["false".into()], 1, b"\xff");
+        assert!(fatal_line(t, &message).ends_with(r#"exited with 1: \xff""#));
+        assert_eq!(
+            ExecFailed(message).to_string(),
+            "execing command in container c1 synchronously: command 'false' exited with 1: \u{fffd}"
+        );
+        assert_eq!(exec_stream_failure("c1", 3), "execing command in container c1: command terminated with exit code 3");
+    }
+
+    #[test]
+    fn a_successful_exec_prints_both_streams_on_stdout() {
+        assert_eq!(exec_sync_output(b"out\n", b"err\n"), b"out\n\nerr\n\n");
+        assert_eq!(exec_sync_output(b"", b""), b"\n\n");
+    }
+
+    #[test]
+    fn errors_of_several_ids_aggregate_as_k8s_does() {
+        assert!(aggregate(vec![]).is_ok());
+        assert_eq!(aggregate(vec!["a".into()]).unwrap_err().to_string(), "a");
+        assert_eq!(aggregate(vec!["a".into(), "b".into(), "a".into()]).unwrap_err().to_string(), "[a, b]");
+        assert_eq!(aggregate(vec!["a".into(), "a".into()]).unwrap_err().to_string(), "a");
+        assert_eq!(q("4f2c"), r#""4f2c""#);
+    }
+
+    #[test]
+    fn ages_read_as_crictls() {
+        let cases = [
+            (0, "Less than a second"),
+            (1, "1 second"),
+            (59, "59 seconds"),
+            (60, "About a minute"),
+            (119, "About a minute"),
+            (120, "2 minutes"),
+            (3599, "59 minutes"),
+            (3600, "About an hour"),
+            (5399, "About an hour"),
+            (5400, "2 hours"),
+            (47 * 3600, "47 hours"),
+            (48 * 3600, "2 days"),
+            (14 * 86_400, "2 weeks"),
+            (60 * 86_400, "2 months"),
+            (730 * 86_400, "2 years"),
+        ];
+        for (secs, text) in cases {
+            assert_eq!(human_duration(secs), text, "{secs}s");
+        }
+        assert!(ago(0).ends_with(" years ago"));
+    }
+
+    #[test]
+    fn rotated_logs_are_found_with_the_log() {
+        let dir = std::env::temp_dir().join(format!("vfvm-crictl-logs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in ["c1.log", "c1.log.1", "c1.log.20260105-100000", "c1.logs", "c2.log"] {
+            std::fs::write(dir.join(name), "").unwrap();
+        }
+        let found = log_files(&dir.join("c1.log"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(found, ["c1.log.1", "c1.log.20260105-100000", "c1.log"].map(|n| dir.join(n)));
     }
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
+use vfvm_crictl::logrus::fatal_message;
 use vfvm_test_containerd::{
     install_vfvm, oci, output_within, pids_named, vfvm_consoles, vfvm_leftovers, which, Containerd, Version, CRI_NAMESPACE, VFVM_STATE_DIR,
 };
@@ -39,6 +40,15 @@ fn build_dir() -> PathBuf {
 /// The CRI client: `crictl` if installed, else ours (same command lines).
 fn crictl() -> PathBuf {
     which("crictl").unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vfvm-crictl")))
+}
+
+/// The error a failed crictl call reported, from its stderr, as plain text. Both
+/// clients end with crictl's `logrus.Fatal` line, `level=fatal msg="..."`, whose
+/// message is Go-quoted (`\"64\"`, `err\n`); this is that message unquoted
+/// (`"64"`, a newline), so a check reads the runtime's words whichever client
+/// printed them. Without such a line, the whole stderr, as it is.
+fn crictl_error(stderr: &str) -> String {
+    fatal_message(stderr).unwrap_or_else(|| stderr.trim().to_string())
 }
 
 /// A CRI client on one containerd, and a directory for config files and pod logs.
@@ -361,11 +371,25 @@ fn pods_in_vms(version: Version) {
         let vms = vmm_pods();
         ensure!(vms.len() == 2, "containers must not start VMs of their own: vfvm-vmm processes serve {vms:?}");
 
-        // exec: output on both streams, the exit code.
-        let (code, stdout, stderr) = cri.exec(&c1, &["sh", "-c", "echo out; echo err >&2; exit 3"])?;
+        // exec: output on both streams, kept apart. crictl's `exec -s` prints a
+        // command's stdout, then its stderr, each followed by a newline, all on its
+        // stdout: "out" first although the command wrote "err" first.
+        let (code, stdout, stderr) = cri.exec(&c1, &["sh", "-c", "echo err >&2; echo out"])?;
         ensure!(
-            (code, stdout.as_str(), stderr.as_str()) == (3, "out\n", "err\n"),
-            "exec: exit {code}, stdout {stdout:?}, stderr {stderr:?}"
+            (code, stdout.as_str()) == (0, "out\n\nerr\n\n"),
+            "exec: exit {code}, stdout {stdout:?} (want \"out\\n\\nerr\\n\\n\"), stderr {stderr:?}"
+        );
+        // exec: the exit code. A command that exits non-zero fails crictl's
+        // `exec -s` (exit status 1, nothing on stdout) with the cri-client's error
+        // `command '<cmd>' exited with <code>: <stderr>`.
+        let cmd = ["sh", "-c", "echo out; echo err >&2; exit 3"];
+        let (code, stdout, stderr) = cri.exec(&c1, &cmd)?;
+        let error = crictl_error(&stderr);
+        let want = format!("command '{}' exited with 3: err\n", cmd.join(" "));
+        ensure!(
+            code == 1 && stdout.is_empty() && error.ends_with(&want),
+            "exec of a command that exits 3: exit status 1, no stdout and an error ending {want:?} expected; \
+             exit {code}, stdout {stdout:?}, error {error:?} (stderr {stderr:?})"
         );
 
         // logs: what the container printed, through containerd's CRI log file.
@@ -398,9 +422,10 @@ fn lab_cri_pods_in_vms_containerd_2_1() {
 }
 
 /// Pods with bad annotations, through CRI: runp fails with an error that names the
-/// annotation, the value and what was expected (containerd passes
-/// `io.katacontainers.*` on, per the config snippet), and nothing is left behind:
-/// no VM, no state, no pod in CRI.
+/// annotation, the value (in quotes, as the runtime writes it: read through
+/// [`crictl_error`], whose unquoting makes crictl's `\"64\"` `"64"` again) and what
+/// was expected (containerd passes `io.katacontainers.*` on, per the config
+/// snippet), and nothing is left behind: no VM, no state, no pod in CRI.
 fn bad_annotations(version: Version) {
     let c = containerd(version);
     scenario(&format!("bad-annotations-{}", version.name()), &c, |cri| {
@@ -421,11 +446,18 @@ fn bad_annotations(version: Version) {
             let file = cri.pod_config_annotated(&format!("bad-{i}"), &[(key, value)])?;
             let out = cri.run(&["runp", "--runtime", "kata", &file])?;
             let stderr = String::from_utf8_lossy(&out.stderr);
-            ensure!(!out.status.success(), "{key}={value}: runp should fail; it printed {}", String::from_utf8_lossy(&out.stdout).trim());
+            ensure!(
+                out.status.code() == Some(1),
+                "{key}={value}: runp should fail with exit status 1; it exited {} and printed {}\nstderr: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout).trim(),
+                stderr.trim()
+            );
+            let error = crictl_error(&stderr);
             for w in wanted {
-                ensure!(stderr.contains(w), "{key}={value}: runp's error should contain {w:?}: {stderr}");
+                ensure!(error.contains(w), "{key}={value}: runp's error should contain {w:?}: {error}\nstderr: {}", stderr.trim());
             }
-            eprintln!("containerd {}: {key}={value}: {}", version.name(), stderr.trim());
+            eprintln!("containerd {}: {key}={value}: {error}", version.name());
             ensure!(cri.ids(&["pods", "-q"])?.is_empty(), "{key}={value}: the failed pod is still listed");
             wait_nothing_left(&format!("after runp with {key}={value}"))?;
         }
