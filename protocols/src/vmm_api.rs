@@ -57,6 +57,45 @@ pub enum VmState {
     ShuttingDown,
 }
 
+/// VM exits that reached the VMM (KVM handles the rest in the kernel: its debugfs
+/// counts those), by reason and, for port I/O and MMIO, by the device range hit.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitStats {
+    /// By reason: `io_in`, `io_out`, `mmio_read`, `mmio_write`, `interrupted` (a kick or
+    /// other signal), `hlt`, `other`; only reasons seen.
+    pub reasons: std::collections::BTreeMap<String, u64>,
+    /// Port-I/O and MMIO exits by range, most first; addresses with no device are
+    /// listed one by one (a bounded number of them) with `device` "unassigned".
+    pub ranges: Vec<RangeExits>,
+}
+
+impl ExitStats {
+    /// Every exit counted, whatever its reason.
+    pub fn total(&self) -> u64 {
+        self.reasons.values().sum()
+    }
+}
+
+/// Which address space a range is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AddressSpace {
+    Pio,
+    Mmio,
+}
+
+/// The exits of one device range (or one unassigned address).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RangeExits {
+    pub space: AddressSpace,
+    pub base: u64,
+    pub len: u64,
+    pub device: String,
+    pub exits: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -79,6 +118,9 @@ pub enum Response {
         vcpus: u32,
         memory_mib: u64,
         vmm_version: String,
+        /// The VM exits the VMM has handled so far (absent from VMMs that do not count).
+        #[serde(default)]
+        exits: ExitStats,
     },
     Done,
     /// A device was plugged at this guest PCI address.

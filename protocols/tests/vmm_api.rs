@@ -8,7 +8,9 @@ use vfvm_protocols::vmm_api::*;
 
 fn handler(req: Request) -> Response {
     match req {
-        Request::Status => Response::Status { state: VmState::Running, vcpus: 2, memory_mib: 256, vmm_version: "test".into() },
+        Request::Status => {
+            Response::Status { state: VmState::Running, vcpus: 2, memory_mib: 256, vmm_version: "test".into(), exits: ExitStats::default() }
+        }
         Request::Resume => Response::error(ErrorCode::InvalidState, "the VM is running"),
         Request::AddVfioDevice { id, .. } => Response::DeviceAdded { id, guest_pci_address: "0000:00:05.0".parse().unwrap() },
         _ => Response::Done,
@@ -46,7 +48,7 @@ fn requests_round_trip_with_their_ids() {
     let mut c = VmmClient::connect(&path, Duration::from_secs(5)).unwrap();
     assert_eq!(
         c.call(Request::Status).unwrap(),
-        Response::Status { state: VmState::Running, vcpus: 2, memory_mib: 256, vmm_version: "test".into() }
+        Response::Status { state: VmState::Running, vcpus: 2, memory_mib: 256, vmm_version: "test".into(), exits: ExitStats::default() }
     );
     assert!(matches!(c.call(Request::Resume).unwrap(), Response::Error { code: ErrorCode::InvalidState, .. }));
     let added = c

@@ -27,9 +27,9 @@
 //!   would point Linux at a pin nothing drives. The only override is the SCI's.
 //! - IOAPIC id = the number of vCPUs (after the LAPIC ids), as in the MP table, which
 //!   stays for guests booted with `acpi=off`.
-//! - PCI: `\_SB.PCI0` (PNP0A08, segment 0, buses 0..=255) with the config ports
+//! - PCI: `\_SB.PCI0` (PNP0A08, segment 0, the ECAM's buses) with the config ports
 //!   0xCF8..0xCFF and the two memory windows of [`PciWindows::for_ram`] in its
-//!   `_CRS`; the MCFG points at the ECAM for buses 0..=255, which `\_SB.MRES`
+//!   `_CRS`; the MCFG points at the ECAM for the buses it covers (bus 0 only), which `\_SB.MRES`
 //!   (PNP0C02) and the e820 map both reserve. No `_PRT`: PCI devices use MSI-X.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -69,6 +69,9 @@ const FADT_RESET_REG_SUP: u32 = 1 << 10;
 // flag stays clear: there is no keyboard controller, only its reset command.
 const IAPC_LEGACY_DEVICES: u16 = 1 << 0;
 const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
+// No CMOS RTC for the guest to drive: it takes the wall clock from kvmclock, and Linux
+// then registers no rtc-cmos device, whose probe and clock read cost ~110 port exits.
+const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 
 // Generic address structure: address spaces and access sizes.
 const GAS_SYSTEM_IO: u8 = 1;
@@ -150,7 +153,7 @@ fn fadt(dsdt: u64, facs: u32) -> Vec<u8> {
     at(88, &[PM1_EVT_LEN, PM1_CNT_LEN]); // PM1_EVT_LEN, PM1_CNT_LEN; the rest 0
     at(96, &101u16.to_le_bytes()); // P_LVL2_LAT > 100: no C2
     at(98, &1001u16.to_le_bytes()); // P_LVL3_LAT > 1000: no C3
-    at(109, &(IAPC_LEGACY_DEVICES | IAPC_VGA_NOT_PRESENT).to_le_bytes());
+    at(109, &(IAPC_LEGACY_DEVICES | IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT).to_le_bytes());
     let flags = FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_RESET_REG_SUP;
     at(112, &flags.to_le_bytes());
     at(116, &gas(GAS_SYSTEM_IO, 8, GAS_ACCESS_BYTE, I8042_COMMAND_PORT)); // RESET_REG
@@ -456,7 +459,7 @@ mod tests {
     #[test]
     fn pointers_resolve_and_checksums_hold() {
         for cpus in [1u8, 2, 7, MAX_CPUS] {
-            let mem = crate::vm::guest_memory(64 << 20).unwrap();
+            let mem = crate::memory::guest_memory(64 << 20, crate::memory::Backing::Private).unwrap();
             assert_eq!(write_acpi_tables(&mem, cpus).unwrap(), 0xE0000);
 
             let mut r = [0u8; RSDP_LEN];
@@ -471,7 +474,7 @@ mod tests {
             assert_eq!(x.len(), 36 + 24);
             let mcfg = table(&mem, u64_at(&x, 52), b"MCFG");
             assert_eq!((mcfg.len(), mcfg[8]), (60, 1));
-            assert_eq!((u64_at(&mcfg, 44), &mcfg[52..56]), (0xE000_0000, &[0u8, 0, 0, 0xff][..]));
+            assert_eq!((u64_at(&mcfg, 44), &mcfg[52..56]), (0xE000_0000, &[0u8, 0, 0, 0][..]), "segment 0, buses 0..=0");
             let fadt = table(&mem, u64_at(&x, 36), b"FACP");
             let madt = table(&mem, u64_at(&x, 44), b"APIC");
 
@@ -507,10 +510,10 @@ mod tests {
             assert!(find(&[0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0a, 0x08]).is_some());
             assert!(find(&[0x08, b'_', b'C', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0a, 0x03]).is_some());
             assert!(find(&[0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0c, 0x02]).is_some(), "PNP0C02");
-            assert!(find(&word_bus_number(0, 255)).is_some());
+            assert!(find(&word_bus_number(0, 0)).is_some());
             assert!(find(&dword_memory(0xC000_0000, 0x2000_0000)).is_some());
             assert!(find(&qword_memory(1 << 32, crate::layout::PCI_MMIO64_SIZE)).is_some());
-            assert!(find(&memory32_fixed(0xE000_0000, 0x1000_0000)).is_some());
+            assert!(find(&memory32_fixed(0xE000_0000, 0x10_0000)).is_some());
 
             // MADT: LAPIC address, one LAPIC per vCPU, the IOAPIC, the SCI override.
             assert_eq!((u32_at(&madt, 36), madt[8]), (0xFEE0_0000, 5));

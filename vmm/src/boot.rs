@@ -285,7 +285,7 @@ mod tests {
     }
 
     fn memory(ram: u64) -> GuestMemoryMmap {
-        crate::vm::guest_memory(ram).unwrap()
+        crate::memory::guest_memory(ram, crate::memory::Backing::Private).unwrap()
     }
 
     #[test]

@@ -21,7 +21,9 @@ use crate::boot::{self, MIN_MEMORY_BYTES};
 use crate::bus::Bus;
 use crate::cmos::{Cmos, CMOS_PORT};
 use crate::cpu;
+use crate::exits::ExitCounters;
 use crate::interrupt::{KvmMsiSink, MsiSink};
+use crate::memory::{self, Backing, MemoryError};
 use crate::mptable::{self, MAX_CPUS};
 use crate::pci::{self, PciRoot, PciWindows};
 use crate::power::{AcpiPm1aControl, AcpiPm1aEvent, I8042, I8042_COMMAND_PORT, PM1A_CNT_PORT, PM1A_EVT_PORT};
@@ -30,7 +32,7 @@ use crate::vcpu::{self, PauseGate, VcpuError, VcpuStop};
 use crate::virtio::fs::{self, FsError, VhostUserFs};
 use crate::virtio::pci::VirtioPciDevice;
 use crate::virtio::vsock::Vsock;
-use crate::vm::{self, Vm, VmError, VmOptions};
+use crate::vm::{Vm, VmError, VmOptions};
 
 /// The largest guest accepted (a sanity bound, not a KVM limit).
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
@@ -107,6 +109,9 @@ struct VmControl {
     threads: Mutex<Vec<libc::pthread_t>>,
     forced: AtomicBool,
     pm1a_event: Arc<Mutex<AcpiPm1aEvent>>,
+    /// For the exit counts in the status.
+    exits: Arc<ExitCounters>,
+    buses: [Bus; 2],
 }
 
 impl VmControl {
@@ -145,6 +150,7 @@ impl VmControl {
                 vcpus: u32::from(self.vcpus),
                 memory_mib: self.memory_mib,
                 vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+                exits: self.exits.stats(&[&self.buses[0], &self.buses[1]]),
             },
             Request::Pause => match state {
                 VmState::Running => {
@@ -219,6 +225,8 @@ pub enum MachineError {
     Cmdline(String),
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
     #[error("setting up the guest: {0}")]
     Setup(String),
     #[error("vCPU {id}: {err}")]
@@ -296,7 +304,8 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
         None => None,
     };
     // A vhost-user backend maps guest memory itself: it must be shared (memfd).
-    let guest_memory = if fs_device.is_some() { vm::shared_guest_memory(ram)? } else { vm::guest_memory(ram)? };
+    let backing = if fs_device.is_some() { Backing::Shared } else { Backing::Private };
+    let guest_memory = memory::guest_memory(ram, backing)?;
     let vm = Vm::new(guest_memory, VmOptions { irqchip: true })?;
     let buses = ClearOnDrop(vec![vm.pio.clone(), vm.mmio.clone()]);
     let memory = vm.memory();
@@ -328,9 +337,9 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
     let console = Console::new(console_log, config.serial_stdout);
     let panicked = console.panicked();
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)));
-    vm.pio.insert(COM1_PORT, 8, serial.clone()).map_err(setup)?;
-    vm.pio.insert(CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::default()))).map_err(setup)?;
-    vm.pio.insert(I8042_COMMAND_PORT, 1, Arc::new(Mutex::new(I8042))).map_err(setup)?;
+    vm.pio.insert(COM1_PORT, 8, "serial COM1", serial.clone()).map_err(setup)?;
+    vm.pio.insert(CMOS_PORT, 2, "CMOS/RTC", Arc::new(Mutex::new(Cmos::default()))).map_err(setup)?;
+    vm.pio.insert(I8042_COMMAND_PORT, 1, "i8042 (reset)", Arc::new(Mutex::new(I8042))).map_err(setup)?;
     let sci_vm = vm.shared_fd();
     let sci = Box::new(move |level: bool| {
         if let Err(e) = sci_vm.set_irq_line(u32::from(acpi::SCI_IRQ), level) {
@@ -338,8 +347,8 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
         }
     });
     let pm1a_event = Arc::new(Mutex::new(AcpiPm1aEvent::new(sci)));
-    vm.pio.insert(PM1A_EVT_PORT, 4, pm1a_event.clone()).map_err(setup)?;
-    vm.pio.insert(PM1A_CNT_PORT, 2, Arc::new(Mutex::new(AcpiPm1aControl))).map_err(setup)?;
+    vm.pio.insert(PM1A_EVT_PORT, 4, "ACPI PM1a event", pm1a_event.clone()).map_err(setup)?;
+    vm.pio.insert(PM1A_CNT_PORT, 2, "ACPI PM1a control", Arc::new(Mutex::new(AcpiPm1aControl))).map_err(setup)?;
 
     // The PCI root complex and its devices, before the vCPUs exist.
     let pci_root = Arc::new(Mutex::new(PciRoot::new(vm.mmio.clone(), PciWindows::for_ram(ram))));
@@ -399,6 +408,8 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
         threads: Mutex::new(threads.iter().map(|h| h.as_pthread_t()).collect()),
         forced: AtomicBool::new(false),
         pm1a_event,
+        exits: vm.exits().clone(),
+        buses: [vm.pio.clone(), vm.mmio.clone()],
     });
     let api = match (&config.api_socket, &spawn_error) {
         (Some(path), None) => {

@@ -15,6 +15,7 @@ use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::bus::{Bus, BusAction};
+use crate::exits::{ExitCounters, ExitReason};
 
 /// Why a vCPU stopped running.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,11 +163,12 @@ pub struct Vcpu {
     mmio: Bus,
     stop: Arc<AtomicBool>,
     gate: Arc<PauseGate>,
+    exits: Arc<ExitCounters>,
 }
 
 impl Vcpu {
-    pub fn new(fd: VcpuFd, pio: Bus, mmio: Bus) -> Self {
-        Self { fd, pio, mmio, stop: Arc::new(AtomicBool::new(false)), gate: Arc::default() }
+    pub fn new(fd: VcpuFd, pio: Bus, mmio: Bus, exits: Arc<ExitCounters>) -> Self {
+        Self { fd, pio, mmio, stop: Arc::new(AtomicBool::new(false)), gate: Arc::default(), exits }
     }
 
     /// Shares a pause gate (one for the whole VM).
@@ -233,11 +235,20 @@ impl Vcpu {
                 // A kick (or any signal): clear immediate_exit first, then look at the
                 // flag, so a kick that lands in between still stops the next KVM_RUN.
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.exits.count(ExitReason::Interrupted);
                     self.fd.set_kvm_immediate_exit(0);
                     continue;
                 }
                 Err(e) => return Err(VcpuError::Run(e)),
             };
+            self.exits.count(match &exit {
+                VcpuExit::IoIn(..) => ExitReason::IoIn,
+                VcpuExit::IoOut(..) => ExitReason::IoOut,
+                VcpuExit::MmioRead(..) => ExitReason::MmioRead,
+                VcpuExit::MmioWrite(..) => ExitReason::MmioWrite,
+                VcpuExit::Hlt => ExitReason::Hlt,
+                _ => ExitReason::Other,
+            });
             let action = match exit {
                 VcpuExit::IoOut(port, data) => self.pio.write(u64::from(port), data).unwrap_or(BusAction::None),
                 VcpuExit::IoIn(port, data) => {

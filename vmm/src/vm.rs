@@ -5,13 +5,14 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_
 use std::sync::Arc;
 
 use kvm_ioctls::{Kvm, VmFd};
-use std::os::fd::FromRawFd;
 
-use vm_memory::{Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::bus::Bus;
+use crate::exits::ExitCounters;
 use crate::layout;
 use crate::vcpu::Vcpu;
+use vfvm_protocols::vmm_api::AddressSpace;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -44,55 +45,11 @@ impl Default for VmOptions {
 
 pub struct Vm {
     kvm: Kvm,
+    exits: Arc<ExitCounters>,
     fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
     pub pio: Bus,
     pub mmio: Bus,
-}
-
-fn ram_ranges(ram_bytes: u64) -> Result<Vec<(GuestAddress, usize)>, VmError> {
-    layout::ram_ranges(ram_bytes)
-        .into_iter()
-        .map(|(start, len)| usize::try_from(len).map(|l| (GuestAddress(start), l)))
-        .collect::<Result<_, _>>()
-        .map_err(|_| VmError::Memory(format!("{ram_bytes} bytes do not fit this host's address space")))
-}
-
-/// Guest memory for `ram_bytes`, split around the 32-bit MMIO hole: anonymous private
-/// memory, which only this process can map.
-pub fn guest_memory(ram_bytes: u64) -> Result<GuestMemoryMmap, VmError> {
-    GuestMemoryMmap::from_ranges(&ram_ranges(ram_bytes)?).map_err(|e| VmError::Memory(e.to_string()))
-}
-
-/// Guest memory another process can map too, as vhost-user backends must: one memfd,
-/// mapped MAP_SHARED, each range at its own offset (the file descriptor and offsets go
-/// to the backend with SET_MEM_TABLE). Only used when a vhost-user device is
-/// configured: anonymous private memory keeps transparent huge pages where the host
-/// enables them only for anonymous memory (the default), and is the tested path of
-/// every other guest.
-pub fn shared_guest_memory(ram_bytes: u64) -> Result<GuestMemoryMmap, VmError> {
-    let ranges = ram_ranges(ram_bytes)?;
-    let mem_err = |what: &str, e: std::io::Error| VmError::Memory(format!("{what}: {e}"));
-    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"vfvm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(mem_err("memfd_create", std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` is a new descriptor that nothing else owns.
-    let file = std::fs::File::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
-    let total: u64 = ranges.iter().map(|&(_, len)| len as u64).sum();
-    file.set_len(total).map_err(|e| mem_err("sizing the guest memory file", e))?;
-    let file = Arc::new(file);
-    let mut offset = 0u64;
-    let with_files: Vec<_> = ranges
-        .into_iter()
-        .map(|(start, len)| {
-            let at = FileOffset::from_arc(file.clone(), offset);
-            offset += len as u64;
-            (start, len, Some(at))
-        })
-        .collect();
-    GuestMemoryMmap::from_ranges_with_files(with_files).map_err(|e| VmError::Memory(e.to_string()))
 }
 
 impl Vm {
@@ -125,7 +82,14 @@ impl Vm {
             // (device threads holding `shared_fd` clones are stopped before the Vm drops).
             unsafe { fd.set_user_memory_region(r) }.map_err(kvm_err("register guest memory"))?;
         }
-        Ok(Self { kvm, fd: Arc::new(fd), memory, pio: Bus::new(), mmio: Bus::new() })
+        Ok(Self {
+            kvm,
+            exits: Arc::default(),
+            fd: Arc::new(fd),
+            memory,
+            pio: Bus::new(AddressSpace::Pio),
+            mmio: Bus::new(AddressSpace::Mmio),
+        })
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
@@ -141,6 +105,11 @@ impl Vm {
         self.fd.clone()
     }
 
+    /// The exits its vCPUs have handled (see [`crate::exits`]).
+    pub fn exits(&self) -> &Arc<ExitCounters> {
+        &self.exits
+    }
+
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
     }
@@ -148,37 +117,6 @@ impl Vm {
     /// A vCPU with this VM's buses (as they are now: add devices first).
     pub fn create_vcpu(&self, id: u64) -> Result<Vcpu, VmError> {
         let fd = self.fd.create_vcpu(id).map_err(kvm_err("create a vCPU"))?;
-        Ok(Vcpu::new(fd, self.pio.clone(), self.mmio.clone()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::FileExt;
-    use vm_memory::Bytes;
-
-    #[test]
-    fn shared_memory_is_one_memfd_with_each_range_at_its_offset() {
-        // Above the 32-bit hole too: two ranges.
-        let ram = layout::MMIO_HOLE_START + (16 << 20);
-        let mem = shared_guest_memory(ram).unwrap();
-        let regions: Vec<_> = mem.iter().collect();
-        assert_eq!(regions.len(), 2);
-        let mut expected_offset = 0;
-        for r in &regions {
-            let at = r.file_offset().expect("file-backed");
-            assert_eq!(at.start(), expected_offset);
-            expected_offset += r.len();
-            // What the guest writes is what another mapping of the file sees.
-            let gpa = r.start_addr().unchecked_add(0x1234);
-            let mark = 0xfeed_f00d_u32 ^ u32::try_from(at.start()).unwrap();
-            mem.write_obj(mark, gpa).unwrap();
-            let mut b = [0u8; 4];
-            at.file().read_exact_at(&mut b, at.start() + 0x1234).unwrap();
-            assert_eq!(u32::from_le_bytes(b), mark);
-        }
-        assert_eq!(expected_offset, ram);
-        assert!(guest_memory(64 << 20).unwrap().iter().all(|r| r.file_offset().is_none()));
+        Ok(Vcpu::new(fd, self.pio.clone(), self.mmio.clone(), self.exits.clone()))
     }
 }

@@ -54,12 +54,12 @@ fn guest(code: &[u8], irqchip: bool) -> (Guest, Vcpu) {
     memory.write_slice(code, GuestAddress(CODE)).unwrap();
     let vm = Vm::new(memory, VmOptions { irqchip }).expect("KVM is needed for these tests (/dev/kvm)");
     let serial = recorder(0);
-    vm.pio.insert(0x3f8, 8, serial.clone()).unwrap();
-    vm.pio.insert(0x500, 1, recorder(0x41)).unwrap();
+    vm.pio.insert(0x3f8, 8, "serial recorder", serial.clone()).unwrap();
+    vm.pio.insert(0x500, 1, "responder", recorder(0x41)).unwrap();
     let mmio = recorder(0x30);
-    vm.mmio.insert(0xA0000, 0x1000, mmio.clone()).unwrap();
-    vm.pio.insert(PM1A_CNT_PORT, 2, Arc::new(Mutex::new(AcpiPm1aControl))).unwrap();
-    vm.pio.insert(I8042_COMMAND_PORT, 1, Arc::new(Mutex::new(I8042))).unwrap();
+    vm.mmio.insert(0xA0000, 0x1000, "mmio recorder", mmio.clone()).unwrap();
+    vm.pio.insert(PM1A_CNT_PORT, 2, "PM1a control", Arc::new(Mutex::new(AcpiPm1aControl))).unwrap();
+    vm.pio.insert(I8042_COMMAND_PORT, 1, "i8042", Arc::new(Mutex::new(I8042))).unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
     let mut sregs = vcpu.fd().get_sregs().unwrap();
     sregs.cs.base = 0;
@@ -92,6 +92,15 @@ fn port_io_reaches_the_right_devices_and_the_guest_powers_off() {
     let (g, mut vcpu) = guest(&code, true);
     assert_eq!(vcpu.run().unwrap(), VcpuStop::PowerOff);
     assert_eq!(bytes_written(&g.serial), [b'H', b'i', b'B', 0xff]);
+    // Each exit counted by reason, and each access by the range (or address) it hit.
+    let stats = g.vm.exits().stats(&[&g.vm.pio, &g.vm.mmio]);
+    assert_eq!(stats.reasons.get("io_in"), Some(&2), "{stats:?}");
+    assert_eq!(stats.reasons.get("io_out"), Some(&5), "four to the serial recorder, one to power off: {stats:?}");
+    let hits = |device: &str, base: u64| stats.ranges.iter().find(|r| r.device == device && r.base == base).map(|r| r.exits);
+    assert_eq!(hits("serial recorder", 0x3f8), Some(4));
+    assert_eq!(hits("responder", 0x500), Some(1));
+    assert_eq!(hits("unassigned", 0x80), Some(1));
+    assert_eq!(hits("PM1a control", PM1A_CNT_PORT), Some(1));
 }
 
 #[test]

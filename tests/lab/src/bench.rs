@@ -1,27 +1,99 @@
 //! `cargo xtask bench`: vfvm-vmm against QEMU booting the same guest in the same lab
-//! run. Inside L2 (`vfvm-lab inside bench-boot`), each run starts both VMMs with the
-//! same kernel, initramfs, command line, vCPUs and memory (alternating which goes
+//! run. Inside L2 (`vfvm-lab inside bench-boot`), each round starts both VMMs with the
+//! same ELF kernel, initramfs, command line, vCPUs and memory (alternating which goes
 //! first), times process start to the guest's userspace marker on the serial console,
-//! then stops the VMM and takes its peak RSS from wait4's rusage. Prints every run,
-//! the medians and the ratios. A benchmark, not a test: it asserts nothing but that
-//! both guests reach userspace.
+//! and there reads KVM's own counters for the VM (`/sys/kernel/debug/kvm/<pid>-<fd>/`:
+//! every exit, port I/O, MMIO, stage-2 page faults, halts...); the guest holds there
+//! (`vfvm.hold` on its command line) so the counters stay readable. For vfvm-vmm it
+//! also asks the control API where the exits it handled went (by reason and device
+//! range). Then it stops the VMM and takes its peak RSS from wait4's rusage. Prints
+//! every round, the medians and the ratios. A benchmark, not a test: it asserts
+//! nothing but that both guests reach userspace.
 
 use anyhow::{bail, Context, Result};
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use vfvm_protocols::vmm_api::{ExitStats, Request, Response, VmmClient};
 
 use crate::console::{die_with_parent, Lines, Next};
 use crate::images::L3_MARKER;
 
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+/// The command line every VMM boots the guest with (the issue's), plus `vfvm.hold`.
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet vfvm.hold";
+
+/// KVM's per-VM debugfs counters the bench reports, in this order.
+const KVM_COUNTERS: &[(&str, &str)] = &[
+    ("exits", "exits"),
+    ("io_exits", "port I/O"),
+    ("mmio_exits", "MMIO"),
+    ("pf_fixed", "stage-2 faults"),
+    ("halt_exits", "HLT"),
+    ("irq_exits", "host interrupts"),
+    ("irq_window_exits", "interrupt windows"),
+    ("insn_emulation", "emulated instructions"),
+];
 
 struct Sample {
     to_userspace: Duration,
     peak_rss_kib: i64,
+    /// KVM's debugfs counters at the marker (name -> value).
+    kvm: BTreeMap<String, u64>,
+    /// vfvm-vmm's own account of the exits it handled.
+    own: Option<ExitStats>,
 }
 
-fn boot_once(cmd: &mut Command, timeout: Duration) -> Result<Sample> {
+impl Sample {
+    fn counter(&self, name: &str) -> u64 {
+        self.kvm.get(name).copied().unwrap_or(0)
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{:.2} s, {} MiB, {} exits ({} port I/O, {} MMIO, {} stage-2 faults)",
+            self.to_userspace.as_secs_f64(),
+            self.peak_rss_kib / 1024,
+            self.counter("exits"),
+            self.counter("io_exits"),
+            self.counter("mmio_exits"),
+            self.counter("pf_fixed")
+        )
+    }
+}
+
+/// KVM's debugfs, mounted if it is not yet (L2 boots without it).
+fn kvm_debugfs() -> Result<PathBuf> {
+    let dir = Path::new("/sys/kernel/debug/kvm");
+    if !dir.is_dir() {
+        let status = Command::new("mount").args(["-t", "debugfs", "debugfs", "/sys/kernel/debug"]).status().context("running mount")?;
+        if !status.success() || !dir.is_dir() {
+            bail!("KVM's debugfs ({}) is not there and mounting debugfs failed ({status})", dir.display());
+        }
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// The counters of the VM that process `pid` created (its directory is `<pid>-<fd>`).
+fn read_kvm_counters(debugfs: &Path, pid: u32) -> Result<BTreeMap<String, u64>> {
+    let prefix = format!("{pid}-");
+    let vm = std::fs::read_dir(debugfs)
+        .with_context(|| format!("listing {}", debugfs.display()))?
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .with_context(|| format!("no VM of process {pid} in {}", debugfs.display()))?
+        .path();
+    let mut counters = BTreeMap::new();
+    for (name, _) in KVM_COUNTERS {
+        let path = vm.join(name);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        counters.insert((*name).to_string(), text.trim().parse().with_context(|| format!("{}: {text:?}", path.display()))?);
+    }
+    Ok(counters)
+}
+
+fn boot_once(cmd: &mut Command, api_socket: Option<&Path>, debugfs: &Path, timeout: Duration) -> Result<Sample> {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
     die_with_parent(cmd);
     let started = Instant::now();
@@ -35,6 +107,12 @@ fn boot_once(cmd: &mut Command, timeout: Duration) -> Result<Sample> {
             Next::Closed | Next::TimedOut => break None,
         }
     };
+    // Read while the guest holds at the marker, before the VM goes.
+    let measured = reached.map(|to_userspace| {
+        let kvm = read_kvm_counters(debugfs, child.id());
+        let own = api_socket.map(vfvm_exit_stats).transpose();
+        (to_userspace, kvm, own)
+    });
     let _ = child.kill();
     let mut status = 0;
     // SAFETY: rusage is plain data the kernel fills; all-zero is a valid value.
@@ -44,9 +122,18 @@ fn boot_once(cmd: &mut Command, timeout: Duration) -> Result<Sample> {
     if rc < 0 {
         bail!("wait4: {}", std::io::Error::last_os_error());
     }
-    match reached {
-        Some(to_userspace) => Ok(Sample { to_userspace, peak_rss_kib: usage.ru_maxrss }),
+    match measured {
+        Some((to_userspace, kvm, own)) => Ok(Sample { to_userspace, peak_rss_kib: usage.ru_maxrss, kvm: kvm?, own: own? }),
         None => bail!("{cmd:?} did not reach userspace within {}s", timeout.as_secs()),
+    }
+}
+
+/// vfvm-vmm's exit accounting, from its control API.
+fn vfvm_exit_stats(socket: &Path) -> Result<ExitStats> {
+    let mut client = VmmClient::connect(socket, Duration::from_secs(10)).with_context(|| format!("connecting to {}", socket.display()))?;
+    match client.call(Request::Status).context("status from vfvm-vmm")? {
+        Response::Status { exits, .. } => Ok(exits),
+        other => bail!("status from vfvm-vmm: unexpected answer {other:?}"),
     }
 }
 
@@ -58,6 +145,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+/// Integers as f64 for medians and ratios (counts far below 2^53).
+fn as_f64(n: u64) -> f64 {
+    n as f64
 }
 
 /// `vfvm-lab inside bench-boot --vmm PATH --kernel PATH --initrd PATH [--runs N] [--vcpus N] [--memory MIB]`
@@ -79,44 +171,63 @@ pub fn bench_boot(mut args: impl Iterator<Item = String>) -> Result<i32> {
         }
     }
     let (Some(vmm), Some(kernel), Some(initrd)) = (vmm, kernel, initrd) else { bail!("{USAGE}") };
+    let debugfs = kvm_debugfs()?;
     let timeout = Duration::from_secs(300);
+    let api_socket = std::env::temp_dir().join(format!("vfvm-bench-{}.sock", std::process::id()));
     let vfvm = || {
+        let _ = std::fs::remove_file(&api_socket);
         let mut c = Command::new(&vmm);
         c.arg("--kernel").arg(&kernel).arg("--initrd").arg(&initrd).args(["--cmdline", CMDLINE]);
         c.args(["--vcpus", &vcpus.to_string(), "--memory", &memory.to_string(), "--serial-stdout"]);
+        c.arg("--api-socket").arg(&api_socket);
         c
     };
     let qemu = || {
         let mut c = Command::new(crate::host::QEMU);
         c.args(["-enable-kvm", "-M", "q35", "-cpu", "host", "-smp", &vcpus.to_string(), "-m", &memory.to_string()]);
         c.args(["-display", "none", "-nodefaults", "-no-reboot", "-serial", "stdio"]);
+        // An ELF vmlinux: QEMU boots it through its PVH entry.
         c.arg("-kernel").arg(&kernel).arg("-initrd").arg(&initrd).args(["-append", CMDLINE]);
         c
     };
-    println!("bench: {runs} runs, {vcpus} vCPUs, {memory} MiB, cmdline {CMDLINE:?}");
+    println!("bench: {runs} rounds, {vcpus} vCPUs, {memory} MiB, kernel {}, cmdline {CMDLINE:?}", kernel.display());
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for run in 1..=runs {
         // Alternate the order so neither VMM always gets the warm caches.
+        let boot_vfvm = || boot_once(&mut vfvm(), Some(&api_socket), &debugfs, timeout);
+        let boot_qemu = || boot_once(&mut qemu(), None, &debugfs, timeout);
         let (a, b) = if run % 2 == 1 {
-            (boot_once(&mut vfvm(), timeout)?, boot_once(&mut qemu(), timeout)?)
+            let a = boot_vfvm()?;
+            (a, boot_qemu()?)
         } else {
-            let q = boot_once(&mut qemu(), timeout)?;
-            (boot_once(&mut vfvm(), timeout)?, q)
+            let b = boot_qemu()?;
+            (boot_vfvm()?, b)
         };
-        println!(
-            "bench: run {run}: vfvm-vmm {:.2} s, {} MiB peak RSS | QEMU {:.2} s, {} MiB peak RSS",
-            a.to_userspace.as_secs_f64(),
-            a.peak_rss_kib / 1024,
-            b.to_userspace.as_secs_f64(),
-            b.peak_rss_kib / 1024
-        );
+        println!("bench: round {run}: vfvm-vmm {} | QEMU q35 {}", a.summary(), b.summary());
         ours.push(a);
         theirs.push(b);
     }
+    let _ = std::fs::remove_file(&api_socket);
     let t = |v: &[Sample]| median(v.iter().map(|s| s.to_userspace.as_secs_f64()).collect());
-    let r = |v: &[Sample]| median(v.iter().map(|s| s.peak_rss_kib as f64 / 1024.0).collect());
+    let r = |v: &[Sample]| median(v.iter().map(|s| as_f64(s.peak_rss_kib.unsigned_abs()) / 1024.0).collect());
+    let c = |v: &[Sample], name: &str| median(v.iter().map(|s| as_f64(s.counter(name))).collect());
+    let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}", a / b) } else { "-".into() };
     let (t_ours, t_qemu, r_ours, r_qemu) = (t(&ours), t(&theirs), r(&ours), r(&theirs));
-    println!("bench: median time to userspace: vfvm-vmm {t_ours:.2} s, QEMU {t_qemu:.2} s, ratio vfvm/QEMU {:.2}", t_ours / t_qemu);
-    println!("bench: median peak RSS: vfvm-vmm {r_ours:.1} MiB, QEMU {r_qemu:.1} MiB, ratio vfvm/QEMU {:.2}", r_ours / r_qemu);
+    println!("bench: median time to userspace: vfvm-vmm {t_ours:.2} s, QEMU {t_qemu:.2} s, ratio vfvm/QEMU {}", ratio(t_ours, t_qemu));
+    println!("bench: median peak RSS: vfvm-vmm {r_ours:.1} MiB, QEMU {r_qemu:.1} MiB, ratio vfvm/QEMU {}", ratio(r_ours, r_qemu));
+    for (name, what) in KVM_COUNTERS {
+        let (a, b) = (c(&ours, name), c(&theirs, name));
+        println!("bench: median {what} ({name}): vfvm-vmm {a:.0}, QEMU {b:.0}, ratio vfvm/QEMU {}", ratio(a, b));
+    }
+    // Where vfvm-vmm's own exits went, in the round with the median time.
+    let mut by_time: Vec<&Sample> = ours.iter().collect();
+    by_time.sort_by_key(|s| s.to_userspace);
+    if let Some(stats) = by_time.get(by_time.len() / 2).and_then(|s| s.own.as_ref()) {
+        let reasons: Vec<String> = stats.reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("bench: vfvm-vmm's exits to the VMM (median round): {} in all: {}", stats.total(), reasons.join(", "));
+        for range in stats.ranges.iter().take(12) {
+            println!("bench:   {:>6} {:?} {:#x}+{:#x} {}", range.exits, range.space, range.base, range.len, range.device);
+        }
+    }
     Ok(0)
 }

@@ -2,7 +2,7 @@
 //! cache. It has everything the lab needs as modules (igb, igbvf, vfio-pci, kvm_amd,
 //! 9p, vsock); the `-cloud-amd64` flavour lacks several of them.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -27,10 +27,65 @@ impl Kernel {
         self.root.join("lib/modules").join(&self.release)
     }
 
+    /// The same kernel as an uncompressed ELF `vmlinux` (what Firecracker and PVH boot
+    /// take), unpacked from the bzImage's payload once and kept beside it.
+    pub fn vmlinux(&self) -> Result<PathBuf> {
+        let out = self.root.join("boot").join(format!("vmlinux-{}", self.release));
+        if out.is_file() {
+            return Ok(out);
+        }
+        let bzimage = std::fs::read(self.vmlinuz()).with_context(|| format!("reading {}", self.vmlinuz().display()))?;
+        let elf = elf_from_bzimage(&bzimage).with_context(|| format!("unpacking the ELF kernel from {}", self.vmlinuz().display()))?;
+        let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, elf).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+        Ok(out)
+    }
+
     pub fn read_modules_file(&self, name: &str) -> Result<String> {
         let path = self.modules_dir().join(name);
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
     }
+}
+
+/// The compressed kernel inside a bzImage (boot protocol 2.08+: `payload_offset` and
+/// `payload_length` in the setup header, counted from the protected-mode code after
+/// the setup sectors), decompressed with the tool its magic names.
+pub fn elf_from_bzimage(bzimage: &[u8]) -> Result<Vec<u8>> {
+    let u32_at = |at: usize| -> Result<usize> {
+        let bytes = bzimage.get(at..at + 4).context("truncated setup header")?;
+        usize::try_from(u32::from_le_bytes(bytes.try_into().expect("four bytes"))).context("a 32-bit field")
+    };
+    ensure!(bzimage.get(0x202..0x206) == Some(&b"HdrS"[..]), "no bzImage setup header (HdrS)");
+    let setup_sects = match bzimage.get(0x1f1).copied().context("truncated setup header")? {
+        0 => 4,
+        n => usize::from(n),
+    };
+    let start = (setup_sects + 1) * 512 + u32_at(0x248)?;
+    let payload = bzimage.get(start..start + u32_at(0x24c)?).context("the payload lies beyond the file")?;
+    let tool = match payload {
+        [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => "xz",
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => "zstd",
+        [0x1f, 0x8b, ..] => "gzip",
+        _ => bail!("a payload compressed with something other than xz, zstd or gzip (magic {:02x?})", &payload[..payload.len().min(6)]),
+    };
+    // The build appends the decompressed size (4 bytes) after the compressed stream.
+    let stream = &payload[..payload.len().saturating_sub(4)];
+    let mut child = Command::new(tool)
+        .arg("-dc")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {tool} -dc"))?;
+    let mut stdin = child.stdin.take().context("decompressor stdin")?;
+    let stream = stream.to_vec();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &stream));
+    let out = child.wait_with_output().with_context(|| format!("waiting for {tool}"))?;
+    let _ = writer.join();
+    ensure!(out.status.success(), "{tool} -dc failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    ensure!(out.stdout.starts_with(b"\x7fELF"), "{tool} gave {} bytes that are not an ELF file", out.stdout.len());
+    Ok(out.stdout)
 }
 
 /// The kernel in `cache`, fetching it first if the cache has none. The package is
@@ -102,5 +157,47 @@ fn generic_kernel_package(log: &InstallLog) -> Result<String> {
     match depends(false)? {
         Some(p) => Ok(p),
         None => depends(true)?.context("apt-cache knows no linux-image-amd64 dependency even after apt-get update"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bzImage-shaped file: one setup sector after the boot sector, `HdrS`, and the
+    /// payload (as the kernel build leaves it: stream, then the 4-byte size) at an offset.
+    fn bzimage_with(payload: &[u8]) -> Vec<u8> {
+        let mut image = vec![0u8; 2 * 512 + 0x40];
+        image[0x1f1] = 1;
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x248..0x24c].copy_from_slice(&0x40u32.to_le_bytes());
+        image[0x24c..0x250].copy_from_slice(&u32::try_from(payload.len() + 4).unwrap().to_le_bytes());
+        image.extend_from_slice(payload);
+        image.extend_from_slice(&[0xaa; 4]);
+        image
+    }
+
+    fn xz(data: &[u8]) -> Vec<u8> {
+        let mut child = Command::new("xz")
+            .args(["-c", "--check=crc32"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("xz (xz-utils) is needed: run `cargo xtask install`");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), data).unwrap();
+        child.wait_with_output().unwrap().stdout
+    }
+
+    #[test]
+    fn the_elf_kernel_comes_out_of_the_bzimage_payload() {
+        let elf = [&b"\x7fELF"[..], &[7u8; 5000]].concat();
+        assert_eq!(elf_from_bzimage(&bzimage_with(&xz(&elf))).unwrap(), elf);
+        let not_elf = elf_from_bzimage(&bzimage_with(&xz(b"plain text"))).unwrap_err().to_string();
+        assert!(not_elf.contains("not an ELF file"), "{not_elf}");
+        let lz4 = elf_from_bzimage(&bzimage_with(&[0x02, 0x21, 0x4c, 0x18, 0, 0])).unwrap_err().to_string();
+        assert!(lz4.contains("other than xz, zstd or gzip"), "{lz4}");
+        let mut no_header = bzimage_with(&xz(&elf));
+        no_header[0x202] = b'X';
+        assert!(elf_from_bzimage(&no_header).unwrap_err().to_string().contains("HdrS"));
     }
 }

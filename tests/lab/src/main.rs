@@ -39,8 +39,9 @@ usage: cargo xtask <command>
                            lab; says which it chose and why
   smoke                    the lab's smoke run: /dev/kvm, the SR-IOV VFs and a VF on
                            vfio-pci inside L2, and an L3 boot (= lab smoke)
-  bench                    vfvm-vmm against QEMU in the lab: time to userspace and
-                           peak RSS, several runs, medians and ratios
+  bench                    vfvm-vmm against QEMU in the lab, booting the same ELF kernel
+                           and initramfs: time to userspace, peak RSS and KVM's exit
+                           counters, several rounds, medians and ratios
   test                     install what the tests need, then run every test of the
                            workspace, the lab's included
   install                  install the lab's packages, fetch its kernel, build images
@@ -404,7 +405,7 @@ fn bench() -> Result<i32> {
             "--vmm".into(),
             vmm.to_string_lossy().into_owned(),
             "--kernel".into(),
-            kernel.vmlinuz().to_string_lossy().into_owned(),
+            kernel.vmlinux()?.to_string_lossy().into_owned(),
             "--initrd".into(),
             images.l3_initrd.to_string_lossy().into_owned(),
         ],

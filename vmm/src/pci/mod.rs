@@ -331,7 +331,7 @@ impl PciRoot {
             }
             if let Some(base) = want {
                 let range = Arc::new(Mutex::new(BarRange { device: s.device.clone(), index: bar.request.index }));
-                match self.mmio.insert(base, size, range) {
+                match self.mmio.insert(base, size, &format!("PCI 00:{slot:02x}.0 BAR{}", bar.request.index), range) {
                     Ok(()) => bar.mapped = Some(base),
                     Err(source) => {
                         tracing::warn!("PCI {slot:02x}.0 BAR {} at {base:#x}: {source}", bar.request.index);
@@ -468,11 +468,16 @@ impl BusDevice for EcamAccess {
 }
 
 /// Puts the root's configuration access on the buses: ports 0xCF8..0xCFF and the
-/// ECAM ([`layout::PCI_ECAM_START`], [`layout::PCI_ECAM_SIZE`]: buses 0..=255, of
+/// ECAM ([`layout::PCI_ECAM_START`], [`layout::PCI_ECAM_SIZE`]: the buses the guest is told of, of
 /// which only bus 0 has devices).
 pub fn install(root: &Arc<Mutex<PciRoot>>, pio: &Bus, mmio: &Bus) -> Result<(), BusError> {
-    pio.insert(CONFIG_ADDRESS_PORT, 8, Arc::new(Mutex::new(PioConfigAccess { root: root.clone(), address: 0 })))?;
-    if let Err(e) = mmio.insert(layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE, Arc::new(Mutex::new(EcamAccess { root: root.clone() }))) {
+    pio.insert(CONFIG_ADDRESS_PORT, 8, "PCI config (CF8/CFC)", Arc::new(Mutex::new(PioConfigAccess { root: root.clone(), address: 0 })))?;
+    if let Err(e) = mmio.insert(
+        layout::PCI_ECAM_START,
+        layout::PCI_ECAM_SIZE,
+        "PCI config (ECAM)",
+        Arc::new(Mutex::new(EcamAccess { root: root.clone() })),
+    ) {
         pio.remove(CONFIG_ADDRESS_PORT);
         return Err(e);
     }

@@ -1,4 +1,5 @@
 use super::*;
+use vfvm_protocols::vmm_api::AddressSpace;
 
 /// A device with a config space, given BARs, recording BAR writes and mappings.
 struct TestDevice {
@@ -51,7 +52,7 @@ struct Rig {
 }
 
 fn rig() -> Rig {
-    let (pio, mmio) = (Bus::new(), Bus::new());
+    let (pio, mmio) = (Bus::new(AddressSpace::Pio), Bus::new(AddressSpace::Mmio));
     let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone(), PciWindows::for_ram(RAM))));
     install(&root, &pio, &mmio).unwrap();
     Rig { root, pio, mmio }
@@ -95,7 +96,12 @@ fn both_config_mechanisms_reach_the_host_bridge_and_absent_devices_read_ones() {
     assert_eq!(r.pio_read32(3, 0), 0xffff_ffff);
     assert_eq!(r.ecam_read32(0, 3, 0, 0), 0xffff_ffff);
     assert_eq!(r.ecam_read32(0, 0, 1, 0), 0xffff_ffff, "function 1");
-    assert_eq!(r.ecam_read32(1, 0, 0, 0), 0xffff_ffff, "bus 1");
+    // One bus: bus 1 lies beyond the ECAM (not decoded there) and reads ones through CF8.
+    assert!(!r.mmio.read(layout::PCI_ECAM_START + (1 << 20), &mut [0u8; 4]), "bus 1 is beyond the ECAM");
+    r.cf8(1, 0, 0);
+    let mut bus1 = [0u8; 4];
+    assert!(r.pio.read(0xcfc, &mut bus1));
+    assert_eq!(bus1, [0xff; 4], "bus 1 through CF8");
     // The address register reads back; without the enable bit the data port reads ones.
     r.pio.write(0xcf8, &0x8000_0008u32.to_le_bytes());
     let mut b = [0u8; 4];

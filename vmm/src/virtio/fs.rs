@@ -5,7 +5,7 @@
 //! - At construction the device connects to the backend's socket and does the
 //!   feature handshake, so a missing or silent backend fails before the guest starts.
 //! - On DRIVER_OK it hands the backend the memory table (guest RAM must be shared, see
-//!   [`crate::vm::shared_guest_memory`]) and each queue: size, ring addresses, base,
+//!   [`crate::memory::Backing::Shared`]) and each queue: size, ring addresses, base,
 //!   a call eventfd and the kick eventfd the transport writes on queue notifies.
 //! - Interrupts: a worker thread ("virtio-fs") waits on the call eventfds and raises
 //!   the queue's MSI-X vector through the transport. Chosen over KVM irqfds with MSI
@@ -570,7 +570,7 @@ mod tests {
     fn without_a_backend_requests_fail_with_eio() {
         const NEXT: u16 = 1;
         const WRITE: u16 = 2;
-        let mem = crate::vm::guest_memory(16 << 20).unwrap();
+        let mem = crate::memory::guest_memory(16 << 20, crate::memory::Backing::Private).unwrap();
         let mut queue = Queue::new(16).unwrap();
         queue.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
         queue.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();

@@ -644,7 +644,7 @@ mod tests {
     fn rig() -> Rig {
         let record = Arc::new(Mutex::new(Record::default()));
         let sink = Arc::new(RecordingSink::default());
-        let memory = crate::vm::guest_memory(16 << 20).unwrap();
+        let memory = crate::memory::guest_memory(16 << 20, crate::memory::Backing::Private).unwrap();
         let dev = VirtioPciDevice::new(Box::new(TestDevice(record.clone())), memory, sink.clone()).unwrap();
         Rig { dev, record, sink }
     }
