@@ -34,16 +34,17 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::layout::{addr32, IOAPIC_START, LAPIC_START, PCI_ECAM_SIZE, PCI_ECAM_START};
+use crate::layout::{self, addr32, IOAPIC_START, LAPIC_START, PCI_ECAM_SIZE, PCI_ECAM_START};
 use crate::mptable::MAX_CPUS;
 use crate::pci::{PciWindows, CONFIG_ADDRESS_PORT};
 use crate::power::{I8042_COMMAND_PORT, PM1A_CNT_PORT, PM1A_EVT_PORT};
 
 /// The RSDP, and the tables after it, in the BIOS area.
 pub const RSDP_START: u64 = 0xE_0000;
-/// The BIOS area reserved for the tables (to the end of the first MiB).
-pub const ACPI_AREA_START: u64 = 0xE_0000;
-pub const ACPI_AREA_SIZE: u64 = 0x2_0000;
+/// The part of the BIOS area for the tables (below the SMBIOS tables).
+pub const ACPI_AREA_START: u64 = layout::BIOS_AREA_START;
+pub const ACPI_AREA_SIZE: u64 = 0x1_0000;
+const _: () = assert!(ACPI_AREA_START + ACPI_AREA_SIZE <= crate::smbios::SMBIOS_START);
 /// The SCI's ISA IRQ (and GSI).
 pub const SCI_IRQ: u8 = 9;
 /// `\_S5`'s SLP_TYP (any value does: the VMM powers off on SLP_EN alone).

@@ -198,7 +198,7 @@ pub fn load_cmdline(memory: &GuestMemoryMmap, cmdline: &str, kernel: &LoadedKern
 /// "reserved"), because Linux clips PCI host bridge windows by e820 reservations.
 pub fn e820_map(ram_bytes: u64) -> Vec<boot_e820_entry> {
     let entry = |addr: u64, size: u64, kind: u32| boot_e820_entry { addr, size, r#type: kind };
-    let mut map = vec![entry(0, EBDA_START, E820_RAM), entry(crate::acpi::ACPI_AREA_START, crate::acpi::ACPI_AREA_SIZE, E820_RESERVED)];
+    let mut map = vec![entry(0, EBDA_START, E820_RAM), entry(layout::BIOS_AREA_START, layout::BIOS_AREA_SIZE, E820_RESERVED)];
     for (start, len) in layout::ram_ranges(ram_bytes) {
         let end = start + len;
         let start = start.max(HIMEM_START);

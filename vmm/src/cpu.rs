@@ -173,9 +173,31 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
 }
 
 const CPUID_HYPERVISOR: u32 = 1 << 31; // leaf 1, ECX
+const CPUID_TSC_DEADLINE: u32 = 1 << 24; // leaf 1, ECX
 const CPUID_HTT: u32 = 1 << 28; // leaf 1, EDX
 pub const KVM_CPUID_SIGNATURE: u32 = 0x4000_0000;
 const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+
+/// The CPUID every vCPU of a VM starts from: what KVM lists as supported, plus the
+/// TSC-deadline timer, which KVM emulates with its in-kernel LAPIC
+/// (`KVM_CAP_TSC_DEADLINE_TIMER`) but leaves for the VMM to offer, as QEMU and
+/// Firecracker do. With it Linux programs its LAPIC timer by TSC deadline; without it
+/// Linux calibrates the LAPIC timer against the PIT for 100 ms of guest time at boot,
+/// and under nested virtualization that calibration can fail its check and leave the
+/// guest ticking on the PIT.
+pub fn vm_cpuid(kvm_fd: &kvm_ioctls::Kvm) -> Result<CpuId, CpuError> {
+    let mut cpuid = kvm_fd.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(kvm("get the supported CPUID"))?;
+    if kvm_fd.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+        offer_tsc_deadline(cpuid.as_mut_slice());
+    }
+    Ok(cpuid)
+}
+
+fn offer_tsc_deadline(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries.iter_mut().filter(|e| e.function == 1) {
+        e.ecx |= CPUID_TSC_DEADLINE;
+    }
+}
 
 /// Bits needed to number `n` logical processors.
 fn id_bits(n: u32) -> u32 {
@@ -382,11 +404,14 @@ mod tests {
         assert_eq!(lapic_reg(&l, APIC_LVT_LINT1), 0x400);
     }
 
-    /// KVM's own supported CPUID (this machine's) has the leaves Linux needs from us.
+    /// KVM's own supported CPUID (this machine's) has the leaves Linux needs from us,
+    /// and the VM's CPUID offers the TSC-deadline timer where KVM emulates it.
     #[test]
     fn kvm_supported_cpuid_has_the_kvm_leaves() {
         let kvm = kvm_ioctls::Kvm::new().expect("KVM is needed for this test (/dev/kvm)");
-        let mut cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+        let mut cpuid = vm_cpuid(&kvm).unwrap();
+        let deadline = cpuid.as_slice().iter().find(|e| e.function == 1).unwrap().ecx & CPUID_TSC_DEADLINE != 0;
+        assert_eq!(deadline, kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer));
         patch_cpuid(cpuid.as_mut_slice(), 1, 2);
         let find = |f: u32| cpuid.as_slice().iter().find(|e| e.function == f).copied();
         let sig = find(KVM_CPUID_SIGNATURE).expect("KVM signature leaf");

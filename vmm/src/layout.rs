@@ -4,6 +4,11 @@
 //! pass-through in mind: the 32-bit window is large enough for several VF BAR sets,
 //! and a 64-bit window sits above the top of RAM.
 
+/// The BIOS area at the top of the first MiB, reserved in the e820 map: the ACPI
+/// tables ([`crate::acpi`]) and the SMBIOS tables ([`crate::smbios`]).
+pub const BIOS_AREA_START: u64 = 0xE_0000;
+pub const BIOS_AREA_SIZE: u64 = 0x2_0000;
+
 /// Start of the 32-bit hole: RAM beyond this goes above 4 GiB.
 pub const MMIO_HOLE_START: u64 = 0xC000_0000;
 /// PCI 32-bit MMIO window for BARs: [3 GiB, 3.5 GiB).
@@ -32,6 +37,7 @@ pub const PCI_MMIO64_SIZE: u64 = 0x10_0000_0000;
 const _: () = assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
 const _: () = assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
 const _: () = assert!(KVM_IDENTITY_MAP_ADDRESS + 0x1000 <= KVM_TSS_ADDRESS);
+const _: () = assert!(crate::smbios::SMBIOS_START + crate::smbios::SMBIOS_AREA_SIZE <= BIOS_AREA_START + BIOS_AREA_SIZE);
 
 /// `addr` as a 32-bit field (ACPI and MP tables, the zero page), for an address this
 /// map puts below 4 GiB: one that is not is a layout bug, reported at the caller.

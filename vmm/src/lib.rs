@@ -22,6 +22,7 @@ pub mod mptable;
 pub mod pci;
 pub mod power;
 pub mod serial;
+pub mod smbios;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

@@ -11,7 +11,6 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use vfvm_protocols::vmm_api::{ErrorCode, Request, Response, VmState};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -22,12 +21,13 @@ use crate::bus::Bus;
 use crate::cmos::{Cmos, CMOS_PORT};
 use crate::cpu;
 use crate::exits::ExitCounters;
-use crate::interrupt::{KvmMsiSink, MsiSink};
+use crate::interrupt::{GsiRouting, IoEventRegistrar};
 use crate::memory::{self, Backing, MemoryError};
 use crate::mptable::{self, MAX_CPUS};
 use crate::pci::{self, PciRoot, PciWindows};
 use crate::power::{AcpiPm1aControl, AcpiPm1aEvent, I8042, I8042_COMMAND_PORT, PM1A_CNT_PORT, PM1A_EVT_PORT};
 use crate::serial::{Console, SerialDevice, COM1_IRQ, COM1_PORT};
+use crate::smbios;
 use crate::vcpu::{self, PauseGate, VcpuError, VcpuStop};
 use crate::virtio::fs::{self, FsError, VhostUserFs};
 use crate::virtio::pci::VirtioPciDevice;
@@ -58,8 +58,11 @@ pub struct MachineConfig {
 pub struct FsConfig {
     /// The tag the guest mounts (`mount -t virtiofs TAG DIR`): 1 to 36 bytes.
     pub tag: String,
-    /// The backend's vhost-user socket (virtiofsd --socket-path), listening already.
+    /// The backend's vhost-user socket (virtiofsd --socket-path).
     pub socket: PathBuf,
+    /// How long the backend may take to start listening: the VMM connects after the
+    /// guest is set up, so its start overlaps the backend's. Zero: listening already.
+    pub wait: std::time::Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -298,18 +301,17 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
         Some(v) => Some(Vsock::new(v.guest_cid, v.socket.clone()).map_err(|e| MachineError::Vsock(e.to_string()))?),
         None => None,
     };
-    // So is the virtio-fs backend: a missing or silent virtiofsd fails here.
-    let fs_device = match &config.fs {
-        Some(f) => Some(VhostUserFs::new(&f.tag, &f.socket)?),
-        None => None,
-    };
     // A vhost-user backend maps guest memory itself: it must be shared (memfd).
-    let backing = if fs_device.is_some() { Backing::Shared } else { Backing::Private };
+    let backing = if config.fs.is_some() { Backing::Shared } else { Backing::Private };
+    // Each setup step's time, at debug level: where a slow start goes.
+    let step = |what: &str| tracing::debug!(ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "setup: {what}");
     let guest_memory = memory::guest_memory(ram, backing)?;
     let vm = Vm::new(guest_memory, VmOptions { irqchip: true })?;
+    step("guest memory and the VM");
     let buses = ClearOnDrop(vec![vm.pio.clone(), vm.mmio.clone()]);
     let memory = vm.memory();
     let kernel = boot::load_kernel(memory, &mut kernel_file).map_err(|e| kernel_err(e.to_string()))?;
+    step("kernel loaded");
     let initrd_range = match initrd {
         Some((path, mut file, size)) => {
             let addr = boot::load_initrd(memory, &mut file, size, &kernel)
@@ -321,6 +323,8 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
     let cmdline_len = boot::load_cmdline(memory, &config.cmdline, &kernel).map_err(|e| MachineError::Cmdline(e.to_string()))?;
     boot::write_boot_params(memory, &boot::boot_params(&kernel, cmdline_len, initrd_range, ram)).map_err(setup)?;
     acpi::write_acpi_tables(memory, config.vcpus).map_err(setup)?;
+    step("initrd loaded, boot tables written");
+    smbios::write_smbios_tables(memory).map_err(setup)?;
     // For guests booted with acpi=off; Linux prefers the MADT when it has one.
     mptable::write_mptable(memory, config.vcpus).map_err(setup)?;
     cpu::write_boot_tables(memory).map_err(setup)?;
@@ -350,25 +354,34 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
     vm.pio.insert(PM1A_EVT_PORT, 4, "ACPI PM1a event", pm1a_event.clone()).map_err(setup)?;
     vm.pio.insert(PM1A_CNT_PORT, 2, "ACPI PM1a control", Arc::new(Mutex::new(AcpiPm1aControl))).map_err(setup)?;
 
+    // The virtio-fs backend, which may have been starting meanwhile (`wait`): a
+    // missing or silent virtiofsd fails here, before any vCPU runs.
+    let fs_device = match &config.fs {
+        Some(f) => Some(VhostUserFs::new(&f.tag, &f.socket, f.wait)?),
+        None => None,
+    };
+
     // The PCI root complex and its devices, before the vCPUs exist.
     let pci_root = Arc::new(Mutex::new(PciRoot::new(vm.mmio.clone(), PciWindows::for_ram(ram))));
     pci::install(&pci_root, &vm.pio, &vm.mmio).map_err(setup)?;
-    let msi: Arc<dyn MsiSink> = Arc::new(KvmMsiSink::new(vm.shared_fd()));
+    let interrupts = GsiRouting::new(vm.shared_fd());
+    let ioevents: Arc<dyn IoEventRegistrar> = vm.shared_fd();
     if let Some(vsock) = vsock {
         let cid = vsock.guest_cid();
-        let device = VirtioPciDevice::new(Box::new(vsock), memory.clone(), msi.clone()).map_err(setup)?;
+        let device = VirtioPciDevice::new(Box::new(vsock), memory.clone(), &interrupts, Some(ioevents.clone())).map_err(setup)?;
         let addr = pci_root.lock().unwrap_or_else(|e| e.into_inner()).add_device(Arc::new(Mutex::new(device)), None).map_err(setup)?;
         tracing::info!(pci = %addr, cid, "virtio-vsock");
     }
     if let Some(fs_device) = fs_device {
         let (tag, socket) = (fs_device.tag().to_string(), fs_device.socket().display().to_string());
-        let device = VirtioPciDevice::new(Box::new(fs_device), memory.clone(), msi.clone()).map_err(setup)?;
+        let device = VirtioPciDevice::new(Box::new(fs_device), memory.clone(), &interrupts, Some(ioevents.clone())).map_err(setup)?;
         let addr = pci_root.lock().unwrap_or_else(|e| e.into_inner()).add_device(Arc::new(Mutex::new(device)), None).map_err(setup)?;
         tracing::info!(pci = %addr, tag, socket, "virtio-fs (vhost-user)");
     }
 
     // vCPUs.
-    let supported = vm.kvm().get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(setup)?;
+    step("devices");
+    let supported = cpu::vm_cpuid(vm.kvm()).map_err(setup)?;
     let stop = Arc::new(AtomicBool::new(false));
     let gate = Arc::new(PauseGate::default());
     let mut vcpus = Vec::new();
@@ -488,7 +501,7 @@ mod tests {
         assert_eq!(e.to_string(), "--memory 8: too small, at least 32 MiB");
         assert!(matches!(validate(&MachineConfig { memory_mib: u64::MAX, ..config() }), Err(MachineError::MemoryTooLarge(_))));
         assert_eq!(validate(&config()).unwrap(), 128 << 20);
-        let fs = |tag: &str| Some(FsConfig { tag: tag.into(), socket: "/nonexistent.sock".into() });
+        let fs = |tag: &str| Some(FsConfig { tag: tag.into(), socket: "/nonexistent.sock".into(), wait: std::time::Duration::ZERO });
         let e = validate(&MachineConfig { fs: fs(&"x".repeat(37)), ..config() }).unwrap_err();
         assert_eq!(e.to_string(), format!("--fs: tag \"{}\": 37 bytes, at most 36", "x".repeat(37)));
         assert!(validate(&MachineConfig { fs: fs("ok"), ..config() }).is_ok());

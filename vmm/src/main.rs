@@ -15,7 +15,7 @@ use vfvm_vmm::virtio::fs::validate_tag;
 const USAGE: &str = "\
 usage: vfvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] [--memory MIB]
                 [--serial-log PATH] [--serial-stdout] [--api-socket PATH]
-                [--vsock-socket PATH [--vsock-cid CID]] [--fs tag=TAG,socket=PATH]
+                [--vsock-socket PATH [--vsock-cid CID]] [--fs tag=TAG,socket=PATH[,wait=SECS]]
 
   --kernel PATH       bzImage or ELF vmlinux (64-bit entry)
   --initrd PATH       initramfs, loaded at the top of low memory
@@ -28,10 +28,12 @@ usage: vfvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] [--mem
   --vsock-socket PATH add a virtio-vsock device; host programs connect to PATH and
                       send \"CONNECT <port>\\n\"; guest connections to host port P go to PATH_P
   --vsock-cid CID     the guest's vsock context id (default 3)
-  --fs tag=TAG,socket=PATH
+  --fs tag=TAG,socket=PATH[,wait=SECS]
                       add a virtio-fs device served by the vhost-user backend (virtiofsd)
                       listening on PATH; the guest mounts it with
-                      `mount -t virtiofs TAG DIR` (TAG: 1 to 36 bytes)
+                      `mount -t virtiofs TAG DIR` (TAG: 1 to 36 bytes). With wait, the
+                      backend may still be starting: the VMM sets the guest up first
+                      and waits up to SECS (at most 60) for PATH to accept
 
 Exit status: 0 guest power-off, 2 guest reboot/reset, 3 guest kernel panic,
 4 forced shutdown through the control API, 1 error (bad input or a VMM failure). Logs go to stderr (VFVM_LOG=error|warn|info|debug|trace).";
@@ -114,21 +116,29 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
     Ok(Parsed::Run(Box::new(config)))
 }
 
-/// `--fs tag=TAG,socket=PATH` (the socket path cannot contain a comma).
+/// `--fs tag=TAG,socket=PATH[,wait=SECS]` (the socket path cannot contain a comma).
 fn parse_fs(v: &str) -> Result<FsConfig, String> {
-    let (mut tag, mut socket) = (None, None);
+    let (mut tag, mut socket, mut wait) = (None, None, std::time::Duration::ZERO);
     for part in v.split(',') {
         match part.split_once('=') {
             Some(("tag", t)) => tag = Some(t.to_string()),
             Some(("socket", p)) if !p.is_empty() => socket = Some(PathBuf::from(p)),
-            _ => return Err(format!("--fs {v}: {part:?} is not tag=TAG or socket=PATH")),
+            Some(("wait", s)) => {
+                let secs = s.parse::<u64>().ok().filter(|&n| n <= MAX_FS_WAIT_SECS);
+                let secs = secs.ok_or_else(|| format!("--fs {v}: wait={s}: expected whole seconds, 0 to {MAX_FS_WAIT_SECS}"))?;
+                wait = std::time::Duration::from_secs(secs);
+            }
+            _ => return Err(format!("--fs {v}: {part:?} is not tag=TAG, socket=PATH or wait=SECS")),
         }
     }
     let tag = tag.ok_or_else(|| format!("--fs {v}: tag=TAG is missing"))?;
     validate_tag(&tag).map_err(|e| format!("--fs {v}: {e}"))?;
     let socket = socket.ok_or_else(|| format!("--fs {v}: socket=PATH (the backend's vhost-user socket) is missing"))?;
-    Ok(FsConfig { tag, socket })
+    Ok(FsConfig { tag, socket, wait })
 }
+
+/// The longest `--fs ...,wait=SECS`.
+const MAX_FS_WAIT_SECS: u64 = 60;
 
 fn init_logging() {
     let level = match std::env::var("VFVM_LOG").unwrap_or_default().to_ascii_lowercase().as_str() {

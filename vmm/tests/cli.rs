@@ -19,6 +19,30 @@ fn scratch(name: &str, bytes: &[u8]) -> PathBuf {
     path
 }
 
+/// The smallest ELF vmlinux the loader takes: one PT_LOAD segment of 16 bytes at
+/// 16 MiB, entry there (the guest never runs in these tests).
+fn tiny_elf_kernel() -> Vec<u8> {
+    const ENTRY: u64 = 0x100_0000;
+    let mut elf = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&ENTRY.to_le_bytes());
+    elf.extend_from_slice(&64u64.to_le_bytes()); // program headers right after this header
+    elf.extend_from_slice(&0u64.to_le_bytes()); // no section headers
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for half in [64u16, 56, 1, 64, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes()); // ehsize, phentsize, phnum, shentsize, shnum, shstrndx
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for word in [120u64, ENTRY, ENTRY, 16, 16, 0x20_0000] {
+        elf.extend_from_slice(&word.to_le_bytes()); // offset, vaddr, paddr, filesz, memsz, align
+    }
+    elf.extend_from_slice(&[0xf4; 16]); // hlt
+    elf
+}
+
 fn assert_refused(out: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
@@ -103,12 +127,20 @@ fn bad_virtio_fs_input_is_named_before_the_guest_starts() {
         "--fs tag=data: socket=PATH (the backend's vhost-user socket) is missing",
     );
     assert_refused(&vmm(&["--kernel", "/k", "--fs", "socket=/s"]), "--fs socket=/s: tag=TAG is missing");
-    assert_refused(&vmm(&["--kernel", "/k", "--fs", "tag=a,sock=/s"]), "--fs tag=a,sock=/s: \"sock=/s\" is not tag=TAG or socket=PATH");
+    assert_refused(
+        &vmm(&["--kernel", "/k", "--fs", "tag=a,sock=/s"]),
+        "--fs tag=a,sock=/s: \"sock=/s\" is not tag=TAG, socket=PATH or wait=SECS",
+    );
+    assert_refused(
+        &vmm(&["--kernel", "/k", "--fs", "tag=a,socket=/s,wait=61"]),
+        "--fs tag=a,socket=/s,wait=61: wait=61: expected whole seconds, 0 to 60",
+    );
     assert_refused(&vmm(&["--kernel", "/k", "--fs", "tag=,socket=/s"]), "tag \"\": must not be empty");
     assert_refused(&vmm(&["--kernel", "/k", "--fs", "tag=a,socket=/s", "--fs", "tag=b,socket=/s"]), "only one virtio-fs device");
 
-    // Past the command line: the backend's socket must be there and listening.
-    let kernel = scratch("fs-kernel", &[0; 16]);
+    // Past the command line (and the kernel, which loads first): the backend's socket
+    // must be there and listening.
+    let kernel = scratch("fs-kernel", &tiny_elf_kernel());
     let kernel = kernel.to_str().unwrap();
     assert_refused(
         &vmm(&["--kernel", kernel, "--fs", "tag=data,socket=/nonexistent/virtiofsd.sock"]),

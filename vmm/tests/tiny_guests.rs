@@ -8,7 +8,7 @@ use kvm_bindings::kvm_regs;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use vfvm_vmm::bus::{BusAction, BusDevice};
-use vfvm_vmm::interrupt::KvmMsiSink;
+use vfvm_vmm::interrupt::GsiRouting;
 use vfvm_vmm::layout::PCI_ECAM_START;
 use vfvm_vmm::pci::{self, PciRoot, PciWindows};
 use vfvm_vmm::power::{AcpiPm1aControl, I8042, I8042_COMMAND_PORT, PM1A_CNT_PORT};
@@ -194,7 +194,7 @@ impl VirtioDevice for IdleVirtio {
 fn pci_config_space_answers_through_port_cf8_and_the_ecam() {
     let code = [
         0xba, 0xf8, 0x0c, // mov dx, 0xcf8
-        0x66, 0xb8, 0x00, 0x00, 0x00, 0x80, // mov eax, 0x80000000   (00.0, register 0)
+        0x66, 0xb8, 0x00, 0x08, 0x00, 0x80, // mov eax, 0x80000800   (01.0, register 0)
         0x66, 0xef, // out dx, eax
         0xba, 0xfc, 0x0c, // mov dx, 0xcfc
         0x66, 0xed, // in eax, dx
@@ -210,8 +210,8 @@ fn pci_config_space_answers_through_port_cf8_and_the_ecam() {
     let (g, mut vcpu) = guest(&code, true);
     let root = Arc::new(Mutex::new(PciRoot::new(g.vm.mmio.clone(), PciWindows::for_ram(0x80000))));
     pci::install(&root, &g.vm.pio, &g.vm.mmio).unwrap();
-    let msi = Arc::new(KvmMsiSink::new(g.vm.shared_fd()));
-    let virtio = VirtioPciDevice::new(Box::new(IdleVirtio), g.vm.memory().clone(), msi).unwrap();
+    let interrupts = GsiRouting::new(g.vm.shared_fd());
+    let virtio = VirtioPciDevice::new(Box::new(IdleVirtio), g.vm.memory().clone(), &interrupts, None).unwrap();
     let addr = root.lock().unwrap().add_device(Arc::new(Mutex::new(virtio)), None).unwrap();
     assert_eq!(addr.to_string(), "0000:00:01.0");
     let mut sregs = vcpu.fd().get_sregs().unwrap();
@@ -220,8 +220,8 @@ fn pci_config_space_answers_through_port_cf8_and_the_ecam() {
     vcpu.fd().set_sregs(&sregs).unwrap();
     assert_eq!(vcpu.run().unwrap(), VcpuStop::PowerOff);
     let word = |at: u64| g.vm.memory().read_obj::<u32>(GuestAddress(at)).unwrap();
-    assert_eq!(word(0x6000), 0x0d57_8086, "host bridge through 0xCF8/0xCFC");
-    assert_eq!(word(0x6004), 0x0d57_8086, "host bridge through the ECAM");
+    assert_eq!(word(0x6000), 0x1053_1af4, "virtio-vsock through 0xCF8/0xCFC");
+    assert_eq!(word(0x6004), 0xffff_ffff, "no host bridge function at 00.0");
     assert_eq!(word(0x6008), 0x1053_1af4, "virtio-vsock through the ECAM");
     assert_eq!(word(0x600c), 0xffff_ffff, "absent function");
 }

@@ -1,5 +1,5 @@
-//! The PCI root complex: one PCI segment, bus 0, 32 slots (function 0 only), a host
-//! bridge at 00.0, configuration access through both port 0xCF8/0xCFC and the ECAM
+//! The PCI root complex: one PCI segment, bus 0, 32 slots (function 0 only; slot 0
+//! stays empty), configuration access through both port 0xCF8/0xCFC and the ECAM
 //! at [`layout::PCI_ECAM_START`], and memory BARs placed in the 32-bit and 64-bit
 //! windows and mapped on the MMIO bus. Devices interrupt with MSI-X only (interrupt
 //! pin 0, no INTx, so the DSDT needs no `_PRT`).
@@ -33,6 +33,15 @@
 //!
 //! Locking: configuration accesses lock the root, then the device; BAR accesses lock
 //! only the device. Nothing locks a device and then the root.
+//!
+//! # No host bridge function
+//!
+//! The ACPI namespace describes the host bridge (`\_SB.PCI0`, PNP0A08), which is all
+//! Linux needs; a host bridge function at 00.0 would only be another device for the
+//! guest to enumerate (about 110 configuration accesses at boot, two port exits each
+//! through 0xCF8, measured in the lab). Linux trusts configuration mechanism #1
+//! without looking for one because the SMBIOS tables ([`crate::smbios`]) give a BIOS
+//! date. Slot 0 stays empty, where guests expect a host bridge if anything.
 
 use std::sync::{Arc, Mutex};
 
@@ -62,7 +71,7 @@ pub enum PciError {
     BusFull,
     #[error("PCI slot {0} is taken")]
     SlotTaken(u8),
-    #[error("PCI slot {0} does not exist (0..32) or holds the host bridge")]
+    #[error("PCI slot {0} does not exist (1..32; slot 0 stays empty)")]
     BadSlot(u8),
     #[error("PCI slot {0} is empty")]
     SlotEmpty(u8),
@@ -127,43 +136,6 @@ impl PciWindows {
     }
 }
 
-/// The host bridge at 00.0: a header and nothing else.
-pub struct HostBridge {
-    config: ConfigSpace,
-}
-
-impl HostBridge {
-    pub const VENDOR_ID: u16 = 0x8086;
-    pub const DEVICE_ID: u16 = 0x0d57;
-
-    pub fn new() -> Self {
-        let ids = PciIds { vendor_id: Self::VENDOR_ID, device_id: Self::DEVICE_ID, class: 0x06_00_00, ..Default::default() };
-        Self { config: ConfigSpace::new(ids) }
-    }
-}
-
-impl Default for HostBridge {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl PciDevice for HostBridge {
-    fn read_config(&mut self, offset: u16, data: &mut [u8]) {
-        self.config.read(usize::from(offset), data);
-    }
-    fn write_config(&mut self, offset: u16, data: &[u8]) {
-        self.config.write(usize::from(offset), data);
-    }
-    fn bars(&self) -> Vec<BarRequest> {
-        Vec::new()
-    }
-    fn read_bar(&mut self, _index: u8, _offset: u64, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-    fn write_bar(&mut self, _index: u8, _offset: u64, _data: &[u8]) {}
-}
-
 /// A BAR's range on the MMIO bus, forwarding to its device.
 struct BarRange {
     device: SharedDevice,
@@ -221,12 +193,9 @@ fn read_bar_address(device: &mut dyn PciDevice, bar: &BarRequest) -> u64 {
 }
 
 impl PciRoot {
-    /// A root bus with the host bridge at 00.0; BARs go on `mmio`, inside `windows`.
+    /// An empty root bus; BARs go on `mmio`, inside `windows`.
     pub fn new(mmio: Bus, windows: PciWindows) -> Self {
-        let mut slots: Vec<Option<Slot>> = (0..NUM_SLOTS).map(|_| None).collect();
-        let bridge: SharedDevice = Arc::new(Mutex::new(HostBridge::new()));
-        slots[0] = Some(Slot { device: bridge, bars: Vec::new() });
-        Self { mmio, windows, slots }
+        Self { mmio, windows, slots: (0..NUM_SLOTS).map(|_| None).collect() }
     }
 
     pub fn windows(&self) -> PciWindows {

@@ -1,14 +1,18 @@
 //! MSI-X (PCI Local Bus 3.0, 6.8.2): the capability in configuration space, the
-//! vector table and the pending bit array in a BAR, and delivery through an
-//! [`MsiSink`]. A vector fires with [`MsixConfig::trigger`]; while the function or
-//! the vector is masked the message is held as a pending bit and sent on unmask.
+//! vector table and the pending bit array in a BAR, and delivery through the
+//! device's [`MsiInterruptGroup`]. Every change the guest makes to a vector's message
+//! or to a mask is handed to the group at once ([`MsiInterruptGroup::program`]), so
+//! the group's own delivery path (a KVM irqfd, which a vhost-user backend may write
+//! without us) follows the table. A vector fires with [`MsixConfig::trigger`]; while
+//! the function or the vector is masked the message is held as a pending bit and sent
+//! on unmask.
 //!
 //! The state is meant to be shared (`Arc<Mutex<MsixConfig>>`) between the device's
 //! BAR and config handlers (vCPU threads) and its worker thread (interrupts).
 
 use std::sync::Arc;
 
-use crate::interrupt::{MsiMessage, MsiSink};
+use crate::interrupt::{MsiInterruptGroup, MsiMessage};
 
 use super::config::{ConfigError, ConfigSpace};
 
@@ -56,13 +60,19 @@ pub struct MsixConfig {
     pending: Vec<bool>,
     enabled: bool,
     function_masked: bool,
-    sink: Arc<dyn MsiSink>,
+    group: Arc<dyn MsiInterruptGroup>,
 }
 
 impl MsixConfig {
-    pub fn new(vectors: u16, sink: Arc<dyn MsiSink>) -> Self {
+    /// `group` delivers the vectors (at least `vectors` of them).
+    pub fn new(vectors: u16, group: Arc<dyn MsiInterruptGroup>) -> Self {
         let n = usize::from(vectors.clamp(1, MAX_VECTORS));
-        Self { entries: vec![Entry::default(); n], pending: vec![false; n], enabled: false, function_masked: false, sink }
+        Self { entries: vec![Entry::default(); n], pending: vec![false; n], enabled: false, function_masked: false, group }
+    }
+
+    /// The group delivering the vectors (e.g. for a vector's eventfd).
+    pub fn group(&self) -> &Arc<dyn MsiInterruptGroup> {
+        &self.group
     }
 
     pub fn vectors(&self) -> u16 {
@@ -89,8 +99,15 @@ impl MsixConfig {
 
     /// The guest wrote the capability's message control register.
     pub fn set_control(&mut self, control: u16) {
-        self.enabled = control & CONTROL_ENABLE != 0;
-        self.function_masked = control & CONTROL_FUNCTION_MASK != 0;
+        let (enabled, function_masked) = (control & CONTROL_ENABLE != 0, control & CONTROL_FUNCTION_MASK != 0);
+        if (enabled, function_masked) == (self.enabled, self.function_masked) {
+            return;
+        }
+        self.enabled = enabled;
+        self.function_masked = function_masked;
+        for v in 0..self.entries.len() {
+            self.reprogram(v);
+        }
         self.deliver_pending();
     }
 
@@ -100,6 +117,18 @@ impl MsixConfig {
         self.pending.fill(false);
         self.enabled = false;
         self.function_masked = false;
+        for v in 0..self.entries.len() {
+            self.reprogram(v);
+        }
+    }
+
+    /// Hands vector `v`'s message and whether it may be delivered to the group.
+    fn reprogram(&self, v: usize) {
+        let deliverable = self.enabled && !self.masked(v);
+        let vector = u16::try_from(v).expect("at most MAX_VECTORS");
+        if let Err(e) = self.group.program(vector, self.message(v), deliverable) {
+            tracing::warn!("MSI-X vector {v}: {e}");
+        }
     }
 
     fn message(&self, vector: usize) -> MsiMessage {
@@ -112,8 +141,7 @@ impl MsixConfig {
     }
 
     fn send(&self, vector: usize) {
-        let msg = self.message(vector);
-        if let Err(e) = self.sink.signal(msg) {
+        if let Err(e) = self.group.fire(u16::try_from(vector).expect("at most MAX_VECTORS")) {
             tracing::warn!("MSI-X vector {vector}: {e}");
         }
     }
@@ -181,18 +209,20 @@ impl MsixConfig {
             let dw = (offset / 4) as usize + i;
             let (vector, dword) = (dw / 4, dw % 4);
             let v = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            let before = self.entries[vector];
             let e = &mut self.entries[vector];
             match dword {
                 0 => e.address_lo = v & !3,
                 1 => e.address_hi = v,
                 2 => e.data = v,
-                _ => {
-                    e.control = v & VECTOR_MASKED;
-                    if self.enabled && self.pending[vector] && !self.masked(vector) {
-                        self.pending[vector] = false;
-                        self.send(vector);
-                    }
-                }
+                _ => e.control = v & VECTOR_MASKED,
+            }
+            if self.entries[vector] != before {
+                self.reprogram(vector);
+            }
+            if dword == 3 && self.enabled && self.pending[vector] && !self.masked(vector) {
+                self.pending[vector] = false;
+                self.send(vector);
             }
         }
     }
@@ -212,22 +242,40 @@ impl MsixConfig {
 pub(crate) mod tests {
     use super::*;
     use crate::interrupt::InterruptError;
+    use std::collections::BTreeMap;
     use std::sync::Mutex;
 
-    /// Records every message delivered.
+    /// Records what reaches the guest: each fire of a deliverable vector, as the
+    /// message the vector holds then (a fire of an undeliverable one would be a bug).
     #[derive(Default)]
-    pub struct RecordingSink(pub Mutex<Vec<MsiMessage>>);
+    pub struct RecordingGroup {
+        vectors: Mutex<BTreeMap<u16, (MsiMessage, bool)>>,
+        delivered: Mutex<Vec<MsiMessage>>,
+    }
 
-    impl MsiSink for RecordingSink {
-        fn signal(&self, msg: MsiMessage) -> Result<(), InterruptError> {
-            self.0.lock().unwrap().push(msg);
+    impl MsiInterruptGroup for RecordingGroup {
+        fn program(&self, vector: u16, msg: MsiMessage, deliverable: bool) -> Result<(), InterruptError> {
+            self.vectors.lock().unwrap().insert(vector, (msg, deliverable));
             Ok(())
+        }
+        fn fire(&self, vector: u16) -> Result<(), InterruptError> {
+            let (msg, deliverable) = self.vectors.lock().unwrap().get(&vector).copied().unwrap_or_default();
+            assert!(deliverable, "vector {vector} fired while it may not be delivered");
+            self.delivered.lock().unwrap().push(msg);
+            Ok(())
+        }
+        fn notifier(&self, _vector: u16) -> Option<vmm_sys_util::eventfd::EventFd> {
+            None
         }
     }
 
-    impl RecordingSink {
+    impl RecordingGroup {
         pub fn take(&self) -> Vec<MsiMessage> {
-            std::mem::take(&mut *self.0.lock().unwrap())
+            std::mem::take(&mut *self.delivered.lock().unwrap())
+        }
+        /// Whether the group was told the vector may be delivered.
+        pub fn deliverable(&self, vector: u16) -> bool {
+            self.vectors.lock().unwrap().get(&vector).is_some_and(|&(_, d)| d)
         }
     }
 
@@ -240,7 +288,7 @@ pub(crate) mod tests {
 
     #[test]
     fn masking_holds_messages_pending_and_unmasking_delivers_them() {
-        let sink = Arc::new(RecordingSink::default());
+        let sink = Arc::new(RecordingGroup::default());
         let mut m = MsixConfig::new(3, sink.clone());
         assert_eq!((m.table_size(), m.pba_size()), (48, 8));
         // Disabled: nothing happens, nothing pends.
@@ -262,12 +310,15 @@ pub(crate) mod tests {
         let mut pba = [0u8; 8];
         m.read_pba(0, &mut pba);
         assert_eq!(pba[0], 0b11);
+        assert!(!sink.deliverable(0), "function-masked vectors are not deliverable");
         // Function unmask: vector 0 goes out, vector 1 (masked itself) still pends.
         m.set_control(CONTROL_ENABLE);
+        assert!(sink.deliverable(0) && !sink.deliverable(1));
         assert_eq!(sink.take(), [MsiMessage { address: 0xfee0_0000, data: 0x41 }]);
         assert!(!m.pending(0) && m.pending(1));
-        // Vector unmask delivers it.
+        // Vector unmask delivers it; reprogramming the message reaches the group.
         m.write_table(16 + 12, &0u32.to_le_bytes());
+        assert!(sink.deliverable(1));
         assert_eq!(sink.take(), [MsiMessage { address: 0xfee0_1000, data: 0x42 }]);
         assert!(!m.pending(1));
         // Unmasked: straight through.
@@ -280,6 +331,7 @@ pub(crate) mod tests {
         assert_eq!(b[..4], [0; 4]);
         m.reset();
         assert!(!m.enabled());
+        assert!(!sink.deliverable(0) && !sink.deliverable(1), "reset masks every vector at the group");
         m.read_table(12, &mut b[..4]);
         assert_eq!(b[..4], [1, 0, 0, 0], "masked after reset");
     }

@@ -10,7 +10,8 @@ struct TestDevice {
 
 impl TestDevice {
     fn shared(bars: &[BarRequest]) -> Arc<Mutex<TestDevice>> {
-        let mut config = ConfigSpace::new(PciIds { vendor_id: 0x1234, device_id: 0x5678, ..Default::default() });
+        // Class 02.80 (other network controller).
+        let mut config = ConfigSpace::new(PciIds { vendor_id: 0x1234, device_id: 0x5678, class: 0x02_80_00, ..Default::default() });
         for b in bars {
             config.add_bar(*b).unwrap();
         }
@@ -88,14 +89,18 @@ impl Rig {
 }
 
 #[test]
-fn both_config_mechanisms_reach_the_host_bridge_and_absent_devices_read_ones() {
+fn both_config_mechanisms_reach_a_device_and_absent_ones_read_ones() {
     let r = rig();
-    assert_eq!(r.pio_read32(0, 0), 0x0d57_8086);
-    assert_eq!(r.pio_read32(0, 8) >> 8, 0x06_00_00);
-    assert_eq!(r.ecam_read32(0, 0, 0, 0), 0x0d57_8086);
+    // No host bridge function: slot 0 is empty.
+    assert_eq!(r.pio_read32(0, 0), 0xffff_ffff);
+    assert_eq!(r.ecam_read32(0, 0, 0, 0), 0xffff_ffff);
+    assert!(matches!(r.root.lock().unwrap().add_device(TestDevice::shared(&[]), Some(0)), Err(PciError::BadSlot(0))));
+    assert_eq!(r.root.lock().unwrap().add_device(TestDevice::shared(&[]), None).unwrap().device(), 1);
+    assert_eq!(r.pio_read32(1, 0), 0x5678_1234);
+    assert_eq!(r.ecam_read32(0, 1, 0, 0), 0x5678_1234);
     assert_eq!(r.pio_read32(3, 0), 0xffff_ffff);
     assert_eq!(r.ecam_read32(0, 3, 0, 0), 0xffff_ffff);
-    assert_eq!(r.ecam_read32(0, 0, 1, 0), 0xffff_ffff, "function 1");
+    assert_eq!(r.ecam_read32(0, 1, 1, 0), 0xffff_ffff, "function 1");
     // One bus: bus 1 lies beyond the ECAM (not decoded there) and reads ones through CF8.
     assert!(!r.mmio.read(layout::PCI_ECAM_START + (1 << 20), &mut [0u8; 4]), "bus 1 is beyond the ECAM");
     r.cf8(1, 0, 0);
@@ -111,18 +116,18 @@ fn both_config_mechanisms_reach_the_host_bridge_and_absent_devices_read_ones() {
     r.pio.read(0xcfc, &mut b);
     assert_eq!(b, [0xff; 4]);
     // Byte and word reads at 0xCFC + n.
-    r.cf8(0, 0, 0);
+    r.cf8(0, 1, 0);
     let mut w = [0u8; 2];
     r.pio.read(0xcfe, &mut w);
-    assert_eq!(u16::from_le_bytes(w), 0x0d57);
+    assert_eq!(u16::from_le_bytes(w), 0x5678);
     let mut one = [0u8; 1];
     r.pio.read(0xcfd, &mut one);
-    assert_eq!(one[0], 0x80);
+    assert_eq!(one[0], 0x12);
     // ECAM at a non-zero register, and a straddling access reads ones.
-    assert_eq!(r.ecam_read32(0, 0, 0, 0x0a) & 0xffff, 0xffff);
+    assert_eq!(r.ecam_read32(0, 1, 0, 0x0a) & 0xffff, 0xffff);
     let mut w = [0u8; 2];
-    r.mmio.read(layout::PCI_ECAM_START + 0x0a, &mut w);
-    assert_eq!(u16::from_le_bytes(w), 0x0600);
+    r.mmio.read(layout::PCI_ECAM_START + (1 << 15) + 0x0a, &mut w);
+    assert_eq!(u16::from_le_bytes(w), 0x0280);
 }
 
 #[test]

@@ -6,12 +6,13 @@
 //!   feature handshake, so a missing or silent backend fails before the guest starts.
 //! - On DRIVER_OK it hands the backend the memory table (guest RAM must be shared, see
 //!   [`crate::memory::Backing::Shared`]) and each queue: size, ring addresses, base,
-//!   a call eventfd and the kick eventfd the transport writes on queue notifies.
-//! - Interrupts: a worker thread ("virtio-fs") waits on the call eventfds and raises
-//!   the queue's MSI-X vector through the transport. Chosen over KVM irqfds with MSI
-//!   routing because it goes through the transport's MSI-X state like every other
-//!   device (vector masking, the PBA, vectors the guest reprograms, the ISR), with no
-//!   GSI routing table to keep in step; the cost is a thread wake-up per interrupt.
+//!   a call eventfd and the kick eventfd the transport signals on queue notifies (a
+//!   KVM ioeventfd: the guest's notify reaches the backend without the VMM).
+//! - Interrupts: a queue's call eventfd is its MSI-X vector's own eventfd, which KVM
+//!   injects from (an irqfd whose GSI route and mask follow the guest's MSI-X
+//!   table), so the backend interrupts the guest without the VMM. A queue the driver
+//!   gave no vector gets a call eventfd of ours, which the worker thread ("virtio-fs")
+//!   turns into the queue's interrupt through the transport.
 //! - Backend death: the worker also watches the socket. When the backend hangs up it
 //!   logs an error and takes the queues over, answering every request (those the
 //!   backend had taken but not completed included, as it completes them in order)
@@ -102,11 +103,32 @@ struct Backend {
     protocol: bool,
 }
 
-/// Connects to `socket` and does the first part of the handshake (owner, features,
-/// protocol features), every reply bounded by [`BACKEND_TIMEOUT`].
-fn connect(socket: &Path) -> Result<Backend, FsError> {
+/// How often a starting backend's socket is tried (see [`VhostUserFs::new`]).
+const BACKEND_START_POLL: Duration = Duration::from_millis(10);
+
+/// Connects to `socket`, trying again while it does not exist or refuses (the
+/// backend is starting) for up to `wait`.
+fn connect_stream(socket: &Path, wait: Duration) -> io::Result<UnixStream> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match UnixStream::connect(socket) {
+            Err(e)
+                if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(BACKEND_START_POLL);
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Connects to `socket` (waiting up to `wait` for it to listen) and does the first
+/// part of the handshake (owner, features, protocol features), every reply bounded
+/// by [`BACKEND_TIMEOUT`].
+fn connect(socket: &Path, wait: Duration) -> Result<Backend, FsError> {
     let connect_err = |source| FsError::Connect { path: socket.to_path_buf(), source };
-    let stream = UnixStream::connect(socket).map_err(connect_err)?;
+    let stream = connect_stream(socket, wait).map_err(connect_err)?;
     stream.set_read_timeout(Some(BACKEND_TIMEOUT)).map_err(connect_err)?;
     stream.set_write_timeout(Some(BACKEND_TIMEOUT)).map_err(connect_err)?;
     let mut frontend = Frontend::from_stream(stream, NUM_QUEUES as u64);
@@ -151,10 +173,11 @@ pub struct VhostUserFs {
 }
 
 impl VhostUserFs {
-    /// A device for `tag`, connected to the backend listening at `socket`.
-    pub fn new(tag: &str, socket: &Path) -> Result<Self, FsError> {
+    /// A device for `tag`, connected to the backend at `socket`, which may take up to
+    /// `wait` to start listening.
+    pub fn new(tag: &str, socket: &Path, wait: Duration) -> Result<Self, FsError> {
         validate_tag(tag)?;
-        let backend = connect(socket)?;
+        let backend = connect(socket, wait)?;
         let mut config = [0u8; TAG_MAX_LEN + 4];
         config[..tag.len()].copy_from_slice(tag.as_bytes());
         config[TAG_MAX_LEN..].copy_from_slice(&REQUEST_QUEUES.to_le_bytes());
@@ -191,13 +214,16 @@ impl VhostUserFs {
         }
     }
 
-    /// Gives the backend guest memory and the queues; returns each queue's call eventfd.
+    /// Gives the backend guest memory and the queues; returns, for each queue, the
+    /// call eventfd the worker must relay (`None` when the backend interrupts the
+    /// guest directly through the queue's vector).
     fn setup_backend(
         backend: &mut Backend,
         memory: &GuestMemoryMmap,
         acked_features: u64,
         queues: &[ActiveQueue],
-    ) -> Result<Vec<EventFd>, String> {
+        interrupt: &dyn VirtioInterrupt,
+    ) -> Result<Vec<Option<EventFd>>, String> {
         let fe = &mut backend.frontend;
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         let features = (acked_features & backend.features) | (backend.features & protocol_bit);
@@ -232,10 +258,18 @@ impl VhostUserFs {
             step("SET_VRING_NUM", fe.set_vring_num(i, size))?;
             step("SET_VRING_ADDR", fe.set_vring_addr(i, &ring))?;
             step("SET_VRING_BASE", fe.set_vring_base(i, q.queue.next_avail()))?;
-            let call = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("queue {i}: eventfd: {e}"))?;
-            step("SET_VRING_CALL", fe.set_vring_call(i, &call))?;
+            match interrupt.queue_notifier(q.index) {
+                Some(vector) => {
+                    step("SET_VRING_CALL", fe.set_vring_call(i, &vector))?;
+                    calls.push(None);
+                }
+                None => {
+                    let call = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("queue {i}: eventfd: {e}"))?;
+                    step("SET_VRING_CALL", fe.set_vring_call(i, &call))?;
+                    calls.push(Some(call));
+                }
+            }
             step("SET_VRING_KICK", fe.set_vring_kick(i, &q.kick))?;
-            calls.push(call);
         }
         if backend.protocol {
             for q in queues {
@@ -287,11 +321,11 @@ impl VirtioDevice for VhostUserFs {
         // (which closed it) connect again.
         let mut backend = match self.backend.take() {
             Some(b) if !self.activated => b,
-            _ => connect(&self.socket).map_err(|e| start(e.to_string()))?,
+            _ => connect(&self.socket, Duration::ZERO).map_err(|e| start(e.to_string()))?,
         };
         self.activated = true;
         // On failure `backend` drops here: the connection closes.
-        let calls = Self::setup_backend(&mut backend, &memory, acked_features, &queues).map_err(start)?;
+        let calls = Self::setup_backend(&mut backend, &memory, acked_features, &queues, interrupt.as_ref()).map_err(start)?;
         let socket_fd = backend.frontend.as_fd_owned().map_err(|e| start(format!("duplicating the socket: {e}")))?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| start(e.to_string()))?;
         let worker = Worker {
@@ -346,7 +380,9 @@ struct WorkerQueue {
     index: u16,
     queue: Queue,
     kick: EventFd,
-    call: EventFd,
+    /// The backend's used-buffer notifications to relay, unless it signals the
+    /// queue's interrupt vector itself.
+    call: Option<EventFd>,
 }
 
 /// Relays the backend's used-buffer notifications as interrupts; after the backend is
@@ -374,7 +410,7 @@ impl Worker {
                 pollfd(Some(self.stop.as_raw_fd()), libc::POLLIN),
                 pollfd(self.backend.as_ref().map(|b| b.as_fd().as_raw_fd()), libc::POLLRDHUP),
             ];
-            fds.extend(self.queues.iter().map(|q| pollfd(Some(q.call.as_raw_fd()), libc::POLLIN)));
+            fds.extend(self.queues.iter().map(|q| pollfd(q.call.as_ref().map(AsRawFd::as_raw_fd), libc::POLLIN)));
             fds.extend(self.queues.iter().map(|q| pollfd((!alive).then(|| q.kick.as_raw_fd()), libc::POLLIN)));
             // SAFETY: `fds` is a valid array of pollfd of the length given.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
@@ -391,7 +427,7 @@ impl Worker {
             }
             let nq = self.queues.len();
             for (i, q) in self.queues.iter().enumerate() {
-                if fds[2 + i].revents & libc::POLLIN != 0 && q.call.read().is_ok() {
+                if fds[2 + i].revents & libc::POLLIN != 0 && q.call.as_ref().is_some_and(|c| c.read().is_ok()) {
                     self.interrupt.notify_queue(q.index);
                 }
             }
@@ -535,6 +571,9 @@ mod tests {
     struct Notified(std::sync::Mutex<Vec<u16>>);
 
     impl VirtioInterrupt for Notified {
+        fn queue_notifier(&self, _queue: u16) -> Option<EventFd> {
+            None
+        }
         fn notify_queue(&self, queue: u16) {
             self.0.lock().unwrap().push(queue);
         }
@@ -608,7 +647,7 @@ mod tests {
                 index: 1,
                 queue,
                 kick: EventFd::new(EFD_NONBLOCK).unwrap(),
-                call: EventFd::new(EFD_NONBLOCK).unwrap(),
+                call: Some(EventFd::new(EFD_NONBLOCK).unwrap()),
             }],
             backend: None,
             stop: EventFd::new(EFD_NONBLOCK).unwrap(),
@@ -643,7 +682,28 @@ mod tests {
 
     #[test]
     fn a_missing_backend_is_named() {
-        let e = VhostUserFs::new("t", Path::new("/nonexistent/virtiofsd.sock")).err().unwrap();
+        let e = VhostUserFs::new("t", Path::new("/nonexistent/virtiofsd.sock"), Duration::ZERO).err().unwrap();
         assert!(e.to_string().starts_with("vhost-user socket /nonexistent/virtiofsd.sock: "), "{e}");
+        // Waiting for a backend that never comes ends at the bound, with the same error.
+        let started = std::time::Instant::now();
+        let e = VhostUserFs::new("t", Path::new("/nonexistent/virtiofsd.sock"), Duration::from_millis(200)).err().unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(200) && e.to_string().contains("is virtiofsd listening there?"), "{e}");
+    }
+
+    #[test]
+    fn a_backend_socket_that_appears_within_the_wait_is_connected() {
+        let dir = std::env::temp_dir().join(format!("vfvm-fs-wait-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("fs.sock");
+        let connecting = {
+            let path = path.clone();
+            std::thread::spawn(move || connect_stream(&path, Duration::from_secs(30)))
+        };
+        // The socket did not exist when the connect began; it appears now.
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (_accepted, _) = listener.accept().unwrap();
+        assert!(connecting.join().unwrap().is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -22,6 +22,10 @@ pub const DEVICE_TYPE_FS: u32 = 26;
 
 /// How a device tells the driver something happened.
 pub trait VirtioInterrupt: Send + Sync {
+    /// An eventfd that interrupts the driver for queue `queue` when written, for a
+    /// backend process that completes buffers without the VMM (vhost-user); `None` if
+    /// the queue has no interrupt vector of its own.
+    fn queue_notifier(&self, queue: u16) -> Option<EventFd>;
     /// Queue `queue` has new used buffers.
     fn notify_queue(&self, queue: u16);
     /// The device configuration space changed.

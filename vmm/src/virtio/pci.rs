@@ -12,6 +12,12 @@
 //! | 0x4000 | MSI-X table (one vector per queue, plus one for config)     |
 //! | 0x5000 | MSI-X pending bit array                                     |
 //!
+//! Queue notifications: once the driver has started the device, each active queue's
+//! notify address is a KVM ioeventfd (when the VMM has KVM), so a notify signals the
+//! device's kick eventfd without an exit to the VMM; the MMIO handler remains for
+//! when it is not. Interrupts go through the device's [`MsiInterruptGroup`] (KVM
+//! irqfds), whose per-vector eventfds the device may hand to a vhost-user backend.
+//!
 //! Everything the guest writes is checked: unknown registers are ignored, a queue
 //! whose size or rings are bad is not enabled, FEATURES_OK is refused for features
 //! the device did not offer or without VIRTIO_F_VERSION_1, and a device that fails to
@@ -25,7 +31,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::interrupt::MsiSink;
+use crate::interrupt::{InterruptError, InterruptManager, IoEventRegistrar};
 use crate::pci::config::{overlaps, BarRequest, ConfigError, ConfigSpace, PciIds};
 use crate::pci::msix::{self, MsixConfig};
 use crate::pci::PciDevice;
@@ -79,6 +85,8 @@ pub enum VirtioPciError {
     DeviceType(u32),
     #[error("configuration space: {0}")]
     Config(#[from] ConfigError),
+    #[error("interrupts: {0}")]
+    Interrupts(#[from] InterruptError),
 }
 
 /// The PCI class code for a device type.
@@ -143,6 +151,14 @@ impl Interrupt {
 }
 
 impl VirtioInterrupt for Interrupt {
+    fn queue_notifier(&self, queue: u16) -> Option<EventFd> {
+        let vector = *self.queue_vectors.get(usize::from(queue))?;
+        if vector == VIRTIO_MSI_NO_VECTOR {
+            return None;
+        }
+        self.msix.lock().unwrap_or_else(|e| e.into_inner()).group().notifier(vector)
+    }
+
     fn notify_queue(&self, queue: u16) {
         self.isr.fetch_or(ISR_QUEUE, Ordering::SeqCst);
         if let Some(&v) = self.queue_vectors.get(usize::from(queue)) {
@@ -178,6 +194,10 @@ pub struct VirtioPciDevice {
     kicks: Vec<Option<EventFd>>,
     /// Where BAR 0 is mapped now.
     bar_base: Option<u64>,
+    /// KVM's ioeventfds, if the VMM has them; and the BAR base the kicks are
+    /// registered at.
+    ioevents: Option<Arc<dyn IoEventRegistrar>>,
+    kicks_registered_at: Option<u64>,
 }
 
 /// A vendor-specific virtio capability body (after id and next): cap_len,
@@ -192,8 +212,14 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
 }
 
 impl VirtioPciDevice {
-    /// Wraps `device`; `memory` is what its queues live in, `msi` delivers MSI-X.
-    pub fn new(device: Box<dyn VirtioDevice>, memory: GuestMemoryMmap, msi: Arc<dyn MsiSink>) -> Result<Self, VirtioPciError> {
+    /// Wraps `device`; `memory` is what its queues live in, `interrupts` gives its
+    /// MSI-X vectors, `ioevents` (if any) takes its queue notification addresses.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        memory: GuestMemoryMmap,
+        interrupts: &dyn InterruptManager,
+        ioevents: Option<Arc<dyn IoEventRegistrar>>,
+    ) -> Result<Self, VirtioPciError> {
         let max_sizes = device.queue_max_sizes().to_vec();
         if max_sizes.is_empty() || max_sizes.len() > MAX_QUEUES {
             return Err(VirtioPciError::QueueCount(max_sizes.len()));
@@ -232,7 +258,7 @@ impl VirtioPciDevice {
         Ok(Self {
             config,
             msix_cap,
-            msix: Arc::new(Mutex::new(MsixConfig::new(vectors, msi))),
+            msix: Arc::new(Mutex::new(MsixConfig::new(vectors, interrupts.msi_group(vectors)?))),
             device_features: device.device_features() | VIRTIO_F_VERSION_1,
             device,
             memory,
@@ -247,7 +273,44 @@ impl VirtioPciDevice {
             config_vector: Arc::new(AtomicU16::new(VIRTIO_MSI_NO_VECTOR)),
             config_generation: Arc::new(AtomicU8::new(0)),
             bar_base: None,
+            ioevents,
+            kicks_registered_at: None,
         })
+    }
+
+    /// Queue `index`'s notify address with BAR 0 at `base`.
+    fn notify_address(base: u64, index: usize) -> u64 {
+        base + NOTIFY_OFFSET + index as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)
+    }
+
+    /// Puts the active queues' kick eventfds on KVM ioeventfds at the notify
+    /// addresses of BAR 0 where it is now, moving them from where they were. A queue
+    /// whose registration fails keeps the MMIO path.
+    fn register_kicks(&mut self) {
+        let Some(ioevents) = self.ioevents.clone() else { return };
+        let want = if self.kicks.iter().any(Option::is_some) { self.bar_base } else { None };
+        if want == self.kicks_registered_at {
+            return;
+        }
+        self.unregister_kicks();
+        if let Some(base) = want {
+            for (index, kick) in self.kicks.iter().enumerate().filter_map(|(i, k)| Some((i, k.as_ref()?))) {
+                if let Err(e) = ioevents.register(kick, Self::notify_address(base, index)) {
+                    tracing::warn!("virtio-pci: queue {index}: {e}; its notifications stay MMIO exits");
+                }
+            }
+            self.kicks_registered_at = Some(base);
+        }
+    }
+
+    /// Takes the kick eventfds off KVM's ioeventfds (before they close or move).
+    fn unregister_kicks(&mut self) {
+        let (Some(ioevents), Some(old)) = (self.ioevents.clone(), self.kicks_registered_at.take()) else { return };
+        for (index, kick) in self.kicks.iter().enumerate().filter_map(|(i, k)| Some((i, k.as_ref()?))) {
+            if let Err(e) = ioevents.unregister(kick, Self::notify_address(old, index)) {
+                tracing::warn!("virtio-pci: queue {index}: {e}");
+            }
+        }
     }
 
     /// The device behind the transport.
@@ -472,7 +535,10 @@ impl VirtioPciDevice {
             queue_vectors: self.queues.iter().map(|q| q.msix_vector).collect(),
         });
         match self.device.activate(self.memory.clone(), interrupt.clone(), self.driver_features, active) {
-            Ok(()) => self.kicks = kicks,
+            Ok(()) => {
+                self.kicks = kicks;
+                self.register_kicks();
+            }
             Err(e) => {
                 tracing::error!("virtio-pci: activating the device: {e}");
                 self.status |= STATUS_NEEDS_RESET;
@@ -484,6 +550,7 @@ impl VirtioPciDevice {
     /// Status 0: the device stops, the transport forgets the driver's setup.
     fn reset(&mut self) {
         self.device.reset();
+        self.unregister_kicks();
         self.kicks.iter_mut().for_each(|k| *k = None);
         for q in &mut self.queues {
             *q = QueueSetup::new(q.max_size);
@@ -508,6 +575,13 @@ impl VirtioPciDevice {
             }
             _ => tracing::debug!("virtio-pci: notify for inactive queue {index}"),
         }
+    }
+}
+
+impl Drop for VirtioPciDevice {
+    fn drop(&mut self) {
+        // An unplugged device must not leave KVM signalling eventfds at its addresses.
+        self.unregister_kicks();
     }
 }
 
@@ -573,6 +647,7 @@ impl PciDevice for VirtioPciDevice {
     fn bar_mapped(&mut self, index: u8, base: Option<u64>) {
         if index == BAR_INDEX {
             self.bar_base = base;
+            self.register_kicks();
         }
     }
 }
@@ -580,8 +655,9 @@ impl PciDevice for VirtioPciDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::interrupt::MsiInterruptGroup;
     use crate::interrupt::MsiMessage;
-    use crate::pci::msix::tests::RecordingSink;
+    use crate::pci::msix::tests::RecordingGroup;
     use crate::virtio::ActivateError;
 
     #[derive(Default)]
@@ -635,18 +711,55 @@ mod tests {
         }
     }
 
+    /// Gives every device the one recording group.
+    struct OneGroup(Arc<RecordingGroup>);
+
+    impl InterruptManager for OneGroup {
+        fn msi_group(&self, _vectors: u16) -> Result<Arc<dyn MsiInterruptGroup>, InterruptError> {
+            Ok(self.0.clone())
+        }
+    }
+
+    /// The notify addresses registered now, as KVM would hold them.
+    #[derive(Default)]
+    struct RecordingIoEvents(Mutex<Vec<u64>>);
+
+    impl IoEventRegistrar for RecordingIoEvents {
+        fn register(&self, _fd: &EventFd, addr: u64) -> Result<(), InterruptError> {
+            self.0.lock().unwrap().push(addr);
+            Ok(())
+        }
+        fn unregister(&self, _fd: &EventFd, addr: u64) -> Result<(), InterruptError> {
+            let mut held = self.0.lock().unwrap();
+            let at = held.iter().position(|&a| a == addr).expect("unregistering an address that was registered");
+            held.remove(at);
+            Ok(())
+        }
+    }
+
+    impl RecordingIoEvents {
+        fn held(&self) -> Vec<u64> {
+            let mut v = self.0.lock().unwrap().clone();
+            v.sort_unstable();
+            v
+        }
+    }
+
     struct Rig {
         dev: VirtioPciDevice,
         record: Arc<Mutex<Record>>,
-        sink: Arc<RecordingSink>,
+        sink: Arc<RecordingGroup>,
+        ioevents: Arc<RecordingIoEvents>,
     }
 
     fn rig() -> Rig {
         let record = Arc::new(Mutex::new(Record::default()));
-        let sink = Arc::new(RecordingSink::default());
+        let sink = Arc::new(RecordingGroup::default());
+        let ioevents = Arc::new(RecordingIoEvents::default());
         let memory = crate::memory::guest_memory(16 << 20, crate::memory::Backing::Private).unwrap();
-        let dev = VirtioPciDevice::new(Box::new(TestDevice(record.clone())), memory, sink.clone()).unwrap();
-        Rig { dev, record, sink }
+        let dev =
+            VirtioPciDevice::new(Box::new(TestDevice(record.clone())), memory, &OneGroup(sink.clone()), Some(ioevents.clone())).unwrap();
+        Rig { dev, record, sink, ioevents }
     }
 
     impl Rig {
@@ -778,7 +891,14 @@ mod tests {
             let r = g.record.lock().unwrap();
             assert_eq!(r.activations, [(VIRTIO_F_VERSION_1 | F_EVENT_IDX, vec![(0, 64), (1, 16)])]);
         }
-        // Notifies reach the queue's eventfd.
+        // Unmapped BAR: nothing for KVM; mapped: each active queue's notify address
+        // (queues 0 and 1), moved with the BAR.
+        assert!(g.ioevents.held().is_empty());
+        g.dev.bar_mapped(0, Some(0xc000_0000));
+        assert_eq!(g.ioevents.held(), [0xc000_3000, 0xc000_3004]);
+        g.dev.bar_mapped(0, Some(0xd000_0000));
+        assert_eq!(g.ioevents.held(), [0xd000_3000, 0xd000_3004]);
+        // Notifies that still come as MMIO writes reach the queue's eventfd.
         g.w(0x3000 + 4, 1, 2);
         assert_eq!(g.record.lock().unwrap().kicks[1].read().unwrap(), 1);
         assert!(g.record.lock().unwrap().kicks[0].read().is_err(), "queue 0 was not kicked");
@@ -808,8 +928,9 @@ mod tests {
         g.dev.write_config(msix_control, &0x8000u16.to_le_bytes());
         assert_eq!(g.sink.take().len(), 1);
 
-        // Reset: the device is told, the transport forgets.
+        // Reset: the device is told, the transport forgets, KVM lets go of the addresses.
         g.w(0x14, 0, 1);
+        assert!(g.ioevents.held().is_empty());
         assert_eq!(g.record.lock().unwrap().resets, 1);
         assert_eq!(g.r(0x14, 1), 0);
         g.w(0x16, 1, 2);
@@ -821,6 +942,11 @@ mod tests {
         assert_eq!(g.setup_queue(0, 64, 0), 1);
         g.w(0x14, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK), 1);
         assert_eq!(g.record.lock().unwrap().activations.len(), 2);
+        assert_eq!(g.ioevents.held(), [0xd000_3000], "registered again at once: the BAR is mapped");
+        // An unplugged device leaves nothing registered.
+        let ioevents = g.ioevents.clone();
+        drop(g);
+        assert!(ioevents.held().is_empty());
     }
 
     #[test]

@@ -49,6 +49,9 @@ struct TestIrq {
 }
 
 impl VirtioInterrupt for TestIrq {
+    fn queue_notifier(&self, _queue: u16) -> Option<EventFd> {
+        None
+    }
     fn notify_queue(&self, _queue: u16) {
         *self.count.lock().unwrap() += 1;
         self.cv.notify_all();
