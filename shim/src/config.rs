@@ -253,7 +253,7 @@ mod tests {
             ("default_vcpus = 1", "default_vcpus = 9", "hypervisor.default_vcpus"),
             ("max_vcpus = 8", "max_vcpus = 64", "hypervisor.max_vcpus"),
             ("default_memory_mib = 512", "default_memory_mib = 32", "hypervisor.default_memory_mib"),
-            ("kernel = \"/usr/share/vfvm/vmlinuz\"", "kernel = \"vmlinuz\"", "hypervisor.kernel"),
+            ("kernel = \"/usr/share/vfvm/vmlinux\"", "kernel = \"vmlinux\"", "hypervisor.kernel"),
             ("vsock_port = 1024", "vsock_port = 1025", "agent.vsock_port"),
             ("hotplug = \"cold\"", "hotplug = \"hot\"", "sriov.hotplug"),
         ] {

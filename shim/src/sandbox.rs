@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use containerd_shim::protos::ttrpc;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::{Child, ChildStderr, Command};
+use tokio::sync::oneshot;
 use vfvm_protocols::agent::{self as api, AgentClient};
 use vfvm_protocols::client::{connect, AgentAddress, ConnectOptions};
 use vfvm_protocols::vmm_api::{Request, Response, VmmClient};
@@ -197,10 +198,15 @@ impl Sandbox {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         confine(&mut fsd, None);
+        let started = Instant::now();
+        let phase = |what: &str| tracing::debug!(sandbox = %spec.id, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "launch: {what}");
         let mut virtiofsd = fsd.spawn().map_err(io(format!("starting {}", config.shared_fs.virtiofsd.display())))?;
         let fsd_pid = virtiofsd.id().unwrap_or(0);
         journal.started("virtiofsd", fsd_pid)?;
-        wait_virtiofsd(&mut virtiofsd, &fs_socket, &spec.id).await?;
+        phase("virtiofsd started");
+        // The VMM starts at once: it sets the guest up while virtiofsd starts, and
+        // connects to it once it listens (waiting at most VIRTIOFSD_READY).
+        let mut fsd_ready = watch_virtiofsd(virtiofsd.stderr.take(), fs_socket.clone(), spec.id.clone());
 
         let api_socket = dir.join("api.sock");
         let vsock_socket = dir.join("vsock.sock");
@@ -213,32 +219,53 @@ impl Sandbox {
         vmm.arg("--kernel").arg(&h.kernel).arg("--initrd").arg(&h.initrd).arg("--cmdline").arg(cmdline);
         vmm.arg("--vcpus").arg(spec.settings.vcpus.to_string()).arg("--memory").arg(spec.settings.memory_mib.to_string());
         vmm.arg("--api-socket").arg(&api_socket).arg("--vsock-socket").arg(&vsock_socket).arg("--vsock-cid").arg(GUEST_CID.to_string());
-        vmm.arg("--fs").arg(format!("tag={FS_TAG},socket={}", fs_socket.display())).arg("--serial-log").arg(&console);
+        vmm.arg("--fs").arg(format!("tag={FS_TAG},socket={},wait={}", fs_socket.display(), VIRTIOFSD_READY.as_secs()));
+        vmm.arg("--serial-log").arg(&console);
         vmm.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
         let netns = match &spec.netns {
             Some(p) => Some(std::fs::File::open(p).map_err(io(format!("opening the pod's network namespace {}", p.display())))?),
             None => None,
         };
         confine(&mut vmm, netns);
-        let started = Instant::now();
         let mut vmm_child = vmm.spawn().map_err(io(format!("starting {}", h.path.display())))?;
         let vmm_pid = vmm_child.id().unwrap_or(0);
         journal.started("vfvm-vmm", vmm_pid)?;
+        phase("vfvm-vmm started");
         forward_lines(vmm_child.stderr.take(), "vfvm-vmm", spec.id.clone());
 
         let addr = AgentAddress::Hybrid { uds: vsock_socket.clone(), port: config.agent.vsock_port };
         let deadline = Duration::from_secs(u64::from(config.agent.dial_timeout_secs));
         let opts = ConnectOptions { deadline, ..Default::default() };
-        let dial = tokio::task::spawn_blocking(move || connect(&addr, opts));
-        let agent = tokio::select! {
-            r = dial => match r {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => return Err(SandboxError::AgentTimeout { secs: deadline.as_secs(), reason: e.to_string(), console: console_tail(&console) }),
-                Err(e) => return Err(SandboxError::Agent { call: "connect", message: e.to_string() }),
-            },
-            status = vmm_child.wait() => {
-                let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
-                return Err(SandboxError::VmmDied { status, console: console_tail(&console) });
+        let mut dial = tokio::task::spawn_blocking(move || connect(&addr, opts));
+        let fsd_deadline = tokio::time::sleep(VIRTIOFSD_READY);
+        tokio::pin!(fsd_deadline);
+        let mut fsd_listening = false;
+        let agent = loop {
+            tokio::select! {
+                r = &mut fsd_ready, if !fsd_listening => match r {
+                    Ok(Ok(())) => {
+                        fsd_listening = true;
+                        phase("virtiofsd listening");
+                    }
+                    // Its output ended (or the watcher went): it exited.
+                    r => {
+                        let output = r.ok().and_then(Result::err).unwrap_or_default();
+                        let status = virtiofsd.wait().await.map_or_else(|e| e.to_string(), |s| s.to_string());
+                        return Err(SandboxError::VirtiofsdDied { status, output });
+                    }
+                },
+                () = &mut fsd_deadline, if !fsd_listening => {
+                    return Err(SandboxError::VirtiofsdTimeout { path: fs_socket.clone(), secs: VIRTIOFSD_READY.as_secs() });
+                }
+                r = &mut dial => match r {
+                    Ok(Ok(c)) => break c,
+                    Ok(Err(e)) => return Err(SandboxError::AgentTimeout { secs: deadline.as_secs(), reason: e.to_string(), console: console_tail(&console) }),
+                    Err(e) => return Err(SandboxError::Agent { call: "connect", message: e.to_string() }),
+                },
+                status = vmm_child.wait() => {
+                    let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+                    return Err(SandboxError::VmmDied { status, console: console_tail(&console) });
+                }
             }
         };
         let agent = Arc::new(agent);
@@ -249,6 +276,7 @@ impl Sandbox {
         req.hostname = spec.hostname;
         req.shared_fs_tag = FS_TAG.into();
         call(&agent, "CreateSandbox", move |a| a.create_sandbox(ctx(), &req)).await?;
+        phase("sandbox created in the agent");
 
         Ok(Sandbox {
             id: spec.id,
@@ -335,44 +363,41 @@ pub fn agent_message(e: &ttrpc::Error) -> String {
     }
 }
 
-async fn wait_virtiofsd(child: &mut Child, socket: &Path, sandbox: &str) -> Result<(), SandboxError> {
-    let Some(stderr) = child.stderr.take() else { return Ok(()) };
-    let mut lines = BufReader::new(stderr).lines();
-    let mut tail: Vec<String> = Vec::new();
-    let ready = async {
-        loop {
-            tokio::select! {
-                line = lines.next_line() => match line {
-                    Ok(Some(l)) => {
-                        tracing::debug!(sandbox, "virtiofsd: {l}");
-                        let listening = l.contains("Waiting for vhost-user socket connection");
-                        tail.push(l);
-                        if tail.len() > 8 { tail.remove(0); }
-                        if listening && socket.exists() { return Ok(()); }
-                    }
-                    _ => {
-                        let status = child.wait().await.map_or_else(|e| e.to_string(), |s| s.to_string());
-                        return Err(SandboxError::VirtiofsdDied { status, output: tail.join(" | ") });
-                    }
-                },
+/// Follows virtiofsd's output: every line goes to the log (so it never blocks on a
+/// full pipe); the answer says when it listens on `socket`, or that it ended first
+/// (with its last lines).
+fn watch_virtiofsd(stderr: Option<ChildStderr>, socket: PathBuf, sandbox: String) -> oneshot::Receiver<Result<(), String>> {
+    let (tx, rx) = oneshot::channel();
+    let Some(stderr) = stderr else {
+        let _ = tx.send(Ok(()));
+        return rx;
+    };
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut tail: Vec<String> = Vec::new();
+        let mut tx = Some(tx);
+        while let Ok(Some(l)) = lines.next_line().await {
+            tracing::debug!(sandbox = %sandbox, "virtiofsd: {l}");
+            let listening = l.contains("Waiting for vhost-user socket connection");
+            tail.push(l);
+            if tail.len() > 8 {
+                tail.remove(0);
+            }
+            if listening && socket.exists() {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(Ok(()));
+                }
             }
         }
-    };
-    let r = tokio::time::timeout(VIRTIOFSD_READY, ready)
-        .await
-        .unwrap_or(Err(SandboxError::VirtiofsdTimeout { path: socket.to_path_buf(), secs: VIRTIOFSD_READY.as_secs() }));
-    // Keep draining its output into the log so it never blocks on a full pipe.
-    let id = sandbox.to_string();
-    tokio::spawn(async move {
-        while let Ok(Some(l)) = lines.next_line().await {
-            tracing::info!(sandbox = %id, "virtiofsd: {l}");
+        if let Some(tx) = tx.take() {
+            let _ = tx.send(Err(tail.join(" | ")));
         }
     });
-    r
+    rx
 }
 
 /// Copies a helper's stderr into the shim's log, line by line.
-fn forward_lines(stderr: Option<tokio::process::ChildStderr>, what: &'static str, sandbox: String) {
+fn forward_lines(stderr: Option<ChildStderr>, what: &'static str, sandbox: String) {
     if let Some(s) = stderr {
         tokio::spawn(async move {
             let mut lines = BufReader::new(s).lines();

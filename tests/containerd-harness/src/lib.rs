@@ -646,7 +646,7 @@ pub fn install_vfvm(build_dir: &Path, kernel_override: Option<&str>, edit: impl 
     let shipped = include_str!("../../../configs/vfvm.toml");
     let config = shipped
         .replace("path = \"/usr/local/bin/vfvm-vmm\"", &format!("path = \"{}\"", build_dir.join("vfvm-vmm").display()))
-        .replace("kernel = \"/usr/share/vfvm/vmlinuz\"", &format!("kernel = \"{kernel}\""))
+        .replace("kernel = \"/usr/share/vfvm/vmlinux\"", &format!("kernel = \"{kernel}\""))
         .replace("initrd = \"/usr/share/vfvm/initrd.img\"", &format!("initrd = \"{initrd}\""))
         .replace("virtiofsd = \"/usr/local/bin/virtiofsd\"", &format!("virtiofsd = \"{}\"", virtiofsd.display()))
         // The agent answers in a few seconds on real KVM; L3 under emulated SVM is slow.
@@ -699,6 +699,17 @@ pub fn vfvm_consoles() -> String {
         }
     }
     all
+}
+
+/// Prints a benchmark's figures where they are seen even when its test passes:
+/// libtest captures a passing test's `print!` output, but not writes to the
+/// process's standard output itself.
+pub fn print_figures(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
 }
 
 /// A program on PATH, or in cargo's bin directory (where `cargo install` puts it).

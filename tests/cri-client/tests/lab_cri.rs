@@ -14,7 +14,8 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use vfvm_crictl::logrus::fatal_message;
 use vfvm_test_containerd::{
-    install_vfvm, oci, output_within, pids_named, vfvm_consoles, vfvm_leftovers, which, Containerd, Version, CRI_NAMESPACE, VFVM_STATE_DIR,
+    install_vfvm, oci, output_within, pids_named, print_figures, vfvm_consoles, vfvm_leftovers, which, Containerd, Version, CRI_NAMESPACE,
+    VFVM_STATE_DIR,
 };
 
 /// How long one CRI command may take: a pod's VM boots in about 25 s in an idle
@@ -513,9 +514,14 @@ fn lab_cri_bench_pod_start_vfvm_vs_runc() {
             vfvm.push(timed_pod_start(cri, "kata", n)?);
         }
         let secs = |v: &[Duration]| v.iter().map(|d| format!("{:.2}", d.as_secs_f64())).collect::<Vec<_>>().join(", ");
-        eprintln!("containerd 2.1 runs (s): vfvm [{}], runc [{}]", secs(&vfvm), secs(&runc));
+        let rounds = format!("pod start rounds (s), containerd 2.1: vfvm [{}], runc [{}]", secs(&vfvm), secs(&runc));
         let (v, r) = (median(vfvm), median(runc));
-        println!("pod start: vfvm {:.2} s, runc {:.2} s, ratio {:.1} (medians of {BENCH_ROUNDS}, runp..container running, containerd 2.1 CRI, lab L2 under TCG)", v.as_secs_f64(), r.as_secs_f64(), v.as_secs_f64() / r.as_secs_f64());
+        print_figures(&format!(
+            "{rounds}\npod start: vfvm {:.2} s, runc {:.2} s, ratio vfvm/runc {:.1} (medians of {BENCH_ROUNDS}, runp..container running, containerd 2.1 CRI, lab L2 under TCG)",
+            v.as_secs_f64(),
+            r.as_secs_f64(),
+            v.as_secs_f64() / r.as_secs_f64()
+        ));
         ensure!(cri.ids(&["pods", "-q"])?.is_empty(), "pods left in CRI");
         wait_nothing_left("after the benchmark")
     });
