@@ -1,7 +1,9 @@
 //! `vfvm-agent`: PID 1 of a vfvm guest. Mounts the basic filesystems, loads the
-//! image's kernel modules, reaps orphans, and serves the agent API (ttrpc) on vsock
-//! for the shim. Outside a VM (`--no-init`) it serves on any address, which is how
-//! the host tests run it.
+//! image's boot modules (what serving over vsock needs), starts loading the others on
+//! demand (device drivers by modalias: the PCI devices present now and those
+//! hot-plugged later), reaps orphans, and serves the agent API (ttrpc) on vsock for
+//! the shim. Outside a VM (`--no-init`) it serves on any address, which is how the
+//! host tests run it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use vfvm_agent::network::{Network, Options};
-use vfvm_agent::{init, logging, service::AgentService};
+use vfvm_agent::{init, logging, modules, service::AgentService};
 use vfvm_netlink::Netns;
 
 const USAGE: &str = "\
@@ -17,7 +19,10 @@ usage: vfvm-agent [--listen ADDR] [--no-init] [--netns PATH] [--resolv-conf PATH
                   [--modules-dir DIR] [--modules-manifest PATH]
 
   As PID 1 it loads the modules listed in DIR/modules.load (DIR defaults to
-  /lib/modules/<running kernel>), one path relative to DIR per line, in order.
+  /lib/modules/<running kernel>), one path relative to DIR per line, in order;
+  the other modules of DIR/modules.dep are loaded when needed: device drivers by
+  the devices' modaliases (DIR/modules.alias), at boot and on hot-plug, and the
+  modules of what the agent mounts or creates (virtiofs, overlay, 8021q).
 
   --listen ADDR   where to serve the agent API (default vsock://-1:1024; unix://PATH)
   --no-init       not PID 1: skip mounts, module loading and reaping
@@ -88,6 +93,7 @@ fn run(a: Args) -> Result<()> {
             Err(e) if !manifest.exists() => tracing::info!("no module manifest ({e})"),
             Err(e) => return Err(e).context("loading kernel modules"),
         }
+        modules_on_demand(&dir)?;
     }
     // The vsock transport is loaded now: mirror the logs to the host if it asked.
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
@@ -116,6 +122,32 @@ fn run(a: Args) -> Result<()> {
     wait_for_termination();
     tracing::info!("terminating");
     server.shutdown();
+    Ok(())
+}
+
+/// Starts loading the image's other modules on demand: the index of `dir`, the
+/// hot-plug listener, then the drivers of the PCI devices present now (a VF the VMM
+/// cold-plugged), so they are bound before the shim can ask for their netdevs.
+fn modules_on_demand(dir: &std::path::Path) -> Result<()> {
+    let loader = match modules::ModuleLoader::open(dir) {
+        Ok(l) => modules::install(l),
+        Err(e) if e.is_missing_index() => {
+            tracing::info!("no module index ({e}): no modules on demand");
+            return Ok(());
+        }
+        Err(e) => return Err(e).context("reading the image's module index"),
+    };
+    let sysfs = PathBuf::from("/sys");
+    if let Err(e) = modules::spawn_hotplug_listener(loader, sysfs.clone()) {
+        tracing::warn!("no modules on hot-plug: {e}");
+    }
+    let loaded = loader.coldplug(&sysfs, "pci");
+    tracing::info!(
+        "modules on demand: {} in the index, {} aliases; drivers of the PCI devices present: {}",
+        loader.index().len(),
+        loader.index().alias_count(),
+        if loaded.is_empty() { "none needed".to_string() } else { loaded.join(", ") }
+    );
     Ok(())
 }
 

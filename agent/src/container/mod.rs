@@ -92,10 +92,14 @@ fn mount_shared_fs(tag: &str, at: &Path) -> Result<()> {
     }
     let src = CString::new(tag).map_err(|_| Error::Invalid("shared_fs_tag: contains NUL".into()))?;
     let dst = CString::new(at_str.as_bytes()).map_err(|_| Error::Invalid("shared dir: contains NUL".into()))?;
+    // The image loads virtiofs (and fuse) only now, when the share is first mounted.
+    let module = crate::modules::request("virtiofs");
     // SAFETY: plain mount(2) with NUL-terminated strings we own.
     let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), c"virtiofs".as_ptr(), libc::MS_NODEV, std::ptr::null()) };
     if rc != 0 {
-        return Err(Error::Internal(format!("mounting virtio-fs tag {tag:?} at {}: {}", at.display(), std::io::Error::last_os_error())));
+        let e = std::io::Error::last_os_error();
+        let module = module.err().map(|m| format!(" ({m})")).unwrap_or_default();
+        return Err(Error::Internal(format!("mounting virtio-fs tag {tag:?} at {}: {e}{module}", at.display())));
     }
     Ok(())
 }
@@ -552,6 +556,25 @@ fn root_plan(rootfs: &Path, spec: &spec::Spec, hostname: Option<&str>) -> Result
     })
 }
 
+/// The modules of the filesystems the init will mount (e.g. `overlay`), which the
+/// image loads only when they are needed: the kernel's own autoload (`fs-<type>`)
+/// has no modprobe to call in the guest. A filesystem without a module here is
+/// left to the mount to report.
+fn load_filesystems(root: &InitRoot) {
+    let mut done: Vec<&[u8]> = Vec::new();
+    for op in &root.ops {
+        let Op::Mount { fstype: Some(fs), .. } = op else { continue };
+        let fs = fs.as_bytes();
+        if done.contains(&fs) {
+            continue;
+        }
+        done.push(fs);
+        if let Ok(fs) = std::str::from_utf8(fs) {
+            let _ = crate::modules::request_alias(&format!("fs-{fs}"));
+        }
+    }
+}
+
 fn spawn_error(e: spawn::SpawnError) -> Error {
     let msg = e.to_string();
     match e.source.raw_os_error() {
@@ -672,6 +695,7 @@ impl Runner {
         let hostname = if spec.hostname.is_empty() { sandbox_hostname } else { spec.hostname.as_str() };
         let hostname = (!hostname.is_empty()).then_some(hostname);
         let root = root_plan(&rootfs, spec, hostname)?;
+        load_filesystems(&root);
         let process = spec.process.as_ref().expect("checked above");
         let ps = ProcessSpec { p: process, terminal: terminal || process.terminal };
         let own_devpts = has_own_devpts(spec);

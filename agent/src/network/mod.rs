@@ -44,7 +44,9 @@
 //!   another link (by a VLAN link of another id or parent: "exists but is VLAN
 //!   .."; by the parent itself), and, when a VLAN link must be created, a
 //!   kernel without 802.1Q ([`NetError::VlanUnsupported`], asked through
-//!   [`Handle::vlan_supported`], which also lets the kernel autoload `8021q`).
+//!   [`Handle::vlan_supported`], which also lets the kernel autoload `8021q`;
+//!   in the guest, which has no modprobe, the agent loads it first through
+//!   [`crate::modules::request`]).
 //!   The VLAN links are created after the other interfaces are configured (so a
 //!   parent's new MTU is in place), in config order.
 //! - **DNS.** When the config has `dns`, resolv.conf is replaced atomically
@@ -505,6 +507,12 @@ impl Network {
             Vec::new()
         } else {
             let events = self.uevent_socket()?;
+            // A device that is there without a driver (cold-plugged, or hot-plugged
+            // just now) gets it before the wait; the hot-plug listener does the same
+            // for devices that come later.
+            for pci in wanted.iter().filter_map(|w| w.device.pci) {
+                let _ = crate::modules::request_pci_driver(&self.opts.sysfs_root, &pci.to_string());
+            }
             wait_for_devices(&self.handle, &self.opts.sysfs_root, &events, &wanted, timeout, || {})?.into_iter().map(|(l, _)| l).collect()
         };
         // 2. Checks against the system, before any change.
@@ -561,6 +569,8 @@ impl Network {
             Target::NewVlan { vlan, .. } => Some((i, *vlan)),
             Target::Link(_) => None,
         }) {
+            // The guest has no modprobe for the kernel to autoload 802.1Q with.
+            let _ = crate::modules::request("8021q");
             let supported = self.handle.vlan_supported().map_err(nl(format!("interface {:?}: VLAN {id}", i.name)))?;
             if !supported {
                 return Err(NetError::VlanUnsupported { interface: i.name.clone(), vlan: id, reason: self.vlan_reason() });

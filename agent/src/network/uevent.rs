@@ -30,6 +30,8 @@ pub struct Uevent {
     pub subsystem: Option<String>,
     /// `INTERFACE=` of net devices.
     pub interface: Option<String>,
+    /// `MODALIAS=`: what a driver for the device matches (PCI, virtio, ... devices).
+    pub modalias: Option<String>,
 }
 
 /// What one receive gave.
@@ -168,6 +170,7 @@ pub(crate) fn parse(msg: &[u8]) -> Option<Uevent> {
                 "ACTION" => ev.action = v.to_string(),
                 "SUBSYSTEM" => ev.subsystem = Some(v.to_string()),
                 "INTERFACE" => ev.interface = Some(v.to_string()),
+                "MODALIAS" => ev.modalias = Some(v.to_string()),
                 _ => {}
             }
         }
@@ -200,6 +203,13 @@ mod tests {
         assert_eq!(e.subsystem.as_deref(), Some("net"));
         assert_eq!(e.interface.as_deref(), Some("vt0"));
         assert!(e.may_bring_a_netdev());
+        assert_eq!(e.modalias, None);
+        let m = b"add@/devices/pci0000:00/0000:00:05.0\0ACTION=add\0DEVPATH=/devices/pci0000:00/0000:00:05.0\0SUBSYSTEM=pci\0\
+PCI_ID=8086:10CA\0MODALIAS=pci:v00008086d000010CAsv00008086sd00000000bc02sc00i00\0SEQNUM=7\0";
+        let e = parse(m).unwrap();
+        assert_eq!((e.action.as_str(), e.subsystem.as_deref()), ("add", Some("pci")));
+        assert_eq!(e.modalias.as_deref(), Some("pci:v00008086d000010CAsv00008086sd00000000bc02sc00i00"));
+        assert!(!e.may_bring_a_netdev());
         assert!(parse(b"garbage").is_none());
         assert!(parse(b"").is_none());
     }
