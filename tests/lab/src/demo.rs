@@ -20,8 +20,9 @@ const RUNTIME: &str = "io.containerd.vfvm.v2";
 /// The pod's name, which the shim puts on the VM's kernel command line as `vfvm.sandbox=`.
 const POD: &str = "demo";
 const POD_SCRIPT: &str = "echo hello from a container in a vfvm VM; echo \"kernel: $(uname -r)\"; echo \"cmdline: $(cat /proc/cmdline)\"";
-/// The binaries the pod needs, all built by [`build_binaries`] into one directory.
-const BINARIES: [&str; 3] = ["containerd-shim-vfvm-v2", "vfvm-vmm", "vfvm-agent"];
+/// The binaries the pod needs on the host, all built by [`build_binaries`] into one
+/// directory (the agent goes into the guest image: a release build, see [`demo`]).
+const BINARIES: [&str; 2] = ["containerd-shim-vfvm-v2", "vfvm-vmm"];
 /// On a KVM that boots Linux the agent answers within a few seconds; one that does
 /// not (this project's nested paravirtual KVM) shows nothing at all.
 const PROBE_LIMIT: Duration = Duration::from_secs(25);
@@ -35,10 +36,11 @@ const AGENT_PORT: u32 = 1024;
 pub fn demo() -> Result<i32> {
     let (cache, kernel, images) = crate::prepare()?;
     let build_dir = build_binaries()?;
+    let agent = guest_image::release_agent(build_dir.parent().context("the build directory has no parent")?)?;
     let image = {
         let _lock = crate::CacheLock::take(&cache)?;
         let busybox = host::find_busybox().context("no static busybox after installing busybox-static")?;
-        let opts = guest_image::Options { agent: Some(build_dir.join("vfvm-agent")), ..Default::default() };
+        let opts = guest_image::Options { agent: Some(agent), ..Default::default() };
         guest_image::ensure(&cache, &kernel, &busybox, &opts)?
     };
     progress!("guest image with this build's agent: {} (kernel {})", image.initrd.display(), kernel.release);

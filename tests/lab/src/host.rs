@@ -28,6 +28,37 @@ pub fn self_exe() -> Result<PathBuf> {
     path.canonicalize().with_context(|| format!("the vfvm-lab binary {} is gone", path.display()))
 }
 
+/// The cargo target directory this program was built in (`<target>/<profile>/vfvm-lab`,
+/// or `<target>/<profile>/deps/...` for a test binary): release builds of the
+/// workspace's other binaries go there too, so they share one build cache.
+pub fn target_dir() -> Result<PathBuf> {
+    let exe = self_exe()?;
+    exe.ancestors()
+        .skip(1)
+        .find(|dir| dir.join("CACHEDIR.TAG").is_file())
+        .map(Path::to_path_buf)
+        .with_context(|| format!("{} is not inside a cargo target directory (no CACHEDIR.TAG above it)", exe.display()))
+}
+
+/// Builds `package` of this workspace with `cargo build --release --quiet` (a second
+/// when it is up to date) into `target_dir`; returns `<target_dir>/release/<package>`.
+pub fn release_build(target_dir: &Path, package: &str) -> Result<PathBuf> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().context("locating the workspace")?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    progress!("building {package} (release): cargo build --release -p {package}");
+    run_shown(
+        Command::new(cargo)
+            .args(["build", "--release", "--quiet", "-p", package, "--manifest-path"])
+            .arg(workspace.join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(&workspace),
+    )?;
+    let binary = target_dir.join("release").join(package);
+    anyhow::ensure!(binary.is_file(), "cargo build --release -p {package} did not produce {}", binary.display());
+    Ok(binary)
+}
+
 /// A statically linked busybox, if one is installed (busybox-static's `/bin/busybox`).
 pub fn find_busybox() -> Option<PathBuf> {
     ["/bin/busybox", "/usr/bin/busybox"].iter().map(PathBuf::from).find(|p| is_static_elf(p).unwrap_or(false))

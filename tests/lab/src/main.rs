@@ -39,13 +39,13 @@ usage: cargo xtask <command>
                            lab; says which it chose and why
   smoke                    the lab's smoke run: /dev/kvm, the SR-IOV VFs and a VF on
                            vfio-pci inside L2, and an L3 boot (= lab smoke)
-  bench                    vfvm-vmm against QEMU in the lab, booting the same ELF kernel
+  bench [--runs N]         vfvm-vmm against QEMU in the lab, booting the same ELF kernel
                            and initramfs: time to userspace, peak RSS and KVM's exit
-                           counters, several rounds, medians and ratios
+                           counters, N rounds (default 5), medians and ratios
   test                     install what the tests need, then run every test of the
                            workspace, the lab's included
   install                  install the lab's packages, fetch its kernel, build images
-  image [--agent PATH] [--out DIR] [--init-script]
+  image [--agent PATH] [--out DIR] [--compress KIND] [--init-script]
                            build the vfvm guest image: the lab's Debian kernel and an
                            initramfs with the agent as /init, its libraries and the
                            guest's kernel modules; prints its manifest and paths
@@ -225,6 +225,9 @@ fn test() -> Result<i32> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     check_conventions(&cargo)?;
     let (_, kernel, _) = prepare()?;
+    // The guest image's agent is a release build (stripped into the image): built
+    // first, so the tests that build the image find it up to date.
+    let agent = guest_image::release_agent(&host::target_dir()?)?;
     progress!("lab ready (kernel {}); running the workspace's tests on this machine", kernel.release);
     let mut totals = TestTotals::default();
     let mut ok = run_counting(
@@ -235,8 +238,7 @@ fn test() -> Result<i32> {
 
     let executables = test_executables(&cargo)?;
     // The shim's lab tests boot pods from the guest image with this build's agent.
-    let agent = host::self_exe()?.with_file_name("vfvm-agent");
-    if agent.is_file() {
+    {
         let cache = cache_dir();
         let _lock = CacheLock::take(&cache)?;
         let busybox = host::find_busybox().context("no static busybox after installing busybox-static")?;
@@ -387,15 +389,22 @@ impl TestTotals {
     }
 }
 
-/// `cargo xtask bench`: a release vfvm-vmm against QEMU, booting the lab's L3 test
-/// guest inside L2 (see bench.rs).
-fn bench() -> Result<i32> {
+/// `cargo xtask bench [--runs N]`: a release vfvm-vmm against QEMU, booting the lab's
+/// L3 test guest inside L2 (see bench.rs).
+fn bench(mut args: impl Iterator<Item = String>) -> Result<i32> {
+    let mut runs = 5u32;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--runs" => {
+                let v = args.next().context("--runs needs a number")?;
+                runs =
+                    v.parse().ok().filter(|&n| n > 0).with_context(|| format!("--runs {v:?}: expected a number of rounds, 1 or more"))?;
+            }
+            other => bail!("unknown bench option {other:?}\n\n{USAGE}"),
+        }
+    }
     let (cache, kernel, images) = prepare()?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    progress!("building vfvm-vmm (release)");
-    host::run_shown(Command::new(&cargo).args(["build", "--release", "--quiet", "-p", "vfvm-vmm"]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target"));
-    let vmm = target.join("release/vfvm-vmm").canonicalize().context("locating the release vfvm-vmm")?;
+    let vmm = host::release_build(&host::target_dir()?, "vfvm-vmm")?;
     let me = host::self_exe()?.to_string_lossy().into_owned();
     let opts = l2::RunOptions {
         command: vec![
@@ -408,6 +417,8 @@ fn bench() -> Result<i32> {
             kernel.vmlinux()?.to_string_lossy().into_owned(),
             "--initrd".into(),
             images.l3_initrd.to_string_lossy().into_owned(),
+            "--runs".into(),
+            runs.to_string(),
         ],
         vfs: 1,
         ..Default::default()
@@ -441,7 +452,7 @@ fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
         ("inside", Some("boot-l3")) => inside::boot_image(args),
         ("inside", Some("agent-check")) => agent_check::agent_check(args),
         ("inside", Some("bench-boot")) => bench::bench_boot(args),
-        ("bench", None) => bench(),
+        ("bench", _) => bench(second.into_iter().chain(args)),
         ("inside", Some("setup")) => {
             let vfs = match (args.next().as_deref(), args.next()) {
                 (Some("--vfs"), Some(n)) => n.parse().with_context(|| format!("--vfs {n:?}: expected a number"))?,

@@ -54,6 +54,12 @@ impl ModuleIndex {
         }
     }
 
+    /// A module's path relative to the modules dir and its dependencies' paths, as
+    /// `modules.dep` lists them (depmod lists every module it needs, transitively).
+    pub fn entry(&self, name: &str) -> Option<(&str, &[String])> {
+        self.deps.get(&name.replace('-', "_")).map(|(path, deps)| (path.as_str(), deps.as_slice()))
+    }
+
     /// Paths of `wanted` and everything they depend on, dependencies first.
     /// Built-in modules are skipped; a module that is neither a module nor built in is
     /// an error, because the image would silently lack a driver.
@@ -134,6 +140,15 @@ kernel/drivers/dca/dca-x.ko:
         assert_eq!(idx.availability("no_such_driver"), Availability::Absent);
         let err = idx.load_order(&["no_such_driver"]).unwrap_err().to_string();
         assert!(err.contains("no_such_driver"), "{err}");
+    }
+
+    #[test]
+    fn entries_give_path_and_dependency_paths() {
+        let idx = ModuleIndex::parse(DEP, BUILTIN).unwrap();
+        let (path, deps) = idx.entry("dca-x").unwrap();
+        assert_eq!((path, deps), ("kernel/drivers/dca/dca-x.ko", &[][..]));
+        assert_eq!(idx.entry("igb").unwrap().1, ["kernel/drivers/dca/dca-x.ko"]);
+        assert!(idx.entry("virtio_pci").is_none(), "built in");
     }
 
     #[test]
