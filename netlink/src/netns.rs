@@ -137,6 +137,8 @@ fn check_netns(fd: &OwnedFd, path: &Path) -> Result<()> {
     if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut sfs) } != 0 {
         return Err(Error::Netns { op: "fstatfs", path: path.to_path_buf(), source: std::io::Error::last_os_error() });
     }
+    // f_type is i64 on x86_64 but differs in width and sign between libc targets:
+    // the cast is a no-op here and needed elsewhere.
     #[allow(clippy::unnecessary_cast)]
     let magic = sfs.f_type as i64;
     if magic != NSFS_MAGIC {

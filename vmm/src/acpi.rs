@@ -11,7 +11,7 @@
 //! |----------|-----------------------------------------------------------------|
 //! | 0xE0000  | RSDP (revision 2: XSDT only), where Linux scans for it          |
 //! | 0xE0040  | FACS (64-byte aligned; no waking vector, global lock unused)    |
-//! | then     | XSDT -> FADT, MADT; FADT -> DSDT, FACS; each 16-byte aligned    |
+//! | then     | XSDT -> FADT, MADT, MCFG, SRAT; FADT -> DSDT, FACS; 16-aligned  |
 //!
 //! Platform choices the tables describe:
 //! - PM1a_EVT_BLK: PIO 0x600, 4 bytes, with the fixed-feature power button;
@@ -31,6 +31,9 @@
 //!   0xCF8..0xCFF and the two memory windows of [`PciWindows::for_ram`] in its
 //!   `_CRS`; the MCFG points at the ECAM for the buses it covers (bus 0 only), which `\_SB.MRES`
 //!   (PNP0C02) and the e820 map both reserve. No `_PRT`: PCI devices use MSI-X.
+//! - NUMA: an SRAT with one proximity domain holding every vCPU and all RAM. Without
+//!   one, x86 Linux falls back to looking for an AMD northbridge, reading the vendor
+//!   ID of all 32 slots of bus 0 through 0xCF8 (64 port exits) on any CPU vendor.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -85,6 +88,11 @@ const MADT_IOAPIC: u8 = 1;
 const MADT_ISO: u8 = 2;
 const MADT_LAPIC_NMI: u8 = 4;
 const LAPIC_ENABLED: u32 = 1;
+// SRAT.
+const SRAT_LAPIC_AFFINITY: u8 = 0;
+const SRAT_MEMORY_AFFINITY: u8 = 1;
+const SRAT_ENABLED: u32 = 1;
+
 /// MPS INTI flags: active-high polarity (01), level trigger (11 << 2).
 const INTI_ACTIVE_HIGH_LEVEL: u16 = 0b1101;
 
@@ -369,6 +377,32 @@ fn madt(cpus: u8) -> Vec<u8> {
     sdt(b"APIC", 5, b"VFVMAPIC", &b)
 }
 
+/// The SRAT: proximity domain 0 for every vCPU's local APIC and every RAM range
+/// (`(start, length)` of guest memory).
+fn srat(cpus: u8, ram: &[(u64, u64)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&1u32.to_le_bytes()); // reserved, 1 for compatibility
+    b.extend_from_slice(&[0; 8]);
+    for id in 0..cpus {
+        // Type, length, domain bits 7:0, APIC id, flags, SAPIC EID, domain bits
+        // 31:8, clock domain.
+        b.extend_from_slice(&[SRAT_LAPIC_AFFINITY, 16, 0, id]);
+        b.extend_from_slice(&SRAT_ENABLED.to_le_bytes());
+        b.extend_from_slice(&[0; 8]);
+    }
+    for &(start, len) in ram {
+        b.extend_from_slice(&[SRAT_MEMORY_AFFINITY, 40]);
+        b.extend_from_slice(&0u32.to_le_bytes()); // proximity domain
+        b.extend_from_slice(&[0; 2]);
+        b.extend_from_slice(&start.to_le_bytes()); // base, low then high dword
+        b.extend_from_slice(&len.to_le_bytes()); // length, low then high dword
+        b.extend_from_slice(&[0; 4]);
+        b.extend_from_slice(&SRAT_ENABLED.to_le_bytes());
+        b.extend_from_slice(&[0; 8]);
+    }
+    sdt(b"SRAT", 3, b"VFVMSRAT", &b)
+}
+
 fn xsdt(tables: &[u64]) -> Vec<u8> {
     let body: Vec<u8> = tables.iter().flat_map(|a| a.to_le_bytes()).collect();
     sdt(b"XSDT", 1, b"VFVMXSDT", &body)
@@ -391,11 +425,13 @@ fn rsdp(xsdt: u64) -> Vec<u8> {
 }
 
 /// The whole area as it goes at [`RSDP_START`]: the RSDP first, then the tables,
-/// for a guest with `ram_bytes` of RAM (which places the 64-bit PCI window).
-pub fn acpi_bytes(cpus: u8, ram_bytes: u64) -> Result<Vec<u8>, AcpiError> {
+/// for a guest with RAM at `ram` (`(start, length)` ranges; their total places the
+/// 64-bit PCI window).
+pub fn acpi_bytes(cpus: u8, ram: &[(u64, u64)]) -> Result<Vec<u8>, AcpiError> {
     if cpus == 0 || cpus > MAX_CPUS {
         return Err(AcpiError::Cpus(cpus));
     }
+    let ram_bytes = ram.iter().map(|&(_, len)| len).sum();
     let base = RSDP_START;
     let mut area = vec![0u8; 0x40]; // the RSDP, written last
     let place = |area: &mut Vec<u8>, bytes: &[u8], align: usize| -> u64 {
@@ -410,7 +446,8 @@ pub fn acpi_bytes(cpus: u8, ram_bytes: u64) -> Result<Vec<u8>, AcpiError> {
     let fadt_addr = place(&mut area, &fadt(dsdt_addr, addr32(facs_addr)), 16);
     let madt_addr = place(&mut area, &madt(cpus), 16);
     let mcfg_addr = place(&mut area, &mcfg(), 16);
-    let xsdt_addr = place(&mut area, &xsdt(&[fadt_addr, madt_addr, mcfg_addr]), 16);
+    let srat_addr = place(&mut area, &srat(cpus, ram), 16);
+    let xsdt_addr = place(&mut area, &xsdt(&[fadt_addr, madt_addr, mcfg_addr, srat_addr]), 16);
     area[..RSDP_LEN].copy_from_slice(&rsdp(xsdt_addr));
     if area.len() as u64 > ACPI_AREA_SIZE {
         return Err(AcpiError::TooLarge(area.len()));
@@ -419,10 +456,11 @@ pub fn acpi_bytes(cpus: u8, ram_bytes: u64) -> Result<Vec<u8>, AcpiError> {
 }
 
 /// Writes the tables for `cpus` vCPUs; returns the RSDP's address. The PCI windows
-/// follow from the RAM in `memory` ([`PciWindows::for_ram`] of its total size).
+/// and the SRAT follow from the RAM in `memory` ([`PciWindows::for_ram`] of its
+/// total size).
 pub fn write_acpi_tables(memory: &GuestMemoryMmap, cpus: u8) -> Result<u64, AcpiError> {
-    let ram_bytes: u64 = memory.iter().map(|r| r.len()).sum();
-    let bytes = acpi_bytes(cpus, ram_bytes)?;
+    let ram: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    let bytes = acpi_bytes(cpus, &ram)?;
     memory.write_slice(&bytes, GuestAddress(RSDP_START)).map_err(|e| AcpiError::Memory(e.to_string()))?;
     Ok(RSDP_START)
 }
@@ -472,7 +510,17 @@ mod tests {
             assert_eq!(RSDP_START % 16, 0);
 
             let x = table(&mem, u64_at(&r, 24), b"XSDT");
-            assert_eq!(x.len(), 36 + 24);
+            assert_eq!(x.len(), 36 + 32);
+            // SRAT: every vCPU's APIC and the RAM in proximity domain 0.
+            let srat = table(&mem, u64_at(&x, 60), b"SRAT");
+            assert_eq!((srat[8], u32_at(&srat, 36)), (3, 1));
+            assert_eq!(srat.len(), 48 + 16 * cpus as usize + 40);
+            for id in 0..cpus {
+                let e = &srat[48 + 16 * id as usize..][..16];
+                assert_eq!((e[0], e[1], e[2], e[3], u32_at(e, 4), &e[9..12]), (0, 16, 0, id, 1, &[0u8, 0, 0][..]));
+            }
+            let m = &srat[48 + 16 * cpus as usize..];
+            assert_eq!((m[0], m[1], u32_at(m, 2), u64_at(m, 8), u64_at(m, 16), u32_at(m, 28)), (1, 40, 0, 0, 64 << 20, 1));
             let mcfg = table(&mem, u64_at(&x, 52), b"MCFG");
             assert_eq!((mcfg.len(), mcfg[8]), (60, 1));
             assert_eq!((u64_at(&mcfg, 44), &mcfg[52..56]), (0xE000_0000, &[0u8, 0, 0, 0][..]), "segment 0, buses 0..=0");
@@ -539,8 +587,17 @@ mod tests {
             let isos: Vec<_> = entries.iter().filter(|e| e[0] == 2).collect();
             assert_eq!(isos, [&vec![2, 10, 0, 9, 9, 0, 0, 0, 0x0d, 0]]);
         }
-        assert!(acpi_bytes(0, 64 << 20).is_err());
-        assert!(acpi_bytes(MAX_CPUS + 1, 64 << 20).is_err());
+        assert!(acpi_bytes(0, &[(0, 64 << 20)]).is_err());
+        assert!(acpi_bytes(MAX_CPUS + 1, &[(0, 64 << 20)]).is_err());
+    }
+
+    /// RAM on both sides of the 32-bit hole: one memory affinity entry each.
+    #[test]
+    fn srat_lists_every_ram_range() {
+        let t = srat(1, &[(0, 3 << 30), (1 << 32, 1 << 30)]);
+        assert_eq!(t.len(), 48 + 16 + 2 * 40);
+        let second = &t[48 + 16 + 40..];
+        assert_eq!((second[0], u64_at(second, 8), u64_at(second, 16)), (1, 1 << 32, 1 << 30));
     }
 
     #[test]

@@ -164,17 +164,21 @@ impl Bus {
 
     /// Reads from the device at `addr`; false (and `data` untouched) if none is there.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
-        match self.find(addr, data.len()) {
+        let found = match self.find(addr, data.len()) {
             Some((offset, device)) => {
                 device.lock().unwrap_or_else(|e| e.into_inner()).read(offset, data);
                 true
             }
             None => false,
-        }
+        };
+        // Every access at trace level (VFVM_LOG=trace): what a guest's exits are.
+        tracing::trace!("{:?} read {addr:#x} {data:02x?}{}", self.space, if found { "" } else { " unassigned" });
+        found
     }
 
     /// Writes to the device at `addr`; `None` if no device is there.
     pub fn write(&self, addr: u64, data: &[u8]) -> Option<BusAction> {
+        tracing::trace!("{:?} write {addr:#x} {data:02x?}", self.space);
         let (offset, device) = self.find(addr, data.len())?;
         let action = device.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data);
         Some(action)

@@ -306,24 +306,29 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
     // Each setup step's time, at debug level: where a slow start goes.
     let step = |what: &str| tracing::debug!(ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "setup: {what}");
     let guest_memory = memory::guest_memory(ram, backing)?;
-    let vm = Vm::new(guest_memory, VmOptions { irqchip: true })?;
-    step("guest memory and the VM");
-    let buses = ClearOnDrop(vec![vm.pio.clone(), vm.mmio.clone()]);
-    let memory = vm.memory();
-    let kernel = boot::load_kernel(memory, &mut kernel_file).map_err(|e| kernel_err(e.to_string()))?;
+    step("guest memory");
+    // The kernel and the initrd go into guest memory before KVM knows of it: their
+    // copy is most of the setup time, and the host faults the pages in without a
+    // VM's memory slot over them.
+    let kernel = boot::load_kernel(&guest_memory, &mut kernel_file).map_err(|e| kernel_err(e.to_string()))?;
     step("kernel loaded");
     let initrd_range = match initrd {
         Some((path, mut file, size)) => {
-            let addr = boot::load_initrd(memory, &mut file, size, &kernel)
+            let addr = boot::load_initrd(&guest_memory, &mut file, size, &kernel)
                 .map_err(|e| MachineError::Initrd { path: path.clone(), err: e.to_string() })?;
             Some((addr, size))
         }
         None => None,
     };
+    step("initrd loaded");
+    let vm = Vm::new(guest_memory, VmOptions { irqchip: true })?;
+    step("the VM");
+    let buses = ClearOnDrop(vec![vm.pio.clone(), vm.mmio.clone()]);
+    let memory = vm.memory();
     let cmdline_len = boot::load_cmdline(memory, &config.cmdline, &kernel).map_err(|e| MachineError::Cmdline(e.to_string()))?;
     boot::write_boot_params(memory, &boot::boot_params(&kernel, cmdline_len, initrd_range, ram)).map_err(setup)?;
     acpi::write_acpi_tables(memory, config.vcpus).map_err(setup)?;
-    step("initrd loaded, boot tables written");
+    step("boot tables written");
     smbios::write_smbios_tables(memory).map_err(setup)?;
     // For guests booted with acpi=off; Linux prefers the MADT when it has one.
     mptable::write_mptable(memory, config.vcpus).map_err(setup)?;

@@ -388,7 +388,10 @@ impl BusDevice for PioConfigAccess {
         match offset {
             0 if data.len() == 4 => data.copy_from_slice(&self.address.to_le_bytes()),
             4..=7 => match self.target(offset - 4) {
-                Some((addr, reg)) => lock(&self.root).config_read(addr, reg, data),
+                Some((addr, reg)) => {
+                    lock(&self.root).config_read(addr, reg, data);
+                    trace_config("CF8", "read", addr, reg, data);
+                }
                 None => data.fill(0xff),
             },
             _ => data.fill(0xff),
@@ -402,6 +405,7 @@ impl BusDevice for PioConfigAccess {
             }
             4..=7 => {
                 if let Some((addr, reg)) = self.target(offset - 4) {
+                    trace_config("CF8", "write", addr, reg, data);
                     lock(&self.root).config_write(addr, reg, data);
                 }
             }
@@ -409,6 +413,13 @@ impl BusDevice for PioConfigAccess {
         }
         BusAction::None
     }
+}
+
+/// Every configuration access at trace level (`VFVM_LOG=trace`): which
+/// function and register the guest's PCI code touches, and through which mechanism,
+/// is what the boot-exit work is measured by.
+fn trace_config(via: &str, op: &str, addr: PciAddress, reg: u16, data: &[u8]) {
+    tracing::trace!("config {via} {op} {addr} reg {reg:#05x} len {} data {data:02x?}", data.len());
 }
 
 /// ECAM: bus << 20 | device << 15 | function << 12 | register.
@@ -427,10 +438,12 @@ impl BusDevice for EcamAccess {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let (addr, reg) = ecam_target(offset);
         lock(&self.root).config_read(addr, reg, data);
+        trace_config("ECAM", "read", addr, reg, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> BusAction {
         let (addr, reg) = ecam_target(offset);
+        trace_config("ECAM", "write", addr, reg, data);
         lock(&self.root).config_write(addr, reg, data);
         BusAction::None
     }

@@ -1,7 +1,7 @@
 //! Tiny hand-made "kernels" for running the whole `vfvm-vmm` process on this
 //! machine's KVM (which runs tiny guests but not Linux).
 
-#![allow(dead_code)]
+#![allow(dead_code)] // each test binary includes this module and uses its own part
 
 use std::io::{BufRead, BufReader, Read};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
