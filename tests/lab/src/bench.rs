@@ -24,6 +24,9 @@ use crate::images::L3_MARKER;
 
 /// The command line every VMM boots the guest with (the issue's), plus `vfvm.hold`.
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet vfvm.hold";
+/// The guest image's: the same, less the hold (the agent serves instead), with a
+/// sandbox id as the shim gives one.
+const AGENT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet vfvm.sandbox=bench";
 
 /// KVM's per-VM debugfs counters the bench reports, in this order.
 const KVM_COUNTERS: &[(&str, &str)] = &[
@@ -39,6 +42,9 @@ const KVM_COUNTERS: &[(&str, &str)] = &[
 
 struct Sample {
     to_userspace: Duration,
+    /// The guest's own clock at the marker (its `/proc/uptime`): the kernel's part of
+    /// `to_userspace`; the rest is the VMM's setup and firmware, before the kernel.
+    guest_uptime: Option<f64>,
     peak_rss_kib: i64,
     /// KVM's debugfs counters at the marker (name -> value).
     kvm: BTreeMap<String, u64>,
@@ -51,9 +57,18 @@ impl Sample {
         self.kvm.get(name).copied().unwrap_or(0)
     }
 
+    /// Time before the guest kernel's clock started: VMM setup, firmware, loading.
+    fn before_kernel(&self) -> Option<f64> {
+        self.guest_uptime.map(|up| (self.to_userspace.as_secs_f64() - up).max(0.0))
+    }
+
     fn summary(&self) -> String {
+        let split = match (self.guest_uptime, self.before_kernel()) {
+            (Some(up), Some(before)) => format!(" ({before:.2} s before the kernel, {up:.2} s in it)"),
+            _ => String::new(),
+        };
         format!(
-            "{:.2} s, {} MiB, {} exits ({} port I/O, {} MMIO, {} stage-2 faults)",
+            "{:.2} s{split}, {} MiB, {} exits ({} port I/O, {} MMIO, {} stage-2 faults)",
             self.to_userspace.as_secs_f64(),
             self.peak_rss_kib / 1024,
             self.counter("exits"),
@@ -101,9 +116,14 @@ fn boot_once(cmd: &mut Command, api_socket: Option<&Path>, debugfs: &Path, timeo
     let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
     let lines = Lines::spawn(child.stdout.take().context("VMM stdout")?);
     let deadline = started + timeout;
+    let marker = format!("{L3_MARKER} userspace");
+    let mut guest_uptime = None;
     let reached = loop {
         match lines.next_before(deadline) {
-            Next::Line(l) if l.contains(&format!("{L3_MARKER} userspace")) => break Some(started.elapsed()),
+            Next::Line(l) if l.contains(&marker) => {
+                guest_uptime = marker_uptime(&l, &marker);
+                break Some(started.elapsed());
+            }
             Next::Line(_) => {}
             Next::Closed | Next::TimedOut => break None,
         }
@@ -124,9 +144,15 @@ fn boot_once(cmd: &mut Command, api_socket: Option<&Path>, debugfs: &Path, timeo
         bail!("wait4: {}", std::io::Error::last_os_error());
     }
     match measured {
-        Some((to_userspace, kvm, own)) => Ok(Sample { to_userspace, peak_rss_kib: usage.ru_maxrss, kvm: kvm?, own: own? }),
+        Some((to_userspace, kvm, own)) => Ok(Sample { to_userspace, guest_uptime, peak_rss_kib: usage.ru_maxrss, kvm: kvm?, own: own? }),
         None => bail!("{cmd:?} did not reach userspace within {}s", timeout.as_secs()),
     }
+}
+
+/// The guest's uptime the marker line carries (`<marker> 3.21`).
+fn marker_uptime(line: &str, marker: &str) -> Option<f64> {
+    let (_, rest) = line.split_once(marker)?;
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 /// vfvm-vmm's exit accounting, from its control API.
@@ -153,10 +179,44 @@ fn as_f64(n: u64) -> f64 {
     n as f64
 }
 
-/// `vfvm-lab inside bench-boot --vmm PATH --kernel PATH --initrd PATH [--runs N] [--vcpus N] [--memory MIB]`
+/// vfvm-vmm booting the guest image (`image`, the agent as PID 1) with hybrid vsock
+/// until the agent answers Health: the image's cost is this against the bare
+/// initramfs's time to userspace.
+fn boot_agent(vmm: &Path, kernel: &Path, image: &Path, vcpus: u32, memory: u32, timeout: Duration) -> Result<Duration> {
+    let dir = std::env::temp_dir().join(format!("vfvm-bench-agent-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let vsock = dir.join("vsock.sock");
+    let mut cmd = Command::new(vmm);
+    cmd.arg("--kernel").arg(kernel).arg("--initrd").arg(image).args(["--cmdline", AGENT_CMDLINE]);
+    cmd.args(["--vcpus", &vcpus.to_string(), "--memory", &memory.to_string()]);
+    cmd.arg("--serial-log").arg(dir.join("console.log")).arg("--vsock-socket").arg(&vsock).args(["--vsock-cid", "3"]);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    die_with_parent(&mut cmd);
+    let started = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("starting {}", vmm.display()))?;
+    let outcome = crate::demo::wait_for_agent(&mut child, &vsock, started, timeout);
+    crate::console::kill_and_reap(&mut child);
+    let console = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    let tail = || console.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+    match outcome? {
+        crate::demo::Outcome::Answered(after) => Ok(after),
+        crate::demo::Outcome::Exited(status) => {
+            bail!("the guest image's vfvm-vmm exited ({status}) before the agent answered; console:\n{}", tail())
+        }
+        crate::demo::Outcome::Refused(why) => bail!("the guest image's agent refused the connection: {why}"),
+        crate::demo::Outcome::TimedOut => {
+            bail!("the guest image's agent did not answer within {}s; console:\n{}", timeout.as_secs(), tail())
+        }
+    }
+}
+
+/// `vfvm-lab inside bench-boot --vmm PATH --kernel PATH --initrd PATH [--image PATH] [--runs N] [--vcpus N] [--memory MIB]`
 pub fn bench_boot(mut args: impl Iterator<Item = String>) -> Result<i32> {
-    const USAGE: &str = "usage: vfvm-lab inside bench-boot --vmm PATH --kernel PATH --initrd PATH [--runs N] [--vcpus N] [--memory MIB]";
-    let (mut vmm, mut kernel, mut initrd) = (None, None, None);
+    const USAGE: &str =
+        "usage: vfvm-lab inside bench-boot --vmm PATH --kernel PATH --initrd PATH [--image PATH] [--runs N] [--vcpus N] [--memory MIB]";
+    let (mut vmm, mut kernel, mut initrd, mut image) = (None, None, None, None);
     let (mut runs, mut vcpus, mut memory) = (5u32, 2u32, 256u32);
     while let Some(flag) = args.next() {
         let value = args.next().with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
@@ -165,6 +225,7 @@ pub fn bench_boot(mut args: impl Iterator<Item = String>) -> Result<i32> {
             "--vmm" => vmm = Some(PathBuf::from(value)),
             "--kernel" => kernel = Some(PathBuf::from(value)),
             "--initrd" => initrd = Some(PathBuf::from(value)),
+            "--image" => image = Some(PathBuf::from(value)),
             "--runs" => runs = number(&value)?.max(1),
             "--vcpus" => vcpus = number(&value)?.max(1),
             "--memory" => memory = number(&value)?.max(64),
@@ -197,25 +258,33 @@ pub fn bench_boot(mut args: impl Iterator<Item = String>) -> Result<i32> {
     // One boot of each first, not counted: the first reader of the kernel, the
     // initramfs and each VMM's binary fills the page cache, and neither VMM should
     // pay that in a measured round.
-    let (a, b) = (boot_vfvm()?, boot_qemu()?);
+    let boot_image = || image.as_deref().map(|i| boot_agent(&vmm, &kernel, i, vcpus, memory, timeout)).transpose();
+    let (a, b, c) = (boot_vfvm()?, boot_qemu()?, boot_image()?);
+    let image_part =
+        |c: Option<Duration>| c.map(|c| format!(" | guest image to the agent serving {:.2} s", c.as_secs_f64())).unwrap_or_default();
     println!(
-        "bench: warm-up (not counted): vfvm-vmm {:.2} s | QEMU q35 {:.2} s",
+        "bench: warm-up (not counted): vfvm-vmm {:.2} s | QEMU q35 {:.2} s{}",
         a.to_userspace.as_secs_f64(),
-        b.to_userspace.as_secs_f64()
+        b.to_userspace.as_secs_f64(),
+        image_part(c)
     );
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let (mut ours, mut theirs, mut images) = (Vec::new(), Vec::new(), Vec::new());
     for run in 1..=runs {
-        // Alternate the order so neither VMM always goes first.
-        let (a, b) = if run % 2 == 1 {
-            let a = boot_vfvm()?;
-            (a, boot_qemu()?)
-        } else {
-            let b = boot_qemu()?;
-            (boot_vfvm()?, b)
-        };
-        println!("bench: round {run}: vfvm-vmm {} | QEMU q35 {}", a.summary(), b.summary());
+        // Rotate the order (bare vfvm-vmm, QEMU, the guest image) so that none
+        // always goes first or follows the same one.
+        let (mut a, mut b, mut c) = (None, None, None);
+        for which in (0..3).map(|i| (i + run as usize - 1) % 3) {
+            match which {
+                0 => a = Some(boot_vfvm()?),
+                1 => b = Some(boot_qemu()?),
+                _ => c = Some(boot_image()?),
+            }
+        }
+        let (Some(a), Some(b), Some(c)) = (a, b, c) else { unreachable!("each of the three booted once") };
+        println!("bench: round {run}: vfvm-vmm {} | QEMU q35 {}{}", a.summary(), b.summary(), image_part(c));
         ours.push(a);
         theirs.push(b);
+        images.extend(c);
     }
     let _ = std::fs::remove_file(&api_socket);
     let t = |v: &[Sample]| median(v.iter().map(|s| s.to_userspace.as_secs_f64()).collect());
@@ -224,6 +293,28 @@ pub fn bench_boot(mut args: impl Iterator<Item = String>) -> Result<i32> {
     let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}", a / b) } else { "-".into() };
     let (t_ours, t_qemu, r_ours, r_qemu) = (t(&ours), t(&theirs), r(&ours), r(&theirs));
     println!("bench: median time to userspace: vfvm-vmm {t_ours:.2} s, QEMU {t_qemu:.2} s, ratio vfvm/QEMU {}", ratio(t_ours, t_qemu));
+    let split = |v: &[Sample], f: fn(&Sample) -> Option<f64>| {
+        let values: Vec<f64> = v.iter().filter_map(f).collect();
+        (!values.is_empty()).then(|| median(values))
+    };
+    if let (Some(bo), Some(bq), Some(ko), Some(kq)) = (
+        split(&ours, Sample::before_kernel),
+        split(&theirs, Sample::before_kernel),
+        split(&ours, |s| s.guest_uptime),
+        split(&theirs, |s| s.guest_uptime),
+    ) {
+        println!(
+            "bench: median before the guest kernel (VMM setup, firmware): vfvm-vmm {bo:.2} s, QEMU {bq:.2} s; in the kernel to userspace: vfvm-vmm {ko:.2} s, QEMU {kq:.2} s, ratio vfvm/QEMU {}",
+            ratio(ko, kq)
+        );
+    }
+    if !images.is_empty() {
+        let agent = median(images.iter().map(Duration::as_secs_f64).collect());
+        println!(
+            "bench: median guest image (agent as PID 1) to the agent serving: {agent:.2} s, bare initramfs to userspace {t_ours:.2} s, ratio image/bare {}",
+            ratio(agent, t_ours)
+        );
+    }
     println!("bench: median peak RSS: vfvm-vmm {r_ours:.1} MiB, QEMU {r_qemu:.1} MiB, ratio vfvm/QEMU {}", ratio(r_ours, r_qemu));
     for (name, what) in KVM_COUNTERS {
         let (a, b) = (c(&ours, name), c(&theirs, name));
@@ -240,4 +331,15 @@ pub fn bench_boot(mut args: impl Iterator<Item = String>) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_marker_carries_the_guest_uptime() {
+        let m = "@@vfvm-l3@@ userspace";
+        assert_eq!(super::marker_uptime("[   3.1] @@vfvm-l3@@ userspace 4.25", m), Some(4.25));
+        assert_eq!(super::marker_uptime("@@vfvm-l3@@ userspace", m), None);
+        assert_eq!(super::marker_uptime("@@vfvm-l3@@ userspace soon", m), None);
+    }
 }

@@ -155,7 +155,7 @@ fn probe_host_kvm(build_dir: &Path, kernel: &Path, initrd: &Path, limit: Duratio
     result
 }
 
-enum Outcome {
+pub(crate) enum Outcome {
     Answered(Duration),
     Exited(ExitStatus),
     Refused(String),
@@ -210,7 +210,9 @@ fn probe_in(dir: &Path, vmm: &Path, kernel: &Path, initrd: &Path, limit: Duratio
 
 /// Connects to the agent over the VMM's hybrid vsock socket and asks for its health,
 /// until it answers, the VMM exits or `limit` passes.
-fn wait_for_agent(child: &mut std::process::Child, vsock: &Path, started: Instant, limit: Duration) -> Result<Outcome> {
+/// Polls the agent behind `vsock` (hybrid vsock, port 1024) until it answers Health,
+/// the VMM exits, or `limit` after `started` passes.
+pub(crate) fn wait_for_agent(child: &mut std::process::Child, vsock: &Path, started: Instant, limit: Duration) -> Result<Outcome> {
     let addr = AgentAddress::Hybrid { uds: vsock.to_path_buf(), port: AGENT_PORT };
     loop {
         if let Some(status) = child.try_wait().context("checking on the probe's vfvm-vmm")? {

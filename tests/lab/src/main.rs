@@ -404,7 +404,16 @@ fn bench(mut args: impl Iterator<Item = String>) -> Result<i32> {
         }
     }
     let (cache, kernel, images) = prepare()?;
-    let vmm = host::release_build(&host::target_dir()?, "vfvm-vmm")?;
+    let target = host::target_dir()?;
+    let vmm = host::release_build(&target, "vfvm-vmm")?;
+    // The guest image as the shim boots it (this build's release agent), measured
+    // against the bare initramfs.
+    let image = {
+        let agent = guest_image::release_agent(&target)?;
+        let _lock = CacheLock::take(&cache)?;
+        let busybox = host::find_busybox().context("no static busybox after installing busybox-static")?;
+        guest_image::ensure(&cache, &kernel, &busybox, &guest_image::Options { agent: Some(agent), ..Default::default() })?
+    };
     let me = host::self_exe()?.to_string_lossy().into_owned();
     let opts = l2::RunOptions {
         command: vec![
@@ -417,6 +426,8 @@ fn bench(mut args: impl Iterator<Item = String>) -> Result<i32> {
             kernel.vmlinux()?.to_string_lossy().into_owned(),
             "--initrd".into(),
             images.l3_initrd.to_string_lossy().into_owned(),
+            "--image".into(),
+            image.initrd.to_string_lossy().into_owned(),
             "--runs".into(),
             runs.to_string(),
         ],

@@ -346,9 +346,9 @@ fn demo_host_mode_runs_the_pod_on_a_host_whose_kvm_boots_linux() {
 }
 
 /// The short version of `cargo xtask bench` (one round instead of five): both VMMs
-/// boot the same guest in one lab run and the figures (time to userspace, KVM's exit
-/// counters, vfvm-vmm's own exit breakdown, ratios) are printed, even when this
-/// passes. It asserts that the comparison ran, not how it came out.
+/// boot the same guest in one lab run, and vfvm-vmm the guest image to its agent
+/// serving; the figures (time to userspace, KVM's exit counters, vfvm-vmm's own exit
+/// breakdown, the image's time, ratios) are printed, even when this passes. It asserts that the comparison ran, not how it came out.
 #[test]
 #[ignore = "builds a release vfvm-vmm and boots the nested lab (a few minutes); run by `cargo xtask test`"]
 fn bench_boot_one_round_prints_vfvm_and_qemu_figures() {
@@ -363,6 +363,7 @@ fn bench_boot_one_round_prints_vfvm_and_qemu_figures() {
         "ratio vfvm/QEMU",
         "bench: median exits (exits): vfvm-vmm ",
         "bench: median port I/O (io_exits): vfvm-vmm ",
+        "bench: median guest image (agent as PID 1) to the agent serving: ",
         "bench: vfvm-vmm's exits to the VMM (median round): ",
     ] {
         assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
