@@ -13,6 +13,7 @@ pub mod boot;
 pub mod bus;
 pub mod cmos;
 pub mod cpu;
+pub mod elf;
 pub mod exits;
 pub mod interrupt;
 pub mod layout;

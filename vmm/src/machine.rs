@@ -20,6 +20,7 @@ use crate::boot::{self, MIN_MEMORY_BYTES};
 use crate::bus::Bus;
 use crate::cmos::{Cmos, CMOS_PORT};
 use crate::cpu;
+use crate::elf;
 use crate::exits::ExitCounters;
 use crate::interrupt::{GsiRouting, IoEventRegistrar};
 use crate::memory::{self, Backing, MemoryError};
@@ -308,19 +309,53 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
     let guest_memory = memory::guest_memory(ram, backing)?;
     step("guest memory");
     // The kernel and the initrd go into guest memory before KVM knows of it: their
-    // copy is most of the setup time, and the host faults the pages in without a
-    // VM's memory slot over them.
-    let kernel = boot::load_kernel(&guest_memory, &mut kernel_file).map_err(|e| kernel_err(e.to_string()))?;
-    step("kernel loaded");
-    let initrd_range = match initrd {
-        Some((path, mut file, size)) => {
-            let addr = boot::load_initrd(&guest_memory, &mut file, size, &kernel)
-                .map_err(|e| MachineError::Initrd { path: path.clone(), err: e.to_string() })?;
-            Some((addr, size))
-        }
-        None => None,
+    // copy is most of the setup time. An ELF vmlinux and the initrd are copied
+    // together on several threads; a bzImage goes through linux-loader.
+    let kernel_len = kernel_file.metadata().map_err(|e| kernel_err(e.to_string()))?.len();
+    let elf_image = match elf::parse(&mut kernel_file, kernel_len, boot::HIMEM_START, boot::low_ram_top(ram)) {
+        Ok(image) => Some(image),
+        Err(elf::ElfError::NotElf) => None,
+        Err(e) => return Err(kernel_err(e.to_string())),
     };
-    step("initrd loaded");
+    let (kernel, initrd_range) = match elf_image {
+        Some(image) => {
+            let kernel = boot::LoadedKernel { entry: image.entry, end: image.end(), setup_header: None };
+            let mut copies: Vec<elf::Copy> = image
+                .segments
+                .iter()
+                .map(|s| elf::Copy { path: &config.kernel, offset: s.offset, addr: s.addr, len: s.file_len })
+                .collect();
+            let initrd_range = match &initrd {
+                Some((path, _, size)) => {
+                    let addr = boot::initrd_placement(*size, &kernel, ram)
+                        .map_err(|e| MachineError::Initrd { path: (*path).clone(), err: e.to_string() })?;
+                    copies.push(elf::Copy { path, offset: 0, addr, len: *size });
+                    Some((addr, *size))
+                }
+                None => None,
+            };
+            elf::copy_parallel(&guest_memory, &copies).map_err(|e| match (&e, &initrd) {
+                (elf::ElfError::Copy { path, .. }, Some((initrd_path, _, _))) if path == *initrd_path => {
+                    MachineError::Initrd { path: path.clone(), err: e.to_string() }
+                }
+                _ => kernel_err(e.to_string()),
+            })?;
+            (kernel, initrd_range)
+        }
+        None => {
+            let kernel = boot::load_kernel(&guest_memory, &mut kernel_file).map_err(|e| kernel_err(e.to_string()))?;
+            let initrd_range = match initrd {
+                Some((path, mut file, size)) => {
+                    let addr = boot::load_initrd(&guest_memory, &mut file, size, &kernel)
+                        .map_err(|e| MachineError::Initrd { path: path.clone(), err: e.to_string() })?;
+                    Some((addr, size))
+                }
+                None => None,
+            };
+            (kernel, initrd_range)
+        }
+    };
+    step("kernel and initrd loaded");
     let vm = Vm::new(guest_memory, VmOptions { irqchip: true })?;
     step("the VM");
     let buses = ClearOnDrop(vec![vm.pio.clone(), vm.mmio.clone()]);
