@@ -151,6 +151,10 @@ pub fn ensure_packages(log: &InstallLog) -> Result<()> {
     if !on_path("xz") {
         plain.push("xz-utils");
     }
+    // The guest image's on-demand modules are zstd files.
+    if !on_path("zstd") {
+        plain.push("zstd");
+    }
     // The containerd the shim is tested with (1.6; 2.1 comes from sid, see
     // containerd.rs), and runc, which it brings, for the runc baseline.
     if !Path::new("/usr/bin/containerd").is_file() || !on_path("runc") {
