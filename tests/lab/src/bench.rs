@@ -43,7 +43,8 @@ const KVM_COUNTERS: &[(&str, &str)] = &[
 struct Sample {
     to_userspace: Duration,
     /// The guest's own clock at the marker (its `/proc/uptime`): the kernel's part of
-    /// `to_userspace`; the rest is the VMM's setup and firmware, before the kernel.
+    /// `to_userspace` since the kernel's clock started (early in its setup); the rest
+    /// is the VMM's setup, firmware, and the kernel's first steps.
     guest_uptime: Option<f64>,
     peak_rss_kib: i64,
     /// KVM's debugfs counters at the marker (name -> value).
@@ -57,14 +58,15 @@ impl Sample {
         self.kvm.get(name).copied().unwrap_or(0)
     }
 
-    /// Time before the guest kernel's clock started: VMM setup, firmware, loading.
+    /// Time before the guest kernel's clock started: VMM setup (loading included),
+    /// firmware, the kernel's first steps.
     fn before_kernel(&self) -> Option<f64> {
         self.guest_uptime.map(|up| (self.to_userspace.as_secs_f64() - up).max(0.0))
     }
 
     fn summary(&self) -> String {
         let split = match (self.guest_uptime, self.before_kernel()) {
-            (Some(up), Some(before)) => format!(" ({before:.2} s before the kernel, {up:.2} s in it)"),
+            (Some(up), Some(before)) => format!(" ({before:.2} s before the guest's clock, {up:.2} s after)"),
             _ => String::new(),
         };
         format!(
@@ -304,7 +306,7 @@ pub fn bench_boot(mut args: impl Iterator<Item = String>) -> Result<i32> {
         split(&theirs, |s| s.guest_uptime),
     ) {
         println!(
-            "bench: median before the guest kernel (VMM setup, firmware): vfvm-vmm {bo:.2} s, QEMU {bq:.2} s; in the kernel to userspace: vfvm-vmm {ko:.2} s, QEMU {kq:.2} s, ratio vfvm/QEMU {}",
+            "bench: median before the guest kernel's clock starts (VMM setup, firmware, the kernel's first steps): vfvm-vmm {bo:.2} s, QEMU {bq:.2} s; from then to userspace: vfvm-vmm {ko:.2} s, QEMU {kq:.2} s, ratio vfvm/QEMU {}",
             ratio(ko, kq)
         );
     }
