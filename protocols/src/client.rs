@@ -144,12 +144,12 @@ fn connect_once(addr: &AgentAddress, timeout: Duration) -> Result<OwnedFd, Clien
     };
     match addr {
         AgentAddress::Unix(path) => {
-            let s = UnixStream::connect(path).map_err(io("connect"))?;
+            let s = unix_connect(path).map_err(io("connect"))?;
             Ok(OwnedFd::from(s))
         }
         AgentAddress::Vsock { cid, port } => vsock_connect(*cid, *port, timeout).map_err(io("connect")),
         AgentAddress::Hybrid { uds, port } => {
-            let mut s = UnixStream::connect(uds).map_err(io("connect to the VMM's vsock socket"))?;
+            let mut s = unix_connect(uds).map_err(io("connect to the VMM's vsock socket"))?;
             s.set_read_timeout(Some(timeout)).map_err(io("set a read timeout"))?;
             s.set_write_timeout(Some(timeout)).map_err(io("set a write timeout"))?;
             s.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(io("send CONNECT"))?;
@@ -177,6 +177,44 @@ fn connect_once(addr: &AgentAddress, timeout: Duration) -> Result<OwnedFd, Clien
             s.set_write_timeout(None).map_err(io("clear the write timeout"))?;
             Ok(OwnedFd::from(s))
         }
+    }
+}
+
+/// A Unix stream connect that never waits. A blocking `connect(2)` on a Unix socket
+/// waits for as long as the listener's backlog is full, and a VMM queues hybrid vsock
+/// clients there until its guest's vsock driver is up: a guest that never gets there
+/// would hold every retry, and so the deadline, forever. Non-blocking, a full backlog
+/// is `EAGAIN` at once, which the caller retries like any refused attempt.
+pub fn unix_connect(path: &std::path::Path) -> std::io::Result<UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid (empty) address.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= sa.sun_path.len() || bytes.contains(&0) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{}: not a Unix socket path (at most {} bytes, no NUL)", path.display(), sa.sun_path.len() - 1),
+        ));
+    }
+    sa.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).expect("AF_UNIX (1) fits sa_family_t");
+    for (dst, src) in sa.sun_path.iter_mut().zip(bytes) {
+        *dst = libc::c_char::from_ne_bytes([*src]);
+    }
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1).expect("a short address");
+    // SAFETY: plain socket calls on a descriptor this function owns, with an address
+    // it built above.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        if libc::connect(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = UnixStream::from(fd);
+        stream.set_nonblocking(false)?;
+        Ok(stream)
     }
 }
 

@@ -153,6 +153,40 @@ fn no_agent_gives_up_at_the_deadline_naming_the_last_error() {
     assert!(elapsed < Duration::from_secs(2), "took {elapsed:?} for a 600 ms deadline");
 }
 
+/// A listener whose backlog is full (a VMM queues hybrid vsock clients there until
+/// its guest's vsock driver is up) fails each attempt at once, so the deadline holds;
+/// a blocking connect would wait for as long as nobody accepts.
+#[test]
+fn a_full_backlog_does_not_hold_the_client_past_its_deadline() {
+    use std::os::fd::AsRawFd;
+    let dir = scratch("backlog");
+    let path = dir.join("full.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    // SAFETY: listen(2) again on our listening socket only shortens its backlog.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 1) }, 0);
+    let mut queued = Vec::new();
+    loop {
+        match vfvm_protocols::client::unix_connect(&path) {
+            Ok(s) => queued.push(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("connect to {}: {e}", path.display()),
+        }
+        assert!(queued.len() < 64, "the backlog never filled");
+    }
+    // On a thread, so that a connect that hangs fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let addr = AgentAddress::Hybrid { uds: path.clone(), port: 1024 };
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let err = fails(connect(&addr, quick()));
+        let _ = tx.send((err, started.elapsed()));
+    });
+    let (err, took) = rx.recv_timeout(Duration::from_secs(10)).expect("connect still blocked 10 s into a 600 ms deadline");
+    assert!(matches!(err, ClientError::GaveUp { attempts, .. } if attempts > 1), "{err}");
+    assert!(took < Duration::from_secs(2), "{took:?} for a 600 ms deadline");
+    drop(listener);
+}
+
 #[test]
 fn a_silent_vmm_times_out_and_a_wrong_answer_fails_at_once() {
     let dir = scratch("bad-vmm");
