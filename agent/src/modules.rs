@@ -403,19 +403,30 @@ const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
 /// The most a module may decompress to (mlx5_core, the largest the image carries, is
 /// ~4 MB): a corrupt file is refused, not inflated without bound.
 const MAX_MODULE_BYTES: u64 = 64 << 20;
+/// The largest zstd window accepted: the decoder reserves the window a frame declares
+/// up front, and the agent is PID 1 in a guest that may have 32 MiB. `zstd -19` uses
+/// at most 8 MiB.
+const MAX_ZSTD_WINDOW: u64 = 16 << 20;
 
-/// The module in a `.ko.zst` file, decompressed: the image stores its on-demand
-/// modules so (a third of the bytes to unpack at every boot), and the agent inflates
-/// the few it loads, since Debian's kernel cannot decompress modules itself.
+/// The module in a `.ko.zst` file (one zstd frame), decompressed: the image stores
+/// its on-demand modules so (a third of the bytes to unpack at every boot), and the
+/// agent inflates the few it loads, since Debian's kernel cannot decompress modules
+/// itself.
 pub fn decompress_zstd_module(path: &Path) -> io::Result<Vec<u8>> {
     use std::io::Read;
     let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {what}", path.display()));
     let file = std::fs::File::open(path)?;
-    let decoder = ruzstd::decoding::StreamingDecoder::new(file).map_err(|e| invalid(format!("not a zstd file: {e}")))?;
+    let mut decoder = ruzstd::decoding::StreamingDecoder::new_with_max_window_size(file, MAX_ZSTD_WINDOW)
+        .map_err(|e| invalid(format!("not a zstd frame with a window of at most {MAX_ZSTD_WINDOW} bytes: {e}")))?;
     let mut module = Vec::new();
-    decoder.take(MAX_MODULE_BYTES + 1).read_to_end(&mut module).map_err(|e| invalid(format!("corrupt zstd data: {e}")))?;
+    (&mut decoder).take(MAX_MODULE_BYTES + 1).read_to_end(&mut module).map_err(|e| invalid(format!("corrupt zstd data: {e}")))?;
     if module.len() as u64 > MAX_MODULE_BYTES {
         return Err(invalid(format!("decompresses to more than {MAX_MODULE_BYTES} bytes")));
+    }
+    // One frame, nothing after it: a file with more would load truncated.
+    let mut rest = [0u8; 1];
+    if decoder.get_mut().read(&mut rest)? != 0 {
+        return Err(invalid("data after the zstd frame (expected exactly one)".into()));
     }
     Ok(module)
 }
@@ -971,6 +982,12 @@ alias i40evf iavf
         let e = decompress_zstd_module(&corrupt).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert!(e.to_string().contains("bad.ko.zst"), "{e}");
+
+        // Two frames back to back: refused, not loaded truncated.
+        let twice = dir.join("twice.ko.zst");
+        std::fs::write(&twice, [packed.clone(), packed.clone()].concat()).unwrap();
+        let e = decompress_zstd_module(&twice).unwrap_err();
+        assert!(e.to_string().contains("data after the zstd frame"), "{e}");
 
         // 65 MiB of zeros compresses to a few KiB: refused at the bound.
         let zeros = vec![0u8; usize::try_from(MAX_MODULE_BYTES + (1 << 20)).unwrap()];

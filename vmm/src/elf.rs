@@ -11,6 +11,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -42,6 +43,8 @@ pub enum ElfError {
     BadSegment { index: usize, reason: String },
     #[error("no loadable segment")]
     NoSegments,
+    #[error("{0}")]
+    BadHeaders(String),
     #[error("reading the file: {0}")]
     Read(#[from] std::io::Error),
     #[error("copying {} into guest memory at {addr:#x}: {err}", path.display())]
@@ -107,7 +110,13 @@ pub fn parse(file: &mut File, file_len: u64, lowest: u64, top: u64) -> Result<El
     if phnum > MAX_PHDRS {
         return Err(ElfError::TooManyHeaders(phnum));
     }
-    let mut phdrs = vec![0u8; PHDR_LEN * usize::from(phnum)];
+    let table_len = PHDR_LEN * usize::from(phnum);
+    if phoff.checked_add(table_len as u64).is_none_or(|end| end > file_len) {
+        return Err(ElfError::BadHeaders(format!(
+            "the program headers at {phoff:#x}+{table_len:#x} are beyond the file's {file_len} bytes"
+        )));
+    }
+    let mut phdrs = vec![0u8; table_len];
     file.seek(SeekFrom::Start(phoff))?;
     file.read_exact(&mut phdrs)?;
     let mut segments: Vec<Segment> = Vec::new();
@@ -135,12 +144,19 @@ pub fn parse(file: &mut File, file_len: u64, lowest: u64, top: u64) -> Result<El
     if segments.is_empty() {
         return Err(ElfError::NoSegments);
     }
-    Ok(ElfImage { entry: u64_at(&ehdr, 24), segments })
+    // The vCPU starts at the entry point as a physical address: it must be loaded code.
+    let entry = u64_at(&ehdr, 24);
+    if !segments.iter().any(|s| entry >= s.addr && entry < s.addr + s.file_len) {
+        return Err(ElfError::BadHeaders(format!("the entry point {entry:#x} is not in any loadable segment's bytes")));
+    }
+    Ok(ElfImage { entry, segments })
 }
 
-/// One copy job: `len` bytes at `offset` of the file at `path` to guest `addr`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One copy job: `len` bytes at `offset` of `file` (opened from `path`, which names
+/// it in errors) to guest `addr`.
+#[derive(Clone, Copy, Debug)]
 pub struct Copy<'a> {
+    pub file: &'a File,
     pub path: &'a Path,
     pub offset: u64,
     pub addr: u64,
@@ -154,7 +170,7 @@ fn chunks<'a>(copies: &[Copy<'a>]) -> Vec<Copy<'a>> {
         let mut done = 0;
         while done < c.len {
             let len = (c.len - done).min(CHUNK);
-            out.push(Copy { path: c.path, offset: c.offset + done, addr: c.addr + done, len });
+            out.push(Copy { offset: c.offset + done, addr: c.addr + done, len, ..*c });
             done += len;
         }
     }
@@ -169,8 +185,10 @@ pub fn copy_parallel(memory: &GuestMemoryMmap, copies: &[Copy<'_>]) -> Result<()
     let next = AtomicUsize::new(0);
     let failed: Mutex<Option<ElfError>> = Mutex::new(None);
     let work = || {
-        // Each worker keeps one open file per path: its own descriptor and offset.
-        let mut open: Vec<(&Path, File)> = Vec::new();
+        // Each worker reopens the files it reads through /proc/self/fd: the very
+        // files the caller opened and checked (whatever their paths name now), each
+        // with an offset of the worker's own.
+        let mut open: Vec<(RawFd, File)> = Vec::new();
         loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
             let Some(job) = jobs.get(i) else { return };
@@ -194,12 +212,14 @@ pub fn copy_parallel(memory: &GuestMemoryMmap, copies: &[Copy<'_>]) -> Result<()
     }
 }
 
-fn copy_one<'a>(memory: &GuestMemoryMmap, job: &Copy<'a>, open: &mut Vec<(&'a Path, File)>) -> Result<(), ElfError> {
+fn copy_one(memory: &GuestMemoryMmap, job: &Copy<'_>, open: &mut Vec<(RawFd, File)>) -> Result<(), ElfError> {
     let failed = |err: String| ElfError::Copy { path: job.path.to_path_buf(), addr: job.addr, err };
-    let file = match open.iter().position(|(p, _)| *p == job.path) {
+    let fd = job.file.as_raw_fd();
+    let file = match open.iter().position(|(f, _)| *f == fd) {
         Some(i) => &mut open[i].1,
         None => {
-            open.push((job.path, File::open(job.path).map_err(|e| failed(e.to_string()))?));
+            let reopened = File::open(format!("/proc/self/fd/{fd}")).map_err(|e| failed(format!("reopening it: {e}")))?;
+            open.push((fd, reopened));
             &mut open.last_mut().expect("just pushed").1
         }
     };
@@ -262,8 +282,12 @@ mod tests {
         assert_eq!(parsed.entry, 0x100_0000);
         assert_eq!(parsed.segments.len(), 2);
         assert_eq!(parsed.end(), 0x400_1000);
+        // The file is renamed away before the copy: the copy reads the file that was checked.
+        let moved = path.with_extension("moved");
+        std::fs::rename(&path, &moved).unwrap();
+        std::fs::write(&path, b"another file now").unwrap();
         let copies: Vec<Copy> =
-            parsed.segments.iter().map(|s| Copy { path: &path, offset: s.offset, addr: s.addr, len: s.file_len }).collect();
+            parsed.segments.iter().map(|s| Copy { file: &file, path: &path, offset: s.offset, addr: s.addr, len: s.file_len }).collect();
         assert_eq!(chunks(&copies).len(), 4, "three chunks of the big segment, one of the small");
         copy_parallel(&memory, &copies).unwrap();
         let mut back = vec![0u8; big.len()];
@@ -273,6 +297,7 @@ mod tests {
         memory.read_slice(&mut back, GuestAddress(0x400_0000)).unwrap();
         assert_eq!(&back, small);
         std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(&moved).unwrap();
     }
 
     #[test]
@@ -304,13 +329,17 @@ mod tests {
         let mut none = elf(0x20_0000, &[(0x20_0000, &seg, 64)]);
         none[64..68].copy_from_slice(&4u32.to_le_bytes());
         check("none", none, "no loadable segment");
+        check("virtual entry", elf(0xffff_ffff_8100_0000, &[(0x20_0000, &seg, 64)]), "entry point 0xffffffff81000000 is not in any");
+        let mut far = elf(0x20_0000, &[(0x20_0000, &seg, 64)]);
+        far[32..40].copy_from_slice(&0x10_0000u64.to_le_bytes());
+        check("phoff", far, "program headers at 0x100000+0x70 are beyond the file");
     }
 
     #[test]
     fn a_file_that_shrank_is_a_copy_error_naming_the_address() {
-        let (path, _) = file_with("gone", &[1u8; 100]);
+        let (path, file) = file_with("gone", &[1u8; 100]);
         let memory = crate::memory::guest_memory(64 << 20, crate::memory::Backing::Private).unwrap();
-        let e = copy_parallel(&memory, &[Copy { path: &path, offset: 0, addr: 0x20_0000, len: 4096 }]).unwrap_err();
+        let e = copy_parallel(&memory, &[Copy { file: &file, path: &path, offset: 0, addr: 0x20_0000, len: 4096 }]).unwrap_err();
         std::fs::remove_file(&path).unwrap();
         assert!(e.to_string().contains("0x200000") && e.to_string().contains("vfvm-elf-"), "{e}");
     }

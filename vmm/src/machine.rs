@@ -323,13 +323,13 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
             let mut copies: Vec<elf::Copy> = image
                 .segments
                 .iter()
-                .map(|s| elf::Copy { path: &config.kernel, offset: s.offset, addr: s.addr, len: s.file_len })
+                .map(|s| elf::Copy { file: &kernel_file, path: &config.kernel, offset: s.offset, addr: s.addr, len: s.file_len })
                 .collect();
             let initrd_range = match &initrd {
-                Some((path, _, size)) => {
+                Some((path, file, size)) => {
                     let addr = boot::initrd_placement(*size, &kernel, ram)
                         .map_err(|e| MachineError::Initrd { path: (*path).clone(), err: e.to_string() })?;
-                    copies.push(elf::Copy { path, offset: 0, addr, len: *size });
+                    copies.push(elf::Copy { file, path, offset: 0, addr, len: *size });
                     Some((addr, *size))
                 }
                 None => None,
