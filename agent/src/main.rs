@@ -28,7 +28,10 @@ usage: vfvm-agent [--listen ADDR] [--no-init] [--netns PATH] [--resolv-conf PATH
   --no-init       not PID 1: skip mounts, module loading and reaping
   --netns PATH    configure interfaces in this network namespace (tests)
   --log-vsock-port N  also send logs to the host (CID 2) on this vsock port; as PID 1
-                  the kernel command line's vfvm.log_port=N asks the same";
+                  the kernel command line's vfvm.log_port=N asks the same
+  --insert-module PATH  insert one module file (.ko, or .ko.zst as the image stores
+                  its on-demand modules) into the running kernel and exit: the
+                  image's tests load every module through it";
 
 /// The vsock port the shim connects to.
 const DEFAULT_LISTEN: &str = "vsock://-1:1024";
@@ -69,6 +72,17 @@ fn parse() -> Result<Args> {
             "--version" => {
                 println!("vfvm-agent {}", env!("CARGO_PKG_VERSION"));
                 std::process::exit(0);
+            }
+            "--insert-module" => {
+                use vfvm_agent::modules::ModuleSink;
+                let path = PathBuf::from(value()?);
+                match vfvm_agent::modules::RunningKernel.insert(&path) {
+                    Ok(()) => std::process::exit(0),
+                    Err(e) => {
+                        eprintln!("vfvm-agent: inserting {}: {e}", path.display());
+                        std::process::exit(1);
+                    }
+                }
             }
             // As PID 1 the kernel passes unknown command-line words as arguments.
             other if a.init => tracing::debug!("ignoring argument {other:?}"),

@@ -33,7 +33,7 @@
 //!
 //! With `--init-script` (for tests) `/init` is instead a busybox shell script that loads
 //! every module of `modules.load` with `insmod`, then every other module of
-//! `modules.dep` in its order, reports `/proc/modules` and the agent's `--version` on
+//! `modules.dep` in its order (the `.ko.zst` ones with `vfvm-agent --insert-module`), reports `/proc/modules` and the agent's `--version` on
 //! the console with the L3 marker, and powers off; busybox is at `/bin/busybox` and
 //! the agent at `/sbin/vfvm-agent`.
 //!
@@ -495,17 +495,26 @@ fn test_init_script() -> String {
         r#"#!/bin/busybox sh
 # Test /init of a vfvm guest image (vfvm-lab image --init-script): loads the modules of
 # modules.load like the agent does at boot, then every other module of modules.dep (in
-# its order: dependencies first), reports what is loaded, and powers off.
+# its order: dependencies first; the zstd ones through the agent), reports what is
+# loaded, and powers off.
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 echo "{m} userspace $(cut -d' ' -f1 /proc/uptime)"
 D=/lib/modules/$(uname -r)
 ok=0; failed=0
+# busybox's insmod reads plain .ko files; the agent inserts the zstd ones as it
+# does on demand.
+insert() {{
+  case "$1" in
+    *.zst) /sbin/vfvm-agent --insert-module "$1" ;;
+    *) insmod "$1" ;;
+  esac
+}}
 load() {{
-  n=${{1##*/}}; n=${{n%.ko}}; n=$(echo "$n" | tr - _)
+  n=${{1##*/}}; n=${{n%.zst}}; n=${{n%.ko}}; n=$(echo "$n" | tr - _)
   [ -e /sys/module/$n/initstate ] && return 0
-  if insmod "$D/$1"; then ok=$((ok+1)); else failed=$((failed+1)); echo "{m} insmod-failed $1"; fi
+  if insert "$D/$1"; then ok=$((ok+1)); else failed=$((failed+1)); echo "{m} insmod-failed $1"; fi
 }}
 while read -r p; do
   case "$p" in ''|'#'*) continue;; esac
