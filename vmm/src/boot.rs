@@ -20,7 +20,7 @@
 use std::io::{Read, Seek, SeekFrom};
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use linux_loader::loader::{self, BzImage, Cmdline, Elf, KernelLoader};
+use linux_loader::loader::{self, BzImage, Cmdline, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile};
 
 use crate::layout;
@@ -116,43 +116,25 @@ pub fn low_ram_top(ram_bytes: u64) -> u64 {
     ram_bytes.min(layout::MMIO_HOLE_START)
 }
 
-/// Loads a bzImage or an ELF vmlinux (told apart by the ELF magic) at 1 MiB.
-pub fn load_kernel<F>(memory: &GuestMemoryMmap, image: &mut F) -> Result<LoadedKernel, BootError>
+/// Loads a bzImage at 1 MiB. An ELF vmlinux goes through [`crate::elf`] instead,
+/// which copies it on several threads.
+pub fn load_bzimage<F>(memory: &GuestMemoryMmap, image: &mut F) -> Result<LoadedKernel, BootError>
 where
     F: Read + ReadVolatile + Seek,
 {
-    let mut magic = [0u8; 4];
-    image.seek(SeekFrom::Start(0)).map_err(BootError::Read)?;
-    let n = read_up_to(image, &mut magic).map_err(BootError::Read)?;
     image.seek(SeekFrom::Start(0)).map_err(BootError::Read)?;
     let top = low_ram_top(memory_size(memory));
-    let loaded = if n == 4 && magic == *b"\x7fELF" {
-        let r = Elf::load(memory, None, image, Some(GuestAddress(HIMEM_START))).map_err(BootError::KernelFormat)?;
-        LoadedKernel { entry: r.kernel_load.0, end: r.kernel_end, setup_header: None }
-    } else {
-        let r = BzImage::load(memory, Some(GuestAddress(HIMEM_START)), image, Some(GuestAddress(HIMEM_START)))
-            .map_err(BootError::KernelFormat)?;
-        let hdr = r.setup_header.expect("the bzImage loader returns the setup header");
-        if hdr.version < 0x20c || hdr.xloadflags & XLF_KERNEL_64 == 0 {
-            return Err(BootError::Kernel32Only(hdr.version, hdr.xloadflags));
-        }
-        LoadedKernel { entry: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET, end: r.kernel_end, setup_header: Some(hdr) }
-    };
+    let r =
+        BzImage::load(memory, Some(GuestAddress(HIMEM_START)), image, Some(GuestAddress(HIMEM_START))).map_err(BootError::KernelFormat)?;
+    let hdr = r.setup_header.expect("the bzImage loader returns the setup header");
+    if hdr.version < 0x20c || hdr.xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(BootError::Kernel32Only(hdr.version, hdr.xloadflags));
+    }
+    let loaded = LoadedKernel { entry: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET, end: r.kernel_end, setup_header: Some(hdr) };
     if loaded.end > top {
         return Err(BootError::KernelTooLarge { end: loaded.end, top });
     }
     Ok(loaded)
-}
-
-fn read_up_to<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 fn memory_size(memory: &GuestMemoryMmap) -> u64 {
@@ -291,7 +273,7 @@ mod tests {
     #[test]
     fn a_bzimage_loads_at_1mib_with_the_64bit_entry() {
         let mem = memory(64 << 20);
-        let k = load_kernel(&mem, &mut Cursor::new(fake_bzimage(1))).unwrap();
+        let k = load_bzimage(&mem, &mut Cursor::new(fake_bzimage(1))).unwrap();
         assert_eq!(k.entry, 0x10_0200);
         assert_eq!(k.end, 0x10_0000 + 8192 + 0x1000 - 0x800);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x10_0000)).unwrap(), 0xAB);
@@ -304,20 +286,20 @@ mod tests {
         let mem = memory(64 << 20);
         let mut bad = fake_bzimage(1);
         bad[0x202] = b'X';
-        assert!(matches!(load_kernel(&mem, &mut Cursor::new(bad)), Err(BootError::KernelFormat(_))));
+        assert!(matches!(load_bzimage(&mem, &mut Cursor::new(bad)), Err(BootError::KernelFormat(_))));
         let truncated = fake_bzimage(1)[..0x300].to_vec();
-        assert!(matches!(load_kernel(&mem, &mut Cursor::new(truncated)), Err(BootError::KernelFormat(_))));
-        assert!(matches!(load_kernel(&mem, &mut Cursor::new(Vec::new())), Err(BootError::KernelFormat(_))));
+        assert!(matches!(load_bzimage(&mem, &mut Cursor::new(truncated)), Err(BootError::KernelFormat(_))));
+        assert!(matches!(load_bzimage(&mem, &mut Cursor::new(Vec::new())), Err(BootError::KernelFormat(_))));
         let mut elf = b"\x7fELF".to_vec();
         elf.resize(100, 0);
-        assert!(matches!(load_kernel(&mem, &mut Cursor::new(elf)), Err(BootError::KernelFormat(_))));
-        assert!(matches!(load_kernel(&mem, &mut Cursor::new(fake_bzimage(0))), Err(BootError::Kernel32Only(0x20f, 0))));
+        assert!(matches!(load_bzimage(&mem, &mut Cursor::new(elf)), Err(BootError::KernelFormat(_))));
+        assert!(matches!(load_bzimage(&mem, &mut Cursor::new(fake_bzimage(0))), Err(BootError::Kernel32Only(0x20f, 0))));
     }
 
     #[test]
     fn initrd_goes_page_aligned_to_the_top_of_low_ram_or_is_refused() {
         let mem = memory(64 << 20);
-        let k = load_kernel(&mem, &mut Cursor::new(fake_bzimage(1))).unwrap();
+        let k = load_bzimage(&mem, &mut Cursor::new(fake_bzimage(1))).unwrap();
         assert_eq!(initrd_placement(0x1800, &k, 64 << 20).unwrap(), (64 << 20) - 0x2000);
         // Capped by initrd_addr_max and by the hole.
         let mut capped = k;
@@ -340,7 +322,7 @@ mod tests {
     #[test]
     fn the_zero_page_describes_cmdline_initrd_and_memory() {
         let mem = memory(256 << 20);
-        let k = load_kernel(&mem, &mut Cursor::new(fake_bzimage(1))).unwrap();
+        let k = load_bzimage(&mem, &mut Cursor::new(fake_bzimage(1))).unwrap();
         let n = load_cmdline(&mem, "console=ttyS0 quiet", &k).unwrap();
         let p = boot_params(&k, n, Some((0xF00_0000, 0x1234)), 256 << 20);
         write_boot_params(&mem, &p).unwrap();
@@ -370,7 +352,7 @@ mod tests {
     #[test]
     fn a_too_long_cmdline_is_refused() {
         let mem = memory(64 << 20);
-        let k = load_kernel(&mem, &mut Cursor::new(fake_bzimage(1))).unwrap();
+        let k = load_bzimage(&mem, &mut Cursor::new(fake_bzimage(1))).unwrap();
         assert!(matches!(load_cmdline(&mem, &"x".repeat(2048), &k), Err(BootError::Cmdline(_))));
     }
 }

@@ -343,7 +343,7 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
             (kernel, initrd_range)
         }
         None => {
-            let kernel = boot::load_kernel(&guest_memory, &mut kernel_file).map_err(|e| kernel_err(e.to_string()))?;
+            let kernel = boot::load_bzimage(&guest_memory, &mut kernel_file).map_err(|e| kernel_err(e.to_string()))?;
             let initrd_range = match initrd {
                 Some((path, mut file, size)) => {
                     let addr = boot::load_initrd(&guest_memory, &mut file, size, &kernel)
