@@ -96,6 +96,21 @@ pub struct RangeExits {
     pub exits: u64,
 }
 
+/// One device on the guest's PCI bus, as the status lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceInfo {
+    /// The name it was added under (the `id=` of `--vfio`, the API's `id`), or the
+    /// VMM's own name for built-in devices (`vsock`, `fs`).
+    pub id: String,
+    /// `virtio-vsock`, `virtio-fs` or `vfio`.
+    pub kind: String,
+    pub guest_pci_address: PciAddress,
+    /// The host function passed through (VFIO devices only).
+    #[serde(default)]
+    pub host_pci_address: Option<PciAddress>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -121,6 +136,9 @@ pub enum Response {
         /// The VM exits the VMM has handled so far (absent from VMMs that do not count).
         #[serde(default)]
         exits: ExitStats,
+        /// The devices on the guest's PCI bus (absent from VMMs that do not list them).
+        #[serde(default)]
+        devices: Vec<DeviceInfo>,
     },
     Done,
     /// A device was plugged at this guest PCI address.

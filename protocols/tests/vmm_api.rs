@@ -8,9 +8,14 @@ use vfvm_protocols::vmm_api::*;
 
 fn handler(req: Request) -> Response {
     match req {
-        Request::Status => {
-            Response::Status { state: VmState::Running, vcpus: 2, memory_mib: 256, vmm_version: "test".into(), exits: ExitStats::default() }
-        }
+        Request::Status => Response::Status {
+            state: VmState::Running,
+            vcpus: 2,
+            memory_mib: 256,
+            vmm_version: "test".into(),
+            exits: ExitStats::default(),
+            devices: Vec::new(),
+        },
         Request::Resume => Response::error(ErrorCode::InvalidState, "the VM is running"),
         Request::AddVfioDevice { id, .. } => Response::DeviceAdded { id, guest_pci_address: "0000:00:05.0".parse().unwrap() },
         _ => Response::Done,
@@ -48,7 +53,14 @@ fn requests_round_trip_with_their_ids() {
     let mut c = VmmClient::connect(&path, Duration::from_secs(5)).unwrap();
     assert_eq!(
         c.call(Request::Status).unwrap(),
-        Response::Status { state: VmState::Running, vcpus: 2, memory_mib: 256, vmm_version: "test".into(), exits: ExitStats::default() }
+        Response::Status {
+            state: VmState::Running,
+            vcpus: 2,
+            memory_mib: 256,
+            vmm_version: "test".into(),
+            exits: ExitStats::default(),
+            devices: Vec::new()
+        }
     );
     assert!(matches!(c.call(Request::Resume).unwrap(), Response::Error { code: ErrorCode::InvalidState, .. }));
     let added = c

@@ -5,7 +5,8 @@
 //! vmlinux, initramfs, ACPI tables and MP table, 16550 console), a PCI root complex
 //! (ECAM and CF8, BARs, MSI-X) with virtio-pci devices (vsock with hybrid vsock on the
 //! host, virtio-fs as a vhost-user frontend), the control API and the ACPI power
-//! button; booted in the lab. VFIO devices are not there yet.
+//! button; booted in the lab. Host PCI functions are passed through with VFIO
+//! ([`vfio`]), owned with the other devices by the [`device_manager`].
 
 pub mod acpi;
 pub mod api;
@@ -13,6 +14,7 @@ pub mod boot;
 pub mod bus;
 pub mod cmos;
 pub mod cpu;
+pub mod device_manager;
 pub mod elf;
 pub mod exits;
 pub mod interrupt;
@@ -25,6 +27,7 @@ pub mod power;
 pub mod serial;
 pub mod smbios;
 pub mod vcpu;
+pub mod vfio;
 pub mod virtio;
 pub mod vm;
 

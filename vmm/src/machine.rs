@@ -20,18 +20,17 @@ use crate::boot::{self, MIN_MEMORY_BYTES};
 use crate::bus::Bus;
 use crate::cmos::{Cmos, CMOS_PORT};
 use crate::cpu;
+use crate::device_manager::{DeviceError, DeviceManager};
 use crate::elf;
 use crate::exits::ExitCounters;
-use crate::interrupt::{GsiRouting, IoEventRegistrar};
 use crate::memory::{self, Backing, MemoryError};
 use crate::mptable::{self, MAX_CPUS};
-use crate::pci::{self, PciRoot, PciWindows};
 use crate::power::{AcpiPm1aControl, AcpiPm1aEvent, I8042, I8042_COMMAND_PORT, PM1A_CNT_PORT, PM1A_EVT_PORT};
 use crate::serial::{Console, SerialDevice, COM1_IRQ, COM1_PORT};
 use crate::smbios;
 use crate::vcpu::{self, PauseGate, VcpuError, VcpuStop};
+use crate::vfio::VfioConfig;
 use crate::virtio::fs::{self, FsError, VhostUserFs};
-use crate::virtio::pci::VirtioPciDevice;
 use crate::virtio::vsock::Vsock;
 use crate::vm::{Vm, VmError, VmOptions};
 
@@ -53,6 +52,9 @@ pub struct MachineConfig {
     pub vsock: Option<VsockConfig>,
     /// A virtio-fs device served by a vhost-user backend (virtiofsd).
     pub fs: Option<FsConfig>,
+    /// Host PCI functions passed through (bound to vfio-pci), plugged at boot after
+    /// the virtio devices.
+    pub vfio: Vec<VfioConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -116,6 +118,8 @@ struct VmControl {
     /// For the exit counts in the status.
     exits: Arc<ExitCounters>,
     buses: [Bus; 2],
+    /// The devices; taken out (and so torn down) once the vCPUs have stopped.
+    devices: Mutex<Option<DeviceManager>>,
 }
 
 impl VmControl {
@@ -155,6 +159,7 @@ impl VmControl {
                 memory_mib: self.memory_mib,
                 vmm_version: env!("CARGO_PKG_VERSION").to_string(),
                 exits: self.exits.stats(&[&self.buses[0], &self.buses[1]]),
+                devices: self.devices.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(DeviceManager::devices).unwrap_or_default(),
             },
             Request::Pause => match state {
                 VmState::Running => {
@@ -223,6 +228,8 @@ pub enum MachineError {
     Vsock(String),
     #[error("--fs: {0}")]
     Fs(#[from] FsError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error("serial log {}: {err}", path.display())]
     SerialLog { path: PathBuf, err: String },
     #[error("command line: {0}")]
@@ -243,19 +250,6 @@ fn setup<E: std::fmt::Display>(e: E) -> MachineError {
     MachineError::Setup(e.to_string())
 }
 
-/// Empties buses when dropped, on every way out of [`run`]: the buses and the PCI
-/// root complex hold each other (config and BAR ranges), so only this lets the
-/// devices drop, which stops their threads and removes their sockets.
-struct ClearOnDrop(Vec<Bus>);
-
-impl Drop for ClearOnDrop {
-    fn drop(&mut self) {
-        for bus in &self.0 {
-            bus.clear();
-        }
-    }
-}
-
 /// Checks what can be checked before touching KVM; returns the RAM size in bytes.
 pub fn validate(config: &MachineConfig) -> Result<u64, MachineError> {
     if config.vcpus == 0 || config.vcpus > MAX_CPUS {
@@ -270,6 +264,11 @@ pub fn validate(config: &MachineConfig) -> Result<u64, MachineError> {
     }
     if let Some(f) = &config.fs {
         fs::validate_tag(&f.tag)?;
+    }
+    for (i, v) in config.vfio.iter().enumerate() {
+        if config.vfio[..i].iter().any(|o| o.id == v.id || o.host == v.host) {
+            return Err(MachineError::Setup(format!("--vfio {},id={}: the device or the id is given twice", v.host, v.id)));
+        }
     }
     Ok(ram)
 }
@@ -358,7 +357,9 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
     step("kernel and initrd loaded");
     let vm = Vm::new(guest_memory, VmOptions { irqchip: true })?;
     step("the VM");
-    let buses = ClearOnDrop(vec![vm.pio.clone(), vm.mmio.clone()]);
+    // From here the device manager owns the buses: on every way out it empties them,
+    // which lets the devices go (their threads stop, their sockets are removed).
+    let mut devices = DeviceManager::new(&vm, ram)?;
     let memory = vm.memory();
     let cmdline_len = boot::load_cmdline(memory, &config.cmdline, &kernel).map_err(|e| MachineError::Cmdline(e.to_string()))?;
     boot::write_boot_params(memory, &boot::boot_params(&kernel, cmdline_len, initrd_range, ram)).map_err(setup)?;
@@ -401,22 +402,19 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
         None => None,
     };
 
-    // The PCI root complex and its devices, before the vCPUs exist.
-    let pci_root = Arc::new(Mutex::new(PciRoot::new(vm.mmio.clone(), PciWindows::for_ram(ram))));
-    pci::install(&pci_root, &vm.pio, &vm.mmio).map_err(setup)?;
-    let interrupts = GsiRouting::new(vm.shared_fd());
-    let ioevents: Arc<dyn IoEventRegistrar> = vm.shared_fd();
+    // The PCI devices, before the vCPUs exist.
     if let Some(vsock) = vsock {
         let cid = vsock.guest_cid();
-        let device = VirtioPciDevice::new(Box::new(vsock), memory.clone(), &interrupts, Some(ioevents.clone())).map_err(setup)?;
-        let addr = pci_root.lock().unwrap_or_else(|e| e.into_inner()).add_device(Arc::new(Mutex::new(device)), None).map_err(setup)?;
+        let addr = devices.add_virtio("vsock", "virtio-vsock", Box::new(vsock))?;
         tracing::info!(pci = %addr, cid, "virtio-vsock");
     }
     if let Some(fs_device) = fs_device {
         let (tag, socket) = (fs_device.tag().to_string(), fs_device.socket().display().to_string());
-        let device = VirtioPciDevice::new(Box::new(fs_device), memory.clone(), &interrupts, Some(ioevents.clone())).map_err(setup)?;
-        let addr = pci_root.lock().unwrap_or_else(|e| e.into_inner()).add_device(Arc::new(Mutex::new(device)), None).map_err(setup)?;
+        let addr = devices.add_virtio("fs", "virtio-fs", Box::new(fs_device))?;
         tracing::info!(pci = %addr, tag, socket, "virtio-fs (vhost-user)");
+    }
+    for v in &config.vfio {
+        devices.add_vfio(v)?;
     }
 
     // vCPUs.
@@ -463,6 +461,7 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
         pm1a_event,
         exits: vm.exits().clone(),
         buses: [vm.pio.clone(), vm.mmio.clone()],
+        devices: Mutex::new(Some(devices)),
     });
     let api = match (&config.api_socket, &spawn_error) {
         (Some(path), None) => {
@@ -494,8 +493,8 @@ pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
         tracing::debug!(vcpu = id, result = ?rest, "vCPU stopped");
     }
     serial.lock().unwrap_or_else(|e| e.into_inner()).console_mut().finish();
-    drop(buses);
-    drop(pci_root);
+    // Devices go now, in the device manager's order, before guest memory.
+    drop(control.devices.lock().unwrap_or_else(|e| e.into_inner()).take());
     if let Some(e) = spawn_error {
         return Err(e);
     }
@@ -530,6 +529,7 @@ mod tests {
             api_socket: None,
             vsock: None,
             fs: None,
+            vfio: Vec::new(),
         }
     }
 

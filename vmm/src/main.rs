@@ -10,12 +10,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use vfvm_vmm::machine::{self, FsConfig, MachineConfig, VsockConfig};
+use vfvm_vmm::vfio::VfioConfig;
 use vfvm_vmm::virtio::fs::validate_tag;
 
 const USAGE: &str = "\
 usage: vfvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] [--memory MIB]
                 [--serial-log PATH] [--serial-stdout] [--api-socket PATH]
                 [--vsock-socket PATH [--vsock-cid CID]] [--fs tag=TAG,socket=PATH[,wait=SECS]]
+                [--vfio BDF[,id=NAME][,slot=N]]...
 
   --kernel PATH       bzImage or ELF vmlinux (64-bit entry)
   --initrd PATH       initramfs, loaded at the top of low memory
@@ -34,6 +36,11 @@ usage: vfvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] [--mem
                       `mount -t virtiofs TAG DIR` (TAG: 1 to 36 bytes). With wait, the
                       backend may still be starting: the VMM sets the guest up first
                       and waits up to SECS (at most 60) for PATH to accept
+  --vfio BDF[,id=NAME][,slot=N]
+                      pass the host PCI function BDF (bound to vfio-pci) through to
+                      the guest, in slot N of its bus 0 (1 to 31; default the first
+                      free one); NAME (default the BDF) names it in the control API.
+                      Repeatable
 
 Exit status: 0 guest power-off, 2 guest reboot/reset, 3 guest kernel panic,
 4 forced shutdown through the control API, 1 error (bad input or a VMM failure). Logs go to stderr (VFVM_LOG=error|warn|info|debug|trace).";
@@ -60,6 +67,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
         api_socket: None,
         vsock: None,
         fs: None,
+        vfio: Vec::new(),
     };
     let mut vsock_socket = None;
     let mut vsock_cid = None;
@@ -95,6 +103,10 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
                     return Err(format!("--fs {v}: only one virtio-fs device is supported"));
                 }
                 config.fs = Some(parse_fs(&v)?);
+            }
+            "--vfio" => {
+                let v = value("BDF[,id=NAME][,slot=N]")?;
+                config.vfio.push(parse_vfio(&v)?);
             }
             "--vsock-cid" => {
                 let v = value("a context id")?;
@@ -135,6 +147,31 @@ fn parse_fs(v: &str) -> Result<FsConfig, String> {
     validate_tag(&tag).map_err(|e| format!("--fs {v}: {e}"))?;
     let socket = socket.ok_or_else(|| format!("--fs {v}: socket=PATH (the backend's vhost-user socket) is missing"))?;
     Ok(FsConfig { tag, socket, wait })
+}
+
+/// `--vfio BDF[,id=NAME][,slot=N]`.
+fn parse_vfio(v: &str) -> Result<VfioConfig, String> {
+    let mut parts = v.split(',');
+    let bdf = parts.next().unwrap_or_default();
+    let host = bdf.parse().map_err(|_| format!("--vfio {v}: {bdf:?} is not a PCI address (DDDD:BB:DD.F)"))?;
+    let (mut id, mut slot) = (None, None);
+    for part in parts {
+        match part.split_once('=') {
+            Some(("id", name)) if valid_device_id(name) => id = Some(name.to_string()),
+            Some(("id", name)) => return Err(format!("--vfio {v}: id {name:?}: expected 1 to 64 of A-Z a-z 0-9 . _ -")),
+            Some(("slot", n)) => {
+                let n = n.parse::<u8>().ok().filter(|n| (1..32).contains(n));
+                slot = Some(n.ok_or_else(|| format!("--vfio {v}: slot: expected 1 to 31"))?);
+            }
+            _ => return Err(format!("--vfio {v}: {part:?} is not id=NAME or slot=N")),
+        }
+    }
+    Ok(VfioConfig { host, id: id.unwrap_or_else(|| bdf.to_string()), slot })
+}
+
+/// A device id: short, and safe in logs and paths.
+fn valid_device_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 /// The longest `--fs ...,wait=SECS`.

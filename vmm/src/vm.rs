@@ -2,7 +2,7 @@
 //! and PIT, the TSS and identity-map pages, and the PIO/MMIO buses its vCPUs use.
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{Kvm, VmFd};
 
@@ -24,6 +24,8 @@ pub enum VmError {
     Kvm { what: &'static str, source: kvm_ioctls::Error },
     #[error("guest memory: {0}")]
     Memory(String),
+    #[error("no free KVM memory slot: all {0} are in use")]
+    NoMemorySlot(u32),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -43,10 +45,82 @@ impl Default for VmOptions {
     }
 }
 
+/// The VM's KVM memory slots: guest RAM takes the first ones when the VM is made;
+/// devices that map host memory into the guest (VFIO BARs) take others and give
+/// them back, so a device can come and go any number of times.
+pub struct MemorySlots {
+    vm: Arc<VmFd>,
+    /// How many slots KVM allows.
+    limit: u32,
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    next: u32,
+    /// Slots given back, reused before new ones.
+    free: Vec<u32>,
+}
+
+impl MemorySlots {
+    fn new(vm: Arc<VmFd>, limit: usize) -> Self {
+        Self { vm, limit: u32::try_from(limit).unwrap_or(u32::MAX), state: Mutex::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Maps `size` bytes of host memory at `host` into the guest at `guest` (both
+    /// page aligned) in a slot of its own, returned for [`Self::unmap`].
+    ///
+    /// # Safety
+    /// `host..host + size` must stay mapped until the slot is unmapped (or the VM is
+    /// gone): the guest reads and writes it.
+    pub unsafe fn map(&self, guest: u64, size: u64, host: *mut u8) -> Result<u32, VmError> {
+        let slot = {
+            let mut state = self.lock();
+            match state.free.pop() {
+                Some(slot) => slot,
+                None if state.next < self.limit => {
+                    state.next += 1;
+                    state.next - 1
+                }
+                None => return Err(VmError::NoMemorySlot(self.limit)),
+            }
+        };
+        let region = kvm_userspace_memory_region { slot, guest_phys_addr: guest, memory_size: size, userspace_addr: host as u64, flags: 0 };
+        // SAFETY: the caller keeps the host range mapped while the slot exists.
+        match unsafe { self.vm.set_user_memory_region(region) } {
+            Ok(()) => Ok(slot),
+            Err(source) => {
+                self.lock().free.push(slot);
+                Err(VmError::Kvm { what: "map memory into the guest", source })
+            }
+        }
+    }
+
+    /// Takes a mapping made by [`Self::map`] out of the guest and frees its slot.
+    pub fn unmap(&self, slot: u32) -> Result<(), VmError> {
+        let region = kvm_userspace_memory_region { slot, ..Default::default() };
+        // SAFETY: a zero-sized region deletes the slot; nothing is mapped.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(kvm_err("unmap memory from the guest"))?;
+        self.lock().free.push(slot);
+        Ok(())
+    }
+
+    /// Slots in use now (RAM included): what a leak check compares.
+    pub fn in_use(&self) -> usize {
+        let state = self.lock();
+        usize::try_from(state.next).unwrap_or(usize::MAX) - state.free.len()
+    }
+}
+
 pub struct Vm {
     kvm: Kvm,
     exits: Arc<ExitCounters>,
     fd: Arc<VmFd>,
+    slots: Arc<MemorySlots>,
     memory: GuestMemoryMmap,
     pub pio: Bus,
     pub mmio: Bus,
@@ -68,28 +142,16 @@ impl Vm {
             let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
             fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
         }
-        for (slot, region) in (0u32..).zip(memory.iter()) {
+        let fd = Arc::new(fd);
+        let slots = Arc::new(MemorySlots::new(fd.clone(), kvm.get_nr_memslots()));
+        for region in memory.iter() {
             let host = memory.get_host_address(region.start_addr()).map_err(|e| VmError::Memory(e.to_string()))?;
-            let r = kvm_userspace_memory_region {
-                slot,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-                flags: 0,
-            };
             // SAFETY: the mapping lives as long as `memory`, which the Vm owns; struct
             // fields drop in declaration order, so the VM fd goes before the memory
             // (device threads holding `shared_fd` clones are stopped before the Vm drops).
-            unsafe { fd.set_user_memory_region(r) }.map_err(kvm_err("register guest memory"))?;
+            unsafe { slots.map(region.start_addr().raw_value(), region.len(), host) }?;
         }
-        Ok(Self {
-            kvm,
-            exits: Arc::default(),
-            fd: Arc::new(fd),
-            memory,
-            pio: Bus::new(AddressSpace::Pio),
-            mmio: Bus::new(AddressSpace::Mmio),
-        })
+        Ok(Self { kvm, exits: Arc::default(), fd, slots, memory, pio: Bus::new(AddressSpace::Pio), mmio: Bus::new(AddressSpace::Mmio) })
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
@@ -103,6 +165,11 @@ impl Vm {
     /// The VM fd for device threads (MSI delivery, ioeventfds, irqfds).
     pub fn shared_fd(&self) -> Arc<VmFd> {
         self.fd.clone()
+    }
+
+    /// The VM's memory slots, for devices that map memory into the guest.
+    pub fn memory_slots(&self) -> &Arc<MemorySlots> {
+        &self.slots
     }
 
     /// The exits its vCPUs have handled (see [`crate::exits`]).

@@ -219,3 +219,37 @@ fn thread_states_name_each_thread_and_a_gone_process() {
     assert!(fields[2].len() == 1 && "RSD".contains(fields[2]) && fields[3].starts_with("wchan="), "{line}");
     assert_eq!(common::thread_states(u32::MAX), format!("(process {} is gone)", u32::MAX));
 }
+
+/// `--vfio` input: bad syntax is named at once; a device this host does not have, or
+/// one not bound to vfio-pci, is named with the reason after the kernel loads, before
+/// the guest runs (this machine has no IOMMU: every real device fails there too).
+#[test]
+fn bad_vfio_input_is_named_before_the_guest_starts() {
+    assert_refused(
+        &vmm(&["--kernel", "/k", "--vfio", "0000:01:00"]),
+        "--vfio 0000:01:00: \"0000:01:00\" is not a PCI address (DDDD:BB:DD.F)",
+    );
+    assert_refused(&vmm(&["--kernel", "/k", "--vfio", "0000:01:00.0,slot=0"]), "--vfio 0000:01:00.0,slot=0: slot: expected 1 to 31");
+    assert_refused(&vmm(&["--kernel", "/k", "--vfio", "0000:01:00.0,id=a/b"]), "id \"a/b\": expected 1 to 64 of A-Z a-z 0-9 . _ -");
+    assert_refused(&vmm(&["--kernel", "/k", "--vfio", "0000:01:00.0,mode=x"]), "\"mode=x\" is not id=NAME or slot=N");
+    let kernel = scratch("vfio-kernel", &tiny_elf_kernel());
+    let kernel = kernel.to_str().unwrap();
+    assert_refused(
+        &vmm(&["--kernel", kernel, "--vfio", "0000:01:00.0,id=vf0", "--vfio", "0000:01:00.0,id=vf1"]),
+        "--vfio 0000:01:00.0,id=vf1: the device or the id is given twice",
+    );
+    assert_refused(
+        &vmm(&["--kernel", kernel, "--vfio", "0000:7f:1f.7"]),
+        "VFIO device 0000:7f:1f.7: /sys/bus/pci/devices/0000:7f:1f.7 does not exist",
+    );
+    // A real function of this machine, on its own driver (or none).
+    let on_host_driver = std::fs::read_dir("/sys/bus/pci/devices")
+        .unwrap()
+        .flatten()
+        .find(|d| std::fs::read_link(d.path().join("driver")).is_ok_and(|l| !l.ends_with("vfio-pci")))
+        .expect("a PCI function on a host driver (this machine's virtio devices)");
+    let bdf = on_host_driver.file_name().to_string_lossy().into_owned();
+    let driver = std::fs::read_link(on_host_driver.path().join("driver")).unwrap();
+    let driver = driver.file_name().unwrap().to_string_lossy();
+    assert_refused(&vmm(&["--kernel", kernel, "--vfio", &bdf]), &format!("VFIO device {bdf}: bound to {driver}, not vfio-pci"));
+}

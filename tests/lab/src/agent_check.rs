@@ -1,8 +1,10 @@
 //! `vfvm-lab inside agent-check`: the guest image's agent, booted as an L3 guest
-//! under L2's KVM (QEMU with vhost-vsock as the VMM until vfvm-vmm exists), with one
-//! of the lab's VFs passed through. The check talks to the agent over real AF_VSOCK
-//! and has it configure the VF, found by its guest PCI address; a ping from the lab's
-//! peer host to the address proves the agent configured the right device.
+//! under L2's KVM with one of the lab's VFs passed through, by QEMU (vhost-vsock,
+//! `-device vfio-pci`) or, with `--vmm PATH`, by vfvm-vmm (hybrid vsock, `--vfio`).
+//! The check talks to the agent and has it configure the VF, found by its guest PCI
+//! address (for vfvm-vmm, as its control API's status lists the device); a ping from
+//! the lab's peer host to the address proves the agent configured the right device
+//! and that the VF's datapath (DMA through the IOMMU, MSI-X) works in the guest.
 
 use anyhow::{bail, ensure, Context, Result};
 use std::io::BufRead;
@@ -61,24 +63,30 @@ fn ctx() -> ttrpc::context::Context {
 }
 
 pub fn agent_check(mut args: impl Iterator<Item = String>) -> Result<i32> {
-    const USAGE: &str = "usage: vfvm-lab inside agent-check --kernel PATH --initrd PATH";
-    let (mut kernel, mut initrd) = (None, None);
+    const USAGE: &str = "usage: vfvm-lab inside agent-check --kernel PATH --initrd PATH [--vmm PATH-TO-vfvm-vmm]";
+    let (mut kernel, mut initrd, mut vmm) = (None, None, None);
     while let Some(flag) = args.next() {
         let value = args.next().with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
         match flag.as_str() {
             "--kernel" => kernel = Some(PathBuf::from(value)),
             "--initrd" => initrd = Some(PathBuf::from(value)),
+            "--vmm" => vmm = Some(PathBuf::from(value)),
             other => bail!("unknown option {other:?}\n{USAGE}"),
         }
     }
     let (Some(kernel), Some(initrd)) = (kernel, initrd) else { bail!("{USAGE}") };
 
-    run(Command::new("modprobe").arg("vhost_vsock")).context("loading vhost_vsock")?;
     let pf = igb_pf()?;
     let pf_if = pf.netdevs().into_iter().next().context("the igb PF has no netdev")?;
     let vf = pf.virtfn(VF_INDEX)?;
     run(Command::new("ip").args(["link", "set", "dev", &pf_if, "vf", &VF_INDEX.to_string(), "mac", VF_ADMIN_MAC]))?;
     vf.bind_by_override(Some("vfio-pci"))?;
+    if let Some(vmm) = vmm {
+        let result = check_with_vfvm_vmm(&vmm, &kernel, &initrd, &vf.addr.to_string());
+        vf.bind_by_override(None)?;
+        return result.map(|()| 0);
+    }
+    run(Command::new("modprobe").arg("vhost_vsock")).context("loading vhost_vsock")?;
     let logs = collect_vsock_logs(LOG_PORT)?;
 
     let mut qemu = Command::new(crate::host::QEMU);
@@ -105,7 +113,8 @@ pub fn agent_check(mut args: impl Iterator<Item = String>) -> Result<i32> {
             println!("l3| {}", line.trim_end_matches('\r'));
         }
     });
-    let result = talk_to_agent(started).and_then(|()| {
+    let addr = AgentAddress::Vsock { cid: GUEST_CID, port: AGENT_PORT };
+    let result = talk_to_agent(&addr, VF_GUEST_ADDR, started).and_then(|()| {
         let logs = String::from_utf8_lossy(&logs.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
         ensure!(
             logs.contains("agent serving vfvm.agent.v1"),
@@ -120,13 +129,97 @@ pub fn agent_check(mut args: impl Iterator<Item = String>) -> Result<i32> {
     result.map(|()| 0)
 }
 
-fn talk_to_agent(started: Instant) -> Result<()> {
-    let addr = AgentAddress::Vsock { cid: GUEST_CID, port: AGENT_PORT };
-    let client = connect(&addr, ConnectOptions { deadline: Duration::from_secs(240), ..Default::default() })
+/// The same check with vfvm-vmm as the VMM: hybrid vsock on Unix sockets, the VF
+/// passed through with `--vfio`, its guest address read from the control API.
+fn check_with_vfvm_vmm(vmm: &std::path::Path, kernel: &std::path::Path, initrd: &std::path::Path, vf: &str) -> Result<()> {
+    use vfvm_protocols::vmm_api::{Request, Response, VmmClient};
+    let dir = std::env::temp_dir().join(format!("vfvm-agent-check-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (vsock, api) = (dir.join("vsock.sock"), dir.join("api.sock"));
+    // Guest connections to host port P arrive at <vsock>_P: the agent's log stream.
+    let logs = collect_unix_logs(&dir.join(format!("vsock.sock_{LOG_PORT}")))?;
+    let mut cmd = Command::new(vmm);
+    cmd.arg("--kernel").arg(kernel).arg("--initrd").arg(initrd);
+    cmd.args(["--cmdline", &format!("console=ttyS0 panic=-1 quiet vfvm.log_port={LOG_PORT}")]);
+    cmd.args(["--vcpus", "1", "--memory", "512", "--serial-stdout"]);
+    cmd.arg("--api-socket").arg(&api).arg("--vsock-socket").arg(&vsock).args(["--vsock-cid", &GUEST_CID.to_string()]);
+    cmd.args(["--vfio", &format!("{vf},id=vf0")]);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    die_with_parent(&mut cmd);
+    let started = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("starting {}", vmm.display()))?;
+    let console = child.stdout.take().context("L3 stdout")?;
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(console).lines().map_while(Result::ok) {
+            println!("l3| {}", line.trim_end_matches('\r'));
+        }
+    });
+    let result = (|| {
+        // The API socket is there once the devices are plugged and the vCPUs run.
+        let mut client = loop {
+            if let Some(status) = child.try_wait()? {
+                bail!("vfvm-vmm exited ({status}) before serving its control API");
+            }
+            match VmmClient::connect(&api, Duration::from_secs(5)) {
+                Ok(c) => break c,
+                Err(_) if started.elapsed() < Duration::from_secs(60) => std::thread::sleep(Duration::from_millis(100)),
+                Err(e) => bail!("vfvm-vmm's control API: {e}"),
+            }
+        };
+        let devices = match client.call(Request::Status)? {
+            Response::Status { devices, .. } => devices,
+            other => bail!("status: {other:?}"),
+        };
+        let dev = devices.iter().find(|d| d.id == "vf0").with_context(|| format!("the status lists no device vf0: {devices:?}"))?;
+        ensure!(dev.kind == "vfio" && dev.host_pci_address.map(|a| a.to_string()).as_deref() == Some(vf), "vf0 in the status: {dev:?}");
+        let guest = dev.guest_pci_address.to_string();
+        println!("check: vfvm-vmm's status lists vf0: host {vf}, guest {guest}, kind vfio");
+        let addr = AgentAddress::Hybrid { uds: vsock.clone(), port: AGENT_PORT };
+        talk_to_agent(&addr, &guest, started)?;
+        let logs = String::from_utf8_lossy(&logs.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+        ensure!(
+            logs.contains("agent serving vfvm.agent.v1"),
+            "the agent's log stream on vsock port {LOG_PORT} lacks its serving line:\n{logs}"
+        );
+        println!("check: the agent's logs arrived over vsock port {LOG_PORT} ({} bytes)", logs.len());
+        Ok(())
+    })();
+    kill_and_reap(&mut child);
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    println!("agent-check (vfvm-vmm, VFIO): PASSED");
+    Ok(())
+}
+
+/// Listens on the Unix socket `path` and collects what the first connection sends,
+/// up to MAX_LOG_BYTES, in the background.
+fn collect_unix_logs(path: &std::path::Path) -> Result<std::sync::Arc<std::sync::Mutex<Vec<u8>>>> {
+    use std::io::Read;
+    let listener = std::os::unix::net::UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        let Ok((mut stream, _)) = listener.accept() else { return };
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let mut logs = sink.lock().unwrap_or_else(|e| e.into_inner());
+            let room = MAX_LOG_BYTES.saturating_sub(logs.len());
+            logs.extend_from_slice(&buf[..n.min(room)]);
+        }
+    });
+    Ok(logs)
+}
+
+fn talk_to_agent(addr: &AgentAddress, vf_guest_addr: &str, started: Instant) -> Result<()> {
+    let client = connect(addr, ConnectOptions { deadline: Duration::from_secs(240), ..Default::default() })
         .context("connecting to the guest agent")?;
     let health = client.health(ctx(), &agent::HealthRequest::new()).context("Health")?;
     println!(
-        "check: agent {} ({}) answered over vsock://{GUEST_CID}:{AGENT_PORT} {:.1}s after QEMU start",
+        "check: agent {} ({}) answered over {addr} {:.1}s after the VMM's start",
         health.agent_version,
         health.api_version,
         started.elapsed().as_secs_f64()
@@ -145,7 +238,7 @@ fn talk_to_agent(started: Instant) -> Result<()> {
 
     let mut iface = agent::Interface::new();
     iface.name = "net0".into();
-    iface.pci_address = VF_GUEST_ADDR.into();
+    iface.pci_address = vf_guest_addr.into();
     iface.addresses = vec![agent::IpAddress { cidr: GUEST_VF_CIDR.into(), ..Default::default() }];
     iface.wait_timeout_ms = 30_000;
     let mut req = agent::UpdateInterfaceRequest::new();
@@ -153,7 +246,7 @@ fn talk_to_agent(started: Instant) -> Result<()> {
     client.update_interface(ctx(), &req).context("UpdateInterface")?;
     // Twice: the second must be a no-op that succeeds.
     client.update_interface(ctx(), &req).context("UpdateInterface, again")?;
-    println!("check: agent configured the VF at guest {VF_GUEST_ADDR} as net0 {GUEST_VF_CIDR}");
+    println!("check: agent configured the VF at guest {vf_guest_addr} as net0 {GUEST_VF_CIDR}");
 
     let ping = ping_until_answered(Some(PEER_NETNS), GUEST_VF_IP, Duration::from_secs(60), 2)?;
     print!("{ping}");

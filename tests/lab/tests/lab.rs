@@ -315,6 +315,52 @@ fn agent_image_serves_over_vsock_and_configures_a_vf_by_pci_address() {
     }
 }
 
+/// The same guest image and checks with vfvm-vmm as the L3 VMM: the VF passed
+/// through with `--vfio` (VFIO container, DMA-mapped guest RAM, BARs in KVM slots,
+/// MSI-X through irqfds), its guest address taken from the control API's status; the
+/// agent configures it and the lab's peer pings the guest over it.
+#[test]
+#[ignore = "boots the nested lab and an L3 guest (about a minute); run by `cargo xtask test`"]
+fn vfvm_vmm_passes_a_vf_through_and_the_agent_configures_it() {
+    let build_dir = std::path::Path::new(env!("CARGO_BIN_EXE_vfvm-lab")).parent().unwrap().to_path_buf();
+    let vmm = build_dir.join("vfvm-vmm");
+    assert!(vmm.exists(), "{} is not built (cargo build -p vfvm-vmm)", vmm.display());
+    let out_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-image-vfio");
+    let built = lab().args(["image", "--out"]).arg(&out_dir).output().unwrap();
+    let manifest = String::from_utf8_lossy(&built.stdout);
+    assert!(built.status.success(), "vfvm-lab image failed:\n{manifest}");
+    let (kernel, initrd) = (out_dir.join("vmlinux"), out_dir.join("initrd.img"));
+    let out = run_lab(&[
+        "lab",
+        "run",
+        "--vfs",
+        "2",
+        "--",
+        env!("CARGO_BIN_EXE_vfvm-lab"),
+        "inside",
+        "agent-check",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--vmm",
+        vmm.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "agent check with vfvm-vmm failed:\n{stdout}");
+    for expected in [
+        "check: vfvm-vmm's status lists vf0: host ",
+        "(vfvm.agent.v1) answered over hvsock://",
+        "modules loaded",
+        "as net0 198.18.0.33/24",
+        "3 packets transmitted, 3 packets received",
+        "the agent's logs arrived over vsock port 1025",
+        "agent-check (vfvm-vmm, VFIO): PASSED",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+    }
+}
+
 /// `cargo xtask demo`'s host mode, on a host whose KVM boots Linux: L2. Its probe must
 /// find that this KVM boots the guest image (the agent answers), and the pod then runs
 /// right there, under a private containerd, in a vfvm VM, leaving nothing behind.

@@ -29,11 +29,17 @@ const VECTOR_MASKED: u32 = 1;
 /// `bar` at the given offsets (8-byte aligned). Returns the capability's offset; the
 /// message control register is at `offset + 2`.
 pub fn add_capability(config: &mut ConfigSpace, vectors: u16, bar: u8, table_offset: u32, pba_offset: u32) -> Result<usize, ConfigError> {
+    add_capability_at(config, vectors, (bar, table_offset), (bar, pba_offset))
+}
+
+/// [`add_capability`] with the table and the PBA each in a BAR of its own choosing
+/// (`(bar, offset)`), as a passed-through device may have them.
+pub fn add_capability_at(config: &mut ConfigSpace, vectors: u16, table: (u8, u32), pba: (u8, u32)) -> Result<usize, ConfigError> {
     let control = vectors.clamp(1, MAX_VECTORS) - 1;
     let mut body = Vec::with_capacity(10);
     body.extend_from_slice(&control.to_le_bytes());
-    body.extend_from_slice(&((table_offset & !7) | u32::from(bar & 7)).to_le_bytes());
-    body.extend_from_slice(&((pba_offset & !7) | u32::from(bar & 7)).to_le_bytes());
+    body.extend_from_slice(&((table.1 & !7) | u32::from(table.0 & 7)).to_le_bytes());
+    body.extend_from_slice(&((pba.1 & !7) | u32::from(pba.0 & 7)).to_le_bytes());
     // Only the enable and function mask bits are writable.
     let wmask = [0x00, 0xc0, 0, 0, 0, 0, 0, 0, 0, 0];
     config.add_capability(CAP_ID_MSIX, &body, &wmask)
