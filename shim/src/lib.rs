@@ -14,5 +14,6 @@ pub mod config;
 pub mod record;
 pub mod sandbox;
 pub mod service;
+pub mod sriov;
 pub mod stdio;
 pub mod vf;

@@ -139,19 +139,19 @@ async fn delete(flags: &Flags) -> Result<()> {
     let config = vfvm_shim::config::Config::load(&config_path(None));
     let state_dir = config.as_ref().map(|c| c.runtime.state_dir.clone()).unwrap_or_else(|_| PathBuf::from("/run/vfvm"));
     if sandbox == flags.id {
-        // The pod itself: its VFs (journaled in its state dir), then its VM,
-        // mounts and state go.
+        // The pod itself: its VM (which holds the VFs' VFIO fds), then its VFs
+        // (journaled in its state dir), mounts and state go, in that order.
         let dir = state_dir.join(&sandbox);
-        if let Ok(c) = &config {
-            let m = vfvm_shim::vf::VfManager::new(&sandbox, &dir.join("vf"), &c.sriov.lock_dir);
-            match m.restore_all() {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(sandbox, "gave back {n} VF(s)"),
-                Err(e) => tracing::error!(sandbox, "giving back VFs: {e}"),
-            }
-        }
-        let done = vfvm_shim::record::undo(&dir).with_context(|| format!("cleaning up sandbox {sandbox}"))?;
-        tracing::info!(sandbox, killed = ?done.killed, unmounted = done.unmounted.len(), errors = ?done.errors, "cleaned up after the shim");
+        let lock_dir = config.as_ref().map(|c| c.sriov.lock_dir.clone()).unwrap_or_else(|_| PathBuf::from("/run/vfvm/vf-locks"));
+        let done = vfvm_shim::record::undo(&dir, &lock_dir).with_context(|| format!("cleaning up sandbox {sandbox}"))?;
+        tracing::info!(
+            sandbox,
+            killed = ?done.killed,
+            vfs_restored = done.vfs_restored,
+            unmounted = done.unmounted.len(),
+            errors = ?done.errors,
+            "cleaned up after the shim"
+        );
     } else {
         // One container of a pod whose shim died: its rootfs mount goes.
         let rootfs = state_dir.join(&sandbox).join("shared").join(&flags.id).join("rootfs");

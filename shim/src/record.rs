@@ -134,18 +134,26 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
 #[derive(Debug, Default)]
 pub struct Undone {
     pub killed: Vec<String>,
+    /// VFs given back from the sandbox's VF journal.
+    pub vfs_restored: usize,
     pub unmounted: Vec<PathBuf>,
     pub errors: Vec<String>,
 }
 
-/// Undoes everything `dir`'s record lists: kills its processes that still run
-/// (SIGKILL: the shim that owned them is gone), unmounts in reverse order, then
-/// removes `dir`. Idempotent; errors are collected, not fatal, so one stuck mount
-/// does not keep the rest in place.
-pub fn undo(dir: &Path) -> Result<Undone, RecordError> {
+/// Undoes everything `dir`'s record lists, in the one teardown order: kills its
+/// processes that still run (SIGKILL: the VMM first, which closes its VFIO fds),
+/// gives back the VFs journaled under `dir`/[`VF_JOURNAL_DIR`] (driver, then the
+/// netdev into the pod netns under its CNI name with its config; `vf_lock_dir` holds
+/// their locks), unmounts in reverse order, then removes `dir`. Idempotent; errors
+/// are collected, not fatal, so one stuck mount does not keep the rest in place, but
+/// `dir` stays while anything failed (a VF not given back keeps its journal).
+pub fn undo(dir: &Path, vf_lock_dir: &Path) -> Result<Undone, RecordError> {
     let mut done = Undone::default();
     let Some(record) = Journal::load(dir)? else {
-        remove_dir(dir, &mut done);
+        restore_vfs(dir, &dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), vf_lock_dir, &mut done);
+        if done.errors.is_empty() {
+            remove_dir(dir, &mut done);
+        }
         return Ok(done);
     };
     for p in record.processes.iter().rev() {
@@ -158,6 +166,7 @@ pub fn undo(dir: &Path) -> Result<Undone, RecordError> {
             Err(e) => done.errors.push(format!("stopping {} ({}): {e}", p.what, p.pid)),
         }
     }
+    restore_vfs(dir, &record.sandbox_id, vf_lock_dir, &mut done);
     for m in record.mounts.iter().rev() {
         match unmount(m) {
             Ok(true) => done.unmounted.push(m.clone()),
@@ -169,6 +178,22 @@ pub fn undo(dir: &Path) -> Result<Undone, RecordError> {
         remove_dir(dir, &mut done);
     }
     Ok(done)
+}
+
+/// Where a sandbox's VF journal lives, under its state directory.
+pub const VF_JOURNAL_DIR: &str = "vf";
+
+/// Gives back every VF the sandbox's VF journal lists (after the VMM is gone).
+fn restore_vfs(dir: &Path, sandbox_id: &str, vf_lock_dir: &Path, done: &mut Undone) {
+    let journal = dir.join(VF_JOURNAL_DIR);
+    if !journal.exists() {
+        return;
+    }
+    match crate::vf::VfManager::new(sandbox_id, &journal, vf_lock_dir).restore_all() {
+        Ok(0) => {}
+        Ok(n) => done.vfs_restored = n,
+        Err(e) => done.errors.push(format!("giving back the VFs: {e}")),
+    }
 }
 
 fn remove_dir(dir: &Path, done: &mut Undone) {
@@ -253,7 +278,7 @@ mod tests {
         assert!(r.processes[0].start_ticks > 0);
         assert_eq!(r.mounts, vec![dir.join("not-mounted")]);
 
-        let done = undo(&dir).unwrap();
+        let done = undo(&dir, &dir.join("no-vf-locks")).unwrap();
         assert_eq!(done.killed.len(), 1, "{done:?}");
         assert!(done.errors.is_empty(), "{done:?}");
         let status = child.wait().unwrap();
@@ -261,7 +286,7 @@ mod tests {
         assert_eq!(status.signal(), Some(libc::SIGKILL));
         assert!(!dir.exists());
         // Idempotent: nothing left to do.
-        let again = undo(&dir).unwrap();
+        let again = undo(&dir, &dir.join("no-vf-locks")).unwrap();
         assert!(again.killed.is_empty() && again.errors.is_empty());
     }
 
@@ -277,7 +302,7 @@ mod tests {
             r.processes.push(ProcessEntry { what: "old".into(), pid: child.id(), start_ticks: start_ticks(child.id()).unwrap() + 1 });
             j.save(&r).unwrap();
         }
-        let done = undo(&dir).unwrap();
+        let done = undo(&dir, &dir.join("no-vf-locks")).unwrap();
         assert!(done.killed.is_empty(), "{done:?}");
         assert!(child.try_wait().unwrap().is_none(), "the unrelated process must still run");
         child.kill().unwrap();

@@ -18,6 +18,7 @@ use vfvm_protocols::vmm_api::{Request, Response, VmmClient};
 
 use crate::config::{Config, SandboxSettings};
 use crate::record::{self, Journal};
+use crate::sriov::{self, SriovError, VfEndpoint};
 
 /// The virtio-fs tag of the sandbox's shared directory.
 pub const FS_TAG: &str = "vfvm";
@@ -32,8 +33,10 @@ pub const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 pub enum SandboxError {
     #[error("{what} {path}: {reason}")]
     Missing { what: &'static str, path: PathBuf, reason: String },
-    #[error("pod annotation io.katacontainers.config.runtime.enable_sriov is on, but VF passthrough needs VFIO in vfvm-vmm, which is not built yet: nothing was changed on the host")]
-    SriovUnavailable,
+    #[error(transparent)]
+    Sriov(#[from] SriovError),
+    #[error("the VMM's control API: {0}")]
+    VmmApi(String),
     #[error("{0}")]
     Record(#[from] record::RecordError),
     #[error("{what}: {source}")]
@@ -92,6 +95,9 @@ pub struct Sandbox {
     virtiofsd: tokio::sync::Mutex<Option<Child>>,
     api_socket: PathBuf,
     shutdown_timeout: Duration,
+    /// The pod's VFs in the VM; their locks go once they are given back.
+    vfs: std::sync::Mutex<Vec<VfEndpoint>>,
+    vf_lock_dir: PathBuf,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
@@ -101,8 +107,8 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
 
 /// Checks what must exist before anything on the host changes.
 pub fn preflight(config: &Config, settings: &SandboxSettings, netns: Option<&Path>) -> Result<(), SandboxError> {
-    if settings.sriov {
-        return Err(SandboxError::SriovUnavailable);
+    if settings.sriov && netns.is_none() {
+        return Err(SriovError::NoNetns.into());
     }
     let h = &config.hypervisor;
     for (what, path) in [
@@ -165,9 +171,9 @@ impl Sandbox {
         match Self::launch_in(config, spec, journal).await {
             Ok(sb) => Ok(sb),
             Err(e) => {
-                match record::undo(&dir) {
+                match record::undo(&dir, &config.sriov.lock_dir) {
                     Ok(done) if done.errors.is_empty() => {
-                        tracing::info!(killed = ?done.killed, unmounted = done.unmounted.len(), "failed launch undone")
+                        tracing::info!(killed = ?done.killed, vfs = done.vfs_restored, unmounted = done.unmounted.len(), "failed launch undone")
                     }
                     Ok(done) => tracing::error!(errors = ?done.errors, "failed launch not fully undone"),
                     Err(u) => tracing::error!("failed launch not undone: {u}"),
@@ -179,6 +185,22 @@ impl Sandbox {
 
     async fn launch_in(config: &Config, spec: LaunchSpec, journal: Journal) -> Result<Sandbox, SandboxError> {
         let dir = journal.dir().to_path_buf();
+        let started = Instant::now();
+        let phase = |what: &str| tracing::debug!(sandbox = %spec.id, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "launch: {what}");
+        // The pod's VFs first: on vfio-pci before the VMM opens them. They are
+        // journaled under the sandbox's state, so every failure below gives them back.
+        let vfs = if spec.settings.sriov {
+            let (id, netns, lock_dir, cni_cache) =
+                (spec.id.clone(), spec.netns.clone(), config.sriov.lock_dir.clone(), config.sriov.cni_cache_dir.clone());
+            let journal_dir = dir.join(record::VF_JOURNAL_DIR);
+            let vfs = tokio::task::spawn_blocking(move || sriov::attach(&id, netns.as_deref(), &journal_dir, &lock_dir, &cni_cache))
+                .await
+                .map_err(|e| SandboxError::Io { what: "preparing the pod's VFs".into(), source: std::io::Error::other(e.to_string()) })??;
+            phase("VFs on vfio-pci");
+            vfs
+        } else {
+            Vec::new()
+        };
         let share = dir.join("shared");
         std::fs::create_dir_all(&share).map_err(io(format!("creating {}", share.display())))?;
         // The share is its own shared mount so container rootfs mounts made under it
@@ -198,8 +220,6 @@ impl Sandbox {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         confine(&mut fsd, None);
-        let started = Instant::now();
-        let phase = |what: &str| tracing::debug!(sandbox = %spec.id, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "launch: {what}");
         let mut virtiofsd = fsd.spawn().map_err(io(format!("starting {}", config.shared_fs.virtiofsd.display())))?;
         let fsd_pid = virtiofsd.id().unwrap_or(0);
         journal.started("virtiofsd", fsd_pid)?;
@@ -219,6 +239,7 @@ impl Sandbox {
         vmm.arg("--api-socket").arg(&api_socket).arg("--vsock-socket").arg(&vsock_socket).arg("--vsock-cid").arg(GUEST_CID.to_string());
         vmm.arg("--fs").arg(format!("tag={FS_TAG},socket={},wait={}", fs_socket.display(), VIRTIOFSD_READY.as_secs()));
         vmm.arg("--serial-log").arg(&console);
+        vmm.args(sriov::vmm_args(&vfs));
         vmm.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
         let netns = match &spec.netns {
             Some(p) => Some(std::fs::File::open(p).map_err(io(format!("opening the pod's network namespace {}", p.display())))?),
@@ -269,12 +290,48 @@ impl Sandbox {
         let agent = Arc::new(agent);
         tracing::info!(sandbox = %spec.id, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "agent answered");
 
+        // Where the VMM put the VFs on the guest's bus.
+        let guest = if vfs.is_empty() {
+            None
+        } else {
+            let api = api_socket.clone();
+            let status = tokio::task::spawn_blocking(move || {
+                VmmClient::connect(&api, Duration::from_secs(5)).and_then(|mut c| c.call(Request::Status))
+            })
+            .await
+            .map_err(|e| SandboxError::VmmApi(e.to_string()))?
+            .map_err(|e| SandboxError::VmmApi(e.to_string()))?;
+            let Response::Status { devices, .. } = status else { return Err(SandboxError::VmmApi(format!("status answered {status:?}"))) };
+            let wait_ms = config.sriov.device_wait_timeout_secs.saturating_mul(1000);
+            Some(sriov::guest_config(&vfs, &devices, wait_ms)?)
+        };
+
         let mut req = api::CreateSandboxRequest::new();
         req.sandbox_id = spec.id.clone();
         req.hostname = spec.hostname;
         req.shared_fs_tag = FS_TAG.into();
+        if let Some(g) = &guest {
+            req.pci_address_map = g.address_map.clone();
+        }
         call(&agent, "CreateSandbox", move |a| a.create_sandbox(ctx(), &req)).await?;
         phase("sandbox created in the agent");
+        if let Some(g) = guest {
+            for iface in g.interfaces {
+                let (name, pci) = (iface.name.clone(), iface.pci_address.clone());
+                let mut req = api::UpdateInterfaceRequest::new();
+                req.interface = Some(iface).into();
+                call(&agent, "UpdateInterface", move |a| a.update_interface(ctx(), &req)).await?;
+                tracing::info!(sandbox = %spec.id, interface = %name, guest_pci = %pci, "VF configured in the guest");
+            }
+            if !g.routes.is_empty() {
+                let mut req = api::UpdateRoutesRequest::new();
+                let mut routes = api::Routes::new();
+                routes.routes = g.routes;
+                req.routes = Some(routes).into();
+                call(&agent, "UpdateRoutes", move |a| a.update_routes(ctx(), &req)).await?;
+            }
+            phase("VFs configured in the guest");
+        }
 
         Ok(Sandbox {
             id: spec.id,
@@ -286,6 +343,8 @@ impl Sandbox {
             virtiofsd: tokio::sync::Mutex::new(Some(virtiofsd)),
             api_socket,
             shutdown_timeout: Duration::from_secs(u64::from(config.runtime.shutdown_timeout_secs)),
+            vfs: std::sync::Mutex::new(vfs),
+            vf_lock_dir: config.sriov.lock_dir.clone(),
         })
     }
 
@@ -326,8 +385,18 @@ impl Sandbox {
                 let _ = fsd.kill().await;
             }
         }
-        match record::undo(self.journal.dir()) {
-            Ok(done) if done.errors.is_empty() => {}
+        // The VMM is gone (its VFIO fds closed): the VFs go back, then the mounts.
+        let dir = self.journal.dir().to_path_buf();
+        let lock_dir = self.vf_lock_dir.clone();
+        let undone = tokio::task::spawn_blocking(move || record::undo(&dir, &lock_dir)).await;
+        let undone = undone.unwrap_or_else(|e| Ok(record::Undone { errors: vec![e.to_string()], ..Default::default() }));
+        self.vfs.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        match undone {
+            Ok(done) if done.errors.is_empty() => {
+                if done.vfs_restored > 0 {
+                    tracing::info!(sandbox = %self.id, vfs = done.vfs_restored, "VFs given back");
+                }
+            }
             Ok(done) => tracing::error!(sandbox = %self.id, errors = ?done.errors, "sandbox state not fully removed"),
             Err(e) => tracing::error!(sandbox = %self.id, "sandbox state not removed: {e}"),
         }

@@ -42,7 +42,7 @@ fn status(code: Code, message: impl Into<String>) -> ttrpc::Error {
 fn sandbox_status(e: sandbox::SandboxError) -> ttrpc::Error {
     use sandbox::SandboxError as E;
     let code = match &e {
-        E::Missing { .. } | E::SriovUnavailable => Code::FAILED_PRECONDITION,
+        E::Missing { .. } | E::Sriov(_) => Code::FAILED_PRECONDITION,
         E::VirtiofsdTimeout { .. } | E::AgentTimeout { .. } => Code::DEADLINE_EXCEEDED,
         _ => Code::INTERNAL,
     };
