@@ -143,7 +143,11 @@ async fn delete(flags: &Flags) -> Result<()> {
         // (journaled in its state dir), mounts and state go, in that order.
         let dir = state_dir.join(&sandbox);
         let lock_dir = config.as_ref().map(|c| c.sriov.lock_dir.clone()).unwrap_or_else(|_| PathBuf::from("/run/vfvm/vf-locks"));
-        let done = vfvm_shim::record::undo(&dir, &lock_dir).with_context(|| format!("cleaning up sandbox {sandbox}"))?;
+        let done = vfvm_shim::record::undo(&dir, &lock_dir, Vec::new()).with_context(|| format!("cleaning up sandbox {sandbox}"))?;
+        if !done.errors.is_empty() {
+            // The state (and any VF journal) stays for the next delete to retry.
+            tracing::error!(sandbox, errors = ?done.errors, "sandbox not fully cleaned up");
+        }
         tracing::info!(
             sandbox,
             killed = ?done.killed,

@@ -136,6 +136,8 @@ pub struct Undone {
     pub killed: Vec<String>,
     /// VFs given back from the sandbox's VF journal.
     pub vfs_restored: usize,
+    /// The locks of VFs not given back: held while their journal entries remain.
+    pub vf_locks_kept: Vec<crate::vf::lock::VfLock>,
     pub unmounted: Vec<PathBuf>,
     pub errors: Vec<String>,
 }
@@ -147,10 +149,14 @@ pub struct Undone {
 /// their locks), unmounts in reverse order, then removes `dir`. Idempotent; errors
 /// are collected, not fatal, so one stuck mount does not keep the rest in place, but
 /// `dir` stays while anything failed (a VF not given back keeps its journal).
-pub fn undo(dir: &Path, vf_lock_dir: &Path) -> Result<Undone, RecordError> {
+/// `vf_locks` are the VF locks the caller holds (a live sandbox's); the others are
+/// taken while each VF goes back. The VFs are not touched while a process could not
+/// be stopped: the VMM may still hold them.
+pub fn undo(dir: &Path, vf_lock_dir: &Path, vf_locks: Vec<crate::vf::lock::VfLock>) -> Result<Undone, RecordError> {
     let mut done = Undone::default();
     let Some(record) = Journal::load(dir)? else {
-        restore_vfs(dir, &dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), vf_lock_dir, &mut done);
+        let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        restore_vfs(dir, &id, vf_lock_dir, vf_locks, &mut done);
         if done.errors.is_empty() {
             remove_dir(dir, &mut done);
         }
@@ -166,7 +172,11 @@ pub fn undo(dir: &Path, vf_lock_dir: &Path) -> Result<Undone, RecordError> {
             Err(e) => done.errors.push(format!("stopping {} ({}): {e}", p.what, p.pid)),
         }
     }
-    restore_vfs(dir, &record.sandbox_id, vf_lock_dir, &mut done);
+    if done.errors.is_empty() {
+        restore_vfs(dir, &record.sandbox_id, vf_lock_dir, vf_locks, &mut done);
+    } else {
+        done.vf_locks_kept = vf_locks;
+    }
     for m in record.mounts.iter().rev() {
         match unmount(m) {
             Ok(true) => done.unmounted.push(m.clone()),
@@ -184,13 +194,14 @@ pub fn undo(dir: &Path, vf_lock_dir: &Path) -> Result<Undone, RecordError> {
 pub const VF_JOURNAL_DIR: &str = "vf";
 
 /// Gives back every VF the sandbox's VF journal lists (after the VMM is gone).
-fn restore_vfs(dir: &Path, sandbox_id: &str, vf_lock_dir: &Path, done: &mut Undone) {
+fn restore_vfs(dir: &Path, sandbox_id: &str, vf_lock_dir: &Path, vf_locks: Vec<crate::vf::lock::VfLock>, done: &mut Undone) {
     let journal = dir.join(VF_JOURNAL_DIR);
     if !journal.exists() {
         return;
     }
-    match crate::vf::VfManager::new(sandbox_id, &journal, vf_lock_dir).restore_all() {
-        Ok(0) => {}
+    let (result, kept) = crate::vf::VfManager::new(sandbox_id, &journal, vf_lock_dir).restore_all_locked(vf_locks);
+    done.vf_locks_kept = kept;
+    match result {
         Ok(n) => done.vfs_restored = n,
         Err(e) => done.errors.push(format!("giving back the VFs: {e}")),
     }
@@ -278,7 +289,7 @@ mod tests {
         assert!(r.processes[0].start_ticks > 0);
         assert_eq!(r.mounts, vec![dir.join("not-mounted")]);
 
-        let done = undo(&dir, &dir.join("no-vf-locks")).unwrap();
+        let done = undo(&dir, &dir.join("no-vf-locks"), Vec::new()).unwrap();
         assert_eq!(done.killed.len(), 1, "{done:?}");
         assert!(done.errors.is_empty(), "{done:?}");
         let status = child.wait().unwrap();
@@ -286,7 +297,7 @@ mod tests {
         assert_eq!(status.signal(), Some(libc::SIGKILL));
         assert!(!dir.exists());
         // Idempotent: nothing left to do.
-        let again = undo(&dir, &dir.join("no-vf-locks")).unwrap();
+        let again = undo(&dir, &dir.join("no-vf-locks"), Vec::new()).unwrap();
         assert!(again.killed.is_empty() && again.errors.is_empty());
     }
 
@@ -302,7 +313,7 @@ mod tests {
             r.processes.push(ProcessEntry { what: "old".into(), pid: child.id(), start_ticks: start_ticks(child.id()).unwrap() + 1 });
             j.save(&r).unwrap();
         }
-        let done = undo(&dir, &dir.join("no-vf-locks")).unwrap();
+        let done = undo(&dir, &dir.join("no-vf-locks"), Vec::new()).unwrap();
         assert!(done.killed.is_empty(), "{done:?}");
         assert!(child.try_wait().unwrap().is_none(), "the unrelated process must still run");
         child.kill().unwrap();

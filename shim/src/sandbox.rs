@@ -19,6 +19,7 @@ use vfvm_protocols::vmm_api::{Request, Response, VmmClient};
 use crate::config::{Config, SandboxSettings};
 use crate::record::{self, Journal};
 use crate::sriov::{self, SriovError, VfEndpoint};
+use crate::vf::lock::VfLock;
 
 /// The virtio-fs tag of the sandbox's shared directory.
 pub const FS_TAG: &str = "vfvm";
@@ -95,9 +96,12 @@ pub struct Sandbox {
     virtiofsd: tokio::sync::Mutex<Option<Child>>,
     api_socket: PathBuf,
     shutdown_timeout: Duration,
-    /// The pod's VFs in the VM; their locks go once they are given back.
-    vfs: std::sync::Mutex<Vec<VfEndpoint>>,
+    /// The locks of the pod's VFs, held until each is given back.
+    vf_locks: std::sync::Mutex<Vec<VfLock>>,
     vf_lock_dir: PathBuf,
+    /// Held through a stop, so a second caller (delete, then shutdown) waits for
+    /// the first and finds it done.
+    stopped: tokio::sync::Mutex<bool>,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
@@ -168,10 +172,21 @@ impl Sandbox {
             });
         }
         let journal = Journal::create(&dir, &spec.id)?;
-        match Self::launch_in(config, spec, journal).await {
-            Ok(sb) => Ok(sb),
+        // The VFs prepared so far, whatever happens: their locks are held until the
+        // undo below has given them back.
+        let mut vfs = Vec::new();
+        match Self::launch_in(config, spec, journal, &mut vfs).await {
+            Ok(sb) => {
+                *sb.vf_locks.lock().unwrap_or_else(|e| e.into_inner()) = vfs.into_iter().map(|v| v.lock).collect();
+                Ok(sb)
+            }
             Err(e) => {
-                match record::undo(&dir, &config.sriov.lock_dir) {
+                let locks: Vec<VfLock> = vfs.into_iter().map(|v| v.lock).collect();
+                let lock_dir = config.sriov.lock_dir.clone();
+                let undo_dir = dir.clone();
+                let undone = tokio::task::spawn_blocking(move || record::undo(&undo_dir, &lock_dir, locks)).await;
+                let undone = undone.unwrap_or_else(|j| Ok(record::Undone { errors: vec![j.to_string()], ..Default::default() }));
+                match undone {
                     Ok(done) if done.errors.is_empty() => {
                         tracing::info!(killed = ?done.killed, vfs = done.vfs_restored, unmounted = done.unmounted.len(), "failed launch undone")
                     }
@@ -183,24 +198,28 @@ impl Sandbox {
         }
     }
 
-    async fn launch_in(config: &Config, spec: LaunchSpec, journal: Journal) -> Result<Sandbox, SandboxError> {
+    async fn launch_in(config: &Config, spec: LaunchSpec, journal: Journal, vfs: &mut Vec<VfEndpoint>) -> Result<Sandbox, SandboxError> {
         let dir = journal.dir().to_path_buf();
         let started = Instant::now();
         let phase = |what: &str| tracing::debug!(sandbox = %spec.id, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "launch: {what}");
         // The pod's VFs first: on vfio-pci before the VMM opens them. They are
         // journaled under the sandbox's state, so every failure below gives them back.
-        let vfs = if spec.settings.sriov {
+        if spec.settings.sriov {
             let (id, netns, lock_dir, cni_cache) =
                 (spec.id.clone(), spec.netns.clone(), config.sriov.lock_dir.clone(), config.sriov.cni_cache_dir.clone());
             let journal_dir = dir.join(record::VF_JOURNAL_DIR);
-            let vfs = tokio::task::spawn_blocking(move || sriov::attach(&id, netns.as_deref(), &journal_dir, &lock_dir, &cni_cache))
-                .await
-                .map_err(|e| SandboxError::Io { what: "preparing the pod's VFs".into(), source: std::io::Error::other(e.to_string()) })??;
+            let (prepared, result) = tokio::task::spawn_blocking(move || {
+                let mut prepared = Vec::new();
+                let result = sriov::attach(&id, netns.as_deref(), &journal_dir, &lock_dir, &cni_cache, &mut prepared);
+                (prepared, result)
+            })
+            .await
+            .map_err(|e| SandboxError::Io { what: "preparing the pod's VFs".into(), source: std::io::Error::other(e.to_string()) })?;
+            vfs.extend(prepared);
+            result?;
             phase("VFs on vfio-pci");
-            vfs
-        } else {
-            Vec::new()
-        };
+        }
+        let vfs: &[VfEndpoint] = vfs;
         let share = dir.join("shared");
         std::fs::create_dir_all(&share).map_err(io(format!("creating {}", share.display())))?;
         // The share is its own shared mount so container rootfs mounts made under it
@@ -239,7 +258,7 @@ impl Sandbox {
         vmm.arg("--api-socket").arg(&api_socket).arg("--vsock-socket").arg(&vsock_socket).arg("--vsock-cid").arg(GUEST_CID.to_string());
         vmm.arg("--fs").arg(format!("tag={FS_TAG},socket={},wait={}", fs_socket.display(), VIRTIOFSD_READY.as_secs()));
         vmm.arg("--serial-log").arg(&console);
-        vmm.args(sriov::vmm_args(&vfs));
+        vmm.args(sriov::vmm_args(vfs));
         vmm.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
         let netns = match &spec.netns {
             Some(p) => Some(std::fs::File::open(p).map_err(io(format!("opening the pod's network namespace {}", p.display())))?),
@@ -303,7 +322,7 @@ impl Sandbox {
             .map_err(|e| SandboxError::VmmApi(e.to_string()))?;
             let Response::Status { devices, .. } = status else { return Err(SandboxError::VmmApi(format!("status answered {status:?}"))) };
             let wait_ms = config.sriov.device_wait_timeout_secs.saturating_mul(1000);
-            Some(sriov::guest_config(&vfs, &devices, wait_ms)?)
+            Some(sriov::guest_config(vfs, &devices, wait_ms)?)
         };
 
         let mut req = api::CreateSandboxRequest::new();
@@ -343,13 +362,18 @@ impl Sandbox {
             virtiofsd: tokio::sync::Mutex::new(Some(virtiofsd)),
             api_socket,
             shutdown_timeout: Duration::from_secs(u64::from(config.runtime.shutdown_timeout_secs)),
-            vfs: std::sync::Mutex::new(vfs),
+            vf_locks: std::sync::Mutex::new(Vec::new()),
             vf_lock_dir: config.sriov.lock_dir.clone(),
+            stopped: tokio::sync::Mutex::new(false),
         })
     }
 
     /// Stops the VM and virtiofsd and undoes every host change. Idempotent.
     pub async fn stop(&self) {
+        let mut stopped = self.stopped.lock().await;
+        if *stopped {
+            return;
+        }
         let agent = self.agent.clone();
         let id = self.id.clone();
         let _ = call(&agent, "DestroySandbox", move |a| {
@@ -388,9 +412,14 @@ impl Sandbox {
         // The VMM is gone (its VFIO fds closed): the VFs go back, then the mounts.
         let dir = self.journal.dir().to_path_buf();
         let lock_dir = self.vf_lock_dir.clone();
-        let undone = tokio::task::spawn_blocking(move || record::undo(&dir, &lock_dir)).await;
-        let undone = undone.unwrap_or_else(|e| Ok(record::Undone { errors: vec![e.to_string()], ..Default::default() }));
-        self.vfs.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let locks = std::mem::take(&mut *self.vf_locks.lock().unwrap_or_else(|e| e.into_inner()));
+        let undone = tokio::task::spawn_blocking(move || record::undo(&dir, &lock_dir, locks)).await;
+        let mut undone = undone.unwrap_or_else(|e| Ok(record::Undone { errors: vec![e.to_string()], ..Default::default() }));
+        if let Ok(done) = &mut undone {
+            // A VF not given back stays ours (locked) while its journal entry remains.
+            *self.vf_locks.lock().unwrap_or_else(|e| e.into_inner()) = std::mem::take(&mut done.vf_locks_kept);
+        }
+        *stopped = true;
         match undone {
             Ok(done) if done.errors.is_empty() => {
                 if done.vfs_restored > 0 {

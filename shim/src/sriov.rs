@@ -70,16 +70,17 @@ fn link_names(netns: &Path) -> String {
     names.unwrap_or_else(|e| format!("unreadable: {e}"))
 }
 
-/// Finds the pod's VFs in `netns` and prepares each (blocking: sysfs and netlink).
-/// On error every VF prepared so far stays journaled under `journal_dir`, for the
-/// caller's undo to give back.
+/// Finds the pod's VFs in `netns` and prepares each (blocking: sysfs and netlink),
+/// adding it to `prepared`. On error every VF prepared so far is in `prepared` (its
+/// lock held) and journaled under `journal_dir`, for the caller's undo to give back.
 pub fn attach(
     sandbox_id: &str,
     netns: Option<&Path>,
     journal_dir: &Path,
     lock_dir: &Path,
     cni_cache_dir: &Path,
-) -> Result<Vec<VfEndpoint>, SriovError> {
+    prepared: &mut Vec<VfEndpoint>,
+) -> Result<(), SriovError> {
     let netns = netns.ok_or(SriovError::NoNetns)?;
     let sysfs = Sysfs::default();
     // The pod's VFs are the netdevs CNI moved in; the device plugin's PCIDEVICE_*
@@ -95,16 +96,15 @@ pub fn attach(
         return Err(SriovError::NoNetdev { addr: r.vf.addr });
     }
     let manager = VfManager::new(sandbox_id, journal_dir, lock_dir);
-    let mut endpoints = Vec::with_capacity(records.len());
     for (i, record) in records.into_iter().enumerate() {
-        let prepared = manager.prepare(&record)?;
+        let vf = manager.prepare(&record)?;
         tracing::info!(
-            sandbox = sandbox_id, vf = %record.vf.addr, group = %prepared.iommu_group,
+            sandbox = sandbox_id, vf = %record.vf.addr, group = %vf.iommu_group,
             "VF {} on vfio-pci for the VM", record.netdev.as_ref().map(|n| n.name.as_str()).unwrap_or_default()
         );
-        endpoints.push(VfEndpoint { record, vmm_id: format!("vf{i}"), lock: prepared.lock });
+        prepared.push(VfEndpoint { record, vmm_id: format!("vf{i}"), lock: vf.lock });
     }
-    Ok(endpoints)
+    Ok(())
 }
 
 /// The VMM's `--vfio` arguments.
@@ -260,7 +260,8 @@ mod tests {
     #[test]
     fn no_netns_is_refused_before_anything_is_touched() {
         let dir = std::env::temp_dir().join(format!("vfvm-sriov-nonetns-{}", std::process::id()));
-        let e = attach("sb", None, &dir.join("vf"), &dir.join("locks"), &dir.join("cni")).err().unwrap();
+        let mut prepared = Vec::new();
+        let e = attach("sb", None, &dir.join("vf"), &dir.join("locks"), &dir.join("cni"), &mut prepared).err().unwrap();
         assert!(matches!(e, SriovError::NoNetns), "{e}");
         assert!(!dir.exists(), "nothing created");
     }

@@ -402,7 +402,19 @@ fn lab_shim_a_missing_kernel_fails_the_pod_clearly_and_leaves_nothing() {
     install(None);
 }
 
-/// The lab's igb PF, its netdev, and the address of its VF `n`.
+/// The netdev of the lab's igb PF.
+fn lab_pf_netdev() -> String {
+    let pf = std::fs::read_dir("/sys/bus/pci/drivers/igb")
+        .expect("no igb driver: this test runs inside the lab")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.parse::<vfvm_shim::vf::PciAddress>().is_ok())
+        .expect("the lab's igb PF");
+    let netdev = std::fs::read_dir(format!("/sys/bus/pci/devices/{pf}/net")).unwrap().next().unwrap().unwrap();
+    netdev.file_name().to_string_lossy().into_owned()
+}
+
+/// The address of the lab's igb VF `n` and its netdev.
 fn lab_vf(n: u32) -> (String, String) {
     let pf = std::fs::read_dir("/sys/bus/pci/drivers/igb")
         .expect("no igb driver: this test runs inside the lab")
@@ -423,50 +435,78 @@ fn sh(cmd: &str) -> String {
 }
 
 const VF_POD_NETNS: &str = "vfpod";
-const VF_POD_MAC: &str = "02:00:00:00:10:29";
 
-/// A pod network namespace holding VF `n`'s netdev as sriov-cni leaves it: renamed
-/// net1, the pod's MAC, MTU, address and a route. Returns the VF's address.
-fn vf_pod_netns(n: u32) -> String {
-    let (vf, netdev) = lab_vf(n);
+/// One VF of the test pod, as sriov-cni would leave it in the pod netns.
+struct PodVf {
+    index: u32,
+    name: &'static str,
+    mac: &'static str,
+    cidr: &'static str,
+    /// A route through it (destination, gateway).
+    route: (&'static str, &'static str),
+}
+
+/// Two VFs: net1 on the lab's peer subnet, net2 on one of its own.
+const POD_VFS: [PodVf; 2] = [
+    PodVf { index: 3, name: "net1", mac: "02:00:00:00:10:29", cidr: "198.18.0.41/24", route: ("198.19.41.0/24", "198.18.0.254") },
+    PodVf { index: 2, name: "net2", mac: "02:00:00:00:10:2a", cidr: "198.18.42.1/24", route: ("198.19.42.0/24", "198.18.42.254") },
+];
+
+/// A pod network namespace holding the VFs' netdevs as sriov-cni leaves them:
+/// renamed, with the pod's MAC, MTU 1400, an address and a route. Returns the VFs'
+/// addresses, in [`POD_VFS`] order.
+fn vf_pod_netns() -> Vec<String> {
     sh(&format!("ip netns add {VF_POD_NETNS}"));
-    sh(&format!("ip link set {netdev} down && ip link set {netdev} netns {VF_POD_NETNS} name net1"));
-    sh(&format!(
-        "ip -n {VF_POD_NETNS} link set net1 address {VF_POD_MAC} mtu 1400 up && \
-         ip -n {VF_POD_NETNS} addr add 198.18.0.41/24 dev net1 && \
-         ip -n {VF_POD_NETNS} route add 198.19.41.0/24 via 198.18.0.254 dev net1 onlink"
-    ));
-    vf
+    let pf = lab_pf_netdev();
+    POD_VFS
+        .iter()
+        .map(|v| {
+            let (vf, netdev) = lab_vf(v.index);
+            let (name, mac, cidr, (dst, gw)) = (v.name, v.mac, v.cidr, v.route);
+            // As sriov-cni: the MAC on the PF first (a VF driver may not change a MAC
+            // the PF set), then on the netdev.
+            sh(&format!("ip link set {pf} vf {} mac {mac}", v.index));
+            sh(&format!("ip link set {netdev} down && ip link set {netdev} netns {VF_POD_NETNS} name {name}"));
+            sh(&format!(
+                "ip -n {VF_POD_NETNS} link set {name} address {mac} mtu 1400 up && \
+                 ip -n {VF_POD_NETNS} addr add {cidr} dev {name} && \
+                 ip -n {VF_POD_NETNS} route add {dst} via {gw} dev {name} onlink"
+            ));
+            vf
+        })
+        .collect()
 }
 
-/// What the pod's netns shows of net1 (and that the VF is on igbvf again).
-fn assert_vf_back_in_pod_netns(vf: &str, when: &str) {
-    let driver =
-        std::fs::read_link(format!("/sys/bus/pci/devices/{vf}/driver")).map(|l| l.file_name().unwrap().to_string_lossy().into_owned());
-    assert_eq!(driver.as_deref().ok(), Some("igbvf"), "{when}: VF {vf}'s driver");
-    let link = sh(&format!("ip -n {VF_POD_NETNS} -o link show net1"));
-    assert!(link.contains("mtu 1400") && link.contains(VF_POD_MAC), "{when}: net1 in the pod netns: {link}");
-    let addr = sh(&format!("ip -n {VF_POD_NETNS} -o addr show dev net1"));
-    assert!(addr.contains("198.18.0.41/24"), "{when}: net1's address: {addr}");
-    let routes = sh(&format!("ip -n {VF_POD_NETNS} route"));
-    assert!(routes.contains("198.19.41.0/24 via 198.18.0.254"), "{when}: the pod's route: {routes}");
+/// What the pod's netns shows of each VF netdev (and that each VF is on igbvf again).
+fn assert_vfs_back_in_pod_netns(vfs: &[String], when: &str) {
+    for (vf, v) in vfs.iter().zip(&POD_VFS) {
+        let driver =
+            std::fs::read_link(format!("/sys/bus/pci/devices/{vf}/driver")).map(|l| l.file_name().unwrap().to_string_lossy().into_owned());
+        assert_eq!(driver.as_deref().ok(), Some("igbvf"), "{when}: VF {vf}'s driver");
+        let link = sh(&format!("ip -n {VF_POD_NETNS} -o link show {}", v.name));
+        assert!(link.contains("mtu 1400") && link.contains(v.mac), "{when}: {} in the pod netns: {link}", v.name);
+        let addr = sh(&format!("ip -n {VF_POD_NETNS} -o addr show dev {}", v.name));
+        assert!(addr.contains(v.cidr), "{when}: {}'s address: {addr}", v.name);
+        let routes = sh(&format!("ip -n {VF_POD_NETNS} route"));
+        assert!(routes.contains(&format!("{} via {}", v.route.0, v.route.1)), "{when}: the pod's route: {routes}");
+    }
 }
 
-/// The headline through ctr: a pod with `enable_sriov` whose netns holds a VF gets
-/// the VF in its VM (vfio-pci on the host, igbvf in the guest) under its pod-netns
-/// name with its MAC, MTU, address and route; its container pings the lab's peer
-/// over it. At the pod's end the VF is back in the pod netns, configured, on igbvf,
-/// and nothing is left. Then the same pod's shim is SIGKILLed while it runs:
-/// containerd's `shim delete` gives the VF back the same way.
+/// The headline through ctr: a pod with `enable_sriov` whose netns holds two VFs
+/// gets both in its VM (vfio-pci on the host, igbvf in the guest), each under its
+/// pod-netns name with its MAC, MTU, address and route; its container pings the lab's
+/// peer over net1. At the pod's end the VFs are back in the pod netns, configured, on
+/// igbvf, and nothing is left. Then the same pod's shim is SIGKILLed while it runs:
+/// containerd's `shim delete` gives the VFs back the same way.
 fn sriov_pod(version: Version) {
     install(None);
     let c = Containerd::start(version).unwrap();
     c.import_test_images().unwrap();
-    let vf = vf_pod_netns(3);
+    let vfs = vf_pod_netns();
     let netns = format!("network:/run/netns/{VF_POD_NETNS}");
     let sriov = "io.katacontainers.config.runtime.enable_sriov=true";
     let pod = format!("sriov-{}", version.name().replace('.', ""));
-    let script = "ip -o link show net1; ip -o addr show net1; ip route; ping -c 3 -W 10 198.18.0.2";
+    let script = "ip -o link; ip -o addr; ip route; ping -c 3 -W 10 198.18.0.2";
     let started = Instant::now();
     let out = c
         .ctr_within(
@@ -475,7 +515,7 @@ fn sriov_pod(version: Version) {
         )
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("containerd {}: a pod with VF {vf} ran in {:.1}s:\n{stdout}", version.name(), started.elapsed().as_secs_f64());
+    eprintln!("containerd {}: a pod with VFs {vfs:?} ran in {:.1}s:\n{stdout}", version.name(), started.elapsed().as_secs_f64());
     assert!(
         out.status.success(),
         "ctr run: {}\nconsoles:\n{}\ncontainerd log:\n{}",
@@ -483,38 +523,50 @@ fn sriov_pod(version: Version) {
         vfvm_consoles(),
         c.log()
     );
-    for want in ["net1", VF_POD_MAC, "mtu 1400", "198.18.0.41/24", "198.19.41.0/24 via 198.18.0.254", "3 packets transmitted"] {
-        assert!(stdout.contains(want), "the container should see {want:?}: {stdout}");
+    for v in &POD_VFS {
+        let route = format!("{} via {} dev {}", v.route.0, v.route.1, v.name);
+        for want in [v.name, v.mac, v.cidr, route.as_str()] {
+            assert!(stdout.contains(want), "the container should see {want:?}: {stdout}");
+        }
     }
-    assert!(!stdout.contains(", 0 packets received"), "the peer should answer the container over the VF: {stdout}");
+    assert!(stdout.matches("mtu 1400").count() >= 2, "both VFs with MTU 1400: {stdout}");
+    assert!(
+        stdout.contains("3 packets transmitted") && !stdout.contains(", 0 packets received"),
+        "the peer should answer over net1: {stdout}"
+    );
     assert_nothing_left("after the VF pod");
-    assert_vf_back_in_pod_netns(&vf, "after the VF pod");
+    assert_vfs_back_in_pod_netns(&vfs, "after the VF pod");
 
-    // The shim SIGKILLed with the VF in the VM.
+    // The shim SIGKILLed with the VFs in the VM.
     let mut events = c.events().unwrap();
     let killed = format!("{pod}-k");
     let out = c
         .ctr_within(&["run", "-d", "--runtime", RUNTIME, "--annotation", sriov, "--with-ns", &netns, oci::PAUSE_REF, &killed], CTR_LIMIT)
         .unwrap();
     assert!(out.status.success(), "ctr run -d: {}\nconsoles:\n{}", String::from_utf8_lossy(&out.stderr), vfvm_consoles());
-    let driver = std::fs::read_link(format!("/sys/bus/pci/devices/{vf}/driver")).unwrap();
-    assert!(driver.ends_with("vfio-pci"), "the running pod's VF is on vfio-pci: {}", driver.display());
+    for vf in &vfs {
+        let driver = std::fs::read_link(format!("/sys/bus/pci/devices/{vf}/driver")).unwrap();
+        assert!(driver.ends_with("vfio-pci"), "the running pod's VF {vf} is on vfio-pci: {}", driver.display());
+    }
     let shims = pids_named("containerd-shim-vfvm-v2");
     assert_eq!(shims.len(), 1, "one shim for the pod: {shims:?}");
     // SAFETY: kill(2) on the shim just found.
     assert_eq!(unsafe { libc::kill(shims[0], libc::SIGKILL) }, 0);
     events.wait_for("/tasks/exit", &killed, Instant::now() + CTR_LIMIT).unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", c.log()));
     assert_nothing_left("after containerd's cleanup of the VF pod's killed shim");
-    assert_vf_back_in_pod_netns(&vf, "after the killed shim's cleanup");
+    assert_vfs_back_in_pod_netns(&vfs, "after the killed shim's cleanup");
     let _ = c.ctr_within(&["task", "delete", &killed], CTR_LIMIT).unwrap();
     let _ = c.ctr_within(&["container", "delete", &killed], CTR_LIMIT).unwrap();
     c.stop().unwrap();
-    // The VF goes back to the host netns for the next test.
-    let (_, _) = (sh(&format!("ip -n {VF_POD_NETNS} link set net1 netns 1")), sh(&format!("ip netns del {VF_POD_NETNS}")));
+    // The VFs go back to the host netns for the next test.
+    for v in &POD_VFS {
+        sh(&format!("ip -n {VF_POD_NETNS} link set {} netns 1", v.name));
+    }
+    sh(&format!("ip netns del {VF_POD_NETNS}"));
 }
 
 #[test]
 #[ignore = "needs the lab: run by cargo xtask test"]
-fn lab_shim_a_pod_gets_its_vf_in_its_vm_and_back_containerd_2_1() {
+fn lab_shim_a_pod_gets_its_two_vfs_in_its_vm_and_back_containerd_2_1() {
     sriov_pod(Version::V2_1);
 }

@@ -4,8 +4,8 @@
 //! device has an id; the control API lists them ([`DeviceManager::devices`]).
 //!
 //! Teardown order (on drop): devices leave the bus (VFIO devices: MSI-X off, BARs
-//! out of the guest, device reset, fds closed), then guest memory is DMA-unmapped
-//! from the container, then the buses let go of the root complex.
+//! out of the guest, device reset, fds closed; the container's DMA mappings go with
+//! its last group), then the container, then the buses let go of the root complex.
 
 use std::sync::{Arc, Mutex};
 
@@ -148,7 +148,7 @@ impl Drop for DeviceManager {
         }
         drop(root);
         // The devices' own drops ran as their last references went (above, or with
-        // the buses below); the container unmaps guest memory when it goes.
+        // the buses below).
         self.vfio = None;
         // The buses and the root complex hold each other (config and BAR ranges):
         // only this lets them, and the virtio devices' threads, go.

@@ -135,16 +135,20 @@ impl GsiRouting {
         // The stale route is harmless (no irqfd points at it); it goes with the next commit.
     }
 
-    /// Routes `gsi` to `msg`; the table goes to KVM only when it changed.
+    /// Routes `gsi` to `msg`; the table goes to KVM only when it changed, and the
+    /// route is kept only once KVM took it (a failed one is tried again next time).
     fn route(&self, gsi: u32, msg: MsiMessage) -> Result<(), InterruptError> {
         let mut state = self.lock();
         if state.msi.get(&gsi) == Some(&msg) {
             return Ok(());
         }
-        state.msi.insert(gsi, msg);
-        let entries = routing_entries(&state.msi);
+        let mut msi = state.msi.clone();
+        msi.insert(gsi, msg);
+        let entries = routing_entries(&msi);
         let table = KvmIrqRouting::from_entries(&entries).map_err(|_| InterruptError::RoutingTable(entries.len()))?;
-        self.vm.set_gsi_routing(&table).map_err(kvm_error("KVM_SET_GSI_ROUTING"))
+        self.vm.set_gsi_routing(&table).map_err(kvm_error("KVM_SET_GSI_ROUTING"))?;
+        state.msi = msi;
+        Ok(())
     }
 }
 
@@ -210,8 +214,11 @@ struct IrqfdGroup {
 impl MsiInterruptGroup for IrqfdGroup {
     fn program(&self, vector: u16, msg: MsiMessage, deliverable: bool) -> Result<(), InterruptError> {
         let Some(v) = self.vectors.get(usize::from(vector)) else { return Ok(()) };
-        self.routing.route(v.gsi, msg)?;
+        let routed = self.routing.route(v.gsi, msg);
         let mut attached = v.attached.lock().unwrap_or_else(|e| e.into_inner());
+        // A vector whose route failed is not delivered (it would go to the old one);
+        // a masked one is detached whatever happened to its route.
+        let deliverable = deliverable && routed.is_ok();
         if deliverable && !*attached {
             // KVM injects at once if the eventfd was written while detached: that
             // is the pending interrupt going out on unmask.
@@ -221,7 +228,7 @@ impl MsiInterruptGroup for IrqfdGroup {
             self.routing.vm.unregister_irqfd(&v.eventfd, v.gsi).map_err(kvm_error(format!("removing the irqfd of GSI {}", v.gsi)))?;
             *attached = false;
         }
-        Ok(())
+        routed
     }
 
     fn fire(&self, vector: u16) -> Result<(), InterruptError> {

@@ -141,7 +141,35 @@ pub fn precheck(host: PciAddress) -> Result<u32, VfioError> {
 pub struct VfioContext {
     container: Arc<VfioContainer>,
     memory: GuestMemoryMmap,
-    dma_mapped: Mutex<bool>,
+    dma: Mutex<DmaState>,
+}
+
+#[derive(Default)]
+struct DmaState {
+    mapped: bool,
+    /// Devices open in the container. When the last one closes, its group leaves
+    /// and the kernel drops every mapping: the next device maps guest RAM again.
+    devices: usize,
+}
+
+/// One open device's share of the container (see [`DmaState::devices`]).
+struct ContainerUser(Arc<VfioContext>);
+
+impl ContainerUser {
+    fn new(context: Arc<VfioContext>) -> Self {
+        context.lock_dma().devices += 1;
+        Self(context)
+    }
+}
+
+impl Drop for ContainerUser {
+    fn drop(&mut self) {
+        let mut dma = self.0.lock_dma();
+        dma.devices = dma.devices.saturating_sub(1);
+        if dma.devices == 0 {
+            dma.mapped = false;
+        }
+    }
 }
 
 impl VfioContext {
@@ -155,36 +183,32 @@ impl VfioContext {
         let kvm_device = vm.create_device(&mut request).map_err(|e| step_err(host, "creating the KVM VFIO device")(e.to_string()))?;
         let container = VfioContainer::new(Some(Arc::new(VfioDeviceFd::new_from_kvm(kvm_device))))
             .map_err(|e| step_err(host, "opening the VFIO container")(e.to_string()))?;
-        Ok(Self { container: Arc::new(container), memory: memory.clone(), dma_mapped: Mutex::new(false) })
+        Ok(Self { container: Arc::new(container), memory: memory.clone(), dma: Mutex::default() })
+    }
+
+    fn lock_dma(&self) -> std::sync::MutexGuard<'_, DmaState> {
+        self.dma.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// DMA-maps guest RAM (IOVA = guest physical address) if not yet done; the
     /// container needs a group in it first.
     fn ensure_dma_mapped(&self, host: PciAddress) -> Result<(), VfioError> {
-        let mut mapped = self.dma_mapped.lock().unwrap_or_else(|e| e.into_inner());
-        if !*mapped {
+        let mut dma = self.lock_dma();
+        if !dma.mapped {
             // SAFETY: guest RAM stays mapped as long as `self.memory` (a clone of the
             // VM's regions) lives, and it is unmapped from the container in Drop
             // before that clone goes. The VMM never makes references into guest RAM
             // (vm-memory accesses are volatile copies).
             unsafe { self.container.vfio_map_guest_memory(&self.memory) }
                 .map_err(|e| step_err(host, "DMA-mapping guest memory")(e.to_string()))?;
-            *mapped = true;
+            dma.mapped = true;
         }
         Ok(())
     }
 }
 
-impl Drop for VfioContext {
-    fn drop(&mut self) {
-        if *self.dma_mapped.lock().unwrap_or_else(|e| e.into_inner()) {
-            // With the last group gone the kernel has unmapped everything already.
-            if let Err(e) = self.container.vfio_unmap_guest_memory(&self.memory) {
-                tracing::debug!("VFIO: unmapping guest memory: {e}");
-            }
-        }
-    }
-}
+// No Drop: the mappings go with the container's last group (each device's close),
+// and the pinned pages with the container fd.
 
 /// The offset of capability `id` in a legacy configuration space, if it has one.
 fn find_capability(config: &[u8], id: u8) -> Option<usize> {
@@ -193,9 +217,10 @@ fn find_capability(config: &[u8], id: u8) -> Option<usize> {
         return None;
     }
     let mut at = usize::from(*config.get(REG_CAPABILITIES)? & !3);
-    // At most 48 capabilities fit; more means a loop.
+    // At most 48 capabilities fit; more means a loop. A capability found must have
+    // room for the largest body read here (MSI-X: 12 bytes).
     for _ in 0..48 {
-        if at < 0x40 || at + 2 > config.len() {
+        if at < 0x40 || at + 12 > config.len() {
             return None;
         }
         if config[at] == id {
@@ -240,7 +265,9 @@ fn mappable_areas(size: u64, areas: &[(u64, u64)], holes: &[(u64, u64)]) -> Vec<
     out
 }
 
-/// One mmap'ed piece of a BAR, and its KVM slot while the BAR is in the guest.
+/// One mmap'ed piece of a BAR, and its KVM slot while the BAR is in the guest. The
+/// mapping goes when the area drops, unless KVM still maps it (a slot removal that
+/// failed): then it is left mapped rather than freed under the guest.
 struct MappedArea {
     offset: u64,
     size: u64,
@@ -253,6 +280,17 @@ struct MappedArea {
 // SAFETY: `host` is a mapping this device owns for its whole life; it is only handed
 // to KVM and munmap'ed, never dereferenced by the VMM.
 unsafe impl Send for MappedArea {}
+
+impl Drop for MappedArea {
+    fn drop(&mut self) {
+        if self.slot.is_some() {
+            tracing::warn!("a BAR mapping KVM may still use is left mapped");
+            return;
+        }
+        // SAFETY: `host` is a mapping of `len` bytes made in `open`, used by no slot.
+        unsafe { libc::munmap(self.host.cast(), self.len) };
+    }
+}
 
 struct Bar {
     request: BarRequest,
@@ -284,7 +322,7 @@ pub struct VfioPciDevice {
     msix: Option<Msix>,
     slots: Arc<MemorySlots>,
     /// Keeps the container (and its DMA mapping) alive while the device is.
-    _context: Arc<VfioContext>,
+    _container: ContainerUser,
 }
 
 impl VfioPciDevice {
@@ -307,6 +345,7 @@ impl VfioPciDevice {
             }
             e => VfioError::Step { host, step: "opening the device", err: e.to_string() },
         })?;
+        let user = ContainerUser::new(context.clone());
         context.ensure_dma_mapped(host)?;
 
         let mut raw = vec![0u8; LEGACY_CONFIG_SIZE];
@@ -392,8 +431,6 @@ impl VfioPciDevice {
                     };
                     if host_ptr == libc::MAP_FAILED {
                         let err = std::io::Error::last_os_error();
-                        unmap_all(&mut bars);
-                        unmap_areas(&mut areas);
                         return Err(step_err(host, "mmap'ing a BAR")(format!("BAR {index} +{offset:#x} ({len:#x} bytes): {err}")));
                     }
                     areas.push(MappedArea { offset, size: len, len: len_usize, host: host_ptr.cast(), slot: None });
@@ -408,19 +445,18 @@ impl VfioPciDevice {
             Some((vectors, table, pba, (table_reg, pba_reg))) => {
                 let available = device.get_irq_info(MSIX_IRQ_INDEX).map_or(0, |i| i.count);
                 if u32::from(vectors) > available {
-                    unmap_all(&mut bars);
                     return Err(step_err(host, "its MSI-X vectors")(format!("{vectors} in config space, vfio-pci offers {available}")));
+                }
+                if !bars.iter().any(|b| b.request.index == table.0) || !bars.iter().any(|b| b.request.index == pba.0) {
+                    return Err(step_err(host, "its MSI-X capability")(format!(
+                        "table in BAR {}, PBA in BAR {}: not both memory BARs",
+                        table.0, pba.0
+                    )));
                 }
                 let cap = msix::add_capability_at(&mut space, vectors, (table.0, table_reg & !7), (pba.0, pba_reg & !7))
                     .map_err(|e| step_err(host, "its MSI-X capability")(e.to_string()));
                 let group = interrupts.msi_group(vectors).map_err(|e| step_err(host, "its MSI-X vectors")(e.to_string()));
-                match (cap, group) {
-                    (Ok(cap), Ok(group)) => Some(Msix { cap, table, pba, config: MsixConfig::new(vectors, group), on_device: false }),
-                    (Err(e), _) | (_, Err(e)) => {
-                        unmap_all(&mut bars);
-                        return Err(e);
-                    }
-                }
+                Some(Msix { cap: cap?, table, pba, config: MsixConfig::new(vectors, group?), on_device: false })
             }
             None => {
                 tracing::warn!(host = %host, "the device has no MSI-X capability: it cannot interrupt the guest");
@@ -435,7 +471,7 @@ impl VfioPciDevice {
             bars.len(),
             msix.as_ref().map_or(0, |m| m.config.vectors())
         );
-        Ok(Self { host, device, config: space, bars, msix, slots, _context: context })
+        Ok(Self { host, device, config: space, bars, msix, slots, _container: user })
     }
 
     pub fn host(&self) -> PciAddress {
@@ -460,7 +496,12 @@ impl VfioPciDevice {
         let control = self.config.u16_at(m.cap + 2);
         m.config.set_control(control);
         if m.config.enabled() && !m.on_device {
-            let fds: Vec<_> = (0..m.config.vectors()).filter_map(|v| m.config.group().notifier(v)).collect();
+            // Every vector's eventfd, in order, or none: a gap would shift the rest.
+            let fds: Option<Vec<_>> = (0..m.config.vectors()).map(|v| m.config.group().notifier(v)).collect();
+            let Some(fds) = fds else {
+                tracing::warn!(host = %host, "enabling MSI-X: a vector has no eventfd");
+                return;
+            };
             match self.device.enable_msix(fds.iter().collect()) {
                 Ok(()) => m.on_device = true,
                 Err(e) => tracing::warn!(host = %host, "enabling MSI-X on the device: {e}"),
@@ -474,17 +515,20 @@ impl VfioPciDevice {
     }
 }
 
-fn unmap_areas(areas: &mut Vec<MappedArea>) {
-    for a in areas.drain(..) {
-        // SAFETY: `host` is a mapping of `size` bytes made in `open` and not yet
-        // unmapped; its KVM slot is gone (callers remove slots first).
-        unsafe { libc::munmap(a.host.cast(), a.len) };
-    }
-}
-
-fn unmap_all(bars: &mut [Bar]) {
-    for bar in bars {
-        unmap_areas(&mut bar.areas);
+impl VfioPciDevice {
+    /// Takes every BAR out of the guest's KVM slots (they stay on the MMIO bus,
+    /// trapped); a slot that cannot be removed keeps its mapping.
+    fn remove_slots(&mut self) {
+        for bar in &mut self.bars {
+            for area in &mut bar.areas {
+                if let Some(slot) = area.slot {
+                    match self.slots.unmap(slot) {
+                        Ok(()) => area.slot = None,
+                        Err(e) => tracing::warn!(host = %self.host, "BAR {}: {e}", bar.request.index),
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -495,8 +539,15 @@ impl PciDevice for VfioPciDevice {
 
     fn write_config(&mut self, offset: u16, data: &[u8]) {
         let offset = usize::from(offset);
+        let decoding = self.config.command() & COMMAND_MEMORY != 0;
         self.config.write(offset, data);
         if crate::pci::config::overlaps(offset, data.len(), REG_COMMAND, 2) {
+            // Decode going off: vfio-pci revokes the BAR mappings, so the guest must
+            // stop reaching them through KVM first (else its next access faults the
+            // vCPU). The root complex unmaps the BARs right after; this is earlier.
+            if decoding && self.config.command() & COMMAND_MEMORY == 0 {
+                self.remove_slots();
+            }
             self.forward_command();
         }
         if let Some(cap) = self.msix.as_ref().map(|m| m.cap) {
@@ -538,9 +589,14 @@ impl PciDevice for VfioPciDevice {
         let host = self.host;
         let Some(bar) = self.bars.iter_mut().find(|b| b.request.index == index) else { return };
         for area in &mut bar.areas {
-            if let Some(slot) = area.slot.take() {
-                if let Err(e) = self.slots.unmap(slot) {
-                    tracing::warn!(host = %host, "BAR {index}: {e}");
+            if let Some(slot) = area.slot {
+                match self.slots.unmap(slot) {
+                    Ok(()) => area.slot = None,
+                    Err(e) => {
+                        // Still mapped there: not mapped anywhere else.
+                        tracing::warn!(host = %host, "BAR {index}: {e}");
+                        continue;
+                    }
                 }
             }
             if let Some(base) = base {
@@ -560,14 +616,9 @@ impl Drop for VfioPciDevice {
         if self.msix.as_ref().is_some_and(|m| m.on_device) {
             let _ = self.device.disable_msix();
         }
-        for bar in &mut self.bars {
-            for area in &mut bar.areas {
-                if let Some(slot) = area.slot.take() {
-                    let _ = self.slots.unmap(slot);
-                }
-            }
-        }
-        unmap_all(&mut self.bars);
+        // Slots first; the mappings go as the areas drop.
+        self.remove_slots();
+        self.bars.clear();
         // Stops its DMA and leaves it as a fresh function for the host driver.
         self.device.reset();
         tracing::info!(host = %self.host, "VFIO device released");

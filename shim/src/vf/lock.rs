@@ -14,6 +14,7 @@ use super::VfError;
 pub struct VfLock {
     _file: std::fs::File,
     path: PathBuf,
+    addr: PciAddress,
 }
 
 impl VfLock {
@@ -42,10 +43,15 @@ impl VfLock {
         file.set_len(0).map_err(io("truncate", &path))?;
         file.rewind().map_err(io("seek", &path))?;
         file.write_all(owner.as_bytes()).map_err(io("write", &path))?;
-        Ok(Self { _file: file, path })
+        Ok(Self { _file: file, path, addr })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The VF this lock is for.
+    pub fn addr(&self) -> PciAddress {
+        self.addr
     }
 }

@@ -178,8 +178,49 @@ impl<D: DriverControl> VfManager<D> {
         }
     }
 
-    /// Restores every VF in this sandbox's journal (teardown, and `delete` after a
-    /// crash). Tries them all; returns the first error.
+    /// Restores every VF in this sandbox's journal, each under its lock: `held` are
+    /// the locks this sandbox holds (a live sandbox's teardown); the others are taken
+    /// (after a crash the kernel released them with the dead shim). A VF another
+    /// sandbox has locked since is left alone (its entry stays: an error). Tries them
+    /// all; returns how many went back or the first error, and the locks of the VFs
+    /// not given back, for the caller to keep while their entries remain.
+    pub fn restore_all_locked(&self, held: Vec<VfLock>) -> (Result<usize, VfError>, Vec<VfLock>) {
+        let records = match self.journal.read_all() {
+            Ok(r) => r,
+            Err(e) => return (Err(e), held),
+        };
+        let mut held = held;
+        let mut kept = Vec::new();
+        let mut first_error = None;
+        for record in &records {
+            let addr = record.vf.addr;
+            let lock = match held.iter().position(|l| l.addr() == addr) {
+                Some(i) => Ok(held.swap_remove(i)),
+                None => VfLock::acquire(&self.lock_dir, addr, &self.sandbox_id),
+            };
+            let result = lock.and_then(|lock| match self.restore_record(record).and_then(|()| self.journal.remove(addr)) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    kept.push(lock);
+                    Err(e)
+                }
+            });
+            if let Err(e) = result {
+                tracing::error!(sandbox = %self.sandbox_id, vf = %addr, "restore failed: {e}");
+                first_error.get_or_insert(e);
+            }
+        }
+        // Locks of VFs with no entry (given back already) go.
+        drop(held);
+        match first_error {
+            Some(e) => (Err(e), kept),
+            None => (Ok(records.len()), kept),
+        }
+    }
+
+    /// Restores every VF in this sandbox's journal without taking their locks (for a
+    /// caller that holds them or knows the owner is dead: `vfvm-vf restore`). Tries
+    /// them all; returns the first error.
     pub fn restore_all(&self) -> Result<usize, VfError> {
         let records = self.journal.read_all()?;
         let mut first_error = None;

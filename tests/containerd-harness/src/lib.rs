@@ -111,9 +111,26 @@ impl Version {
 
 /// A running private containerd. Dropping it tears everything down; [`Containerd::stop`]
 /// does the same and reports what went wrong.
+/// A second CNI network attached to every CRI pod after the bridge (CRI's
+/// `max_conf_num`), as Multus attaches an SR-IOV network in a cluster: one VF by PCI
+/// address, through the test plugin `vfvm-test-sriov-cni` (its binary at `plugin`),
+/// with static IPAM. CRI names its interface `eth1`.
+#[derive(Clone, Debug)]
+pub struct SriovNetwork {
+    pub plugin: PathBuf,
+    pub device_id: String,
+    pub mac: String,
+    pub mtu: u32,
+    /// `addr/prefix`.
+    pub address: String,
+    /// (destination CIDR, gateway).
+    pub routes: Vec<(String, String)>,
+}
+
 pub struct Containerd {
     version: Version,
     dir: PathBuf,
+    sriov: Option<SriovNetwork>,
     child: Option<Child>,
     stopped: bool,
     /// Whether /run/containerd existed before we started: shims and ctr put their
@@ -132,6 +149,15 @@ impl Containerd {
     /// Mounts a tmpfs for a new instance, writes its config, starts containerd and
     /// waits until it answers `ctr version`.
     pub fn start(version: Version) -> Result<Containerd> {
+        Self::start_with(version, None)
+    }
+
+    /// [`Containerd::start`] with `sriov` as every CRI pod's second network.
+    pub fn start_with_sriov(version: Version, sriov: SriovNetwork) -> Result<Containerd> {
+        Self::start_with(version, Some(sriov))
+    }
+
+    fn start_with(version: Version, sriov: Option<SriovNetwork>) -> Result<Containerd> {
         version.check_installed()?;
         ensure!(
             mount_type("/sys/fs/cgroup").as_deref() == Some("cgroup2"),
@@ -140,7 +166,7 @@ impl Containerd {
         let dir = std::env::temp_dir().join(format!("vfvm-containerd-{}-{}", std::process::id(), INSTANCE.fetch_add(1, Ordering::Relaxed)));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let had_run_dir = Path::new(RUN_DIR).exists();
-        let mut me = Containerd { version, dir, child: None, stopped: false, had_run_dir };
+        let mut me = Containerd { version, dir, sriov, child: None, stopped: false, had_run_dir };
         run(Command::new("mount").args(["-t", "tmpfs", "-o", "mode=0700", "vfvm-containerd"]).arg(&me.dir))?;
         let config = me.dir.join("config.toml");
         std::fs::write(&config, me.config()).with_context(|| format!("writing {}", config.display()))?;
@@ -195,17 +221,21 @@ impl Containerd {
         // CRI: the test pause image as the sandbox image (never pulled: imported by
         // `import_test_images_into(CRI_NAMESPACE)`), pod network namespaces under our
         // state directory, and CNI from private config and IPAM directories.
+        // With a second network, the plugins come from a private directory that adds
+        // the test plugin to Debian's (1.6 takes one directory).
+        let bin_dir = if self.sriov.is_some() { self.cni_bin_dir().display().to_string() } else { CNI_BIN_DIR.to_string() };
+        let max_conf = if self.sriov.is_some() { "  max_conf_num = 2\n" } else { "" };
         let (sandbox_image, cni) = match self.version {
             Version::V1_6 => (
                 format!("[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{}\"\n  netns_mounts_under_state_dir = true\n", oci::PAUSE_REF),
-                format!("[plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{CNI_BIN_DIR}\"\n  conf_dir = {}\n", q(self.cni_conf_dir())),
+                format!("[plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{bin_dir}\"\n  conf_dir = {}\n{max_conf}", q(self.cni_conf_dir())),
             ),
             Version::V2_1 => (
                 format!(
                     "[plugins.\"io.containerd.cri.v1.images\".pinned_images]\n  sandbox = \"{}\"\n[plugins.\"io.containerd.cri.v1.runtime\"]\n  netns_mounts_under_state_dir = true\n",
                     oci::PAUSE_REF
                 ),
-                format!("[plugins.\"io.containerd.cri.v1.runtime\".cni]\n  bin_dirs = [\"{CNI_BIN_DIR}\"]\n  conf_dir = {}\n", q(self.cni_conf_dir())),
+                format!("[plugins.\"io.containerd.cri.v1.runtime\".cni]\n  bin_dirs = [\"{bin_dir}\"]\n  conf_dir = {}\n{max_conf}", q(self.cni_conf_dir())),
             ),
         };
         text.push_str("# vfvm-test-containerd: CRI\n");
@@ -216,6 +246,35 @@ impl Containerd {
 
     fn cni_conf_dir(&self) -> PathBuf {
         self.dir.join("cni/net.d")
+    }
+
+    fn cni_bin_dir(&self) -> PathBuf {
+        self.dir.join("cni/bin")
+    }
+
+    /// Where the SR-IOV test plugin caches its attachments (as sriov-cni's
+    /// `/var/lib/cni/sriov`) and logs its calls (`calls.log`).
+    pub fn sriov_cache_dir(&self) -> PathBuf {
+        self.dir.join("cni/sriov")
+    }
+
+    /// The SR-IOV test plugin's log of its ADD and DEL calls.
+    pub fn sriov_calls(&self) -> String {
+        std::fs::read_to_string(self.sriov_cache_dir().join("calls.log")).unwrap_or_default()
+    }
+
+    /// The second network's config: the test SR-IOV plugin with static IPAM.
+    fn sriov_config(&self, n: &SriovNetwork) -> String {
+        let routes: Vec<String> = n.routes.iter().map(|(dst, gw)| format!(r#"{{"dst": "{dst}", "gw": "{gw}"}}"#)).collect();
+        format!(
+            r#"{{"cniVersion": "0.4.0", "name": "vfvm-sriov", "plugins": [{{"type": "vfvm-test-sriov-cni", "deviceID": "{}", "mac": "{}", "mtu": {}, "cacheDir": "{}", "ipam": {{"type": "static", "addresses": [{{"address": "{}"}}], "routes": [{}]}}}}]}}"#,
+            n.device_id,
+            n.mac,
+            n.mtu,
+            self.sriov_cache_dir().display(),
+            n.address,
+            routes.join(", ")
+        )
     }
 
     /// The pod network: a bridge with host-local IPAM, its state on our tmpfs.
@@ -233,6 +292,17 @@ impl Containerd {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let file = dir.join("10-vfvm-test.conflist");
         std::fs::write(&file, self.cni_config()).with_context(|| format!("writing {}", file.display()))?;
+        if let Some(n) = &self.sriov {
+            let file = dir.join("20-vfvm-sriov.conflist");
+            std::fs::write(&file, self.sriov_config(n)).with_context(|| format!("writing {}", file.display()))?;
+            let bin = self.cni_bin_dir();
+            std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+            for entry in std::fs::read_dir(CNI_BIN_DIR).with_context(|| format!("reading {CNI_BIN_DIR}"))?.filter_map(Result::ok) {
+                std::os::unix::fs::symlink(entry.path(), bin.join(entry.file_name()))?;
+            }
+            ensure!(n.plugin.is_file(), "the SR-IOV test plugin {} is not built", n.plugin.display());
+            std::os::unix::fs::symlink(&n.plugin, bin.join("vfvm-test-sriov-cni"))?;
+        }
         // The bridge and veth drivers, loaded here: in L2 the kernel's own module
         // loading does not see the modules of the root the lab chroots into.
         for module in ["bridge", "veth"] {
@@ -249,6 +319,11 @@ impl Containerd {
     /// `--runtime-endpoint` takes it.
     pub fn cri_endpoint(&self) -> String {
         format!("unix://{}", self.socket().display())
+    }
+
+    /// containerd's process id (for fd-leak checks).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     pub fn version(&self) -> Version {
@@ -924,7 +999,7 @@ mod tests {
     #[test]
     fn generated_configs_keep_the_snippets_and_add_private_paths() {
         for version in Version::ALL {
-            let c = Containerd { version, dir: PathBuf::from("/tmp/x"), child: None, stopped: true, had_run_dir: true };
+            let c = Containerd { version, dir: PathBuf::from("/tmp/x"), sriov: None, child: None, stopped: true, had_run_dir: true };
             let text = c.config();
             assert!(text.contains(version.config_snippet()), "{text}");
             assert!(text.find("root = \"/tmp/x/root\"").unwrap() < text.find("version =").unwrap(), "{text}");
@@ -940,7 +1015,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         for version in Version::ALL {
             version.check_installed().expect("containerd 1.6 and 2.1 are needed: run `cargo xtask install`");
-            let c = Containerd { version, dir: dir.clone(), child: None, stopped: true, had_run_dir: true };
+            let c = Containerd { version, dir: dir.clone(), sriov: None, child: None, stopped: true, had_run_dir: true };
             let config = dir.join(format!("config-{}.toml", version.name()));
             std::fs::write(&config, c.config()).unwrap();
             let out = Command::new(version.containerd()).arg("--config").arg(&config).args(["config", "dump"]).output().unwrap();
@@ -989,9 +1064,46 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(30), "the command was not killed at its limit");
     }
 
+    /// With an SR-IOV network: CRI loads two configs from a private plugin directory,
+    /// and the second is the test plugin with the VF, its MAC and static IPAM.
+    #[test]
+    fn a_second_sriov_network_is_configured_beside_the_bridge() {
+        let net = SriovNetwork {
+            plugin: PathBuf::from("/b/vfvm-test-sriov-cni"),
+            device_id: "0000:01:10.6".into(),
+            mac: "02:00:00:00:10:29".into(),
+            mtu: 1400,
+            address: "198.18.0.41/24".into(),
+            routes: vec![("198.19.41.0/24".into(), "198.18.0.254".into())],
+        };
+        for version in Version::ALL {
+            let c = Containerd {
+                version,
+                dir: PathBuf::from("/tmp/x"),
+                sriov: Some(net.clone()),
+                child: None,
+                stopped: true,
+                had_run_dir: true,
+            };
+            let text = c.config();
+            assert!(text.contains("max_conf_num = 2") && text.contains("/tmp/x/cni/bin") && !text.contains(CNI_BIN_DIR), "{text}");
+            let conf: serde_json::Value = serde_json::from_str(&c.sriov_config(&net)).expect("JSON");
+            let plugin = &conf["plugins"][0];
+            assert_eq!(plugin["type"], "vfvm-test-sriov-cni");
+            assert_eq!(
+                (plugin["deviceID"].as_str(), plugin["mac"].as_str(), plugin["mtu"].as_u64()),
+                (Some("0000:01:10.6"), Some("02:00:00:00:10:29"), Some(1400))
+            );
+            assert_eq!(plugin["cacheDir"], "/tmp/x/cni/sriov");
+            assert_eq!(plugin["ipam"]["addresses"][0]["address"], "198.18.0.41/24");
+            assert_eq!(plugin["ipam"]["routes"][0]["gw"], "198.18.0.254");
+        }
+    }
+
     #[test]
     fn the_cni_config_is_a_bridge_on_a_private_subnet() {
-        let c = Containerd { version: Version::V1_6, dir: PathBuf::from("/tmp/x"), child: None, stopped: true, had_run_dir: true };
+        let c =
+            Containerd { version: Version::V1_6, dir: PathBuf::from("/tmp/x"), sriov: None, child: None, stopped: true, had_run_dir: true };
         let conf: serde_json::Value = serde_json::from_str(&c.cni_config()).expect("the CNI config is JSON");
         let bridge = &conf["plugins"][0];
         assert_eq!(bridge["type"], "bridge");

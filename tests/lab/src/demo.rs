@@ -53,7 +53,7 @@ pub fn demo() -> Result<i32> {
         Probe::DoesNot(why) => {
             println!("vfvm demo: {why}: running the pod inside the lab (QEMU-emulated machine with real KVM)");
             let me = host::self_exe()?.to_string_lossy().into_owned();
-            // No VFs needed: the demo pod does not ask for SR-IOV.
+            // One VF: the second pod asks for SR-IOV.
             let opts = l2::RunOptions { command: vec![me, "inside".into(), "demo-pod".into()], vfs: 1, ..Default::default() };
             let code = l2::run(&cache, &kernel, &images, &opts)?;
             if code == 0 {
@@ -276,7 +276,7 @@ pub fn run_pod(build_dir: &Path) -> Result<()> {
             "{what} (ctr exited {})\nctr's stderr:\n{}\nthe VM's console:\n{}\ncontainerd's log:\n{}",
             out.status,
             String::from_utf8_lossy(&out.stderr),
-            console_tail(),
+            console_tail(POD),
             c.log()
         )
     };
@@ -296,14 +296,117 @@ pub fn run_pod(build_dir: &Path) -> Result<()> {
     let left = vfvm_leftovers();
     ensure!(left.is_empty(), "the finished pod left behind: {}", left.join(", "));
     println!("vfvm demo: nothing left behind (no vfvm-vmm, virtiofsd or shim process, nothing under {VFVM_STATE_DIR})");
+    match first_vf() {
+        Some((pf, vf, netdev)) => run_vf_pod(&c, &pf, &vf, &netdev)?,
+        None => println!("vfvm demo: no SR-IOV VF on this host (an igb PF with a VF): the VF pod runs in the lab's demo"),
+    }
     c.stop().context("stopping containerd")?;
     println!("vfvm demo: containerd stopped");
     Ok(())
 }
 
+/// The VF pod's network namespace, its VF netdev there and its address.
+const VF_NETNS: &str = "vfvm-demo";
+const VF_IFNAME: &str = "net1";
+const VF_MAC: &str = "02:00:00:00:de:01";
+const VF_CIDR: &str = "198.18.0.50/24";
+/// The lab's peer host on the VFs' wire.
+const PEER: &str = "198.18.0.2";
+
+/// An igb PF's VF 0 here (the lab's NIC): the PF's netdev, the VF and its netdev.
+fn first_vf() -> Option<(String, String, String)> {
+    let pf = std::fs::read_dir("/sys/bus/pci/drivers/igb")
+        .ok()?
+        .filter_map(Result::ok)
+        .find(|e| e.file_name().to_string_lossy().starts_with("0000:"))?;
+    let first_netdev = |dev: &Path| {
+        Some(std::fs::read_dir(dev.join("net")).ok()?.filter_map(Result::ok).next()?.file_name().to_string_lossy().into_owned())
+    };
+    let pf_netdev = first_netdev(&pf.path())?;
+    let vf = std::fs::read_link(pf.path().join("virtfn0")).ok()?.file_name()?.to_string_lossy().into_owned();
+    let netdev = first_netdev(&Path::new("/sys/bus/pci/devices").join(&vf))?;
+    Some((pf_netdev, vf, netdev))
+}
+
+fn sh(script: &str) -> Result<String> {
+    let out = Command::new("sh").args(["-c", script]).output().with_context(|| format!("running {script}"))?;
+    ensure!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The headline: a pod with `enable_sriov` whose network namespace holds a VF (put
+/// there as sriov-cni would: renamed, the pod's MAC and address) gets the VF in its
+/// VM; its container shows the interface and pings the lab's peer over it; after
+/// the pod the VF is back in the netns as it was, on its host driver.
+fn run_vf_pod(c: &Containerd, pf: &str, vf: &str, netdev: &str) -> Result<()> {
+    progress!("VF pod: VF {vf} ({netdev}) into a pod network namespace as {VF_IFNAME}, {VF_MAC}, {VF_CIDR}");
+    sh(&format!("ip netns add {VF_NETNS}"))?;
+    let result = (|| {
+        // As sriov-cni: the MAC on the PF first (igbvf may not change a MAC the PF
+        // set), then on the netdev.
+        sh(&format!("ip link set {pf} vf 0 mac {VF_MAC}"))?;
+        sh(&format!("ip link set {netdev} down && ip link set {netdev} netns {VF_NETNS} name {VF_IFNAME}"))?;
+        sh(&format!("ip -n {VF_NETNS} link set {VF_IFNAME} address {VF_MAC} up && ip -n {VF_NETNS} addr add {VF_CIDR} dev {VF_IFNAME}"))?;
+        let pod = format!("{POD}-vf");
+        let netns = format!("network:/run/netns/{VF_NETNS}");
+        let script = format!("ip -o addr show {VF_IFNAME}; ping -c 3 -W 10 {PEER}");
+        progress!("ctr run --rm --runtime {RUNTIME} --annotation enable_sriov=true --with-ns {netns} ... {pod}");
+        let started = Instant::now();
+        let out = c.ctr_within(
+            &[
+                "run",
+                "--rm",
+                "--runtime",
+                RUNTIME,
+                "--annotation",
+                "io.katacontainers.config.runtime.enable_sriov=true",
+                "--with-ns",
+                &netns,
+            ]
+            .into_iter()
+            .chain([oci::BUSYBOX_REF, pod.as_str(), "sh", "-c", script.as_str()])
+            .collect::<Vec<_>>(),
+            CTR_LIMIT,
+        )?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        for line in stdout.lines() {
+            println!("vf-pod| {line}");
+        }
+        ensure!(
+            out.status.success(),
+            "the VF pod failed ({}): {}
+the VM's console:
+{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            console_tail(&pod)
+        );
+        ensure!(stdout.contains(VF_CIDR), "the container does not see {VF_IFNAME} with {VF_CIDR}");
+        ensure!(stdout.contains("packets transmitted") && !stdout.contains(", 0 packets received"), "the peer did not answer over the VF");
+        println!(
+            "vfvm demo: the VF pod's container saw {VF_IFNAME} ({VF_CIDR}) in its VM and pinged {PEER} over the VF ({:.1} s)",
+            started.elapsed().as_secs_f64()
+        );
+        let back = sh(&format!("ip -n {VF_NETNS} -o addr show {VF_IFNAME}"))?;
+        let driver = std::fs::read_link(format!("/sys/bus/pci/devices/{vf}/driver"))?;
+        ensure!(back.contains(VF_CIDR), "the VF did not come back to the pod netns configured: {back}");
+        println!(
+            "vfvm demo: after the pod, VF {vf} is back in the pod netns as {VF_IFNAME} with {VF_CIDR}, on {}",
+            driver.file_name().unwrap_or_default().to_string_lossy()
+        );
+        let left = vfvm_leftovers();
+        ensure!(left.is_empty(), "the VF pod left behind: {}", left.join(", "));
+        Ok(())
+    })();
+    // The VF back where the lab had it.
+    let _ = sh(&format!("ip -n {VF_NETNS} link set {VF_IFNAME} netns 1 name {netdev}"));
+    let _ = sh(&format!("ip netns del {VF_NETNS}"));
+    result
+}
+
 /// The last lines of the pod's VM console, if the shim left it (for failures).
-fn console_tail() -> String {
-    let path = Path::new(VFVM_STATE_DIR).join(POD).join("console.log");
+fn console_tail(pod: &str) -> String {
+    let path = Path::new(VFVM_STATE_DIR).join(pod).join("console.log");
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let lines: Vec<&str> = text.lines().collect();

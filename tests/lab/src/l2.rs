@@ -87,6 +87,30 @@ fn forwarded_env() -> Vec<(String, String)> {
 }
 
 pub fn run(cache: &Path, kernel: &Kernel, images: &Images, opts: &RunOptions) -> Result<i32> {
+    match run_once(cache, kernel, images, opts) {
+        Err(e) if e.downcast_ref::<QemuCrashedAtBoot>().is_some() => {
+            // The command never ran: a fresh L2 runs it, once.
+            progress!("{e:#}; booting a fresh L2 (once)");
+            run_once(cache, kernel, images, opts)
+        }
+        other => other,
+    }
+}
+
+/// QEMU itself (the emulator of L2, not L2's kernel) died from a signal before L2
+/// was ready, so the command never ran: seen once as an assertion in QEMU 10.0.2's
+/// TCG (`iotlb_to_section: Assertion section_index < d->map.sections_nb failed`)
+/// within a second of QEMU's start. [`run`] boots once more.
+#[derive(Debug)]
+pub struct QemuCrashedAtBoot;
+
+impl std::fmt::Display for QemuCrashedAtBoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QEMU died before L2 was ready")
+    }
+}
+
+fn run_once(cache: &Path, kernel: &Kernel, images: &Images, opts: &RunOptions) -> Result<i32> {
     if opts.command.is_empty() {
         bail!("no command to run in L2");
     }
@@ -260,6 +284,10 @@ pub fn run(cache: &Path, kernel: &Kernel, images: &Images, opts: &RunOptions) ->
         Err(_) => {
             if setup_error.is_none() && tail.iter().any(|l| l.contains(KERNEL_PANIC)) {
                 return Err(failure(format!("L2's kernel panicked (QEMU {status}) before the command finished")).context(L2Crashed));
+            }
+            use std::os::unix::process::ExitStatusExt;
+            if ready_after.is_none() && setup_error.is_none() && status.signal().is_some() {
+                return Err(failure(format!("QEMU died ({status}) before L2 was ready")).context(QemuCrashedAtBoot));
             }
             Err(failure(match setup_error {
                 Some(e) => format!("L2 failed before running the command: {e}"),

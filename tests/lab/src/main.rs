@@ -42,6 +42,9 @@ usage: cargo xtask <command>
   bench [--runs N]         vfvm-vmm against QEMU in the lab, booting the same ELF kernel
                            and initramfs: time to userspace, peak RSS and KVM's exit
                            counters, N rounds (default 5), medians and ratios
+  soak [--pods N]          the SR-IOV seed pod through CRI N times in a row (default
+                           10) with containerd 1.6 and 2.1, in one L2 boot: the
+                           leak check of `test` (which runs 2) at length
   test                     install what the tests need, then run every test of the
                            workspace, the lab's included
   install                  install the lab's packages, fetch its kernel, build images
@@ -389,6 +392,48 @@ impl TestTotals {
     }
 }
 
+/// The seed-pod tests `soak` runs, in `lab_cri`'s test binary.
+const SOAK_TESTS: [&str; 2] =
+    ["lab_cri_seed_pod_gets_its_vf_in_its_vm_containerd_1_6", "lab_cri_seed_pod_gets_its_vf_in_its_vm_containerd_2_1"];
+
+/// `cargo xtask soak [--pods N]`: the seed pod (a VF through CRI) N times in a row
+/// per containerd version, in one L2 boot; the same test `test` runs with 2 pods.
+fn soak(mut args: impl Iterator<Item = String>) -> Result<i32> {
+    let mut pods = 10u32;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--pods" => {
+                let v = args.next().context("--pods needs a number")?;
+                pods = v.parse().ok().filter(|&n| n > 0).with_context(|| format!("--pods {v:?}: expected a number of pods, 1 or more"))?;
+            }
+            other => bail!("unknown soak option {other:?}\n\n{USAGE}"),
+        }
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let (cache, kernel, images) = prepare()?;
+    let agent = guest_image::release_agent(&host::target_dir()?)?;
+    {
+        let _lock = CacheLock::take(&cache)?;
+        let busybox = host::find_busybox().context("no static busybox after installing busybox-static")?;
+        let built = guest_image::ensure(&cache, &kernel, &busybox, &guest_image::Options { agent: Some(agent), ..Default::default() })?;
+        // VFVM_* (not VFVM_LAB_*) variables are passed on into L2.
+        std::env::set_var("VFVM_TEST_AGENT_INITRD", &built.initrd);
+        std::env::set_var("VFVM_TEST_AGENT_KERNEL", &built.kernel);
+        std::env::set_var("VFVM_SRIOV_PODS", pods.to_string());
+    }
+    let exe = test_executables(&cargo)?
+        .into_iter()
+        .find(|e| e.file_name().is_some_and(|n| n.to_string_lossy().starts_with("lab_cri-")))
+        .context("no lab_cri test binary in the workspace")?;
+    progress!("soak: the seed pod {pods} times in a row with containerd 1.6 and 2.1 ({})", exe.display());
+    let mut command =
+        vec![exe.to_string_lossy().into_owned(), "--ignored".into(), "--exact".into(), "--nocapture".into(), "--test-threads=1".into()];
+    command.extend(SOAK_TESTS.iter().map(|t| t.to_string()));
+    // About a minute a pod in the lab, for each version, and the boot.
+    let timeout = Duration::from_secs(600 + 2 * 90 * u64::from(pods));
+    l2::run(&cache, &kernel, &images, &l2::RunOptions { command, timeout, ..Default::default() })
+}
+
 /// `cargo xtask bench [--runs N]`: a release vfvm-vmm against QEMU, booting the lab's
 /// L3 test guest inside L2 (see bench.rs).
 fn bench(mut args: impl Iterator<Item = String>) -> Result<i32> {
@@ -464,6 +509,7 @@ fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
         ("inside", Some("agent-check")) => agent_check::agent_check(args),
         ("inside", Some("bench-boot")) => bench::bench_boot(args),
         ("bench", _) => bench(second.into_iter().chain(args)),
+        ("soak", _) => soak(second.into_iter().chain(args)),
         ("inside", Some("setup")) => {
             let vfs = match (args.next().as_deref(), args.next()) {
                 (Some("--vfs"), Some(n)) => n.parse().with_context(|| format!("--vfs {n:?}: expected a number"))?,

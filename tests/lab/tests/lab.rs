@@ -363,7 +363,9 @@ fn vfvm_vmm_passes_a_vf_through_and_the_agent_configures_it() {
 
 /// `cargo xtask demo`'s host mode, on a host whose KVM boots Linux: L2. Its probe must
 /// find that this KVM boots the guest image (the agent answers), and the pod then runs
-/// right there, under a private containerd, in a vfvm VM, leaving nothing behind.
+/// right there, under a private containerd, in a vfvm VM, leaving nothing behind; then
+/// the VF pod (L2 has the lab's igb VF): its container sees the VF and pings the peer
+/// over it, and the VF is back in the pod netns afterwards.
 #[test]
 #[ignore = "boots the nested lab and a pod's VM in it (about three minutes); run by `cargo xtask test`"]
 fn demo_host_mode_runs_the_pod_on_a_host_whose_kvm_boots_linux() {
@@ -385,6 +387,8 @@ fn demo_host_mode_runs_the_pod_on_a_host_whose_kvm_boots_linux() {
         "pod| hello from a container in a vfvm VM",
         "vfvm.sandbox=demo",
         "vfvm demo: nothing left behind",
+        "vfvm demo: the VF pod's container saw net1 (198.18.0.50/24) in its VM and pinged 198.18.0.2 over the VF",
+        "is back in the pod netns as net1 with 198.18.0.50/24, on igbvf",
         "vfvm demo: PASSED (the pod ran in a vfvm VM on this host)",
     ] {
         assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
