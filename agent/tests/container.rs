@@ -115,7 +115,12 @@ impl Fixture {
     }
 
     fn exec(&self, id: &str, exec_id: &str, args: &[&str]) -> ttrpc::Result<()> {
-        let process = json!({"args": args, "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}});
+        self.exec_env(id, exec_id, args, &[])
+    }
+
+    fn exec_env(&self, id: &str, exec_id: &str, args: &[&str], env: &[&str]) -> ttrpc::Result<()> {
+        let env: Vec<&str> = std::iter::once("PATH=/bin").chain(env.iter().copied()).collect();
+        let process = json!({"args": args, "env": env, "cwd": "/", "user": {"uid": 0, "gid": 0}});
         let req = agent::ExecProcessRequest {
             container_id: id.into(),
             exec_id: exec_id.into(),
@@ -345,6 +350,12 @@ fn pcidevice_env_is_rewritten_to_guest_addresses() {
     f.start("p").unwrap();
     assert_eq!(f.stdout("p", ""), "0000:00:05.0,0000:3b:09.9\n{\"0000:00:05.0\":{\"generic\":{\"deviceID\":\"0000:00:05.0\"}}}\n");
     assert_eq!(f.wait("p", ""), 0);
+    // An exec's env comes from the host-side spec too (CRI copies the container's):
+    // rewritten the same way.
+    f.run("q", &["sleep", "1000"]);
+    f.exec_env("q", "e", &["sh", "-c", "echo $PCIDEVICE_INTEL_COM_SRIOV"], &["PCIDEVICE_INTEL_COM_SRIOV=0000:3b:02.1"]).unwrap();
+    assert_eq!(f.stdout("q", "e"), "0000:00:05.0\n");
+    assert_eq!(f.wait("q", "e"), 0);
     f.agent.client.destroy_sandbox(ctx(), &agent::DestroySandboxRequest { sandbox_id: "pod1".into(), ..Default::default() }).unwrap();
     // The sandbox's containers went with it.
     assert_eq!(

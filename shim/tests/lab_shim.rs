@@ -402,30 +402,28 @@ fn lab_shim_a_missing_kernel_fails_the_pod_clearly_and_leaves_nothing() {
     install(None);
 }
 
-/// The netdev of the lab's igb PF.
-fn lab_pf_netdev() -> String {
-    let pf = std::fs::read_dir("/sys/bus/pci/drivers/igb")
+/// The PCI address of the lab's igb PF.
+fn lab_pf() -> String {
+    std::fs::read_dir("/sys/bus/pci/drivers/igb")
         .expect("no igb driver: this test runs inside the lab")
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|n| n.parse::<vfvm_shim::vf::PciAddress>().is_ok())
-        .expect("the lab's igb PF");
-    let netdev = std::fs::read_dir(format!("/sys/bus/pci/devices/{pf}/net")).unwrap().next().unwrap().unwrap();
+        .expect("the lab's igb PF")
+}
+
+/// The first netdev of PCI function `addr` in this netns.
+fn netdev_of(addr: &str) -> String {
+    let netdev = std::fs::read_dir(format!("/sys/bus/pci/devices/{addr}/net")).unwrap().next().unwrap().unwrap();
     netdev.file_name().to_string_lossy().into_owned()
 }
 
 /// The address of the lab's igb VF `n` and its netdev.
 fn lab_vf(n: u32) -> (String, String) {
-    let pf = std::fs::read_dir("/sys/bus/pci/drivers/igb")
-        .expect("no igb driver: this test runs inside the lab")
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|n| n.parse::<vfvm_shim::vf::PciAddress>().is_ok())
-        .expect("the lab's igb PF");
-    let vf = std::fs::read_link(format!("/sys/bus/pci/devices/{pf}/virtfn{n}")).unwrap();
+    let vf = std::fs::read_link(format!("/sys/bus/pci/devices/{}/virtfn{n}", lab_pf())).unwrap();
     let vf = vf.file_name().unwrap().to_string_lossy().into_owned();
-    let netdev = std::fs::read_dir(format!("/sys/bus/pci/devices/{vf}/net")).unwrap().next().unwrap().unwrap();
-    (vf, netdev.file_name().to_string_lossy().into_owned())
+    let netdev = netdev_of(&vf);
+    (vf, netdev)
 }
 
 fn sh(cmd: &str) -> String {
@@ -457,7 +455,7 @@ const POD_VFS: [PodVf; 2] = [
 /// addresses, in [`POD_VFS`] order.
 fn vf_pod_netns() -> Vec<String> {
     sh(&format!("ip netns add {VF_POD_NETNS}"));
-    let pf = lab_pf_netdev();
+    let pf = netdev_of(&lab_pf());
     POD_VFS
         .iter()
         .map(|v| {

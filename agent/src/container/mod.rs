@@ -777,7 +777,13 @@ impl Runner {
         if process_json.len() > MAX_PROCESS_BYTES {
             return Err(Error::Invalid(format!("oci process: {} bytes, at most {MAX_PROCESS_BYTES}", process_json.len())));
         }
-        let process: spec::Process = serde_json::from_slice(process_json).map_err(|e| Error::Invalid(format!("oci process: {e}")))?;
+        let mut process: spec::Process = serde_json::from_slice(process_json).map_err(|e| Error::Invalid(format!("oci process: {e}")))?;
+        // An exec's env comes from the container's host-side spec (CRI copies it), so
+        // its PCIDEVICE_* values need the same host-to-guest rewrite.
+        let pci_map = self.state().sandbox.as_ref().map(|s| s.pci_map.clone()).unwrap_or_default();
+        for w in pci::rewrite_env(&mut process.env, &pci_map) {
+            tracing::warn!(container = id, exec = exec_id, "{w}");
+        }
         let c = self.container(id)?;
         if c.pending.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
             return Err(Error::Precondition(format!("container {id:?} is not started")));

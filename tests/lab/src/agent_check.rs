@@ -33,15 +33,15 @@ const LOG_PORT: u32 = 1025;
 /// What the check keeps of the agent's log stream, at most.
 const MAX_LOG_BYTES: usize = 1 << 20;
 
-/// Listens on vsock port `port` of this (host) side and collects what the first
-/// connection sends, up to MAX_LOG_BYTES, in the background.
-fn collect_vsock_logs(port: u32) -> Result<std::sync::Arc<std::sync::Mutex<Vec<u8>>>> {
-    use std::io::Read;
-    let listener = crate::vsock::listen(port, 1)?;
-    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+type Logs = std::sync::Arc<std::sync::Mutex<Vec<u8>>>;
+
+/// Collects, in the background, what the first connection `accept` returns sends,
+/// up to MAX_LOG_BYTES.
+fn collect_logs<S: std::io::Read>(accept: impl FnOnce() -> Option<S> + Send + 'static) -> Logs {
+    let logs = Logs::default();
     let sink = logs.clone();
     std::thread::spawn(move || {
-        let Ok(mut stream) = crate::vsock::accept(&listener) else { return };
+        let Some(mut stream) = accept() else { return };
         let mut buf = [0u8; 4096];
         while let Ok(n) = stream.read(&mut buf) {
             if n == 0 {
@@ -52,7 +52,13 @@ fn collect_vsock_logs(port: u32) -> Result<std::sync::Arc<std::sync::Mutex<Vec<u
             logs.extend_from_slice(&buf[..n.min(room)]);
         }
     });
-    Ok(logs)
+    logs
+}
+
+/// The agent's log stream on vsock port `port` of this (host) side.
+fn collect_vsock_logs(port: u32) -> Result<Logs> {
+    let listener = crate::vsock::listen(port, 1)?;
+    Ok(collect_logs(move || crate::vsock::accept(&listener).ok()))
 }
 
 /// Each agent call's limit, in the nanoseconds ttrpc takes.
@@ -192,26 +198,10 @@ fn check_with_vfvm_vmm(vmm: &std::path::Path, kernel: &std::path::Path, initrd: 
     Ok(())
 }
 
-/// Listens on the Unix socket `path` and collects what the first connection sends,
-/// up to MAX_LOG_BYTES, in the background.
-fn collect_unix_logs(path: &std::path::Path) -> Result<std::sync::Arc<std::sync::Mutex<Vec<u8>>>> {
-    use std::io::Read;
+/// The agent's log stream on the Unix socket `path` (hybrid vsock's host port).
+fn collect_unix_logs(path: &std::path::Path) -> Result<Logs> {
     let listener = std::os::unix::net::UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
-    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sink = logs.clone();
-    std::thread::spawn(move || {
-        let Ok((mut stream, _)) = listener.accept() else { return };
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stream.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            let mut logs = sink.lock().unwrap_or_else(|e| e.into_inner());
-            let room = MAX_LOG_BYTES.saturating_sub(logs.len());
-            logs.extend_from_slice(&buf[..n.min(room)]);
-        }
-    });
-    Ok(logs)
+    Ok(collect_logs(move || listener.accept().ok().map(|(s, _)| s)))
 }
 
 fn talk_to_agent(addr: &AgentAddress, vf_guest_addr: &str, started: Instant) -> Result<()> {

@@ -392,23 +392,25 @@ impl TestTotals {
     }
 }
 
+/// A command's one option, `flag N` (N at least 1), or `default`.
+fn count_option(mut args: impl Iterator<Item = String>, command: &str, flag: &str, default: u32) -> Result<u32> {
+    let mut n = default;
+    while let Some(arg) = args.next() {
+        ensure!(arg == flag, "unknown {command} option {arg:?}\n\n{USAGE}");
+        let v = args.next().with_context(|| format!("{flag} needs a number"))?;
+        n = v.parse().ok().filter(|&n| n > 0).with_context(|| format!("{flag} {v:?}: expected a number, 1 or more"))?;
+    }
+    Ok(n)
+}
+
 /// The seed-pod tests `soak` runs, in `lab_cri`'s test binary.
 const SOAK_TESTS: [&str; 2] =
     ["lab_cri_seed_pod_gets_its_vf_in_its_vm_containerd_1_6", "lab_cri_seed_pod_gets_its_vf_in_its_vm_containerd_2_1"];
 
 /// `cargo xtask soak [--pods N]`: the seed pod (a VF through CRI) N times in a row
 /// per containerd version, in one L2 boot; the same test `test` runs with 2 pods.
-fn soak(mut args: impl Iterator<Item = String>) -> Result<i32> {
-    let mut pods = 10u32;
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--pods" => {
-                let v = args.next().context("--pods needs a number")?;
-                pods = v.parse().ok().filter(|&n| n > 0).with_context(|| format!("--pods {v:?}: expected a number of pods, 1 or more"))?;
-            }
-            other => bail!("unknown soak option {other:?}\n\n{USAGE}"),
-        }
-    }
+fn soak(args: impl Iterator<Item = String>) -> Result<i32> {
+    let pods = count_option(args, "soak", "--pods", 10)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let (cache, kernel, images) = prepare()?;
     let agent = guest_image::release_agent(&host::target_dir()?)?;
@@ -436,18 +438,8 @@ fn soak(mut args: impl Iterator<Item = String>) -> Result<i32> {
 
 /// `cargo xtask bench [--runs N]`: a release vfvm-vmm against QEMU, booting the lab's
 /// L3 test guest inside L2 (see bench.rs).
-fn bench(mut args: impl Iterator<Item = String>) -> Result<i32> {
-    let mut runs = 5u32;
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--runs" => {
-                let v = args.next().context("--runs needs a number")?;
-                runs =
-                    v.parse().ok().filter(|&n| n > 0).with_context(|| format!("--runs {v:?}: expected a number of rounds, 1 or more"))?;
-            }
-            other => bail!("unknown bench option {other:?}\n\n{USAGE}"),
-        }
-    }
+fn bench(args: impl Iterator<Item = String>) -> Result<i32> {
+    let runs = count_option(args, "bench", "--runs", 5)?;
     let (cache, kernel, images) = prepare()?;
     let target = host::target_dir()?;
     let vmm = host::release_build(&target, "vfvm-vmm")?;

@@ -75,6 +75,8 @@ fn bad_options_fail_before_anything_starts() {
         (&["lab", "run", "--vfs", "2"][..], "no command given"),
         (&["lab", "run", "--frobnicate", "--", "true"][..], "unknown lab run option"),
         (&["no-such-command"][..], "unknown command"),
+        (&["soak", "--pods", "0"][..], "--pods \"0\": expected a number, 1 or more"),
+        (&["bench", "--fast"][..], "unknown bench option \"--fast\""),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_vfvm-lab")).args(args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -275,33 +277,33 @@ fn a_second_image_build_writes_nothing() {
     );
 }
 
+/// `vfvm-lab inside agent-check` in L2 (2 VFs) on the guest image built into
+/// `CARGO_TARGET_TMPDIR/<image_dir>`, with QEMU or, given, this vfvm-vmm as the L3
+/// VMM; it must pass; returns its output.
+fn agent_check(image_dir: &str, vmm: Option<&std::path::Path>) -> String {
+    let out_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(image_dir);
+    let built = lab().args(["image", "--out"]).arg(&out_dir).output().unwrap();
+    let manifest = String::from_utf8_lossy(&built.stdout);
+    assert!(built.status.success(), "vfvm-lab image failed:\n{manifest}");
+    let (kernel, initrd) = (out_dir.join("vmlinux"), out_dir.join("initrd.img"));
+    let mut args = vec!["lab", "run", "--vfs", "2", "--", env!("CARGO_BIN_EXE_vfvm-lab"), "inside", "agent-check"];
+    args.extend(["--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()]);
+    if let Some(vmm) = vmm {
+        args.extend(["--vmm", vmm.to_str().unwrap()]);
+    }
+    let out = run_lab(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "agent check ({}) failed:\n{stdout}", if vmm.is_some() { "vfvm-vmm" } else { "QEMU" });
+    stdout
+}
+
 /// The guest image with the real agent as PID 1, booted as an L3 guest with vhost-vsock
 /// and a VF passed through: the agent answers over AF_VSOCK, configures the VF it
 /// finds by guest PCI address, and the lab's peer host pings the address it set.
 #[test]
 #[ignore = "boots the nested lab and an L3 guest (about a minute); run by `cargo xtask test`"]
 fn agent_image_serves_over_vsock_and_configures_a_vf_by_pci_address() {
-    let out_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-image-agent");
-    let built = lab().args(["image", "--out"]).arg(&out_dir).output().unwrap();
-    let manifest = String::from_utf8_lossy(&built.stdout);
-    assert!(built.status.success(), "vfvm-lab image failed:\n{manifest}");
-    let (kernel, initrd) = (out_dir.join("vmlinux"), out_dir.join("initrd.img"));
-    let out = run_lab(&[
-        "lab",
-        "run",
-        "--vfs",
-        "2",
-        "--",
-        env!("CARGO_BIN_EXE_vfvm-lab"),
-        "inside",
-        "agent-check",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "agent check failed:\n{stdout}");
+    let stdout = agent_check("guest-image-agent", None);
     for expected in [
         "(vfvm.agent.v1) answered over vsock://3:1024",
         "modules loaded",
@@ -325,29 +327,7 @@ fn vfvm_vmm_passes_a_vf_through_and_the_agent_configures_it() {
     let build_dir = std::path::Path::new(env!("CARGO_BIN_EXE_vfvm-lab")).parent().unwrap().to_path_buf();
     let vmm = build_dir.join("vfvm-vmm");
     assert!(vmm.exists(), "{} is not built (cargo build -p vfvm-vmm)", vmm.display());
-    let out_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-image-vfio");
-    let built = lab().args(["image", "--out"]).arg(&out_dir).output().unwrap();
-    let manifest = String::from_utf8_lossy(&built.stdout);
-    assert!(built.status.success(), "vfvm-lab image failed:\n{manifest}");
-    let (kernel, initrd) = (out_dir.join("vmlinux"), out_dir.join("initrd.img"));
-    let out = run_lab(&[
-        "lab",
-        "run",
-        "--vfs",
-        "2",
-        "--",
-        env!("CARGO_BIN_EXE_vfvm-lab"),
-        "inside",
-        "agent-check",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--vmm",
-        vmm.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "agent check with vfvm-vmm failed:\n{stdout}");
+    let stdout = agent_check("guest-image-vfio", Some(&vmm));
     for expected in [
         "check: vfvm-vmm's status lists vf0: host ",
         "(vfvm.agent.v1) answered over hvsock://",

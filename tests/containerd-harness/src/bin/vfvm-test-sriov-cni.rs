@@ -208,13 +208,27 @@ fn del(conf: &Value) -> Result<()> {
     let _ = ipam(conf, "DEL");
     ip(ns, &["addr", "flush", "dev", &ifname])?;
     ip(ns, &["link", "set", "dev", &ifname, "down"])?;
-    ip(ns, &["link", "set", "dev", &ifname, "netns", "1", "name", host_name])?;
+    // The MACs while the netdev is still in the pod netns. The PF's admin MAC first
+    // (a VF may not change a MAC the PF set). The lab's igbvf then sometimes refuses
+    // its old MAC (EADDRNOTAVAIL) for longer than it takes to retry: logged, not
+    // fatal, as the VF itself is given back either way.
     if let (Some(pf), Some(index), Some(admin)) = (cached["Master"].as_str(), cached["VFID"].as_u64(), orig["AdminMAC"].as_str()) {
         ip(None, &["link", "set", "dev", pf, "vf", &index.to_string(), "mac", admin])?;
     }
     if let Some(mac) = orig["EffectiveMAC"].as_str() {
-        ip(None, &["link", "set", "dev", host_name, "address", mac])?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match ip(ns, &["link", "set", "dev", &ifname, "address", mac]) {
+                Ok(_) => break,
+                Err(e) if std::time::Instant::now() >= deadline => {
+                    log(conf, &format!("DEL {container} {ifname}: its MAC {mac} not restored: {e:#}"));
+                    break;
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+            }
+        }
     }
+    ip(ns, &["link", "set", "dev", &ifname, "netns", "1", "name", host_name])?;
     std::fs::remove_file(&cache)?;
     log(conf, &format!("DEL {container} {ifname}: found in {netns}, given back to the host as {host_name}"));
     Ok(())
