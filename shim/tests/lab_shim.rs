@@ -465,8 +465,16 @@ fn vf_pod_netns() -> Vec<String> {
             // the PF set), then on the netdev.
             sh(&format!("ip link set {pf} vf {} mac {mac}", v.index));
             sh(&format!("ip link set {netdev} down && ip link set {netdev} netns {VF_POD_NETNS} name {name}"));
+            // The VF resets when the PF pins its MAC; until it has, igbvf refuses the
+            // MAC (EADDRNOTAVAIL): bounded retries.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let set_mac = format!("ip -n {VF_POD_NETNS} link set {name} address {mac}");
+            while !std::process::Command::new("sh").args(["-c", &set_mac]).status().unwrap().success() {
+                assert!(Instant::now() < deadline, "{set_mac} kept failing");
+                std::thread::sleep(Duration::from_millis(100));
+            }
             sh(&format!(
-                "ip -n {VF_POD_NETNS} link set {name} address {mac} mtu 1400 up && \
+                "ip -n {VF_POD_NETNS} link set {name} mtu 1400 up && \
                  ip -n {VF_POD_NETNS} addr add {cidr} dev {name} && \
                  ip -n {VF_POD_NETNS} route add {dst} via {gw} dev {name} onlink"
             ));

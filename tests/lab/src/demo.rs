@@ -346,7 +346,14 @@ fn run_vf_pod(c: &Containerd, pf: &str, vf: &str, netdev: &str) -> Result<()> {
         // set), then on the netdev.
         sh(&format!("ip link set {pf} vf 0 mac {VF_MAC}"))?;
         sh(&format!("ip link set {netdev} down && ip link set {netdev} netns {VF_NETNS} name {VF_IFNAME}"))?;
-        sh(&format!("ip -n {VF_NETNS} link set {VF_IFNAME} address {VF_MAC} up && ip -n {VF_NETNS} addr add {VF_CIDR} dev {VF_IFNAME}"))?;
+        // The VF resets when the PF pins its MAC; until it has, igbvf refuses the MAC
+        // (EADDRNOTAVAIL): bounded retries.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = sh(&format!("ip -n {VF_NETNS} link set {VF_IFNAME} address {VF_MAC}")) {
+            ensure!(Instant::now() < deadline, "{e}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        sh(&format!("ip -n {VF_NETNS} link set {VF_IFNAME} up && ip -n {VF_NETNS} addr add {VF_CIDR} dev {VF_IFNAME}"))?;
         let pod = format!("{POD}-vf");
         let netns = format!("network:/run/netns/{VF_NETNS}");
         let script = format!("ip -o addr show {VF_IFNAME}; ping -c 3 -W 10 {PEER}");

@@ -44,6 +44,18 @@ fn ip(netns: Option<&str>, args: &[&str]) -> Result<String> {
     }
 }
 
+/// [`ip`], retried for up to `secs`: a VF resets when the PF changes its MAC, and
+/// until it has, igbvf refuses a MAC (EADDRNOTAVAIL).
+fn ip_retried(netns: Option<&str>, args: &[&str], secs: u64) -> Result<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        match ip(netns, args) {
+            Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(100)),
+            other => return other,
+        }
+    }
+}
+
 fn sysfs(addr: &str) -> PathBuf {
     Path::new("/sys/bus/pci/devices").join(addr)
 }
@@ -148,7 +160,7 @@ fn add(conf: &Value) -> Result<Value> {
 
     if let Some(mac) = conf["mac"].as_str() {
         ip(None, &["link", "set", "dev", &pf_netdev, "vf", &index.to_string(), "mac", mac])?;
-        ip(None, &["link", "set", "dev", &host_name, "address", mac])?;
+        ip_retried(None, &["link", "set", "dev", &host_name, "address", mac], 10)?;
     }
     ip(None, &["link", "set", "dev", &host_name, "down"])?;
     ip(None, &["link", "set", "dev", &host_name, "netns", &netns, "name", &ifname])?;
@@ -216,16 +228,8 @@ fn del(conf: &Value) -> Result<()> {
         ip(None, &["link", "set", "dev", pf, "vf", &index.to_string(), "mac", admin])?;
     }
     if let Some(mac) = orig["EffectiveMAC"].as_str() {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            match ip(ns, &["link", "set", "dev", &ifname, "address", mac]) {
-                Ok(_) => break,
-                Err(e) if std::time::Instant::now() >= deadline => {
-                    log(conf, &format!("DEL {container} {ifname}: its MAC {mac} not restored: {e:#}"));
-                    break;
-                }
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
-            }
+        if let Err(e) = ip_retried(ns, &["link", "set", "dev", &ifname, "address", mac], 5) {
+            log(conf, &format!("DEL {container} {ifname}: its MAC {mac} not restored: {e:#}"));
         }
     }
     ip(ns, &["link", "set", "dev", &ifname, "netns", "1", "name", host_name])?;
