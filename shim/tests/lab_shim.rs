@@ -564,9 +564,12 @@ fn sriov_pod(version: Version) {
     let _ = c.ctr_within(&["task", "delete", &killed], CTR_LIMIT).unwrap();
     let _ = c.ctr_within(&["container", "delete", &killed], CTR_LIMIT).unwrap();
     c.stop().unwrap();
-    // The VFs go back to the host netns for the next test.
+    // The VFs go back to the host netns for the next test, their MACs unpinned on the
+    // PF (restored by value, they are pinned: see the README).
+    let pf = netdev_of(&lab_pf());
     for v in &POD_VFS {
         sh(&format!("ip -n {VF_POD_NETNS} link set {} netns 1", v.name));
+        sh(&format!("ip link set {pf} vf {} mac 00:00:00:00:00:00", v.index));
     }
     sh(&format!("ip netns del {VF_POD_NETNS}"));
 }

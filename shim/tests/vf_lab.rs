@@ -64,18 +64,7 @@ impl Pod {
         let l = h.link_by_name("net1").unwrap();
         let octet = 10 + u8::try_from(n).expect("the lab has at most 7 VFs");
         h.set_link_mtu(l.index, 1400).unwrap();
-        // As sriov-cni: the MAC on the PF first. A VF driver may not change a MAC the
-        // PF pinned, and an earlier pod on this VF leaves it pinned (restored by value).
-        // The VF resets when the PF pins its MAC, and until it has, igbvf refuses a new
-        // one (EADDRNOTAVAIL): bounded retries.
-        let (_, pf_netdev) = pf();
-        let mac = MacAddr([0x02, 0, 0, 0, 0x10, octet]);
-        vfvm_shim::vf::net::set_admin_mac(&host, &pf_netdev, n, &format!("02:00:00:00:10:{octet:02x}")).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while let Err(e) = h.set_link_mac(l.index, mac) {
-            assert!(std::time::Instant::now() < deadline, "setting net1's MAC: {e}");
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        h.set_link_mac(l.index, MacAddr([0x02, 0, 0, 0, 0x10, octet])).unwrap();
         h.add_address(l.index, &AddressSpec::new(format!("198.18.{octet}.1").parse().unwrap(), 24)).unwrap();
         h.set_link_up(l.index, true).unwrap();
         h.add_route(

@@ -542,6 +542,18 @@ fn lab_cri_bench_pod_start_vfvm_vs_runc() {
     c.stop().unwrap();
 }
 
+/// Clears the PF's pin of VF `.0`'s MAC when dropped (on a failure too). A VF's
+/// PF-side MAC is restored by value, which on igb pins it (see the README), and a
+/// later test could not set the VF's MAC; a zero MAC unpins it.
+struct UnpinVfMac(u32);
+
+impl Drop for UnpinVfMac {
+    fn drop(&mut self) {
+        let script = format!("ip link set $(ls /sys/bus/pci/drivers/igb/0000:*/net | head -1) vf {} mac 00:00:00:00:00:00", self.0);
+        let _ = Command::new("sh").args(["-c", &script]).status();
+    }
+}
+
 /// The address of the lab's igb VF `n`.
 fn lab_vf(n: u32) -> String {
     let pf = std::fs::read_dir("/sys/bus/pci/drivers/igb")
@@ -591,6 +603,7 @@ const SEED_PODS: usize = 2;
 /// VF's state, containerd's fds, vfvm processes, mounts, state).
 fn seed_pod(version: Version) {
     let vf = lab_vf(SEED_VF);
+    let _unpin = UnpinVfMac(SEED_VF);
     let before = vf_host_state(&vf);
     assert_eq!(before.0.as_deref(), Some("igbvf"), "VF {vf} should start on igbvf");
     let mac_of = |netdev: &Option<String>| {

@@ -405,8 +405,9 @@ the VM's console:
         ensure!(left.is_empty(), "the VF pod left behind: {}", left.join(", "));
         Ok(())
     })();
-    // The VF back where the lab had it.
+    // The VF back where the lab had it, its MAC unpinned on the PF.
     let _ = sh(&format!("ip -n {VF_NETNS} link set {VF_IFNAME} netns 1 name {netdev}"));
+    let _ = sh(&format!("ip link set {pf} vf 0 mac 00:00:00:00:00:00"));
     let _ = sh(&format!("ip netns del {VF_NETNS}"));
     result
 }
