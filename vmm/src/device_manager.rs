@@ -133,11 +133,6 @@ impl DeviceManager {
     pub fn devices(&self) -> Vec<DeviceInfo> {
         self.devices.iter().map(|d| d.info.clone()).collect()
     }
-
-    /// KVM memory slots in use (RAM and device BARs), for leak checks.
-    pub fn memory_slots_in_use(&self) -> usize {
-        self.slots.in_use()
-    }
 }
 
 impl Drop for DeviceManager {

@@ -474,10 +474,6 @@ impl VfioPciDevice {
         Ok(Self { host, device, config: space, bars, msix, slots, _container: user })
     }
 
-    pub fn host(&self) -> PciAddress {
-        self.host
-    }
-
     /// The guest changed the command register: memory decode and bus mastering go
     /// to the device (INTx stays disabled: there is no INTx here).
     fn forward_command(&self) {

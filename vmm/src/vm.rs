@@ -108,12 +108,6 @@ impl MemorySlots {
         self.lock().free.push(slot);
         Ok(())
     }
-
-    /// Slots in use now (RAM included): what a leak check compares.
-    pub fn in_use(&self) -> usize {
-        let state = self.lock();
-        usize::try_from(state.next).unwrap_or(usize::MAX) - state.free.len()
-    }
 }
 
 pub struct Vm {
