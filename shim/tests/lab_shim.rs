@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vfvm_test_containerd::{install_vfvm, oci, pids_named, vfvm_consoles, vfvm_leftovers, wait_exit, Containerd, Version};
+use vfvm_test_containerd::igb_vfs::IgbVf;
+use vfvm_test_containerd::{install_vfvm, oci, pids_named, vfvm_consoles, vfvm_leftovers, wait_exit, Containerd, Version, VFVM_STATE_DIR};
 
 const RUNTIME: &str = "io.containerd.vfvm.v2";
 
@@ -402,30 +403,6 @@ fn lab_shim_a_missing_kernel_fails_the_pod_clearly_and_leaves_nothing() {
     install(None);
 }
 
-/// The PCI address of the lab's igb PF.
-fn lab_pf() -> String {
-    std::fs::read_dir("/sys/bus/pci/drivers/igb")
-        .expect("no igb driver: this test runs inside the lab")
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|n| n.parse::<vfvm_shim::vf::PciAddress>().is_ok())
-        .expect("the lab's igb PF")
-}
-
-/// The first netdev of PCI function `addr` in this netns.
-fn netdev_of(addr: &str) -> String {
-    let netdev = std::fs::read_dir(format!("/sys/bus/pci/devices/{addr}/net")).unwrap().next().unwrap().unwrap();
-    netdev.file_name().to_string_lossy().into_owned()
-}
-
-/// The address of the lab's igb VF `n` and its netdev.
-fn lab_vf(n: u32) -> (String, String) {
-    let vf = std::fs::read_link(format!("/sys/bus/pci/devices/{}/virtfn{n}", lab_pf())).unwrap();
-    let vf = vf.file_name().unwrap().to_string_lossy().into_owned();
-    let netdev = netdev_of(&vf);
-    (vf, netdev)
-}
-
 fn sh(cmd: &str) -> String {
     let out = std::process::Command::new("sh").args(["-c", cmd]).output().unwrap();
     assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
@@ -455,30 +432,21 @@ const POD_VFS: [PodVf; 2] = [
 /// addresses, in [`POD_VFS`] order.
 fn vf_pod_netns() -> Vec<String> {
     sh(&format!("ip netns add {VF_POD_NETNS}"));
-    let pf = netdev_of(&lab_pf());
     POD_VFS
         .iter()
         .map(|v| {
-            let (vf, netdev) = lab_vf(v.index);
+            let vf = IgbVf::find(v.index).unwrap();
+            let netdev = vf.netdev().expect("the VF's netdev in the host netns");
             let (name, mac, cidr, (dst, gw)) = (v.name, v.mac, v.cidr, v.route);
-            // As sriov-cni: the MAC on the PF first (a VF driver may not change a MAC
-            // the PF set), then on the netdev.
-            sh(&format!("ip link set {pf} vf {} mac {mac}", v.index));
-            sh(&format!("ip link set {netdev} down && ip link set {netdev} netns {VF_POD_NETNS} name {name}"));
-            // The VF resets when the PF pins its MAC; until it has, igbvf refuses the
-            // MAC (EADDRNOTAVAIL): bounded retries.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let set_mac = format!("ip -n {VF_POD_NETNS} link set {name} address {mac}");
-            while !std::process::Command::new("sh").args(["-c", &set_mac]).status().unwrap().success() {
-                assert!(Instant::now() < deadline, "{set_mac} kept failing");
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            // As sriov-cni: the MAC pinned on the PF, then taken by the netdev.
+            vf.pin_mac(mac).unwrap();
+            sh(&format!("ip link set {netdev} netns {VF_POD_NETNS} name {name}"));
             sh(&format!(
                 "ip -n {VF_POD_NETNS} link set {name} mtu 1400 up && \
                  ip -n {VF_POD_NETNS} addr add {cidr} dev {name} && \
                  ip -n {VF_POD_NETNS} route add {dst} via {gw} dev {name} onlink"
             ));
-            vf
+            vf.pci
         })
         .collect()
 }
@@ -543,6 +511,32 @@ fn sriov_pod(version: Version) {
     assert_nothing_left("after the VF pod");
     assert_vfs_back_in_pod_netns(&vfs, "after the VF pod");
 
+    // Bad input: the pod's second VF held by another sandbox (its lock taken as that
+    // sandbox's shim holds it). The pod fails naming the VF and the holder, and both
+    // VFs are left as they were (the first one had been prepared: rolled back).
+    {
+        let held: vfvm_shim::vf::PciAddress = vfs[1].parse().unwrap();
+        let lock_dir = Path::new(VFVM_STATE_DIR).join("vf-locks");
+        let _other = vfvm_shim::vf::lock::VfLock::acquire(&lock_dir, held, "sandbox other-pod").unwrap();
+        let name = format!("{pod}-held");
+        let out = c
+            .ctr_within(
+                &["run", "--rm", "--runtime", RUNTIME, "--annotation", sriov, "--with-ns", &netns, oci::BUSYBOX_REF, &name, "true"],
+                CTR_LIMIT,
+            )
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a pod whose VF another sandbox holds should fail");
+        assert!(
+            stderr.contains(&format!("VF {held} is in use by sandbox other-pod")),
+            "the error should name the VF and its holder: {stderr}"
+        );
+        eprintln!("containerd {}: a pod whose VF another sandbox held: {}", version.name(), stderr.trim());
+        let _ = c.ctr_within(&["container", "delete", &name], CTR_LIMIT).unwrap();
+        assert_nothing_left("after a pod whose VF another sandbox held");
+        assert_vfs_back_in_pod_netns(&vfs, "after a pod whose VF another sandbox held");
+    }
+
     // The shim SIGKILLed with the VFs in the VM.
     let mut events = c.events().unwrap();
     let killed = format!("{pod}-k");
@@ -566,10 +560,9 @@ fn sriov_pod(version: Version) {
     c.stop().unwrap();
     // The VFs go back to the host netns for the next test, their MACs unpinned on the
     // PF (restored by value, they are pinned: see the README).
-    let pf = netdev_of(&lab_pf());
     for v in &POD_VFS {
         sh(&format!("ip -n {VF_POD_NETNS} link set {} netns 1", v.name));
-        sh(&format!("ip link set {pf} vf {} mac 00:00:00:00:00:00", v.index));
+        IgbVf::find(v.index).and_then(|vf| vf.unpin_mac()).unwrap();
     }
     sh(&format!("ip netns del {VF_POD_NETNS}"));
 }

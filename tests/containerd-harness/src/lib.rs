@@ -10,6 +10,7 @@
 //! Meant for tests that run inside the lab's L2 machine (root, cgroup v2 mounted by
 //! the lab's setup); nothing here assumes a system containerd.
 
+pub mod igb_vfs;
 pub mod oci;
 
 use anyhow::{bail, ensure, Context, Result};

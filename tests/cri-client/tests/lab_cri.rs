@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use vfvm_crictl::logrus::fatal_message;
+use vfvm_test_containerd::igb_vfs::{self, IgbVf};
 use vfvm_test_containerd::{
     install_vfvm, oci, output_within, pids_named, print_figures, vfvm_consoles, vfvm_leftovers, which, Containerd, SriovNetwork, Version,
     CRI_NAMESPACE, VFVM_STATE_DIR,
@@ -542,40 +543,19 @@ fn lab_cri_bench_pod_start_vfvm_vs_runc() {
     c.stop().unwrap();
 }
 
-/// Clears the PF's pin of VF `.0`'s MAC when dropped (on a failure too). A VF's
-/// PF-side MAC is restored by value, which on igb pins it (see the README), and a
-/// later test could not set the VF's MAC; a zero MAC unpins it.
-struct UnpinVfMac(u32);
+/// Clears the PF's pin of the VF's MAC when dropped (on a failure too): restored by
+/// value, the VF's PF-side MAC stays pinned (see [`igb_vfs`]).
+struct UnpinVfMac(IgbVf);
 
 impl Drop for UnpinVfMac {
     fn drop(&mut self) {
-        let script = format!("ip link set $(ls /sys/bus/pci/drivers/igb/0000:*/net | head -1) vf {} mac 00:00:00:00:00:00", self.0);
-        let _ = Command::new("sh").args(["-c", &script]).status();
+        let _ = self.0.unpin_mac();
     }
-}
-
-/// The address of the lab's igb VF `n`.
-fn lab_vf(n: u32) -> String {
-    let pf = std::fs::read_dir("/sys/bus/pci/drivers/igb")
-        .expect("no igb driver: this test runs inside the lab")
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|n| n.starts_with("0000:"))
-        .expect("the lab's igb PF");
-    let vf = std::fs::read_link(format!("/sys/bus/pci/devices/{pf}/virtfn{n}")).unwrap();
-    vf.file_name().unwrap().to_string_lossy().into_owned()
 }
 
 /// The VF's driver and, when it has one in the host netns, its netdev.
 fn vf_host_state(vf: &str) -> (Option<String>, Option<String>) {
-    let driver =
-        std::fs::read_link(format!("/sys/bus/pci/devices/{vf}/driver")).ok().map(|l| l.file_name().unwrap().to_string_lossy().into_owned());
-    let netdev = std::fs::read_dir(format!("/sys/bus/pci/devices/{vf}/net"))
-        .ok()
-        .and_then(|mut d| d.next())
-        .and_then(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned());
-    (driver, netdev)
+    (igb_vfs::driver_of(vf), igb_vfs::netdev_of(vf))
 }
 
 fn open_fds(pid: i32) -> usize {
@@ -602,8 +582,9 @@ const SEED_PODS: usize = 2;
 /// passes; then it is on igbvf in the host netns. Pods in a row leak nothing (the
 /// VF's state, containerd's fds, vfvm processes, mounts, state).
 fn seed_pod(version: Version) {
-    let vf = lab_vf(SEED_VF);
-    let _unpin = UnpinVfMac(SEED_VF);
+    let igb_vf = IgbVf::find(SEED_VF).unwrap();
+    let vf = igb_vf.pci.clone();
+    let _unpin = UnpinVfMac(igb_vf);
     let before = vf_host_state(&vf);
     assert_eq!(before.0.as_deref(), Some("igbvf"), "VF {vf} should start on igbvf");
     let mac_of = |netdev: &Option<String>| {
@@ -632,8 +613,25 @@ fn seed_pod(version: Version) {
     let containerd_pid = i32::try_from(c.pid()).unwrap();
     let rounds = std::env::var("VFVM_SRIOV_PODS").ok().and_then(|n| n.parse().ok()).unwrap_or(SEED_PODS);
     scenario(&format!("seed-pod-{}", version.name()), &c, |cri| {
-        let mut fds = Vec::new();
+        let (mut fds, mut with_vf, mut without_vf) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
+            // The same pod without passthrough first (no enable_sriov): CNI moves the
+            // VF into its netns all the same, and the shim leaves it there, on igbvf.
+            let plain_file = cri.pod_config_annotated(&format!("plain-{round}"), &[("k8s.v1.cni.cncf.io/networks", "vfvm-sriov")])?;
+            let started = Instant::now();
+            let plain = cri.runp("rune", &plain_file)?;
+            let ctr = cri.create_and_start(&plain, &cri.container_config_env("app", "echo started; exec sleep 3600", &[])?, &plain_file)?;
+            cri.wait_running(&ctr, Instant::now() + CALL_LIMIT)?;
+            without_vf.push(started.elapsed());
+            let (driver, host_netdev) = vf_host_state(&vf);
+            ensure!(
+                driver.as_deref() == Some("igbvf") && host_netdev.is_none(),
+                "without enable_sriov the VF should stay in the pod's netns on igbvf: driver {driver:?}, host netdev {host_netdev:?}"
+            );
+            cri.ok(&["stopp", &plain])?;
+            cri.ok(&["rmp", &plain])?;
+            wait_nothing_left(&format!("after the plain pod {round}"))?;
+
             let name = format!("seed-{round}");
             let file = cri.pod_config_annotated(
                 &name,
@@ -645,12 +643,14 @@ fn seed_pod(version: Version) {
             let env = [("PCIDEVICE_INTEL_COM_SRIOV", vf.as_str())];
             let ctr = cri.create_and_start(&pod, &cri.container_config_env("app", "echo started; exec sleep 3600", &env)?, &file)?;
             cri.wait_running(&ctr, Instant::now() + CALL_LIMIT)?;
-            eprintln!(
+            with_vf.push(started.elapsed());
+            // Seen in a passing run too: the soak's progress.
+            print_figures(&format!(
                 "containerd {}: seed pod {round}: ready {:.1}s, container running {:.1}s",
                 version.name(),
                 ready.as_secs_f64(),
                 started.elapsed().as_secs_f64()
-            );
+            ));
             ensure!(
                 vf_host_state(&vf).0.as_deref() == Some("vfio-pci"),
                 "the running pod's VF should be on vfio-pci: {:?}",
@@ -690,21 +690,62 @@ fn seed_pod(version: Version) {
             cri.ok(&["stopp", &pod])?;
             let calls = c.sriov_calls();
             ensure!(
-                calls.lines().filter(|l| l.starts_with("DEL ") && l.contains("found in")).count() == round + 1,
+                calls.lines().filter(|l| l.starts_with("DEL ") && l.contains("found in")).count() == 2 * (round + 1),
                 "CNI DEL should have found eth1 in the pod netns each time:\n{calls}"
             );
             let after = vf_host_state(&vf);
             ensure!(after == before, "after stopp the VF should be as it came ({before:?}), found {after:?}");
-            // The test plugin restores the VF's MAC when igbvf lets it (see its DEL).
+            // The test plugin restores the VF's MAC (see its DEL).
             let mac = mac_of(&after.1);
-            if mac != before_mac {
-                eprintln!("containerd {}: seed pod {round}: the VF's MAC is {mac}, was {before_mac}:\n{}", version.name(), c.sriov_calls());
-            }
+            ensure!(mac == before_mac, "seed pod {round}: the VF's MAC is {mac}, was {before_mac}:\n{}", c.sriov_calls());
             cri.ok(&["rmp", &pod])?;
             wait_nothing_left(&format!("after seed pod {round}"))?;
             fds.push(open_fds(containerd_pid));
         }
-        eprintln!("containerd {}: {rounds} seed pods in a row; containerd's open fds after each: {fds:?}", version.name());
+        // The shim SIGKILLed with the VF in the VM: containerd's cleanup (`shim
+        // delete`) gives the VF back to the pod netns, so stopp's CNI DEL finds it.
+        let file = cri.pod_config_annotated(
+            "seed-killed",
+            &[("k8s.v1.cni.cncf.io/networks", "vfvm-sriov"), ("io.katacontainers.config.runtime.enable_sriov", "true")],
+        )?;
+        let pod = cri.runp("rune", &file)?;
+        let ctr = cri.create_and_start(&pod, &cri.container_config_env("app", "exec sleep 3600", &[])?, &file)?;
+        cri.wait_running(&ctr, Instant::now() + CALL_LIMIT)?;
+        ensure!(vf_host_state(&vf).0.as_deref() == Some("vfio-pci"), "the running pod's VF should be on vfio-pci");
+        let shims = pids_named("containerd-shim-vfvm-v2");
+        ensure!(shims.len() == 1, "one shim for the pod: {shims:?}");
+        // SAFETY: kill(2) on the shim just found.
+        ensure!(unsafe { libc::kill(shims[0], libc::SIGKILL) } == 0, "kill the shim: {}", std::io::Error::last_os_error());
+        let deadline = Instant::now() + GONE_LIMIT;
+        while vf_host_state(&vf).0.as_deref() != Some("igbvf") {
+            ensure!(
+                Instant::now() < deadline,
+                "containerd's cleanup of the killed shim did not give the VF back: {:?}",
+                vf_host_state(&vf)
+            );
+            std::thread::sleep(POLL_INTERVAL);
+        }
+        cri.ok(&["stopp", &pod])?;
+        let calls = c.sriov_calls();
+        ensure!(
+            calls.lines().filter(|l| l.starts_with("DEL ") && l.contains("found in")).count() == 2 * rounds + 1,
+            "CNI DEL after the killed shim should have found eth1 in the pod netns:\n{calls}"
+        );
+        let after = vf_host_state(&vf);
+        ensure!(after == before, "after the killed shim and stopp the VF should be as it came ({before:?}), found {after:?}");
+        cri.ok(&["rmp", &pod])?;
+        wait_nothing_left("after the pod whose shim was killed")?;
+        print_figures(&format!("containerd {}: the killed shim's VF came back to the pod netns; CNI DEL found it", version.name()));
+
+        print_figures(&format!("containerd {}: {rounds} seed pods in a row; containerd's open fds after each: {fds:?}", version.name()));
+        let (with_vf, without_vf) = (median(with_vf), median(without_vf));
+        print_figures(&format!(
+            "pod start (runp..container running), containerd {}: with the VF passed through {:.1} s, the same pod without (VF left in its netns) {:.1} s, ratio with/without {:.2} (medians of {rounds})",
+            version.name(),
+            with_vf.as_secs_f64(),
+            without_vf.as_secs_f64(),
+            with_vf.as_secs_f64() / without_vf.as_secs_f64()
+        ));
         let (first, last) = (fds[0], fds[fds.len() - 1]);
         ensure!(last <= first + 2, "containerd's open fds grew from {first} to {last} over {rounds} pods");
         Ok(())

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use vfvm_protocols::client::AgentAddress;
 use vfvm_protocols::vmm_api::{ExitStats, Request, Response, VmmClient};
 
 use crate::console::{die_with_parent, Lines, Next};
@@ -184,7 +185,7 @@ fn as_f64(n: u64) -> f64 {
 /// vfvm-vmm booting the guest image (`image`, the agent as PID 1) with hybrid vsock
 /// until the agent answers Health: the image's cost is this against the bare
 /// initramfs's time to userspace.
-fn boot_agent(vmm: &Path, kernel: &Path, image: &Path, vcpus: u32, memory: u32, timeout: Duration) -> Result<Duration> {
+fn boot_agent(vmm: &Path, kernel: &Path, image: &Path, vcpus: u32, memory: u32, vf: Option<&str>, timeout: Duration) -> Result<Duration> {
     let dir = std::env::temp_dir().join(format!("vfvm-bench-agent-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -193,6 +194,9 @@ fn boot_agent(vmm: &Path, kernel: &Path, image: &Path, vcpus: u32, memory: u32, 
     cmd.arg("--kernel").arg(kernel).arg("--initrd").arg(image).args(["--cmdline", AGENT_CMDLINE]);
     cmd.args(["--vcpus", &vcpus.to_string(), "--memory", &memory.to_string()]);
     cmd.arg("--serial-log").arg(dir.join("console.log")).arg("--vsock-socket").arg(&vsock).args(["--vsock-cid", "3"]);
+    if let Some(vf) = vf {
+        cmd.args(["--vfio", &format!("{vf},id=vf0")]);
+    }
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     die_with_parent(&mut cmd);
     let started = Instant::now();
@@ -201,24 +205,89 @@ fn boot_agent(vmm: &Path, kernel: &Path, image: &Path, vcpus: u32, memory: u32, 
     crate::console::kill_and_reap(&mut child);
     let console = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&dir);
+    agent_answered("vfvm-vmm", outcome?, &console, timeout)
+}
+
+/// QEMU q35 booting the guest image with the VF `vf` cold-plugged (`-device
+/// vfio-pci`) and vhost-vsock, until the agent answers Health over AF_VSOCK: what
+/// Kata does with QEMU, against [`boot_agent`] with the same VF.
+fn boot_agent_qemu(kernel: &Path, image: &Path, vcpus: u32, memory: u32, vf: &str, timeout: Duration) -> Result<Duration> {
+    const CID: u32 = 7;
+    let dir = std::env::temp_dir().join(format!("vfvm-bench-qemu-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let console = dir.join("console.log");
+    let mut cmd = Command::new(crate::host::QEMU);
+    cmd.args(["-enable-kvm", "-M", "q35", "-cpu", "host", "-smp", &vcpus.to_string(), "-m", &memory.to_string()]);
+    cmd.args(["-display", "none", "-nodefaults", "-no-reboot"]).arg("-serial").arg(format!("file:{}", console.display()));
+    cmd.arg("-kernel").arg(kernel).arg("-initrd").arg(image).args(["-append", AGENT_CMDLINE]);
+    cmd.args(["-device", &format!("vhost-vsock-pci,guest-cid={CID}"), "-device", &format!("vfio-pci,host={vf}")]);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    die_with_parent(&mut cmd);
+    let started = Instant::now();
+    let mut child = cmd.spawn().context("starting QEMU")?;
+    let addr = AgentAddress::Vsock { cid: CID, port: crate::demo::AGENT_PORT };
+    let outcome = crate::demo::wait_for_agent_at(&mut child, &addr, started, timeout);
+    crate::console::kill_and_reap(&mut child);
+    let console = std::fs::read_to_string(&console).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    agent_answered("QEMU", outcome?, &console, timeout)
+}
+
+fn agent_answered(vmm: &str, outcome: crate::demo::Outcome, console: &str, timeout: Duration) -> Result<Duration> {
     let tail = || console.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-    match outcome? {
+    match outcome {
         crate::demo::Outcome::Answered(after) => Ok(after),
         crate::demo::Outcome::Exited(status) => {
-            bail!("the guest image's vfvm-vmm exited ({status}) before the agent answered; console:\n{}", tail())
+            bail!("{vmm} with the guest image exited ({status}) before the agent answered; console:\n{}", tail())
         }
-        crate::demo::Outcome::Refused(why) => bail!("the guest image's agent refused the connection: {why}"),
+        crate::demo::Outcome::Refused(why) => bail!("the guest image's agent under {vmm} refused the connection: {why}"),
         crate::demo::Outcome::TimedOut => {
-            bail!("the guest image's agent did not answer within {}s; console:\n{}", timeout.as_secs(), tail())
+            bail!("the guest image's agent under {vmm} did not answer within {}s; console:\n{}", timeout.as_secs(), tail())
         }
     }
 }
 
-/// `vfvm-lab inside bench-boot --vmm PATH --kernel PATH --initrd PATH [--image PATH] [--runs N] [--vcpus N] [--memory MIB]`
+/// VF `index` of the lab's igb PF, on vfio-pci for as long as this lives; back on
+/// its driver afterwards.
+struct VfOnVfio(crate::pci::PciDevice);
+
+impl VfOnVfio {
+    fn take(index: u32) -> Result<Self> {
+        let pf = crate::pci::bound_to("igb").into_iter().next().context("no igb PF: the VF benchmark runs in the lab")?;
+        let vf = pf.virtfn(index)?;
+        vf.bind_by_override(Some("vfio-pci"))?;
+        Ok(Self(vf))
+    }
+}
+
+impl Drop for VfOnVfio {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.bind_by_override(None) {
+            eprintln!("bench: giving VF {} back to its driver: {e:#}", self.0.addr);
+        }
+    }
+}
+
+/// Medians of the VF boots: the guest image with the VF vs without (vfvm-vmm), and
+/// vfvm-vmm vs QEMU with the same VF.
+fn report_vf(vf: &str, without: &[Duration], ours: &[Duration], qemu: &[Duration]) {
+    let m = |v: &[Duration]| median(v.iter().map(Duration::as_secs_f64).collect());
+    let (without, ours, qemu) = (m(without), m(ours), m(qemu));
+    println!(
+        "bench: median guest image to the agent serving with VF {vf} cold-plugged: vfvm-vmm {ours:.2} s (without the VF {without:.2} s, ratio with/without {:.2}), QEMU q35 -device vfio-pci {qemu:.2} s, ratio vfvm/QEMU {:.2}",
+        ours / without,
+        ours / qemu
+    );
+}
+
+/// `vfvm-lab inside bench-boot --vmm PATH --kernel PATH --initrd PATH [--image PATH [--vf N]] [--runs N] [--vcpus N] [--memory MIB]`
+///
+/// With `--vf N` (and `--image`), each round also boots the guest image with the lab
+/// PF's VF N cold-plugged, by vfvm-vmm (`--vfio`) and by QEMU (`-device vfio-pci`).
 pub fn bench_boot(mut args: impl Iterator<Item = String>) -> Result<i32> {
-    const USAGE: &str =
-        "usage: vfvm-lab inside bench-boot --vmm PATH --kernel PATH --initrd PATH [--image PATH] [--runs N] [--vcpus N] [--memory MIB]";
-    let (mut vmm, mut kernel, mut initrd, mut image) = (None, None, None, None);
+    const USAGE: &str = "usage: vfvm-lab inside bench-boot --vmm PATH --kernel PATH --initrd PATH [--image PATH [--vf N]] [--runs N] [--vcpus N] [--memory MIB]";
+    let (mut vmm, mut kernel, mut initrd, mut image, mut vf_index) = (None, None, None, None, None);
     let (mut runs, mut vcpus, mut memory) = (5u32, 2u32, 256u32);
     while let Some(flag) = args.next() {
         let value = args.next().with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
@@ -231,10 +300,19 @@ pub fn bench_boot(mut args: impl Iterator<Item = String>) -> Result<i32> {
             "--runs" => runs = number(&value)?.max(1),
             "--vcpus" => vcpus = number(&value)?.max(1),
             "--memory" => memory = number(&value)?.max(64),
+            "--vf" => vf_index = Some(number(&value)?),
             other => bail!("unknown option {other:?}\n{USAGE}"),
         }
     }
     let (Some(vmm), Some(kernel), Some(initrd)) = (vmm, kernel, initrd) else { bail!("{USAGE}") };
+    if vf_index.is_some() && image.is_none() {
+        bail!("--vf needs --image (the VF boots are of the guest image)\n{USAGE}");
+    }
+    let vf = vf_index.map(VfOnVfio::take).transpose()?;
+    if vf.is_some() {
+        crate::host::run(Command::new("modprobe").arg("vhost_vsock")).context("loading vhost_vsock for QEMU's guest")?;
+    }
+    let vf_addr = vf.as_ref().map(|v| v.0.addr.clone());
     let debugfs = kvm_debugfs()?;
     let timeout = Duration::from_secs(300);
     let api_socket = std::env::temp_dir().join(format!("vfvm-bench-{}.sock", std::process::id()));
@@ -260,8 +338,19 @@ pub fn bench_boot(mut args: impl Iterator<Item = String>) -> Result<i32> {
     // One boot of each first, not counted: the first reader of the kernel, the
     // initramfs and each VMM's binary fills the page cache, and neither VMM should
     // pay that in a measured round.
-    let boot_image = || image.as_deref().map(|i| boot_agent(&vmm, &kernel, i, vcpus, memory, timeout)).transpose();
+    let boot_image = || image.as_deref().map(|i| boot_agent(&vmm, &kernel, i, vcpus, memory, None, timeout)).transpose();
+    // With a VF: the guest image with it, by vfvm-vmm and by QEMU.
+    let boot_vf = || -> Result<Option<(Duration, Duration)>> {
+        let (Some(i), Some(vf)) = (image.as_deref(), vf_addr.as_deref()) else { return Ok(None) };
+        Ok(Some((
+            boot_agent(&vmm, &kernel, i, vcpus, memory, Some(vf), timeout)?,
+            boot_agent_qemu(&kernel, i, vcpus, memory, vf, timeout)?,
+        )))
+    };
     let (a, b, c) = (boot_vfvm()?, boot_qemu()?, boot_image()?);
+    if let Some((ours, qemu)) = boot_vf()? {
+        println!("bench: warm-up with the VF (not counted): vfvm-vmm {:.2} s | QEMU {:.2} s", ours.as_secs_f64(), qemu.as_secs_f64());
+    }
     let image_part =
         |c: Option<Duration>| c.map(|c| format!(" | guest image to the agent serving {:.2} s", c.as_secs_f64())).unwrap_or_default();
     println!(
@@ -270,23 +359,30 @@ pub fn bench_boot(mut args: impl Iterator<Item = String>) -> Result<i32> {
         b.to_userspace.as_secs_f64(),
         image_part(c)
     );
-    let (mut ours, mut theirs, mut images) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ours, mut theirs, mut images, mut vf_ours, mut vf_qemu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 1..=runs {
-        // Rotate the order (bare vfvm-vmm, QEMU, the guest image) so that none
-        // always goes first or follows the same one.
-        let (mut a, mut b, mut c) = (None, None, None);
-        for which in (0..3).map(|i| (i + run as usize - 1) % 3) {
+        // Rotate the order (bare vfvm-vmm, QEMU, the guest image, the VF pair) so
+        // that none always goes first or follows the same one.
+        let (mut a, mut b, mut c, mut d) = (None, None, None, None);
+        for which in (0..4).map(|i| (i + run as usize - 1) % 4) {
             match which {
                 0 => a = Some(boot_vfvm()?),
                 1 => b = Some(boot_qemu()?),
-                _ => c = Some(boot_image()?),
+                2 => c = Some(boot_image()?),
+                _ => d = Some(boot_vf()?),
             }
         }
-        let (Some(a), Some(b), Some(c)) = (a, b, c) else { unreachable!("each of the three booted once") };
-        println!("bench: round {run}: vfvm-vmm {} | QEMU q35 {}{}", a.summary(), b.summary(), image_part(c));
+        let (Some(a), Some(b), Some(c), Some(d)) = (a, b, c, d) else { unreachable!("each of the four booted once") };
+        let vf_part =
+            d.map(|(o, q)| format!(" | with the VF: vfvm-vmm {:.2} s, QEMU {:.2} s", o.as_secs_f64(), q.as_secs_f64())).unwrap_or_default();
+        println!("bench: round {run}: vfvm-vmm {} | QEMU q35 {}{}{vf_part}", a.summary(), b.summary(), image_part(c));
         ours.push(a);
         theirs.push(b);
         images.extend(c);
+        if let Some((o, q)) = d {
+            vf_ours.push(o);
+            vf_qemu.push(q);
+        }
     }
     let _ = std::fs::remove_file(&api_socket);
     let t = |v: &[Sample]| median(v.iter().map(|s| s.to_userspace.as_secs_f64()).collect());
@@ -317,6 +413,10 @@ pub fn bench_boot(mut args: impl Iterator<Item = String>) -> Result<i32> {
             ratio(agent, t_ours)
         );
     }
+    if let Some(vf) = vf_addr.as_deref().filter(|_| !vf_ours.is_empty()) {
+        report_vf(vf, &images, &vf_ours, &vf_qemu);
+    }
+    drop(vf);
     println!("bench: median peak RSS: vfvm-vmm {r_ours:.1} MiB, QEMU {r_qemu:.1} MiB, ratio vfvm/QEMU {}", ratio(r_ours, r_qemu));
     for (name, what) in KVM_COUNTERS {
         let (a, b) = (c(&ours, name), c(&theirs, name));

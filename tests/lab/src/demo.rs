@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use vfvm_protocols::agent;
 use vfvm_protocols::client::{connect, AgentAddress, ClientError, ConnectOptions};
+use vfvm_test_containerd::igb_vfs::{self, IgbVf};
 use vfvm_test_containerd::{install_vfvm, oci, vfvm_leftovers, Containerd, Version, VFVM_STATE_DIR};
 
 use crate::console::{die_with_parent, kill_and_reap};
@@ -30,7 +31,7 @@ const PROBE_LIMIT: Duration = Duration::from_secs(25);
 /// about 90 s while the host is busy (L3 under TCG-emulated SVM).
 const CTR_LIMIT: Duration = Duration::from_secs(300);
 /// The agent's vsock port (`[agent] vsock_port` in configs/vfvm.toml).
-const AGENT_PORT: u32 = 1024;
+pub(crate) const AGENT_PORT: u32 = 1024;
 
 /// `cargo xtask demo`.
 pub fn demo() -> Result<i32> {
@@ -208,12 +209,19 @@ fn probe_in(dir: &Path, vmm: &Path, kernel: &Path, initrd: &Path, limit: Duratio
     })
 }
 
-/// Connects to the agent over the VMM's hybrid vsock socket and asks for its health,
-/// until it answers, the VMM exits or `limit` passes.
 /// Polls the agent behind `vsock` (hybrid vsock, port 1024) until it answers Health,
 /// the VMM exits, or `limit` after `started` passes.
 pub(crate) fn wait_for_agent(child: &mut std::process::Child, vsock: &Path, started: Instant, limit: Duration) -> Result<Outcome> {
-    let addr = AgentAddress::Hybrid { uds: vsock.to_path_buf(), port: AGENT_PORT };
+    wait_for_agent_at(child, &AgentAddress::Hybrid { uds: vsock.to_path_buf(), port: AGENT_PORT }, started, limit)
+}
+
+/// [`wait_for_agent`] at any agent address (AF_VSOCK for a QEMU guest).
+pub(crate) fn wait_for_agent_at(
+    child: &mut std::process::Child,
+    addr: &AgentAddress,
+    started: Instant,
+    limit: Duration,
+) -> Result<Outcome> {
     loop {
         if let Some(status) = child.try_wait().context("checking on the probe's vfvm-vmm")? {
             return Ok(Outcome::Exited(status));
@@ -224,7 +232,7 @@ pub(crate) fn wait_for_agent(child: &mut std::process::Child, vsock: &Path, star
         }
         // Short connect rounds, so a VMM that dies is noticed within a second.
         let opts = ConnectOptions { deadline: left.min(Duration::from_secs(1)), ..Default::default() };
-        match connect(&addr, opts) {
+        match connect(addr, opts) {
             Ok(client) => {
                 let ctx = ttrpc::context::with_timeout(left.as_nanos().try_into().unwrap_or(i64::MAX));
                 if client.health(ctx, &agent::HealthRequest::new()).is_ok() {
@@ -297,7 +305,7 @@ pub fn run_pod(build_dir: &Path) -> Result<()> {
     ensure!(left.is_empty(), "the finished pod left behind: {}", left.join(", "));
     println!("vfvm demo: nothing left behind (no vfvm-vmm, virtiofsd or shim process, nothing under {VFVM_STATE_DIR})");
     match first_vf() {
-        Some((pf, vf, netdev)) => run_vf_pod(&c, &pf, &vf, &netdev)?,
+        Some(vf) => run_vf_pod(&c, &vf)?,
         None => println!("vfvm demo: no SR-IOV VF on this host (an igb PF with a VF): the VF pod runs in the lab's demo"),
     }
     c.stop().context("stopping containerd")?;
@@ -313,19 +321,10 @@ const VF_CIDR: &str = "198.18.0.50/24";
 /// The lab's peer host on the VFs' wire.
 const PEER: &str = "198.18.0.2";
 
-/// An igb PF's VF 0 here (the lab's NIC): the PF's netdev, the VF and its netdev.
-fn first_vf() -> Option<(String, String, String)> {
-    let pf = std::fs::read_dir("/sys/bus/pci/drivers/igb")
-        .ok()?
-        .filter_map(Result::ok)
-        .find(|e| e.file_name().to_string_lossy().starts_with("0000:"))?;
-    let first_netdev = |dev: &Path| {
-        Some(std::fs::read_dir(dev.join("net")).ok()?.filter_map(Result::ok).next()?.file_name().to_string_lossy().into_owned())
-    };
-    let pf_netdev = first_netdev(&pf.path())?;
-    let vf = std::fs::read_link(pf.path().join("virtfn0")).ok()?.file_name()?.to_string_lossy().into_owned();
-    let netdev = first_netdev(&Path::new("/sys/bus/pci/devices").join(&vf))?;
-    Some((pf_netdev, vf, netdev))
+/// An igb PF's VF 0 here (the lab's NIC), if it has a netdev in this netns.
+fn first_vf() -> Option<IgbVf> {
+    igb_vfs::igb_pf()?;
+    IgbVf::find(0).ok().filter(|vf| vf.netdev().is_some())
 }
 
 fn sh(script: &str) -> Result<String> {
@@ -338,21 +337,14 @@ fn sh(script: &str) -> Result<String> {
 /// there as sriov-cni would: renamed, the pod's MAC and address) gets the VF in its
 /// VM; its container shows the interface and pings the lab's peer over it; after
 /// the pod the VF is back in the netns as it was, on its host driver.
-fn run_vf_pod(c: &Containerd, pf: &str, vf: &str, netdev: &str) -> Result<()> {
+fn run_vf_pod(c: &Containerd, igb_vf: &IgbVf) -> Result<()> {
+    let (vf, netdev) = (&igb_vf.pci, igb_vf.netdev().context("the VF's netdev")?);
     progress!("VF pod: VF {vf} ({netdev}) into a pod network namespace as {VF_IFNAME}, {VF_MAC}, {VF_CIDR}");
     sh(&format!("ip netns add {VF_NETNS}"))?;
     let result = (|| {
-        // As sriov-cni: the MAC on the PF first (igbvf may not change a MAC the PF
-        // set), then on the netdev.
-        sh(&format!("ip link set {pf} vf 0 mac {VF_MAC}"))?;
-        sh(&format!("ip link set {netdev} down && ip link set {netdev} netns {VF_NETNS} name {VF_IFNAME}"))?;
-        // The VF resets when the PF pins its MAC; until it has, igbvf refuses the MAC
-        // (EADDRNOTAVAIL): bounded retries.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while let Err(e) = sh(&format!("ip -n {VF_NETNS} link set {VF_IFNAME} address {VF_MAC}")) {
-            ensure!(Instant::now() < deadline, "{e}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // As sriov-cni: the MAC pinned on the PF, then taken by the netdev.
+        igb_vf.pin_mac(VF_MAC)?;
+        sh(&format!("ip link set {netdev} netns {VF_NETNS} name {VF_IFNAME}"))?;
         sh(&format!("ip -n {VF_NETNS} link set {VF_IFNAME} up && ip -n {VF_NETNS} addr add {VF_CIDR} dev {VF_IFNAME}"))?;
         let pod = format!("{POD}-vf");
         let netns = format!("network:/run/netns/{VF_NETNS}");
@@ -407,7 +399,7 @@ the VM's console:
     })();
     // The VF back where the lab had it, its MAC unpinned on the PF.
     let _ = sh(&format!("ip -n {VF_NETNS} link set {VF_IFNAME} netns 1 name {netdev}"));
-    let _ = sh(&format!("ip link set {pf} vf 0 mac 00:00:00:00:00:00"));
+    let _ = igb_vf.unpin_mac();
     let _ = sh(&format!("ip netns del {VF_NETNS}"));
     result
 }

@@ -41,10 +41,13 @@ usage: cargo xtask <command>
                            vfio-pci inside L2, and an L3 boot (= lab smoke)
   bench [--runs N]         vfvm-vmm against QEMU in the lab, booting the same ELF kernel
                            and initramfs: time to userspace, peak RSS and KVM's exit
-                           counters, N rounds (default 5), medians and ratios
+                           counters, N rounds (default 5), medians and ratios; the
+                           guest image to its agent serving, with and without a VF
+                           cold-plugged, and QEMU (-device vfio-pci) with the same VF
   soak [--pods N]          the SR-IOV seed pod through CRI N times in a row (default
                            10) with containerd 1.6 and 2.1, in one L2 boot: the
-                           leak check of `test` (which runs 2) at length
+                           leak check of `test` (which runs 2) at length; a test
+                           that fails while a guest triple-faults runs again
   test                     install what the tests need, then run every test of the
                            workspace, the lab's included
   install                  install the lab's packages, fetch its kernel, build images
@@ -60,9 +63,11 @@ usage: cargo xtask <command>
                            CMD's status, 75 if L2's kernel crashed under it, or
                            125 if the lab itself failed
   lab smoke                run the lab's smoke checks inside L2
-  lab test EXE...          run these test binaries' in-lab (lab_*) tests inside L2, as
+  lab test [--filter lab_NAME] EXE...
+                           run these test binaries' in-lab (lab_*) tests inside L2, as
                            `test` does: if L2's kernel crashes, the unfinished
-                           binaries run once more in a fresh L2 (said, and counted)
+                           binaries run once more in a fresh L2 (said, and counted);
+                           --filter: only the tests whose names contain lab_NAME
 
 lab run options:
   --vfs N             VFs to create on the igb PF (1-7, default 4)
@@ -199,11 +204,22 @@ fn image(args: impl Iterator<Item = String>) -> Result<i32> {
 
 /// `cargo xtask lab test EXE...`: the in-lab tests of these test binaries, as
 /// `cargo xtask test` runs them (one L2, a fresh one after an L2 crash).
-fn lab_test(executables: &[String]) -> Result<i32> {
-    ensure!(!executables.is_empty(), "usage: cargo xtask lab test TEST-EXECUTABLE...");
-    prepare()?;
+fn lab_test(args: &[String]) -> Result<i32> {
+    let (filter, executables) = match args {
+        [flag, filter, rest @ ..] if flag == "--filter" => (filter.as_str(), rest),
+        _ => (IN_LAB_TEST_MARK, args),
+    };
+    ensure!(!executables.is_empty(), "usage: cargo xtask lab test [--filter lab_NAME] TEST-EXECUTABLE...");
+    ensure!(filter.starts_with(IN_LAB_TEST_MARK), "--filter {filter:?}: in-lab tests' names start with {IN_LAB_TEST_MARK:?}");
+    let (_, kernel, _) = prepare()?;
+    export_test_guest_image(&kernel, guest_image::release_agent(&host::target_dir()?)?)?;
+    // L2 runs them from this directory: absolute paths work from anywhere.
+    let executables = executables
+        .iter()
+        .map(|e| std::fs::canonicalize(e).with_context(|| format!("test executable {e}")).map(|p| p.to_string_lossy().into_owned()))
+        .collect::<Result<Vec<_>>>()?;
     let mut totals = TestTotals::default();
-    let (ok, crashes) = run_in_lab(executables, &mut totals)?;
+    let (ok, crashes) = run_in_lab(&executables, filter, &mut totals)?;
     println!(
         "\nin-lab tests: {} passed, {} failed, {} skipped; L2 crashes: {crashes}; re-runs after a guest triple fault: {}",
         totals.counts.passed, totals.counts.failed, totals.counts.ignored, totals.reruns
@@ -240,17 +256,7 @@ fn test() -> Result<i32> {
     .success();
 
     let executables = test_executables(&cargo)?;
-    // The shim's lab tests boot pods from the guest image with this build's agent.
-    {
-        let cache = cache_dir();
-        let _lock = CacheLock::take(&cache)?;
-        let busybox = host::find_busybox().context("no static busybox after installing busybox-static")?;
-        let built = guest_image::ensure(&cache, &kernel, &busybox, &guest_image::Options { agent: Some(agent), ..Default::default() })?;
-        progress!("guest image with this build's agent: {}", built.initrd.display());
-        // VFVM_* (not VFVM_LAB_*) variables are passed on into L2.
-        std::env::set_var("VFVM_TEST_AGENT_INITRD", &built.initrd);
-        std::env::set_var("VFVM_TEST_AGENT_KERNEL", &built.kernel);
-    }
+    export_test_guest_image(&kernel, agent)?;
     let mut in_lab = Vec::new();
     for exe in &executables {
         let n = in_lab_tests(exe)?;
@@ -263,7 +269,7 @@ fn test() -> Result<i32> {
     if in_lab.is_empty() {
         progress!("no in-lab ({IN_LAB_TEST_MARK}*) tests in the workspace");
     } else {
-        let (lab_ok, crashes) = run_in_lab(&in_lab, &mut totals)?;
+        let (lab_ok, crashes) = run_in_lab(&in_lab, IN_LAB_TEST_MARK, &mut totals)?;
         ok &= lab_ok;
         lab_crashes = crashes;
     }
@@ -307,7 +313,7 @@ const L2_CRASH_RETRIES: u32 = 1;
 /// finished run again in a fresh L2, at most `L2_CRASH_RETRIES` times; the crash is
 /// reported, never hidden. A binary's results count once: libtest prints its summary
 /// only when it finishes. Returns whether every run succeeded, and the crash count.
-fn run_in_lab(executables: &[String], totals: &mut TestTotals) -> Result<(bool, u32)> {
+fn run_in_lab(executables: &[String], filter: &str, totals: &mut TestTotals) -> Result<(bool, u32)> {
     let me = host::self_exe()?;
     let outs = cache_dir().join("test-out");
     l2::prune_runs(&outs);
@@ -318,7 +324,12 @@ fn run_in_lab(executables: &[String], totals: &mut TestTotals) -> Result<(bool, 
     loop {
         progress!("running the in-lab tests of {} test binaries inside L2 (results kept in {})", left.len(), out.display());
         let mut lab = Command::new(&me);
-        lab.args(["lab", "run", "--timeout", "4500", "--out"]).arg(&out).arg("--").arg(&me).args(["inside", "run-tests"]).args(&left);
+        lab.args(["lab", "run", "--timeout", "4500", "--out"])
+            .arg(&out)
+            .arg("--")
+            .arg(&me)
+            .args(["inside", "run-tests", "--filter", filter])
+            .args(&left);
         let status = run_counting(&mut lab, totals)?;
         if status.code() != Some(i32::from(L2_CRASHED)) {
             return Ok((status.success(), crashes));
@@ -404,36 +415,44 @@ fn count_option(mut args: impl Iterator<Item = String>, command: &str, flag: &st
 }
 
 /// The seed-pod tests `soak` runs, in `lab_cri`'s test binary.
-const SOAK_TESTS: [&str; 2] =
-    ["lab_cri_seed_pod_gets_its_vf_in_its_vm_containerd_1_6", "lab_cri_seed_pod_gets_its_vf_in_its_vm_containerd_2_1"];
+const SOAK_TESTS: &str = "lab_cri_seed_pod_gets_its_vf_in_its_vm_containerd_";
 
 /// `cargo xtask soak [--pods N]`: the seed pod (a VF through CRI) N times in a row
 /// per containerd version, in one L2 boot; the same test `test` runs with 2 pods.
 fn soak(args: impl Iterator<Item = String>) -> Result<i32> {
     let pods = count_option(args, "soak", "--pods", 10)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let (cache, kernel, images) = prepare()?;
-    let agent = guest_image::release_agent(&host::target_dir()?)?;
-    {
-        let _lock = CacheLock::take(&cache)?;
-        let busybox = host::find_busybox().context("no static busybox after installing busybox-static")?;
-        let built = guest_image::ensure(&cache, &kernel, &busybox, &guest_image::Options { agent: Some(agent), ..Default::default() })?;
-        // VFVM_* (not VFVM_LAB_*) variables are passed on into L2.
-        std::env::set_var("VFVM_TEST_AGENT_INITRD", &built.initrd);
-        std::env::set_var("VFVM_TEST_AGENT_KERNEL", &built.kernel);
-        std::env::set_var("VFVM_SRIOV_PODS", pods.to_string());
-    }
+    let (_, kernel, _) = prepare()?;
+    export_test_guest_image(&kernel, guest_image::release_agent(&host::target_dir()?)?)?;
+    // VFVM_* (not VFVM_LAB_*) variables are passed on into L2.
+    std::env::set_var("VFVM_SRIOV_PODS", pods.to_string());
     let exe = test_executables(&cargo)?
         .into_iter()
         .find(|e| e.file_name().is_some_and(|n| n.to_string_lossy().starts_with("lab_cri-")))
         .context("no lab_cri test binary in the workspace")?;
     progress!("soak: the seed pod {pods} times in a row with containerd 1.6 and 2.1 ({})", exe.display());
-    let mut command =
-        vec![exe.to_string_lossy().into_owned(), "--ignored".into(), "--exact".into(), "--nocapture".into(), "--test-threads=1".into()];
-    command.extend(SOAK_TESTS.iter().map(|t| t.to_string()));
-    // About a minute a pod in the lab, for each version, and the boot.
-    let timeout = Duration::from_secs(600 + 2 * 90 * u64::from(pods));
-    l2::run(&cache, &kernel, &images, &l2::RunOptions { command, timeout, ..Default::default() })
+    // As `test` runs them: a test that failed while a guest triple-faulted runs again.
+    let mut totals = TestTotals::default();
+    let (ok, crashes) = run_in_lab(&[exe.to_string_lossy().into_owned()], SOAK_TESTS, &mut totals)?;
+    println!(
+        "\nsoak: {} passed, {} failed; L2 crashes: {crashes}; re-runs after a guest triple fault: {}",
+        totals.counts.passed, totals.counts.failed, totals.reruns
+    );
+    Ok(if ok && totals.counts.failed == 0 { 0 } else { 1 })
+}
+
+/// Builds (or finds) the guest image with `agent` and tells the tests where it is:
+/// the shim's lab tests boot pods from it. VFVM_* (not VFVM_LAB_*) variables are
+/// passed on into L2.
+fn export_test_guest_image(kernel: &kernel::Kernel, agent: PathBuf) -> Result<()> {
+    let cache = cache_dir();
+    let _lock = CacheLock::take(&cache)?;
+    let busybox = host::find_busybox().context("no static busybox after installing busybox-static")?;
+    let built = guest_image::ensure(&cache, kernel, &busybox, &guest_image::Options { agent: Some(agent), ..Default::default() })?;
+    progress!("guest image with this build's agent: {}", built.initrd.display());
+    std::env::set_var("VFVM_TEST_AGENT_INITRD", &built.initrd);
+    std::env::set_var("VFVM_TEST_AGENT_KERNEL", &built.kernel);
+    Ok(())
 }
 
 /// `cargo xtask bench [--runs N]`: a release vfvm-vmm against QEMU, booting the lab's
@@ -465,6 +484,9 @@ fn bench(args: impl Iterator<Item = String>) -> Result<i32> {
             images.l3_initrd.to_string_lossy().into_owned(),
             "--image".into(),
             image.initrd.to_string_lossy().into_owned(),
+            // The guest image with a VF cold-plugged, by vfvm-vmm and by QEMU.
+            "--vf".into(),
+            "0".into(),
             "--runs".into(),
             runs.to_string(),
         ],
@@ -515,7 +537,13 @@ fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
         ("guest", Some("vsock-probe")) => probe::vsock_probe(args),
         ("guest", Some("virtiofs-probe")) => probe::virtiofs_probe(args),
         ("guest", Some("wait-power-button")) => probe::wait_power_button(),
-        ("inside", Some("run-tests")) => inside::run_tests(&args.collect::<Vec<_>>(), IN_LAB_TEST_MARK),
+        ("inside", Some("run-tests")) => {
+            let args: Vec<String> = args.collect();
+            match args.as_slice() {
+                [flag, filter, executables @ ..] if flag == "--filter" => inside::run_tests(executables, filter),
+                executables => inside::run_tests(executables, IN_LAB_TEST_MARK),
+            }
+        }
         ("help" | "--help" | "-h", _) => {
             print!("{USAGE}");
             Ok(0)

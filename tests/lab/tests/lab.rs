@@ -377,8 +377,9 @@ fn demo_host_mode_runs_the_pod_on_a_host_whose_kvm_boots_linux() {
 
 /// The short version of `cargo xtask bench` (one round instead of five): both VMMs
 /// boot the same guest in one lab run, and vfvm-vmm the guest image to its agent
-/// serving; the figures (time to userspace, KVM's exit counters, vfvm-vmm's own exit
-/// breakdown, the image's time, ratios) are printed, even when this passes. It asserts that the comparison ran, not how it came out.
+/// serving, with and without a VF cold-plugged (and QEMU with the same VF); the
+/// figures (time to userspace, KVM's exit counters, vfvm-vmm's own exit breakdown,
+/// the image's times, ratios) are printed, even when this passes. It asserts that the comparison ran, not how it came out.
 #[test]
 #[ignore = "builds a release vfvm-vmm and boots the nested lab (a few minutes); run by `cargo xtask test`"]
 fn bench_boot_one_round_prints_vfvm_and_qemu_figures() {
@@ -394,6 +395,7 @@ fn bench_boot_one_round_prints_vfvm_and_qemu_figures() {
         "bench: median exits (exits): vfvm-vmm ",
         "bench: median port I/O (io_exits): vfvm-vmm ",
         "bench: median guest image (agent as PID 1) to the agent serving: ",
+        "bench: median guest image to the agent serving with VF ",
         "bench: vfvm-vmm's exits to the VMM (median round): ",
     ] {
         assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");

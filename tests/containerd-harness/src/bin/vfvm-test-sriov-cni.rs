@@ -44,8 +44,28 @@ fn ip(netns: Option<&str>, args: &[&str]) -> Result<String> {
     }
 }
 
-/// [`ip`], retried for up to `secs`: a VF resets when the PF changes its MAC, and
-/// until it has, igbvf refuses a MAC (EADDRNOTAVAIL).
+/// Makes the VF netdev `ifname` (in `netns`) carry `mac`, which the PF has just set
+/// as its admin MAC. igb does not reset the VF when the PF pins a MAC, and igbvf
+/// refuses any MAC of its own while one is pinned (EADDRNOTAVAIL) until a reset
+/// hands it the pinned one; bringing the netdev down resets it (`igbvf_down`), so:
+/// up, down, then check. Other VF drivers take the MAC directly (bounded retries).
+fn take_admin_mac(netns: Option<&str>, ifname: &str, mac: &str) -> Result<()> {
+    let current = |ns| -> Result<String> {
+        let shown = ip(ns, &["-o", "link", "show", "dev", ifname])?;
+        Ok(shown.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).unwrap_or_default().to_string())
+    };
+    if current(netns)?.eq_ignore_ascii_case(mac) {
+        return Ok(());
+    }
+    ip(netns, &["link", "set", "dev", ifname, "up"])?;
+    ip(netns, &["link", "set", "dev", ifname, "down"])?;
+    if current(netns)?.eq_ignore_ascii_case(mac) {
+        return Ok(());
+    }
+    ip_retried(netns, &["link", "set", "dev", ifname, "address", mac], 5).map(drop)
+}
+
+/// [`ip`], retried for up to `secs`: some VF drivers take a moment to accept a MAC.
 fn ip_retried(netns: Option<&str>, args: &[&str], secs: u64) -> Result<String> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     loop {
@@ -160,7 +180,7 @@ fn add(conf: &Value) -> Result<Value> {
 
     if let Some(mac) = conf["mac"].as_str() {
         ip(None, &["link", "set", "dev", &pf_netdev, "vf", &index.to_string(), "mac", mac])?;
-        ip_retried(None, &["link", "set", "dev", &host_name, "address", mac], 10)?;
+        take_admin_mac(None, &host_name, mac)?;
     }
     ip(None, &["link", "set", "dev", &host_name, "down"])?;
     ip(None, &["link", "set", "dev", &host_name, "netns", &netns, "name", &ifname])?;
@@ -220,15 +240,14 @@ fn del(conf: &Value) -> Result<()> {
     let _ = ipam(conf, "DEL");
     ip(ns, &["addr", "flush", "dev", &ifname])?;
     ip(ns, &["link", "set", "dev", &ifname, "down"])?;
-    // The MACs while the netdev is still in the pod netns. The PF's admin MAC first
-    // (a VF may not change a MAC the PF set). The lab's igbvf then sometimes refuses
-    // its old MAC (EADDRNOTAVAIL) for longer than it takes to retry: logged, not
-    // fatal, as the VF itself is given back either way.
+    // The MACs while the netdev is still in the pod netns: the PF's admin MAC first
+    // (a VF may not change a MAC the PF set), then the netdev's. A failure is logged,
+    // not fatal, as the VF itself is given back either way.
     if let (Some(pf), Some(index), Some(admin)) = (cached["Master"].as_str(), cached["VFID"].as_u64(), orig["AdminMAC"].as_str()) {
         ip(None, &["link", "set", "dev", pf, "vf", &index.to_string(), "mac", admin])?;
     }
     if let Some(mac) = orig["EffectiveMAC"].as_str() {
-        if let Err(e) = ip_retried(ns, &["link", "set", "dev", &ifname, "address", mac], 5) {
+        if let Err(e) = take_admin_mac(ns, &ifname, mac) {
             log(conf, &format!("DEL {container} {ifname}: its MAC {mac} not restored: {e:#}"));
         }
     }
