@@ -1,22 +1,22 @@
-//! The sandbox's host changes (processes started, mounts made), journaled to
-//! `<state_dir>/<sandbox>/sandbox.json` before each is made, so that containerd's
-//! `delete` after a crashed shim undoes exactly what was done.
+//! The sandbox's host changes (processes started, mounts made), journaled as the
+//! `sandbox.json` entry of the sandbox's journal (`<state_dir>/<sandbox>/`, see
+//! [`crate::journal`]) before each is made, beside the entries of the VFs the
+//! sandbox took, so that containerd's `delete` after a crashed shim undoes exactly
+//! what was done, in one order.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+use crate::journal::{JournalDir, JournalError};
+
 pub const RECORD_FILE: &str = "sandbox.json";
-/// A record larger than this is not one we wrote.
-const MAX_RECORD_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("{path}: {what}: {source}")]
-    Io { path: PathBuf, what: &'static str, source: std::io::Error },
-    #[error("{path}: not a sandbox record: {message}")]
-    Corrupt { path: PathBuf, message: String },
+    #[error(transparent)]
+    Journal(#[from] JournalError),
 }
 
 /// A process the shim started, named by pid and the kernel's start time (so a
@@ -36,59 +36,41 @@ pub struct SandboxRecord {
     pub mounts: Vec<PathBuf>,
 }
 
-/// The on-disk journal of one sandbox.
+/// The journal of one sandbox: its record, kept in memory and written whole on
+/// every change.
 pub struct Journal {
-    dir: PathBuf,
+    store: JournalDir,
     record: Mutex<SandboxRecord>,
-}
-
-fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> RecordError {
-    let path = path.to_path_buf();
-    move |source| RecordError::Io { path, what, source }
 }
 
 impl Journal {
     /// Starts the journal of a new sandbox in `dir` (created, mode 0700).
     pub fn create(dir: &Path, sandbox_id: &str) -> Result<Journal, RecordError> {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir, "creating the sandbox state directory"))?;
         let j = Journal {
-            dir: dir.to_path_buf(),
+            store: JournalDir::new(dir),
             record: Mutex::new(SandboxRecord { sandbox_id: sandbox_id.to_string(), ..Default::default() }),
         };
+        j.store.create_dir()?;
         j.save(&j.lock())?;
         Ok(j)
     }
 
     /// The record in `dir`, or `None` when there is none.
     pub fn load(dir: &Path) -> Result<Option<SandboxRecord>, RecordError> {
-        let path = dir.join(RECORD_FILE);
-        let file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io(&path, "opening")(e)),
-        };
-        let mut text = String::new();
-        use std::io::Read;
-        file.take(MAX_RECORD_BYTES).read_to_string(&mut text).map_err(io(&path, "reading"))?;
-        serde_json::from_str(&text).map(Some).map_err(|e| RecordError::Corrupt { path, message: e.to_string() })
+        Ok(JournalDir::new(dir).read(RECORD_FILE)?)
     }
 
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.store.dir()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SandboxRecord> {
         self.record.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Written whole to a temporary file and renamed: a crash leaves the old or the new record.
+    /// Written durably: a crash leaves the old or the new record.
     fn save(&self, r: &SandboxRecord) -> Result<(), RecordError> {
-        let path = self.dir.join(RECORD_FILE);
-        let tmp = self.dir.join(format!("{RECORD_FILE}.tmp"));
-        let text = serde_json::to_vec_pretty(r).map_err(|e| RecordError::Corrupt { path: path.clone(), message: e.to_string() })?;
-        std::fs::write(&tmp, text).map_err(io(&tmp, "writing"))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path, "replacing"))
+        Ok(self.store.write(RECORD_FILE, r)?)
     }
 
     /// Journals a mount point before the mount is made.
@@ -144,7 +126,7 @@ pub struct Undone {
 
 /// Undoes everything `dir`'s record lists, in the one teardown order: kills its
 /// processes that still run (SIGKILL: the VMM first, which closes its VFIO fds),
-/// gives back the VFs journaled under `dir`/[`VF_JOURNAL_DIR`] (driver, then the
+/// gives back the VFs journaled in `dir` (driver, then the
 /// netdev into the pod netns under its CNI name with its config; `vf_lock_dir` holds
 /// their locks), unmounts in reverse order, then removes `dir`. Idempotent; errors
 /// are collected, not fatal, so one stuck mount does not keep the rest in place, but
@@ -190,21 +172,23 @@ pub fn undo(dir: &Path, vf_lock_dir: &Path, vf_locks: Vec<crate::vf::lock::VfLoc
     Ok(done)
 }
 
-/// Where a sandbox's VF journal lives, under its state directory.
-pub const VF_JOURNAL_DIR: &str = "vf";
+/// Where shims before the one journal kept a sandbox's VF entries, under its state
+/// directory: still read, so a sandbox an older shim left is given back too.
+const LEGACY_VF_JOURNAL_DIR: &str = "vf/vf-journal";
 
-/// Gives back every VF the sandbox's VF journal lists (after the VMM is gone).
+/// Gives back every VF the sandbox's journal lists (after the VMM is gone).
 fn restore_vfs(dir: &Path, sandbox_id: &str, vf_lock_dir: &Path, vf_locks: Vec<crate::vf::lock::VfLock>, done: &mut Undone) {
-    let journal = dir.join(VF_JOURNAL_DIR);
-    if !journal.exists() {
-        return;
+    let legacy = dir.join(LEGACY_VF_JOURNAL_DIR);
+    let mut locks = vf_locks;
+    for journal in [dir.to_path_buf(), legacy].iter().filter(|d| d.exists()) {
+        let (result, kept) = crate::vf::VfManager::new(sandbox_id, journal, vf_lock_dir).restore_all_locked(locks);
+        locks = kept;
+        match result {
+            Ok(n) => done.vfs_restored += n,
+            Err(e) => done.errors.push(format!("giving back the VFs: {e}")),
+        }
     }
-    let (result, kept) = crate::vf::VfManager::new(sandbox_id, &journal, vf_lock_dir).restore_all_locked(vf_locks);
-    done.vf_locks_kept = kept;
-    match result {
-        Ok(n) => done.vfs_restored = n,
-        Err(e) => done.errors.push(format!("giving back the VFs: {e}")),
-    }
+    done.vf_locks_kept = locks;
 }
 
 fn remove_dir(dir: &Path, done: &mut Undone) {
@@ -326,7 +310,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(RECORD_FILE), "{not json").unwrap();
         let err = Journal::load(&dir).unwrap_err().to_string();
-        assert!(err.contains(RECORD_FILE) && err.contains("not a sandbox record"), "{err}");
+        assert!(err.contains(RECORD_FILE) && err.contains("unusable"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -203,11 +203,11 @@ impl Sandbox {
         let started = Instant::now();
         let phase = |what: &str| tracing::debug!(sandbox = %spec.id, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "launch: {what}");
         // The pod's VFs first: on vfio-pci before the VMM opens them. They are
-        // journaled under the sandbox's state, so every failure below gives them back.
+        // journaled in the sandbox's journal, so every failure below gives them back.
         if spec.settings.sriov {
             let (id, netns, lock_dir, cni_cache) =
                 (spec.id.clone(), spec.netns.clone(), config.sriov.lock_dir.clone(), config.sriov.cni_cache_dir.clone());
-            let journal_dir = dir.join(record::VF_JOURNAL_DIR);
+            let journal_dir = dir.clone();
             let (prepared, result) = tokio::task::spawn_blocking(move || {
                 let mut prepared = Vec::new();
                 let result = sriov::attach(&id, netns.as_deref(), &journal_dir, &lock_dir, &cni_cache, &mut prepared);

@@ -17,6 +17,8 @@ usage:
   vfvm-vf restore  --sandbox ID --state-dir DIR [--lock-dir DIR]
 
 prepare --hold keeps the VFs (and their locks) until SIGTERM or SIGINT, then restores them.
+--state-dir is the sandbox's journal directory: the shim's is <state_dir>/<sandbox>
+(/run/vfvm/<sandbox>), so `restore` there gives back what a crashed shim left.
 Defaults: --lock-dir /run/vfvm/vf-locks, --cni-cache /var/lib/cni/sriov.";
 
 #[derive(Default)]

@@ -395,7 +395,7 @@ fn journal_round_trip_and_corruption() {
     std::fs::write(&path, newer).unwrap();
     assert!(j.read(b.vf.addr).unwrap_err().to_string().contains("newer"));
     std::fs::write(&path, vec![b' '; 2 << 20]).unwrap();
-    assert!(j.read(b.vf.addr).unwrap_err().to_string().contains("more than a record can be"));
+    assert!(j.read(b.vf.addr).unwrap_err().to_string().contains("more than an entry can be"));
 }
 
 #[test]

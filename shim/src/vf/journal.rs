@@ -1,10 +1,12 @@
-//! The journal: for each VF taken from the host, everything needed to give it back,
-//! written atomically and fsynced before the first change is made. Restore is driven
-//! by it and deletes the entry last, so a crash at any point leaves a record.
+//! The VF entries of a sandbox's journal (see [`crate::journal`]): for each VF taken
+//! from the host, everything needed to give it back, written durably before the first
+//! change is made. Restore is driven by them and deletes the entry last, so a crash
+//! at any point leaves a record.
 
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use crate::journal::{JournalDir, JournalError};
 
 use super::discover::VfIdentity;
 use super::pci::PciAddress;
@@ -12,8 +14,8 @@ use super::VfError;
 
 /// Bump when the record's meaning changes; older shims refuse newer records.
 pub const JOURNAL_VERSION: u32 = 1;
-/// No legitimate record comes near this; a larger file is corrupt, not read.
-const MAX_ENTRY_BYTES: u64 = 1 << 20;
+/// A VF's entry in the journal directory: `vf-<PCI address>.json`.
+pub const ENTRY_PREFIX: &str = "vf-";
 
 /// PF-side settings of a VF (the PF driver's view, via `ip link set <pf> vf N ...`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,64 +90,42 @@ pub struct VfRecord {
     pub pf_settings: Option<PfVfSettings>,
 }
 
-/// The journal directory of one sandbox.
+/// The VF entries (`vf-<addr>.json`) of one sandbox's journal ([`JournalDir`]).
 #[derive(Clone, Debug)]
 pub struct Journal {
-    dir: PathBuf,
-}
-
-fn journal_err(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> VfError {
-    let path = path.to_path_buf();
-    move |source| VfError::Journal { op, path, source }
+    store: JournalDir,
 }
 
 impl Journal {
+    /// The VF entries in the journal directory `dir` (the sandbox's state directory).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self { store: JournalDir::new(dir) }
     }
 
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.store.dir()
     }
 
-    fn entry_path(&self, addr: PciAddress) -> PathBuf {
-        self.dir.join(format!("vf-{addr}.json"))
+    fn entry_name(addr: PciAddress) -> String {
+        format!("{ENTRY_PREFIX}{addr}.json")
     }
 
-    /// Writes the record durably: temp file, fsync, rename over the entry, fsync dir.
+    /// Writes the record durably, before the first change to the VF.
     pub fn write(&self, record: &VfRecord) -> Result<(), VfError> {
-        std::fs::create_dir_all(&self.dir).map_err(journal_err(&self.dir, "create"))?;
-        let path = self.entry_path(record.vf.addr);
-        let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(record).map_err(|e| VfError::JournalFormat { path: path.clone(), reason: e.to_string() })?;
-        let mut file = std::fs::File::create(&tmp).map_err(journal_err(&tmp, "create"))?;
-        file.write_all(&bytes).map_err(journal_err(&tmp, "write"))?;
-        file.sync_all().map_err(journal_err(&tmp, "fsync"))?;
-        std::fs::rename(&tmp, &path).map_err(journal_err(&path, "rename"))?;
-        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(journal_err(&self.dir, "fsync"))?;
-        Ok(())
+        Ok(self.store.write(&Self::entry_name(record.vf.addr), record)?)
     }
 
     pub fn read(&self, addr: PciAddress) -> Result<Option<VfRecord>, VfError> {
-        let path = self.entry_path(addr);
-        if !path.exists() {
-            return Ok(None);
-        }
-        read_entry(&path).map(Some)
+        let name = Self::entry_name(addr);
+        self.store.read::<VfRecord>(&name)?.map(|r| self.checked(&name, r)).transpose()
     }
 
     /// Every record in the journal, in PCI address order.
     pub fn read_all(&self) -> Result<Vec<VfRecord>, VfError> {
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(journal_err(&self.dir, "list")(e)),
-        };
         let mut records = Vec::new();
-        for entry in entries.filter_map(|e| e.ok()) {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with("vf-") && name.ends_with(".json") {
-                records.push(read_entry(&entry.path())?);
+        for name in self.store.names(ENTRY_PREFIX)? {
+            if let Some(r) = self.store.read::<VfRecord>(&name)? {
+                records.push(self.checked(&name, r)?);
             }
         }
         records.sort_by_key(|r| r.vf.addr);
@@ -154,32 +134,17 @@ impl Journal {
 
     /// Deletes the record (the last step of a restore), durably. Absent is fine.
     pub fn remove(&self, addr: PciAddress) -> Result<(), VfError> {
-        let path = self.entry_path(addr);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(journal_err(&path, "remove")(e)),
-        }
-        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(journal_err(&self.dir, "fsync"))
+        Ok(self.store.remove(&Self::entry_name(addr))?)
     }
-}
 
-fn read_entry(path: &Path) -> Result<VfRecord, VfError> {
-    let meta = std::fs::metadata(path).map_err(journal_err(path, "stat"))?;
-    if meta.len() > MAX_ENTRY_BYTES {
-        return Err(VfError::JournalFormat {
-            path: path.to_path_buf(),
-            reason: format!("{} bytes, more than a record can be", meta.len()),
-        });
+    fn checked(&self, name: &str, record: VfRecord) -> Result<VfRecord, VfError> {
+        if record.version > JOURNAL_VERSION {
+            return Err(JournalError::Format {
+                path: self.store.dir().join(name),
+                reason: format!("record version {} is newer than this shim's {JOURNAL_VERSION}", record.version),
+            }
+            .into());
+        }
+        Ok(record)
     }
-    let bytes = std::fs::read(path).map_err(journal_err(path, "read"))?;
-    let record: VfRecord =
-        serde_json::from_slice(&bytes).map_err(|e| VfError::JournalFormat { path: path.to_path_buf(), reason: e.to_string() })?;
-    if record.version > JOURNAL_VERSION {
-        return Err(VfError::JournalFormat {
-            path: path.to_path_buf(),
-            reason: format!("record version {} is newer than this shim's {JOURNAL_VERSION}", record.version),
-        });
-    }
-    Ok(record)
 }

@@ -54,13 +54,16 @@ pub struct VfManager<D: DriverControl = KernelDrivers> {
 }
 
 impl VfManager<KernelDrivers> {
+    /// The manager of `sandbox_id`'s VFs, journaled in `state_dir` (the sandbox's
+    /// journal directory, see [`crate::journal`]); `lock_dir` holds every sandbox's
+    /// VF locks.
     pub fn new(sandbox_id: &str, state_dir: &Path, lock_dir: &Path) -> Self {
         Self {
             sysfs: Sysfs::default(),
             drivers: KernelDrivers,
             dev_root: PathBuf::from("/dev"),
             lock_dir: lock_dir.to_path_buf(),
-            journal: Journal::new(state_dir.join("vf-journal")),
+            journal: Journal::new(state_dir),
             sandbox_id: sandbox_id.to_string(),
             bind_timeout: Duration::from_secs(10),
         }

@@ -47,10 +47,8 @@ pub enum VfError {
     Busy { addr: PciAddress, owner: String },
     #[error("VF lock {path}: {op} failed: {source}")]
     Lock { op: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("journal {path}: {op} failed: {source}")]
-    Journal { op: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("journal entry {path} is unusable: {reason}")]
-    JournalFormat { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
     #[error("VF {addr}: prepare stopped at {step:?} (simulated crash)")]
     SimulatedCrash { addr: PciAddress, step: Step },
     #[error("VF {addr}: no netdev appeared after binding {driver} ({waited_ms} ms)")]
