@@ -11,6 +11,7 @@
 pub mod acpi;
 pub mod api;
 pub mod boot;
+pub mod builder;
 pub mod bus;
 pub mod cmos;
 pub mod cpu;

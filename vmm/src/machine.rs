@@ -1,9 +1,8 @@
-//! A whole microVM booting Linux directly: checks the inputs, builds guest memory and
-//! the VM, loads the kernel, initramfs and boot tables, adds the legacy devices, runs
-//! one thread per vCPU, serves the control API, and stops everything when the guest
-//! powers off, resets or panics, the API forces a shutdown, or a vCPU fails.
+//! A whole microVM booting Linux directly: checks the configuration, has the builder
+//! ([`crate::builder`]) build the VM, runs one thread per vCPU, serves the control
+//! API, and stops everything when the guest powers off, resets or panics, the API
+//! forces a shutdown, or a vCPU fails.
 
-use std::fs::File;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,27 +11,20 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use vfvm_protocols::vmm_api::{ErrorCode, Request, Response, VmState};
-use vmm_sys_util::eventfd::EventFd;
 
-use crate::acpi;
 use crate::api::ApiServer;
-use crate::boot::{self, MIN_MEMORY_BYTES};
+use crate::boot::MIN_MEMORY_BYTES;
+use crate::builder::{self, BuiltVm};
 use crate::bus::Bus;
-use crate::cmos::{Cmos, CMOS_PORT};
-use crate::cpu;
 use crate::device_manager::{DeviceError, DeviceManager};
-use crate::elf;
 use crate::exits::ExitCounters;
-use crate::memory::{self, Backing, MemoryError};
-use crate::mptable::{self, MAX_CPUS};
-use crate::power::{AcpiPm1aControl, AcpiPm1aEvent, I8042, I8042_COMMAND_PORT, PM1A_CNT_PORT, PM1A_EVT_PORT};
-use crate::serial::{Console, SerialDevice, COM1_IRQ, COM1_PORT};
-use crate::smbios;
+use crate::memory::MemoryError;
+use crate::mptable::MAX_CPUS;
+use crate::power::AcpiPm1aEvent;
 use crate::vcpu::{self, PauseGate, VcpuError, VcpuStop};
 use crate::vfio::VfioConfig;
-use crate::virtio::fs::{self, FsError, VhostUserFs};
-use crate::virtio::vsock::Vsock;
-use crate::vm::{Vm, VmError, VmOptions};
+use crate::virtio::fs::{self, FsError};
+use crate::vm::VmError;
 
 /// The largest guest accepted (a sanity bound, not a KVM limit).
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
@@ -246,7 +238,7 @@ pub enum MachineError {
     Halted(u8),
 }
 
-fn setup<E: std::fmt::Display>(e: E) -> MachineError {
+pub(crate) fn setup<E: std::fmt::Display>(e: E) -> MachineError {
     MachineError::Setup(e.to_string())
 }
 
@@ -273,165 +265,13 @@ pub fn validate(config: &MachineConfig) -> Result<u64, MachineError> {
     Ok(ram)
 }
 
-/// Boots the guest and runs it to the end.
+/// Boots the guest and runs it to the end: builds the VM ([`builder::build`]), runs
+/// one thread per vCPU, serves the control API, and stops everything when the first
+/// vCPU stops.
 pub fn run(config: &MachineConfig) -> Result<GuestExit, MachineError> {
     let ram = validate(config)?;
     let started = Instant::now();
-    let kernel_err = |err: String| MachineError::Kernel { path: config.kernel.clone(), err };
-    let mut kernel_file = File::open(&config.kernel).map_err(|e| kernel_err(e.to_string()))?;
-    let initrd = match &config.initrd {
-        Some(path) => {
-            let initrd_err = |err: String| MachineError::Initrd { path: path.clone(), err };
-            let file = File::open(path).map_err(|e| initrd_err(e.to_string()))?;
-            let size = file.metadata().map_err(|e| initrd_err(e.to_string()))?.len();
-            if size >= ram {
-                return Err(initrd_err(format!("{size} bytes: larger than the guest's memory ({} MiB)", config.memory_mib)));
-            }
-            Some((path, file, size))
-        }
-        None => None,
-    };
-    let console_log = match &config.serial_log {
-        Some(path) => Some(File::create(path).map_err(|e| MachineError::SerialLog { path: path.clone(), err: e.to_string() })?),
-        None => None,
-    };
-
-    // The vsock socket is bound first: a bad path fails before any KVM work.
-    let vsock = match &config.vsock {
-        Some(v) => Some(Vsock::new(v.guest_cid, v.socket.clone()).map_err(|e| MachineError::Vsock(e.to_string()))?),
-        None => None,
-    };
-    // A vhost-user backend maps guest memory itself: it must be shared (memfd).
-    let backing = if config.fs.is_some() { Backing::Shared } else { Backing::Private };
-    // Each setup step's time, at debug level: where a slow start goes.
-    let step = |what: &str| tracing::debug!(ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "setup: {what}");
-    let guest_memory = memory::guest_memory(ram, backing)?;
-    step("guest memory");
-    // The kernel and the initrd go into guest memory before KVM knows of it: their
-    // copy is most of the setup time. An ELF vmlinux and the initrd are copied
-    // together on several threads; a bzImage goes through linux-loader.
-    let kernel_len = kernel_file.metadata().map_err(|e| kernel_err(e.to_string()))?.len();
-    let elf_image = match elf::parse(&mut kernel_file, kernel_len, boot::HIMEM_START, boot::low_ram_top(ram)) {
-        Ok(image) => Some(image),
-        Err(elf::ElfError::NotElf) => None,
-        Err(e) => return Err(kernel_err(e.to_string())),
-    };
-    let (kernel, initrd_range) = match elf_image {
-        Some(image) => {
-            let kernel = boot::LoadedKernel { entry: image.entry, end: image.end(), setup_header: None };
-            let mut copies: Vec<elf::Copy> = image
-                .segments
-                .iter()
-                .map(|s| elf::Copy { file: &kernel_file, path: &config.kernel, offset: s.offset, addr: s.addr, len: s.file_len })
-                .collect();
-            let initrd_range = match &initrd {
-                Some((path, file, size)) => {
-                    let addr = boot::initrd_placement(*size, &kernel, ram)
-                        .map_err(|e| MachineError::Initrd { path: (*path).clone(), err: e.to_string() })?;
-                    copies.push(elf::Copy { file, path, offset: 0, addr, len: *size });
-                    Some((addr, *size))
-                }
-                None => None,
-            };
-            elf::copy_parallel(&guest_memory, &copies).map_err(|e| match (&e, &initrd) {
-                (elf::ElfError::Copy { path, .. }, Some((initrd_path, _, _))) if path == *initrd_path => {
-                    MachineError::Initrd { path: path.clone(), err: e.to_string() }
-                }
-                _ => kernel_err(e.to_string()),
-            })?;
-            (kernel, initrd_range)
-        }
-        None => {
-            let kernel = boot::load_bzimage(&guest_memory, &mut kernel_file).map_err(|e| kernel_err(e.to_string()))?;
-            let initrd_range = match initrd {
-                Some((path, mut file, size)) => {
-                    let addr = boot::load_initrd(&guest_memory, &mut file, size, &kernel)
-                        .map_err(|e| MachineError::Initrd { path: path.clone(), err: e.to_string() })?;
-                    Some((addr, size))
-                }
-                None => None,
-            };
-            (kernel, initrd_range)
-        }
-    };
-    step("kernel and initrd loaded");
-    let vm = Vm::new(guest_memory, VmOptions { irqchip: true })?;
-    step("the VM");
-    // From here the device manager owns the buses: on every way out it empties them,
-    // which lets the devices go (their threads stop, their sockets are removed).
-    let mut devices = DeviceManager::new(&vm, ram)?;
-    let memory = vm.memory();
-    let cmdline_len = boot::load_cmdline(memory, &config.cmdline, &kernel).map_err(|e| MachineError::Cmdline(e.to_string()))?;
-    boot::write_boot_params(memory, &boot::boot_params(&kernel, cmdline_len, initrd_range, ram)).map_err(setup)?;
-    acpi::write_acpi_tables(memory, config.vcpus).map_err(setup)?;
-    step("boot tables written");
-    smbios::write_smbios_tables(memory).map_err(setup)?;
-    // For guests booted with acpi=off; Linux prefers the MADT when it has one.
-    mptable::write_mptable(memory, config.vcpus).map_err(setup)?;
-    cpu::write_boot_tables(memory).map_err(setup)?;
-    tracing::info!(
-        entry = format_args!("{:#x}", kernel.entry),
-        initrd = ?initrd_range.map(|(a, s)| format!("{a:#x}+{s:#x}")),
-        "loaded {}",
-        config.kernel.display()
-    );
-
-    // Legacy devices.
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(setup)?;
-    vm.fd().register_irqfd(&serial_irq, COM1_IRQ).map_err(setup)?;
-    let console = Console::new(console_log, config.serial_stdout);
-    let panicked = console.panicked();
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)));
-    vm.pio.insert(COM1_PORT, 8, "serial COM1", serial.clone()).map_err(setup)?;
-    vm.pio.insert(CMOS_PORT, 2, "CMOS/RTC", Arc::new(Mutex::new(Cmos::default()))).map_err(setup)?;
-    vm.pio.insert(I8042_COMMAND_PORT, 1, "i8042 (reset)", Arc::new(Mutex::new(I8042))).map_err(setup)?;
-    let sci_vm = vm.shared_fd();
-    let sci = Box::new(move |level: bool| {
-        if let Err(e) = sci_vm.set_irq_line(u32::from(acpi::SCI_IRQ), level) {
-            tracing::warn!("SCI line: {e}");
-        }
-    });
-    let pm1a_event = Arc::new(Mutex::new(AcpiPm1aEvent::new(sci)));
-    vm.pio.insert(PM1A_EVT_PORT, 4, "ACPI PM1a event", pm1a_event.clone()).map_err(setup)?;
-    vm.pio.insert(PM1A_CNT_PORT, 2, "ACPI PM1a control", Arc::new(Mutex::new(AcpiPm1aControl))).map_err(setup)?;
-
-    // The virtio-fs backend, which may have been starting meanwhile (`wait`): a
-    // missing or silent virtiofsd fails here, before any vCPU runs.
-    let fs_device = match &config.fs {
-        Some(f) => Some(VhostUserFs::new(&f.tag, &f.socket, f.wait)?),
-        None => None,
-    };
-
-    // The PCI devices, before the vCPUs exist.
-    if let Some(vsock) = vsock {
-        let cid = vsock.guest_cid();
-        let addr = devices.add_virtio("vsock", "virtio-vsock", Box::new(vsock))?;
-        tracing::info!(pci = %addr, cid, "virtio-vsock");
-    }
-    if let Some(fs_device) = fs_device {
-        let (tag, socket) = (fs_device.tag().to_string(), fs_device.socket().display().to_string());
-        let addr = devices.add_virtio("fs", "virtio-fs", Box::new(fs_device))?;
-        tracing::info!(pci = %addr, tag, socket, "virtio-fs (vhost-user)");
-    }
-    for v in &config.vfio {
-        devices.add_vfio(v)?;
-    }
-
-    // vCPUs.
-    step("devices");
-    let supported = cpu::vm_cpuid(vm.kvm()).map_err(setup)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let gate = Arc::new(PauseGate::default());
-    let mut vcpus = Vec::new();
-    for id in 0..config.vcpus {
-        let mut vcpu = vm.create_vcpu(u64::from(id))?;
-        cpu::configure_vcpu(vcpu.fd(), &supported, u32::from(id), u32::from(config.vcpus), kernel.entry)
-            .map_err(|e| MachineError::Setup(format!("vCPU {id}: {e}")))?;
-        vcpu.set_stop_flag(stop.clone());
-        vcpu.set_pause_gate(gate.clone());
-        vcpus.push(vcpu);
-    }
-    vcpu::install_kick_handler().map_err(setup)?;
+    let BuiltVm { vm, devices, vcpus, stop, gate, serial, panicked, pm1a_event } = builder::build(config, ram, started)?;
 
     let (tx, rx) = mpsc::channel();
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
