@@ -11,7 +11,7 @@ use vfvm_netlink::{AddressSpec, Handle, MacAddr, Netns, RouteSpec};
 use vfvm_shim::vf::discover::discover;
 use vfvm_shim::vf::journal::VfRecord;
 use vfvm_shim::vf::net::capture_netdev;
-use vfvm_shim::vf::{PciAddress, Sysfs, VfError, VfManager};
+use vfvm_shim::vf::{PciAddress, Step, Sysfs, VfError, VfManager};
 
 const NO_CNI_CACHE: &str = "/nonexistent/cni-cache";
 
@@ -317,6 +317,51 @@ fn lab_vf_bad_input_changes_nothing() {
     assert!(err.contains("not an SR-IOV VF"), "{err}");
     rec.vf.addr = "0000:7f:00.0".parse().unwrap();
     assert!(matches!(m.prepare(&rec), Err(VfError::NoSuchDevice { .. })));
+    assert!(m.journal.read_all().unwrap().is_empty());
+    assert_eq!(snapshot(&[pod.vf], &[&pod]), before);
+}
+
+/// A VF that disappears while it is being prepared (here: the PF's VFs removed, as
+/// an operator resetting `sriov_numvfs` or a PF driver reload does, right after the
+/// VF left its driver): prepare fails naming the VF, and its journal entry stays,
+/// since it could not be given back. Once the VF exists again, restore gives it back
+/// to the pod netns as the journal says, and clears the entry.
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn lab_vf_that_vanishes_during_prepare_fails_naming_it_and_comes_back_from_the_journal() {
+    let tmp = scratch("vanish");
+    let pod = Pod::new("vfvanish", 3);
+    let before = snapshot(&[pod.vf], &[&pod]);
+    let (pf_addr, _) = pf();
+    let numvfs_path = format!("/sys/bus/pci/devices/{pf_addr}/sriov_numvfs");
+    let numvfs = std::fs::read_to_string(&numvfs_path).unwrap().trim().to_string();
+    let rec = discover_one(&pod, "sb-vanish");
+    let m = manager("sb-vanish", &tmp);
+    let mut removed = false;
+    let err = m
+        .prepare_with_checkpoints(&rec, &mut |step| {
+            if step == Step::Unbound && !removed {
+                std::fs::write(&numvfs_path, "0").unwrap();
+                removed = true;
+            }
+            true
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(removed, "the checkpoint after the unbind never came");
+    assert!(!Path::new(&format!("/sys/bus/pci/devices/{}", pod.vf)).exists(), "the VF should be gone");
+    assert!(err.contains(&pod.vf.to_string()), "the error should name the VF: {err}");
+    eprintln!("a VF that vanished during prepare: {err}");
+    assert_eq!(m.journal.read_all().unwrap().len(), 1, "the entry of a VF not given back stays");
+
+    // The VFs come back; the VF is on its driver again, its netdev in the host netns.
+    std::fs::write(&numvfs_path, &numvfs).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while link_of(&Handle::new().unwrap(), pod.vf).is_none() {
+        assert!(std::time::Instant::now() < deadline, "VF {} got no netdev after sriov_numvfs={numvfs}", pod.vf);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    m.restore(pod.vf).unwrap();
     assert!(m.journal.read_all().unwrap().is_empty());
     assert_eq!(snapshot(&[pod.vf], &[&pod]), before);
 }

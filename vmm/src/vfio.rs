@@ -131,7 +131,10 @@ pub fn precheck(host: PciAddress) -> Result<u32, VfioError> {
         return Err(VfioError::GroupNotViable {
             host,
             group,
-            others: format!("{} (every device of the group must be on vfio-pci)", others.join(", ")),
+            others: format!(
+                "{} (every device of the group must be on vfio-pci, pci-stub or pcieport, or have no driver)",
+                others.join(", ")
+            ),
         });
     }
     Ok(group)

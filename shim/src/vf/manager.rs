@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use super::journal::{Journal, VfRecord};
 use super::lock::VfLock;
 use super::net::{self, Placement};
-use super::pci::{check_group_viable, DriverControl, KernelDrivers, PciAddress, Sysfs};
+use super::pci::{check_group_viable, check_other_members_viable, DriverControl, KernelDrivers, PciAddress, Sysfs};
 use super::VfError;
 
 const VFIO_PCI: &str = "vfio-pci";
@@ -88,6 +88,8 @@ impl<D: DriverControl> VfManager<D> {
             return Err(VfError::NotAVf { addr, reason: "it has no physfn link (a PF or a non-SR-IOV device)".into() });
         }
         let group = dev.iommu_group().ok_or(VfError::NoIommuGroup { addr })?;
+        // A group whose other members keep it from VFIO is refused before any change.
+        check_other_members_viable(&self.sysfs, &group, addr)?;
         let lock = VfLock::acquire(&self.lock_dir, addr, &self.sandbox_id)?;
         if !checkpoint(Step::Locked) {
             return Err(crash(Step::Locked));

@@ -35,7 +35,7 @@ pub enum VfError {
     NotAVf { addr: PciAddress, reason: String },
     #[error("{path}: {op} failed: {source}")]
     Sysfs { op: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("VF {addr}: IOMMU group {group} is not viable: {offender} is bound to {driver} (every device in the group must be on vfio-pci or have no driver)")]
+    #[error("VF {addr}: IOMMU group {group} is not viable: {offender} is bound to {driver} (every device in the group must be on vfio-pci, pci-stub or pcieport, or have no driver)")]
     GroupNotViable { group: String, addr: PciAddress, offender: PciAddress, driver: String },
     #[error("VF {addr} has no IOMMU group (is the IOMMU enabled, e.g. intel_iommu=on?)")]
     NoIommuGroup { addr: PciAddress },

@@ -182,18 +182,35 @@ impl DriverControl for KernelDrivers {
     }
 }
 
-/// The drivers that leave an IOMMU group usable by VFIO.
-const VFIO_FRIENDLY: &[&str] = &["vfio-pci"];
+/// Drivers that leave a group usable by VFIO: vfio-pci itself, and the drivers the
+/// kernel lets share a group with it because they do no DMA of their own
+/// (`driver_managed_dma`): pci-stub, and pcieport on the PCIe ports a group takes in
+/// when a port lacks ACS.
+const VFIO_FRIENDLY: &[&str] = &["vfio-pci", "pci-stub", "pcieport"];
 
-/// Checks that every device in the group is bound to vfio-pci or to no driver, as
-/// VFIO requires before the group can be used. Names the first offender otherwise.
+/// Checks that every device in the group is bound to a VFIO-friendly driver or to
+/// none, as VFIO requires before the group can be used. Names the first offender.
 pub fn check_group_viable(sysfs: &Sysfs, group: &str, for_device: PciAddress) -> Result<(), VfError> {
+    check_members(sysfs, group, for_device, None)
+}
+
+/// [`check_group_viable`] for the group's other members only: whether the group can
+/// become viable once `for_device` itself is on vfio-pci. Changes nothing, so a group
+/// that never can is refused before the VF is touched.
+pub fn check_other_members_viable(sysfs: &Sysfs, group: &str, for_device: PciAddress) -> Result<(), VfError> {
+    check_members(sysfs, group, for_device, Some(for_device))
+}
+
+fn check_members(sysfs: &Sysfs, group: &str, for_device: PciAddress, skip: Option<PciAddress>) -> Result<(), VfError> {
     let dir = sysfs.iommu_group_dir(group);
     let entries = std::fs::read_dir(&dir).map_err(io_err(&dir, "list"))?;
     let mut members: Vec<String> = entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     members.sort();
     for member in members {
         let Ok(addr) = member.parse::<PciAddress>() else { continue };
+        if Some(addr) == skip {
+            continue;
+        }
         let dev = sysfs.device(addr)?;
         if let Some(driver) = dev.driver() {
             if !VFIO_FRIENDLY.contains(&driver.as_str()) {

@@ -25,6 +25,10 @@ pub struct RunOptions {
     pub boot_timeout: Duration,
     /// Host directory mounted read-write at `/lab/out` inside L2.
     pub out_dir: Option<PathBuf>,
+    /// The igb PF's root port without ACS: Linux then puts the port, the PF and
+    /// every VF in one IOMMU group (as on a machine whose root ports lack ACS), so
+    /// no VF is viable for VFIO while the PF is on igb.
+    pub no_acs: bool,
     pub command: Vec<String>,
 }
 
@@ -37,6 +41,7 @@ impl Default for RunOptions {
             timeout: Duration::from_secs(1200),
             boot_timeout: Duration::from_secs(300),
             out_dir: None,
+            no_acs: false,
             command: Vec::new(),
         }
     }
@@ -182,7 +187,8 @@ fn run_once(cache: &Path, kernel: &Kernel, images: &Images, opts: &RunOptions) -
         .arg(format!("local,path={},mount_tag=labrun,security_model=none,multidevs=remap,id=labrun", run_dir.display()))
         .arg("-virtfs")
         .arg(format!("local,path={},mount_tag=labout,security_model=none,multidevs=remap,id=labout", out_dir.display()))
-        .args(["-netdev", "hubport,id=pf0,hubid=0", "-device", "pcie-root-port,id=rp1,slot=1,chassis=1"])
+        .args(["-netdev", "hubport,id=pf0,hubid=0", "-device"])
+        .arg(format!("pcie-root-port,id=rp1,slot=1,chassis=1{}", if opts.no_acs { ",disable-acs=on" } else { "" }))
         .args(["-device", "igb,bus=rp1,netdev=pf0,mac=52:54:00:12:34:01"])
         .args(["-netdev", "hubport,id=peer0,hubid=0", "-device", "e1000e,netdev=peer0,mac=52:54:00:12:34:02"])
         .stdin(Stdio::null())
@@ -190,8 +196,9 @@ fn run_once(cache: &Path, kernel: &Kernel, images: &Images, opts: &RunOptions) -
         .stderr(Stdio::piped());
     die_with_parent(&mut qemu);
     progress!(
-        "booting L2: QEMU TCG q35 + intel-iommu + igb (SR-IOV, {} VFs) + e1000e peer, {} vCPUs, {} MiB; run dir {}",
+        "booting L2: QEMU TCG q35 + intel-iommu + igb (SR-IOV, {} VFs{}) + e1000e peer, {} vCPUs, {} MiB; run dir {}",
         opts.vfs,
+        if opts.no_acs { "; its root port without ACS" } else { "" },
         opts.cpus,
         opts.mem_mib,
         run_dir.display()

@@ -12,6 +12,7 @@ mod containerd;
 mod cpio;
 mod demo;
 mod elf;
+mod group_check;
 mod guest_image;
 mod host;
 mod images;
@@ -76,6 +77,8 @@ lab run options:
   --timeout SECS      limit for the whole run (default 1200)
   --boot-timeout SECS limit for L2 to become ready (default 300)
   --out DIR           host directory mounted at /lab/out inside L2
+  --no-acs            the igb PF's root port without ACS: the port, the PF and its
+                      VFs in one IOMMU group (no VF viable for VFIO)
 
 environment:
   VFVM_LAB_DIR        cache and run directory (default /var/tmp/vfvm-lab)
@@ -153,6 +156,7 @@ fn parse_run_options(args: &mut impl Iterator<Item = String>) -> Result<l2::RunO
             "--timeout" => opts.timeout = parse_secs("--timeout", args.next())?,
             "--boot-timeout" => opts.boot_timeout = parse_secs("--boot-timeout", args.next())?,
             "--out" => opts.out_dir = Some(PathBuf::from(args.next().context("--out needs a directory")?)),
+            "--no-acs" => opts.no_acs = true,
             other => bail!("unknown lab run option {other:?}\n\n{USAGE}"),
         }
     }
@@ -534,6 +538,7 @@ fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
         ("inside", Some("smoke")) => inside::smoke().map(|_| 0),
         ("inside", Some("demo-pod")) => demo::inside_demo_pod(),
         ("inside", Some("demo-host")) => demo::inside_demo_host(),
+        ("inside", Some("non-viable-group")) => group_check::non_viable_group(),
         ("guest", Some("vsock-probe")) => probe::vsock_probe(args),
         ("guest", Some("virtiofs-probe")) => probe::virtiofs_probe(args),
         ("guest", Some("wait-power-button")) => probe::wait_power_button(),

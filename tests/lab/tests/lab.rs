@@ -341,6 +341,39 @@ fn vfvm_vmm_passes_a_vf_through_and_the_agent_configures_it() {
     }
 }
 
+/// A VF whose IOMMU group is not viable: L2 booted with the igb PF's root port
+/// without ACS, so the port, the PF and the VFs share one group. A pod with the VF
+/// (through containerd 2.1 and the shim) fails naming the VF, the group and the PF's
+/// driver, and the VF is left exactly as it was; vfvm-vmm given the VF on vfio-pci
+/// refuses it the same way.
+#[test]
+#[ignore = "boots the nested lab with another topology (about two minutes); run by `cargo xtask test`"]
+fn a_vf_in_a_non_viable_iommu_group_fails_the_pod_and_is_left_alone() {
+    let build_dir = std::path::Path::new(env!("CARGO_BIN_EXE_vfvm-lab")).parent().unwrap().to_path_buf();
+    let out_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-image-non-viable");
+    let built = lab().args(["image", "--agent"]).arg(build_dir.join("vfvm-agent")).arg("--out").arg(&out_dir).output().unwrap();
+    assert!(built.status.success(), "vfvm-lab image failed:\n{}", String::from_utf8_lossy(&built.stdout));
+    let out = run_lab_command(
+        lab()
+            .args(["lab", "run", "--no-acs", "--vfs", "1", "--", env!("CARGO_BIN_EXE_vfvm-lab"), "inside", "non-viable-group"])
+            .env("VFVM_TEST_AGENT_KERNEL", out_dir.join("vmlinux"))
+            .env("VFVM_TEST_AGENT_INITRD", out_dir.join("initrd.img")),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "the non-viable group check failed in L2:\n{stdout}");
+    for expected in [
+        "shares IOMMU group",
+        "check: the pod failed: ",
+        "is not viable: ",
+        "is bound to igb",
+        "left as it was",
+        "check: vfvm-vmm --vfio ",
+        "non-viable-group: PASSED",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+    }
+}
+
 /// `cargo xtask demo`'s host mode, on a host whose KVM boots Linux: L2. Its probe must
 /// find that this KVM boots the guest image (the agent answers), and the pod then runs
 /// right there, under a private containerd, in a vfvm VM, leaving nothing behind; then
