@@ -433,3 +433,30 @@ fn discovery_tells_vfs_from_pfs_and_virtual_netdevs() {
     let err = identify_vf(&sysfs, addr("0000:02:00.0")).unwrap_err().to_string();
     assert!(err.contains("0000:02:00.0") && err.contains("not an SR-IOV VF"), "{err}");
 }
+
+#[test]
+fn an_unusable_journal_entry_does_not_keep_the_other_vfs_from_going_back() {
+    let host = FakeHost::new(2);
+    let before = host.snapshot();
+    let m = host.manager("sb1");
+    let (a, b) = (addr("0000:01:10.0"), addr("0000:01:10.2"));
+    let record_a = host.record("0000:01:10.0", "sb1");
+    let prepared_a = m.prepare(&record_a).unwrap();
+    let prepared_b = m.prepare(&host.record("0000:01:10.2", "sb1")).unwrap();
+    let bad = m.journal.dir().join(format!("vf-{a}.json"));
+    std::fs::write(&bad, "{ torn").unwrap();
+    let (result, kept) = m.restore_all_locked(vec![prepared_a.lock, prepared_b.lock]);
+    let err = result.unwrap_err().to_string();
+    assert!(err.contains(&bad.display().to_string()) && err.contains("unusable"), "{err}");
+    // B went back and its entry went; A's entry stays, and so does A's lock.
+    assert_eq!(host.sysfs().device(b).unwrap().driver().as_deref(), Some("igbvf"));
+    assert_eq!(host.sysfs().device(a).unwrap().driver().as_deref(), Some("vfio-pci"));
+    assert!(bad.exists());
+    assert_eq!(kept.iter().map(|l| l.addr()).collect::<Vec<_>>(), vec![a]);
+    // Mended, A goes back too.
+    m.journal.write(&record_a).unwrap();
+    let (result, kept) = m.restore_all_locked(kept);
+    assert_eq!(result.unwrap(), 1);
+    assert!(kept.is_empty());
+    assert_eq!(host.snapshot(), before);
+}

@@ -90,6 +90,10 @@ pub struct VfRecord {
     pub pf_settings: Option<PfVfSettings>,
 }
 
+/// One entry as [`Journal::read_each`] found it: the VF its name gives, and the
+/// record, or why it is unusable.
+pub type JournalEntry = (Option<PciAddress>, Result<VfRecord, VfError>);
+
 /// The VF entries (`vf-<addr>.json`) of one sandbox's journal ([`JournalDir`]).
 #[derive(Clone, Debug)]
 pub struct Journal {
@@ -130,6 +134,24 @@ impl Journal {
         }
         records.sort_by_key(|r| r.vf.addr);
         Ok(records)
+    }
+
+    /// Every entry of the journal, each read on its own, so that one unusable entry
+    /// does not keep the others from being given back. The entry's VF comes from its
+    /// name, for the unusable ones too; fails only if the directory cannot be listed.
+    pub fn read_each(&self) -> Result<Vec<JournalEntry>, VfError> {
+        let mut entries = Vec::new();
+        for name in self.store.names(ENTRY_PREFIX)? {
+            let addr = name.strip_prefix(ENTRY_PREFIX).and_then(|n| n.strip_suffix(".json")).and_then(|a| a.parse().ok());
+            let record = match self.store.read::<VfRecord>(&name) {
+                Ok(Some(r)) => self.checked(&name, r),
+                // Gone since the listing: given back meanwhile.
+                Ok(None) => continue,
+                Err(e) => Err(e.into()),
+            };
+            entries.push((addr, record));
+        }
+        Ok(entries)
     }
 
     /// Deletes the record (the last step of a restore), durably. Absent is fine.

@@ -186,18 +186,32 @@ impl<D: DriverControl> VfManager<D> {
     /// Restores every VF in this sandbox's journal, each under its lock: `held` are
     /// the locks this sandbox holds (a live sandbox's teardown); the others are taken
     /// (after a crash the kernel released them with the dead shim). A VF another
-    /// sandbox has locked since is left alone (its entry stays: an error). Tries them
-    /// all; returns how many went back or the first error, and the locks of the VFs
-    /// not given back, for the caller to keep while their entries remain.
+    /// sandbox has locked since is left alone (its entry stays: an error), and so is
+    /// an unusable entry (kept, with its VF's lock). Tries them all; returns how many
+    /// went back or the first error, and the locks of the VFs not given back, for the
+    /// caller to keep while their entries remain.
     pub fn restore_all_locked(&self, held: Vec<VfLock>) -> (Result<usize, VfError>, Vec<VfLock>) {
-        let records = match self.journal.read_all() {
-            Ok(r) => r,
+        let entries = match self.journal.read_each() {
+            Ok(e) => e,
             Err(e) => return (Err(e), held),
         };
         let mut held = held;
         let mut kept = Vec::new();
         let mut first_error = None;
-        for record in &records {
+        let mut restored = 0;
+        for (entry_addr, record) in entries {
+            let record = match record {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(sandbox = %self.sandbox_id, "journal entry not restored: {e}");
+                    if let Some(i) = held.iter().position(|l| Some(l.addr()) == entry_addr) {
+                        kept.push(held.swap_remove(i));
+                    }
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+            };
+            let record = &record;
             let addr = record.vf.addr;
             let lock = match held.iter().position(|l| l.addr() == addr) {
                 Some(i) => Ok(held.swap_remove(i)),
@@ -210,16 +224,19 @@ impl<D: DriverControl> VfManager<D> {
                     Err(e)
                 }
             });
-            if let Err(e) = result {
-                tracing::error!(sandbox = %self.sandbox_id, vf = %addr, "restore failed: {e}");
-                first_error.get_or_insert(e);
+            match result {
+                Ok(()) => restored += 1,
+                Err(e) => {
+                    tracing::error!(sandbox = %self.sandbox_id, vf = %addr, "restore failed: {e}");
+                    first_error.get_or_insert(e);
+                }
             }
         }
         // Locks of VFs with no entry (given back already) go.
         drop(held);
         match first_error {
             Some(e) => (Err(e), kept),
-            None => (Ok(records.len()), kept),
+            None => (Ok(restored), kept),
         }
     }
 
