@@ -19,6 +19,8 @@ pub enum BundleError {
     Io { path: PathBuf, what: &'static str, source: std::io::Error },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error(transparent)]
+    Id(#[from] crate::ids::IdError),
 }
 
 #[derive(Clone, Debug)]
@@ -55,21 +57,26 @@ impl Bundle {
     }
 
     /// The pod this container belongs to: CRI's sandbox id, or the container itself
-    /// (`ctr run`: every container is its own pod).
-    pub fn sandbox_id(&self, container_id: &str) -> String {
+    /// (`ctr run`: every container is its own pod). Both are checked against
+    /// containerd's id grammar: the id becomes a path and a kernel command-line word.
+    pub fn sandbox_id(&self, container_id: &str) -> Result<String, BundleError> {
+        crate::ids::validate("container id", container_id)?;
         match self.annotations.get(SANDBOX_ID_ANNOTATION) {
-            Some(id) if !id.is_empty() => id.clone(),
-            _ => container_id.to_string(),
+            Some(id) if !id.is_empty() => {
+                crate::ids::validate(&format!("annotation {SANDBOX_ID_ANNOTATION}"), id)?;
+                Ok(id.clone())
+            }
+            _ => Ok(container_id.to_string()),
         }
     }
 
     /// Whether this container creates the pod (and so the VM).
-    pub fn is_sandbox(&self, container_id: &str) -> bool {
-        match self.annotations.get(CONTAINER_TYPE_ANNOTATION).map(String::as_str) {
+    pub fn is_sandbox(&self, container_id: &str) -> Result<bool, BundleError> {
+        Ok(match self.annotations.get(CONTAINER_TYPE_ANNOTATION).map(String::as_str) {
             Some("sandbox") => true,
             Some(_) => false,
-            None => self.sandbox_id(container_id) == container_id,
-        }
+            None => self.sandbox_id(container_id)? == container_id,
+        })
     }
 
     /// The network namespace CNI set up for the pod (where the VMM runs), if any.
@@ -157,12 +164,25 @@ mod tests {
     #[test]
     fn cri_annotations_group_containers_into_their_pod() {
         let (b, _) = bundle(json!({"annotations": {SANDBOX_ID_ANNOTATION: "pod1", CONTAINER_TYPE_ANNOTATION: "container"}}));
-        assert_eq!(b.sandbox_id("c1"), "pod1");
-        assert!(!b.is_sandbox("c1"));
+        assert_eq!(b.sandbox_id("c1").unwrap(), "pod1");
+        assert!(!b.is_sandbox("c1").unwrap());
         let (b, _) = bundle(json!({"annotations": {SANDBOX_ID_ANNOTATION: "pod1", CONTAINER_TYPE_ANNOTATION: "sandbox"}}));
-        assert!(b.is_sandbox("pod1"));
+        assert!(b.is_sandbox("pod1").unwrap());
         let (b, _) = bundle(json!({"process": {}}));
-        assert!(b.is_sandbox("solo") && b.sandbox_id("solo") == "solo");
+        assert!(b.is_sandbox("solo").unwrap() && b.sandbox_id("solo").unwrap() == "solo");
+    }
+
+    /// The sandbox id becomes `<state_dir>/<id>` (removed whole at teardown) and a
+    /// word on the guest's kernel command line: a path or words there are refused.
+    #[test]
+    fn a_sandbox_id_that_is_a_path_or_words_is_refused() {
+        for bad in ["../../tmp/victim", "pod init=/bin/sh", "a/b"] {
+            let (b, _) = bundle(json!({"annotations": {SANDBOX_ID_ANNOTATION: bad, CONTAINER_TYPE_ANNOTATION: "sandbox"}}));
+            let e = b.sandbox_id("c1").unwrap_err().to_string();
+            assert!(e.contains(SANDBOX_ID_ANNOTATION) && e.contains(&format!("{bad:?}")), "{e}");
+        }
+        let (b, _) = bundle(json!({"process": {}}));
+        assert!(b.sandbox_id("../c1").unwrap_err().to_string().starts_with("container id \"../c1\""));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 pub mod bundle;
 pub mod config;
+pub mod ids;
 pub mod journal;
 pub mod record;
 pub mod sandbox;

@@ -100,9 +100,20 @@ impl std::io::Write for MutexedWriter<'_> {
     }
 }
 
+/// The pod the container `flags.id` belongs to, from its bundle (the container itself
+/// when the bundle cannot be read). Both ids checked against containerd's grammar
+/// before they become paths: nothing is done with a bad one.
+fn sandbox_of(flags: &Flags, bundle: &Path) -> Result<String> {
+    vfvm_shim::ids::validate("container id", &flags.id)?;
+    match Bundle::load(bundle) {
+        Ok(b) => Ok(b.sandbox_id(&flags.id)?),
+        Err(_) => Ok(flags.id.clone()),
+    }
+}
+
 async fn start(flags: &Flags) -> Result<()> {
     let bundle = bundle_dir(flags)?;
-    let grouping = Bundle::load(&bundle).map(|b| b.sandbox_id(&flags.id)).unwrap_or_else(|_| flags.id.clone());
+    let grouping = sandbox_of(flags, &bundle)?;
     // Runtime options arrive on stdin; the server reads them again from Create.
     let mut sink = Vec::new();
     use std::io::Read;
@@ -134,7 +145,7 @@ async fn start(flags: &Flags) -> Result<()> {
 
 async fn delete(flags: &Flags) -> Result<()> {
     let bundle = bundle_dir(flags)?;
-    let sandbox = Bundle::load(&bundle).map(|b| b.sandbox_id(&flags.id)).unwrap_or_else(|_| flags.id.clone());
+    let sandbox = sandbox_of(flags, &bundle)?;
     init_logging(&bundle, flags.debug, &sandbox);
     let config = vfvm_shim::config::Config::load(&config_path(None));
     let state_dir = config.as_ref().map(|c| c.runtime.state_dir.clone()).unwrap_or_else(|_| PathBuf::from("/run/vfvm"));
@@ -174,7 +185,7 @@ async fn delete(flags: &Flags) -> Result<()> {
 
 async fn serve(flags: &Flags) -> Result<()> {
     let bundle = bundle_dir(flags)?;
-    let sandbox = Bundle::load(&bundle).map(|b| b.sandbox_id(&flags.id)).unwrap_or_else(|_| flags.id.clone());
+    let sandbox = sandbox_of(flags, &bundle)?;
     init_logging(&bundle, flags.debug, &sandbox);
     let socket = flags.socket.strip_prefix("unix://").unwrap_or(&flags.socket).to_string();
     if socket.is_empty() {

@@ -463,13 +463,15 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
         }
         let bundle_dir = PathBuf::from(&req.bundle);
         let bundle = Bundle::load(&bundle_dir).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        // Checked before anything is made of them (paths, the guest's command line).
+        let sandbox_id = bundle.sandbox_id(&id).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let stdio_paths =
             StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
         stdio::validate(&stdio_paths).map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
         if self.inner.containers.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&id) {
             return Err(status(Code::ALREADY_EXISTS, format!("container {id} exists")));
         }
-        let is_sandbox = bundle.is_sandbox(&id);
+        let is_sandbox = bundle.is_sandbox(&id).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let sb = {
             let mut slot = self.inner.sandbox.lock().await;
             match slot.clone() {
@@ -478,7 +480,7 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
                     let config = self.load_config(options_config_path(req.options.as_ref()))?;
                     let settings =
                         config.sandbox_settings(&bundle.annotations).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
-                    let spec = LaunchSpec { id: bundle.sandbox_id(&id), settings, netns: bundle.netns(), hostname: bundle.hostname() };
+                    let spec = LaunchSpec { id: sandbox_id.clone(), settings, netns: bundle.netns(), hostname: bundle.hostname() };
                     tracing::info!(sandbox = %spec.id, vcpus = spec.settings.vcpus, memory_mib = spec.settings.memory_mib, "starting the pod's VM");
                     let sb = Arc::new(Sandbox::launch(&config, spec).await.map_err(sandbox_status)?);
                     self.watch_events(sb.clone());

@@ -348,6 +348,42 @@ fn bad_input(version: Version) {
         assert_nothing_left(annotation);
     }
 
+    // A sandbox id that is a path (it would become `<state_dir>/<id>`, removed whole
+    // at teardown) or words (it goes on the guest's kernel command line): refused
+    // before anything is made, the path's target untouched.
+    let victim = Path::new("/tmp/vfvm-victim");
+    std::fs::create_dir_all(victim).unwrap();
+    std::fs::write(victim.join("keep"), b"mine").unwrap();
+    for (id, name) in [("../../tmp/vfvm-victim", "bad-id-path"), ("pod init=/bin/sh", "bad-id-words")] {
+        let out = c
+            .ctr_within(
+                &[
+                    "run",
+                    "--rm",
+                    "--runtime",
+                    RUNTIME,
+                    "--annotation",
+                    &format!("io.kubernetes.cri.sandbox-id={id}"),
+                    "--annotation",
+                    "io.kubernetes.cri.container-type=sandbox",
+                    oci::BUSYBOX_REF,
+                    name,
+                    "true",
+                ],
+                CTR_LIMIT,
+            )
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "sandbox id {id:?}: the pod should fail");
+        for w in ["annotation io.kubernetes.cri.sandbox-id", &format!("{id:?}"), "expected an id as containerd defines it"] {
+            assert!(stderr.contains(w), "sandbox id {id:?}: the error should contain {w:?}: {stderr}");
+        }
+        let _ = c.ctr_within(&["container", "delete", name], CTR_LIMIT).unwrap();
+        assert_nothing_left(id);
+    }
+    assert_eq!(std::fs::read(victim.join("keep")).unwrap(), b"mine", "the id's path target must be untouched");
+    std::fs::remove_dir_all(victim).unwrap();
+
     install_vfvm(&build_dir(), None, |config| {
         config
             .replace("vsock_port = 1024", "vsock_port = 4000")
