@@ -28,6 +28,17 @@ pub enum ConfigError {
     Invalid { path: PathBuf, key: &'static str, value: String, expected: String },
     #[error("annotation {key}={value:?}: {expected}")]
     Annotation { key: String, value: String, expected: String },
+    #[error("sandbox id {id:?}: {} is {what}, not a sandbox's state directory", path.display())]
+    ReservedSandboxDir { id: String, path: PathBuf, what: &'static str },
+}
+
+/// [`Config::sandbox_dir`] for these directories (also where no config could be read).
+pub fn sandbox_dir_in(state_dir: &Path, lock_dir: &Path, id: &str) -> Result<PathBuf, ConfigError> {
+    let dir = state_dir.join(id);
+    if lock_dir.starts_with(&dir) {
+        return Err(ConfigError::ReservedSandboxDir { id: id.to_string(), path: dir, what: "the VF lock directory (sriov.lock_dir)" });
+    }
+    Ok(dir)
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -192,6 +203,14 @@ impl Config {
         Ok(())
     }
 
+    /// Where sandbox `id` (a valid containerd id) keeps its journal and share:
+    /// `<state_dir>/<id>`, unless that is, or holds, the VF lock directory (which the
+    /// shipped config puts under `state_dir`): a sandbox's teardown removes its
+    /// directory whole, and must never take every sandbox's VF locks with it.
+    pub fn sandbox_dir(&self, id: &str) -> Result<PathBuf, ConfigError> {
+        sandbox_dir_in(&self.runtime.state_dir, &self.sriov.lock_dir, id)
+    }
+
     /// The pod's settings: defaults, overridden by its annotations within the limits.
     pub fn sandbox_settings(&self, annotations: &HashMap<String, String>) -> Result<SandboxSettings, ConfigError> {
         let number = |key: &str, min: u32, max: u32, default: u32| -> Result<u32, ConfigError> {
@@ -235,6 +254,16 @@ mod tests {
     fn with(replace: &str, by: &str) -> Result<Config, ConfigError> {
         assert!(SHIPPED.contains(replace), "{replace}");
         Config::parse(&SHIPPED.replacen(replace, by, 1), Path::new("test.toml"))
+    }
+
+    /// The shipped config keeps the VF locks under the state directory: a sandbox
+    /// named after them would remove every sandbox's locks at its teardown.
+    #[test]
+    fn a_sandbox_never_gets_the_vf_lock_directory_as_its_state() {
+        let c = shipped();
+        assert_eq!(c.sandbox_dir("pod1").unwrap(), c.runtime.state_dir.join("pod1"));
+        let e = c.sandbox_dir("vf-locks").unwrap_err().to_string();
+        assert!(e.contains("\"vf-locks\"") && e.contains("VF lock directory"), "{e}");
     }
 
     #[test]

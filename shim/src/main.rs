@@ -152,8 +152,8 @@ async fn delete(flags: &Flags) -> Result<()> {
     if sandbox == flags.id {
         // The pod itself: its VM (which holds the VFs' VFIO fds), then its VFs
         // (journaled in its state dir), mounts and state go, in that order.
-        let dir = state_dir.join(&sandbox);
         let lock_dir = config.as_ref().map(|c| c.sriov.lock_dir.clone()).unwrap_or_else(|_| PathBuf::from("/run/vfvm/vf-locks"));
+        let dir = vfvm_shim::config::sandbox_dir_in(&state_dir, &lock_dir, &sandbox)?;
         let done = vfvm_shim::record::undo(&dir, &lock_dir, Vec::new()).with_context(|| format!("cleaning up sandbox {sandbox}"))?;
         if !done.errors.is_empty() {
             // The state (and any VF journal) stays for the next delete to retry.

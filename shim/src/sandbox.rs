@@ -54,6 +54,8 @@ pub enum SandboxError {
     AgentTimeout { secs: u64, reason: String, console: String },
     #[error("agent {call}: {message}")]
     Agent { call: &'static str, message: String },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// How much of the guest console a launch error quotes.
@@ -161,7 +163,7 @@ impl Sandbox {
     /// Starts the pod's VM and creates the sandbox in its agent.
     pub async fn launch(config: &Config, spec: LaunchSpec) -> Result<Sandbox, SandboxError> {
         preflight(config, &spec.settings, spec.netns.as_deref())?;
-        let dir = config.runtime.state_dir.join(&spec.id);
+        let dir = config.sandbox_dir(&spec.id)?;
         if dir.join(record::RECORD_FILE).exists() {
             return Err(SandboxError::Io {
                 what: format!("sandbox {}", spec.id),

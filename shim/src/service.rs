@@ -43,6 +43,7 @@ fn sandbox_status(e: sandbox::SandboxError) -> ttrpc::Error {
     use sandbox::SandboxError as E;
     let code = match &e {
         E::Missing { .. } | E::Sriov(_) => Code::FAILED_PRECONDITION,
+        E::Config(_) => Code::INVALID_ARGUMENT,
         E::VirtiofsdTimeout { .. } | E::AgentTimeout { .. } => Code::DEADLINE_EXCEEDED,
         _ => Code::INTERNAL,
     };

@@ -335,6 +335,16 @@ fn lab_vf_that_vanishes_during_prepare_fails_naming_it_and_comes_back_from_the_j
     let (pf_addr, _) = pf();
     let numvfs_path = format!("/sys/bus/pci/devices/{pf_addr}/sriov_numvfs");
     let numvfs = std::fs::read_to_string(&numvfs_path).unwrap().trim().to_string();
+    // The lab's VFs come back even if this test fails half-way: later tests need them.
+    struct RestoreVfs(String, String);
+    impl Drop for RestoreVfs {
+        fn drop(&mut self) {
+            if std::fs::read_to_string(&self.0).map(|n| n.trim() == "0").unwrap_or(false) {
+                let _ = std::fs::write(&self.0, &self.1);
+            }
+        }
+    }
+    let _restore_vfs = RestoreVfs(numvfs_path.clone(), numvfs.clone());
     let rec = discover_one(&pod, "sb-vanish");
     let m = manager("sb-vanish", &tmp);
     let mut removed = false;

@@ -111,8 +111,7 @@ fn run(cmd: &str, a: Args) -> Result<()> {
                         prepared.push(vf);
                     }
                     Err(e) => {
-                        drop(prepared);
-                        let restored = m.restore_all();
+                        let (restored, _) = m.restore_all_locked(prepared.into_iter().map(|p| p.lock).collect());
                         tracing::info!("gave back the VFs prepared before the failure: {restored:?}");
                         return Err(e).with_context(|| format!("preparing VF {}", record.vf.addr));
                     }
@@ -122,15 +121,16 @@ fn run(cmd: &str, a: Args) -> Result<()> {
             if a.hold {
                 let sig = wait_for_termination()?;
                 tracing::info!("signal {sig}: giving the VFs back");
-                drop(prepared);
-                m.restore_all()?;
+                let (restored, _) = m.restore_all_locked(prepared.into_iter().map(|p| p.lock).collect());
+                restored?;
                 println!("restored");
             }
         }
         "restore" => {
+            // Each VF under its lock: a sandbox still alive holds it, and keeps its VFs.
             let m = a.manager()?;
-            let n = m.restore_all()?;
-            println!("restored {n} VF(s)");
+            let (restored, _) = m.restore_all_locked(Vec::new());
+            println!("restored {} VF(s)", restored?);
         }
         other => bail!("unknown command {other:?}\n\n{USAGE}"),
     }

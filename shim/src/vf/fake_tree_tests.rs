@@ -241,11 +241,11 @@ fn a_crash_at_any_step_of_prepare_is_recovered_from_the_journal() {
             assert!(matches!(err, VfError::SimulatedCrash { step, .. } if step == crash_at), "{crash_at:?}: {err}");
         } // the "process" is gone: its lock with it
         let recovery = host.manager("sb1");
-        let restored = recovery.restore_all().unwrap();
+        let restored = recovery.restore_all_locked(Vec::new()).0.unwrap();
         assert_eq!(restored, usize::from(crash_at != Step::Locked), "{crash_at:?}");
         assert_eq!(host.snapshot(), before, "tree differs after a crash at {crash_at:?} and recovery");
         // And recovery twice is harmless.
-        assert_eq!(recovery.restore_all().unwrap(), 0);
+        assert_eq!(recovery.restore_all_locked(Vec::new()).0.unwrap(), 0);
         assert_eq!(host.snapshot(), before);
     }
 }
@@ -453,6 +453,17 @@ fn an_unusable_journal_entry_does_not_keep_the_other_vfs_from_going_back() {
     assert_eq!(host.sysfs().device(a).unwrap().driver().as_deref(), Some("vfio-pci"));
     assert!(bad.exists());
     assert_eq!(kept.iter().map(|l| l.addr()).collect::<Vec<_>>(), vec![a]);
+    // After a crash (no locks held), the unusable entry's VF is locked all the same.
+    drop(kept);
+    let (result, kept) = m.restore_all_locked(Vec::new());
+    assert!(result.is_err());
+    assert_eq!(kept.iter().map(|l| l.addr()).collect::<Vec<_>>(), vec![a]);
+    // An entry that names another VF than its file's name is unusable too.
+    m.journal.write(&record_a).unwrap();
+    std::fs::rename(m.journal.dir().join(format!("vf-{a}.json")), m.journal.dir().join(format!("vf-{b}.json"))).unwrap();
+    let e = m.journal.read_each().unwrap().pop().unwrap().1.unwrap_err().to_string();
+    assert!(e.contains(&format!("it holds VF {a}")), "{e}");
+    std::fs::remove_file(m.journal.dir().join(format!("vf-{b}.json"))).unwrap();
     // Mended, A goes back too.
     m.journal.write(&record_a).unwrap();
     let (result, kept) = m.restore_all_locked(kept);

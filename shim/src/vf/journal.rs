@@ -144,6 +144,11 @@ impl Journal {
         for name in self.store.names(ENTRY_PREFIX)? {
             let addr = name.strip_prefix(ENTRY_PREFIX).and_then(|n| n.strip_suffix(".json")).and_then(|a| a.parse().ok());
             let record = match self.store.read::<VfRecord>(&name) {
+                Ok(Some(r)) if addr != Some(r.vf.addr) => Err(JournalError::Format {
+                    path: self.store.dir().join(&name),
+                    reason: format!("it holds VF {}, not the one its name gives", r.vf.addr),
+                }
+                .into()),
                 Ok(Some(r)) => self.checked(&name, r),
                 // Gone since the listing: given back meanwhile.
                 Ok(None) => continue,

@@ -204,8 +204,12 @@ impl<D: DriverControl> VfManager<D> {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(sandbox = %self.sandbox_id, "journal entry not restored: {e}");
-                    if let Some(i) = held.iter().position(|l| Some(l.addr()) == entry_addr) {
-                        kept.push(held.swap_remove(i));
+                    // Its VF stays locked while the entry remains (taken now after a crash).
+                    if let Some(addr) = entry_addr {
+                        match held.iter().position(|l| l.addr() == addr) {
+                            Some(i) => kept.push(held.swap_remove(i)),
+                            None => kept.extend(VfLock::acquire(&self.lock_dir, addr, &self.sandbox_id).ok()),
+                        }
                     }
                     first_error.get_or_insert(e);
                     continue;
@@ -237,25 +241,6 @@ impl<D: DriverControl> VfManager<D> {
         match first_error {
             Some(e) => (Err(e), kept),
             None => (Ok(restored), kept),
-        }
-    }
-
-    /// Restores every VF in this sandbox's journal without taking their locks (for a
-    /// caller that holds them or knows the owner is dead: `vfvm-vf restore`). Tries
-    /// them all; returns the first error.
-    pub fn restore_all(&self) -> Result<usize, VfError> {
-        let records = self.journal.read_all()?;
-        let mut first_error = None;
-        for record in &records {
-            let result = self.restore_record(record).and_then(|()| self.journal.remove(record.vf.addr));
-            if let Err(e) = result {
-                tracing::error!(sandbox = %self.sandbox_id, vf = %record.vf.addr, "restore failed: {e}");
-                first_error.get_or_insert(e);
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(records.len()),
         }
     }
 

@@ -611,7 +611,7 @@ fn seed_pod(version: Version) {
     .unwrap();
     c.import_test_images_into(CRI_NAMESPACE).unwrap_or_else(|e| panic!("{e:#}\ncontainerd log:\n{}", c.log()));
     let containerd_pid = i32::try_from(c.pid()).unwrap();
-    let rounds = std::env::var("VFVM_SRIOV_PODS").ok().and_then(|n| n.parse().ok()).unwrap_or(SEED_PODS);
+    let rounds = std::env::var("VFVM_SRIOV_PODS").ok().and_then(|n| n.parse().ok()).unwrap_or(SEED_PODS).max(1);
     scenario(&format!("seed-pod-{}", version.name()), &c, |cri| {
         let (mut fds, mut with_vf, mut without_vf) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
@@ -716,12 +716,15 @@ fn seed_pod(version: Version) {
         ensure!(shims.len() == 1, "one shim for the pod: {shims:?}");
         // SAFETY: kill(2) on the shim just found.
         ensure!(unsafe { libc::kill(shims[0], libc::SIGKILL) } == 0, "kill the shim: {}", std::io::Error::last_os_error());
+        // The cleanup is done when the VF is on igbvf and the sandbox's state is gone
+        // (the state goes last, after the netdev is back in the pod netns).
         let deadline = Instant::now() + GONE_LIMIT;
-        while vf_host_state(&vf).0.as_deref() != Some("igbvf") {
+        while vf_host_state(&vf).0.as_deref() != Some("igbvf") || !vfvm_leftovers().is_empty() {
             ensure!(
                 Instant::now() < deadline,
-                "containerd's cleanup of the killed shim did not give the VF back: {:?}",
-                vf_host_state(&vf)
+                "containerd's cleanup of the killed shim did not give the VF back: {:?}, left: {:?}",
+                vf_host_state(&vf),
+                vfvm_leftovers()
             );
             std::thread::sleep(POLL_INTERVAL);
         }

@@ -248,25 +248,10 @@ fn agent_answered(vmm: &str, outcome: crate::demo::Outcome, console: &str, timeo
     }
 }
 
-/// VF `index` of the lab's igb PF, on vfio-pci for as long as this lives; back on
-/// its driver afterwards.
-struct VfOnVfio(crate::pci::PciDevice);
-
-impl VfOnVfio {
-    fn take(index: u32) -> Result<Self> {
-        let pf = crate::pci::bound_to("igb").into_iter().next().context("no igb PF: the VF benchmark runs in the lab")?;
-        let vf = pf.virtfn(index)?;
-        vf.bind_by_override(Some("vfio-pci"))?;
-        Ok(Self(vf))
-    }
-}
-
-impl Drop for VfOnVfio {
-    fn drop(&mut self) {
-        if let Err(e) = self.0.bind_by_override(None) {
-            eprintln!("bench: giving VF {} back to its driver: {e:#}", self.0.addr);
-        }
-    }
+/// VF `index` of the lab's igb PF, on vfio-pci for as long as the guard lives.
+fn vf_on_vfio(index: u32) -> Result<crate::pci::OnVfio> {
+    let pf = crate::pci::bound_to("igb").into_iter().next().context("no igb PF: the VF benchmark runs in the lab")?;
+    crate::pci::OnVfio::bind(pf.virtfn(index)?)
 }
 
 /// Medians of the VF boots: the guest image with the VF vs without (vfvm-vmm), and
@@ -308,7 +293,7 @@ pub fn bench_boot(mut args: impl Iterator<Item = String>) -> Result<i32> {
     if vf_index.is_some() && image.is_none() {
         bail!("--vf needs --image (the VF boots are of the guest image)\n{USAGE}");
     }
-    let vf = vf_index.map(VfOnVfio::take).transpose()?;
+    let vf = vf_index.map(vf_on_vfio).transpose()?;
     if vf.is_some() {
         crate::host::run(Command::new("modprobe").arg("vhost_vsock")).context("loading vhost_vsock for QEMU's guest")?;
     }

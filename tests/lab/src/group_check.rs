@@ -27,14 +27,21 @@ fn sh(script: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The VF as the host sees it: its driver and, in the pod netns, its link and IPv4
-/// address (an IPv6 link-local address may still be in DAD: not compared).
+/// The VF as the host sees it: its driver and, in the pod netns, its name, MAC,
+/// MTU and IPv4 addresses (not its carrier or link flags, which come up on their own
+/// time, nor an IPv6 link-local address still in DAD).
 fn vf_state(vf: &IgbVf) -> Result<String> {
+    let link = sh(&format!("ip -n {NETNS} -o link show {IFNAME}"))?;
+    let words: Vec<&str> = link.split_whitespace().collect();
+    let after = |key: &str| words.iter().position(|w| *w == key).and_then(|i| words.get(i + 1)).copied().unwrap_or("?");
+    let addrs = sh(&format!("ip -n {NETNS} -4 -o addr show {IFNAME}"))?;
+    let addrs: Vec<&str> = addrs.lines().filter_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1)).collect();
     Ok(format!(
-        "driver {:?}\n{}{}",
+        "driver {:?}, {IFNAME} mac {} mtu {} inet {}",
         igb_vfs::driver_of(&vf.pci),
-        sh(&format!("ip -n {NETNS} -o link show {IFNAME} | sed 's/^[0-9]*: //'"))?,
-        sh(&format!("ip -n {NETNS} -4 -o addr show {IFNAME} | sed 's/^[0-9]*: //'"))?
+        after("link/ether"),
+        after("mtu"),
+        addrs.join(",")
     ))
 }
 
@@ -95,8 +102,8 @@ pub fn non_viable_group() -> Result<i32> {
         ensure!(stderr.contains(&wanted), "the error should say {wanted:?}: {stderr}");
         println!("check: the pod failed: {}", stderr.trim());
         let after = vf_state(&vf)?;
-        ensure!(after == before, "the VF should be left as it was:\nbefore:\n{before}after:\n{after}");
-        println!("check: VF {} left as it was: {}", vf.pci, after.lines().next().unwrap_or_default());
+        ensure!(after == before, "the VF should be left as it was: before {before}; after {after}");
+        println!("check: VF {} left as it was: {after}", vf.pci);
         let left = vfvm_leftovers();
         ensure!(left.is_empty(), "the failed pod left behind: {}", left.join(", "));
         let journal = Path::new("/run/vfvm").join(pod);
@@ -119,13 +126,12 @@ pub fn non_viable_group() -> Result<i32> {
 fn vmm_refuses_the_group(vf: &IgbVf, group: &str, pf: &str) -> Result<()> {
     let build_dir = host::self_exe()?.parent().context("the vfvm-lab binary has no directory")?.to_path_buf();
     let kernel = std::env::var("VFVM_TEST_AGENT_KERNEL").context("VFVM_TEST_AGENT_KERNEL")?;
-    let dev = crate::pci::PciDevice::new(&vf.pci)?;
-    dev.bind_by_override(Some("vfio-pci"))?;
+    let on_vfio = crate::pci::OnVfio::bind(crate::pci::PciDevice::new(&vf.pci)?)?;
     let out = Command::new(build_dir.join("vfvm-vmm"))
         .args(["--kernel", &kernel, "--memory", "128", "--vfio", &format!("{},id=vf0", vf.pci)])
         .output()
         .context("running vfvm-vmm");
-    dev.bind_by_override(None)?;
+    drop(on_vfio);
     let out = out?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     let wanted = format!("VFIO device {}: IOMMU group {group} is not viable: {pf} is on igb", vf.pci);

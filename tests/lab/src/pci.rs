@@ -85,6 +85,27 @@ impl PciDevice {
     }
 }
 
+/// A PCI function on vfio-pci for as long as this lives, back on the driver the
+/// kernel matches afterwards: on every path, a failed bind included (the guard
+/// exists before the function leaves its driver).
+pub struct OnVfio(pub PciDevice);
+
+impl OnVfio {
+    pub fn bind(dev: PciDevice) -> Result<OnVfio> {
+        let guard = OnVfio(dev);
+        guard.0.bind_by_override(Some("vfio-pci"))?;
+        Ok(guard)
+    }
+}
+
+impl Drop for OnVfio {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.bind_by_override(None) {
+            eprintln!("giving {} back to its driver: {e:#}", self.0.addr);
+        }
+    }
+}
+
 /// All PCI devices bound to `driver`.
 pub fn bound_to(driver: &str) -> Vec<PciDevice> {
     let mut devs: Vec<PciDevice> = std::fs::read_dir(Path::new("/sys/bus/pci/drivers").join(driver))
