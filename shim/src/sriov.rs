@@ -28,7 +28,7 @@ use crate::vf::{Sysfs, VfError, VfManager};
 pub enum SriovError {
     #[error("pod annotation io.katacontainers.config.runtime.enable_sriov is on, but the pod has no network namespace to find its VFs in: nothing was changed on the host")]
     NoNetns,
-    #[error("pod annotation io.katacontainers.config.runtime.enable_sriov is on, but the pod's network namespace {} holds no VF netdev (its links: {links}): nothing was changed on the host", netns.display())]
+    #[error("pod annotation io.katacontainers.config.runtime.enable_sriov is on, but the pod's network namespace {} holds no VF netdev (its links: {links}): nothing was changed on the host (a VF the device plugin hands over on vfio-pci, for DPDK, has no netdev there: passing such a VF through is not supported yet)", netns.display())]
     NoVf { netns: PathBuf, links: String },
     #[error("VF {addr} has no netdev (it is on vfio-pci already, as a DPDK allocation leaves it): passing such a VF through is not supported yet")]
     NoNetdev { addr: PciAddress },
