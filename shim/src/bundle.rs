@@ -154,7 +154,10 @@ mod tests {
     use super::*;
 
     fn bundle(spec: Value) -> (Bundle, PathBuf) {
-        let dir = std::env::temp_dir().join(format!("vfvm-bundle-test-{}-{}", std::process::id(), spec.to_string().len()));
+        // A directory of its own for each call: the tests run in parallel.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("vfvm-bundle-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("config.json"), spec.to_string()).unwrap();
