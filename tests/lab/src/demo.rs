@@ -327,7 +327,8 @@ fn first_vf() -> Option<IgbVf> {
     IgbVf::find(0).ok().filter(|vf| vf.netdev().is_some())
 }
 
-fn sh(script: &str) -> Result<String> {
+/// Runs `script` with `sh -c`, failing with its stderr.
+pub(crate) fn sh(script: &str) -> Result<String> {
     let out = Command::new("sh").args(["-c", script]).output().with_context(|| format!("running {script}"))?;
     ensure!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr).trim());
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())

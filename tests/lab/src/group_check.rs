@@ -13,6 +13,7 @@ use std::time::Duration;
 use vfvm_test_containerd::igb_vfs::{self, IgbVf};
 use vfvm_test_containerd::{install_vfvm, oci, vfvm_leftovers, Containerd, Version};
 
+use crate::demo::sh;
 use crate::host;
 
 const NETNS: &str = "vfvm-nonviable";
@@ -20,12 +21,6 @@ const IFNAME: &str = "net1";
 const MAC: &str = "02:00:00:00:0e:01";
 const CIDR: &str = "198.18.0.60/24";
 const CTR_LIMIT: Duration = Duration::from_secs(300);
-
-fn sh(script: &str) -> Result<String> {
-    let out = Command::new("sh").args(["-c", script]).output().with_context(|| format!("running {script}"))?;
-    ensure!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr).trim());
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// The VF as the host sees it: its driver and, in the pod netns, its name, MAC,
 /// MTU and IPv4 addresses (not its carrier or link flags, which come up on their own

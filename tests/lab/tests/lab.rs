@@ -31,6 +31,18 @@ fn run_lab_command(cmd: &mut Command) -> Output {
     out
 }
 
+/// `vfvm-lab lab run ARGS` with the guest image (this build's agent, built into
+/// `CARGO_TARGET_TMPDIR/<image_dir>`) named to the command as `cargo xtask test` does.
+fn run_lab_with_guest_image(image_dir: &str, args: &[&str]) -> Output {
+    let build_dir = std::path::Path::new(env!("CARGO_BIN_EXE_vfvm-lab")).parent().unwrap().to_path_buf();
+    let out_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(image_dir);
+    let built = lab().args(["image", "--agent"]).arg(build_dir.join("vfvm-agent")).arg("--out").arg(&out_dir).output().unwrap();
+    assert!(built.status.success(), "vfvm-lab image failed:\n{}", String::from_utf8_lossy(&built.stdout));
+    run_lab_command(
+        lab().args(args).env("VFVM_TEST_AGENT_KERNEL", out_dir.join("vmlinux")).env("VFVM_TEST_AGENT_INITRD", out_dir.join("initrd.img")),
+    )
+}
+
 #[test]
 #[ignore = "boots the nested lab (about a minute); run by `cargo xtask test`"]
 fn smoke_checks_pass_inside_l2() {
@@ -349,15 +361,9 @@ fn vfvm_vmm_passes_a_vf_through_and_the_agent_configures_it() {
 #[test]
 #[ignore = "boots the nested lab with another topology (about two minutes); run by `cargo xtask test`"]
 fn a_vf_in_a_non_viable_iommu_group_fails_the_pod_and_is_left_alone() {
-    let build_dir = std::path::Path::new(env!("CARGO_BIN_EXE_vfvm-lab")).parent().unwrap().to_path_buf();
-    let out_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-image-non-viable");
-    let built = lab().args(["image", "--agent"]).arg(build_dir.join("vfvm-agent")).arg("--out").arg(&out_dir).output().unwrap();
-    assert!(built.status.success(), "vfvm-lab image failed:\n{}", String::from_utf8_lossy(&built.stdout));
-    let out = run_lab_command(
-        lab()
-            .args(["lab", "run", "--no-acs", "--vfs", "1", "--", env!("CARGO_BIN_EXE_vfvm-lab"), "inside", "non-viable-group"])
-            .env("VFVM_TEST_AGENT_KERNEL", out_dir.join("vmlinux"))
-            .env("VFVM_TEST_AGENT_INITRD", out_dir.join("initrd.img")),
+    let out = run_lab_with_guest_image(
+        "guest-image-non-viable",
+        &["lab", "run", "--no-acs", "--vfs", "1", "--", env!("CARGO_BIN_EXE_vfvm-lab"), "inside", "non-viable-group"],
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "the non-viable group check failed in L2:\n{stdout}");
@@ -382,15 +388,9 @@ fn a_vf_in_a_non_viable_iommu_group_fails_the_pod_and_is_left_alone() {
 #[test]
 #[ignore = "boots the nested lab and a pod's VM in it (about three minutes); run by `cargo xtask test`"]
 fn demo_host_mode_runs_the_pod_on_a_host_whose_kvm_boots_linux() {
-    let build_dir = std::path::Path::new(env!("CARGO_BIN_EXE_vfvm-lab")).parent().unwrap().to_path_buf();
-    let out_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-image-demo-host");
-    let built = lab().args(["image", "--agent"]).arg(build_dir.join("vfvm-agent")).arg("--out").arg(&out_dir).output().unwrap();
-    assert!(built.status.success(), "vfvm-lab image failed:\n{}", String::from_utf8_lossy(&built.stdout));
-    let out = run_lab_command(
-        lab()
-            .args(["lab", "run", "--vfs", "1", "--", env!("CARGO_BIN_EXE_vfvm-lab"), "inside", "demo-host"])
-            .env("VFVM_TEST_AGENT_KERNEL", out_dir.join("vmlinux"))
-            .env("VFVM_TEST_AGENT_INITRD", out_dir.join("initrd.img")),
+    let out = run_lab_with_guest_image(
+        "guest-image-demo-host",
+        &["lab", "run", "--vfs", "1", "--", env!("CARGO_BIN_EXE_vfvm-lab"), "inside", "demo-host"],
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "the demo's host mode failed in L2:\n{stdout}");
