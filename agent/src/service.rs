@@ -112,6 +112,9 @@ fn to_route(r: &api::Route) -> network::Route {
     }
 }
 
+/// The most PCI functions GuestDetails lists.
+const MAX_REPORTED_PCI_DEVICES: usize = 256;
+
 fn guest_details() -> api::GuestDetailsResponse {
     let mut r = api::GuestDetailsResponse::new();
     // SAFETY: `utsname` is a plain C struct (char arrays) for which all-zero bytes are a valid value.
@@ -134,6 +137,11 @@ fn guest_details() -> api::GuestDetailsResponse {
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
         .take(MAX_REPORTED_MODULES)
         .collect();
+    let mut pci: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")
+        .map(|entries| entries.flatten().take(MAX_REPORTED_PCI_DEVICES).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    pci.sort();
+    r.pci_devices = pci;
     r
 }
 

@@ -37,17 +37,30 @@ pub enum Request {
     Shutdown {
         force: bool,
     },
-    /// Plug a VFIO device (a VF the VF manager bound to vfio-pci).
+    /// Hot-plug a VFIO device (a VF the VF manager bound to vfio-pci) into the
+    /// running VM: answered with `device_added` once it is on the guest's bus and the
+    /// guest has been told (ACPI). The VMM finds its IOMMU group itself.
     AddVfioDevice {
         id: String,
         host_pci_address: PciAddress,
-        iommu_group_path: String,
+        /// The slot on the guest's bus 0 (1..=31); the first free one if absent.
+        #[serde(default)]
         guest_slot: Option<u8>,
     },
+    /// Unplug a hot-pluggable device (VFIO): the guest is asked to eject it and given
+    /// `eject_timeout_ms` (default [`DEFAULT_EJECT_TIMEOUT_MS`], at most
+    /// [`MAX_EJECT_TIMEOUT_MS`]); past that it is removed anyway, and the answer says so.
     RemoveDevice {
         id: String,
+        #[serde(default)]
+        eject_timeout_ms: Option<u32>,
     },
 }
+
+/// How long a removal waits for the guest's eject by default.
+pub const DEFAULT_EJECT_TIMEOUT_MS: u32 = 10_000;
+/// The longest eject wait a removal may ask for.
+pub const MAX_EJECT_TIMEOUT_MS: u32 = 60_000;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -111,6 +124,18 @@ pub struct DeviceInfo {
     pub host_pci_address: Option<PciAddress>,
 }
 
+/// Counts of what devices take from KVM and the host, for leak checks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceUsage {
+    /// KVM memory slots in use (guest RAM and passed-through BARs).
+    pub memory_slots: u32,
+    /// GSIs routed to MSI vectors.
+    pub msi_gsis: u32,
+    /// Devices open in the VM's VFIO container.
+    pub vfio_devices: u32,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -139,12 +164,21 @@ pub enum Response {
         /// The devices on the guest's PCI bus (absent from VMMs that do not list them).
         #[serde(default)]
         devices: Vec<DeviceInfo>,
+        /// What the VM holds of the host's and KVM's resources (to see leaks).
+        #[serde(default)]
+        resources: ResourceUsage,
     },
     Done,
     /// A device was plugged at this guest PCI address.
     DeviceAdded {
         id: String,
         guest_pci_address: PciAddress,
+    },
+    /// A device is off the guest's bus and released. `forced`: the guest did not
+    /// eject it within the bound, so it was pulled from under the guest's driver.
+    DeviceRemoved {
+        id: String,
+        forced: bool,
     },
     Error {
         code: ErrorCode,

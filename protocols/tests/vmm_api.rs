@@ -15,6 +15,7 @@ fn handler(req: Request) -> Response {
             vmm_version: "test".into(),
             exits: ExitStats::default(),
             devices: Vec::new(),
+            resources: ResourceUsage::default(),
         },
         Request::Resume => Response::error(ErrorCode::InvalidState, "the VM is running"),
         Request::AddVfioDevice { id, .. } => Response::DeviceAdded { id, guest_pci_address: "0000:00:05.0".parse().unwrap() },
@@ -59,18 +60,13 @@ fn requests_round_trip_with_their_ids() {
             memory_mib: 256,
             vmm_version: "test".into(),
             exits: ExitStats::default(),
-            devices: Vec::new()
+            devices: Vec::new(),
+            resources: ResourceUsage::default()
         }
     );
     assert!(matches!(c.call(Request::Resume).unwrap(), Response::Error { code: ErrorCode::InvalidState, .. }));
-    let added = c
-        .call(Request::AddVfioDevice {
-            id: "vf0".into(),
-            host_pci_address: "0000:01:10.2".parse().unwrap(),
-            iommu_group_path: "/dev/vfio/9".into(),
-            guest_slot: None,
-        })
-        .unwrap();
+    let added =
+        c.call(Request::AddVfioDevice { id: "vf0".into(), host_pci_address: "0000:01:10.2".parse().unwrap(), guest_slot: None }).unwrap();
     assert_eq!(added, Response::DeviceAdded { id: "vf0".into(), guest_pci_address: "0000:00:05.0".parse().unwrap() });
     assert_eq!(c.call(Request::Shutdown { force: true }).unwrap(), Response::Done);
 }
@@ -86,7 +82,7 @@ fn bad_frames_get_bad_request_and_the_connection_keeps_serving() {
         (br#"{"version":1,"id":9,"body":{"op":"shutdown","force":"yes"}}"#, "invalid type"),
         // A malformed PCI address is refused as it is decoded, quoted.
         (
-            br#"{"version":1,"id":9,"body":{"op":"add_vfio_device","id":"vf0","host_pci_address":"0000:01:30.0","iommu_group_path":"/dev/vfio/8","guest_slot":null}}"#,
+            br#"{"version":1,"id":9,"body":{"op":"add_vfio_device","id":"vf0","host_pci_address":"0000:01:30.0","guest_slot":null}}"#,
             "invalid PCI address \"0000:01:30.0\": device must be at most 1f",
         ),
     ] {
@@ -117,7 +113,7 @@ fn an_oversized_length_closes_the_connection_without_reading_it() {
     let mut c = VmmClient::connect(&path, Duration::from_secs(5)).unwrap();
     assert!(matches!(c.call(Request::Status).unwrap(), Response::Status { .. }));
     // And the client refuses to send one.
-    let huge = Request::RemoveDevice { id: "x".repeat(MAX_MESSAGE_BYTES as usize) };
+    let huge = Request::RemoveDevice { id: "x".repeat(MAX_MESSAGE_BYTES as usize), eject_timeout_ms: None };
     assert!(matches!(c.call(huge), Err(ApiError::TooLarge(_))));
 }
 

@@ -188,9 +188,6 @@ impl Config {
         if self.agent.dial_timeout_secs == 0 {
             return Err(bad("agent.dial_timeout_secs", &0, "expected at least 1".into()));
         }
-        if self.sriov.hotplug == Hotplug::Hot {
-            return Err(bad("sriov.hotplug", &"\"hot\"", "expected \"cold\": VF hot-plug into a running VM is not available yet".into()));
-        }
         for (key, p) in [
             ("sriov.lock_dir", &self.sriov.lock_dir),
             ("sriov.cni_cache_dir", &self.sriov.cni_cache_dir),
@@ -284,11 +281,11 @@ mod tests {
             ("default_memory_mib = 512", "default_memory_mib = 32", "hypervisor.default_memory_mib"),
             ("kernel = \"/usr/share/vfvm/vmlinux\"", "kernel = \"vmlinux\"", "hypervisor.kernel"),
             ("vsock_port = 1024", "vsock_port = 1025", "agent.vsock_port"),
-            ("hotplug = \"cold\"", "hotplug = \"hot\"", "sriov.hotplug"),
         ] {
             let err = with(from, to).unwrap_err().to_string();
             assert!(err.contains(key) && err.contains("test.toml"), "{to}: {err}");
         }
+        assert_eq!(with("hotplug = \"cold\"", "hotplug = \"hot\"").unwrap().sriov.hotplug, Hotplug::Hot);
         let err = with("hotplug = \"cold\"", "hotplug = \"warm\"").unwrap_err().to_string();
         assert!(err.contains("warm") && err.contains("cold"), "{err}");
         let err = with("dial_timeout_secs = 30", "dial_timeout = 30").unwrap_err().to_string();

@@ -16,7 +16,7 @@ use vfvm_protocols::agent::{self as api, AgentClient};
 use vfvm_protocols::client::{connect, AgentAddress, ConnectOptions};
 use vfvm_protocols::vmm_api::{Request, Response, VmmClient};
 
-use crate::config::{Config, SandboxSettings};
+use crate::config::{Config, Hotplug, SandboxSettings};
 use crate::record::{self, Journal};
 use crate::sriov::{self, SriovError, VfEndpoint};
 use crate::vf::lock::VfLock;
@@ -29,6 +29,11 @@ const GUEST_CID: u32 = 3;
 const VIRTIOFSD_READY: Duration = Duration::from_secs(10);
 /// How long one agent RPC may take (container create waits on the guest's disk).
 pub const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the guest gets to eject a hot-plugged VF at teardown before the VMM
+/// pulls it, and the bound on each hot-plug call's answer (a first VF DMA-maps all
+/// guest RAM).
+const EJECT_TIMEOUT_MS: u32 = 5_000;
+const HOTPLUG_CALL_LIMIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -97,6 +102,8 @@ pub struct Sandbox {
     vmm: tokio::sync::Mutex<Option<Child>>,
     virtiofsd: tokio::sync::Mutex<Option<Child>>,
     api_socket: PathBuf,
+    /// The VMM's ids of the VFs hot-plugged into the running VM: unplugged first.
+    hot_vfs: Vec<String>,
     shutdown_timeout: Duration,
     /// The locks of the pod's VFs, held until each is given back.
     vf_locks: std::sync::Mutex<Vec<VfLock>>,
@@ -104,6 +111,15 @@ pub struct Sandbox {
     /// Held through a stop, so a second caller (delete, then shutdown) waits for
     /// the first and finds it done.
     stopped: tokio::sync::Mutex<bool>,
+}
+
+/// One control API call to the VMM at `api`, off the runtime; `limit` bounds the answer.
+async fn vmm_call(api: &Path, request: Request, limit: Duration) -> Result<Response, SandboxError> {
+    let api = api.to_path_buf();
+    tokio::task::spawn_blocking(move || VmmClient::connect(&api, limit).and_then(|mut c| c.call(request)))
+        .await
+        .map_err(|e| SandboxError::VmmApi(e.to_string()))?
+        .map_err(|e| SandboxError::VmmApi(e.to_string()))
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
@@ -260,7 +276,10 @@ impl Sandbox {
         vmm.arg("--api-socket").arg(&api_socket).arg("--vsock-socket").arg(&vsock_socket).arg("--vsock-cid").arg(GUEST_CID.to_string());
         vmm.arg("--fs").arg(format!("tag={FS_TAG},socket={},wait={}", fs_socket.display(), VIRTIOFSD_READY.as_secs()));
         vmm.arg("--serial-log").arg(&console);
-        vmm.args(sriov::vmm_args(vfs));
+        let hot = config.sriov.hotplug == Hotplug::Hot;
+        if !hot {
+            vmm.args(sriov::vmm_args(vfs));
+        }
         vmm.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
         let netns = match &spec.netns {
             Some(p) => Some(std::fs::File::open(p).map_err(io(format!("opening the pod's network namespace {}", p.display())))?),
@@ -311,17 +330,28 @@ impl Sandbox {
         let agent = Arc::new(agent);
         tracing::info!(sandbox = %spec.id, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "agent answered");
 
+        // Hot-plug: the VFs go into the running VM now (the guest's acpiphp takes them).
+        let mut hot_vfs = Vec::new();
+        if hot {
+            for vf in vfs {
+                let request = Request::AddVfioDevice { id: vf.vmm_id.clone(), host_pci_address: vf.host(), guest_slot: None };
+                match vmm_call(&api_socket, request, HOTPLUG_CALL_LIMIT).await? {
+                    Response::DeviceAdded { guest_pci_address, .. } => {
+                        tracing::info!(sandbox = %spec.id, host = %vf.host(), guest = %guest_pci_address, "VF hot-plugged");
+                        hot_vfs.push(vf.vmm_id.clone());
+                    }
+                    other => return Err(SandboxError::VmmApi(format!("hot-plugging VF {}: {other:?}", vf.host()))),
+                }
+            }
+            if !vfs.is_empty() {
+                phase("VFs hot-plugged");
+            }
+        }
         // Where the VMM put the VFs on the guest's bus.
         let guest = if vfs.is_empty() {
             None
         } else {
-            let api = api_socket.clone();
-            let status = tokio::task::spawn_blocking(move || {
-                VmmClient::connect(&api, Duration::from_secs(5)).and_then(|mut c| c.call(Request::Status))
-            })
-            .await
-            .map_err(|e| SandboxError::VmmApi(e.to_string()))?
-            .map_err(|e| SandboxError::VmmApi(e.to_string()))?;
+            let status = vmm_call(&api_socket, Request::Status, Duration::from_secs(5)).await?;
             let Response::Status { devices, .. } = status else { return Err(SandboxError::VmmApi(format!("status answered {status:?}"))) };
             let wait_ms = config.sriov.device_wait_timeout_secs.saturating_mul(1000);
             Some(sriov::guest_config(vfs, &devices, wait_ms)?)
@@ -363,6 +393,7 @@ impl Sandbox {
             vmm: tokio::sync::Mutex::new(Some(vmm_child)),
             virtiofsd: tokio::sync::Mutex::new(Some(virtiofsd)),
             api_socket,
+            hot_vfs,
             shutdown_timeout: Duration::from_secs(u64::from(config.runtime.shutdown_timeout_secs)),
             vf_locks: std::sync::Mutex::new(Vec::new()),
             vf_lock_dir: config.sriov.lock_dir.clone(),
@@ -385,6 +416,18 @@ impl Sandbox {
         })
         .await;
         if let Some(mut vmm) = self.vmm.lock().await.take() {
+            // Hot-plugged VFs leave the running guest first, as they came: its driver
+            // lets go before the device does (the VMM pulls one the guest keeps).
+            for id in &self.hot_vfs {
+                let request = Request::RemoveDevice { id: id.clone(), eject_timeout_ms: Some(EJECT_TIMEOUT_MS) };
+                match vmm_call(&self.api_socket, request, HOTPLUG_CALL_LIMIT).await {
+                    Ok(Response::DeviceRemoved { forced: false, .. }) => tracing::info!(sandbox = %self.id, device = %id, "VF unplugged"),
+                    Ok(Response::DeviceRemoved { forced: true, .. }) => {
+                        tracing::warn!(sandbox = %self.id, device = %id, "the guest did not eject VF {id} within {EJECT_TIMEOUT_MS} ms: pulled")
+                    }
+                    other => tracing::warn!(sandbox = %self.id, device = %id, "unplugging VF {id}: {other:?}; it goes with the VM"),
+                }
+            }
             // The containers are gone and the guest keeps nothing: stop the VM
             // through its API (the agent does not act on the ACPI button yet).
             let api = self.api_socket.clone();

@@ -113,6 +113,11 @@ impl GsiRouting {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// How many GSIs carry MSI routes.
+    pub fn msi_in_use(&self) -> u32 {
+        u32::try_from(self.lock().msi.len()).unwrap_or(u32::MAX)
+    }
+
     fn allocate(&self) -> Result<u32, InterruptError> {
         let mut state = self.lock();
         let gsi = match state.free.pop() {

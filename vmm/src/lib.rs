@@ -18,6 +18,7 @@ pub mod cpu;
 pub mod device_manager;
 pub mod elf;
 pub mod exits;
+pub mod hotplug;
 pub mod interrupt;
 pub mod layout;
 pub mod machine;

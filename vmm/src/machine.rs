@@ -10,7 +10,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use vfvm_protocols::vmm_api::{ErrorCode, Request, Response, VmState};
+use vfvm_protocols::vmm_api::{ErrorCode, Request, Response, VmState, DEFAULT_EJECT_TIMEOUT_MS, MAX_EJECT_TIMEOUT_MS};
 
 use crate::api::ApiServer;
 use crate::boot::MIN_MEMORY_BYTES;
@@ -22,7 +22,7 @@ use crate::memory::MemoryError;
 use crate::mptable::MAX_CPUS;
 use crate::power::AcpiPm1aEvent;
 use crate::vcpu::{self, PauseGate, VcpuError, VcpuStop};
-use crate::vfio::VfioConfig;
+use crate::vfio::{VfioConfig, VfioError};
 use crate::virtio::fs::{self, FsError};
 use crate::vm::VmError;
 
@@ -145,14 +145,21 @@ impl VmControl {
         tracing::debug!(?request, "control API request");
         let state = self.state();
         match request {
-            Request::Status => Response::Status {
-                state,
-                vcpus: u32::from(self.vcpus),
-                memory_mib: self.memory_mib,
-                vmm_version: env!("CARGO_PKG_VERSION").to_string(),
-                exits: self.exits.stats(&[&self.buses[0], &self.buses[1]]),
-                devices: self.devices.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(DeviceManager::devices).unwrap_or_default(),
-            },
+            Request::Status => {
+                let (devices, resources) = match self.devices.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                    Some(d) => (d.devices(), d.resources()),
+                    None => Default::default(),
+                };
+                Response::Status {
+                    state,
+                    vcpus: u32::from(self.vcpus),
+                    memory_mib: self.memory_mib,
+                    vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+                    exits: self.exits.stats(&[&self.buses[0], &self.buses[1]]),
+                    devices,
+                    resources,
+                }
+            }
             Request::Pause => match state {
                 VmState::Running => {
                     self.gate.close();
@@ -196,11 +203,57 @@ impl VmControl {
                 }
                 other => Response::error(ErrorCode::InvalidState, format!("graceful shutdown: the VM is {other:?}")),
             },
-            Request::AddVfioDevice { id, .. } => {
-                Response::error(ErrorCode::Unsupported, format!("device {id}: VFIO devices cannot be plugged yet"))
+            Request::AddVfioDevice { id, host_pci_address, guest_slot } => {
+                if state != VmState::Running {
+                    return Response::error(
+                        ErrorCode::InvalidState,
+                        format!("add_vfio_device {id}: the VM is {state:?}; devices are plugged into a running VM"),
+                    );
+                }
+                let config = VfioConfig { host: host_pci_address, id: id.clone(), slot: guest_slot };
+                let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(devices) = devices.as_mut() else {
+                    return Response::error(ErrorCode::InvalidState, "the VM is shutting down");
+                };
+                match devices.hot_add_vfio(&config) {
+                    Ok(addr) => Response::DeviceAdded { id, guest_pci_address: addr },
+                    Err(e) => Response::error(device_error_code(&e), format!("add_vfio_device {id}: {e}")),
+                }
             }
-            Request::RemoveDevice { id } => Response::error(ErrorCode::BadRequest, format!("no device {id:?} was added")),
+            Request::RemoveDevice { id, eject_timeout_ms } => {
+                let limit = eject_timeout_ms.unwrap_or(DEFAULT_EJECT_TIMEOUT_MS);
+                if limit > MAX_EJECT_TIMEOUT_MS {
+                    return Response::error(
+                        ErrorCode::BadRequest,
+                        format!("remove_device {id}: eject_timeout_ms {limit}: at most {MAX_EJECT_TIMEOUT_MS}"),
+                    );
+                }
+                if state != VmState::Running {
+                    return Response::error(
+                        ErrorCode::InvalidState,
+                        format!("remove_device {id}: the VM is {state:?}; a paused guest cannot eject"),
+                    );
+                }
+                let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(devices) = devices.as_mut() else {
+                    return Response::error(ErrorCode::InvalidState, "the VM is shutting down");
+                };
+                match devices.remove(&id, std::time::Duration::from_millis(u64::from(limit))) {
+                    Ok(forced) => Response::DeviceRemoved { id, forced },
+                    Err(e) => Response::error(device_error_code(&e), format!("remove_device {id}: {e}")),
+                }
+            }
         }
+    }
+}
+
+/// The API's code for a device error: the request's fault, or the VMM's.
+fn device_error_code(e: &DeviceError) -> ErrorCode {
+    match e {
+        DeviceError::Vfio(VfioError::Step { .. } | VfioError::NoVfio { .. }) | DeviceError::Install(_) | DeviceError::Virtio { .. } => {
+            ErrorCode::Internal
+        }
+        _ => ErrorCode::BadRequest,
     }
 }
 

@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use vfvm_vmm::device_manager::valid_device_id;
 use vfvm_vmm::machine::{self, FsConfig, MachineConfig, VsockConfig};
 use vfvm_vmm::vfio::VfioConfig;
 use vfvm_vmm::virtio::fs::validate_tag;
@@ -167,11 +168,6 @@ fn parse_vfio(v: &str) -> Result<VfioConfig, String> {
         }
     }
     Ok(VfioConfig { host, id: id.unwrap_or_else(|| bdf.to_string()), slot })
-}
-
-/// A device id: short, and safe in logs and paths.
-fn valid_device_id(id: &str) -> bool {
-    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 /// The longest `--fs ...,wait=SECS`.

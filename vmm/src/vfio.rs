@@ -189,6 +189,11 @@ impl VfioContext {
         Ok(Self { container: Arc::new(container), memory: memory.clone(), dma: Mutex::default() })
     }
 
+    /// How many devices are open in the container.
+    pub fn devices(&self) -> u32 {
+        u32::try_from(self.lock_dma().devices).unwrap_or(u32::MAX)
+    }
+
     fn lock_dma(&self) -> std::sync::MutexGuard<'_, DmaState> {
         self.dma.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -100,6 +100,12 @@ impl MemorySlots {
         }
     }
 
+    /// How many slots are in use.
+    pub fn in_use(&self) -> u32 {
+        let state = self.lock();
+        state.next.saturating_sub(u32::try_from(state.free.len()).unwrap_or(u32::MAX))
+    }
+
     /// Takes a mapping made by [`Self::map`] out of the guest and frees its slot.
     pub fn unmap(&self, slot: u32) -> Result<(), VmError> {
         let region = kvm_userspace_memory_region { slot, ..Default::default() };

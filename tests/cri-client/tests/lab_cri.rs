@@ -581,7 +581,15 @@ const SEED_PODS: usize = 2;
 /// the VF is back in the pod netns before CNI DEL, whose check that eth1 is there
 /// passes; then it is on igbvf in the host netns. Pods in a row leak nothing (the
 /// VF's state, containerd's fds, vfvm processes, mounts, state).
-fn seed_pod(version: Version) {
+/// How the seed pod's VF reaches its VM: at boot (`cold`) or hot-plugged into the
+/// running VM (`hot`), the shim's `sriov.hotplug`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Plug {
+    Cold,
+    Hot,
+}
+
+fn seed_pod(version: Version, plug: Plug) {
     let igb_vf = IgbVf::find(SEED_VF).unwrap();
     let vf = igb_vf.pci.clone();
     let _unpin = UnpinVfMac(igb_vf);
@@ -606,13 +614,26 @@ fn seed_pod(version: Version) {
     // The shim reads the test plugin's cache as it would sriov-cni's.
     let cache = c.sriov_cache_dir();
     install_vfvm(&build_dir(), None, |cfg| {
-        cfg.replace("cni_cache_dir = \"/var/lib/cni/sriov\"", &format!("cni_cache_dir = \"{}\"", cache.display()))
+        let cfg = cfg.replace("cni_cache_dir = \"/var/lib/cni/sriov\"", &format!("cni_cache_dir = \"{}\"", cache.display()));
+        match plug {
+            Plug::Cold => cfg,
+            Plug::Hot => cfg.replace("hotplug = \"cold\"", "hotplug = \"hot\""),
+        }
     })
     .unwrap();
+    // The figures and the scenario say which: "2.1" or "2.1, hot-plug".
+    let label = match plug {
+        Plug::Cold => version.name().to_string(),
+        Plug::Hot => format!("{}, hot-plug", version.name()),
+    };
     c.import_test_images_into(CRI_NAMESPACE).unwrap_or_else(|e| panic!("{e:#}\ncontainerd log:\n{}", c.log()));
     let containerd_pid = i32::try_from(c.pid()).unwrap();
     let rounds = std::env::var("VFVM_SRIOV_PODS").ok().and_then(|n| n.parse().ok()).unwrap_or(SEED_PODS).max(1);
-    scenario(&format!("seed-pod-{}", version.name()), &c, |cri| {
+    let scenario_name = match plug {
+        Plug::Cold => format!("seed-pod-{}", version.name()),
+        Plug::Hot => format!("seed-pod-hot-{}", version.name()),
+    };
+    scenario(&scenario_name, &c, |cri| {
         let (mut fds, mut with_vf, mut without_vf) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
             // The same pod without passthrough first (no enable_sriov): CNI moves the
@@ -647,7 +668,7 @@ fn seed_pod(version: Version) {
             // Seen in a passing run too: the soak's progress.
             print_figures(&format!(
                 "containerd {}: seed pod {round}: ready {:.1}s, container running {:.1}s",
-                version.name(),
+                label,
                 ready.as_secs_f64(),
                 started.elapsed().as_secs_f64()
             ));
@@ -684,7 +705,7 @@ fn seed_pod(version: Version) {
                 String::from_utf8_lossy(&back.stderr)
             );
             if round == 0 {
-                eprintln!("containerd {}: in the guest: {guest} on igbvf; pings both ways:\n{ping}{back_text}", version.name());
+                eprintln!("containerd {}: in the guest: {guest} on igbvf; pings both ways:\n{ping}{back_text}", label);
             }
 
             cri.ok(&["stopp", &pod])?;
@@ -738,13 +759,13 @@ fn seed_pod(version: Version) {
         ensure!(after == before, "after the killed shim and stopp the VF should be as it came ({before:?}), found {after:?}");
         cri.ok(&["rmp", &pod])?;
         wait_nothing_left("after the pod whose shim was killed")?;
-        print_figures(&format!("containerd {}: the killed shim's VF came back to the pod netns; CNI DEL found it", version.name()));
+        print_figures(&format!("containerd {}: the killed shim's VF came back to the pod netns; CNI DEL found it", label));
 
-        print_figures(&format!("containerd {}: {rounds} seed pods in a row; containerd's open fds after each: {fds:?}", version.name()));
+        print_figures(&format!("containerd {}: {rounds} seed pods in a row; containerd's open fds after each: {fds:?}", label));
         let (with_vf, without_vf) = (median(with_vf), median(without_vf));
         print_figures(&format!(
             "pod start (runp..container running), containerd {}: with the VF passed through {:.1} s, the same pod without (VF left in its netns) {:.1} s, ratio with/without {:.2} (medians of {rounds})",
-            version.name(),
+            label,
             with_vf.as_secs_f64(),
             without_vf.as_secs_f64(),
             with_vf.as_secs_f64() / without_vf.as_secs_f64()
@@ -759,11 +780,21 @@ fn seed_pod(version: Version) {
 #[test]
 #[ignore = "needs the lab: run by cargo xtask test"]
 fn lab_cri_seed_pod_gets_its_vf_in_its_vm_containerd_1_6() {
-    seed_pod(Version::V1_6);
+    seed_pod(Version::V1_6, Plug::Cold);
 }
 
 #[test]
 #[ignore = "needs the lab: run by cargo xtask test"]
 fn lab_cri_seed_pod_gets_its_vf_in_its_vm_containerd_2_1() {
-    seed_pod(Version::V2_1);
+    seed_pod(Version::V2_1, Plug::Cold);
+}
+
+/// The seed pod with `sriov.hotplug = "hot"`: the VM boots without the VF, the shim
+/// hot-plugs it once the agent answers and unplugs it before the VM stops; the same
+/// checks as cold-plug (the VF configured in the guest, pings both ways, the VF back
+/// in the pod netns for CNI DEL, a killed shim's VF recovered).
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn lab_cri_seed_pod_hot_plugs_its_vf_into_its_running_vm_containerd_2_1() {
+    seed_pod(Version::V2_1, Plug::Hot);
 }

@@ -20,8 +20,8 @@ use crate::host::run;
 use crate::inside::{igb_pf, ping_until_answered, PEER_ADDR, PEER_NETNS};
 
 /// The guest's vsock CID, and where the VF sits on the guest's root bus.
-const GUEST_CID: u32 = 3;
-const AGENT_PORT: u32 = 1024;
+pub const GUEST_CID: u32 = 3;
+pub const AGENT_PORT: u32 = 1024;
 const VF_GUEST_SLOT: u32 = 5;
 const VF_GUEST_ADDR: &str = "0000:00:05.0";
 const VF_INDEX: u32 = 1;
@@ -33,7 +33,7 @@ const LOG_PORT: u32 = 1025;
 /// What the check keeps of the agent's log stream, at most.
 const MAX_LOG_BYTES: usize = 1 << 20;
 
-type Logs = std::sync::Arc<std::sync::Mutex<Vec<u8>>>;
+pub type Logs = std::sync::Arc<std::sync::Mutex<Vec<u8>>>;
 
 /// Collects, in the background, what the first connection `accept` returns sends,
 /// up to MAX_LOG_BYTES.
@@ -64,7 +64,7 @@ fn collect_vsock_logs(port: u32) -> Result<Logs> {
 /// Each agent call's limit, in the nanoseconds ttrpc takes.
 const AGENT_CALL_TIMEOUT_NS: i64 = 60 * 1_000_000_000;
 
-fn ctx() -> ttrpc::context::Context {
+pub fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(AGENT_CALL_TIMEOUT_NS)
 }
 
@@ -135,44 +135,98 @@ pub fn agent_check(mut args: impl Iterator<Item = String>) -> Result<i32> {
     result.map(|()| 0)
 }
 
+/// vfvm-vmm running an L3 guest for a check: hybrid vsock and the control API on
+/// Unix sockets in a directory of its own, the console on our output (marked);
+/// killed and its directory removed when dropped.
+pub struct VmmUnderTest {
+    pub child: std::process::Child,
+    pub dir: PathBuf,
+    pub api: PathBuf,
+    pub vsock: PathBuf,
+    pub started: Instant,
+}
+
+impl VmmUnderTest {
+    /// Boots `kernel` + `initrd` with `cmdline` (1 vCPU, 512 MiB), with `vfio` (as
+    /// `--vfio` takes them) passed through at boot; `name` makes the directory. With
+    /// `log_port`, what the guest sends to that host port is collected (the logs).
+    pub fn start(
+        vmm: &std::path::Path,
+        kernel: &std::path::Path,
+        initrd: &std::path::Path,
+        cmdline: &str,
+        vfio: &[String],
+        name: &str,
+        log_port: Option<u32>,
+    ) -> Result<(Self, Option<Logs>)> {
+        let dir = std::env::temp_dir().join(format!("vfvm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (vsock, api) = (dir.join("vsock.sock"), dir.join("api.sock"));
+        // Guest connections to host port P arrive at <vsock>_P.
+        let logs = match log_port {
+            Some(port) => Some(collect_unix_logs(&dir.join(format!("vsock.sock_{port}")))?),
+            None => None,
+        };
+        let mut cmd = Command::new(vmm);
+        cmd.arg("--kernel").arg(kernel).arg("--initrd").arg(initrd).args(["--cmdline", cmdline]);
+        cmd.args(["--vcpus", "1", "--memory", "512", "--serial-stdout"]);
+        cmd.arg("--api-socket").arg(&api).arg("--vsock-socket").arg(&vsock).args(["--vsock-cid", &GUEST_CID.to_string()]);
+        for v in vfio {
+            cmd.args(["--vfio", v]);
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        die_with_parent(&mut cmd);
+        let started = Instant::now();
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", vmm.display()))?;
+        let console = child.stdout.take().context("L3 stdout")?;
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(console).lines().map_while(Result::ok) {
+                println!("l3| {}", line.trim_end_matches('\r'));
+            }
+        });
+        Ok((Self { child, dir, api, vsock, started }, logs))
+    }
+
+    /// A control API client, once the socket is there (the devices plugged, the vCPUs
+    /// running); every call waits at most `call_limit`.
+    pub fn api_client(&mut self, call_limit: Duration) -> Result<vfvm_protocols::vmm_api::VmmClient> {
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("vfvm-vmm exited ({status}) before serving its control API");
+            }
+            match vfvm_protocols::vmm_api::VmmClient::connect(&self.api, call_limit) {
+                Ok(c) => return Ok(c),
+                Err(_) if self.started.elapsed() < Duration::from_secs(60) => std::thread::sleep(Duration::from_millis(100)),
+                Err(e) => bail!("vfvm-vmm's control API: {e}"),
+            }
+        }
+    }
+
+    /// The agent's address over the VMM's hybrid vsock.
+    pub fn agent_address(&self) -> AgentAddress {
+        AgentAddress::Hybrid { uds: self.vsock.clone(), port: AGENT_PORT }
+    }
+}
+
+impl Drop for VmmUnderTest {
+    fn drop(&mut self) {
+        kill_and_reap(&mut self.child);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The same check with vfvm-vmm as the VMM: hybrid vsock on Unix sockets, the VF
 /// passed through with `--vfio`, its guest address read from the control API.
 fn check_with_vfvm_vmm(vmm: &std::path::Path, kernel: &std::path::Path, initrd: &std::path::Path, vf: &str) -> Result<()> {
-    use vfvm_protocols::vmm_api::{Request, Response, VmmClient};
-    let dir = std::env::temp_dir().join(format!("vfvm-agent-check-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let (vsock, api) = (dir.join("vsock.sock"), dir.join("api.sock"));
-    // Guest connections to host port P arrive at <vsock>_P: the agent's log stream.
-    let logs = collect_unix_logs(&dir.join(format!("vsock.sock_{LOG_PORT}")))?;
-    let mut cmd = Command::new(vmm);
-    cmd.arg("--kernel").arg(kernel).arg("--initrd").arg(initrd);
-    cmd.args(["--cmdline", &format!("console=ttyS0 panic=-1 quiet vfvm.log_port={LOG_PORT}")]);
-    cmd.args(["--vcpus", "1", "--memory", "512", "--serial-stdout"]);
-    cmd.arg("--api-socket").arg(&api).arg("--vsock-socket").arg(&vsock).args(["--vsock-cid", &GUEST_CID.to_string()]);
-    cmd.args(["--vfio", &format!("{vf},id=vf0")]);
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
-    die_with_parent(&mut cmd);
-    let started = Instant::now();
-    let mut child = cmd.spawn().with_context(|| format!("starting {}", vmm.display()))?;
-    let console = child.stdout.take().context("L3 stdout")?;
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(console).lines().map_while(Result::ok) {
-            println!("l3| {}", line.trim_end_matches('\r'));
-        }
-    });
+    use vfvm_protocols::vmm_api::{Request, Response};
+    let cmdline = format!("console=ttyS0 panic=-1 quiet vfvm.log_port={LOG_PORT}");
+    let (mut under_test, logs) =
+        VmmUnderTest::start(vmm, kernel, initrd, &cmdline, &[format!("{vf},id=vf0")], "agent-check", Some(LOG_PORT))?;
+    let logs = logs.context("the log collector")?;
+    let started = under_test.started;
     let result = (|| {
-        // The API socket is there once the devices are plugged and the vCPUs run.
-        let mut client = loop {
-            if let Some(status) = child.try_wait()? {
-                bail!("vfvm-vmm exited ({status}) before serving its control API");
-            }
-            match VmmClient::connect(&api, Duration::from_secs(5)) {
-                Ok(c) => break c,
-                Err(_) if started.elapsed() < Duration::from_secs(60) => std::thread::sleep(Duration::from_millis(100)),
-                Err(e) => bail!("vfvm-vmm's control API: {e}"),
-            }
-        };
+        let mut client = under_test.api_client(Duration::from_secs(5))?;
         let devices = match client.call(Request::Status)? {
             Response::Status { devices, .. } => devices,
             other => bail!("status: {other:?}"),
@@ -181,19 +235,17 @@ fn check_with_vfvm_vmm(vmm: &std::path::Path, kernel: &std::path::Path, initrd: 
         ensure!(dev.kind == "vfio" && dev.host_pci_address.map(|a| a.to_string()).as_deref() == Some(vf), "vf0 in the status: {dev:?}");
         let guest = dev.guest_pci_address.to_string();
         println!("check: vfvm-vmm's status lists vf0: host {vf}, guest {guest}, kind vfio");
-        let addr = AgentAddress::Hybrid { uds: vsock.clone(), port: AGENT_PORT };
-        talk_to_agent(&addr, &guest, started)?;
-        let logs = String::from_utf8_lossy(&logs.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
-        ensure!(
-            logs.contains("agent serving vfvm.agent.v1"),
-            "the agent's log stream on vsock port {LOG_PORT} lacks its serving line:\n{logs}"
-        );
-        println!("check: the agent's logs arrived over vsock port {LOG_PORT} ({} bytes)", logs.len());
+        talk_to_agent(&under_test.agent_address(), &guest, started)?;
         Ok(())
     })();
-    kill_and_reap(&mut child);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(under_test);
     result?;
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    ensure!(
+        logs.contains("agent serving vfvm.agent.v1"),
+        "the agent's log stream on vsock port {LOG_PORT} lacks its serving line:\n{logs}"
+    );
+    println!("check: the agent's logs arrived over vsock port {LOG_PORT} ({} bytes)", logs.len());
     println!("agent-check (vfvm-vmm, VFIO): PASSED");
     Ok(())
 }

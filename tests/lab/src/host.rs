@@ -164,6 +164,10 @@ pub fn ensure_packages(log: &InstallLog) -> Result<()> {
     if !Path::new("/usr/lib/cni/bridge").is_file() {
         plain.push("containernetworking-plugins");
     }
+    // The VMM's ACPI tests read its DSDT back with ACPICA's disassembler.
+    if !on_path("iasl") {
+        plain.push("acpica-tools");
+    }
     // k8s-cri (the CRI test client) compiles the CRI protos with protoc.
     if !on_path("protoc") {
         plain.push("protobuf-compiler");

@@ -15,6 +15,7 @@ mod elf;
 mod group_check;
 mod guest_image;
 mod host;
+mod hotplug_check;
 mod images;
 mod inside;
 mod install_log;
@@ -533,6 +534,7 @@ fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
         ("oci-images", _) => containerd::oci_images(second.into_iter().chain(args)),
         ("inside", Some("boot-l3")) => inside::boot_image(args),
         ("inside", Some("agent-check")) => agent_check::agent_check(args),
+        ("inside", Some("hotplug-check")) => hotplug_check::hotplug_check(args),
         ("inside", Some("bench-boot")) => bench::bench_boot(args),
         ("bench", _) => bench(second.into_iter().chain(args)),
         ("soak", _) => soak(second.into_iter().chain(args)),

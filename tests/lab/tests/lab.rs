@@ -353,6 +353,49 @@ fn vfvm_vmm_passes_a_vf_through_and_the_agent_configures_it() {
     }
 }
 
+/// VFs hot-plugged into a running vfvm-vmm guest through the control API (ACPI
+/// hot-plug, the guest's stock acpiphp): 20 plug/unplug cycles of one VF with the
+/// agent configuring it each time (one unplug under traffic), two VFs at once, bad
+/// input, no leak of fds, KVM slots, GSIs or guest PCI functions, a guest that never
+/// ejects (forced after the bound), and the VFs back on igbvf.
+#[test]
+#[ignore = "boots the nested lab and two L3 guests (several minutes); run by `cargo xtask test`"]
+fn vfs_hot_plug_into_a_running_vm_and_unplug_without_a_trace() {
+    let build_dir = std::path::Path::new(env!("CARGO_BIN_EXE_vfvm-lab")).parent().unwrap().to_path_buf();
+    let vmm = build_dir.join("vfvm-vmm");
+    assert!(vmm.exists(), "{} is not built (cargo build -p vfvm-vmm)", vmm.display());
+    let out_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-image-hotplug");
+    let built = lab().args(["image", "--out"]).arg(&out_dir).output().unwrap();
+    assert!(built.status.success(), "vfvm-lab image failed:\n{}", String::from_utf8_lossy(&built.stdout));
+    let (kernel, initrd) = (out_dir.join("vmlinux"), out_dir.join("initrd.img"));
+    let cycles = std::env::var("VFVM_HOTPLUG_CYCLES").unwrap_or_else(|_| "20".into());
+    let mut args = vec!["lab", "run", "--vfs", "3", "--", env!("CARGO_BIN_EXE_vfvm-lab"), "inside", "hotplug-check"];
+    args.extend(["--vmm", vmm.to_str().unwrap(), "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()]);
+    args.extend(["--cycles", &cycles]);
+    let out = run_lab(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "hot-plug check failed:\n{stdout}");
+    for line in stdout.lines().filter(|l| l.starts_with("hotplug: ")) {
+        vfvm_test_containerd::print_figures(line);
+    }
+    for expected in [
+        "check: cycle 0: the peer pinged the guest over hot-plugged VF",
+        "(while the peer pinged over it)",
+        &format!("check: {cycles} hot-plug/unplug cycles of VF"),
+        "check: two VFs at once plugged, configured, pinged and unplugged",
+        "check: adding the PF (on igb) is refused:",
+        "check: an id in use is refused:",
+        "check: removing an unknown id is refused:",
+        "check: an add while paused is refused:",
+        "check: no leak: memory slots, MSI GSIs, VFIO devices and guest PCI functions as before the first plug; VMM fds",
+        "check: a guest that never ejects (acpiphp.disable=1): removal forced after",
+        "is back on igbvf with netdev",
+        "hotplug-check: PASSED",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+    }
+}
+
 /// A VF whose IOMMU group is not viable: L2 booted with the igb PF's root port
 /// without ACS, so the port, the PF and the VFs share one group. A pod with the VF
 /// (through containerd 2.1 and the shim) fails naming the VF, the group and the PF's
