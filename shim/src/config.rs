@@ -17,6 +17,8 @@ pub const DEFAULT_PATH: &str = "/etc/vfvm/vfvm.toml";
 pub const MIN_MEMORY_MIB: u32 = 64;
 /// The VMM's MP table and our tests go this far.
 pub const MAX_VCPUS_LIMIT: u32 = 32;
+/// The largest console log bound the config may set (1 GiB).
+pub const CONSOLE_LOG_MAX_KIB_LIMIT: u32 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -91,6 +93,9 @@ pub struct Hypervisor {
     pub max_vcpus: u32,
     pub default_memory_mib: u32,
     pub max_memory_mib: u32,
+    /// The guest console's log (`<sandbox>/console.log` and its rotated half
+    /// `console.log.1`) holds at most this much: the guest decides what it prints.
+    pub console_log_max_kib: u32,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -158,6 +163,13 @@ impl Config {
         let h = &self.hypervisor;
         if h.max_vcpus == 0 || h.max_vcpus > MAX_VCPUS_LIMIT {
             return Err(bad("hypervisor.max_vcpus", &h.max_vcpus, format!("expected 1 to {MAX_VCPUS_LIMIT}")));
+        }
+        if !(8..=CONSOLE_LOG_MAX_KIB_LIMIT).contains(&h.console_log_max_kib) {
+            return Err(bad(
+                "hypervisor.console_log_max_kib",
+                &h.console_log_max_kib,
+                format!("expected 8 to {CONSOLE_LOG_MAX_KIB_LIMIT}"),
+            ));
         }
         if h.default_vcpus == 0 || h.default_vcpus > h.max_vcpus {
             return Err(bad("hypervisor.default_vcpus", &h.default_vcpus, format!("expected 1 to max_vcpus ({})", h.max_vcpus)));
@@ -278,6 +290,8 @@ mod tests {
             ("default_vcpus = 1", "default_vcpus = 0", "hypervisor.default_vcpus"),
             ("default_vcpus = 1", "default_vcpus = 9", "hypervisor.default_vcpus"),
             ("max_vcpus = 8", "max_vcpus = 64", "hypervisor.max_vcpus"),
+            ("console_log_max_kib = 1024", "console_log_max_kib = 4", "hypervisor.console_log_max_kib"),
+            ("console_log_max_kib = 1024", "console_log_max_kib = 2000000", "hypervisor.console_log_max_kib"),
             ("default_memory_mib = 512", "default_memory_mib = 32", "hypervisor.default_memory_mib"),
             ("kernel = \"/usr/share/vfvm/vmlinux\"", "kernel = \"vmlinux\"", "hypervisor.kernel"),
             ("vsock_port = 1024", "vsock_port = 1025", "agent.vsock_port"),

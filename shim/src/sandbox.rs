@@ -275,7 +275,7 @@ impl Sandbox {
         vmm.arg("--vcpus").arg(spec.settings.vcpus.to_string()).arg("--memory").arg(spec.settings.memory_mib.to_string());
         vmm.arg("--api-socket").arg(&api_socket).arg("--vsock-socket").arg(&vsock_socket).arg("--vsock-cid").arg(GUEST_CID.to_string());
         vmm.arg("--fs").arg(format!("tag={FS_TAG},socket={},wait={}", fs_socket.display(), VIRTIOFSD_READY.as_secs()));
-        vmm.arg("--serial-log").arg(&console);
+        vmm.arg("--serial-log").arg(&console).arg("--serial-log-max").arg((u64::from(h.console_log_max_kib) << 10).to_string());
         let hot = config.sriov.hotplug == Hotplug::Hot;
         if !hot {
             vmm.args(sriov::vmm_args(vfs));

@@ -24,7 +24,7 @@ use crate::machine::{setup, MachineConfig, MachineError};
 use crate::memory::{self, Backing};
 use crate::mptable;
 use crate::power::{AcpiPm1aControl, AcpiPm1aEvent, I8042, I8042_COMMAND_PORT, PM1A_CNT_PORT, PM1A_EVT_PORT};
-use crate::serial::{Console, SerialDevice, COM1_IRQ, COM1_PORT};
+use crate::serial::{Console, ConsoleLog, SerialDevice, COM1_IRQ, COM1_PORT};
 use crate::smbios;
 use crate::vcpu::{self, PauseGate, Vcpu};
 use crate::virtio::fs::VhostUserFs;
@@ -50,7 +50,7 @@ pub struct BuiltVm {
 struct Inputs {
     kernel: File,
     initrd: Option<(PathBuf, File, u64)>,
-    console_log: Option<File>,
+    console_log: Option<ConsoleLog>,
 }
 
 /// Builds the VM `config` describes, with `ram` bytes of guest memory (validated).
@@ -124,7 +124,10 @@ fn open_inputs(config: &MachineConfig, ram: u64) -> Result<Inputs, MachineError>
         None => None,
     };
     let console_log = match &config.serial_log {
-        Some(path) => Some(File::create(path).map_err(|e| MachineError::SerialLog { path: path.clone(), err: e.to_string() })?),
+        Some(path) => Some(
+            ConsoleLog::create(path, config.serial_log_limit)
+                .map_err(|e| MachineError::SerialLog { path: path.clone(), err: e.to_string() })?,
+        ),
         None => None,
     };
     Ok(Inputs { kernel, initrd, console_log })
@@ -213,7 +216,7 @@ type LegacyDevices = (Arc<Mutex<SerialDevice>>, Arc<AtomicBool>, Arc<Mutex<AcpiP
 
 /// COM1 (on an irqfd), the CMOS/RTC, the i8042's reset line and the ACPI PM1a
 /// blocks (the power button raises the SCI).
-fn add_legacy_devices(config: &MachineConfig, vm: &Vm, console_log: Option<File>) -> Result<LegacyDevices, MachineError> {
+fn add_legacy_devices(config: &MachineConfig, vm: &Vm, console_log: Option<ConsoleLog>) -> Result<LegacyDevices, MachineError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(setup)?;
     vm.fd().register_irqfd(&serial_irq, COM1_IRQ).map_err(setup)?;
     let console = Console::new(console_log, config.serial_stdout);

@@ -33,7 +33,7 @@ use crate::vm::{MemorySlots, Vm};
 pub enum DeviceError {
     #[error("device id {0:?} is already in use")]
     IdInUse(String),
-    #[error("device id {0:?}: expected 1 to 64 of A-Z a-z 0-9 . _ -")]
+    #[error("device id {0:?}: expected 1 to 64 of A-Z a-z 0-9 . _ - :")]
     BadId(String),
     #[error("no device {0:?} is plugged")]
     NoSuchDevice(String),
@@ -70,9 +70,10 @@ pub struct DeviceManager {
     devices: Vec<Entry>,
 }
 
-/// Whether `id` is a device id: short, and safe in logs and paths.
+/// Whether `id` is a device id: short, and safe in logs (a PCI address is one, the
+/// default for `--vfio`).
 pub fn valid_device_id(id: &str) -> bool {
-    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -26,6 +26,7 @@ pub mod memory;
 pub mod mptable;
 pub mod pci;
 pub mod power;
+pub mod ratelimit;
 pub mod serial;
 pub mod smbios;
 pub mod vcpu;

@@ -26,6 +26,9 @@ use crate::vfio::{VfioConfig, VfioError};
 use crate::virtio::fs::{self, FsError};
 use crate::vm::VmError;
 
+/// The console log's bound unless `--serial-log-max` says otherwise.
+pub const DEFAULT_SERIAL_LOG_LIMIT: u64 = 4 << 20;
+
 /// The largest guest accepted (a sanity bound, not a KVM limit).
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 
@@ -37,6 +40,8 @@ pub struct MachineConfig {
     pub vcpus: u8,
     pub memory_mib: u64,
     pub serial_log: Option<PathBuf>,
+    /// The most bytes the console log and its rotated half hold together.
+    pub serial_log_limit: u64,
     pub serial_stdout: bool,
     /// Where to serve the control API (a Unix socket this process creates).
     pub api_socket: Option<PathBuf>,
@@ -418,6 +423,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 128,
             serial_log: None,
+            serial_log_limit: DEFAULT_SERIAL_LOG_LIMIT,
             serial_stdout: false,
             api_socket: None,
             vsock: None,

@@ -16,7 +16,7 @@ use vfvm_vmm::virtio::fs::validate_tag;
 
 const USAGE: &str = "\
 usage: vfvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] [--memory MIB]
-                [--serial-log PATH] [--serial-stdout] [--api-socket PATH]
+                [--serial-log PATH [--serial-log-max BYTES]] [--serial-stdout] [--api-socket PATH]
                 [--vsock-socket PATH [--vsock-cid CID]] [--fs tag=TAG,socket=PATH[,wait=SECS]]
                 [--vfio BDF[,id=NAME][,slot=N]]...
 
@@ -25,7 +25,9 @@ usage: vfvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] [--mem
   --cmdline STR       kernel command line (default: \"console=ttyS0 reboot=k panic=-1 no_timer_check\")
   --vcpus N           vCPUs, 1 to 32 (default 1)
   --memory MIB        guest memory in MiB (default 256, at least 32)
-  --serial-log PATH   write the guest's console (COM1) to this file
+  --serial-log PATH   write the guest's console (COM1) to this file, rotated to PATH.1
+                      at half of --serial-log-max (default 4 MiB, at least 8192):
+                      the two files never hold more
   --serial-stdout     also copy the guest's console to stdout
   --api-socket PATH   serve the control API on this Unix socket (created; must not exist)
   --vsock-socket PATH add a virtio-vsock device; host programs connect to PATH and
@@ -64,6 +66,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
         vcpus: 1,
         memory_mib: 256,
         serial_log: None,
+        serial_log_limit: machine::DEFAULT_SERIAL_LOG_LIMIT,
         serial_stdout: false,
         api_socket: None,
         vsock: None,
@@ -95,6 +98,12 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
                 config.memory_mib = v.parse().map_err(|_| format!("--memory {v}: not a size in MiB"))?;
             }
             "--serial-log" => config.serial_log = Some(PathBuf::from(value("a path")?)),
+            "--serial-log-max" => {
+                let v = value("a size in bytes")?;
+                let min = vfvm_vmm::serial::MIN_LOG_LIMIT;
+                config.serial_log_limit =
+                    v.parse().ok().filter(|&n| n >= min).ok_or_else(|| format!("--serial-log-max {v}: expected bytes, at least {min}"))?;
+            }
             "--serial-stdout" if inline.is_none() => config.serial_stdout = true,
             "--api-socket" => config.api_socket = Some(PathBuf::from(value("a path")?)),
             "--vsock-socket" => vsock_socket = Some(PathBuf::from(value("a path")?)),
@@ -159,7 +168,7 @@ fn parse_vfio(v: &str) -> Result<VfioConfig, String> {
     for part in parts {
         match part.split_once('=') {
             Some(("id", name)) if valid_device_id(name) => id = Some(name.to_string()),
-            Some(("id", name)) => return Err(format!("--vfio {v}: id {name:?}: expected 1 to 64 of A-Z a-z 0-9 . _ -")),
+            Some(("id", name)) => return Err(format!("--vfio {v}: id {name:?}: expected 1 to 64 of A-Z a-z 0-9 . _ - :")),
             Some(("slot", n)) => {
                 let n = n.parse::<u8>().ok().filter(|n| (1..32).contains(n));
                 slot = Some(n.ok_or_else(|| format!("--vfio {v}: slot: expected 1 to 31"))?);

@@ -4,9 +4,15 @@
 //! panicked (a reset that follows is reported as a panic), and `---[ end Kernel
 //! panic` stops the VM at once. Power-off is not read from the console: the guest
 //! asks for it through ACPI (PM1a_CNT, see [`crate::power`]).
+//!
+//! The guest decides how much it prints, so the log file is bounded
+//! ([`ConsoleLog`]): at half the limit it is rotated to `<path>.1` (the older half
+//! dropped), so the two files never hold more than the limit, and the newest lines
+//! are always there.
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -38,9 +44,71 @@ pub enum ConsoleEvent {
     PanicEnd,
 }
 
+/// The smallest console log limit (two halves of a few lines each).
+pub const MIN_LOG_LIMIT: u64 = 8 << 10;
+
+/// The console's log file, rotated to `<path>.1` at half of `limit` bytes.
+pub struct ConsoleLog {
+    path: PathBuf,
+    file: Option<File>,
+    written: u64,
+    limit: u64,
+}
+
+impl ConsoleLog {
+    /// Creates (truncates) `path`; `limit` (at least [`MIN_LOG_LIMIT`]) bounds it
+    /// and its rotated half together.
+    pub fn create(path: &Path, limit: u64) -> io::Result<Self> {
+        let file = File::create(path)?;
+        Ok(Self { path: path.to_path_buf(), file: Some(file), written: 0, limit: limit.max(MIN_LOG_LIMIT) })
+    }
+
+    /// The rotated half's path.
+    pub fn rotated_path(path: &Path) -> PathBuf {
+        let mut name = path.as_os_str().to_os_string();
+        name.push(".1");
+        PathBuf::from(name)
+    }
+
+    fn write_line(&mut self, line: &[u8]) {
+        let half = self.limit / 2;
+        let len = u64::try_from(line.len()).unwrap_or(u64::MAX);
+        if self.written.saturating_add(len) > half {
+            self.rotate();
+        }
+        let Some(file) = self.file.as_mut() else { return };
+        // A line is at most MAX_LINE bytes, far below half the smallest limit.
+        let line = &line[..line.len().min(usize::try_from(half).unwrap_or(usize::MAX))];
+        // The guest's console is best effort: a full disk must not stop the guest.
+        if file.write_all(line).is_ok() {
+            self.written += u64::try_from(line.len()).unwrap_or(u64::MAX);
+        }
+    }
+
+    /// The current file becomes `<path>.1`, replacing the older half; a fresh one
+    /// takes its place. If that fails, logging stops (the bound holds).
+    fn rotate(&mut self) {
+        self.file = None;
+        let fresh = std::fs::rename(&self.path, Self::rotated_path(&self.path)).and_then(|()| File::create(&self.path));
+        match fresh {
+            Ok(f) => {
+                self.file = Some(f);
+                self.written = 0;
+            }
+            Err(e) => tracing::warn!(path = %self.path.display(), "console log rotation failed, the console is no longer logged: {e}"),
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some(f) = self.file.as_mut() {
+            let _ = f.flush();
+        }
+    }
+}
+
 /// The UART's output: whole lines to a log file and/or stdout.
 pub struct Console {
-    log: Option<File>,
+    log: Option<ConsoleLog>,
     stdout: bool,
     line: Vec<u8>,
     panicked: Arc<AtomicBool>,
@@ -48,7 +116,7 @@ pub struct Console {
 }
 
 impl Console {
-    pub fn new(log: Option<File>, stdout: bool) -> Self {
+    pub fn new(log: Option<ConsoleLog>, stdout: bool) -> Self {
         Self { log, stdout, line: Vec::new(), panicked: Arc::new(AtomicBool::new(false)), event: None }
     }
 
@@ -74,8 +142,8 @@ impl Console {
         }
         // The guest's console is best effort: a full disk or a closed stdout must
         // not stop the guest.
-        if let Some(f) = self.log.as_mut() {
-            let _ = f.write_all(&self.line);
+        if let Some(log) = self.log.as_mut() {
+            log.write_line(&self.line);
         }
         if self.stdout {
             let mut out = io::stdout().lock();
@@ -88,8 +156,8 @@ impl Console {
     /// Writes out a last partial line.
     pub fn finish(&mut self) {
         self.emit();
-        if let Some(f) = self.log.as_mut() {
-            let _ = f.flush();
+        if let Some(log) = self.log.as_mut() {
+            log.flush();
         }
     }
 }
@@ -145,7 +213,7 @@ impl BusDevice for SerialDevice {
     fn write(&mut self, offset: u64, data: &[u8]) -> BusAction {
         if let (Ok(offset), Some(&value)) = (u8::try_from(offset), data.first()) {
             if let Err(e) = self.serial.write(offset, value) {
-                tracing::warn!("serial: {e}");
+                crate::guest_warn!("serial: {e}");
             }
         }
         match self.serial.writer_mut().take_event() {
@@ -168,7 +236,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vfvm-serial-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("log");
-        let console = Console::new(Some(File::create(&path).unwrap()), false);
+        let console = Console::new(Some(ConsoleLog::create(&path, 1 << 20).unwrap()), false);
         let panicked = console.panicked();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut dev = SerialDevice::new(irq.try_clone().unwrap(), console);
@@ -191,6 +259,34 @@ mod tests {
         let log = std::fs::read_to_string(&path).unwrap();
         assert!(log.starts_with("hello\n[ 1.0] Kernel panic"), "{log}");
         assert!(log.ends_with("System halted\npartial"), "{log}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A guest printing without end: the log and its rotated half never hold more
+    /// than the limit, and the newest lines are in the log.
+    #[test]
+    fn the_log_is_bounded_and_keeps_the_newest_lines() {
+        let dir = std::env::temp_dir().join(format!("vfvm-serial-rotate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console.log");
+        let limit = 64 << 10;
+        let mut console = Console::new(Some(ConsoleLog::create(&path, limit).unwrap()), false);
+        for i in 0..20_000u32 {
+            writeln!(console, "line {i:05} {}", "x".repeat(80)).unwrap();
+        }
+        // A line with no end, longer than any line may be: cut at MAX_LINE.
+        console.write_all(&vec![b'y'; 3 * MAX_LINE]).unwrap();
+        drop(console);
+        let (current, rotated) =
+            (std::fs::read_to_string(&path).unwrap(), std::fs::read_to_string(ConsoleLog::rotated_path(&path)).unwrap());
+        let total = (current.len() + rotated.len()) as u64;
+        assert!(total <= limit && total > limit / 4, "{total} bytes in the two files");
+        assert!(current.ends_with(&"y".repeat(MAX_LINE)), "the newest output is last");
+        assert!(current.contains("line 19999 ") || rotated.contains("line 19999 "), "the last line is kept");
+        assert!(!current.contains("line 00000 ") && !rotated.contains("line 00000 "), "the oldest is dropped");
+        // The rotated half holds older lines than the current one, in order.
+        let first = |text: &str| text.lines().find_map(|l| l.strip_prefix("line ")?.get(..5)?.parse::<u32>().ok());
+        assert!(first(&rotated) < first(&current).or(Some(u32::MAX)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

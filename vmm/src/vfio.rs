@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
 use kvm_ioctls::VmFd;
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioOps, VfioRegionInfoCap};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::interrupt::{GsiRouting, InterruptManager};
 use crate::pci::config::{BarRequest, ConfigSpace, PciIds, COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_MEMORY, REG_COMMAND};
@@ -203,6 +203,7 @@ impl VfioContext {
     fn ensure_dma_mapped(&self, host: PciAddress) -> Result<(), VfioError> {
         let mut dma = self.lock_dma();
         if !dma.mapped {
+            let started = std::time::Instant::now();
             // SAFETY: guest RAM stays mapped as long as `self.memory` (a clone of the
             // VM's regions) lives, and it is unmapped from the container in Drop
             // before that clone goes. The VMM never makes references into guest RAM
@@ -210,6 +211,8 @@ impl VfioContext {
             unsafe { self.container.vfio_map_guest_memory(&self.memory) }
                 .map_err(|e| step_err(host, "DMA-mapping guest memory")(e.to_string()))?;
             dma.mapped = true;
+            let mib = self.memory.iter().map(|r| r.len()).sum::<u64>() >> 20;
+            tracing::info!(%host, mib, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "guest RAM DMA-mapped for VFIO");
         }
         Ok(())
     }
@@ -344,6 +347,7 @@ impl VfioPciDevice {
         slots: Arc<MemorySlots>,
     ) -> Result<Self, VfioError> {
         let host = config.host;
+        let started = std::time::Instant::now();
         let group = precheck(host)?;
         let ops: Arc<dyn VfioOps> = context.container.clone();
         let device = VfioDevice::new(&sysfs_path(host), ops, false).map_err(|e| match e {
@@ -354,6 +358,7 @@ impl VfioPciDevice {
             e => VfioError::Step { host, step: "opening the device", err: e.to_string() },
         })?;
         let user = ContainerUser::new(context.clone());
+        tracing::debug!(%host, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "VFIO device opened");
         context.ensure_dma_mapped(host)?;
 
         let mut raw = vec![0u8; LEGACY_CONFIG_SIZE];
@@ -503,16 +508,16 @@ impl VfioPciDevice {
             // Every vector's eventfd, in order, or none: a gap would shift the rest.
             let fds: Option<Vec<_>> = (0..m.config.vectors()).map(|v| m.config.group().notifier(v)).collect();
             let Some(fds) = fds else {
-                tracing::warn!(host = %host, "enabling MSI-X: a vector has no eventfd");
+                crate::guest_warn!(host = %host, "enabling MSI-X: a vector has no eventfd");
                 return;
             };
             match self.device.enable_msix(fds.iter().collect()) {
                 Ok(()) => m.on_device = true,
-                Err(e) => tracing::warn!(host = %host, "enabling MSI-X on the device: {e}"),
+                Err(e) => crate::guest_warn!(host = %host, "enabling MSI-X on the device: {e}"),
             }
         } else if !m.config.enabled() && m.on_device {
             if let Err(e) = self.device.disable_msix() {
-                tracing::warn!(host = %host, "disabling MSI-X on the device: {e}");
+                crate::guest_warn!(host = %host, "disabling MSI-X on the device: {e}");
             }
             m.on_device = false;
         }
@@ -528,7 +533,7 @@ impl VfioPciDevice {
                 if let Some(slot) = area.slot {
                     match self.slots.unmap(slot) {
                         Ok(()) => area.slot = None,
-                        Err(e) => tracing::warn!(host = %self.host, "BAR {}: {e}", bar.request.index),
+                        Err(e) => crate::guest_warn!(host = %self.host, "BAR {}: {e}", bar.request.index),
                     }
                 }
             }
@@ -598,7 +603,7 @@ impl PciDevice for VfioPciDevice {
                     Ok(()) => area.slot = None,
                     Err(e) => {
                         // Still mapped there: not mapped anywhere else.
-                        tracing::warn!(host = %host, "BAR {index}: {e}");
+                        crate::guest_warn!(host = %host, "BAR {index}: {e}");
                         continue;
                     }
                 }
@@ -608,7 +613,7 @@ impl PciDevice for VfioPciDevice {
                 match unsafe { self.slots.map(base + area.offset, area.size, area.host) } {
                     Ok(slot) => area.slot = Some(slot),
                     // The range stays trapped: slower, still correct.
-                    Err(e) => tracing::warn!(host = %host, "BAR {index} +{:#x} at {:#x}: {e}", area.offset, base + area.offset),
+                    Err(e) => crate::guest_warn!(host = %host, "BAR {index} +{:#x} at {:#x}: {e}", area.offset, base + area.offset),
                 }
             }
         }

@@ -1,6 +1,6 @@
 //! `vfvm-vmm`'s command line on bad input: a clear error naming the input, exit
-//! status 1, no panic. These stop before (or right after) creating the VM, so they
-//! run on this machine.
+//! status 1, no panic; and tiny guests whose stops and console the process shows.
+//! These run on this machine.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -113,6 +113,45 @@ fn guest_power_off_reset_and_panic_end_the_vmm_with_their_status() {
         drop(deadline);
         assert_eq!(out.status.code(), Some(status), "{name}: {}", String::from_utf8_lossy(&out.stderr));
     }
+}
+
+/// A guest printing without end (`out` to COM1 in a loop, no newline): the console
+/// log and its rotated half hold no more than `--serial-log-max` between them.
+#[test]
+fn a_guest_printing_without_end_fills_at_most_the_console_log_limit() {
+    // mov dx, 0x3f8; mov al, 'x'; 1: out dx, al; jmp 1b
+    let code = [0x66, 0xba, 0xf8, 0x03, 0xb0, b'x', 0xee, 0xeb, 0xfd];
+    let kernel = scratch("chatty.elf", &common::tiny_elf(&code));
+    let log = kernel.with_file_name("chatty-console.log");
+    let rotated = kernel.with_file_name("chatty-console.log.1");
+    let _ = std::fs::remove_file(&rotated);
+    let limit = 16_384u64;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vfvm-vmm"))
+        .args(["--kernel", kernel.to_str().unwrap(), "--memory", "64"])
+        .args(["--serial-log", log.to_str().unwrap(), "--serial-log-max", &limit.to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = common::KillAfter::new(child.id(), std::time::Duration::from_secs(60));
+    // Until it has rotated more than once (the rotated half was replaced): the
+    // guest has written several times the limit by then.
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let mut seen_rotated = std::collections::HashSet::new();
+    while seen_rotated.len() < 3 && child.try_wait().unwrap().is_none() {
+        if let Ok(m) = std::fs::metadata(&rotated) {
+            use std::os::unix::fs::MetadataExt;
+            seen_rotated.insert(m.ino());
+        }
+        assert!(size(&log) + size(&rotated) <= limit, "{} + {} bytes", size(&log), size(&rotated));
+        std::thread::yield_now();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(deadline);
+    assert!(seen_rotated.len() >= 3, "the log never rotated three times (the VMM ended or was killed)");
+    assert!(size(&log) + size(&rotated) <= limit, "{} + {} bytes", size(&log), size(&rotated));
+    assert_eq!(std::fs::read(&rotated).unwrap().iter().filter(|&&b| b != b'x').count(), 0);
+    assert_refused(&vmm(&["--kernel", "/k", "--serial-log-max", "100"]), "--serial-log-max 100: expected bytes, at least 8192");
 }
 
 #[test]
@@ -230,7 +269,7 @@ fn bad_vfio_input_is_named_before_the_guest_starts() {
         "--vfio 0000:01:00: \"0000:01:00\" is not a PCI address (DDDD:BB:DD.F)",
     );
     assert_refused(&vmm(&["--kernel", "/k", "--vfio", "0000:01:00.0,slot=0"]), "--vfio 0000:01:00.0,slot=0: slot: expected 1 to 31");
-    assert_refused(&vmm(&["--kernel", "/k", "--vfio", "0000:01:00.0,id=a/b"]), "id \"a/b\": expected 1 to 64 of A-Z a-z 0-9 . _ -");
+    assert_refused(&vmm(&["--kernel", "/k", "--vfio", "0000:01:00.0,id=a/b"]), "id \"a/b\": expected 1 to 64 of A-Z a-z 0-9 . _ - :");
     assert_refused(&vmm(&["--kernel", "/k", "--vfio", "0000:01:00.0,mode=x"]), "\"mode=x\" is not id=NAME or slot=N");
     let kernel = scratch("vfio-kernel", &tiny_elf_kernel());
     let kernel = kernel.to_str().unwrap();

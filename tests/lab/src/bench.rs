@@ -27,7 +27,7 @@ use crate::images::L3_MARKER;
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet vfvm.hold";
 /// The guest image's: the same, less the hold (the agent serves instead), with a
 /// sandbox id as the shim gives one.
-const AGENT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet vfvm.sandbox=bench";
+pub(crate) const AGENT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet vfvm.sandbox=bench";
 
 /// KVM's per-VM debugfs counters the bench reports, in this order.
 const KVM_COUNTERS: &[(&str, &str)] = &[
@@ -174,7 +174,7 @@ fn vfvm_exit_stats(socket: &Path) -> Result<ExitStats> {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     if n % 2 == 1 {
@@ -246,7 +246,7 @@ fn boot_agent_qemu(kernel: &Path, image: &Path, vcpus: u32, memory: u32, vf: &st
 /// measures. A fault of TCG's SVM (see the README's "Tests"), not a figure of either
 /// VMM: [`retried`] boots again, and says so.
 #[derive(Debug)]
-struct GuestTripleFault(String);
+pub(crate) struct GuestTripleFault(pub String);
 
 impl std::fmt::Display for GuestTripleFault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -268,7 +268,7 @@ fn triple_faulted(vmm: &str, status: std::process::ExitStatus) -> bool {
 const TRIPLE_FAULT_RETRIES: u32 = 2;
 
 /// `boot`, again (announced) when its guest triple-faulted, up to [`TRIPLE_FAULT_RETRIES`] times.
-fn retried<T>(what: &str, mut boot: impl FnMut() -> Result<T>) -> Result<T> {
+pub(crate) fn retried<T>(what: &str, mut boot: impl FnMut() -> Result<T>) -> Result<T> {
     let mut retries = 0;
     loop {
         match boot() {

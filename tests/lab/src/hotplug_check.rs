@@ -36,7 +36,7 @@ use crate::pci::PciDevice;
 /// The VFs used (their index on the PF), their pinned MACs and guest addresses.
 const VFS: [(u32, &str, &str); 2] = [(1, "02:00:00:00:00:41", "198.18.0.41"), (2, "02:00:00:00:00:42", "198.18.0.42")];
 /// Each control API call's limit: above the longest eject wait asked for.
-const API_CALL_LIMIT: Duration = Duration::from_secs(90);
+pub(crate) const API_CALL_LIMIT: Duration = Duration::from_secs(90);
 /// The eject bound for the guest that never ejects.
 const FORCED_EJECT_MS: u32 = 3_000;
 
@@ -65,13 +65,13 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Options> {
 }
 
 /// A lab VF on vfio-pci with its MAC pinned, for the check's length.
-struct LabVf {
-    dev: PciDevice,
-    mac: &'static str,
-    ip: &'static str,
+pub(crate) struct LabVf {
+    pub dev: PciDevice,
+    pub mac: &'static str,
+    pub ip: &'static str,
 }
 
-fn prepare_vfs() -> Result<Vec<LabVf>> {
+pub(crate) fn prepare_vfs() -> Result<Vec<LabVf>> {
     let pf = igb_pf()?;
     let pf_if = pf.netdevs().into_iter().next().context("the igb PF has no netdev")?;
     let mut vfs = Vec::new();
@@ -86,6 +86,25 @@ fn prepare_vfs() -> Result<Vec<LabVf>> {
     Ok(vfs)
 }
 
+/// The VFs back on the driver the kernel matches (igbvf), all of them tried.
+pub(crate) fn restore_vfs(vfs: &[LabVf]) -> Result<()> {
+    let mut restored = Ok(());
+    for vf in vfs {
+        if let Err(e) = vf.dev.bind_by_override(None) {
+            restored = Err(e);
+        }
+    }
+    restored
+}
+
+/// The VMM's resident memory and how much of it is in transparent huge pages, as
+/// `smaps_rollup` says ("Rss 123456 kB, AnonHugePages 2048 kB").
+fn memory_summary(pid: u32) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string()).unwrap_or_else(|| "?".into());
+    format!("Rss {}, AnonHugePages {}", field("Rss:"), field("AnonHugePages:"))
+}
+
 /// The VMM's open fds.
 fn fd_count(pid: u32) -> Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd")).with_context(|| format!("listing /proc/{pid}/fd"))?.count())
@@ -98,11 +117,11 @@ fn status(api: &mut VmmClient) -> Result<(VmState, ResourceUsage, usize)> {
     }
 }
 
-fn guest_pci(agent: &AgentClient) -> Result<Vec<String>> {
+pub(crate) fn guest_pci(agent: &AgentClient) -> Result<Vec<String>> {
     Ok(agent.guest_details(ctx(), &agent::GuestDetailsRequest::new()).context("GuestDetails")?.pci_devices)
 }
 
-fn add(api: &mut VmmClient, id: &str, vf: &LabVf) -> Result<String> {
+pub(crate) fn add(api: &mut VmmClient, id: &str, vf: &LabVf) -> Result<String> {
     let host = vf.dev.addr.parse().with_context(|| format!("{} as a PCI address", vf.dev.addr))?;
     match api.call(Request::AddVfioDevice { id: id.into(), host_pci_address: host, guest_slot: None })? {
         Response::DeviceAdded { id: got, guest_pci_address } if got == id => Ok(guest_pci_address.to_string()),
@@ -111,7 +130,7 @@ fn add(api: &mut VmmClient, id: &str, vf: &LabVf) -> Result<String> {
 }
 
 /// Removes `id`; whether it was forced.
-fn remove(api: &mut VmmClient, id: &str, eject_timeout_ms: Option<u32>) -> Result<bool> {
+pub(crate) fn remove(api: &mut VmmClient, id: &str, eject_timeout_ms: Option<u32>) -> Result<bool> {
     match api.call(Request::RemoveDevice { id: id.into(), eject_timeout_ms })? {
         Response::DeviceRemoved { id: got, forced } if got == id => Ok(forced),
         other => bail!("remove_device {id}: {other:?}"),
@@ -119,7 +138,7 @@ fn remove(api: &mut VmmClient, id: &str, eject_timeout_ms: Option<u32>) -> Resul
 }
 
 /// Has the agent configure the VF at `guest` (with its pinned MAC) as `name` with its address.
-fn configure(agent: &AgentClient, name: &str, guest: &str, vf: &LabVf) -> Result<()> {
+pub(crate) fn configure(agent: &AgentClient, name: &str, guest: &str, vf: &LabVf) -> Result<()> {
     let mut iface = agent::Interface::new();
     iface.name = name.into();
     iface.pci_address = guest.into();
@@ -148,12 +167,7 @@ pub fn hotplug_check(args: impl Iterator<Item = String>) -> Result<i32> {
     let o = parse(args)?;
     let vfs = prepare_vfs()?;
     let result = check_plug_cycles(&o, &vfs).and_then(|()| check_forced_removal(&o, &vfs[0]));
-    let mut restored = Ok(());
-    for vf in &vfs {
-        if let Err(e) = vf.dev.bind_by_override(None) {
-            restored = Err(e);
-        }
-    }
+    let restored = restore_vfs(&vfs);
     result?;
     restored?;
     for vf in &vfs {
@@ -189,9 +203,14 @@ fn check_plug_cycles(o: &Options, vfs: &[LabVf]) -> Result<()> {
 
     let vf = &vfs[0];
     for cycle in 0..o.cycles {
+        let memory_before = memory_summary(pid);
         let t0 = Instant::now();
         let guest = add(&mut api, "vf0", vf)?;
         let added = t0.elapsed();
+        if cycle == 0 {
+            // The first plug DMA-maps (pins) all guest RAM: what it costs shows here.
+            println!("hotplug: the VMM's memory before the first plug: {memory_before}; after: {}", memory_summary(pid));
+        }
         configure(&agent, "net0", &guest, vf)?;
         let configured = t0.elapsed();
         ensure!(guest_pci(&agent)?.contains(&guest), "cycle {cycle}: the guest does not list {guest}");

@@ -7,6 +7,7 @@
 mod agent_check;
 mod apt_sources;
 mod bench;
+mod bench_hotplug;
 mod console;
 mod containerd;
 mod cpio;
@@ -46,6 +47,11 @@ usage: cargo xtask <command>
                            counters, N rounds (default 5), medians and ratios; the
                            guest image to its agent serving, with and without a VF
                            cold-plugged, and QEMU (-device vfio-pci) with the same VF
+  bench-hotplug [--rounds N]
+                           a VF hot-plugged into a running guest image until the agent
+                           has it configured: vfvm-vmm (control API, ACPI) against QEMU
+                           (QMP device_add vfio-pci on a pcie-root-port), and hot-plug
+                           against cold-plug, N rounds (default 3), medians and ratios
   soak [--pods N]          the SR-IOV seed pod through CRI N times in a row (default
                            10) with containerd 1.6 and 2.1, in one L2 boot: the
                            leak check of `test` (which runs 2) at length; a test
@@ -509,6 +515,37 @@ fn bench(args: impl Iterator<Item = String>) -> Result<i32> {
     l2::run(&cache, &kernel, &images, &opts)
 }
 
+/// `cargo xtask bench-hotplug [--rounds N]`: VF hot-plug into a running guest,
+/// vfvm-vmm against QEMU's QMP `device_add` and against cold-plug (see bench_hotplug.rs).
+fn bench_hotplug(args: impl Iterator<Item = String>) -> Result<i32> {
+    let rounds = count_option(args, "bench-hotplug", "--rounds", 3)?;
+    let (cache, kernel, images) = prepare()?;
+    let target = host::target_dir()?;
+    let vmm = host::release_build(&target, "vfvm-vmm")?;
+    let image = {
+        let agent = guest_image::release_agent(&target)?;
+        let _lock = CacheLock::take(&cache)?;
+        let busybox = host::find_busybox().context("no static busybox after installing busybox-static")?;
+        guest_image::ensure(&cache, &kernel, &busybox, &guest_image::Options { agent: Some(agent), ..Default::default() })?
+    };
+    let me = host::self_exe()?.to_string_lossy().into_owned();
+    let command = vec![
+        me,
+        "inside".into(),
+        "bench-hotplug".into(),
+        "--vmm".into(),
+        vmm.to_string_lossy().into_owned(),
+        "--kernel".into(),
+        kernel.vmlinux()?.to_string_lossy().into_owned(),
+        "--image".into(),
+        image.initrd.to_string_lossy().into_owned(),
+        "--rounds".into(),
+        rounds.to_string(),
+    ];
+    // The hot-plug checks' VFs are the PF's VFs 1 and 2.
+    l2::run(&cache, &kernel, &images, &l2::RunOptions { command, vfs: 3, ..Default::default() })
+}
+
 fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
     let first = args.next().unwrap_or_default();
     let second = args.next();
@@ -537,6 +574,8 @@ fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
         ("inside", Some("hotplug-check")) => hotplug_check::hotplug_check(args),
         ("inside", Some("bench-boot")) => bench::bench_boot(args),
         ("bench", _) => bench(second.into_iter().chain(args)),
+        ("bench-hotplug", _) => bench_hotplug(second.into_iter().chain(args)),
+        ("inside", Some("bench-hotplug")) => bench_hotplug::bench_hotplug(args),
         ("soak", _) => soak(second.into_iter().chain(args)),
         ("inside", Some("setup")) => {
             let vfs = match (args.next().as_deref(), args.next()) {

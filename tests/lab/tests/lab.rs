@@ -396,6 +396,27 @@ fn vfs_hot_plug_into_a_running_vm_and_unplug_without_a_trace() {
     }
 }
 
+/// `cargo xtask bench-hotplug --rounds 1`: a VF hot-plugged into a running guest by
+/// vfvm-vmm and by QEMU (QMP on a root port), and cold-plugged; prints the figures.
+#[test]
+#[ignore = "boots the nested lab and three L3 guests (a few minutes); run by `cargo xtask test`"]
+fn bench_hotplug_one_round_prints_vfvm_and_qemu_figures() {
+    let out = run_lab(&["bench-hotplug", "--rounds", "1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let figures: Vec<&str> = stdout.lines().filter(|l| l.starts_with("bench-hotplug:")).collect();
+    vfvm_test_containerd::print_figures(&figures.join("\n"));
+    assert_eq!(out.status.code(), Some(0), "cargo xtask bench-hotplug --rounds 1 failed:\n{stdout}");
+    for expected in [
+        "bench-hotplug: round 1: hot-plug to configured, first/again: vfvm-vmm ",
+        "bench-hotplug: median hot-plug to configured netdev, first into the VM: vfvm-vmm ",
+        "bench-hotplug: median hot-plug to configured netdev, again: vfvm-vmm ",
+        "bench-hotplug: median unplug (eject and release / device_del to DEVICE_DELETED): vfvm-vmm ",
+        "bench-hotplug: median VMM start to the VF configured: vfvm-vmm hot-plug ",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+    }
+}
+
 /// A VF whose IOMMU group is not viable: L2 booted with the igb PF's root port
 /// without ACS, so the port, the PF and the VFs share one group. A pod with the VF
 /// (through containerd 2.1 and the shim) fails naming the VF, the group and the PF's

@@ -303,7 +303,7 @@ impl PciRoot {
                 match self.mmio.insert(base, size, &format!("PCI 00:{slot:02x}.0 BAR{}", bar.request.index), range) {
                     Ok(()) => bar.mapped = Some(base),
                     Err(source) => {
-                        tracing::warn!("PCI {slot:02x}.0 BAR {} at {base:#x}: {source}", bar.request.index);
+                        crate::guest_warn!("PCI {slot:02x}.0 BAR {} at {base:#x}: {source}", bar.request.index);
                         if result.is_ok() {
                             result = Err(PciError::Map { index: bar.request.index, source });
                         }

@@ -133,7 +133,7 @@ impl MsixConfig {
         let deliverable = self.enabled && !self.masked(v);
         let vector = u16::try_from(v).expect("at most MAX_VECTORS");
         if let Err(e) = self.group.program(vector, self.message(v), deliverable) {
-            tracing::warn!("MSI-X vector {v}: {e}");
+            crate::guest_warn!("MSI-X vector {v}: {e}");
         }
     }
 
@@ -148,7 +148,7 @@ impl MsixConfig {
 
     fn send(&self, vector: usize) {
         if let Err(e) = self.group.fire(u16::try_from(vector).expect("at most MAX_VECTORS")) {
-            tracing::warn!("MSI-X vector {vector}: {e}");
+            crate::guest_warn!("MSI-X vector {vector}: {e}");
         }
     }
 

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info};
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -464,7 +464,7 @@ impl Worker {
                 q.queue.set_next_used(used.0);
             }
             Err(e) => {
-                warn!("virtio-fs: queue {}: reading the used index: {e}", q.index);
+                crate::guest_warn!("virtio-fs: queue {}: reading the used index: {e}", q.index);
                 return;
             }
         }
@@ -480,14 +480,14 @@ impl Worker {
         let mut used_any = false;
         loop {
             if let Err(e) = q.queue.disable_notification(mem) {
-                warn!("virtio-fs: queue {}: {e}", q.index);
+                crate::guest_warn!("virtio-fs: queue {}: {e}", q.index);
                 return;
             }
             while let Some(chain) = q.queue.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
                 let len = fail_request(mem, chain);
                 if let Err(e) = q.queue.add_used(mem, head, len) {
-                    warn!("virtio-fs: queue {}: {e}", q.index);
+                    crate::guest_warn!("virtio-fs: queue {}: {e}", q.index);
                     return;
                 }
                 used_any = true;
@@ -496,7 +496,7 @@ impl Worker {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
-                    warn!("virtio-fs: queue {}: {e}", q.index);
+                    crate::guest_warn!("virtio-fs: queue {}: {e}", q.index);
                     return;
                 }
             }

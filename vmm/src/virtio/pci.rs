@@ -296,7 +296,7 @@ impl VirtioPciDevice {
         if let Some(base) = want {
             for (index, kick) in self.kicks.iter().enumerate().filter_map(|(i, k)| Some((i, k.as_ref()?))) {
                 if let Err(e) = ioevents.register(kick, Self::notify_address(base, index)) {
-                    tracing::warn!("virtio-pci: queue {index}: {e}; its notifications stay MMIO exits");
+                    crate::guest_warn!("virtio-pci: queue {index}: {e}; its notifications stay MMIO exits");
                 }
             }
             self.kicks_registered_at = Some(base);
@@ -308,7 +308,7 @@ impl VirtioPciDevice {
         let (Some(ioevents), Some(old)) = (self.ioevents.clone(), self.kicks_registered_at.take()) else { return };
         for (index, kick) in self.kicks.iter().enumerate().filter_map(|(i, k)| Some((i, k.as_ref()?))) {
             if let Err(e) = ioevents.unregister(kick, Self::notify_address(old, index)) {
-                tracing::warn!("virtio-pci: queue {index}: {e}");
+                crate::guest_warn!("virtio-pci: queue {index}: {e}");
             }
         }
     }
@@ -468,7 +468,7 @@ impl VirtioPciDevice {
         };
         match q.build(&memory) {
             Ok(_) => q.enabled = true,
-            Err(e) => tracing::warn!("virtio-pci: queue {index}: {e}; not enabled"),
+            Err(e) => crate::guest_warn!("virtio-pci: queue {index}: {e}; not enabled"),
         }
     }
 
@@ -483,12 +483,16 @@ impl VirtioPciDevice {
         if added & STATUS_FEATURES_OK != 0 {
             let unknown = self.driver_features & !self.device_features;
             if unknown != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                tracing::warn!("virtio-pci: refusing driver features {:#x} (offered {:#x})", self.driver_features, self.device_features);
+                crate::guest_warn!(
+                    "virtio-pci: refusing driver features {:#x} (offered {:#x})",
+                    self.driver_features,
+                    self.device_features
+                );
                 value &= !STATUS_FEATURES_OK;
             }
         }
         if added & STATUS_DRIVER_OK != 0 && value & STATUS_FEATURES_OK == 0 {
-            tracing::warn!("virtio-pci: DRIVER_OK without FEATURES_OK ignored");
+            crate::guest_warn!("virtio-pci: DRIVER_OK without FEATURES_OK ignored");
             value &= !STATUS_DRIVER_OK;
         }
         self.status = value;
@@ -570,7 +574,7 @@ impl VirtioPciDevice {
         match self.kicks.get(index) {
             Some(Some(kick)) => {
                 if let Err(e) = kick.write(1) {
-                    tracing::warn!("virtio-pci: queue {index} notify: {e}");
+                    crate::guest_warn!("virtio-pci: queue {index} notify: {e}");
                 }
             }
             _ => tracing::debug!("virtio-pci: notify for inactive queue {index}"),

@@ -580,7 +580,7 @@ impl Muxer {
 
     fn queue_rst(&mut self, hdr: Header) {
         if self.rst_queue.len() >= MAX_QUEUED_RST {
-            warn!("vsock: too many RSTs waiting for rx buffers, dropping one");
+            crate::guest_warn!("vsock: too many RSTs waiting for rx buffers, dropping one");
             return;
         }
         self.rst_queue.push_back(hdr);
@@ -671,10 +671,10 @@ impl Muxer {
             let segs = Segments::collect(chain, false);
             match read_packet(&self.w.mem, &segs) {
                 Ok((hdr, payload)) => self.guest_packet(hdr, &payload),
-                Err(e) => warn!("vsock: dropping a malformed tx packet: {e}"),
+                Err(e) => crate::guest_warn!("vsock: dropping a malformed tx packet: {e}"),
             }
             if let Err(e) = self.w.txq.add_used(&self.w.mem, head, 0) {
-                warn!("vsock: tx add_used: {e}");
+                crate::guest_warn!("vsock: tx add_used: {e}");
             }
             self.tx_used = true;
         }
@@ -682,7 +682,7 @@ impl Muxer {
 
     fn guest_packet(&mut self, hdr: Header, payload: &[u8]) {
         if hdr.src_cid != self.w.guest_cid {
-            warn!(src_cid = hdr.src_cid, "vsock: packet from the guest with a wrong source CID, dropped");
+            crate::guest_warn!(src_cid = hdr.src_cid, "vsock: packet from the guest with a wrong source CID, dropped");
             return;
         }
         let key = (hdr.dst_port, hdr.src_port);
@@ -727,7 +727,7 @@ impl Muxer {
             }
             OP_RW if c.state == State::Established && !c.peer_shut_send => {
                 if c.tx_buf.len() + payload.len() > BUF_ALLOC as usize {
-                    warn!(?key, "vsock: the guest sent beyond its credit, resetting");
+                    crate::guest_warn!(?key, "vsock: the guest sent beyond its credit, resetting");
                     return self.kill(key);
                 }
                 let mut off = 0;
@@ -774,7 +774,7 @@ impl Muxer {
                 return;
             }
             op => {
-                warn!(?key, op, state = ?c.state, "vsock: unexpected packet, resetting");
+                crate::guest_warn!(?key, op, state = ?c.state, "vsock: unexpected packet, resetting");
                 return self.kill(key);
             }
         }
@@ -785,7 +785,7 @@ impl Muxer {
     fn guest_connect(&mut self, key: ConnKey, req: &Header) {
         let path = guest_port_path(&self.w.uds_path, key.0);
         if self.conns.len() >= MAX_CONNECTIONS {
-            warn!("vsock: too many connections, refusing the guest's");
+            crate::guest_warn!("vsock: too many connections, refusing the guest's");
             let rst = self.rst_for(key);
             return self.queue_rst(rst);
         }
@@ -825,7 +825,7 @@ impl Muxer {
             let head = chain.head_index();
             let segs = Segments::collect(chain, true);
             let written = if segs.total() < HDR_LEN as u64 {
-                warn!("vsock: rx buffer smaller than a header, returned unused");
+                crate::guest_warn!("vsock: rx buffer smaller than a header, returned unused");
                 Some(0)
             } else if let Some(rst) = self.rst_queue.pop_front() {
                 Some(self.put(&segs, rst, 0))
@@ -835,7 +835,7 @@ impl Muxer {
             match written {
                 Some(len) => {
                     if let Err(e) = self.w.rxq.add_used(&self.w.mem, head, len) {
-                        warn!("vsock: rx add_used: {e}");
+                        crate::guest_warn!("vsock: rx add_used: {e}");
                     }
                     self.rx_used = true;
                 }
@@ -854,7 +854,7 @@ impl Muxer {
         match write_packet(&self.w.mem, segs, hdr, &self.scratch[..len]) {
             Ok(n) => n,
             Err(e) => {
-                warn!("vsock: writing an rx packet: {e}");
+                crate::guest_warn!("vsock: writing an rx packet: {e}");
                 0
             }
         }
