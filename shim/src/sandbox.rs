@@ -277,6 +277,9 @@ impl Sandbox {
         vmm.arg("--fs").arg(format!("tag={FS_TAG},socket={},wait={}", fs_socket.display(), VIRTIOFSD_READY.as_secs()));
         vmm.arg("--serial-log").arg(&console).arg("--serial-log-max").arg((u64::from(h.console_log_max_kib) << 10).to_string());
         let hot = config.sriov.hotplug == Hotplug::Hot;
+        // Hot-plug at pod start gains nothing from `--populate-memory`: the plug comes
+        // right after boot, and faulting RAM in meanwhile slows the boot as much
+        // (`cargo xtask bench-hotplug`).
         if !hot {
             vmm.args(sriov::vmm_args(vfs));
         }

@@ -70,6 +70,16 @@ pub fn build(config: &MachineConfig, ram: u64, started: Instant) -> Result<Built
     step("guest memory");
     let (kernel, initrd_range) = load_kernel_and_initrd(config, ram, &guest_memory, inputs.kernel, inputs.initrd)?;
     step("kernel and initrd loaded");
+    if config.populate_memory {
+        let memory = guest_memory.clone();
+        let spawned = std::thread::Builder::new().name("populate".into()).spawn(move || match memory::populate(&memory) {
+            Ok(took) => tracing::info!(ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX), "guest RAM populated"),
+            Err(e) => tracing::warn!("{e}"),
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("populating guest RAM: no thread: {e}");
+        }
+    }
     let vm = Vm::new(guest_memory, VmOptions { irqchip: true })?;
     step("the VM");
     // From here the device manager owns the buses: on every way out it empties them,

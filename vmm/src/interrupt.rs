@@ -219,10 +219,14 @@ struct IrqfdGroup {
 impl MsiInterruptGroup for IrqfdGroup {
     fn program(&self, vector: u16, msg: MsiMessage, deliverable: bool) -> Result<(), InterruptError> {
         let Some(v) = self.vectors.get(usize::from(vector)) else { return Ok(()) };
-        let routed = self.routing.route(v.gsi, msg);
+        // Only a deliverable vector's route matters (no irqfd points at a masked
+        // one's GSI), so a masked vector's message goes to KVM when it is unmasked:
+        // a guest writes address and data one register at a time with the vector
+        // masked, and each KVM_SET_GSI_ROUTING replaces the whole table (costly
+        // under nesting: every vector programmed would cost several).
+        let routed = if deliverable { self.routing.route(v.gsi, msg) } else { Ok(()) };
         let mut attached = v.attached.lock().unwrap_or_else(|e| e.into_inner());
-        // A vector whose route failed is not delivered (it would go to the old one);
-        // a masked one is detached whatever happened to its route.
+        // A vector whose route failed is not delivered (it would go to the old one).
         let deliverable = deliverable && routed.is_ok();
         if deliverable && !*attached {
             // KVM injects at once if the eventfd was written while detached: that
@@ -295,6 +299,9 @@ mod tests {
         let routing = GsiRouting::new(vm);
         let group = routing.msi_group(3).unwrap();
         assert_eq!(routing.lock().msi.keys().copied().collect::<Vec<_>>(), [24, 25, 26]);
+        // Masked: nothing goes to KVM yet; unmasked: the route is there.
+        group.program(1, MsiMessage { address: 0xfee0_0000, data: 0x30 }, false).unwrap();
+        assert_eq!(routing.lock().msi[&25], MsiMessage::default());
         group.program(1, MsiMessage { address: 0xfee0_0000, data: 0x30 }, true).unwrap();
         assert_eq!(routing.lock().msi[&25], MsiMessage { address: 0xfee0_0000, data: 0x30 });
         group.fire(1).unwrap();

@@ -42,6 +42,9 @@ pub struct MachineConfig {
     pub serial_log: Option<PathBuf>,
     /// The most bytes the console log and its rotated half hold together.
     pub serial_log_limit: u64,
+    /// Fault all guest RAM in, in the background while the guest boots: for a VM that
+    /// will get VFIO devices later (their DMA mapping pins it all anyway).
+    pub populate_memory: bool,
     pub serial_stdout: bool,
     /// Where to serve the control API (a Unix socket this process creates).
     pub api_socket: Option<PathBuf>,
@@ -424,6 +427,7 @@ mod tests {
             memory_mib: 128,
             serial_log: None,
             serial_log_limit: DEFAULT_SERIAL_LOG_LIMIT,
+            populate_memory: false,
             serial_stdout: false,
             api_socket: None,
             vsock: None,

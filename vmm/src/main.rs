@@ -18,7 +18,7 @@ const USAGE: &str = "\
 usage: vfvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] [--memory MIB]
                 [--serial-log PATH [--serial-log-max BYTES]] [--serial-stdout] [--api-socket PATH]
                 [--vsock-socket PATH [--vsock-cid CID]] [--fs tag=TAG,socket=PATH[,wait=SECS]]
-                [--vfio BDF[,id=NAME][,slot=N]]...
+                [--vfio BDF[,id=NAME][,slot=N]]... [--populate-memory]
 
   --kernel PATH       bzImage or ELF vmlinux (64-bit entry)
   --initrd PATH       initramfs, loaded at the top of low memory
@@ -44,6 +44,9 @@ usage: vfvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] [--mem
                       the guest, in slot N of its bus 0 (1 to 31; default the first
                       free one); NAME (default the BDF) names it in the control API.
                       Repeatable
+  --populate-memory   fault all guest RAM in, in the background while the guest boots,
+                      for a VM that will get VFIO devices hot-plugged: their DMA
+                      mapping pins all of it, and then takes a fraction of the time
 
 Exit status: 0 guest power-off, 2 guest reboot/reset, 3 guest kernel panic,
 4 forced shutdown through the control API, 1 error (bad input or a VMM failure). Logs go to stderr (VFVM_LOG=error|warn|info|debug|trace).";
@@ -67,6 +70,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
         memory_mib: 256,
         serial_log: None,
         serial_log_limit: machine::DEFAULT_SERIAL_LOG_LIMIT,
+        populate_memory: false,
         serial_stdout: false,
         api_socket: None,
         vsock: None,
@@ -105,6 +109,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
                     v.parse().ok().filter(|&n| n >= min).ok_or_else(|| format!("--serial-log-max {v}: expected bytes, at least {min}"))?;
             }
             "--serial-stdout" if inline.is_none() => config.serial_stdout = true,
+            "--populate-memory" if inline.is_none() => config.populate_memory = true,
             "--api-socket" => config.api_socket = Some(PathBuf::from(value("a path")?)),
             "--vsock-socket" => vsock_socket = Some(PathBuf::from(value("a path")?)),
             "--fs" => {

@@ -102,6 +102,25 @@ fn map_aligned(len: usize, file: Option<(&std::fs::File, u64)>) -> Result<*mut u
     Ok(aligned)
 }
 
+/// Faults every page of guest RAM in, writable, without changing what any holds
+/// (`MADV_POPULATE_WRITE`, Linux 5.14+): what a VFIO DMA mapping does anyway when it
+/// pins guest RAM, done ahead of it, so that a device plugged later is mapped in a
+/// fraction of the time. Safe while the guest runs. Returns how long it took.
+pub fn populate(memory: &GuestMemoryMmap) -> Result<std::time::Duration, MemoryError> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let started = std::time::Instant::now();
+    for region in memory.iter() {
+        let host = region.as_ptr();
+        let len = usize::try_from(region.len()).map_err(|_| MemoryError::TooLarge(region.len()))?;
+        // SAFETY: advice on a mapping of ours, `len` bytes at `host`; populating
+        // writes nothing to the pages, it only faults them in.
+        if unsafe { libc::madvise(host.cast(), len, libc::MADV_POPULATE_WRITE) } != 0 {
+            return Err(os_error("populating guest RAM (MADV_POPULATE_WRITE)"));
+        }
+    }
+    Ok(started.elapsed())
+}
+
 /// Guest memory for `ram_bytes`, split around the 32-bit MMIO hole.
 pub fn guest_memory(ram_bytes: u64, backing: Backing) -> Result<GuestMemoryMmap, MemoryError> {
     let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(ram_bytes)

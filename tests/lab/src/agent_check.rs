@@ -147,15 +147,15 @@ pub struct VmmUnderTest {
 }
 
 impl VmmUnderTest {
-    /// Boots `kernel` + `initrd` with `cmdline` (1 vCPU, 512 MiB), with `vfio` (as
-    /// `--vfio` takes them) passed through at boot; `name` makes the directory. With
+    /// Boots `kernel` + `initrd` with `cmdline` (1 vCPU, 512 MiB) and `extra_args`
+    /// (`--vfio ...` to pass devices through at boot); `name` makes the directory. With
     /// `log_port`, what the guest sends to that host port is collected (the logs).
     pub fn start(
         vmm: &std::path::Path,
         kernel: &std::path::Path,
         initrd: &std::path::Path,
         cmdline: &str,
-        vfio: &[String],
+        extra_args: &[String],
         name: &str,
         log_port: Option<u32>,
     ) -> Result<(Self, Option<Logs>)> {
@@ -172,9 +172,7 @@ impl VmmUnderTest {
         cmd.arg("--kernel").arg(kernel).arg("--initrd").arg(initrd).args(["--cmdline", cmdline]);
         cmd.args(["--vcpus", "1", "--memory", "512", "--serial-stdout"]);
         cmd.arg("--api-socket").arg(&api).arg("--vsock-socket").arg(&vsock).args(["--vsock-cid", &GUEST_CID.to_string()]);
-        for v in vfio {
-            cmd.args(["--vfio", v]);
-        }
+        cmd.args(extra_args);
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
         die_with_parent(&mut cmd);
         let started = Instant::now();
@@ -222,7 +220,7 @@ fn check_with_vfvm_vmm(vmm: &std::path::Path, kernel: &std::path::Path, initrd: 
     use vfvm_protocols::vmm_api::{Request, Response};
     let cmdline = format!("console=ttyS0 panic=-1 quiet vfvm.log_port={LOG_PORT}");
     let (mut under_test, logs) =
-        VmmUnderTest::start(vmm, kernel, initrd, &cmdline, &[format!("{vf},id=vf0")], "agent-check", Some(LOG_PORT))?;
+        VmmUnderTest::start(vmm, kernel, initrd, &cmdline, &["--vfio".into(), format!("{vf},id=vf0")], "agent-check", Some(LOG_PORT))?;
     let logs = logs.context("the log collector")?;
     let started = under_test.started;
     let result = (|| {

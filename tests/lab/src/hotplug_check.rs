@@ -200,6 +200,8 @@ fn check_plug_cycles(o: &Options, vfs: &[LabVf]) -> Result<()> {
     let mut fds_after_first = None;
     let pci_before = guest_pci(&agent)?;
     println!("check: before any plug: {resources_before:?}, {fds_before} VMM fds, guest PCI {pci_before:?}");
+    let thp = |name: &str| std::fs::read_to_string(format!("/sys/kernel/mm/transparent_hugepage/{name}")).unwrap_or_default();
+    println!("hotplug: transparent huge pages: enabled {}, defrag {}", thp("enabled").trim(), thp("defrag").trim());
 
     let vf = &vfs[0];
     for cycle in 0..o.cycles {
