@@ -240,12 +240,15 @@ pub fn kill_and_wait(pid: u32, ticks: u64, bound: std::time::Duration) -> std::i
     Ok(true)
 }
 
-/// Unmounts `at` (lazily, so a busy mount still goes); `Ok(false)` when nothing was mounted there.
+/// Unmounts `at` (lazily, so a busy mount still goes); `Ok(false)` when nothing was
+/// mounted there. A symlink at `at` is not followed: the guest can write the
+/// virtio-fs share the sandbox's mounts are under, and a link it planted there must
+/// not make the shim unmount a host path.
 pub fn unmount(at: &Path) -> std::io::Result<bool> {
     let c =
         std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: umount2 with a NUL-terminated path we own.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) } == 0 {
         return Ok(true);
     }
     let e = std::io::Error::last_os_error();
@@ -302,6 +305,29 @@ mod tests {
         assert!(child.try_wait().unwrap().is_none(), "the unrelated process must still run");
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    /// A symlink planted where a mount was (as a guest can in the share) is not
+    /// followed: the mount it points at stays.
+    #[test]
+    fn unmount_does_not_follow_a_symlink() {
+        let dir = std::env::temp_dir().join(format!("vfvm-record-nofollow-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let target = dir.join("host-mount");
+        std::fs::create_dir_all(&target).unwrap();
+        crate::sandbox::mount(Path::new("tmpfs"), &target, Some("tmpfs"), 0, None)
+            .expect("mounting a tmpfs (the shim's tests run as root)");
+        let link = dir.join("rootfs");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let mounted = |p: &Path| {
+            std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap()))
+        };
+        assert!(mounted(&target));
+        assert!(!unmount(&link).unwrap(), "nothing is mounted on the link itself");
+        assert!(mounted(&target), "the mount behind the link must stay");
+        assert!(unmount(&target).unwrap());
+        assert!(!mounted(&target));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
