@@ -460,14 +460,18 @@ fn soak(args: impl Iterator<Item = String>) -> Result<i32> {
     Ok(if ok && totals.counts.failed == 0 && totals.counts.passed == 2 { 0 } else { 1 })
 }
 
+/// The guest image with `agent` as PID 1, built into the lab cache (or found there).
+fn guest_image_with_agent(cache: &std::path::Path, kernel: &kernel::Kernel, agent: PathBuf) -> Result<guest_image::GuestImage> {
+    let _lock = CacheLock::take(cache)?;
+    let busybox = host::find_busybox().context("no static busybox after installing busybox-static")?;
+    guest_image::ensure(cache, kernel, &busybox, &guest_image::Options { agent: Some(agent), ..Default::default() })
+}
+
 /// Builds (or finds) the guest image with `agent` and tells the tests where it is:
 /// the shim's lab tests boot pods from it. VFVM_* (not VFVM_LAB_*) variables are
 /// passed on into L2.
 fn export_test_guest_image(kernel: &kernel::Kernel, agent: PathBuf) -> Result<()> {
-    let cache = cache_dir();
-    let _lock = CacheLock::take(&cache)?;
-    let busybox = host::find_busybox().context("no static busybox after installing busybox-static")?;
-    let built = guest_image::ensure(&cache, kernel, &busybox, &guest_image::Options { agent: Some(agent), ..Default::default() })?;
+    let built = guest_image_with_agent(&cache_dir(), kernel, agent)?;
     progress!("guest image with this build's agent: {}", built.initrd.display());
     std::env::set_var("VFVM_TEST_AGENT_INITRD", &built.initrd);
     std::env::set_var("VFVM_TEST_AGENT_KERNEL", &built.kernel);
@@ -483,12 +487,7 @@ fn bench(args: impl Iterator<Item = String>) -> Result<i32> {
     let vmm = host::release_build(&target, "vfvm-vmm")?;
     // The guest image as the shim boots it (this build's release agent), measured
     // against the bare initramfs.
-    let image = {
-        let agent = guest_image::release_agent(&target)?;
-        let _lock = CacheLock::take(&cache)?;
-        let busybox = host::find_busybox().context("no static busybox after installing busybox-static")?;
-        guest_image::ensure(&cache, &kernel, &busybox, &guest_image::Options { agent: Some(agent), ..Default::default() })?
-    };
+    let image = guest_image_with_agent(&cache, &kernel, guest_image::release_agent(&target)?)?;
     let me = host::self_exe()?.to_string_lossy().into_owned();
     let opts = l2::RunOptions {
         command: vec![
@@ -522,12 +521,7 @@ fn bench_hotplug(args: impl Iterator<Item = String>) -> Result<i32> {
     let (cache, kernel, images) = prepare()?;
     let target = host::target_dir()?;
     let vmm = host::release_build(&target, "vfvm-vmm")?;
-    let image = {
-        let agent = guest_image::release_agent(&target)?;
-        let _lock = CacheLock::take(&cache)?;
-        let busybox = host::find_busybox().context("no static busybox after installing busybox-static")?;
-        guest_image::ensure(&cache, &kernel, &busybox, &guest_image::Options { agent: Some(agent), ..Default::default() })?
-    };
+    let image = guest_image_with_agent(&cache, &kernel, guest_image::release_agent(&target)?)?;
     let me = host::self_exe()?.to_string_lossy().into_owned();
     let command = vec![
         me,
