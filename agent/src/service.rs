@@ -124,13 +124,8 @@ fn guest_details() -> api::GuestDetailsResponse {
         // SAFETY: uname NUL-terminates the field.
         r.kernel_release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }.to_string_lossy().into_owned();
     }
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    r.memory_bytes = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map_or(0, |kib| kib * 1024);
-    r.cpus = std::thread::available_parallelism().map_or(0, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+    r.memory_bytes = crate::guest::memory().total_bytes;
+    r.cpus = crate::guest::cpus();
     r.loaded_modules = std::fs::read_to_string("/proc/modules")
         .unwrap_or_default()
         .lines()
@@ -253,6 +248,11 @@ impl Agent for AgentService {
         r.memory_usage_bytes = s.memory_usage_bytes;
         r.memory_limit_bytes = s.memory_limit_bytes;
         r.pids_current = s.pids_current;
+        let memory = crate::guest::memory();
+        r.guest_memory_total_bytes = memory.total_bytes;
+        r.guest_memory_available_bytes = memory.available_bytes;
+        r.guest_cpu_usage_nanos = crate::guest::cpu_busy_nanos();
+        r.guest_cpus = crate::guest::cpus();
         Ok(r)
     }
 

@@ -6,12 +6,15 @@
 //!   with a `CONNECT <port>` handshake) or a plain Unix socket, with timeouts and
 //!   retries while the guest boots.
 //! - [`pci`]: [`PciAddress`], the one PCI address type, text `0000:01:10.2` on every wire.
+//! - [`vcpu_threads`]: what a VMM's vCPU threads are doing, from `/proc`, for a guest
+//!   that stopped answering.
 //! - [`vmm_api`]: the VMM control API (typed, versioned, length-framed JSON on the
 //!   VMM's Unix socket) with its client and per-connection server loop.
 
 #[cfg(feature = "agent")]
 pub mod client;
 pub mod pci;
+pub mod vcpu_threads;
 pub mod vmm_api;
 
 pub use pci::{PciAddress, PciAddressError};
@@ -52,6 +55,11 @@ pub mod agent {
     /// Where the agent mounts the sandbox's shared filesystem (`CreateSandbox`'s
     /// `shared_fs_tag`); the shim's `rootfs_path`s point under it.
     pub const GUEST_SHARED_DIR: &str = "/run/vfvm/shared";
+    /// Where the agent makes the pod's in-memory volumes (an emptyDir with `medium:
+    /// Memory`): a bind mount whose source is `<GUEST_EPHEMERAL_DIR>/<name>` (one
+    /// path component) gets a tmpfs there, made for the first container that names
+    /// it and shared by the pod's containers that name it after.
+    pub const GUEST_EPHEMERAL_DIR: &str = "/run/vfvm/ephemeral";
     /// A virtio-fs tag is at most this long (the device's config field).
     pub const MAX_FS_TAG: usize = 36;
 }

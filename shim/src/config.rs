@@ -6,6 +6,7 @@ use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::sizing::PodResources;
 use crate::vf::spec::sriov_enabled;
 
 /// Pod annotations that size the VM (Kata's names, so existing pod specs work).
@@ -30,6 +31,22 @@ pub enum ConfigError {
     Invalid { path: PathBuf, key: &'static str, value: String, expected: String },
     #[error("annotation {key}={value:?}: {expected}")]
     Annotation { key: String, value: String, expected: String },
+    #[error(
+        "the pod needs a VM of {vcpus} vCPUs and {memory_mib} MiB ({base_vcpus} vCPU and {base_memory_mib} MiB of base, \
+         plus {pod_cpus} CPU and {pod_memory_mib} MiB for its containers' limits: {resources}); the runtime config allows \
+         at most {max_vcpus} vCPUs and {max_memory_mib} MiB (hypervisor.max_vcpus, hypervisor.max_memory_mib)"
+    )]
+    PodTooLarge {
+        vcpus: u64,
+        memory_mib: u64,
+        base_vcpus: u32,
+        base_memory_mib: u32,
+        pod_cpus: u64,
+        pod_memory_mib: u64,
+        resources: String,
+        max_vcpus: u32,
+        max_memory_mib: u32,
+    },
     #[error("sandbox id {id:?}: {} is {what}, not a sandbox's state directory", path.display())]
     ReservedSandboxDir { id: String, path: PathBuf, what: &'static str },
 }
@@ -131,11 +148,14 @@ pub struct Runtime {
     pub shutdown_timeout_secs: u32,
 }
 
-/// What one pod gets: the config's defaults with the pod's annotations applied.
+/// What one pod gets: the base (the config's defaults, or the pod's Kata
+/// annotations) plus the pod's resources, within the config's maximums.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SandboxSettings {
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// The pod's own share of the above, when containerd passed its resources.
+    pub pod_resources: Option<PodResources>,
     pub sriov: bool,
 }
 
@@ -220,7 +240,9 @@ impl Config {
         sandbox_dir_in(&self.runtime.state_dir, &self.sriov.lock_dir, id)
     }
 
-    /// The pod's settings: defaults, overridden by its annotations within the limits.
+    /// The pod's settings: the base (defaults, overridden by its Kata annotations
+    /// within the limits, as Kata has it) plus the pod's resources from containerd's
+    /// sandbox annotations; more than the maximums is an error naming the figures.
     pub fn sandbox_settings(&self, annotations: &HashMap<String, String>) -> Result<SandboxSettings, ConfigError> {
         let number = |key: &str, min: u32, max: u32, default: u32| -> Result<u32, ConfigError> {
             let Some(value) = annotations.get(key) else { return Ok(default) };
@@ -236,9 +258,30 @@ impl Config {
             Ok(n)
         };
         let h = &self.hypervisor;
+        let base_vcpus = number(VCPUS_ANNOTATION, 1, h.max_vcpus, h.default_vcpus)?;
+        let base_memory_mib = number(MEMORY_ANNOTATION, MIN_MEMORY_MIB, h.max_memory_mib, h.default_memory_mib)?;
+        let pod_resources = PodResources::from_annotations(annotations)?;
+        let pod = pod_resources.unwrap_or_default();
+        let vcpus = u64::from(base_vcpus).saturating_add(pod.cpus);
+        let memory_mib = u64::from(base_memory_mib).saturating_add(pod.memory_mib);
+        if vcpus > u64::from(h.max_vcpus) || memory_mib > u64::from(h.max_memory_mib) {
+            return Err(ConfigError::PodTooLarge {
+                vcpus,
+                memory_mib,
+                base_vcpus,
+                base_memory_mib,
+                pod_cpus: pod.cpus,
+                pod_memory_mib: pod.memory_mib,
+                resources: PodResources::describe(annotations),
+                max_vcpus: h.max_vcpus,
+                max_memory_mib: h.max_memory_mib,
+            });
+        }
         Ok(SandboxSettings {
-            vcpus: number(VCPUS_ANNOTATION, 1, h.max_vcpus, h.default_vcpus)?,
-            memory_mib: number(MEMORY_ANNOTATION, MIN_MEMORY_MIB, h.max_memory_mib, h.default_memory_mib)?,
+            // Within the maximums, both u32, just above.
+            vcpus: u32::try_from(vcpus).unwrap_or(h.max_vcpus),
+            memory_mib: u32::try_from(memory_mib).unwrap_or(h.max_memory_mib),
+            pod_resources,
             sriov: sriov_enabled(annotations.iter().map(|(k, v)| (k.as_str(), v.as_str())), self.sriov.enabled_by_default).map_err(
                 |_| ConfigError::Annotation {
                     key: crate::vf::spec::ENABLE_SRIOV_ANNOTATION.into(),
@@ -312,7 +355,7 @@ mod tests {
     fn annotations_override_within_the_limits() {
         let c = shipped();
         let a = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>();
-        assert_eq!(c.sandbox_settings(&a(&[])).unwrap(), SandboxSettings { vcpus: 1, memory_mib: 512, sriov: false });
+        assert_eq!(c.sandbox_settings(&a(&[])).unwrap(), SandboxSettings { vcpus: 1, memory_mib: 512, pod_resources: None, sriov: false });
         let s = c
             .sandbox_settings(&a(&[
                 (VCPUS_ANNOTATION, "4"),
@@ -320,7 +363,7 @@ mod tests {
                 ("io.katacontainers.config.runtime.enable_sriov", "true"),
             ]))
             .unwrap();
-        assert_eq!(s, SandboxSettings { vcpus: 4, memory_mib: 2048, sriov: true });
+        assert_eq!(s, SandboxSettings { vcpus: 4, memory_mib: 2048, pod_resources: None, sriov: true });
         for (k, v) in [
             (VCPUS_ANNOTATION, "9"),
             (VCPUS_ANNOTATION, "0"),
@@ -333,6 +376,44 @@ mod tests {
             assert!(err.contains(k) && err.contains(&format!("{v:?}")), "{k}={v}: {err}");
             assert_eq!(err.matches(k).count(), 1, "the annotation is named once: {err}");
         }
+    }
+
+    /// A pod of two containers limited to 1 CPU + 768 MiB and 1 CPU + 512 MiB gets
+    /// the base plus 2 vCPUs and 1280 MiB; Kata's annotations set the base.
+    #[test]
+    fn the_vm_is_the_base_plus_the_pods_resources() {
+        use crate::sizing::{SANDBOX_CPU_PERIOD, SANDBOX_CPU_QUOTA, SANDBOX_MEMORY};
+        let c = shipped();
+        let a = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>();
+        let pod = [(SANDBOX_CPU_QUOTA, "200000"), (SANDBOX_CPU_PERIOD, "100000"), (SANDBOX_MEMORY, "1342177280")];
+        let s = c.sandbox_settings(&a(&pod)).unwrap();
+        assert_eq!((s.vcpus, s.memory_mib), (1 + 2, 512 + 1280));
+        assert_eq!(s.pod_resources, Some(PodResources { cpus: 2, memory_mib: 1280 }));
+        let mut with_base = pod.to_vec();
+        with_base.extend([(VCPUS_ANNOTATION, "2"), (MEMORY_ANNOTATION, "256")]);
+        let s = c.sandbox_settings(&a(&with_base)).unwrap();
+        assert_eq!((s.vcpus, s.memory_mib), (2 + 2, 256 + 1280));
+        // Up to the maximums exactly, and not a vCPU or MiB more.
+        let at_max =
+            [(SANDBOX_CPU_QUOTA, "700000"), (SANDBOX_CPU_PERIOD, "100000"), (SANDBOX_MEMORY, &format!("{}", (16384u64 - 512) << 20))];
+        let s = c.sandbox_settings(&a(&at_max)).unwrap();
+        assert_eq!((s.vcpus, s.memory_mib), (8, 16384));
+        for (key, value, figures) in [
+            (SANDBOX_CPU_QUOTA, "800000", "9 vCPUs and 16384 MiB"),
+            (SANDBOX_MEMORY, &format!("{}", ((16384u64 - 512) << 20) + 1), "8 vCPUs and 16385 MiB"),
+            (SANDBOX_MEMORY, &i64::MAX.to_string(), "8 vCPUs and 8796093022720 MiB"),
+        ] {
+            let mut over = at_max.to_vec();
+            over.retain(|(k, _)| *k != key);
+            over.push((key, value));
+            let err = c.sandbox_settings(&a(&over)).unwrap_err().to_string();
+            assert!(
+                err.contains(figures) && err.contains("at most 8 vCPUs and 16384 MiB") && err.contains(&format!("{key}={value}")),
+                "{err}"
+            );
+        }
+        let err = c.sandbox_settings(&a(&[(SANDBOX_MEMORY, "lots")])).unwrap_err().to_string();
+        assert!(err.contains(SANDBOX_MEMORY) && err.contains("\"lots\""), "{err}");
     }
 
     /// The containerd snippets are TOML containerd can read, registering both handlers.

@@ -169,7 +169,7 @@ async fn delete(flags: &Flags) -> Result<()> {
         );
     } else {
         // One container of a pod whose shim died: its rootfs mount goes.
-        let rootfs = state_dir.join(&sandbox).join("shared").join(&flags.id).join("rootfs");
+        let rootfs = vfvm_shim::sandbox::container_rootfs(&state_dir.join(&sandbox), &flags.id);
         if let Err(e) = vfvm_shim::record::unmount(&rootfs) {
             tracing::warn!(sandbox, container = %flags.id, "unmounting {}: {e}", rootfs.display());
         }

@@ -14,6 +14,7 @@ use tokio::process::{Child, ChildStderr, Command};
 use tokio::sync::oneshot;
 use vfvm_protocols::agent::{self as api, AgentClient};
 use vfvm_protocols::client::{connect, AgentAddress, ConnectOptions};
+use vfvm_protocols::vcpu_threads;
 use vfvm_protocols::vmm_api::{Request, Response, VmmClient};
 
 use crate::config::{Config, Hotplug, SandboxSettings};
@@ -23,6 +24,26 @@ use crate::vf::lock::VfLock;
 
 /// The virtio-fs tag of the sandbox's shared directory.
 pub const FS_TAG: &str = "vfvm";
+/// Under a sandbox's state directory: where the shim makes everything the guest sees
+/// (container rootfs mounts, copied files). Never exported, so the guest cannot plant
+/// a link or rename a directory on a path the shim later creates, mounts, copies to
+/// or unmounts as root.
+pub const HOST_MOUNTS_DIR: &str = "mounts";
+/// Under a sandbox's state directory: what virtiofsd exports, a read-only bind mount
+/// of [`HOST_MOUNTS_DIR`] that receives its later mounts (a slave of its peer group).
+/// The guest writes only inside those mounts (a container's rootfs), which the shim
+/// never walks.
+pub const SHARED_DIR: &str = "shared";
+
+/// Where the shim mounts container `id`'s rootfs, in the sandbox state dir `dir`.
+pub fn container_rootfs(dir: &Path, id: &str) -> PathBuf {
+    dir.join(HOST_MOUNTS_DIR).join(id).join("rootfs")
+}
+
+/// Where the shim puts the files of container `id` (CRI's hosts, resolv.conf, ...).
+pub fn container_files(dir: &Path, id: &str) -> PathBuf {
+    dir.join(HOST_MOUNTS_DIR).join(id).join("files")
+}
 /// Every VM gets its own hybrid vsock socket, so one guest CID serves them all.
 const GUEST_CID: u32 = 3;
 /// How long virtiofsd may take to listen.
@@ -55,8 +76,9 @@ pub enum SandboxError {
     // the error carries its last lines.
     #[error("the VMM exited while the guest booted ({status}); the guest console ended with:\n{console}")]
     VmmDied { status: String, console: String },
-    #[error("the agent did not answer within {secs} s ({reason}); the guest console ended with:\n{console}")]
-    AgentTimeout { secs: u64, reason: String, console: String },
+    // Whether the VMM held its vCPUs or the guest stalled inside KVM, from /proc.
+    #[error("the agent did not answer within {secs} s ({reason}); {vcpus}; the guest console ended with:\n{console}")]
+    AgentTimeout { secs: u64, reason: String, vcpus: String, console: String },
     #[error("agent {call}: {message}")]
     Agent { call: &'static str, message: String },
     #[error(transparent)]
@@ -94,9 +116,9 @@ pub struct LaunchSpec {
 pub struct Sandbox {
     pub id: String,
     pub journal: Journal,
-    /// The directory shared with the guest; the agent mounts it at
-    /// [`api::GUEST_SHARED_DIR`].
-    pub share: PathBuf,
+    /// The sandbox's state directory: [`container_rootfs`] and [`container_files`]
+    /// under it are what the guest sees of a container, at [`api::GUEST_SHARED_DIR`].
+    pub dir: PathBuf,
     pub agent: Arc<AgentClient>,
     pub vmm_pid: u32,
     vmm: tokio::sync::Mutex<Option<Child>>,
@@ -238,13 +260,7 @@ impl Sandbox {
             phase("VFs on vfio-pci");
         }
         let vfs: &[VfEndpoint] = vfs;
-        let share = dir.join("shared");
-        std::fs::create_dir_all(&share).map_err(io(format!("creating {}", share.display())))?;
-        // The share is its own shared mount so container rootfs mounts made under it
-        // later reach virtiofsd's mount namespace too.
-        journal.will_mount(&share)?;
-        mount(&share, &share, None, libc::MS_BIND, None).map_err(io(format!("bind-mounting {}", share.display())))?;
-        mount(Path::new("none"), &share, None, libc::MS_SHARED, None).map_err(io(format!("making {} a shared mount", share.display())))?;
+        let share = make_share(&dir, &journal)?;
 
         let fs_socket = dir.join("fs.sock");
         let mut fsd = Command::new(&config.shared_fs.virtiofsd);
@@ -321,7 +337,10 @@ impl Sandbox {
                 }
                 r = &mut dial => match r {
                     Ok(Ok(c)) => break c,
-                    Ok(Err(e)) => return Err(SandboxError::AgentTimeout { secs: deadline.as_secs(), reason: e.to_string(), console: console_tail(&console) }),
+                    Ok(Err(e)) => {
+                        let vcpus = vmm_child.id().map_or_else(|| "the VMM had exited".into(), |pid| vcpu_threads::describe(&vcpu_threads::vcpu_threads(pid)));
+                        return Err(SandboxError::AgentTimeout { secs: deadline.as_secs(), reason: e.to_string(), vcpus, console: console_tail(&console) });
+                    }
                     Err(e) => return Err(SandboxError::Agent { call: "connect", message: e.to_string() }),
                 },
                 status = vmm_child.wait() => {
@@ -390,7 +409,7 @@ impl Sandbox {
         Ok(Sandbox {
             id: spec.id,
             journal,
-            share,
+            dir,
             agent,
             vmm_pid,
             vmm: tokio::sync::Mutex::new(Some(vmm_child)),
@@ -564,6 +583,28 @@ fn forward_lines(stderr: Option<ChildStderr>, what: &'static str, sandbox: Strin
 }
 
 /// mount(2) with paths.
+/// Makes the sandbox's [`HOST_MOUNTS_DIR`] (its own shared mount, so what is mounted
+/// under it later propagates) and [`SHARED_DIR`] (a read-only slave bind of it, which
+/// virtiofsd exports: its copy in virtiofsd's mount namespace is a slave of the same
+/// peer group and gets the container mounts too); each mount journaled first.
+/// Returns the exported directory.
+pub(crate) fn make_share(dir: &Path, journal: &Journal) -> Result<PathBuf, SandboxError> {
+    let io = |what: String| move |source| SandboxError::Io { what, source };
+    let (mounts, share) = (dir.join(HOST_MOUNTS_DIR), dir.join(SHARED_DIR));
+    for d in [&mounts, &share] {
+        std::fs::create_dir_all(d).map_err(io(format!("creating {}", d.display())))?;
+    }
+    journal.will_mount(&mounts)?;
+    mount(&mounts, &mounts, None, libc::MS_BIND, None).map_err(io(format!("bind-mounting {}", mounts.display())))?;
+    mount(Path::new("none"), &mounts, None, libc::MS_SHARED, None).map_err(io(format!("making {} a shared mount", mounts.display())))?;
+    journal.will_mount(&share)?;
+    mount(&mounts, &share, None, libc::MS_BIND, None).map_err(io(format!("bind-mounting {} at {}", mounts.display(), share.display())))?;
+    let ro = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+    mount(Path::new("none"), &share, None, ro, None).map_err(io(format!("making {} read-only", share.display())))?;
+    mount(Path::new("none"), &share, None, libc::MS_SLAVE, None).map_err(io(format!("making {} a slave mount", share.display())))?;
+    Ok(share)
+}
+
 pub fn mount(source: &Path, target: &Path, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>) -> std::io::Result<()> {
     use std::ffi::CString;
     let c = |s: &[u8]| CString::new(s).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput));
@@ -585,5 +626,50 @@ pub fn mount(source: &Path, target: &Path, fstype: Option<&str>, flags: libc::c_
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mounted(p: &Path) -> bool {
+        std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap()))
+    }
+
+    /// The share as the guest gets it, on this kernel: a container mount made under
+    /// the host-only directory shows in the exported one and is writable there; the
+    /// exported directory itself is read-only, so nothing can be created, renamed or
+    /// linked where the shim works; undo takes both mounts and the state away.
+    #[test]
+    fn the_guest_writes_only_inside_container_mounts_and_undo_removes_the_share() {
+        let dir = std::env::temp_dir().join(format!("vfvm-share-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let journal = Journal::create(&dir, "sb-share").unwrap();
+        let share = make_share(&dir, &journal).expect("making the share (the shim's tests run as root)");
+        assert_eq!(share, dir.join(SHARED_DIR));
+        let rootfs = container_rootfs(&dir, "c1");
+        std::fs::create_dir_all(&rootfs).unwrap();
+        journal.will_mount(&rootfs).unwrap();
+        mount(Path::new("tmpfs"), &rootfs, Some("tmpfs"), 0, None).unwrap();
+
+        let seen = share.join("c1").join("rootfs");
+        assert!(mounted(&seen), "the container's mount should reach the exported directory");
+        std::fs::write(seen.join("written-by-the-guest"), b"x").expect("the container's own mount stays writable");
+        assert_eq!(std::fs::read(rootfs.join("written-by-the-guest")).unwrap(), b"x");
+        for attempt in [
+            std::fs::write(share.join("c1").join("planted"), b"x"),
+            std::os::unix::fs::symlink("/etc", share.join("c1").join("files")),
+            std::fs::rename(share.join("c1"), share.join("c2")),
+            std::fs::create_dir(share.join("c3")),
+        ] {
+            assert_eq!(attempt.unwrap_err().raw_os_error(), Some(libc::EROFS));
+        }
+        assert!(!container_files(&dir, "c1").exists() && rootfs.is_dir());
+
+        let done = record::undo(&dir, &dir.join("no-vf-locks"), Vec::new()).unwrap();
+        assert!(done.errors.is_empty(), "{done:?}");
+        assert_eq!(done.unmounted, vec![rootfs.clone(), share.clone(), dir.join(HOST_MOUNTS_DIR)]);
+        assert!(!mounted(&seen) && !mounted(&share) && !dir.exists());
     }
 }

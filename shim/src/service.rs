@@ -22,8 +22,8 @@ use vfvm_protocols::agent as agent_api;
 
 use crate::bundle::Bundle;
 use crate::config::Config;
-use crate::record;
 use crate::sandbox::{self, call, LaunchSpec, Sandbox};
+use crate::share;
 use crate::stdio::{self, OutStream, StdioPaths};
 
 /// How long a process's output may keep draining after its exit event.
@@ -48,6 +48,22 @@ fn sandbox_status(e: sandbox::SandboxError) -> ttrpc::Error {
         _ => Code::INTERNAL,
     };
     status(code, e.to_string())
+}
+
+/// The pod's VM as the guest sees it, for `stats`.
+struct VmFigures {
+    memory_bytes: u64,
+    memory_used_bytes: u64,
+    cpu_usage_nanos: u64,
+}
+
+/// A container's memory ceiling: its cgroup limit (0: none), never more than the VM.
+fn effective_memory_limit(cgroup_limit: u64, vm_memory: u64) -> u64 {
+    match (cgroup_limit, vm_memory) {
+        (0, vm) => vm,
+        (l, 0) => l,
+        (l, vm) => l.min(vm),
+    }
 }
 
 fn timestamp(nanos: u64) -> Timestamp {
@@ -162,6 +178,8 @@ struct Container {
     bundle: PathBuf,
     is_sandbox: bool,
     rootfs: Option<PathBuf>,
+    /// Its host files and volumes bind-mounted into the share (`share::mount_all`).
+    shared: Vec<PathBuf>,
     init: Arc<Process>,
     execs: HashMap<String, Arc<Process>>,
 }
@@ -351,14 +369,14 @@ impl TaskService {
     }
 
     /// Mounts the container's rootfs (containerd's mounts, or the bundle's
-    /// `rootfs`) at `<share>/<id>/rootfs`, journaled first.
+    /// `rootfs`) at [`sandbox::container_rootfs`], journaled first.
     fn mount_rootfs(
         sb: &Sandbox,
         id: &str,
         bundle: &Path,
         mounts: &[containerd_shim::protos::types::mount::Mount],
     ) -> ttrpc::Result<PathBuf> {
-        let target = sb.share.join(id).join("rootfs");
+        let target = sandbox::container_rootfs(&sb.dir, id);
         std::fs::create_dir_all(&target).map_err(|e| status(Code::INTERNAL, format!("creating {}: {e}", target.display())))?;
         sb.journal.will_mount(&target).map_err(|e| status(Code::INTERNAL, e.to_string()))?;
         let r = match mounts {
@@ -415,13 +433,15 @@ impl TaskService {
             {
                 tracing::debug!(container = id, "{e}");
             }
-            if let Some(rootfs) = &c.rootfs {
-                if let Err(e) = record::unmount(rootfs) {
-                    tracing::warn!(container = id, "unmounting {}: {e}", rootfs.display());
-                } else {
-                    let _ = sb.journal.unmounted(rootfs);
-                }
-                if let Some(dir) = rootfs.parent() {
+            // Its shared files and volumes, then its rootfs; its directory goes only
+            // once nothing is mounted under it (else the sandbox's teardown retries).
+            let mounts: Vec<PathBuf> = c.rootfs.iter().chain(c.shared.iter()).cloned().collect();
+            let errors = share::unmount_all(&sb.journal, &mounts);
+            for e in &errors {
+                tracing::warn!(sandbox = %sb.id, container = id, "{e}");
+            }
+            if errors.is_empty() {
+                if let Some(dir) = c.rootfs.as_ref().and_then(|r| r.parent()) {
                     let _ = std::fs::remove_dir_all(dir);
                 }
             }
@@ -482,7 +502,17 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
                     let settings =
                         config.sandbox_settings(&bundle.annotations).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
                     let spec = LaunchSpec { id: sandbox_id.clone(), settings, netns: bundle.netns(), hostname: bundle.hostname() };
-                    tracing::info!(sandbox = %spec.id, vcpus = spec.settings.vcpus, memory_mib = spec.settings.memory_mib, "starting the pod's VM");
+                    match spec.settings.pod_resources {
+                        Some(pod) => tracing::info!(
+                            sandbox = %spec.id, vcpus = spec.settings.vcpus, memory_mib = spec.settings.memory_mib,
+                            pod_cpus = pod.cpus, pod_memory_mib = pod.memory_mib,
+                            "starting the pod's VM: the base plus the pod's resources"
+                        ),
+                        None => tracing::info!(
+                            sandbox = %spec.id, vcpus = spec.settings.vcpus, memory_mib = spec.settings.memory_mib,
+                            "starting the pod's VM: no pod resources from containerd, the base size"
+                        ),
+                    }
                     let sb = Arc::new(Sandbox::launch(&config, spec).await.map_err(sandbox_status)?);
                     self.watch_events(sb.clone());
                     *slot = Some(sb.clone());
@@ -492,21 +522,24 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
         };
         let rootfs = Self::mount_rootfs(&sb, &id, &bundle_dir, &req.rootfs)?;
         let guest_dir = format!("{}/{id}", agent_api::GUEST_SHARED_DIR);
-        let (spec_json, warnings) = match bundle.guest_spec(&sb.share.join(&id).join("files"), &format!("{guest_dir}/files")) {
+        let shared = bundle.guest_spec(&format!("{guest_dir}/files")).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string())).and_then(
+            |(spec, shares)| {
+                share::mount_all(&sb.journal, &sandbox::container_files(&sb.dir, &id), &shares)
+                    .map(|made| (spec, made))
+                    .map_err(|e| status(Code::INTERNAL, e.to_string()))
+            },
+        );
+        let (spec_json, shared) = match shared {
             Ok(v) => v,
             Err(e) => {
-                let _ = record::unmount(&rootfs);
-                let _ = sb.journal.unmounted(&rootfs);
-                return Err(status(Code::INVALID_ARGUMENT, e.to_string()));
+                share::unmount_all(&sb.journal, std::slice::from_ref(&rootfs));
+                return Err(e);
             }
         };
-        for w in warnings {
-            tracing::warn!(sandbox = %sb.id, container = %id, "{w}");
-        }
         let init = Process::new(&id, "", stdio_paths.clone(), None);
         self.inner.containers.lock().unwrap_or_else(|p| p.into_inner()).insert(
             id.clone(),
-            Container { bundle: bundle_dir.clone(), is_sandbox, rootfs: Some(rootfs), init: init.clone(), execs: HashMap::new() },
+            Container { bundle: bundle_dir.clone(), is_sandbox, rootfs: Some(rootfs), shared, init: init.clone(), execs: HashMap::new() },
         );
         let mut creq = agent_api::CreateContainerRequest::new();
         creq.container_id = id.clone();
@@ -749,6 +782,7 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
         use containerd_shim::protos::cgroups_v2::metrics::{CPUStat, MemoryStat, Metrics, PidsStat};
         let sb = self.sandbox().await?;
         let id = req.id.clone();
+        let is_sandbox = self.inner.containers.lock().unwrap_or_else(|p| p.into_inner()).get(&id).is_some_and(|c| c.is_sandbox);
         let s = call(&sb.agent, "StatsContainer", move |a| {
             let mut r = agent_api::StatsContainerRequest::new();
             r.container_id = id;
@@ -756,9 +790,22 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
         })
         .await
         .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+        let vm = VmFigures {
+            memory_bytes: s.guest_memory_total_bytes,
+            memory_used_bytes: s.guest_memory_total_bytes.saturating_sub(s.guest_memory_available_bytes),
+            cpu_usage_nanos: s.guest_cpu_usage_nanos,
+        };
+        // The sandbox (pause) container stands for the pod: its figures are the
+        // whole VM's, whose size is the pod's ceiling. A container's are its
+        // cgroup's; without a memory limit of its own, the VM is its limit.
+        let (cpu_nanos, usage, limit) = if is_sandbox {
+            (vm.cpu_usage_nanos, vm.memory_used_bytes, vm.memory_bytes)
+        } else {
+            (s.cpu_usage_nanos, s.memory_usage_bytes, effective_memory_limit(s.memory_limit_bytes, vm.memory_bytes))
+        };
         let m = Metrics {
-            cpu: MessageField::some(CPUStat { usage_usec: s.cpu_usage_nanos / 1000, ..Default::default() }),
-            memory: MessageField::some(MemoryStat { usage: s.memory_usage_bytes, usage_limit: s.memory_limit_bytes, ..Default::default() }),
+            cpu: MessageField::some(CPUStat { usage_usec: cpu_nanos / 1000, ..Default::default() }),
+            memory: MessageField::some(MemoryStat { usage, usage_limit: limit, ..Default::default() }),
             pids: MessageField::some(PidsStat { current: s.pids_current, ..Default::default() }),
             ..Default::default()
         };
@@ -787,6 +834,14 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
 mod tests {
     use super::*;
     use containerd_shim::protos::protobuf::well_known_types::any::Any;
+
+    #[test]
+    fn a_containers_memory_ceiling_is_its_limit_within_the_vm() {
+        assert_eq!(effective_memory_limit(0, 1792 << 20), 1792 << 20);
+        assert_eq!(effective_memory_limit(768 << 20, 1792 << 20), 768 << 20);
+        assert_eq!(effective_memory_limit(4096 << 20, 1792 << 20), 1792 << 20);
+        assert_eq!(effective_memory_limit(768 << 20, 0), 768 << 20);
+    }
 
     #[test]
     fn the_config_path_comes_from_the_runtime_options() {

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use vfvm_protocols::vcpu_threads::VCPUS_ALL_IN_KVM;
 use vfvm_test_containerd::igb_vfs::IgbVf;
 use vfvm_test_containerd::{install_vfvm, oci, pids_named, vfvm_consoles, vfvm_leftovers, wait_exit, Containerd, Version, VFVM_STATE_DIR};
 
@@ -396,6 +397,9 @@ fn bad_input(version: Version) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains(&format!("the agent did not answer within {DIAL_TIMEOUT_SECS} s")), "{stderr}");
+    // An idle guest (its agent listens on another port): the error says the VMM's
+    // vCPU is in the guest, not held by the VMM.
+    assert!(stderr.contains("the VMM's vCPU threads: vcpu0 ") && stderr.contains(VCPUS_ALL_IN_KVM), "{stderr}");
     eprintln!("containerd {}: an agent that never answers failed the pod after {:.1}s: {stderr}", version.name(), took.as_secs_f64());
     // The dial timeout, plus what comes before it (virtiofsd) and the undo after.
     assert!(took < Duration::from_secs(DIAL_TIMEOUT_SECS + 30), "the pod should fail within the dial timeout: took {took:?}");

@@ -12,6 +12,8 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use vfvm_protocols::vcpu_threads;
+
 mod common;
 
 const MARKER: &str = "@@vfvm-l3@@ userspace";
@@ -20,9 +22,20 @@ const BOUND: Duration = Duration::from_secs(300);
 /// From the userspace marker (right before `poweroff -f`) to the VMM's exit.
 const POWER_OFF_BOUND: Duration = Duration::from_secs(30);
 const VCPUS: usize = 2;
+/// The guest kernel's own report that one of its CPUs stopped answering: the boot
+/// will not finish, so the test stops there, saying what the vCPU threads were doing.
+const GUEST_RCU_STALL: &str = "rcu: INFO: rcu_preempt detected stalls";
 
 fn lab_env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run this test in the lab (cargo xtask test)"))
+}
+
+/// Why the boot was cut short, with what the VMM's vCPU threads were doing (the
+/// words the lab's harness re-runs a test on when every one was in KVM) and where
+/// each of its threads waited.
+fn stalled_at(why: &str, pid: u32) -> String {
+    let (vcpus, threads) = (vcpu_threads::vcpu_threads(pid), common::thread_states(pid));
+    format!("{why}; {}; the VMM's threads:\n{threads}", vcpu_threads::describe(&vcpus))
 }
 
 #[test]
@@ -45,7 +58,9 @@ fn lab_boots_linux_to_userspace() {
 
     let mut console = Vec::new();
     let mut marker_at = None;
-    let mut timed_out = false;
+    // Why the wait ended early (a time-out or the guest's stall report), with what
+    // vfvm-vmm's vCPU threads were doing then.
+    let mut cut_short: Option<String> = None;
     loop {
         let left = BOUND.saturating_sub(started.elapsed());
         match rx.recv_timeout(left) {
@@ -54,11 +69,17 @@ fn lab_boots_linux_to_userspace() {
                     marker_at = Some(started.elapsed());
                 }
                 println!("console: {line}");
+                let stalled = line.contains(GUEST_RCU_STALL);
                 console.push(line);
+                if stalled {
+                    cut_short = Some(stalled_at("the guest reported an RCU stall", child.id()));
+                    let _ = child.kill();
+                    break;
+                }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                timed_out = true;
+                cut_short = Some(stalled_at(&format!("vfvm-vmm ran past {BOUND:?}"), child.id()));
                 let _ = child.kill();
                 break;
             }
@@ -68,7 +89,9 @@ fn lab_boots_linux_to_userspace() {
     let exited_at = started.elapsed();
     reader.join().unwrap();
     log_reader.join().unwrap();
-    assert!(!timed_out, "vfvm-vmm ran past {BOUND:?}; last console lines: {:?}", &console[console.len().saturating_sub(20)..]);
+    if let Some(why) = cut_short {
+        panic!("{why}; last console lines: {:?}", &console[console.len().saturating_sub(20)..]);
+    }
     let marker_at = marker_at.unwrap_or_else(|| {
         panic!("no {MARKER:?} on the console ({status}); last lines: {:?}", &console[console.len().saturating_sub(20)..])
     });

@@ -2,6 +2,7 @@
 //! machine's KVM: exits reach the right device, guest memory is shared both ways,
 //! and the guest's power-off and reset requests stop the vCPU with the right reason.
 
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::kvm_regs;
@@ -159,6 +160,35 @@ fn hlt_without_an_irqchip_is_reported() {
     let (g, mut vcpu) = guest(&code, false);
     assert_eq!(vcpu.run().unwrap(), VcpuStop::Halted);
     assert_eq!(bytes_written(&g.serial), [b'z']);
+}
+
+/// What the shim reports when a guest stops answering, read for real: a vCPU thread
+/// whose guest halted with interrupts off sits in KVM_RUN (the in-kernel irqchip
+/// keeps the halt), and `vcpu_threads` says so; kicked with the stop flag set, it
+/// leaves.
+#[test]
+fn a_halted_vcpu_reads_as_in_kvm_run_from_proc() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use vfvm_protocols::vcpu_threads::{self, VcpuThreadState};
+    let (_g, mut vcpu) = guest(&[0xfa, 0xf4], true); // cli; hlt
+    let stop = Arc::new(AtomicBool::new(false));
+    vcpu.set_stop_flag(stop.clone());
+    vfvm_vmm::vcpu::install_kick_handler().unwrap();
+    let thread = std::thread::Builder::new().name("vcpu7".into()).spawn(move || vcpu.run().map_err(|e| e.to_string())).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let seen = loop {
+        let state = vcpu_threads::vcpu_threads(std::process::id()).into_iter().find(|t| t.name == "vcpu7").map(|t| t.state);
+        if state == Some(VcpuThreadState::InKvmRun) || std::time::Instant::now() > deadline {
+            break state;
+        }
+        std::thread::yield_now();
+    };
+    stop.store(true, Ordering::SeqCst);
+    // SAFETY: the thread is alive until joined below; the kick handler is installed.
+    let kicked = unsafe { libc::pthread_kill(thread.as_pthread_t(), vfvm_vmm::vcpu::kick_signal()) };
+    assert_eq!(kicked, 0);
+    assert_eq!(thread.join().unwrap(), Ok(VcpuStop::Stopped));
+    assert_eq!(seen, Some(VcpuThreadState::InKvmRun), "a halted vCPU's thread should read as blocked in KVM_RUN");
 }
 
 /// A virtio device that does nothing: something for the root complex to enumerate.

@@ -450,6 +450,44 @@ fn default_mounts() -> Vec<spec::Mount> {
     ]
 }
 
+/// The pod's in-memory volume `name` (see `GUEST_EPHEMERAL_DIR`): a tmpfs made at
+/// the first container that names it, then the same one for the pod's others.
+fn ensure_ephemeral(name: &str) -> std::result::Result<(), String> {
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let valid = !name.is_empty()
+        && name.len() <= 128
+        && name != "."
+        && name != ".."
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !valid {
+        return Err(format!("in-memory volume {name:?}: expected one path component of letters, digits, '-', '_' or '.'"));
+    }
+    let _one = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Path::new(vfvm_protocols::agent::GUEST_EPHEMERAL_DIR).join(name);
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == dir.to_str()) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let target = CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|_| "in-memory volume: NUL in its path".to_string())?;
+    // An emptyDir is writable by every user of the pod, as the kubelet makes it.
+    // SAFETY: plain mount(2) with NUL-terminated strings we own.
+    let rc = unsafe {
+        libc::mount(
+            c"ephemeral".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            c"mode=1777".as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(format!("mounting a tmpfs at {}: {}", dir.display(), std::io::Error::last_os_error()));
+    }
+    tracing::info!(volume = name, "in-memory volume made");
+    Ok(())
+}
+
 /// The init's root set-up: the spec's mounts, in order, under the rootfs.
 fn root_plan(rootfs: &Path, spec: &spec::Spec, hostname: Option<&str>) -> Result<InitRoot> {
     let mut ops = Vec::new();
@@ -463,6 +501,9 @@ fn root_plan(rootfs: &Path, spec: &spec::Spec, hostname: Option<&str>) -> Result
         let what = format!("mount {} ({}) on {}", m.source, m.kind, m.destination);
         if bind {
             let src = Path::new(&m.source);
+            if let Some(name) = m.source.strip_prefix(vfvm_protocols::agent::GUEST_EPHEMERAL_DIR).and_then(|r| r.strip_prefix('/')) {
+                ensure_ephemeral(name).map_err(|e| Error::Invalid(format!("{what}: {e}")))?;
+            }
             let meta = std::fs::metadata(src).map_err(|e| Error::Invalid(format!("{what}: source: {e}")))?;
             if meta.is_dir() {
                 mkdirs(rootfs, &target, &mut ops, &mut names)?;
@@ -575,6 +616,27 @@ fn load_filesystems(root: &InitRoot) {
     }
 }
 
+/// A container whose memory limit is more than the whole VM could never get it: it
+/// would be OOM-killed by the guest's kernel while the kubelet believes it has room.
+/// It fails its create (or update) instead, naming the figures.
+fn check_fits_in_vm(id: &str, r: &spec::Resources, vm: crate::guest::Memory) -> Result<()> {
+    let Some(limit) = r.memory.as_ref().and_then(|m| m.limit).and_then(|l| u64::try_from(l).ok()).filter(|l| *l > 0) else {
+        return Ok(());
+    };
+    if vm.total_bytes == 0 || limit <= vm.total_bytes {
+        return Ok(());
+    }
+    const MIB: u64 = 1 << 20;
+    Err(Error::Precondition(format!(
+        "container {id:?}: its memory limit of {limit} bytes ({} MiB, linux.resources.memory.limit) does not fit in the pod's VM, \
+         whose guest has {} bytes ({} MiB, MemTotal); the VM is sized from the pod's resources (containerd's \
+         io.kubernetes.cri.sandbox-memory) or io.katacontainers.config.hypervisor.default_memory",
+        limit.div_ceil(MIB),
+        vm.total_bytes,
+        vm.total_bytes / MIB
+    )))
+}
+
 fn spawn_error(e: spawn::SpawnError) -> Error {
     let msg = e.to_string();
     match e.source.raw_os_error() {
@@ -679,6 +741,9 @@ impl Runner {
         pci_map: &pci::PciAddressMap,
     ) -> Result<Arc<Container>> {
         let Some(process) = spec.process.as_mut() else { return Err(Error::Invalid("oci spec: no process".into())) };
+        if let Some(r) = spec.linux.as_ref().and_then(|l| l.resources.as_ref()) {
+            check_fits_in_vm(id, r, crate::guest::memory())?;
+        }
         for w in pci::rewrite_env(&mut process.env, pci_map) {
             tracing::warn!(container = id, "{w}");
         }
@@ -879,7 +944,9 @@ impl Runner {
         let r: spec::Resources = serde_json::from_slice(resources_json).map_err(|e| Error::Invalid(format!("resources: {e}")))?;
         let c = self.container(id)?;
         let Some(cg) = &c.cgroup else { return Err(Error::Precondition(format!("container {id:?} has no cgroup (no cgroup v2 here)"))) };
+        check_fits_in_vm(id, &r, crate::guest::memory())?;
         cg.apply(&r);
+        tracing::info!(container = id, memory_limit = ?r.memory.as_ref().and_then(|m| m.limit), "resources updated");
         Ok(())
     }
 
@@ -971,5 +1038,36 @@ impl Runner {
 
     pub fn next_event(&self, wait: Duration) -> Option<Event> {
         self.events.next(wait.min(MAX_EVENT_WAIT))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// An in-memory volume's name comes from the shim's spec: one path component only.
+    #[test]
+    fn an_in_memory_volume_name_is_one_plain_component() {
+        for bad in ["", ".", "..", "../etc", "a/b", "a b", &"x".repeat(129)] {
+            let e = ensure_ephemeral(bad).unwrap_err();
+            assert!(e.contains("expected one path component"), "{bad:?}: {e}");
+        }
+    }
+
+    use super::*;
+
+    fn limited(limit: Option<i64>) -> spec::Resources {
+        spec::Resources { memory: Some(spec::Memory { limit, swap: None }), ..Default::default() }
+    }
+
+    #[test]
+    fn a_memory_limit_beyond_the_vm_fails_naming_both_figures() {
+        let vm = crate::guest::Memory { total_bytes: 1750 << 20, available_bytes: 1600 << 20 };
+        for fits in [None, Some(-1), Some(0), Some(768 << 20), Some(1750 << 20)] {
+            assert!(check_fits_in_vm("c1", &limited(fits), vm).is_ok(), "{fits:?}");
+        }
+        assert!(check_fits_in_vm("c1", &spec::Resources::default(), vm).is_ok());
+        let err = check_fits_in_vm("c1", &limited(Some(4096 << 20)), vm).unwrap_err().to_string();
+        assert!(err.contains("\"c1\"") && err.contains("4096 MiB") && err.contains("1750 MiB"), "{err}");
+        // An unknown VM size (no /proc/meminfo) refuses nothing.
+        assert!(check_fits_in_vm("c1", &limited(Some(4096 << 20)), crate::guest::Memory::default()).is_ok());
     }
 }

@@ -45,6 +45,9 @@ commands:
   inspect CONTAINER...  |  inspectp POD...              status and runtime info, as JSON
   stop [-t|--timeout SECS] CONTAINER...  |  rm [-f] [-k|--keep-logs] CONTAINER...
   stopp POD...  |  rmp [-f] POD...          (rm and rmp refuse what runs, unless -f)
+  update [--memory BYTES] [--cpu-quota N] [--cpu-period N] [--cpu-share N] CONTAINER...
+                                                        change a running container's limits
+                                                        (what is not given stays as it is)
   version
 
 Errors go to stderr as crictl writes them (a logrus line, level=fatal, the message
@@ -211,8 +214,9 @@ fn run(argv: Vec<String>) -> Result<ExitCode> {
         println!("{USAGE}");
         return Ok(ExitCode::SUCCESS);
     }
-    const COMMANDS: &[&str] =
-        &["runp", "create", "start", "exec", "logs", "ps", "pods", "inspect", "inspectp", "stop", "rm", "stopp", "rmp", "version"];
+    const COMMANDS: &[&str] = &[
+        "runp", "create", "start", "exec", "logs", "ps", "pods", "inspect", "inspectp", "stop", "rm", "stopp", "rmp", "update", "version",
+    ];
     if !COMMANDS.contains(&command.as_str()) {
         bail!("unknown command {command:?} (vfvm-crictl --help)");
     }
@@ -236,6 +240,7 @@ fn run(argv: Vec<String>) -> Result<ExitCode> {
             "rm" => rm(c, &mut args).await,
             "stopp" => stopp(c, &mut args).await,
             "rmp" => rmp(c, &mut args).await,
+            "update" => update(c, &mut args).await,
             "version" => version(c).await,
             other => unreachable!("command {other:?} is not in COMMANDS"),
         }
@@ -646,6 +651,30 @@ async fn stop(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
             .await
             .map_err(rpc)
             .with_context(|| format!("stopping the container {}", q(&id)))?;
+        println!("{id}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `update`: UpdateContainerResources with the limits given (0, as in crictl,
+/// leaves one as it is: containerd changes only the fields that are set).
+async fn update(c: &mut Client, args: &mut Args) -> Result<ExitCode> {
+    let mut linux = cri::LinuxContainerResources::default();
+    while let Some((opt, inline)) = args.next_option() {
+        let v = args.value(&opt, inline)?;
+        let n = |what: &str| -> Result<i64> { v.parse().with_context(|| format!("update {opt} {v:?}: {what} expected")) };
+        match opt.as_str() {
+            "--memory" => linux.memory_limit_in_bytes = n("bytes")?,
+            "--cpu-quota" => linux.cpu_quota = n("microseconds")?,
+            "--cpu-period" => linux.cpu_period = n("microseconds")?,
+            "--cpu-share" => linux.cpu_shares = n("a share count")?,
+            other => bail!("update: unknown option {other}"),
+        }
+    }
+    for id in args.all("the container id")? {
+        let request = cri::UpdateContainerResourcesRequest { container_id: id.clone(), linux: Some(linux.clone()), ..Default::default() };
+        // crictl v1.32's wording.
+        c.update_container_resources(request).await.map_err(rpc).with_context(|| format!("updating container resources for {}", q(&id)))?;
         println!("{id}");
     }
     Ok(ExitCode::SUCCESS)

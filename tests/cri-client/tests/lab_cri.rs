@@ -105,6 +105,19 @@ impl<'a> Cri<'a> {
 
     /// A pod config with these annotations.
     fn pod_config_annotated(&self, name: &str, annotations: &[(&str, &str)]) -> Result<String> {
+        self.pod_config_file(name, annotations, json!({}))
+    }
+
+    /// A pod config carrying the pod's resources as the kubelet computes them (the
+    /// sum of its containers' limits), which containerd turns into its sandbox
+    /// annotations.
+    fn pod_config_with_resources(&self, name: &str, cpu_quota: i64, memory_bytes: i64) -> Result<String> {
+        self.pod_config_file(name, &[], limits(cpu_quota, memory_bytes))
+    }
+
+    /// The pod config file all of the above write: `linux` is its
+    /// `LinuxPodSandboxConfig`.
+    fn pod_config_file(&self, name: &str, annotations: &[(&str, &str)], linux: Value) -> Result<String> {
         let logs = self.dir.join("logs").join(name);
         std::fs::create_dir_all(&logs)?;
         let annotations: serde_json::Map<String, Value> = annotations.iter().map(|(k, v)| (k.to_string(), Value::from(*v))).collect();
@@ -113,13 +126,37 @@ impl<'a> Cri<'a> {
             "hostname": name,
             "log_directory": logs,
             "annotations": annotations,
-            "linux": {}
+            "linux": linux
         });
         self.file(&format!("pod-{name}.json"), &pod)
     }
 
+    /// A busybox container config running `script` with CPU and memory limits.
+    fn container_config_limited(&self, name: &str, script: &str, cpu_quota: i64, memory_bytes: i64) -> Result<String> {
+        self.container_config_file(name, script, &[], limits(cpu_quota, memory_bytes), json!([]))
+    }
+
     /// A busybox container config running `script` with these env vars.
     fn container_config_env(&self, name: &str, script: &str, env: &[(&str, &str)]) -> Result<String> {
+        self.container_config_file(name, script, env, json!({}), json!([]))
+    }
+
+    /// A busybox container config running `script`.
+    fn container_config(&self, name: &str, script: &str) -> Result<String> {
+        self.container_config_file(name, script, &[], json!({}), json!([]))
+    }
+
+    /// A busybox container config running `script` with these CRI `Mount`s
+    /// (`host_path`, `container_path`, `readonly`), as the kubelet passes volumes.
+    fn container_config_mounts(&self, name: &str, script: &str, mounts: &[(&Path, &str, bool)]) -> Result<String> {
+        let mounts: Vec<Value> =
+            mounts.iter().map(|(host, container, ro)| json!({"host_path": host, "container_path": container, "readonly": ro})).collect();
+        self.container_config_file(name, script, &[], json!({}), Value::from(mounts))
+    }
+
+    /// The container config file all of the above write: `linux` is its
+    /// `LinuxContainerConfig`, `mounts` its CRI mounts.
+    fn container_config_file(&self, name: &str, script: &str, env: &[(&str, &str)], linux: Value, mounts: Value) -> Result<String> {
         let envs: Vec<Value> = env.iter().map(|(k, v)| json!({"key": k, "value": v})).collect();
         let container = json!({
             "metadata": {"name": name},
@@ -127,19 +164,8 @@ impl<'a> Cri<'a> {
             "command": ["sh", "-c", script],
             "envs": envs,
             "log_path": format!("{name}.log"),
-            "linux": {}
-        });
-        self.file(&format!("container-{name}.json"), &container)
-    }
-
-    /// A busybox container config running `script`.
-    fn container_config(&self, name: &str, script: &str) -> Result<String> {
-        let container = json!({
-            "metadata": {"name": name},
-            "image": {"image": oci::BUSYBOX_REF},
-            "command": ["sh", "-c", script],
-            "log_path": format!("{name}.log"),
-            "linux": {}
+            "linux": linux,
+            "mounts": mounts
         });
         self.file(&format!("container-{name}.json"), &container)
     }
@@ -243,6 +269,23 @@ impl<'a> Cri<'a> {
     /// shim logs there too).
     fn diagnostics(&self) -> String {
         format!("VM consoles:\n{}\ncontainerd {} log:\n{}", vfvm_consoles(), self.c.version().name(), self.c.log())
+    }
+}
+
+/// CPU (CFS quota over a 100 ms period) and memory limits, as CRI's `linux` config
+/// of a pod or a container carries them.
+fn limits(cpu_quota: i64, memory_bytes: i64) -> Value {
+    json!({"resources": {"cpu_period": 100000, "cpu_quota": cpu_quota, "memory_limit_in_bytes": memory_bytes}})
+}
+
+/// The VM's size as its VMM reports it: (vCPUs, MiB).
+fn vm_size(pod: &str) -> Result<(u32, u64)> {
+    use vfvm_protocols::vmm_api::{Request, Response, VmmClient};
+    let socket = Path::new(VFVM_STATE_DIR).join(pod).join("api.sock");
+    let mut vmm = VmmClient::connect(&socket, Duration::from_secs(30)).with_context(|| format!("{}", socket.display()))?;
+    match vmm.call(Request::Status).with_context(|| format!("status from {}", socket.display()))? {
+        Response::Status { vcpus, memory_mib, .. } => Ok((vcpus, memory_mib)),
+        other => bail!("status from {}: {other:?}", socket.display()),
     }
 }
 
@@ -363,6 +406,11 @@ fn pods_in_vms(version: Version) {
         let mut want = vec![a.clone(), b.clone()];
         want.sort();
         ensure!(vms == want, "one VM per pod expected; vfvm-vmm processes serve {vms:?}, pods are {want:?}");
+        // Pods that give no resources get the configured base size.
+        for pod in [&a, &b] {
+            let size = vm_size(pod)?;
+            ensure!(size == (1, 512), "pod {pod} without resources: a VM of 1 vCPU and 512 MiB expected, got {size:?}");
+        }
 
         // Two containers in pod A, one in pod B.
         let deadline = Instant::now() + CALL_LIMIT;
@@ -492,6 +540,443 @@ fn lab_cri_bad_annotations_fail_runp_clearly_containerd_1_6() {
 #[ignore = "needs the lab: run by cargo xtask test"]
 fn lab_cri_bad_annotations_fail_runp_clearly_containerd_2_1() {
     bad_annotations(Version::V2_1);
+}
+
+const MIB: i64 = 1 << 20;
+
+/// `ctr task metrics` figures of a task, from its table (`memory.usage_limit 123`).
+/// `cat PATH` in container `id`: the file's content, or why it failed. crictl's
+/// `exec -s` prints the command's stdout and then its (here empty) stderr, each
+/// followed by a newline (see `pods_in_vms`).
+fn cat(cri: &Cri, id: &str, path: &str) -> Result<String> {
+    let (code, stdout, stderr) = cri.exec(id, &["cat", path])?;
+    ensure!(code == 0, "cat {path} in {id}: exit {code}, {stderr}");
+    stdout.strip_suffix("\n\n").map(str::to_string).with_context(|| format!("cat {path} in {id}: crictl printed {stdout:?}"))
+}
+
+/// A configMap volume as the kubelet writes it: `key` -> `..data/key`, `..data` ->
+/// a timestamped directory, switched atomically by renaming a new `..data` link over it.
+fn write_config_map(dir: &Path, version: &str, value: &str) -> Result<()> {
+    let data = dir.join(format!("..{version}"));
+    std::fs::create_dir_all(&data)?;
+    std::fs::write(data.join("key"), value)?;
+    let next = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(format!("..{version}"), &next)?;
+    std::fs::rename(&next, dir.join("..data"))?;
+    if std::fs::symlink_metadata(dir.join("key")).is_err() {
+        std::os::unix::fs::symlink("..data/key", dir.join("key"))?;
+    }
+    Ok(())
+}
+
+/// Pod volumes through CRI (the volumes issue) and the share's read-only top (the
+/// hardening issue's first hole):
+/// - a configMap-like directory mounted read-only: read in the container; the
+///   `..data` switch on the host seen at the next read (virtiofsd runs with
+///   `--cache=never`); a write fails in the container and on the host nothing changed;
+/// - a hostPath directory read-write: live both ways;
+/// - an emptyDir (a host directory) shared by two containers of the pod;
+/// - the termination log: what the container writes is in the host file the
+///   kubelet reads;
+/// - /etc/hosts and /etc/resolv.conf as CRI passes them, a host-side update of
+///   resolv.conf seen;
+/// - a character device as hostPath: the create fails naming it;
+/// - the share as virtiofsd sees it (its root, through /proc): links planted where
+///   the shim works, a container directory renamed, a mount point removed, a
+///   directory for a container to come, a write into the read-only volume, all
+///   refused with EROFS; a write into the container's rootfs (the guest's own)
+///   reaches the container;
+/// - stopp/rmp: nothing left, no mount on any of the host paths, the directory the
+///   planted links pointed at unchanged.
+fn pod_volumes(version: Version) {
+    let c = containerd(version);
+    let base = std::env::temp_dir().join(format!("vfvm-volumes-{}-{}", version.name(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (config, hostpath, empty_dir, canary) = (base.join("config"), base.join("hostpath"), base.join("empty-dir"), base.join("canary"));
+    for d in [&config, &hostpath, &empty_dir, &canary] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let termination_log = base.join("termination-log");
+    std::fs::write(&termination_log, "").unwrap();
+    // An emptyDir with `medium: Memory` as the kubelet makes it: a tmpfs at its emptyDir path.
+    let memory = base.join("pod-uid/volumes/kubernetes.io~empty-dir/cache");
+    std::fs::create_dir_all(&memory).unwrap();
+    let tmpfs = Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(&memory).status().unwrap();
+    assert!(tmpfs.success(), "mounting a tmpfs at {}", memory.display());
+    std::fs::write(canary.join("keep"), "mine").unwrap();
+    std::fs::write(hostpath.join("from-host-1"), "h1").unwrap();
+    write_config_map(&config, "2026_12_04_a", "v1").unwrap();
+    let v = version.name();
+    scenario(&format!("pod-volumes-{v}"), &c, |cri| {
+        let pod_file = cri.pod_config("volumes")?;
+        let pod = cri.runp("kata", &pod_file)?;
+        let deadline = Instant::now() + CALL_LIMIT;
+        let a_file = cri.container_config_mounts(
+            "a",
+            "exec sleep 3600",
+            &[
+                (&config, "/config", true),
+                (&hostpath, "/data", false),
+                (&empty_dir, "/scratch", false),
+                (&termination_log, "/dev/termination-log", false),
+                (&memory, "/cache", false),
+            ],
+        )?;
+        let a = cri.create_and_start(&pod, &a_file, &pod_file)?;
+        let b = cri.create_and_start(
+            &pod,
+            &cri.container_config_mounts("b", "exec sleep 3600", &[(&empty_dir, "/scratch", false), (&memory, "/cache", false)])?,
+            &pod_file,
+        )?;
+        cri.wait_running(&a, deadline)?;
+        cri.wait_running(&b, deadline)?;
+
+        // configMap: read-only, switched on the host.
+        let first = cat(cri, &a, "/config/key")?;
+        ensure!(first == "v1", "the configMap's first value: {first:?}");
+        let (code, _, stderr) = cri.exec(&a, &["sh", "-c", "echo evil > /config/key"])?;
+        ensure!(code != 0 && stderr.contains("Read-only file system"), "a write to the read-only volume: exit {code}, {stderr}");
+        let switched = Instant::now();
+        write_config_map(&config, "2026_12_04_b", "v2")?;
+        let seen = loop {
+            if cat(cri, &a, "/config/key")? == "v2" {
+                break switched.elapsed();
+            }
+            ensure!(switched.elapsed() < Duration::from_secs(15), "the switched configMap was not seen within 15 s");
+            std::thread::sleep(POLL_INTERVAL);
+        };
+        ensure!(std::fs::read_to_string(config.join("..2026_12_04_a").join("key"))? == "v1", "the host's old data changed");
+
+        // hostPath, both ways; emptyDir between the pod's containers; the termination log.
+        let (code, _, stderr) =
+            cri.exec(&a, &["sh", "-c", "echo c1 > /data/from-container; echo shared > /scratch/msg; echo bye > /dev/termination-log"])?;
+        ensure!(code == 0, "writing the volumes: exit {code}, {stderr}");
+        ensure!(std::fs::read_to_string(hostpath.join("from-container"))? == "c1\n", "the hostPath write should reach the host");
+        std::fs::write(hostpath.join("from-host-2"), "h2")?;
+        ensure!(
+            cat(cri, &a, "/data/from-host-2")? == "h2" && cat(cri, &a, "/data/from-host-1")? == "h1",
+            "host files in the hostPath volume"
+        );
+        ensure!(cat(cri, &b, "/scratch/msg")? == "shared\n", "the emptyDir between the pod's containers");
+        ensure!(
+            std::fs::read_to_string(&termination_log)? == "bye\n",
+            "the termination message should be in the host file the kubelet reads"
+        );
+
+        // The Memory emptyDir: one tmpfs in the guest for both containers; the host's stays empty.
+        let (code, stdout, stderr) =
+            cri.exec(&a, &["sh", "-c", "echo in-memory > /cache/m && awk '$2 == \"/cache\" { print $3 }' /proc/mounts"])?;
+        ensure!(code == 0 && stdout.starts_with("tmpfs\n"), "the Memory emptyDir in the guest: exit {code}, {stdout:?}, {stderr}");
+        ensure!(cat(cri, &b, "/cache/m")? == "in-memory\n", "the Memory emptyDir between the pod's containers");
+        ensure!(std::fs::read_dir(&memory)?.count() == 0, "the host's tmpfs should stay unused");
+
+        // /etc/hosts and /etc/resolv.conf as CRI passes them.
+        let spec = cri.inspect("inspect", &a)?["info"]["runtimeSpec"]["mounts"].clone();
+        let source = |dest: &str| -> Result<PathBuf> {
+            spec.as_array()
+                .and_then(|m| m.iter().find(|m| m["destination"] == dest))
+                .and_then(|m| m["source"].as_str())
+                .map(PathBuf::from)
+                .with_context(|| format!("no {dest} mount in the container's spec: {spec}"))
+        };
+        let (hosts, resolv) = (source("/etc/hosts")?, source("/etc/resolv.conf")?);
+        ensure!(cat(cri, &a, "/etc/hosts")? == std::fs::read_to_string(&hosts)?, "/etc/hosts as CRI passed it ({})", hosts.display());
+        std::fs::write(&resolv, format!("{}options ndots:7\n", std::fs::read_to_string(&resolv)?))?;
+        ensure!(cat(cri, &a, "/etc/resolv.conf")?.contains("options ndots:7"), "a host-side update of {}", resolv.display());
+
+        // A device cannot be shared: named, and the pod goes on.
+        let dev_file = cri.container_config_mounts("dev", "exec sleep 3600", &[(Path::new("/dev/null"), "/dev-null", false)])?;
+        // CRI's create only records the container; the runtime sees it at start.
+        let dev = cri.ok(&["create", "--no-pull", &pod, &dev_file, &pod_file])?;
+        let out = cri.run(&["start", &dev])?;
+        let error = crictl_error(&String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            !out.status.success() && error.contains("bind mount /dev/null -> /dev-null: a character device"),
+            "a /dev/null hostPath: {error}"
+        );
+        cri.ok(&["rm", &dev])?;
+
+        // The share as virtiofsd serves it to the guest.
+        let fsd_root = pids_named("virtiofsd")
+            .into_iter()
+            .map(|pid| PathBuf::from(format!("/proc/{pid}/root")))
+            .find(|root| root.join(&a).is_dir())
+            .context("no virtiofsd whose root holds the container's directory")?;
+        let files = |suffix: &str| -> Result<PathBuf> {
+            std::fs::read_dir(fsd_root.join(&a).join("files"))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().ends_with(suffix)))
+                .with_context(|| format!("no {suffix} in the container's files"))
+        };
+        let attempts: Vec<(String, std::io::Result<()>)> = vec![
+            (format!("link {a}/files.next"), std::os::unix::fs::symlink(&canary, fsd_root.join(&a).join("files.next"))),
+            (format!("link {pod}/rootfs.next"), std::os::unix::fs::symlink(&canary, fsd_root.join(&pod).join("rootfs.next"))),
+            (format!("rename {a}"), std::fs::rename(fsd_root.join(&a), fsd_root.join("moved"))),
+            ("remove the termination log's mount point".into(), std::fs::remove_file(files("-termination-log")?)),
+            ("make a directory for a container to come".into(), std::fs::create_dir(fsd_root.join("to-come"))),
+            ("write into the read-only volume".into(), std::fs::write(files("-config")?.join("new"), "x")),
+        ];
+        for (what, result) in &attempts {
+            ensure!(
+                result.as_ref().err().and_then(std::io::Error::raw_os_error) == Some(libc::EROFS),
+                "{what} through virtiofsd's view should fail with EROFS: {result:?}"
+            );
+        }
+        std::fs::write(fsd_root.join(&a).join("rootfs").join("tmp").join("via-virtiofsd"), "guest's own")?;
+        ensure!(cat(cri, &a, "/tmp/via-virtiofsd")? == "guest's own", "virtiofsd's view is the container's");
+
+        cri.remove_pod(&pod)?;
+        wait_nothing_left("after the pod with volumes")?;
+        let unmounted = Command::new("umount").arg(&memory).status()?;
+        ensure!(unmounted.success(), "unmounting the test's tmpfs at {}", memory.display());
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let left: Vec<&str> =
+            mounts.lines().filter(|l| l.split(' ').nth(4).is_some_and(|p| p.starts_with(base.to_str().unwrap_or("-")))).collect();
+        ensure!(left.is_empty(), "mounts left on the volumes: {left:?}");
+        ensure!(std::fs::read_dir(&canary)?.count() == 1 && std::fs::read_to_string(canary.join("keep"))? == "mine", "the canary changed");
+        print_figures(&format!(
+            "containerd {v}, pod volumes: configMap switch seen after {:.1} s, its write refused; hostPath both ways; emptyDir between 2 containers; \
+             termination message on the host; Memory emptyDir a tmpfs in the guest shared by both; hosts/resolv.conf as CRI passed them, resolv.conf update seen; /dev/null refused; \
+             {} writes through virtiofsd's view refused (EROFS), the rootfs write seen",
+            seen.as_secs_f64(),
+            attempts.len()
+        ));
+        Ok(())
+    });
+    c.stop().unwrap();
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn lab_cri_pod_volumes_are_shared_live_and_the_share_is_read_only_containerd_2_1() {
+    pod_volumes(Version::V2_1);
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn lab_cri_pod_volumes_are_shared_live_and_the_share_is_read_only_containerd_1_6() {
+    pod_volumes(Version::V1_6);
+}
+
+fn task_metric(c: &Containerd, id: &str, name: &str) -> Result<u64> {
+    let table = c.ctr_ok_in(CRI_NAMESPACE, &["task", "metrics", id])?;
+    table
+        .lines()
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some(name)).then(|| words.next()?.parse().ok()).flatten()
+        })
+        .with_context(|| format!("ctr task metrics {id}: no {name} in:\n{table}"))
+}
+
+/// A container limited to 512 MiB that allocates 600 MiB, in `pod`: it must end
+/// OOM-killed (exit 137), as CRI reports it; its status.
+fn oom_killed_beyond_its_limit(cri: &Cri, pod: &str, pod_file: &str, deadline: Instant) -> Result<Value> {
+    let v = cri.c.version().name();
+    let small = cri.create_and_start(
+        pod,
+        &cri.container_config_limited("small", "exec dd if=/dev/zero of=/dev/null bs=600M count=1", 100_000, 512 * MIB)?,
+        pod_file,
+    )?;
+    let status = loop {
+        let status = cri.inspect("inspect", &small)?;
+        if status["status"]["state"] == "CONTAINER_EXITED" && status["status"]["reason"] == "OOMKilled" {
+            break status;
+        }
+        ensure!(Instant::now() < deadline, "the container over its limit should have exited OOMKilled: {}", status["status"]);
+        std::thread::sleep(POLL_INTERVAL);
+    };
+    eprintln!(
+        "containerd {v}: the container over its 512 MiB: state {}, reason {}, exit code {}",
+        status["status"]["state"], status["status"]["reason"], status["status"]["exitCode"]
+    );
+    ensure!(status["status"]["exitCode"] == 137, "an OOM-killed container exits 137: {}", status["status"]);
+    Ok(status)
+}
+
+/// The pod's VM sized from the pod's resources (issue 18). A pod whose two
+/// containers are limited to 1 CPU + 768 MiB and 1 CPU + 512 MiB (the kubelet puts
+/// the sums, 2 CPUs and 1280 MiB, in the pod's resources; containerd, 1.6.20 as 2.x,
+/// passes them on as the sandbox annotations) gets the base (1 vCPU, 512 MiB) plus
+/// 2 vCPUs and 1280 MiB: the VMM's status and the guest's /proc say so. The first
+/// container allocates 700 MiB within its 768 and runs on; the second allocates
+/// beyond its 512 and is OOM-killed, which CRI reports as OOMKilled. `crictl update
+/// --memory` changes the limit the guest applies; `ctr task metrics` shows the
+/// container's limit and, for the pod (its sandbox task), the VM. A container whose
+/// limit is more than the VM fails its create naming both figures; a pod over the
+/// runtime's maximums fails runp naming its figures; nothing is left of either.
+///
+/// `pod_cpus`: the pod's CPU limit. Under containerd 1.6 the test gives the pod no
+/// CPU limit (a VM of 1 vCPU), to spend less time in the lab's fault-prone 3-vCPU
+/// guests (see "Faults of the lab's emulated SVM" in the README); 1.6's passing of
+/// the CPU annotations shows in the refused pod's figures.
+///
+/// `allocate`: run the 700 MiB allocation and the OOM kill. The full 2.1 test does
+/// (the issue asks them of it); the tests `cargo xtask test` runs leave them out: a
+/// guest faulting in hundreds of MiB triple-faults in about two of five lab runs,
+/// even with one vCPU, and has reset L2 itself.
+fn pod_sized_from_its_resources(version: Version, pod_cpus: i64, allocate: bool) {
+    let c = containerd(version);
+    scenario(&format!("pod-sizing-{}", version.name()), &c, |cri| {
+        let v = version.name();
+        // More than the config's 16384 MiB: refused at runp, nothing left.
+        let huge = cri.pod_config_with_resources("too-big", 100_000, 16384 * MIB)?;
+        let out = cri.run(&["runp", "--runtime", "kata", &huge])?;
+        let error = crictl_error(&String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            !out.status.success() && error.contains("a VM of 2 vCPUs and 16896 MiB") && error.contains("at most 8 vCPUs and 16384 MiB"),
+            "a pod over the maximum should fail runp naming its figures; exit {}, error: {error}",
+            out.status
+        );
+        eprintln!("containerd {v}: a pod over the maximum: {error}");
+        ensure!(cri.ids(&["pods", "-q"])?.is_empty(), "the refused pod is still listed");
+        wait_nothing_left("after the refused pod")?;
+
+        let file = cri.pod_config_with_resources("sized", pod_cpus * 100_000, 1280 * MIB)?;
+        let pod = cri.runp("kata", &file)?;
+        let annotations =
+            std::fs::read_to_string(c.state().join("io.containerd.runtime.v2.task").join(CRI_NAMESPACE).join(&pod).join("config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .map(|spec| spec["annotations"].clone())
+                .unwrap_or_default();
+        let passed: Vec<String> =
+            ["io.kubernetes.cri.sandbox-cpu-quota", "io.kubernetes.cri.sandbox-cpu-period", "io.kubernetes.cri.sandbox-memory"]
+                .iter()
+                .map(|k| format!("{k}={}", annotations[*k]))
+                .collect();
+        eprintln!("containerd {v}: the sandbox's annotations: {}", passed.join(", "));
+        let size = vm_size(&pod)?;
+        eprintln!("containerd {v}: the VMM reports {} vCPUs and {} MiB", size.0, size.1);
+        let want_vcpus = 1 + u32::try_from(pod_cpus)?;
+        ensure!(
+            size == (want_vcpus, 512 + 1280),
+            "a VM of {want_vcpus} vCPUs and 1792 MiB expected (base 1 + {pod_cpus}, 512 + 1280); the VMM reports {size:?}"
+        );
+
+        let deadline = Instant::now() + CALL_LIMIT;
+        let script = if allocate {
+            "dd if=/dev/zero of=/dev/null bs=700M count=1 && echo allocated-700-MiB; exec sleep 3600"
+        } else {
+            "exec sleep 3600"
+        };
+        let big = cri.create_and_start(&pod, &cri.container_config_limited("big", script, 100_000, 768 * MIB)?, &file)?;
+        cri.wait_running(&big, deadline)?;
+        if allocate {
+            cri.wait_logs(&big, "allocated-700-MiB", deadline)?;
+            cri.wait_running(&big, deadline)?;
+        }
+        let (code, meminfo, _) = cri.exec(&big, &["cat", "/proc/meminfo"])?;
+        let mem_total_kib: i64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:")?.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("no MemTotal in the guest's /proc/meminfo: {meminfo:?}"))?;
+        let (_, cpuinfo, _) = cri.exec(&big, &["grep", "-c", "^processor", "/proc/cpuinfo"])?;
+        eprintln!("containerd {v}: the guest sees {} CPUs and MemTotal {} MiB", cpuinfo.trim(), mem_total_kib / 1024);
+        // The kernel keeps a little of the RAM for itself (its image, page tables).
+        ensure!(
+            code == 0 && mem_total_kib * 1024 <= 1792 * MIB && mem_total_kib * 1024 > 1792 * MIB - 160 * MIB,
+            "the guest's MemTotal should be a little under 1792 MiB: {mem_total_kib} KiB"
+        );
+        ensure!(cpuinfo.trim() == want_vcpus.to_string(), "the guest should have {want_vcpus} CPUs: {cpuinfo:?}");
+
+        // Beyond its limit: OOM-killed, and CRI says so.
+        let oom = if allocate { Some(oom_killed_beyond_its_limit(cri, &pod, &file, deadline)?) } else { None };
+        cri.wait_running(&big, deadline)?;
+
+        // Limits seen in stats: the container's own, and the VM's for the pod.
+        let limit = task_metric(cri.c, &big, "memory.usage_limit")?;
+        ensure!(limit == 768 << 20, "ctr task metrics {big}: memory.usage_limit {limit}, 768 MiB expected");
+        let vm_limit = task_metric(cri.c, &pod, "memory.usage_limit")?;
+        ensure!(
+            i64::try_from(vm_limit).ok() == Some(mem_total_kib * 1024),
+            "ctr task metrics of the pod: memory.usage_limit {vm_limit}, the VM's MemTotal {} expected",
+            mem_total_kib * 1024
+        );
+        eprintln!("containerd {v}: metrics: container limit {} MiB, pod (the VM) {} MiB", limit >> 20, vm_limit >> 20);
+
+        // crictl update reaches the guest's cgroup.
+        cri.ok(&["update", "--memory", &(300 * MIB).to_string(), &big])?;
+        let (code, max, _) = cri.exec(&big, &["cat", &format!("/sys/fs/cgroup/vfvm/{big}/memory.max")])?;
+        ensure!(
+            code == 0 && max.trim() == (300 * MIB).to_string(),
+            "after crictl update --memory 300 MiB the guest's memory.max reads {max:?}"
+        );
+        ensure!(task_metric(cri.c, &big, "memory.usage_limit")? == 300 << 20, "metrics after the update");
+        eprintln!("containerd {v}: crictl update --memory 300 MiB: the guest's memory.max reads {}", max.trim());
+
+        // More than the whole VM: the container fails, naming both figures. CRI's
+        // CreateContainer only records it; StartContainer creates the task, in the VM.
+        let too_big = cri.container_config_limited("too-big", "exec sleep 3600", 100_000, 4096 * MIB)?;
+        let too_big = cri.ok(&["create", "--no-pull", &pod, &too_big, &file])?;
+        let out = cri.run(&["start", &too_big])?;
+        let error = crictl_error(&String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            !out.status.success()
+                && error.contains("4096 MiB")
+                && error.contains("does not fit in the pod's VM")
+                && error.contains(&format!("{} MiB", mem_total_kib / 1024)),
+            "a container limited beyond the VM should fail its create naming both figures; exit {}, error: {error}",
+            out.status
+        );
+        eprintln!("containerd {v}: a container limited to 4096 MiB: {error}");
+        let refused = cri.inspect("inspect", &too_big)?;
+        ensure!(refused["status"]["state"] != "CONTAINER_RUNNING", "the refused container runs: {}", refused["status"]);
+        cri.ok(&["rm", &too_big])?;
+        ensure!(!cri.ids(&["ps", "-a", "-q"])?.contains(&too_big), "the refused container is still listed after rm");
+
+        cri.remove_pod(&pod)?;
+        ensure!(cri.ids(&["pods", "-q"])?.is_empty(), "pods left in CRI");
+        wait_nothing_left("after the sized pod")?;
+        let allocation = match &oom {
+            Some(status) => {
+                format!("700 MiB within 768: ran; beyond 512: {} (exit {})", status["status"]["reason"], status["status"]["exitCode"])
+            }
+            None => "allocations not run (the byhand_cri_ test runs them)".to_string(),
+        };
+        print_figures(&format!(
+            "containerd {v}, pod sizing: pod {pod_cpus} CPU + 1280 MiB -> VMM {} vCPUs, {} MiB; guest {} CPUs, MemTotal {} MiB; \
+             {allocation}; metrics: container {} MiB, pod (VM) {} MiB; \
+             update --memory 300 MiB -> memory.max {}; a 4096 MiB limit and a 16 GiB pod refused",
+            size.0,
+            size.1,
+            cpuinfo.trim(),
+            mem_total_kib / 1024,
+            limit >> 20,
+            vm_limit >> 20,
+            max.trim()
+        ));
+        Ok(())
+    });
+    c.stop().unwrap();
+}
+
+/// The short version `cargo xtask test` runs: the sizing, the limits, the update,
+/// the metrics and the refusals, in a 1-vCPU guest that allocates nothing large. In
+/// the CI run of 2026-12-04 the full version below reset L2 itself twice in a row
+/// (L2's CPU triple-faulting under TCG's emulated SVM, see "Faults of the lab's
+/// emulated SVM" in the README), and an L2 crash ends every in-lab test after it.
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn lab_cri_pod_vm_sized_from_its_resources_containerd_2_1() {
+    pod_sized_from_its_resources(Version::V2_1, 0, false);
+}
+
+/// The issue's acceptance in full (3 vCPUs, 700 MiB allocated within a 768 MiB
+/// limit, one container OOM-killed beyond 512 MiB), outside the test command:
+/// `cargo xtask lab test --filter byhand_cri_ target/debug/deps/lab_cri-*`.
+#[test]
+#[ignore = "needs the lab and is fault-prone there: cargo xtask lab test --filter byhand_cri_ (see the README)"]
+fn byhand_cri_pod_vm_sized_from_its_resources_containerd_2_1() {
+    pod_sized_from_its_resources(Version::V2_1, 2, true);
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn lab_cri_pod_vm_sized_from_its_resources_containerd_1_6() {
+    pod_sized_from_its_resources(Version::V1_6, 0, false);
 }
 
 /// Rounds per runtime handler in the benchmark.

@@ -292,6 +292,17 @@ fn run_once(cache: &Path, kernel: &Kernel, images: &Images, opts: &RunOptions) -
             if setup_error.is_none() && tail.iter().any(|l| l.contains(KERNEL_PANIC)) {
                 return Err(failure(format!("L2's kernel panicked (QEMU {status}) before the command finished")).context(L2Crashed));
             }
+            // Under -no-reboot a reset ends QEMU with status 0. L2 resetting while the
+            // command runs, with no panic and no exit status written, is L2's CPU
+            // triple-faulting: the same class of TCG SVM fault as the panics (seen
+            // once, under a 3-vCPU L3 guest).
+            if setup_error.is_none() && ready_after.is_some() && status.success() {
+                return Err(failure(format!(
+                    "L2 reset itself (QEMU {status} under -no-reboot, no panic on its console) before the command finished: \
+                     a triple fault of L2's CPU"
+                ))
+                .context(L2Crashed));
+            }
             use std::os::unix::process::ExitStatusExt;
             if ready_after.is_none() && setup_error.is_none() && status.signal().is_some() {
                 return Err(failure(format!("QEMU died ({status}) before L2 was ready")).context(QemuCrashedAtBoot));

@@ -23,12 +23,43 @@ fn run_lab(args: &[&str]) -> Output {
     run_lab_command(lab().args(args))
 }
 
-/// Runs a `lab()` command holding the one-lab lock, and shows its stdout.
+/// `vfvm-lab`'s exit status when L2's own kernel crashed under the command (a fault
+/// of TCG's emulated SVM, `l2::L2Crashed`), as opposed to the command failing.
+const L2_CRASHED: i32 = 75;
+/// How many more times a command runs, in a fresh L2, after L2 crashed under it.
+const L2_CRASH_RERUNS: usize = 2;
+/// How much of a failed command's output goes to stderr at once (see below).
+const FAILURE_TAIL_LINES: usize = 30;
+
+/// Runs a `lab()` command holding the one-lab lock, and shows its stdout. If L2's
+/// kernel crashed under it, it runs again in a fresh L2 (at most `L2_CRASH_RERUNS`
+/// times, each announced), as `cargo xtask test` does for the in-lab tests. A failed
+/// run's last lines also go to stderr right away: libtest shows captured stdout only
+/// at the end, where a long CI log is cut.
 fn run_lab_command(cmd: &mut Command) -> Output {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let out = cmd.output().expect("starting vfvm-lab");
-    print!("{}", String::from_utf8_lossy(&out.stdout));
-    out
+    let mut reruns = 0;
+    loop {
+        let out = cmd.output().expect("starting vfvm-lab");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        print!("{stdout}");
+        if !out.status.success() {
+            let lines: Vec<&str> = stdout.lines().collect();
+            eprintln!(
+                "lab test: vfvm-lab {:?} exited with {}; its last lines:\n{}",
+                cmd.get_args().collect::<Vec<_>>(),
+                out.status,
+                lines[lines.len().saturating_sub(FAILURE_TAIL_LINES)..].join("\n")
+            );
+        }
+        if out.status.code() != Some(L2_CRASHED) || reruns == L2_CRASH_RERUNS {
+            return out;
+        }
+        reruns += 1;
+        eprintln!(
+            "lab test: L2's kernel crashed under the command; running it again in a fresh L2 ({reruns} of at most {L2_CRASH_RERUNS})"
+        );
+    }
 }
 
 /// `vfvm-lab lab run ARGS` with the guest image (this build's agent, built into

@@ -58,9 +58,13 @@ pub fn follow_console(
             Err(RecvTimeoutError::Timeout) => {
                 // Where the VMM's threads wait tells a stuck guest (vCPUs in KVM_RUN)
                 // from a stuck VMM (threads asleep in user space).
-                let threads = thread_states(child.id());
+                let (threads, vcpus) = (thread_states(child.id()), vfvm_protocols::vcpu_threads::vcpu_threads(child.id()));
                 let _ = child.kill();
-                panic!("no end within {bound:?}; the VMM's threads:\n{threads}\nconsole:\n{}", console.join("\n"));
+                panic!(
+                    "no end within {bound:?}; {}; the VMM's threads:\n{threads}\nconsole:\n{}",
+                    vfvm_protocols::vcpu_threads::describe(&vcpus),
+                    console.join("\n")
+                );
             }
         }
     }
