@@ -123,6 +123,14 @@ impl CacheLock {
 }
 
 /// Everything a lab boot needs, installed or fetched if missing.
+/// The host's packages only (the first of [`prepare`]'s steps): what building the
+/// workspace needs (protoc for the CRI client), so the lints can run before the rest.
+fn prepare_packages() -> Result<()> {
+    let cache = cache_dir();
+    let _lock = CacheLock::take(&cache)?;
+    host::ensure_packages(&install_log::InstallLog::in_cache(&cache))
+}
+
 fn prepare() -> Result<(PathBuf, kernel::Kernel, images::Images)> {
     let cache = cache_dir();
     let _lock = CacheLock::take(&cache)?;
@@ -265,6 +273,8 @@ const IN_LAB_TEST_MARK: &str = "lab_";
 /// over every test binary, so the last word is not some crate's empty doc-test run.
 fn test() -> Result<i32> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // A fresh machine has no protoc, which clippy's build of the CRI client needs.
+    prepare_packages()?;
     check_conventions(&cargo)?;
     let (_, kernel, _) = prepare()?;
     // The guest image's agent is a release build (stripped into the image): built
