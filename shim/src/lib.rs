@@ -7,14 +7,18 @@
 //! - [`sandbox`]: a pod's VM: virtiofsd, `vfvm-vmm` in the pod's netns, the agent.
 //! - [`share`]: a container's host files and volumes bind-mounted into the pod's share.
 //! - [`stdio`]: containerd's FIFOs streamed to and from the agent.
+//! - [`events`]: the agent's event stream, bounded and paced.
+//! - [`pacing`]: pacing of the agent's empty answers (a guest cannot make the shim spin).
 //! - [`service`]: containerd's Task API (v2 and v3) for one pod.
 //! - [`vf`]: the VF manager. Finds a pod's SR-IOV VFs, hands them to vfio-pci with a
 //!   journal written first, and always gives them back exactly as they came.
 
 pub mod bundle;
 pub mod config;
+pub mod events;
 pub mod ids;
 pub mod journal;
+pub mod pacing;
 pub mod record;
 pub mod sandbox;
 pub mod service;

@@ -518,12 +518,47 @@ where
     }
 }
 
-/// The agent's own words for an RPC error.
+/// The most processes one container's listing may name: a guest's default pid space
+/// (`pid_max`) is 32768, and each pid becomes a record containerd is sent.
+pub const MAX_LISTED_PROCESSES: usize = 32768;
+
+/// A container's processes as the agent lists them; a listing past
+/// [`MAX_LISTED_PROCESSES`] (a misbehaving agent) is refused before it is expanded.
+pub fn list_processes(agent: &AgentClient, container_id: &str) -> ttrpc::Result<Vec<u32>> {
+    let mut r = api::ListProcessesRequest::new();
+    r.container_id = container_id.to_string();
+    let pids = agent.list_processes(ctx(), &r)?.pids;
+    if pids.len() > MAX_LISTED_PROCESSES {
+        let message = format!(
+            "the agent listed {} processes in container {container_id}, more than the {MAX_LISTED_PROCESSES} a VM runs: refused",
+            pids.len()
+        );
+        return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::RESOURCE_EXHAUSTED, message)));
+    }
+    Ok(pids)
+}
+
+/// The most of the agent's words an error or log line carries: the guest chooses them.
+pub const MAX_AGENT_MESSAGE: usize = 1024;
+
+/// The agent's own words for an RPC error, at most [`MAX_AGENT_MESSAGE`] bytes of them.
 pub fn agent_message(e: &ttrpc::Error) -> String {
     match e {
-        ttrpc::Error::RpcStatus(s) => s.message().to_string(),
-        other => other.to_string(),
+        ttrpc::Error::RpcStatus(s) => bounded_text(s.message(), MAX_AGENT_MESSAGE),
+        other => bounded_text(&other.to_string(), MAX_AGENT_MESSAGE),
     }
+}
+
+/// `text` cut to at most `max` bytes (at a character boundary), saying how long it was.
+pub fn bounded_text(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &text[..end], text.len())
 }
 
 /// Follows virtiofsd's output: every line goes to the log (so it never blocks on a

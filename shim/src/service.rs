@@ -22,14 +22,13 @@ use vfvm_protocols::agent as agent_api;
 
 use crate::bundle::Bundle;
 use crate::config::Config;
+use crate::events::{self, EventSink};
 use crate::sandbox::{self, call, LaunchSpec, Sandbox};
 use crate::share;
 use crate::stdio::{self, OutStream, StdioPaths};
 
 /// How long a process's output may keep draining after its exit event.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
-/// How long one GetEvent waits in the guest.
-const EVENT_WAIT_MS: u32 = 2000;
 /// What a process "exits" with when its VM dies under it.
 const VM_GONE_STATUS: u32 = 255;
 
@@ -271,46 +270,8 @@ impl TaskService {
     /// Follows the agent's process-exit events until the VM goes away; then every
     /// process still running has exited with [`VM_GONE_STATUS`].
     fn watch_events(&self, sb: Arc<Sandbox>) {
-        let svc = self.clone();
-        let handle = tokio::runtime::Handle::current();
-        let agent = sb.agent.clone();
-        let id = sb.id.clone();
-        let spawned = std::thread::Builder::new().name("vfvm-events".into()).spawn(move || loop {
-            let mut req = agent_api::GetEventRequest::new();
-            req.timeout_ms = EVENT_WAIT_MS;
-            match agent.get_event(sandbox::ctx(), &req) {
-                Ok(ev) => {
-                    if ev.has_exited() {
-                        let exited = ev.exited().clone();
-                        let svc = svc.clone();
-                        handle.spawn(async move {
-                            svc.process_exited(
-                                &exited.container_id,
-                                &exited.exec_id,
-                                u32::try_from(exited.exit_status).unwrap_or(0),
-                                exited.exited_at_unix_nanos,
-                                false,
-                            )
-                            .await
-                        });
-                    } else if ev.has_oom() {
-                        let container_id = ev.oom().container_id.clone();
-                        let svc = svc.clone();
-                        handle.spawn(async move {
-                            svc.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id, ..Default::default() })).await
-                        });
-                    }
-                }
-                Err(ttrpc::Error::RpcStatus(s)) if s.code() == Code::DEADLINE_EXCEEDED || s.code() == Code::NOT_FOUND => {}
-                Err(e) => {
-                    tracing::info!(sandbox = %id, "agent event stream ended: {}", sandbox::agent_message(&e));
-                    let svc = svc.clone();
-                    handle.spawn(async move { svc.vm_gone().await });
-                    break;
-                }
-            }
-        });
-        if let Err(e) = spawned {
+        let followed = events::follow(sb.agent.clone(), Arc::new(self.clone()), tokio::runtime::Handle::current(), sb.id.clone());
+        if let Err(e) = followed {
             tracing::error!(sandbox = %sb.id, "cannot follow the agent's events: {e}");
         }
     }
@@ -447,6 +408,29 @@ impl TaskService {
             }
         }
         Ok((c, sb))
+    }
+}
+
+#[async_trait]
+impl EventSink for TaskService {
+    fn is_running(&self, container_id: &str, exec_id: &str) -> bool {
+        self.process(container_id, exec_id).is_ok_and(|(p, _)| p.phase().0 != Phase::Stopped)
+    }
+
+    fn has_container(&self, container_id: &str) -> bool {
+        self.inner.containers.lock().unwrap_or_else(|p| p.into_inner()).contains_key(container_id)
+    }
+
+    async fn exited(&self, container_id: String, exec_id: String, exit_status: u32, exited_at_unix_nanos: u64) {
+        self.process_exited(&container_id, &exec_id, exit_status, exited_at_unix_nanos, false).await;
+    }
+
+    async fn oom_killed(&self, container_id: String) {
+        self.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id, ..Default::default() })).await;
+    }
+
+    async fn stream_ended(&self, _reason: String) {
+        self.vm_gone().await;
     }
 }
 
@@ -674,15 +658,11 @@ impl containerd_shim::protos::shim_async::Task for TaskService {
     async fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> ttrpc::Result<api::PidsResponse> {
         let sb = self.sandbox().await?;
         let id = req.id.clone();
-        let r = call(&sb.agent, "ListProcesses", move |a| {
-            let mut r = agent_api::ListProcessesRequest::new();
-            r.container_id = id;
-            a.list_processes(sandbox::ctx(), &r)
-        })
-        .await
-        .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+        let pids = call(&sb.agent, "ListProcesses", move |a| sandbox::list_processes(a, &id))
+            .await
+            .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
         let processes =
-            r.pids.into_iter().map(|pid| containerd_shim::protos::types::task::ProcessInfo { pid, ..Default::default() }).collect();
+            pids.into_iter().map(|pid| containerd_shim::protos::types::task::ProcessInfo { pid, ..Default::default() }).collect();
         Ok(api::PidsResponse { processes, ..Default::default() })
     }
 

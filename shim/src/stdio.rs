@@ -8,13 +8,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use vfvm_protocols::agent::{self as api, AgentClient};
 
+use crate::pacing::{IdlePacer, IDLE_PER_SEC};
 use crate::sandbox::ctx;
 
-/// What one agent read asks for, and how long it may wait for data.
-const CHUNK: u32 = 64 * 1024;
+/// What one agent read asks for (an answer with more breaks the protocol), and how
+/// long it may wait for data.
+pub const CHUNK: u32 = 64 * 1024;
 const READ_WAIT_MS: u32 = 1000;
 
 #[derive(Clone, Debug, Default)]
@@ -91,6 +94,7 @@ pub fn spawn_output(
                     None
                 }
             };
+            let mut pacer = IdlePacer::new(Instant::now());
             loop {
                 let mut req = api::ReadStreamRequest::new();
                 req.container_id = container.clone();
@@ -102,7 +106,22 @@ pub fn spawn_output(
                     OutStream::Stderr => agent.read_stderr(ctx(), &req),
                 };
                 match r {
+                    Ok(resp) if resp.data.len() > CHUNK as usize => {
+                        // The guest broke the protocol: its output is not trusted further.
+                        tracing::warn!(
+                            sandbox = %log_id,
+                            "{name}: the agent answered a read of at most {CHUNK} bytes with {}; the rest of the output is dropped",
+                            resp.data.len()
+                        );
+                        break;
+                    }
                     Ok(resp) => {
+                        if resp.data.is_empty() && !resp.eof && pacer.idle() {
+                            tracing::warn!(
+                                sandbox = %log_id,
+                                "{name}: the agent answers reads with nothing, again and again without waiting: paced to {IDLE_PER_SEC} a second"
+                            );
+                        }
                         if let Some(f) = out.as_mut() {
                             if !resp.data.is_empty() && f.write_all(&resp.data).is_err() {
                                 // The reader went away (containerd closed the FIFO): keep draining.
