@@ -136,11 +136,14 @@ fn a_guest_printing_without_end_fills_at_most_the_console_log_limit() {
     // Until it has rotated more than once (the rotated half was replaced): the
     // guest has written several times the limit by then.
     let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    // A rotation is the rename of the log onto the rotated half: told apart by the
+    // inode and the rename's ctime (the filesystem reuses freed inodes, so two
+    // inodes can take turns: a CI run saw only two for a minute).
     let mut seen_rotated = std::collections::HashSet::new();
     while seen_rotated.len() < 3 && child.try_wait().unwrap().is_none() {
         if let Ok(m) = std::fs::metadata(&rotated) {
             use std::os::unix::fs::MetadataExt;
-            seen_rotated.insert(m.ino());
+            seen_rotated.insert((m.ino(), m.ctime(), m.ctime_nsec()));
         }
         assert!(size(&log) + size(&rotated) <= limit, "{} + {} bytes", size(&log), size(&rotated));
         std::thread::yield_now();
