@@ -1028,6 +1028,103 @@ fn lab_cri_bench_pod_start_vfvm_vs_runc() {
     c.stop().unwrap();
 }
 
+/// The shared-volume benchmark's work, as the container's command: a 64 MiB
+/// sequential write (fsynced, so it reaches the host) and read (of a file the host
+/// wrote, in the host's page cache), then 1,000 files created, listed with their
+/// attributes and removed by name (not `rm -r`: on a tmpfs-backed directory, as the
+/// lab's are, virtiofsd's readdir after unlinks skips entries; see the README).
+/// Timed inside the container by the kernel clock
+/// (`adjtimex`: busybox's `date` has no sub-second format), so the exec path is not
+/// measured; prints one `bench-volume` line, then waits to be removed.
+const VOLUME_BENCH_SCRIPT: &str = r#"set -e
+us() { set -- $(adjtimex | sed -n 's/.*tv_sec: *//p; s/.*tv_usec: *//p'); echo $(( $1 * 1000000 + $2 )); }
+cd /vol
+t0=$(us); dd if=/dev/zero of=out bs=1M count=64 conv=fsync 2>/dev/null; t1=$(us)
+dd if=input of=/dev/null bs=1M 2>/dev/null; t2=$(us)
+mkdir m; i=0; while [ $i -lt 1000 ]; do : > m/f$i; i=$((i+1)); done; t3=$(us)
+ls -l m > /dev/null; t4=$(us)
+i=0; while [ $i -lt 1000 ]; do rm m/f$i; i=$((i+1)); done; rmdir m; t5=$(us)
+echo "bench-volume write_us=$((t1-t0)) read_us=$((t2-t1)) create_us=$((t3-t2)) stat_us=$((t4-t3)) unlink_us=$((t5-t4))"
+exec sleep 3600"#;
+
+/// The benchmark's phases, in the order the script prints them.
+const VOLUME_PHASES: [&str; 5] = ["write", "read", "create", "stat", "unlink"];
+
+/// One round of the shared-volume benchmark in a pod of `handler`: the phases'
+/// times, after checking that the work reached the host's directory.
+fn volume_bench_round(cri: &Cri, handler: &str, n: usize, dir: &Path) -> Result<Vec<Duration>> {
+    std::fs::create_dir_all(dir)?;
+    // The read's input, written on the host: in its page cache, as a pod's data would be.
+    std::fs::write(dir.join("input"), vec![0x5au8; 64 << 20])?;
+    let name = format!("volume-{handler}-{n}");
+    let pod_file = cri.pod_config(&name)?;
+    let pod = cri.runp(handler, &pod_file)?;
+    let container_file = cri.container_config_mounts(&format!("{name}-c"), VOLUME_BENCH_SCRIPT, &[(dir, "/vol", false)])?;
+    let id = cri.create_and_start(&pod, &container_file, &pod_file)?;
+    let log = cri.wait_logs(&id, "bench-volume ", Instant::now() + CALL_LIMIT)?;
+    cri.remove_pod(&pod)?;
+    let line = log.lines().find(|l| l.contains("bench-volume ")).context("no bench-volume line")?;
+    let mut times = Vec::new();
+    for phase in VOLUME_PHASES {
+        let key = format!("{phase}_us=");
+        let us: u64 = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key.as_str()))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{handler}: no {key} in {line:?}"))?;
+        times.push(Duration::from_micros(us));
+    }
+    let written =
+        std::fs::metadata(dir.join("out")).with_context(|| format!("{handler}: the container's write did not reach the host"))?.len();
+    ensure!(written == 64 << 20, "{handler}: the host sees {written} bytes of the container's 64 MiB write");
+    ensure!(!dir.join("m").exists(), "{handler}: the container's removed files are still on the host");
+    std::fs::remove_dir_all(dir)?;
+    Ok(times)
+}
+
+/// Issue #17's benchmark: the same work on a shared (hostPath) volume in a vfvm pod
+/// and in a runc pod, alternating, [`BENCH_ROUNDS`] rounds in one lab run; prints
+/// each phase's medians and the ratios vfvm/runc (in the test command too).
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn lab_cri_bench_shared_volume_vfvm_vs_runc() {
+    let c = containerd(Version::V2_1);
+    let base = std::env::temp_dir().join(format!("vfvm-volume-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    scenario("bench-volume", &c, |cri| {
+        let (mut vfvm, mut runc) = (Vec::new(), Vec::new());
+        for n in 0..BENCH_ROUNDS {
+            runc.push(volume_bench_round(cri, "runc", n, &base.join(format!("runc-{n}")))?);
+            vfvm.push(volume_bench_round(cri, "kata", n, &base.join(format!("vfvm-{n}")))?);
+        }
+        let mut lines = vec![format!(
+            "shared volume (hostPath, read-write), containerd 2.1, medians of {BENCH_ROUNDS} rounds, vfvm pod vs runc pod (lab L2 under TCG):"
+        )];
+        for (i, phase) in VOLUME_PHASES.iter().enumerate() {
+            let v = median(vfvm.iter().map(|r| r[i]).collect());
+            let r = median(runc.iter().map(|r| r[i]).collect());
+            let what = match *phase {
+                "write" => "64 MiB sequential write + fsync",
+                "read" => "64 MiB sequential read",
+                "create" => "1,000 files created",
+                "stat" => "1,000 files listed with attributes",
+                _ => "1,000 files removed",
+            };
+            lines.push(format!(
+                "  {what}: vfvm {:.3} s, runc {:.3} s, ratio vfvm/runc {:.1}",
+                v.as_secs_f64(),
+                r.as_secs_f64(),
+                v.as_secs_f64() / r.as_secs_f64().max(1e-6)
+            ));
+        }
+        print_figures(&lines.join("\n"));
+        ensure!(cri.ids(&["pods", "-q"])?.is_empty(), "pods left in CRI");
+        wait_nothing_left("after the volume benchmark")
+    });
+    let _ = std::fs::remove_dir_all(&base);
+    c.stop().unwrap();
+}
+
 /// Clears the PF's pin of the VF's MAC when dropped (on a failure too): restored by
 /// value, the VF's PF-side MAC stays pinned (see [`igb_vfs`]).
 struct UnpinVfMac(IgbVf);
