@@ -13,6 +13,7 @@ mod containerd;
 mod cpio;
 mod demo;
 mod elf;
+mod fuzz;
 mod group_check;
 mod guest_image;
 mod host;
@@ -57,7 +58,14 @@ usage: cargo xtask <command>
                            leak check of `test` (which runs 2) at length; a test
                            that fails while a guest triple-faults runs again
   test                     install what the tests need, then run every test of the
-                           workspace, the lab's included
+                           workspace, the lab's included, and each fuzz target for
+                           a short time
+  fuzz [--seconds N] [TARGET...]
+                           the fuzz targets in fuzz/ (cargo fuzz, nightly, ASan), each
+                           for N seconds (default 300) from its seeds and the corpus
+                           earlier runs grew; a crash, leak or hang fails it, naming
+                           the input (targets: virtio_pci, host_api, pod_inputs,
+                           agent_replies; default all)
   install                  install the lab's packages, fetch its kernel, build images
   image [--agent PATH] [--out DIR] [--compress KIND] [--init-script]
                            build the vfvm guest image: the lab's Debian kernel and an
@@ -255,6 +263,9 @@ fn lab_test(args: &[String]) -> Result<i32> {
     Ok(if ok && totals.counts.failed == 0 && totals.counts.passed > 0 { 0 } else { 1 })
 }
 
+/// How long `cargo xtask test` runs each fuzz target.
+const TEST_FUZZ_SECONDS: u64 = 20;
+
 /// The limit for one L2 boot running in-lab tests (all of `test`'s take ~20 min).
 const IN_LAB_TIMEOUT: Duration = Duration::from_secs(4500);
 
@@ -299,6 +310,12 @@ fn test() -> Result<i32> {
     )?
     .success();
 
+    // The fuzz targets, briefly (the campaign is `cargo xtask fuzz`).
+    let targets: Vec<String> = fuzz::TARGETS.iter().map(|t| t.to_string()).collect();
+    let fuzzed = fuzz::run_targets(&cache_dir(), TEST_FUZZ_SECONDS, &targets)?;
+    let fuzz_failed = fuzzed.iter().filter(|r| r.failed.is_some()).count();
+    ok &= fuzz_failed == 0;
+
     let executables = test_executables(&cargo)?;
     export_test_guest_image(&kernel, agent)?;
     let mut in_lab = Vec::new();
@@ -324,8 +341,9 @@ fn test() -> Result<i32> {
     if totals.reruns > 0 {
         crashed += &format!(" ({} re-run(s) of tests that failed while an L3 guest triple-faulted or stalled in KVM)", totals.reruns);
     }
+    println!("\nfuzz targets: {} run for {TEST_FUZZ_SECONDS} s each, {fuzz_failed} failed", fuzzed.len());
     println!(
-        "\nall test binaries: {} passed, {} failed, {} skipped{crashed}",
+        "all test binaries: {} passed, {} failed, {} skipped{crashed}",
         totals.counts.passed, totals.counts.failed, totals.counts.ignored
     );
     Ok(if ok && totals.counts.failed == 0 { 0 } else { 1 })
@@ -600,6 +618,7 @@ fn dispatch(mut args: impl Iterator<Item = String>) -> Result<i32> {
         ("bench-hotplug", _) => bench_hotplug(second.into_iter().chain(args)),
         ("inside", Some("bench-hotplug")) => bench_hotplug::bench_hotplug(args),
         ("soak", _) => soak(second.into_iter().chain(args)),
+        ("fuzz", _) => fuzz::fuzz_command(&cache_dir(), second.into_iter().chain(args)),
         ("inside", Some("setup")) => {
             let vfs = match (args.next().as_deref(), args.next()) {
                 (Some("--vfs"), Some(n)) => n.parse().with_context(|| format!("--vfs {n:?}: expected a number"))?,

@@ -36,7 +36,11 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, DEVICE_TYPE_VSOCK, VIRTIO_F_VERSION_1};
-pub use muxer::{guest_port_path, BUF_ALLOC, CONNECT_LINE_TIMEOUT, GUEST_ANSWER_TIMEOUT, HOST_PORT_BASE, SHUTDOWN_TIMEOUT};
+pub use muxer::{
+    guest_port_path, parse_connect_line, BUF_ALLOC, CONNECT_LINE_TIMEOUT, GUEST_ANSWER_TIMEOUT, HOST_PORT_BASE, SHUTDOWN_TIMEOUT,
+};
+// The guest-facing parsers, for the fuzz targets (`fuzz/`).
+pub use packet::{read_packet, write_packet, Header, PacketError, Segments, HDR_LEN};
 
 /// Size of each of the three queues (rx, tx, event).
 pub const QUEUE_SIZE: u16 = 256;
