@@ -577,7 +577,9 @@ fn write_config_map(dir: &Path, version: &str, value: &str) -> Result<()> {
 /// - a hostPath directory read-write: live both ways;
 /// - an emptyDir (a host directory) shared by two containers of the pod;
 /// - the termination log: what the container writes is in the host file the
-///   kubelet reads;
+///   kubelet reads; a container that writes it and exits 3: `crictl inspect` shows
+///   the exit and names that file as the mount's host side (where the kubelet reads
+///   the message), which holds the message;
 /// - /etc/hosts and /etc/resolv.conf as CRI passes them, a host-side update of
 ///   resolv.conf seen;
 /// - a character device as hostPath: the create fails naming it;
@@ -598,6 +600,8 @@ fn pod_volumes(version: Version) {
     }
     let termination_log = base.join("termination-log");
     std::fs::write(&termination_log, "").unwrap();
+    let exit_log = base.join("termination-log-t");
+    std::fs::write(&exit_log, "").unwrap();
     // An emptyDir with `medium: Memory` as the kubelet makes it: a tmpfs at its emptyDir path.
     let memory = base.join("pod-uid/volumes/kubernetes.io~empty-dir/cache");
     std::fs::create_dir_all(&memory).unwrap();
@@ -661,6 +665,37 @@ fn pod_volumes(version: Version) {
         ensure!(
             std::fs::read_to_string(&termination_log)? == "bye\n",
             "the termination message should be in the host file the kubelet reads"
+        );
+        // A container that writes its message and exits, read as the kubelet reads it:
+        // the host side of the mount CRI's status lists at the termination path.
+        let t = cri.create_and_start(
+            &pod,
+            &cri.container_config_mounts(
+                "t",
+                "echo finished-badly > /dev/termination-log; exit 3",
+                &[(&exit_log, "/dev/termination-log", false)],
+            )?,
+            &pod_file,
+        )?;
+        let status = loop {
+            let status = cri.inspect("inspect", &t)?["status"].clone();
+            if status["state"] == "CONTAINER_EXITED" {
+                break status;
+            }
+            ensure!(Instant::now() < deadline, "container t did not exit: {status}");
+            std::thread::sleep(POLL_INTERVAL);
+        };
+        let host_side = status["mounts"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["containerPath"] == "/dev/termination-log"))
+            .and_then(|m| m["hostPath"].as_str())
+            .with_context(|| format!("crictl inspect lists no termination-log mount: {status}"))?
+            .to_string();
+        let message = std::fs::read_to_string(&host_side)?;
+        ensure!(
+            status["exitCode"] == 3 && message == "finished-badly\n",
+            "the exited container's status (exit {}) and termination message {message:?} at {host_side}",
+            status["exitCode"]
         );
 
         // The Memory emptyDir: one tmpfs in the guest for both containers; the host's stays empty.
@@ -737,7 +772,7 @@ fn pod_volumes(version: Version) {
         ensure!(std::fs::read_dir(&canary)?.count() == 1 && std::fs::read_to_string(canary.join("keep"))? == "mine", "the canary changed");
         print_figures(&format!(
             "containerd {v}, pod volumes: configMap switch seen after {:.1} s, its write refused; hostPath both ways; emptyDir between 2 containers; \
-             termination message on the host; Memory emptyDir a tmpfs in the guest shared by both; hosts/resolv.conf as CRI passed them, resolv.conf update seen; /dev/null refused; \
+             termination message on the host, and of an exited container where crictl inspect names it; Memory emptyDir a tmpfs in the guest shared by both; hosts/resolv.conf as CRI passed them, resolv.conf update seen; /dev/null refused; \
              {} writes through virtiofsd's view refused (EROFS), the rootfs write seen",
             seen.as_secs_f64(),
             attempts.len()
