@@ -429,7 +429,17 @@ impl EventSink for TaskService {
         self.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id, ..Default::default() })).await;
     }
 
-    async fn stream_ended(&self, _reason: String) {
+    async fn stream_ended(&self, reason: String) {
+        // An agent that stopped answering: say what the VM's vCPUs are doing, so a
+        // guest stalled inside KVM is told apart from a VMM that holds it back.
+        // try_lock: a stop holding the sandbox may be waiting for the exits below.
+        let sandbox = self.inner.sandbox.try_lock().ok().and_then(|s| s.clone());
+        if let Some(sb) = sandbox {
+            if reason.contains("timeout") || reason.contains("timed out") {
+                let vcpus = vfvm_protocols::vcpu_threads::describe(&vfvm_protocols::vcpu_threads::vcpu_threads(sb.vmm_pid));
+                tracing::warn!(sandbox = %sb.id, "the agent stopped answering ({reason}); the VM's vCPU threads: {vcpus}");
+            }
+        }
         self.vm_gone().await;
     }
 }
