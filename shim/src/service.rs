@@ -439,6 +439,12 @@ impl EventSink for TaskService {
                 let vcpus = vfvm_protocols::vcpu_threads::describe(&vfvm_protocols::vcpu_threads::vcpu_threads(sb.vmm_pid));
                 tracing::warn!(sandbox = %sb.id, "the agent stopped answering ({reason}); the VM's vCPU threads: {vcpus}");
             }
+            // Its processes are reported gone below, so the VM must be too: a VM left
+            // running with a dead agent keeps the pod's mounts and VFs, and containerd
+            // would see a sandbox that is neither running nor stopped. Idempotent, and
+            // quick when the VMM already exited.
+            let stopping = sb.clone();
+            tokio::spawn(async move { stopping.stop().await });
         }
         self.vm_gone().await;
     }

@@ -244,7 +244,17 @@ impl<'a> Cri<'a> {
         let started = Instant::now();
         self.ok(&["stopp", pod])?;
         let stopped = started.elapsed();
-        self.ok(&["rmp", pod])?;
+        // A pod whose VM died under it (the lab's L3 faults) may still be stopping
+        // when stopp returns: rmp refuses a running sandbox, and stopp is idempotent.
+        let mut tries = 0;
+        while let Err(e) = self.ok(&["rmp", pod]) {
+            tries += 1;
+            if tries == 3 || !format!("{e:#}").contains("please stop it first") {
+                return Err(e);
+            }
+            eprintln!("cleanup: pod {pod} still running after stopp; stopping it again");
+            self.ok(&["stopp", pod])?;
+        }
         eprintln!(
             "containerd {}: pod {pod}: stopp {:.1}s, rmp {:.1}s",
             self.c.version().name(),
