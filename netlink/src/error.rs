@@ -40,6 +40,14 @@ pub enum Error {
     /// for (e.g. a VF index the PF does not have).
     #[error("{op} {object}: not found")]
     NotFound { op: &'static str, object: String },
+    /// A device file (`/dev/net/tun`) could not be opened.
+    #[error("{op} {object}: {source}")]
+    Device {
+        op: &'static str,
+        object: String,
+        #[source]
+        source: io::Error,
+    },
     /// The path exists but is not a network namespace.
     #[error("{}: not a network namespace: {reason}", path.display())]
     NotANetns { path: PathBuf, reason: String },
@@ -66,7 +74,7 @@ impl Error {
     pub fn errno(&self) -> Option<i32> {
         match self {
             Error::Kernel { errno, .. } => Some(*errno),
-            Error::Io { source, .. } | Error::Netns { source, .. } => source.raw_os_error(),
+            Error::Io { source, .. } | Error::Netns { source, .. } | Error::Device { source, .. } => source.raw_os_error(),
             _ => None,
         }
     }

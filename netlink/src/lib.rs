@@ -39,11 +39,13 @@ mod netns;
 mod route;
 mod socket;
 mod sriov;
+mod tap;
 mod types;
 
 pub use error::{Error, Result};
 pub use netns::Netns;
 pub use socket::{Handle, DEFAULT_TIMEOUT, MAX_DATAGRAM};
+pub use tap::{create_tap, MAX_TAP_QUEUES};
 pub use types::{
     nud, proto, table, AddrFlags, Address, AddressSpec, Family, Link, MacAddr, MacParseError, Neighbour, OperState, Route, RouteSpec,
     RouteType, Scope, VfConfig, VfLinkState,

@@ -28,6 +28,7 @@ use crate::serial::{Console, ConsoleLog, SerialDevice, COM1_IRQ, COM1_PORT};
 use crate::smbios;
 use crate::vcpu::{self, PauseGate, Vcpu};
 use crate::virtio::fs::VhostUserFs;
+use crate::virtio::net::{self, Net, Tap};
 use crate::virtio::vsock::Vsock;
 use crate::vm::{Vm, VmOptions};
 
@@ -62,6 +63,13 @@ pub fn build(config: &MachineConfig, ram: u64, started: Instant) -> Result<Built
         Some(v) => Some(Vsock::new(v.guest_cid, v.socket.clone()).map_err(|e| MachineError::Vsock(e.to_string()))?),
         None => None,
     };
+    // The taps are checked (and their descriptors owned) before any KVM work.
+    let mut nets = Vec::with_capacity(config.net.len());
+    for n in &config.net {
+        let taps = n.tap_fds.iter().map(|&fd| Tap::from_inherited_fd(fd, net::HEADER_LEN)).collect::<Result<Vec<_>, _>>();
+        let taps = taps.map_err(|e| MachineError::Net(e.to_string()))?;
+        nets.push(Net::new(taps, n.mac, n.mtu, n.datapath).map_err(|e| MachineError::Net(e.to_string()))?);
+    }
     // A vhost-user backend maps guest memory itself: it must be shared (memfd).
     let backing = if config.fs.is_some() { Backing::Shared } else { Backing::Private };
     // Each setup step's time, at debug level: where a slow start goes.
@@ -105,6 +113,11 @@ pub fn build(config: &MachineConfig, ram: u64, started: Instant) -> Result<Built
         let (tag, socket) = (fs_device.tag().to_string(), fs_device.socket().display().to_string());
         let addr = devices.add_virtio("fs", "virtio-fs", Box::new(fs_device))?;
         tracing::info!(pci = %addr, tag, socket, "virtio-fs (vhost-user)");
+    }
+    for (i, n) in nets.into_iter().enumerate() {
+        let (tap, pairs) = (n.tap_name().to_string(), n.queue_pairs());
+        let addr = devices.add_virtio(&format!("net{i}"), "virtio-net", Box::new(n))?;
+        tracing::info!(pci = %addr, tap, pairs, "virtio-net");
     }
     for v in &config.vfio {
         devices.add_vfio(v)?;

@@ -55,6 +55,20 @@ pub struct MachineConfig {
     /// Host PCI functions passed through (bound to vfio-pci), plugged at boot after
     /// the virtio devices.
     pub vfio: Vec<VfioConfig>,
+    /// virtio-net devices on taps handed to this process, plugged before the VFIO ones.
+    pub net: Vec<NetConfig>,
+}
+
+/// A virtio-net device on a tap whose queue files this process inherited.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// The tap's queue files (one per queue pair), as inherited descriptor numbers.
+    pub tap_fds: Vec<i32>,
+    /// The guest interface's MAC address.
+    pub mac: [u8; 6],
+    /// The MTU the guest is told (VIRTIO_NET_F_MTU); none: the driver's default.
+    pub mtu: Option<u16>,
+    pub datapath: crate::virtio::net::Datapath,
 }
 
 #[derive(Clone, Debug)]
@@ -279,6 +293,8 @@ pub enum MachineError {
     Initrd { path: PathBuf, err: String },
     #[error("vsock: {0}")]
     Vsock(String),
+    #[error("--net: {0}")]
+    Net(String),
     #[error("--fs: {0}")]
     Fs(#[from] FsError),
     #[error(transparent)]
@@ -433,6 +449,7 @@ mod tests {
             vsock: None,
             fs: None,
             vfio: Vec::new(),
+            net: Vec::new(),
         }
     }
 

@@ -10,15 +10,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use vfvm_vmm::device_manager::valid_device_id;
-use vfvm_vmm::machine::{self, FsConfig, MachineConfig, VsockConfig};
+use vfvm_vmm::machine::{self, FsConfig, MachineConfig, NetConfig, VsockConfig};
 use vfvm_vmm::vfio::VfioConfig;
 use vfvm_vmm::virtio::fs::validate_tag;
+use vfvm_vmm::virtio::net::Datapath;
 
 const USAGE: &str = "\
 usage: vfvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] [--memory MIB]
                 [--serial-log PATH [--serial-log-max BYTES]] [--serial-stdout] [--api-socket PATH]
                 [--vsock-socket PATH [--vsock-cid CID]] [--fs tag=TAG,socket=PATH[,wait=SECS]]
                 [--vfio BDF[,id=NAME][,slot=N]]... [--populate-memory]
+                [--net fd=N[:N...],mac=MAC[,mtu=N][,datapath=auto|vhost|userspace]]...
 
   --kernel PATH       bzImage or ELF vmlinux (64-bit entry)
   --initrd PATH       initramfs, loaded at the top of low memory
@@ -44,6 +46,13 @@ usage: vfvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] [--mem
                       the guest, in slot N of its bus 0 (1 to 31; default the first
                       free one); NAME (default the BDF) names it in the control API.
                       Repeatable
+  --net fd=N[:N...],mac=MAC[,mtu=N][,datapath=auto|vhost|userspace]
+                      add a virtio-net device on the tap whose queue files this
+                      process inherited as descriptors N (one per queue pair, at most
+                      16; opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR), the guest's MAC
+                      address MAC and MTU N (68 to 65535). datapath: vhost-net, the
+                      VMM's own threads, or auto (vhost-net when /dev/vhost-net opens;
+                      the default). Repeatable
   --populate-memory   fault all guest RAM in, in the background while the guest boots,
                       for a VM that will get VFIO devices hot-plugged: their DMA
                       mapping pins all of it, and then takes a fraction of the time
@@ -76,6 +85,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
         vsock: None,
         fs: None,
         vfio: Vec::new(),
+        net: Vec::new(),
     };
     let mut vsock_socket = None;
     let mut vsock_cid = None;
@@ -122,6 +132,10 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
             "--vfio" => {
                 let v = value("BDF[,id=NAME][,slot=N]")?;
                 config.vfio.push(parse_vfio(&v)?);
+            }
+            "--net" => {
+                let v = value("fd=N[:N...],mac=MAC")?;
+                config.net.push(parse_net(&v)?);
             }
             "--vsock-cid" => {
                 let v = value("a context id")?;
@@ -182,6 +196,50 @@ fn parse_vfio(v: &str) -> Result<VfioConfig, String> {
         }
     }
     Ok(VfioConfig { host, id: id.unwrap_or_else(|| bdf.to_string()), slot })
+}
+
+/// `--net fd=N[:N...],mac=MAC[,mtu=N][,datapath=...]`.
+fn parse_net(v: &str) -> Result<NetConfig, String> {
+    let (mut fds, mut mac, mut mtu, mut datapath) = (Vec::new(), None, None, Datapath::Auto);
+    for part in v.split(',') {
+        match part.split_once('=') {
+            Some(("fd", list)) => {
+                for n in list.split(':') {
+                    let fd = n.parse::<i32>().ok().filter(|&fd| fd >= 3);
+                    let fd = fd.ok_or_else(|| format!("--net {v}: fd {n:?}: expected a descriptor number, 3 or more"))?;
+                    if fds.contains(&fd) {
+                        return Err(format!("--net {v}: fd {fd} is named twice"));
+                    }
+                    fds.push(fd);
+                }
+            }
+            Some(("mac", m)) => {
+                mac = Some(parse_mac(m).ok_or_else(|| format!("--net {v}: mac {m:?}: expected six hex bytes, xx:xx:xx:xx:xx:xx, unicast"))?)
+            }
+            Some(("mtu", m)) => {
+                let n = m.parse::<u16>().ok().filter(|&n| n >= 68);
+                mtu = Some(n.ok_or_else(|| format!("--net {v}: mtu {m:?}: expected 68 to 65535"))?);
+            }
+            Some(("datapath", d)) => datapath = d.parse().map_err(|e| format!("--net {v}: datapath {e}"))?,
+            _ => return Err(format!("--net {v}: {part:?} is not fd=N[:N...], mac=MAC, mtu=N or datapath=auto|vhost|userspace")),
+        }
+    }
+    if fds.is_empty() {
+        return Err(format!("--net {v}: fd=N (the tap's queue files) is missing"));
+    }
+    let mac = mac.ok_or_else(|| format!("--net {v}: mac=MAC is missing"))?;
+    Ok(NetConfig { tap_fds: fds, mac, mtu, datapath })
+}
+
+/// A unicast MAC address, `xx:xx:xx:xx:xx:xx`.
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next().filter(|p| p.len() == 2)?;
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
 }
 
 /// The longest `--fs ...,wait=SECS`.

@@ -295,3 +295,80 @@ fn bad_vfio_input_is_named_before_the_guest_starts() {
     let driver = driver.file_name().unwrap().to_string_lossy();
     assert_refused(&vmm(&["--kernel", kernel, "--vfio", &bdf]), &format!("VFIO device {bdf}: bound to {driver}, not vfio-pci"));
 }
+
+/// `vfvm-vmm ARGS` that inherits `files` (close-on-exec cleared in the child only, so
+/// the other tests' children, spawned meanwhile, do not get them).
+fn vmm_with_files(args: &[&str], files: &[&std::fs::File]) -> Command {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vfvm-vmm"));
+    cmd.args(args);
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // fcntl, which is async-signal-safe, on descriptors the parent keeps open.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+fn fd_of(file: &std::fs::File) -> String {
+    use std::os::fd::AsRawFd;
+    file.as_raw_fd().to_string()
+}
+
+/// `--net` input: bad syntax is named at once; a descriptor that is no tap queue is
+/// named before the guest starts; a tap's queue files handed over are the VMM's, and
+/// the tap goes when the VMM exits (it is not persistent).
+#[test]
+fn bad_net_input_is_named_and_a_handed_over_tap_goes_with_the_vmm() {
+    for (arg, needle) in [
+        ("mac=02:00:00:00:00:01", "fd=N (the tap's queue files) is missing"),
+        ("fd=3", "mac=MAC is missing"),
+        ("fd=2,mac=02:00:00:00:00:01", "fd \"2\": expected a descriptor number, 3 or more"),
+        ("fd=3:3,mac=02:00:00:00:00:01", "fd 3 is named twice"),
+        ("fd=3,mac=01:00:00:00:00:01", "mac \"01:00:00:00:00:01\": expected six hex bytes, xx:xx:xx:xx:xx:xx, unicast"),
+        ("fd=3,mac=02:00:00:00:01", "expected six hex bytes"),
+        ("fd=3,mac=02:00:00:00:00:01,mtu=20", "mtu \"20\": expected 68 to 65535"),
+        ("fd=3,mac=02:00:00:00:00:01,datapath=dpdk", "datapath \"dpdk\": expected auto, vhost or userspace"),
+        ("fd=3,mac=02:00:00:00:00:01,queues=2", "\"queues=2\" is not fd=N[:N...], mac=MAC, mtu=N or datapath=auto|vhost|userspace"),
+    ] {
+        assert_refused(&vmm(&["--kernel", "/k", "--net", arg]), &format!("--net {arg}: "));
+        assert_refused(&vmm(&["--kernel", "/k", "--net", arg]), needle);
+    }
+    let kernel = scratch("net-kernel.elf", &common::tiny_elf(common::POWER_OFF));
+    let kernel = kernel.to_str().unwrap();
+    // Not a tap: /dev/null handed over, and a descriptor that is not open.
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let arg = format!("fd={},mac=02:00:00:00:00:01", fd_of(&null));
+    assert_refused(&vmm_with_files(&["--kernel", kernel, "--net", &arg], &[&null]).output().unwrap(), "not an open tap queue");
+    assert_refused(&vmm(&["--kernel", kernel, "--net", "fd=1000,mac=02:00:00:00:00:01"]), "--net: fd 1000: not an open tap queue");
+
+    // A two-queue tap in a namespace of its own, handed over and closed here.
+    let ns = vfvm_netlink::Netns::new_anonymous().expect("a network namespace (run as root)");
+    let taps = ns.run_in(|| vfvm_netlink::create_tap("vfvmcli0", 2)).unwrap().unwrap();
+    let fds: Vec<String> = taps.iter().map(fd_of).collect();
+    let arg = format!("fd={},mac=02:00:00:00:00:07,mtu=1400,datapath=userspace", fds.join(":"));
+    let child = vmm_with_files(&["--kernel", kernel, "--memory", "64", "--net", &arg], &taps.iter().collect::<Vec<_>>())
+        .env("VFVM_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(taps);
+    let deadline = common::KillAfter::new(child.id(), std::time::Duration::from_secs(30));
+    let out = child.wait_with_output().unwrap();
+    drop(deadline);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("virtio-net") && stderr.contains("tap=\"vfvmcli0\"") && stderr.contains("pairs=2"), "{stderr}");
+    let h = vfvm_netlink::Handle::in_netns(&ns).unwrap();
+    let gone = h.link_by_name("vfvmcli0").unwrap_err();
+    assert!(gone.is_not_found(), "the tap outlived the VMM: {gone}");
+}

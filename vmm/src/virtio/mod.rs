@@ -10,13 +10,23 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod fs;
+pub mod net;
 pub mod pci;
+pub mod segments;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod vsock;
 
 /// Feature bits every device offers (virtio 1.x, "modern" only).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_RING_F_INDIRECT_DESC: descriptors may point at tables of descriptors.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// VIRTIO_RING_F_EVENT_IDX: notifications suppressed by ring index (the transport
+/// tells each queue when the driver accepted it).
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// Device types (virtio 1.2, 5).
+pub const DEVICE_TYPE_NET: u32 = 1;
 pub const DEVICE_TYPE_VSOCK: u32 = 19;
 pub const DEVICE_TYPE_FS: u32 = 26;
 

@@ -1,7 +1,10 @@
 //! The virtio-vsock packet header (virtio 1.2, 5.10.6) and moving packets between
 //! descriptor chains and host buffers, with every length checked.
 
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
+
+use crate::virtio::segments::OutsideMemory;
+pub use crate::virtio::segments::Segments;
 
 /// Size of `struct virtio_vsock_hdr`.
 pub const HDR_LEN: usize = 44;
@@ -88,81 +91,9 @@ pub enum PacketError {
     Memory,
 }
 
-/// Guest memory segments (address, length) of a descriptor chain, one direction.
-#[derive(Debug, Default)]
-pub struct Segments {
-    segs: Vec<(GuestAddress, u32)>,
-    total: u64,
-}
-
-impl Segments {
-    /// Collects the device-readable (`writable == false`) or device-writable descriptors.
-    pub fn collect<I>(descs: I, writable: bool) -> Self
-    where
-        I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
-    {
-        let mut s = Segments::default();
-        for d in descs {
-            if d.is_write_only() == writable && d.len() > 0 {
-                s.segs.push((d.addr(), d.len()));
-                s.total += u64::from(d.len());
-            }
-        }
-        s
-    }
-
-    pub fn total(&self) -> u64 {
-        self.total
-    }
-
-    /// Reads `buf.len()` bytes starting `offset` bytes into the segments.
-    pub fn read_at(&self, mem: &GuestMemoryMmap, mut offset: u64, buf: &mut [u8]) -> Result<(), PacketError> {
-        let mut done = 0usize;
-        for &(addr, len) in &self.segs {
-            if done == buf.len() {
-                break;
-            }
-            let len = u64::from(len);
-            if offset >= len {
-                offset -= len;
-                continue;
-            }
-            let n = usize::try_from(len - offset).unwrap_or(usize::MAX).min(buf.len() - done);
-            let a = addr.checked_add(offset).ok_or(PacketError::Memory)?;
-            mem.read_slice(&mut buf[done..done + n], a).map_err(|_| PacketError::Memory)?;
-            done += n;
-            offset = 0;
-        }
-        if done == buf.len() {
-            Ok(())
-        } else {
-            Err(PacketError::Memory)
-        }
-    }
-
-    /// Writes `data` starting `offset` bytes into the segments.
-    pub fn write_at(&self, mem: &GuestMemoryMmap, mut offset: u64, data: &[u8]) -> Result<(), PacketError> {
-        let mut done = 0usize;
-        for &(addr, len) in &self.segs {
-            if done == data.len() {
-                break;
-            }
-            let len = u64::from(len);
-            if offset >= len {
-                offset -= len;
-                continue;
-            }
-            let n = usize::try_from(len - offset).unwrap_or(usize::MAX).min(data.len() - done);
-            let a = addr.checked_add(offset).ok_or(PacketError::Memory)?;
-            mem.write_slice(&data[done..done + n], a).map_err(|_| PacketError::Memory)?;
-            done += n;
-            offset = 0;
-        }
-        if done == data.len() {
-            Ok(())
-        } else {
-            Err(PacketError::Memory)
-        }
+impl From<OutsideMemory> for PacketError {
+    fn from(_: OutsideMemory) -> Self {
+        PacketError::Memory
     }
 }
 

@@ -11,17 +11,17 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::muxer::parse_connect_line;
 use super::packet::*;
 use super::*;
-use crate::virtio::{ActiveQueue, VirtioDevice, VirtioInterrupt};
+use crate::virtio::testing::{Ring, TestIrq, DEADLINE, F_NEXT, F_WRITE};
+use crate::virtio::{ActiveQueue, VirtioDevice};
 
 const GUEST_CID: u64 = 3;
 const QSIZE: u16 = 256;
@@ -37,98 +37,6 @@ const TX_SLOT: u64 = 0x1_1000;
 const TX_DATA_OFF: u64 = 0x100;
 /// Chains in flight at most per queue (two descriptors each).
 const SLOTS: u16 = QSIZE / 2;
-const DEADLINE: Duration = Duration::from_secs(10);
-
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-
-#[derive(Default)]
-struct TestIrq {
-    count: Mutex<u64>,
-    cv: Condvar,
-}
-
-impl VirtioInterrupt for TestIrq {
-    fn queue_notifier(&self, _queue: u16) -> Option<EventFd> {
-        None
-    }
-    fn notify_queue(&self, _queue: u16) {
-        *self.count.lock().unwrap() += 1;
-        self.cv.notify_all();
-    }
-    fn notify_config(&self) {}
-}
-
-impl TestIrq {
-    /// Waits (on interrupts, not sleeps) until `cond` holds; panics after DEADLINE.
-    fn wait_until(&self, what: &str, mut cond: impl FnMut() -> bool) {
-        let end = Instant::now() + DEADLINE;
-        let mut g = self.count.lock().unwrap();
-        loop {
-            if cond() {
-                return;
-            }
-            let left = end.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "timed out waiting for {what}");
-            g = self.cv.wait_timeout(g, left).unwrap().0;
-        }
-    }
-}
-
-/// One split ring, from the driver's side.
-struct Ring {
-    desc: u64,
-    avail: u64,
-    used: u64,
-}
-
-impl Ring {
-    fn new(base: u64) -> Self {
-        let avail = base + 16 * u64::from(QSIZE);
-        let used = (avail + 6 + 2 * u64::from(QSIZE) + 3) & !3;
-        Ring { desc: base, avail, used }
-    }
-
-    fn queue(&self) -> Queue {
-        let mut q = Queue::new(QSIZE).unwrap();
-        q.set_size(QSIZE);
-        q.try_set_desc_table_address(GuestAddress(self.desc)).unwrap();
-        q.try_set_avail_ring_address(GuestAddress(self.avail)).unwrap();
-        q.try_set_used_ring_address(GuestAddress(self.used)).unwrap();
-        q.set_ready(true);
-        q
-    }
-
-    fn set_desc(&self, mem: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let a = GuestAddress(self.desc + 16 * u64::from(i));
-        let mut b = [0u8; 16];
-        b[0..8].copy_from_slice(&addr.to_le_bytes());
-        b[8..12].copy_from_slice(&len.to_le_bytes());
-        b[12..14].copy_from_slice(&flags.to_le_bytes());
-        b[14..16].copy_from_slice(&next.to_le_bytes());
-        mem.write_slice(&b, a).unwrap();
-    }
-
-    /// Publishes chain `head` as avail entry number `n`.
-    fn publish(&self, mem: &GuestMemoryMmap, n: u16, head: u16) {
-        let slot = GuestAddress(self.avail + 4 + 2 * u64::from(n % QSIZE));
-        mem.write_obj(head.to_le(), slot).unwrap();
-        std::sync::atomic::fence(Ordering::SeqCst);
-        mem.write_obj(n.wrapping_add(1).to_le(), GuestAddress(self.avail + 2)).unwrap();
-    }
-
-    fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
-        u16::from_le(mem.read_obj(GuestAddress(self.used + 2)).unwrap())
-    }
-
-    /// (id, len) of used entry number `n`.
-    fn used_elem(&self, mem: &GuestMemoryMmap, n: u16) -> (u32, u32) {
-        let a = self.used + 4 + 8 * u64::from(n % QSIZE);
-        let id: u32 = mem.read_obj(GuestAddress(a)).unwrap();
-        let len: u32 = mem.read_obj(GuestAddress(a + 4)).unwrap();
-        (u32::from_le(id), u32::from_le(len))
-    }
-}
 
 /// A mock guest driver: posts rx buffers, sends tx packets, reads what the device used.
 struct Guest {
@@ -158,7 +66,7 @@ impl Guest {
     /// Activates `dev` with fresh queues and returns the driver.
     fn activate(dev: &mut Vsock) -> Guest {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let rings = [0, 1, 2].map(|i| Ring::new(RING_BASE * (i + 1)));
+        let rings = [0, 1, 2].map(|i| Ring::new(RING_BASE * (i + 1), QSIZE));
         let irq = Arc::new(TestIrq::default());
         let mut kicks = Vec::new();
         let queues = (0..3u16)

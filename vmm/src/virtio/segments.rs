@@ -1,0 +1,87 @@
+//! A descriptor chain's buffers in guest memory, one direction at a time, read and
+//! written as one byte range.
+
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+/// A chain's buffers do not cover the range asked for, or point outside guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the chain points outside guest memory or is shorter than the range")]
+pub struct OutsideMemory;
+
+/// Guest memory segments (address, length) of a descriptor chain, one direction.
+#[derive(Debug, Default)]
+pub struct Segments {
+    segs: Vec<(GuestAddress, u32)>,
+    total: u64,
+}
+
+impl Segments {
+    /// Collects the device-readable (`writable == false`) or device-writable descriptors.
+    pub fn collect<I>(descs: I, writable: bool) -> Self
+    where
+        I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
+    {
+        let mut s = Segments::default();
+        for d in descs {
+            if d.is_write_only() == writable && d.len() > 0 {
+                s.segs.push((d.addr(), d.len()));
+                s.total += u64::from(d.len());
+            }
+        }
+        s
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Reads `buf.len()` bytes starting `offset` bytes into the segments.
+    pub fn read_at(&self, mem: &GuestMemoryMmap, mut offset: u64, buf: &mut [u8]) -> Result<(), OutsideMemory> {
+        let mut done = 0usize;
+        for &(addr, len) in &self.segs {
+            if done == buf.len() {
+                break;
+            }
+            let len = u64::from(len);
+            if offset >= len {
+                offset -= len;
+                continue;
+            }
+            let n = usize::try_from(len - offset).unwrap_or(usize::MAX).min(buf.len() - done);
+            let a = addr.checked_add(offset).ok_or(OutsideMemory)?;
+            mem.read_slice(&mut buf[done..done + n], a).map_err(|_| OutsideMemory)?;
+            done += n;
+            offset = 0;
+        }
+        if done == buf.len() {
+            Ok(())
+        } else {
+            Err(OutsideMemory)
+        }
+    }
+
+    /// Writes `data` starting `offset` bytes into the segments.
+    pub fn write_at(&self, mem: &GuestMemoryMmap, mut offset: u64, data: &[u8]) -> Result<(), OutsideMemory> {
+        let mut done = 0usize;
+        for &(addr, len) in &self.segs {
+            if done == data.len() {
+                break;
+            }
+            let len = u64::from(len);
+            if offset >= len {
+                offset -= len;
+                continue;
+            }
+            let n = usize::try_from(len - offset).unwrap_or(usize::MAX).min(data.len() - done);
+            let a = addr.checked_add(offset).ok_or(OutsideMemory)?;
+            mem.write_slice(&data[done..done + n], a).map_err(|_| OutsideMemory)?;
+            done += n;
+            offset = 0;
+        }
+        if done == data.len() {
+            Ok(())
+        } else {
+            Err(OutsideMemory)
+        }
+    }
+}
