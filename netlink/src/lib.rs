@@ -40,6 +40,7 @@ mod route;
 mod socket;
 mod sriov;
 mod tap;
+mod tc;
 mod types;
 
 pub use error::{Error, Result};

@@ -787,3 +787,98 @@ fn lab_vlan_links() {
     assert!(h.find_link("vt1.42").unwrap().is_none());
     assert_eq!(h.links().unwrap().len(), 1);
 }
+
+/// Waits up to 10 s for a frame on a non-blocking tap queue file; returns it.
+fn read_tap_frame(tap: &std::fs::File, want: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = vec![0u8; 65_600];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no matching frame on the tap within 10 s");
+        let mut pfd = libc::pollfd { fd: tap.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: poll on one pollfd that lives across the call.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+        match (&*tap).read(&mut buf) {
+            Ok(n) if want(&buf[..n]) => return buf[..n].to_vec(),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("reading the tap: {e}"),
+        }
+    }
+}
+
+/// A tap (the VM's end) and a veth (the pod's, whose peer is the "bridge" side in
+/// another namespace) connected by ingress redirects both ways: the peer's ARP
+/// request comes out of the tap, and the reply written into the tap reaches the peer,
+/// which learns the "guest" MAC. Deleting the qdiscs removes the filters.
+#[test]
+fn tap_and_veth_forward_both_ways_through_ingress_redirects() {
+    use std::io::Write;
+    // The kernel's default virtio-net header (the VMM sets 12, for VERSION_1).
+    const HDR: usize = 10;
+    let pod = Netns::new_anonymous().unwrap();
+    let bridge = Netns::new_anonymous().unwrap();
+    let hp = Handle::in_netns(&pod).unwrap();
+    let hb = Handle::in_netns(&bridge).unwrap();
+    hp.create_veth("eth0", "peer0", Some(&bridge)).unwrap();
+    let taps = pod.run_in(|| create_tap("tap0_kata", 1)).unwrap().unwrap();
+    let veth = hp.link_by_name("eth0").unwrap();
+    let tap = hp.link_by_name("tap0_kata").unwrap();
+    assert_eq!(tap.kind.as_deref(), Some("tun"));
+    let peer = hb.link_by_name("peer0").unwrap();
+    hb.add_address(peer.index, &AddressSpec::new(ip("198.18.5.1"), 24)).unwrap();
+    for (h, l) in [(&hp, &veth), (&hp, &tap), (&hb, &peer)] {
+        h.set_link_up(l.index, true).unwrap();
+    }
+    for (from, to) in [(veth.index, tap.index), (tap.index, veth.index)] {
+        assert!(!hp.has_ingress_qdisc(from).unwrap());
+        hp.add_ingress_qdisc(from).unwrap();
+        assert!(hp.add_ingress_qdisc(from).unwrap_err().is_exists(), "a second ingress qdisc");
+        hp.redirect_ingress(from, to).unwrap();
+        assert!(hp.has_ingress_qdisc(from).unwrap());
+        assert_eq!(hp.ingress_redirects(from).unwrap(), [to]);
+    }
+
+    // The bridge side sends to the "guest": its ARP request leaves through the tap.
+    let sent = bridge.run_in(|| {
+        let s = std::net::UdpSocket::bind("198.18.5.1:0")?;
+        s.send_to(b"hello", "198.18.5.2:9")
+    });
+    sent.unwrap().unwrap();
+    let guest_mac = [0x02, 0, 0, 0, 0x5e, 0x02];
+    let request = read_tap_frame(&taps[0], |f| {
+        f.len() >= HDR + 42 && f[HDR + 12..HDR + 14] == [0x08, 0x06] && f[HDR + 38..HDR + 42] == [198, 18, 5, 2]
+    });
+    let peer_mac: [u8; 6] = request[HDR + 6..HDR + 12].try_into().unwrap();
+    assert_eq!(MacAddr(peer_mac), peer.mac.unwrap(), "the request came from the bridge side");
+
+    // The "guest" answers through the tap; the bridge side learns its MAC.
+    let mut reply = vec![0u8; HDR];
+    reply.extend_from_slice(&peer_mac);
+    reply.extend_from_slice(&guest_mac);
+    reply.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 2]);
+    reply.extend_from_slice(&guest_mac);
+    reply.extend_from_slice(&[198, 18, 5, 2]);
+    reply.extend_from_slice(&peer_mac);
+    reply.extend_from_slice(&[198, 18, 5, 1]);
+    (&taps[0]).write_all(&reply).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let learned = hb.neighbours(peer.index).unwrap().into_iter().find(|n| n.ip == ip("198.18.5.2")).and_then(|n| n.lladdr);
+        if learned == Some(MacAddr(guest_mac)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the bridge side never learned the guest's MAC (has {learned:?})");
+        std::thread::yield_now();
+    }
+
+    for l in [veth.index, tap.index] {
+        hp.delete_ingress_qdisc(l).unwrap();
+        assert!(!hp.has_ingress_qdisc(l).unwrap());
+        assert!(hp.ingress_redirects(l).unwrap().is_empty());
+        assert!(hp.delete_ingress_qdisc(l).is_err(), "deleting a qdisc that is gone");
+    }
+}

@@ -68,6 +68,41 @@ pub struct Config {
     pub sriov: Sriov,
     pub shared_fs: SharedFs,
     pub runtime: Runtime,
+    #[serde(default)]
+    pub network: Network,
+}
+
+/// The pod's own interfaces (veth, macvlan, ipvlan), each a virtio-net device on a
+/// tap joined to it by tc redirects.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    #[serde(default)]
+    pub datapath: Datapath,
+}
+
+/// Who moves the frames between the tap and the guest's rings.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Datapath {
+    /// vhost-net when the host has `/dev/vhost-net`, else the VMM.
+    #[default]
+    Auto,
+    /// vhost-net, or the pod fails to start.
+    Vhost,
+    /// The VMM's own threads.
+    Userspace,
+}
+
+impl Datapath {
+    /// The VMM's `--net ...,datapath=` word.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Datapath::Auto => "auto",
+            Datapath::Vhost => "vhost",
+            Datapath::Userspace => "userspace",
+        }
+    }
 }
 
 /// How container root filesystems reach the guest: one `virtiofsd` per sandbox.

@@ -18,6 +18,7 @@ pub mod config;
 pub mod events;
 pub mod ids;
 pub mod journal;
+pub mod network;
 pub mod pacing;
 pub mod record;
 pub mod sandbox;

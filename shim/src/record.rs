@@ -34,6 +34,18 @@ pub struct SandboxRecord {
     pub processes: Vec<ProcessEntry>,
     /// Mount points, in the order they were made (undone in reverse).
     pub mounts: Vec<PathBuf>,
+    /// Pod interfaces joined to a tap (tc ingress redirects), in the order made.
+    #[serde(default)]
+    pub pod_links: Vec<PodLinkEntry>,
+}
+
+/// A pod interface joined to the VM's tap: the ingress qdisc on `link` (and on
+/// `tap`, which goes with the VMM) in the network namespace at `netns`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodLinkEntry {
+    pub netns: PathBuf,
+    pub link: String,
+    pub tap: String,
 }
 
 /// The journal of one sandbox: its record, kept in memory and written whole on
@@ -89,6 +101,15 @@ impl Journal {
         self.save(&r)
     }
 
+    /// Journals a pod interface's connection to a tap before it is made.
+    pub fn will_connect(&self, entry: PodLinkEntry) -> Result<(), RecordError> {
+        let mut r = self.lock();
+        if !r.pod_links.contains(&entry) {
+            r.pod_links.push(entry);
+        }
+        self.save(&r)
+    }
+
     /// Journals a started process. (Processes also die with the shim through
     /// PR_SET_PDEATHSIG, which covers the moment between spawn and this call.)
     pub fn started(&self, what: &str, pid: u32) -> Result<(), RecordError> {
@@ -121,6 +142,8 @@ pub struct Undone {
     /// The locks of VFs not given back: held while their journal entries remain.
     pub vf_locks_kept: Vec<crate::vf::lock::VfLock>,
     pub unmounted: Vec<PathBuf>,
+    /// Pod interfaces whose tap connection was undone.
+    pub disconnected: Vec<String>,
     pub errors: Vec<String>,
 }
 
@@ -128,7 +151,8 @@ pub struct Undone {
 /// processes that still run (SIGKILL: the VMM first, which closes its VFIO fds),
 /// gives back the VFs journaled in `dir` (driver, then the
 /// netdev into the pod netns under its CNI name with its config; `vf_lock_dir` holds
-/// their locks), unmounts in reverse order, then removes `dir`. Idempotent; errors
+/// their locks), disconnects the pod's interfaces from their taps (in reverse),
+/// unmounts in reverse order, then removes `dir`. Idempotent; errors
 /// are collected, not fatal, so one stuck mount does not keep the rest in place, but
 /// `dir` stays while anything failed (a VF not given back keeps its journal).
 /// `vf_locks` are the VF locks the caller holds (a live sandbox's); the others are
@@ -158,6 +182,12 @@ pub fn undo(dir: &Path, vf_lock_dir: &Path, vf_locks: Vec<crate::vf::lock::VfLoc
         restore_vfs(dir, &record.sandbox_id, vf_lock_dir, vf_locks, &mut done);
     } else {
         done.vf_locks_kept = vf_locks;
+    }
+    for link in record.pod_links.iter().rev() {
+        match crate::network::disconnect(link) {
+            Ok(()) => done.disconnected.push(link.link.clone()),
+            Err(e) => done.errors.push(format!("disconnecting pod interface {} from tap {}: {e}", link.link, link.tap)),
+        }
     }
     for m in record.mounts.iter().rev() {
         match unmount(m) {

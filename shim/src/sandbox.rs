@@ -18,6 +18,7 @@ use vfvm_protocols::vcpu_threads;
 use vfvm_protocols::vmm_api::{Request, Response, VmmClient};
 
 use crate::config::{Config, Hotplug, SandboxSettings};
+use crate::network;
 use crate::record::{self, Journal};
 use crate::sriov::{self, SriovError, VfEndpoint};
 use crate::vf::lock::VfLock;
@@ -62,6 +63,8 @@ pub enum SandboxError {
     Missing { what: &'static str, path: PathBuf, reason: String },
     #[error(transparent)]
     Sriov(#[from] SriovError),
+    #[error(transparent)]
+    Network(#[from] network::NetworkError),
     #[error("the VMM's control API: {0}")]
     VmmApi(String),
     #[error("{0}")]
@@ -178,13 +181,20 @@ pub fn preflight(config: &Config, settings: &SandboxSettings, netns: Option<&Pat
 }
 
 /// Makes a spawned helper die with the shim (SIGKILL when the shim's thread
-/// ends), optionally inside the pod's network namespace.
-fn confine(cmd: &mut Command, netns: Option<std::fs::File>) {
-    // SAFETY: only async-signal-safe calls (prctl, setns) between fork and exec.
+/// ends), optionally inside the pod's network namespace, inheriting the descriptors
+/// `inherit` (the shim opens everything close-on-exec; these stay open in the child
+/// only, under the same numbers).
+fn confine(cmd: &mut Command, netns: Option<std::fs::File>, inherit: Vec<std::os::fd::RawFd>) {
+    // SAFETY: only async-signal-safe calls (prctl, setns, fcntl) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            for &fd in &inherit {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             if let Some(ns) = &netns {
                 use std::os::fd::AsRawFd;
@@ -261,6 +271,15 @@ impl Sandbox {
         }
         let vfs: &[VfEndpoint] = vfs;
         let share = make_share(&dir, &journal)?;
+        // The pod's own interfaces (what is left in its netns once its VFs are taken),
+        // each on a tap of its own; journaled, so every failure below disconnects them.
+        let mut taps = match &spec.netns {
+            Some(netns) => network::connect(netns, usize::try_from(spec.settings.vcpus).unwrap_or(1), &journal)?,
+            None => Vec::new(),
+        };
+        if !taps.is_empty() {
+            phase("pod interfaces on their taps");
+        }
 
         let fs_socket = dir.join("fs.sock");
         let mut fsd = Command::new(&config.shared_fs.virtiofsd);
@@ -272,7 +291,7 @@ impl Sandbox {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        confine(&mut fsd, None);
+        confine(&mut fsd, None, Vec::new());
         let mut virtiofsd = fsd.spawn().map_err(io(format!("starting {}", config.shared_fs.virtiofsd.display())))?;
         let fsd_pid = virtiofsd.id().unwrap_or(0);
         journal.started("virtiofsd", fsd_pid)?;
@@ -299,13 +318,20 @@ impl Sandbox {
         if !hot {
             vmm.args(sriov::vmm_args(vfs));
         }
+        vmm.args(network::vmm_args(&taps, config.network.datapath.as_arg()));
         vmm.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
         let netns = match &spec.netns {
             Some(p) => Some(std::fs::File::open(p).map_err(io(format!("opening the pod's network namespace {}", p.display())))?),
             None => None,
         };
-        confine(&mut vmm, netns);
-        let mut vmm_child = vmm.spawn().map_err(io(format!("starting {}", h.path.display())))?;
+        let tap_fds = taps.iter().flat_map(|t| t.files.iter().map(std::os::fd::AsRawFd::as_raw_fd)).collect();
+        confine(&mut vmm, netns, tap_fds);
+        let spawned = vmm.spawn();
+        // The taps are the VMM's now: they go when it does.
+        for t in &mut taps {
+            t.files.clear();
+        }
+        let mut vmm_child = spawned.map_err(io(format!("starting {}", h.path.display())))?;
         let vmm_pid = vmm_child.id().unwrap_or(0);
         journal.started("vfvm-vmm", vmm_pid)?;
         phase("vfvm-vmm started");
@@ -388,22 +414,33 @@ impl Sandbox {
         }
         call(&agent, "CreateSandbox", move |a| a.create_sandbox(ctx(), &req)).await?;
         phase("sandbox created in the agent");
-        if let Some(g) = guest {
-            for iface in g.interfaces {
-                let (name, pci) = (iface.name.clone(), iface.pci_address.clone());
-                let mut req = api::UpdateInterfaceRequest::new();
-                req.interface = Some(iface).into();
-                call(&agent, "UpdateInterface", move |a| a.update_interface(ctx(), &req)).await?;
+        // The pod's interfaces, VFs (by guest PCI address) and taps (by MAC), then
+        // the routes through them all.
+        let wait_ms = config.sriov.device_wait_timeout_secs.saturating_mul(1000);
+        let (tap_interfaces, tap_routes) = network::guest_config(&taps, wait_ms);
+        let (vf_interfaces, vf_routes) = guest.map(|g| (g.interfaces, g.routes)).unwrap_or_default();
+        let configured = !vf_interfaces.is_empty() || !tap_interfaces.is_empty();
+        for iface in vf_interfaces.into_iter().chain(tap_interfaces) {
+            let (name, pci, mac) = (iface.name.clone(), iface.pci_address.clone(), iface.match_mac.clone());
+            let mut req = api::UpdateInterfaceRequest::new();
+            req.interface = Some(iface).into();
+            call(&agent, "UpdateInterface", move |a| a.update_interface(ctx(), &req)).await?;
+            if pci.is_empty() {
+                tracing::info!(sandbox = %spec.id, interface = %name, mac = %mac, "pod interface configured in the guest");
+            } else {
                 tracing::info!(sandbox = %spec.id, interface = %name, guest_pci = %pci, "VF configured in the guest");
             }
-            if !g.routes.is_empty() {
-                let mut req = api::UpdateRoutesRequest::new();
-                let mut routes = api::Routes::new();
-                routes.routes = g.routes;
-                req.routes = Some(routes).into();
-                call(&agent, "UpdateRoutes", move |a| a.update_routes(ctx(), &req)).await?;
-            }
-            phase("VFs configured in the guest");
+        }
+        let all_routes: Vec<api::Route> = vf_routes.into_iter().chain(tap_routes).collect();
+        if !all_routes.is_empty() {
+            let mut req = api::UpdateRoutesRequest::new();
+            let mut routes = api::Routes::new();
+            routes.routes = all_routes;
+            req.routes = Some(routes).into();
+            call(&agent, "UpdateRoutes", move |a| a.update_routes(ctx(), &req)).await?;
+        }
+        if configured {
+            phase("pod interfaces configured in the guest");
         }
 
         Ok(Sandbox {

@@ -129,6 +129,29 @@ fn scope_name(scope: u8) -> &'static str {
     }
 }
 
+/// A pod interface's configuration as CNI left it, for the guest interface of the
+/// same name (the caller says how the agent finds the device): its MAC, MTU and
+/// addresses, and its main-table routes (the kernel's own come back with the
+/// addresses).
+pub fn guest_interface(n: &NetdevRecord) -> (api::Interface, Vec<api::Route>) {
+    let mut iface = api::Interface::new();
+    iface.name = n.name.clone();
+    iface.mac = n.mac.clone();
+    iface.mtu = n.mtu;
+    iface.addresses = n.addrs.iter().map(|a| api::IpAddress { cidr: format!("{}/{}", a.addr, a.prefix), ..Default::default() }).collect();
+    let mut routes = Vec::new();
+    for r in n.routes.iter().filter(|r| r.table == 254) {
+        let mut route = api::Route::new();
+        route.dest = if r.prefix == 0 { "default".into() } else { format!("{}/{}", r.dst, r.prefix) };
+        route.gateway = r.gateway.clone().unwrap_or_default();
+        route.device = n.name.clone();
+        route.scope = scope_name(r.scope).into();
+        route.metric = r.metric.unwrap_or(0);
+        routes.push(route);
+    }
+    (iface, routes)
+}
+
 /// Each VF's pod-netns config, addressed by the guest PCI address the VMM's status
 /// (`devices`) gives it.
 pub fn guest_config(endpoints: &[VfEndpoint], devices: &[DeviceInfo], wait_timeout_ms: u32) -> Result<GuestConfig, SriovError> {
@@ -140,26 +163,11 @@ pub fn guest_config(endpoints: &[VfEndpoint], devices: &[DeviceInfo], wait_timeo
             .map(|d| d.guest_pci_address)
             .ok_or_else(|| SriovError::NotInVmm { addr: e.host(), id: e.vmm_id.clone() })?;
         out.address_map.insert(e.host().to_string(), guest.to_string());
-        let n = e.netdev();
-        let mut iface = api::Interface::new();
-        iface.name = n.name.clone();
+        let (mut iface, mut routes) = guest_interface(e.netdev());
         iface.pci_address = guest.to_string();
-        iface.mac = n.mac.clone();
-        iface.mtu = n.mtu;
-        iface.addresses =
-            n.addrs.iter().map(|a| api::IpAddress { cidr: format!("{}/{}", a.addr, a.prefix), ..Default::default() }).collect();
         iface.wait_timeout_ms = wait_timeout_ms;
         out.interfaces.push(iface);
-        // Routes of the main table; the kernel's own come back with the addresses.
-        for r in n.routes.iter().filter(|r| r.table == 254) {
-            let mut route = api::Route::new();
-            route.dest = if r.prefix == 0 { "default".into() } else { format!("{}/{}", r.dst, r.prefix) };
-            route.gateway = r.gateway.clone().unwrap_or_default();
-            route.device = n.name.clone();
-            route.scope = scope_name(r.scope).into();
-            route.metric = r.metric.unwrap_or(0);
-            out.routes.push(route);
-        }
+        out.routes.append(&mut routes);
     }
     Ok(out)
 }
