@@ -155,9 +155,12 @@ fn modules_on_demand(dir: &std::path::Path) -> Result<()> {
     if let Err(e) = modules::spawn_hotplug_listener(loader, sysfs.clone()) {
         tracing::warn!("no modules on hot-plug: {e}");
     }
-    let loaded = loader.coldplug(&sysfs, "pci");
+    // The PCI devices' drivers, then those of the virtio devices the virtio-pci
+    // driver (a boot module) made of them: virtio-net's, for the pod's eth0.
+    let mut loaded = loader.coldplug(&sysfs, "pci");
+    loaded.extend(loader.coldplug(&sysfs, "virtio"));
     tracing::info!(
-        "modules on demand: {} in the index, {} aliases; drivers of the PCI devices present: {}",
+        "modules on demand: {} in the index, {} aliases; drivers of the PCI and virtio devices present: {}",
         loader.index().len(),
         loader.index().alias_count(),
         if loaded.is_empty() { "none needed".to_string() } else { loaded.join(", ") }

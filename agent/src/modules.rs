@@ -671,7 +671,7 @@ pub fn request_pci_driver(sysfs_root: &Path, addr: &str) -> Result<()> {
 /// Hot-plug: subscribes to the kernel's uevents now (so nothing that happens after
 /// this returns is missed) and, on a thread of its own, loads the modules for every
 /// `add` event that carries a `MODALIAS`. When the socket overflowed (events were
-/// lost), the PCI bus is scanned again as at boot.
+/// lost), the PCI and virtio buses are scanned again as at boot.
 pub fn spawn_hotplug_listener(loader: &'static ModuleLoader, sysfs_root: PathBuf) -> crate::network::Result<()> {
     use crate::network::uevent::{deadline_after, Recv, UeventSocket};
     let socket = UeventSocket::open()?;
@@ -687,8 +687,9 @@ pub fn spawn_hotplug_listener(loader: &'static ModuleLoader, sysfs_root: PathBuf
                     }
                 }
                 Ok(Recv::Overflow) => {
-                    tracing::warn!("hot-plug: uevents were lost (socket overflow): scanning the PCI bus again");
+                    tracing::warn!("hot-plug: uevents were lost (socket overflow): scanning the PCI and virtio buses again");
                     loader.coldplug(&sysfs_root, "pci");
+                    loader.coldplug(&sysfs_root, "virtio");
                 }
                 Ok(Recv::Timeout) => {}
                 Err(e) => {

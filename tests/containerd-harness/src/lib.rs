@@ -278,12 +278,13 @@ impl Containerd {
         )
     }
 
-    /// The pod network: a bridge with host-local IPAM, its state on our tmpfs.
+    /// The pod network: a bridge with host-local IPAM (a default route via the
+    /// bridge), its state on our tmpfs.
     /// (CRI adds the loopback interface itself, with the `loopback` plugin.)
     fn cni_config(&self) -> String {
         let ipam_dir = self.dir.join("cni/ipam");
         format!(
-            r#"{{"cniVersion": "0.4.0", "name": "vfvm-test", "plugins": [{{"type": "bridge", "bridge": "{CNI_BRIDGE}", "isGateway": true, "ipMasq": false, "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "{CNI_SUBNET}"}}]], "dataDir": "{}"}}}}]}}"#,
+            r#"{{"cniVersion": "0.4.0", "name": "vfvm-test", "plugins": [{{"type": "bridge", "bridge": "{CNI_BRIDGE}", "isGateway": true, "ipMasq": false, "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "{CNI_SUBNET}"}}]], "routes": [{{"dst": "0.0.0.0/0"}}], "dataDir": "{}"}}}}]}}"#,
             ipam_dir.display()
         )
     }
@@ -304,9 +305,11 @@ impl Containerd {
             ensure!(n.plugin.is_file(), "the SR-IOV test plugin {} is not built", n.plugin.display());
             std::os::unix::fs::symlink(&n.plugin, bin.join("vfvm-test-sriov-cni"))?;
         }
-        // The bridge and veth drivers, loaded here: in L2 the kernel's own module
-        // loading does not see the modules of the root the lab chroots into.
-        for module in ["bridge", "veth"] {
+        // The bridge and veth drivers, and what the shim joins a pod's veth to its
+        // VM with (taps, vhost-net, tc ingress redirects), loaded here: in L2 the
+        // kernel's own module loading does not see the modules of the root the lab
+        // chroots into.
+        for module in ["bridge", "veth", "tun", "vhost_net", "sch_ingress", "cls_u32", "act_mirred"] {
             if !Path::new("/sys/module").join(module).exists() {
                 if let Err(e) = run(Command::new("modprobe").arg(module)) {
                     eprintln!("containerd {}: CRI pods may get no network: {e:#}", self.version.name());
@@ -1112,6 +1115,7 @@ mod tests {
         assert_eq!(bridge["bridge"], CNI_BRIDGE);
         assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], CNI_SUBNET);
         assert_eq!(bridge["ipam"]["dataDir"], "/tmp/x/cni/ipam", "IPAM state lives on the instance's tmpfs");
+        assert_eq!(bridge["ipam"]["routes"][0]["dst"], "0.0.0.0/0", "pods get a default route through the bridge, as in a cluster");
         for plugin in ["bridge", "host-local", "loopback"] {
             assert!(
                 Path::new(CNI_BIN_DIR).join(plugin).is_file(),

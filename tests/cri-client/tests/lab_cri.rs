@@ -115,6 +115,34 @@ impl<'a> Cri<'a> {
         self.pod_config_file(name, &[], limits(cpu_quota, memory_bytes))
     }
 
+    /// A pod config with CRI's `DNSConfig` (servers, searches, options).
+    fn pod_config_dns(&self, name: &str, dns: Value) -> Result<String> {
+        let path = self.pod_config(name)?;
+        let mut pod: Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        pod["dns_config"] = dns;
+        self.file(&format!("pod-{name}.json"), &pod)
+    }
+
+    /// The pod's IP address, as CNI gave it (`crictl inspectp`).
+    fn pod_ip(&self, pod: &str) -> Result<String> {
+        let status = self.inspect("inspectp", pod)?;
+        let ip = status["status"]["network"]["ip"].as_str().unwrap_or_default().to_string();
+        ensure!(!ip.is_empty(), "pod {pod} has no IP: {}", status["status"]["network"]);
+        Ok(ip)
+    }
+
+    /// The pod's network namespace path (from its runtime spec).
+    fn pod_netns(&self, pod: &str) -> Result<PathBuf> {
+        let status = self.inspect("inspectp", pod)?;
+        let namespaces = status["info"]["runtimeSpec"]["linux"]["namespaces"].as_array().cloned().unwrap_or_default();
+        namespaces
+            .iter()
+            .find(|n| n["type"] == "network")
+            .and_then(|n| n["path"].as_str())
+            .map(PathBuf::from)
+            .with_context(|| format!("pod {pod}: no network namespace path in its runtime spec"))
+    }
+
     /// The pod config file all of the above write: `linux` is its
     /// `LinuxPodSandboxConfig`.
     fn pod_config_file(&self, name: &str, annotations: &[(&str, &str)], linux: Value) -> Result<String> {
@@ -1476,4 +1504,199 @@ fn lab_cri_seed_pod_gets_its_vf_in_its_vm_containerd_2_1() {
 #[ignore = "needs the lab: run by cargo xtask test"]
 fn lab_cri_seed_pod_hot_plugs_its_vf_into_its_running_vm_containerd_2_1() {
     seed_pod(Version::V2_1, Plug::Hot);
+}
+
+/// The PF's netdev in L2 (the lab's one igb function).
+fn lab_pf_netdev() -> Result<String> {
+    let mut found = Vec::new();
+    for dev in std::fs::read_dir("/sys/bus/pci/drivers/igb")?.flatten() {
+        if let Ok(nets) = std::fs::read_dir(dev.path().join("net")) {
+            found.extend(nets.flatten().map(|n| n.file_name().to_string_lossy().into_owned()));
+        }
+    }
+    ensure!(found.len() == 1, "expected one igb netdev in the lab: {found:?}");
+    Ok(found.remove(0))
+}
+
+/// L2 as the router between the CRI pods' bridge and the lab's peer: an address on
+/// the PF's wire, and the peer's route back to the pods' subnet; undone on drop.
+struct PeerRoute {
+    pf: String,
+}
+
+const L2_WIRE_ADDR: &str = "198.18.0.250/24";
+
+impl PeerRoute {
+    fn add() -> Result<PeerRoute> {
+        let pf = lab_pf_netdev()?;
+        let ip = |args: &[&str]| -> Result<()> {
+            let out = Command::new("ip").args(args).output()?;
+            ensure!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            Ok(())
+        };
+        ip(&["addr", "add", L2_WIRE_ADDR, "dev", &pf])?;
+        let route = PeerRoute { pf: pf.clone() };
+        ip(&["link", "set", "dev", &pf, "up"])?;
+        ip(&["-n", PEER_NETNS, "route", "add", vfvm_test_containerd::CNI_SUBNET, "via", "198.18.0.250"])?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+        Ok(route)
+    }
+}
+
+impl Drop for PeerRoute {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["-n", PEER_NETNS, "route", "del", vfvm_test_containerd::CNI_SUBNET]).status();
+        let _ = Command::new("ip").args(["addr", "del", L2_WIRE_ADDR, "dev", &self.pf]).status();
+    }
+}
+
+/// An HTTP GET from this host (L2) to `ip:port`: the whole answer.
+fn http_get(ip: &str, port: u16) -> Result<String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(20)).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: vfvm\r\n\r\n")?;
+    let mut answer = String::new();
+    s.take(1 << 20).read_to_string(&mut answer).with_context(|| format!("reading {addr}'s answer"))?;
+    Ok(answer)
+}
+
+/// The tap links (`*_vfvm`) in the network namespace at `netns` (a pod's, still there),
+/// and whether its `eth0` has an ingress qdisc.
+fn taps_in(netns: &Path) -> Result<(String, bool)> {
+    let ns = vfvm_netlink::Netns::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+    let h = vfvm_netlink::Handle::in_netns(&ns)?;
+    let links = h.links()?;
+    let taps: Vec<String> = links.iter().filter(|l| l.name.ends_with("_vfvm")).map(|l| l.name.clone()).collect();
+    let eth0_qdisc = match links.iter().find(|l| l.name == "eth0") {
+        Some(l) => h.has_ingress_qdisc(l.index)?,
+        None => false,
+    };
+    Ok((taps.join(" "), eth0_qdisc))
+}
+
+const HTTPD_BODY: &str = "vfvm-pod-httpd-answers";
+const POD_DNS_SERVER: &str = "198.19.0.53";
+
+/// #16: every vfvm pod gets its eth0 from the bridge CNI (a virtio-net device on a
+/// tap joined to the pod's veth). A container in a vfvm pod reaches the bridge's
+/// gateway, a runc pod, another vfvm pod and the lab's peer; the runc pod and the
+/// other vfvm pod reach it; its busybox httpd answers this host at the pod IP; its
+/// /etc/resolv.conf holds the pod's DNS config. stopp/rmp: no tap, filter, process
+/// or state left, CNI DEL released the addresses. A netns holding a bare tun: the
+/// start fails naming it, nothing left.
+fn pod_network(version: Version) {
+    let c = containerd(version);
+    let peer = PeerRoute::add().unwrap();
+    scenario(&format!("pod-network-{}", version.name()), &c, |cri| {
+        let dns = json!({"servers": [POD_DNS_SERVER], "searches": ["vfvm.test"], "options": ["ndots:2"]});
+        let (fa, fb, fr) = (cri.pod_config_dns("net-a", dns)?, cri.pod_config("net-b")?, cri.pod_config("net-r")?);
+        let a = cri.runp("kata", &fa)?;
+        let b = cri.runp("rune", &fb)?;
+        let r = cri.runp("runc", &fr)?;
+        let (ip_a, ip_b, ip_r) = (cri.pod_ip(&a)?, cri.pod_ip(&b)?, cri.pod_ip(&r)?);
+        eprintln!("containerd {}: vfvm pods at {ip_a} and {ip_b}, runc pod at {ip_r}", version.name());
+        let deadline = Instant::now() + CALL_LIMIT;
+        let httpd = format!("mkdir -p /www && echo {HTTPD_BODY} > /www/index.html && exec httpd -f -p 8080 -h /www");
+        let ca = cri.create_and_start(&a, &cri.container_config("web", &httpd)?, &fa)?;
+        let cb = cri.create_and_start(&b, &cri.container_config("b", "exec sleep 3600")?, &fb)?;
+        let cr = cri.create_and_start(&r, &cri.container_config("r", "exec sleep 3600")?, &fr)?;
+        for id in [&ca, &cb, &cr] {
+            cri.wait_running(id, deadline)?;
+        }
+        // The guest's eth0: the pod's address and default route.
+        let (_, addr, _) = cri.exec(&ca, &["ip", "-o", "addr", "show", "eth0"])?;
+        ensure!(addr.contains(&format!("inet {ip_a}/24")), "the guest's eth0 should hold the pod IP {ip_a}: {addr}");
+        let (_, routes, _) = cri.exec(&ca, &["ip", "route"])?;
+        ensure!(routes.contains("default via 198.19.0.1 dev eth0"), "the guest's default route: {routes}");
+
+        let ping = |from: &str, to: &str, what: &str| -> Result<()> {
+            let (code, out, err) = cri.exec(from, &["ping", "-c", "2", "-W", "10", to])?;
+            ensure!(code == 0 && !out.contains(" 0 packets received"), "{what} ({to}) should answer a ping: exit {code}, {out} {err}");
+            Ok(())
+        };
+        ping(&ca, "198.19.0.1", "the bridge's gateway")?;
+        ping(&ca, &ip_r, "the runc pod")?;
+        ping(&ca, &ip_b, "the other vfvm pod")?;
+        ping(&ca, PEER_ADDR, "the lab's peer")?;
+        ping(&cb, &ip_a, "the vfvm pod, from the other vfvm pod")?;
+        ping(&cr, &ip_a, "the vfvm pod, from the runc pod")?;
+        let (code, body, err) = cri.exec(&cr, &["wget", "-q", "-O", "-", &format!("http://{ip_a}:8080/")])?;
+        ensure!(code == 0 && body.contains(HTTPD_BODY), "the runc pod's wget of the vfvm pod's httpd: exit {code}, {body:?} {err}");
+        let answer = http_get(&ip_a, 8080)?;
+        ensure!(answer.starts_with("HTTP/1.") && answer.contains(HTTPD_BODY), "the vfvm pod's httpd, from the host: {answer:?}");
+        eprintln!("containerd {}: the vfvm pod reached the gateway, the runc pod, the other vfvm pod and the lab's peer; both reached it; its httpd answered the host", version.name());
+
+        let (_, resolv, _) = cri.exec(&ca, &["cat", "/etc/resolv.conf"])?;
+        for line in [format!("nameserver {POD_DNS_SERVER}"), "search vfvm.test".into(), "options ndots:2".into()] {
+            ensure!(resolv.lines().any(|l| l.trim() == line), "the container's /etc/resolv.conf should hold {line:?}: {resolv:?}");
+        }
+
+        // The host side of pod A: its tap in its netns, joined to eth0.
+        let netns_a = cri.pod_netns(&a)?;
+        let (taps, qdisc) = taps_in(&netns_a)?;
+        ensure!(
+            taps == "tap0_vfvm" && qdisc,
+            "pod A's netns {} should hold its tap and eth0's ingress qdisc: {taps:?}, {qdisc}",
+            netns_a.display()
+        );
+        let datapath = if c.log().contains("datapath=Some(Vhost)") { "vhost-net" } else { "userspace" };
+        eprintln!("containerd {}: resolv.conf holds the pod's DNS config; datapath {datapath}", version.name());
+
+        for pod in [&a, &b, &r] {
+            cri.remove_pod(pod)?;
+        }
+        wait_nothing_left("after stopp and rmp")?;
+        if netns_a.exists() {
+            let (taps, qdisc) = taps_in(&netns_a)?;
+            ensure!(taps.is_empty() && !qdisc, "left in {}: taps {taps:?}, eth0's ingress qdisc {qdisc}", netns_a.display());
+        }
+        // CNI DEL released the pods' addresses and veths.
+        let brif: Vec<_> = std::fs::read_dir(format!("/sys/class/net/{}/brif", vfvm_test_containerd::CNI_BRIDGE))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        ensure!(brif.is_empty(), "veths left on the bridge after CNI DEL: {brif:?}");
+        let left = String::from_utf8_lossy(&Command::new("ip").args(["-o", "link", "show"]).output()?.stdout).into_owned();
+        ensure!(!left.contains("_vfvm"), "a tap in the host netns: {left}");
+
+        // A netns holding a bare tun (up): the start fails naming it; nothing left.
+        let bad = format!("vfvm-bad-{}", std::process::id());
+        let sh = |args: &[&str]| Command::new("ip").args(args).status();
+        sh(&["netns", "add", &bad])?;
+        sh(&["-n", &bad, "tuntap", "add", "dev", "tun9", "mode", "tun"])?;
+        sh(&["-n", &bad, "link", "set", "tun9", "up"])?;
+        c.import_test_images()?;
+        let ns_arg = format!("network:/run/netns/{bad}");
+        let out = c.ctr_within(
+            &["run", "--rm", "--runtime", "io.containerd.vfvm.v2", "--with-ns", &ns_arg, oci::BUSYBOX_REF, "bad-net", "true"],
+            CALL_LIMIT,
+        );
+        let tap_left = taps_in(&PathBuf::from("/run/netns").join(&bad));
+        let _ = sh(&["netns", "delete", &bad]);
+        let out = out?;
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            !out.status.success() && text.contains("interface \"tun9\"") && text.contains("is a tun link"),
+            "a pod whose netns holds a bare tun: {text}"
+        );
+        ensure!(tap_left?.0.is_empty(), "a tap was left in the bad pod's netns");
+        wait_nothing_left("after the refused pod")?;
+        eprintln!("containerd {}: a bare tun in the pod's netns refused: {}", version.name(), text.lines().last().unwrap_or_default());
+        Ok(())
+    });
+    drop(peer);
+    c.stop().unwrap();
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn lab_cri_pod_network_reaches_pods_peer_and_host_containerd_1_6() {
+    pod_network(Version::V1_6);
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn lab_cri_pod_network_reaches_pods_peer_and_host_containerd_2_1() {
+    pod_network(Version::V2_1);
 }
