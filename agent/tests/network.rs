@@ -417,6 +417,34 @@ fn renames_can_swap_names() {
     assert!(net.apply(&cfg).unwrap().is_noop());
 }
 
+/// UpdateInterface, one interface per call, as the shim configures a pod's VF and its
+/// eth0: the kernel named the VF's device `vt1` and the virtio-net device `vt0`, the
+/// pod wants them the other way round. Each call moves an unconfigured holder of its
+/// name out of the way; a name held by an interface the agent configured stays an
+/// error, and `lo` is never moved.
+#[test]
+fn one_interface_per_call_takes_its_name_from_a_device_not_yet_configured() {
+    let env = Env::new();
+    env.h.create_veth("vt1", "vp1", None).unwrap();
+    let vt0 = env.link("vt0");
+    let vt1 = env.link("vt1");
+    let net = env.net();
+    let first = net.update_interface(&iface("vt1", by_mac(vt0.mac.unwrap()), &["198.18.0.2/24"]), None).unwrap();
+    assert!(first.changes.iter().any(|c| matches!(c, Change::Renamed { from, .. } if from == "vt1")), "{first:#?}");
+    assert_eq!(env.link("vt1").index, vt0.index);
+    net.update_interface(&iface("vt0", by_mac(vt1.mac.unwrap()), &["198.18.1.2/24"]), None).unwrap();
+    assert_eq!(env.link("vt0").index, vt1.index);
+    assert_eq!(net.configured().len(), 2);
+    // Now both names are the agent's: a third interface wanting one is refused.
+    env.h.create_veth("vt2", "vp2", None).unwrap();
+    let vt2 = env.link("vt2");
+    let e = net.update_interface(&iface("vt0", by_mac(vt2.mac.unwrap()), &[]), None).unwrap_err();
+    assert!(e.to_string().contains("as interface") || e.to_string().contains("the name is taken"), "{e}");
+    assert_eq!(env.link("vt0").index, vt1.index, "the configured interface kept its name");
+    let e = net.update_interface(&iface("lo", by_mac(vt2.mac.unwrap()), &[]), None).unwrap_err();
+    assert!(e.to_string().contains("the name is taken by link \"lo\""), "{e}");
+}
+
 #[test]
 fn a_device_that_never_appears_times_out_clearly() {
     let env = Env::new();

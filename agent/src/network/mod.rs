@@ -276,6 +276,16 @@ fn describe_link(l: &Link, all: &[Link]) -> String {
     s + ")"
 }
 
+/// What to do with a link that holds a wanted name and that the config does not manage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Holders {
+    /// An error naming it.
+    Refuse,
+    /// Rename it out of the way when the agent has not configured it (one interface
+    /// per call: it may be the kernel's name of a device a later call configures).
+    DisplaceUnconfigured,
+}
+
 /// Which routes a run converges.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum RouteOwnership {
@@ -405,9 +415,16 @@ impl Network {
     /// `timeout` (default: [`Options::device_timeout`]) for its device, then
     /// converges its name, MAC, MTU, state and addresses. Routes are left to
     /// [`Network::update_routes`]; the interface is remembered as configured.
+    ///
+    /// Interfaces come one call at a time, so the name wanted may still be the
+    /// kernel's name of another pod device that a later call configures (a VF probed
+    /// as `eth0` before the virtio-net device that becomes `eth0`): a link holding the
+    /// name that the agent has not configured is renamed out of the way (a
+    /// temporary name) first, as Kata's agent does. A name held by an interface the
+    /// agent configured stays an error.
     pub fn update_interface(&self, iface: &Interface, timeout: Option<Duration>) -> Result<Report> {
         let v = NetworkConfig { interfaces: vec![iface.clone()], ..Default::default() }.validate()?;
-        self.run(&v, RouteOwnership::Untouched, timeout.unwrap_or(self.opts.device_timeout))
+        self.run_with(&v, RouteOwnership::Untouched, timeout.unwrap_or(self.opts.device_timeout), Holders::DisplaceUnconfigured)
     }
 
     /// Converges the routes (the `UpdateRoutes` call): `routes` becomes the
@@ -489,6 +506,10 @@ impl Network {
     }
 
     fn run(&self, v: &ValidConfig, routes: RouteOwnership, timeout: Duration) -> Result<Report> {
+        self.run_with(v, routes, timeout, Holders::Refuse)
+    }
+
+    fn run_with(&self, v: &ValidConfig, routes: RouteOwnership, timeout: Duration, holders: Holders) -> Result<Report> {
         // 1. The devices (a VLAN interface's is its parent). A VLAN interface
         // whose parent another interface of the config configures looks for
         // what that interface makes of it (its name, its new MAC).
@@ -519,6 +540,8 @@ impl Network {
         let all = self.handle.links().map_err(nl("list links"))?;
         let targets = self.targets(v, &links, &all)?;
         let managed: BTreeMap<u32, &ValidInterface> = targets.iter().zip(&v.interfaces).map(|(t, i)| (t.index(), i)).collect();
+        // Unconfigured links holding a wanted name, renamed out of the way in step 3.
+        let mut displaced: Vec<Link> = Vec::new();
         for (k, (t, i)) in targets.iter().zip(&v.interfaces).enumerate() {
             if let Some((_, other)) = v.interfaces.iter().enumerate().find(|(j, _)| *j != k && targets[*j].index() == t.index()) {
                 let l = all.iter().find(|l| l.index == t.index()).unwrap_or(&links[k]);
@@ -529,6 +552,15 @@ impl Network {
             }
             if let Some(holder) = all.iter().find(|o| (o.name == i.name || o.altnames.contains(&i.name)) && !managed.contains_key(&o.index))
             {
+                let displaceable = holders == Holders::DisplaceUnconfigured
+                    && i.vlan.is_none()
+                    && holder.name == i.name
+                    && holder.name != "lo"
+                    && !self.configured_lock().contains_key(&holder.index);
+                if displaceable {
+                    displaced.push(holder.clone());
+                    continue;
+                }
                 let detail = match i.vlan {
                     None => {
                         format!("the name is taken by link {:?} (index {}), which this config does not manage", holder.name, holder.index)
@@ -591,6 +623,10 @@ impl Network {
 
         // 3. Interfaces.
         let mut report = Report::default();
+        for l in &displaced {
+            let tmp = self.free_temp_name(l.index, &all)?;
+            self.rename(l, &tmp, &mut report)?;
+        }
         // Free target names held by other managed links (name swaps).
         for (t, i) in targets.iter().zip(&v.interfaces) {
             let Target::Link(index) = *t else { continue };

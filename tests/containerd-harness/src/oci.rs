@@ -12,6 +12,11 @@ use std::path::{Path, PathBuf};
 pub const BUSYBOX_REF: &str = "vfvm.test/busybox:1";
 /// The pause image: waits until SIGTERM or SIGINT, then exits 0.
 pub const PAUSE_REF: &str = "vfvm.test/pause:1";
+/// busybox plus Debian's iperf3 and the libraries it links (for the network
+/// benchmark); built when the host has [`IPERF3`].
+pub const IPERF3_REF: &str = "vfvm.test/iperf3:1";
+/// Debian's iperf3.
+pub const IPERF3: &str = "/usr/bin/iperf3";
 
 /// The pause image's entrypoint. `sleep & wait` rather than a bare `sleep`, so the
 /// shell runs its trap as soon as the signal arrives (a shell defers traps until the
@@ -37,11 +42,38 @@ pub fn build_test_images(busybox: &Path, out_dir: &Path) -> Result<Vec<ImageArch
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
 
     let mut images = Vec::new();
-    let base = rootfs_layer(&bytes, &applets, None)?;
+    let base = rootfs_layer(&bytes, &applets, &[])?;
     images.push(write_image(out_dir, "busybox.tar", BUSYBOX_REF, &base, &[], &["sh"])?);
-    let pause = rootfs_layer(&bytes, &applets, Some(("pause", PAUSE_SCRIPT)))?;
+    let pause = rootfs_layer(&bytes, &applets, &[("pause".into(), 0o755, PAUSE_SCRIPT.as_bytes().to_vec())])?;
     images.push(write_image(out_dir, "pause.tar", PAUSE_REF, &pause, &["/pause"], &[])?);
+    if Path::new(IPERF3).is_file() {
+        let iperf3 = rootfs_layer(&bytes, &applets, &with_libraries(Path::new(IPERF3))?)?;
+        images.push(write_image(out_dir, "iperf3.tar", IPERF3_REF, &iperf3, &[IPERF3], &["-s"])?);
+    }
     Ok(images)
+}
+
+/// `binary` and the shared libraries `ldd` says it loads (the loader included), each
+/// at the path it is loaded from: (path without the leading '/', mode, contents).
+fn with_libraries(binary: &Path) -> Result<Vec<(String, u32, Vec<u8>)>> {
+    let out = std::process::Command::new("ldd").arg(binary).output().with_context(|| format!("ldd {}", binary.display()))?;
+    ensure!(out.status.success(), "ldd {}: {}", binary.display(), String::from_utf8_lossy(&out.stderr));
+    let mut paths = vec![binary.to_path_buf()];
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)".
+        let path = line.split("=>").last().unwrap_or_default().split_whitespace().next().unwrap_or_default();
+        if path.starts_with('/') {
+            paths.push(PathBuf::from(path));
+        }
+    }
+    paths
+        .iter()
+        .map(|p| {
+            let data = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            let name = p.to_string_lossy().trim_start_matches('/').to_string();
+            Ok((name, 0o755, data))
+        })
+        .collect()
 }
 
 /// The applet names busybox was built with (`busybox --list`).
@@ -63,10 +95,24 @@ fn applets(busybox: &Path) -> Result<Vec<String>> {
 }
 
 /// The root filesystem: `/bin/busybox`, a link per applet, the usual empty
-/// directories, a root user, and optionally one executable at `/<name>`.
-fn rootfs_layer(busybox: &[u8], applets: &[String], extra: Option<(&str, &str)>) -> Result<Vec<u8>> {
+/// directories, a root user, and `extra` files (path without the leading '/', mode,
+/// contents) with their parent directories.
+fn rootfs_layer(busybox: &[u8], applets: &[String], extra: &[(String, u32, Vec<u8>)]) -> Result<Vec<u8>> {
     let mut tar = Tar::default();
-    for dir in ["bin/", "dev/", "etc/", "proc/", "root/", "sys/", "tmp/", "usr/", "usr/bin/", "var/"] {
+    let mut dirs: Vec<String> =
+        ["bin/", "dev/", "etc/", "proc/", "root/", "sys/", "tmp/", "usr/", "usr/bin/", "var/"].map(String::from).to_vec();
+    for (name, _, _) in extra {
+        let mut at = 0;
+        while let Some(i) = name[at..].find('/') {
+            at += i + 1;
+            let dir = name[..at].to_string();
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+    }
+    dirs.sort();
+    for dir in &dirs {
         tar.dir(dir, if dir == "tmp/" { 0o1777 } else { 0o755 })?;
     }
     tar.file("bin/busybox", 0o755, busybox)?;
@@ -75,8 +121,8 @@ fn rootfs_layer(busybox: &[u8], applets: &[String], extra: Option<(&str, &str)>)
     }
     tar.file("etc/group", 0o644, b"root:x:0:\n")?;
     tar.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")?;
-    if let Some((name, script)) = extra {
-        tar.file(name, 0o755, script.as_bytes())?;
+    for (name, mode, data) in extra {
+        tar.file(name, *mode, data)?;
     }
     Ok(tar.finish())
 }

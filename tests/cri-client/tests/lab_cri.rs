@@ -1402,6 +1402,12 @@ fn seed_pod(version: Version, plug: Plug) {
             ensure!(driver.trim().ends_with("/igbvf"), "the guest's {guest} should be on igbvf: {driver}");
             let (code, ping, _) = cri.exec(&ctr, &["ping", "-c", "3", "-W", "10", PEER_ADDR])?;
             ensure!(code == 0 && !ping.contains(" 0 packets received"), "the container should reach the peer over the VF: {ping}");
+            // Beside the VF, the pod's eth0 (the bridge CNI's veth, on a tap).
+            let (code, gw, _) = cri.exec(&ctr, &["ping", "-c", "2", "-W", "10", "198.19.0.1"])?;
+            ensure!(
+                code == 0 && !gw.contains(" 0 packets received"),
+                "beside its VF, the pod's eth0 should reach the bridge's gateway: {gw}"
+            );
             // The lab's root has busybox's ping, not iputils'.
             let back =
                 Command::new("ip").args(["netns", "exec", PEER_NETNS, "busybox", "ping", "-c", "3", "-W", "10", SEED_ADDR]).output()?;
@@ -1699,4 +1705,145 @@ fn lab_cri_pod_network_reaches_pods_peer_and_host_containerd_1_6() {
 #[ignore = "needs the lab: run by cargo xtask test"]
 fn lab_cri_pod_network_reaches_pods_peer_and_host_containerd_2_1() {
     pod_network(Version::V2_1);
+}
+
+/// The pod network benchmark's per-round work: seconds of iperf3 each way.
+const SHORT_NET_SECS: u32 = 3;
+const FULL_NET_SECS: u32 = 10;
+/// Pings per RTT figure.
+const NET_PINGS: u32 = 20;
+
+/// One pod's figures: TCP host->pod and pod->host (Gbit/s), ping RTT (ms).
+#[derive(Clone, Copy, Debug)]
+struct NetFigures {
+    to_pod: f64,
+    from_pod: f64,
+    rtt_ms: f64,
+}
+
+/// iperf3 from this host (L2) to the pod's iperf3 server: Gbit/s received.
+fn iperf3_gbits(ip: &str, secs: u32, reverse: bool) -> Result<f64> {
+    let mut cmd = Command::new(oci::IPERF3);
+    cmd.args(["-c", ip, "-t", &secs.to_string(), "-J", "--connect-timeout", "20000"]);
+    if reverse {
+        cmd.arg("-R");
+    }
+    let out = output_within(&mut cmd, Duration::from_secs(u64::from(secs) + 60))?;
+    let report: Value =
+        serde_json::from_slice(&out.stdout).with_context(|| format!("iperf3 -c {ip}: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let bps = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("iperf3 -c {ip}: no end.sum_received in its report: {}", report["error"]))?;
+    Ok(bps / 1e9)
+}
+
+/// busybox ping from this host: the average RTT in ms.
+fn ping_rtt_ms(ip: &str) -> Result<f64> {
+    let out = Command::new("busybox").args(["ping", "-c", &NET_PINGS.to_string(), "-i", "0.2", "-W", "10", ip]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // "round-trip min/avg/max = 0.123/0.456/0.789 ms"
+    let avg = text
+        .lines()
+        .find_map(|l| l.strip_prefix("round-trip min/avg/max = "))
+        .and_then(|v| v.split('/').nth(1))
+        .and_then(|v| v.parse().ok());
+    avg.with_context(|| format!("ping {ip}: no round-trip line: {text}"))
+}
+
+/// Issue #16's benchmark: TCP throughput both ways and ping RTT from the host to a
+/// vfvm pod on vhost-net, one on the VMM's own datapath, and a runc pod, each running
+/// Debian's iperf3 server; `rounds` rounds in rotated order in one lab run; prints the
+/// medians and the ratios against runc.
+fn bench_pod_network(rounds: usize, secs: u32) {
+    let c = containerd(Version::V2_1);
+    scenario("bench-network", &c, |cri| {
+        let datapath =
+            |word: &str| install_vfvm(&build_dir(), None, |cfg| cfg.replace("datapath = \"auto\"", &format!("datapath = \"{word}\"")));
+        let mut pods = Vec::new();
+        for (label, handler, path) in
+            [("vfvm vhost-net", "kata", Some("vhost")), ("vfvm userspace", "kata", Some("userspace")), ("runc", "runc", None)]
+        {
+            if let Some(p) = path {
+                datapath(p)?;
+            }
+            let name = format!("bench-net-{}", label.replace(' ', "-"));
+            let pod_file = cri.pod_config(&name)?;
+            let pod = cri.runp(handler, &pod_file)?;
+            let container = json!({
+                "metadata": {"name": format!("{name}-c")},
+                "image": {"image": oci::IPERF3_REF},
+                "args": ["-s"],
+                "log_path": format!("{name}.log"),
+            });
+            let file = cri.file(&format!("container-{name}.json"), &container)?;
+            let id = cri.create_and_start(&pod, &file, &pod_file)?;
+            cri.wait_running(&id, Instant::now() + CALL_LIMIT)?;
+            cri.wait_logs(&id, "Server listening", Instant::now() + CALL_LIMIT)?;
+            pods.push((label, pod.clone(), cri.pod_ip(&pod)?));
+        }
+        datapath("auto")?;
+        let mut figures: Vec<Vec<NetFigures>> = vec![Vec::new(); pods.len()];
+        for round in 0..rounds {
+            // Rotated, so a busy phase of the host weighs on each alike.
+            for k in 0..pods.len() {
+                let i = (round + k) % pods.len();
+                let ip = &pods[i].2;
+                let f = NetFigures {
+                    to_pod: iperf3_gbits(ip, secs, false)?,
+                    from_pod: iperf3_gbits(ip, secs, true)?,
+                    rtt_ms: ping_rtt_ms(ip)?,
+                };
+                eprintln!("round {round}: {}: {f:?}", pods[i].0);
+                figures[i].push(f);
+            }
+        }
+        let med = |v: Vec<f64>| {
+            let mut v = v;
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let summary: Vec<(f64, f64, f64)> = figures
+            .iter()
+            .map(|f| {
+                (
+                    med(f.iter().map(|x| x.to_pod).collect()),
+                    med(f.iter().map(|x| x.from_pod).collect()),
+                    med(f.iter().map(|x| x.rtt_ms).collect()),
+                )
+            })
+            .collect();
+        let runc = summary[summary.len() - 1];
+        let mut lines = vec![format!(
+            "pod network (bridge CNI, host <-> pod), containerd 2.1, medians of {rounds} round(s) of {secs} s iperf3 each way and {NET_PINGS} pings (lab L2 under TCG):"
+        )];
+        for ((label, _, _), (to, from, rtt)) in pods.iter().zip(&summary) {
+            lines.push(format!(
+                "  {label}: host->pod {to:.3} Gbit/s ({:.2} of runc), pod->host {from:.3} Gbit/s ({:.2} of runc), RTT {rtt:.3} ms ({:.2}x runc's)",
+                to / runc.0.max(1e-9),
+                from / runc.1.max(1e-9),
+                rtt / runc.2.max(1e-9)
+            ));
+        }
+        print_figures(&lines.join("\n"));
+        for (_, pod, _) in &pods {
+            cri.remove_pod(pod)?;
+        }
+        wait_nothing_left("after the network benchmark")
+    });
+    c.stop().unwrap();
+}
+
+/// The benchmark's short version in the test command: one round of
+/// [`SHORT_NET_SECS`] seconds each way.
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn lab_cri_bench_pod_network_vfvm_vs_runc() {
+    bench_pod_network(1, SHORT_NET_SECS);
+}
+
+/// The full benchmark, whose figures the README records.
+#[test]
+#[ignore = "needs the lab; the full run, by hand: cargo xtask lab test --filter byhand_cri_bench_pod_network (see the README)"]
+fn byhand_cri_bench_pod_network_vfvm_vs_runc() {
+    bench_pod_network(BENCH_ROUNDS, FULL_NET_SECS);
 }

@@ -168,6 +168,10 @@ pub fn ensure_packages(log: &InstallLog) -> Result<()> {
     if !on_path("iasl") {
         plain.push("acpica-tools");
     }
+    // The pod network benchmark's iperf3 (in a test image, and on L2 as the client).
+    if !on_path("iperf3") {
+        plain.push("iperf3");
+    }
     // k8s-cri (the CRI test client) compiles the CRI protos with protoc.
     if !on_path("protoc") {
         plain.push("protobuf-compiler");
