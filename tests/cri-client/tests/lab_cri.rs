@@ -1721,6 +1721,20 @@ struct NetFigures {
     rtt_ms: f64,
 }
 
+const IPERF3_PORT: u16 = 5201;
+
+/// Polls until `ip:port` accepts a TCP connection (a server in a pod is up).
+fn wait_listening(ip: &str, port: u16, deadline: Instant) -> Result<()> {
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse()?;
+    loop {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => bail!("{addr} never accepted a connection: {e}"),
+            Err(_) => std::thread::sleep(POLL_INTERVAL),
+        }
+    }
+}
+
 /// iperf3 from this host (L2) to the pod's iperf3 server: Gbit/s received.
 fn iperf3_gbits(ip: &str, secs: u32, reverse: bool) -> Result<f64> {
     let mut cmd = Command::new(oci::IPERF3);
@@ -1778,8 +1792,9 @@ fn bench_pod_network(rounds: usize, secs: u32) {
             let file = cri.file(&format!("container-{name}.json"), &container)?;
             let id = cri.create_and_start(&pod, &file, &pod_file)?;
             cri.wait_running(&id, Instant::now() + CALL_LIMIT)?;
-            cri.wait_logs(&id, "Server listening", Instant::now() + CALL_LIMIT)?;
-            pods.push((label, pod.clone(), cri.pod_ip(&pod)?));
+            let ip = cri.pod_ip(&pod)?;
+            wait_listening(&ip, IPERF3_PORT, Instant::now() + CALL_LIMIT)?;
+            pods.push((label, pod.clone(), ip));
         }
         datapath("auto")?;
         let mut figures: Vec<Vec<NetFigures>> = vec![Vec::new(); pods.len()];
