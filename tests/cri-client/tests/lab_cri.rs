@@ -1589,15 +1589,18 @@ const POD_DNS_SERVER: &str = "198.19.0.53";
 /// tap joined to the pod's veth). A container in a vfvm pod reaches the bridge's
 /// gateway, a runc pod, another vfvm pod and the lab's peer; the runc pod and the
 /// other vfvm pod reach it; its busybox httpd answers this host at the pod IP; its
-/// /etc/resolv.conf holds the pod's DNS config. stopp/rmp: no tap, filter, process
-/// or state left, CNI DEL released the addresses. A netns holding a bare tun: the
+/// /etc/resolv.conf holds the pod's DNS config; the other vfvm pod, with 2 vCPUs, has
+/// a 2-queue eth0. stopp/rmp: no tap, filter, process or state left, CNI DEL released
+/// the addresses. A netns holding a bare tun: the
 /// start fails naming it, nothing left.
 fn pod_network(version: Version) {
     let c = containerd(version);
     let peer = PeerRoute::add().unwrap();
     scenario(&format!("pod-network-{}", version.name()), &c, |cri| {
         let dns = json!({"servers": [POD_DNS_SERVER], "searches": ["vfvm.test"], "options": ["ndots:2"]});
-        let (fa, fb, fr) = (cri.pod_config_dns("net-a", dns)?, cri.pod_config("net-b")?, cri.pod_config("net-r")?);
+        // Pod B's VM has 2 vCPUs: its eth0 is a 2-queue-pair device (a 2-queue tap).
+        let fb = cri.pod_config_annotated("net-b", &[("io.katacontainers.config.hypervisor.default_vcpus", "2")])?;
+        let (fa, fr) = (cri.pod_config_dns("net-a", dns)?, cri.pod_config("net-r")?);
         let a = cri.runp("kata", &fa)?;
         let b = cri.runp("rune", &fb)?;
         let r = cri.runp("runc", &fr)?;
@@ -1616,6 +1619,9 @@ fn pod_network(version: Version) {
         ensure!(addr.contains(&format!("inet {ip_a}/24")), "the guest's eth0 should hold the pod IP {ip_a}: {addr}");
         let (_, routes, _) = cri.exec(&ca, &["ip", "route"])?;
         ensure!(routes.contains("default via 198.19.0.1 dev eth0"), "the guest's default route: {routes}");
+        let (_, queues, _) = cri.exec(&cb, &["ls", "/sys/class/net/eth0/queues"])?;
+        let tx_queues = queues.split_whitespace().filter(|q| q.starts_with("tx-")).count();
+        ensure!(tx_queues == 2, "pod B's 2-vCPU guest should have a 2-queue eth0: {queues:?}");
 
         let ping = |from: &str, to: &str, what: &str| -> Result<()> {
             let (code, out, err) = cri.exec(from, &["ping", "-c", "2", "-W", "10", to])?;
