@@ -5,6 +5,7 @@
 //! - [`client`]: connecting to an agent over AF_VSOCK, hybrid vsock (a Unix socket
 //!   with a `CONNECT <port>` handshake) or a plain Unix socket, with timeouts and
 //!   retries while the guest boots.
+//! - [`net`]: [`net::Datapath`], who moves a pod interface's frames (config and VMM flag).
 //! - [`pci`]: [`PciAddress`], the one PCI address type, text `0000:01:10.2` on every wire.
 //! - [`vcpu_threads`]: what a VMM's vCPU threads are doing, from `/proc`, for a guest
 //!   that stopped answering.
@@ -13,6 +14,7 @@
 
 #[cfg(feature = "agent")]
 pub mod client;
+pub mod net;
 pub mod pci;
 pub mod vcpu_threads;
 pub mod vmm_api;

@@ -81,29 +81,7 @@ pub struct Network {
     pub datapath: Datapath,
 }
 
-/// Who moves the frames between the tap and the guest's rings.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Datapath {
-    /// vhost-net when the host has `/dev/vhost-net`, else the VMM.
-    #[default]
-    Auto,
-    /// vhost-net, or the pod fails to start.
-    Vhost,
-    /// The VMM's own threads.
-    Userspace,
-}
-
-impl Datapath {
-    /// The VMM's `--net ...,datapath=` word.
-    pub fn as_arg(self) -> &'static str {
-        match self {
-            Datapath::Auto => "auto",
-            Datapath::Vhost => "vhost",
-            Datapath::Userspace => "userspace",
-        }
-    }
-}
+pub use vfvm_protocols::net::Datapath;
 
 /// How container root filesystems reach the guest: one `virtiofsd` per sandbox.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]

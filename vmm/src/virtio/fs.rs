@@ -26,7 +26,6 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tracing::{debug, error, info};
@@ -39,7 +38,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::read_registers;
 
-use super::{ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, DEVICE_TYPE_FS, VIRTIO_F_VERSION_1};
+use super::{ActivateError, ActiveQueue, DeviceWorker, VirtioDevice, VirtioInterrupt, DEVICE_TYPE_FS, VIRTIO_F_VERSION_1};
 
 /// The tag's field in the configuration space: UTF-8, NUL padded, not NUL terminated.
 pub const TAG_MAX_LEN: usize = 36;
@@ -153,11 +152,6 @@ fn connect(socket: &Path, wait: Duration) -> Result<Backend, FsError> {
     Ok(Backend { frontend, features, protocol })
 }
 
-struct WorkerHandle {
-    stop: EventFd,
-    thread: JoinHandle<()>,
-}
-
 /// The virtio-fs device, its requests served by a vhost-user backend.
 pub struct VhostUserFs {
     tag: String,
@@ -169,7 +163,7 @@ pub struct VhostUserFs {
     backend: Option<Backend>,
     /// The backend has been given the queues since the last reset.
     activated: bool,
-    worker: Option<WorkerHandle>,
+    worker: Option<DeviceWorker>,
 }
 
 impl VhostUserFs {
@@ -207,10 +201,7 @@ impl VhostUserFs {
 
     fn stop_worker(&mut self) {
         if let Some(w) = self.worker.take() {
-            let _ = w.stop.write(1);
-            if w.thread.join().is_err() {
-                error!("virtio-fs: the worker thread panicked");
-            }
+            w.stop();
         }
     }
 
@@ -340,9 +331,9 @@ impl VirtioDevice for VhostUserFs {
             stop: stop.try_clone().map_err(|e| start(e.to_string()))?,
             socket: self.socket.clone(),
         };
-        let thread = std::thread::Builder::new().name("virtio-fs".into()).spawn(move || worker.run()).map_err(|e| start(e.to_string()))?;
+        let spawned = DeviceWorker::spawn("virtio-fs", stop, move || worker.run()).map_err(|e| start(e.to_string()))?;
         self.backend = Some(backend);
-        self.worker = Some(WorkerHandle { stop, thread });
+        self.worker = Some(spawned);
         info!(tag = %self.tag, socket = %self.socket.display(), "virtio-fs: activated");
         Ok(())
     }

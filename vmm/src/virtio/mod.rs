@@ -5,6 +5,7 @@
 //! the interrupt to raise when it has used buffers.
 
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -79,4 +80,42 @@ pub trait VirtioDevice: Send {
     /// The driver reset the device (status 0): stop using the queues and guest memory
     /// before returning, and drop per-activation state.
     fn reset(&mut self);
+}
+
+/// The queues the driver made ready, by index, in `count` slots (a queue it left
+/// disabled is `None`); an index past `count` or given twice is an error.
+pub fn queues_by_index(queues: Vec<ActiveQueue>, count: usize) -> Result<Vec<Option<ActiveQueue>>, ActivateError> {
+    let mut slots: Vec<Option<ActiveQueue>> = std::iter::repeat_with(|| None).take(count).collect();
+    for q in queues {
+        let i = usize::from(q.index);
+        match slots.get_mut(i) {
+            Some(slot @ None) => *slot = Some(q),
+            _ => return Err(ActivateError::Start(format!("unexpected or repeated queue index {i}"))),
+        }
+    }
+    Ok(slots)
+}
+
+/// A device's worker thread and the eventfd that tells it to stop.
+pub struct DeviceWorker {
+    stop: EventFd,
+    thread: JoinHandle<()>,
+}
+
+impl DeviceWorker {
+    /// Runs `run` on a thread named `name`; `stop` (a clone of which `run` waits on)
+    /// ends it.
+    pub fn spawn(name: &str, stop: EventFd, run: impl FnOnce() + Send + 'static) -> std::io::Result<DeviceWorker> {
+        let thread = std::thread::Builder::new().name(name.to_string()).spawn(run)?;
+        Ok(DeviceWorker { stop, thread })
+    }
+
+    /// Signals the worker and waits for it to end.
+    pub fn stop(self) {
+        let _ = self.stop.write(1);
+        let name = self.thread.thread().name().unwrap_or("virtio").to_string();
+        if self.thread.join().is_err() {
+            tracing::error!("{name}: the worker thread panicked");
+        }
+    }
 }

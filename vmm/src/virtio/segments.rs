@@ -36,49 +36,40 @@ impl Segments {
     }
 
     /// Reads `buf.len()` bytes starting `offset` bytes into the segments.
-    pub fn read_at(&self, mem: &GuestMemoryMmap, mut offset: u64, buf: &mut [u8]) -> Result<(), OutsideMemory> {
-        let mut done = 0usize;
-        for &(addr, len) in &self.segs {
-            if done == buf.len() {
-                break;
-            }
-            let len = u64::from(len);
-            if offset >= len {
-                offset -= len;
-                continue;
-            }
-            let n = usize::try_from(len - offset).unwrap_or(usize::MAX).min(buf.len() - done);
-            let a = addr.checked_add(offset).ok_or(OutsideMemory)?;
-            mem.read_slice(&mut buf[done..done + n], a).map_err(|_| OutsideMemory)?;
-            done += n;
-            offset = 0;
-        }
-        if done == buf.len() {
-            Ok(())
-        } else {
-            Err(OutsideMemory)
-        }
+    pub fn read_at(&self, mem: &GuestMemoryMmap, offset: u64, buf: &mut [u8]) -> Result<(), OutsideMemory> {
+        self.each_piece(offset, buf.len(), |addr, at, n| mem.read_slice(&mut buf[at..at + n], addr).map_err(|_| OutsideMemory))
     }
 
     /// Writes `data` starting `offset` bytes into the segments.
-    pub fn write_at(&self, mem: &GuestMemoryMmap, mut offset: u64, data: &[u8]) -> Result<(), OutsideMemory> {
+    pub fn write_at(&self, mem: &GuestMemoryMmap, offset: u64, data: &[u8]) -> Result<(), OutsideMemory> {
+        self.each_piece(offset, data.len(), |addr, at, n| mem.write_slice(&data[at..at + n], addr).map_err(|_| OutsideMemory))
+    }
+
+    /// Splits the range of `len` bytes starting `offset` bytes into the segments into
+    /// its pieces in guest memory: `piece(address, position in the range, length)`
+    /// for each, in order. Fails if the segments end before the range does.
+    fn each_piece(
+        &self,
+        mut offset: u64,
+        len: usize,
+        mut piece: impl FnMut(GuestAddress, usize, usize) -> Result<(), OutsideMemory>,
+    ) -> Result<(), OutsideMemory> {
         let mut done = 0usize;
-        for &(addr, len) in &self.segs {
-            if done == data.len() {
+        for &(addr, seg_len) in &self.segs {
+            if done == len {
                 break;
             }
-            let len = u64::from(len);
-            if offset >= len {
-                offset -= len;
+            let seg_len = u64::from(seg_len);
+            if offset >= seg_len {
+                offset -= seg_len;
                 continue;
             }
-            let n = usize::try_from(len - offset).unwrap_or(usize::MAX).min(data.len() - done);
-            let a = addr.checked_add(offset).ok_or(OutsideMemory)?;
-            mem.write_slice(&data[done..done + n], a).map_err(|_| OutsideMemory)?;
+            let n = usize::try_from(seg_len - offset).unwrap_or(usize::MAX).min(len - done);
+            piece(addr.checked_add(offset).ok_or(OutsideMemory)?, done, n)?;
             done += n;
             offset = 0;
         }
-        if done == data.len() {
+        if done == len {
             Ok(())
         } else {
             Err(OutsideMemory)

@@ -22,17 +22,17 @@ mod userspace;
 mod vhost;
 
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use tracing::{debug, error, info, warn};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
+pub use vfvm_protocols::net::Datapath;
 
 use super::{
-    ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, DEVICE_TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC,
+    queues_by_index, ActivateError, ActiveQueue, DeviceWorker, VirtioDevice, VirtioInterrupt, DEVICE_TYPE_NET, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::bus::read_registers;
 
@@ -64,30 +64,6 @@ pub const MAX_QUEUE_PAIRS: usize = 16;
 /// VIRTIO_NET_S_LINK_UP.
 const STATUS_LINK_UP: u16 = 1;
 
-/// Who moves frames between the rings and the tap.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Datapath {
-    /// vhost-net when `/dev/vhost-net` opens and every queue has its own interrupt
-    /// vector, the VMM's workers otherwise.
-    Auto,
-    /// vhost-net or the device fails to start.
-    Vhost,
-    /// The VMM's own worker threads.
-    Userspace,
-}
-
-impl std::str::FromStr for Datapath {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Datapath::Auto),
-            "vhost" => Ok(Datapath::Vhost),
-            "userspace" => Ok(Datapath::Userspace),
-            _ => Err(format!("{s:?}: expected auto, vhost or userspace")),
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("{0} tap queues: a device takes 1 to {MAX_QUEUE_PAIRS}")]
@@ -102,27 +78,8 @@ pub enum NetError {
 
 /// What runs the queues while the device is active.
 enum Running {
-    Userspace(Vec<Worker>),
+    Userspace(Vec<DeviceWorker>),
     Vhost(Vec<vhost::VhostPair>),
-}
-
-struct Worker {
-    stop: EventFd,
-    thread: JoinHandle<()>,
-}
-
-impl Worker {
-    fn spawn(name: String, stop: EventFd, run: impl FnOnce() + Send + 'static) -> Result<Worker, ActivateError> {
-        let thread = std::thread::Builder::new().name(name).spawn(run).map_err(|e| ActivateError::Start(e.to_string()))?;
-        Ok(Worker { stop, thread })
-    }
-
-    fn stop(self) {
-        let _ = self.stop.write(1);
-        if self.thread.join().is_err() {
-            error!("virtio-net: a worker thread panicked");
-        }
-    }
 }
 
 /// The virtio-net device.
@@ -134,7 +91,7 @@ pub struct Net {
     queue_sizes: Vec<u16>,
     running: Option<Running>,
     /// The control queue's worker (several pairs only), in either datapath.
-    ctrl: Option<Worker>,
+    ctrl: Option<DeviceWorker>,
     /// The datapath the last activation chose (for the log and tests).
     active_datapath: Option<Datapath>,
 }
@@ -183,7 +140,7 @@ impl Net {
 
     fn stop(&mut self) {
         match self.running.take() {
-            Some(Running::Userspace(workers)) => workers.into_iter().for_each(Worker::stop),
+            Some(Running::Userspace(workers)) => workers.into_iter().for_each(DeviceWorker::stop),
             Some(Running::Vhost(pairs)) => drop(pairs),
             None => {}
         }
@@ -213,7 +170,7 @@ impl Net {
                 stop: stop.try_clone().map_err(start)?,
                 mergeable: acked & F_MRG_RXBUF != 0,
             };
-            let spawned = Worker::spawn(format!("net-q{i}"), stop, move || {
+            let spawned = DeviceWorker::spawn(&format!("net-q{i}"), stop, move || {
                 if let Err(e) = worker.run() {
                     error!("virtio-net: queue pair worker failed: {e}");
                 }
@@ -221,8 +178,8 @@ impl Net {
             match spawned {
                 Ok(w) => workers.push(w),
                 Err(e) => {
-                    workers.into_iter().for_each(Worker::stop);
-                    return Err(e);
+                    workers.into_iter().for_each(DeviceWorker::stop);
+                    return Err(ActivateError::Start(e.to_string()));
                 }
             }
         }
@@ -300,14 +257,7 @@ impl VirtioDevice for Net {
     ) -> Result<(), ActivateError> {
         self.stop();
         let n = self.taps.len();
-        let mut slots: Vec<Option<ActiveQueue>> = self.queue_sizes.iter().map(|_| None).collect();
-        for q in queues {
-            let i = usize::from(q.index);
-            match slots.get_mut(i) {
-                Some(slot @ None) => *slot = Some(q),
-                _ => return Err(ActivateError::Start(format!("unexpected or repeated queue index {i}"))),
-            }
-        }
+        let mut slots = queues_by_index(queues, self.queue_sizes.len())?;
         let ctrl_queue = if n > 1 { slots.pop().flatten() } else { None };
         // The pairs the driver made ready; the first must be (a driver uses pair 0).
         let mut pairs = Vec::with_capacity(n);
@@ -359,11 +309,12 @@ impl VirtioDevice for Net {
                 stop: stop.try_clone().map_err(start)?,
                 max_pairs: u16::try_from(n).unwrap_or(u16::MAX),
             };
-            self.ctrl = Some(Worker::spawn("net-ctrl".into(), stop, move || {
+            let spawned = DeviceWorker::spawn("net-ctrl", stop, move || {
                 if let Err(e) = worker.run() {
                     error!("virtio-net: control queue worker failed: {e}");
                 }
-            })?);
+            });
+            self.ctrl = Some(spawned.map_err(start)?);
         }
         info!(tap = self.tap_name(), datapath = ?self.active_datapath, offload, "virtio-net: activated");
         debug!(acked_features, "virtio-net: features");

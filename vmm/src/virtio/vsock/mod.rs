@@ -27,7 +27,6 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use tracing::{debug, error};
 
@@ -35,7 +34,9 @@ use crate::bus::read_registers;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, DEVICE_TYPE_VSOCK, VIRTIO_F_VERSION_1};
+use super::{
+    queues_by_index, ActivateError, ActiveQueue, DeviceWorker, VirtioDevice, VirtioInterrupt, DEVICE_TYPE_VSOCK, VIRTIO_F_VERSION_1,
+};
 pub use muxer::{
     guest_port_path, parse_connect_line, BUF_ALLOC, CONNECT_LINE_TIMEOUT, GUEST_ANSWER_TIMEOUT, HOST_PORT_BASE, SHUTDOWN_TIMEOUT,
 };
@@ -56,11 +57,6 @@ pub enum VsockError {
     Bind { path: PathBuf, source: io::Error },
 }
 
-struct WorkerHandle {
-    stop: EventFd,
-    thread: JoinHandle<()>,
-}
-
 /// The virtio-vsock device.
 pub struct Vsock {
     guest_cid: u64,
@@ -68,7 +64,7 @@ pub struct Vsock {
     listener: Arc<UnixListener>,
     /// (dev, ino) of the socket file we bound, so drop unlinks only our own.
     socket_id: (u64, u64),
-    worker: Option<WorkerHandle>,
+    worker: Option<DeviceWorker>,
     timeouts: muxer::Timeouts,
 }
 
@@ -128,10 +124,7 @@ impl Vsock {
 
     fn stop_worker(&mut self) {
         if let Some(w) = self.worker.take() {
-            let _ = w.stop.write(1);
-            if w.thread.join().is_err() {
-                error!("vsock: the worker thread panicked");
-            }
+            w.stop();
         }
     }
 }
@@ -166,15 +159,8 @@ impl VirtioDevice for Vsock {
             return Err(ActivateError::QueueCount { want: QUEUE_SIZES.len(), got: queues.len() });
         }
         self.stop_worker();
-        let mut slots: [Option<ActiveQueue>; 3] = [None, None, None];
-        for q in queues {
-            let i = usize::from(q.index);
-            match slots.get_mut(i) {
-                Some(slot @ None) => *slot = Some(q),
-                _ => return Err(ActivateError::Start(format!("unexpected or repeated queue index {i}"))),
-            }
-        }
-        let [Some(rx), Some(tx), Some(ev)] = slots else {
+        let mut slots = queues_by_index(queues, QUEUE_SIZES.len())?.into_iter();
+        let (Some(Some(rx)), Some(Some(tx)), Some(Some(ev))) = (slots.next(), slots.next(), slots.next()) else {
             unreachable!("three distinct indices below 3");
         };
         let start = |e: io::Error| ActivateError::Start(e.to_string());
@@ -192,16 +178,13 @@ impl VirtioDevice for Vsock {
             uds_path: self.uds_path.clone(),
             timeouts: self.timeouts,
         };
-        let thread = std::thread::Builder::new()
-            .name("vsock".into())
-            .spawn(move || {
-                if let Err(e) = worker.run() {
-                    error!("vsock: the worker failed: {e}");
-                }
-            })
-            .map_err(start)?;
+        let spawned = DeviceWorker::spawn("vsock", stop, move || {
+            if let Err(e) = worker.run() {
+                error!("vsock: the worker failed: {e}");
+            }
+        });
+        self.worker = Some(spawned.map_err(start)?);
         debug!(guest_cid = self.guest_cid, "vsock: activated");
-        self.worker = Some(WorkerHandle { stop, thread });
         Ok(())
     }
 
