@@ -1512,18 +1512,6 @@ fn lab_cri_seed_pod_hot_plugs_its_vf_into_its_running_vm_containerd_2_1() {
     seed_pod(Version::V2_1, Plug::Hot);
 }
 
-/// The PF's netdev in L2 (the lab's one igb function).
-fn lab_pf_netdev() -> Result<String> {
-    let mut found = Vec::new();
-    for dev in std::fs::read_dir("/sys/bus/pci/drivers/igb")?.flatten() {
-        if let Ok(nets) = std::fs::read_dir(dev.path().join("net")) {
-            found.extend(nets.flatten().map(|n| n.file_name().to_string_lossy().into_owned()));
-        }
-    }
-    ensure!(found.len() == 1, "expected one igb netdev in the lab: {found:?}");
-    Ok(found.remove(0))
-}
-
 /// L2 as the router between the CRI pods' bridge and the lab's peer: an address on
 /// the PF's wire, and the peer's route back to the pods' subnet; undone on drop.
 struct PeerRoute {
@@ -1534,7 +1522,7 @@ const L2_WIRE_ADDR: &str = "198.18.0.250/24";
 
 impl PeerRoute {
     fn add() -> Result<PeerRoute> {
-        let pf = lab_pf_netdev()?;
+        let pf = igb_vfs::igb_pf().and_then(|pf| igb_vfs::netdev_of(&pf)).context("the lab's igb PF has no netdev in L2")?;
         let ip = |args: &[&str]| -> Result<()> {
             let out = Command::new("ip").args(args).output()?;
             ensure!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
